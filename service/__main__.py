@@ -1,0 +1,33 @@
+"""`python -m service` / `specdec-server`: run the inference service."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Sequence
+
+import structlog
+
+from service.config import ServiceConfig
+from service.logging_setup import configure_logging
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = ServiceConfig.from_args(argv)
+    configure_logging(config.log_level)
+    try:
+        asyncio.run(_serve(config))
+    except Exception as exc:  # start-up failures: one clear line, non-zero exit
+        structlog.get_logger("service").error("service_failed", error=str(exc), exc_info=True)
+        return 1
+    return 0
+
+
+async def _serve(config: ServiceConfig) -> None:
+    from service.server import serve
+
+    await serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Service configuration: every command-line flag overrides an environment variable.
+
+One table (OPTIONS) defines each setting's flag, variable, type, default and help; the
+README's configuration table lists the same rows (a test keeps them in step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Sequence
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # attribute of ServiceConfig; flag is --name-with-dashes
+    env: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _method(value: str) -> str:
+    value = value.strip().lower().replace("-", "_")
+    if value not in ("none", "ngram", "draft_model"):
+        raise argparse.ArgumentTypeError(f"must be none, ngram or draft_model, not {value!r}")
+    return value
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {number}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return number
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("listen", "SPECDEC_LISTEN", str, "127.0.0.1:50051", "gRPC listen address (host:port)"),
+    Option("model", "SPECDEC_MODEL", str, "smollm2-135m-instruct",
+           "target model: known name, GGUF file, local directory or hub id"),
+    Option("draft_model", "SPECDEC_DRAFT_MODEL", str, "",
+           "draft model (same vocabulary as the target); empty: none"),
+    Option("method", "SPECDEC_METHOD", _method, "ngram",
+           "default drafter: none, ngram or draft_model"),
+    Option("num_draft_tokens", "SPECDEC_NUM_DRAFT_TOKENS", int, 4,
+           "default k, draft tokens per pass"),
+    Option("max_num_draft_tokens", "SPECDEC_MAX_NUM_DRAFT_TOKENS", _positive_int, 8,
+           "largest k a request may ask for"),
+    Option("max_batch_size", "SPECDEC_MAX_BATCH_SIZE", _positive_int, 8,
+           "requests decoded together in one pass"),
+    Option("max_queue_size", "SPECDEC_MAX_QUEUE_SIZE", _positive_int, 64,
+           "requests waiting for a batch slot before RESOURCE_EXHAUSTED"),
+    Option("default_max_tokens", "SPECDEC_DEFAULT_MAX_TOKENS", _positive_int, 256,
+           "max_tokens when a request sets none"),
+    Option("max_tokens_limit", "SPECDEC_MAX_TOKENS_LIMIT", _positive_int, 4096,
+           "largest max_tokens a request may ask for"),
+    Option("max_request_bytes", "SPECDEC_MAX_REQUEST_BYTES", _positive_int, 1 << 20,
+           "largest serialized GenerateRequest accepted (INVALID_ARGUMENT above)"),
+    Option("dtype", "SPECDEC_DTYPE", str, "auto",
+           "model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"),
+    Option("device", "SPECDEC_DEVICE", str, "auto", "device: auto (CUDA when present), cpu, cuda:N"),
+    Option("cache_dir", "SPECDEC_CACHE_DIR", str, "",
+           "model cache directory (default ~/.cache/specdec)"),
+    Option("telemetry_target", "SPECDEC_TELEMETRY_TARGET", str, "127.0.0.1:50052",
+           "sidecar ingest address; empty disables reporting"),
+    Option("telemetry_buffer_size", "SPECDEC_TELEMETRY_BUFFER_SIZE", _positive_int, 10000,
+           "metrics messages buffered for the sidecar before the oldest are dropped"),
+    Option("instance_id", "SPECDEC_INSTANCE_ID", str, "",
+           "service.instance.id of this replica (default: hostname plus a random suffix)"),
+    Option("grace_period_s", "SPECDEC_GRACE_PERIOD_S", _non_negative_float, 30.0,
+           "seconds in-flight requests may take to finish on SIGTERM"),
+    Option("log_level", "SPECDEC_LOG_LEVEL", str, "INFO", "log level"),
+)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    listen: str
+    model: str
+    draft_model: str
+    method: str
+    num_draft_tokens: int
+    max_num_draft_tokens: int
+    max_batch_size: int
+    max_queue_size: int
+    default_max_tokens: int
+    max_tokens_limit: int
+    max_request_bytes: int
+    dtype: str
+    device: str
+    cache_dir: str
+    telemetry_target: str
+    telemetry_buffer_size: int
+    instance_id: str
+    grace_period_s: float
+    log_level: str
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None, environ: dict[str, str] | None = None
+                  ) -> "ServiceConfig":
+        environ = os.environ if environ is None else environ
+        parser = build_parser(environ)
+        values = vars(parser.parse_args(argv))
+        if not values["instance_id"]:
+            values["instance_id"] = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        if not 0 <= values["num_draft_tokens"] <= values["max_num_draft_tokens"]:
+            parser.error(f"--num-draft-tokens must be in [0, {values['max_num_draft_tokens']}]")
+        if values["method"] == "draft_model" and not values["draft_model"]:
+            parser.error("--method draft_model needs --draft-model")
+        return cls(**values)
+
+
+def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specdec-server",
+        description="Speculative-decoding inference service (gRPC). "
+        "Every flag's default comes from the environment variable named in its help.",
+    )
+    names = {f.name for f in fields(ServiceConfig)}
+    for option in OPTIONS:
+        assert option.name in names, option.name
+        raw = environ.get(option.env)
+        try:
+            default = option.type(raw) if raw is not None else option.default
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            parser.error(f"{option.env}={raw!r}: {exc}")
+        parser.add_argument(option.flag, dest=option.name, type=option.type, default=default,
+                            help=f"{option.help} [env {option.env}, default {option.default!r}]")
+    return parser

@@ -1,0 +1,25 @@
+"""The canonical log line: one per finished request, with its metrics."""
+
+from __future__ import annotations
+
+import structlog
+from google.protobuf import json_format
+
+from service.engine.api import FinalResult
+
+log = structlog.get_logger("specdec.request")
+
+
+def log_finished_request(result: FinalResult) -> None:
+    metrics = json_format.MessageToDict(
+        result.metrics, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    metrics.pop("request_id", None)
+    log.info(
+        "request_finished",
+        request_id=result.request_id,
+        finish_reason=result.finish_reason.name.lower(),
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        error=result.error,
+        metrics=metrics,
+    )

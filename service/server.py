@@ -1,0 +1,187 @@
+"""serve(): build the gRPC server, load the models, serve, drain on SIGTERM/SIGINT.
+
+Start-up order: the server listens at once with health NOT_SERVING (so probes see it
+loading), the models load and warm up on a worker thread, then health turns SERVING.
+Shutdown: health NOT_SERVING and new requests get UNAVAILABLE; in-flight requests finish
+within the grace period (the rest are cancelled); pending metrics are flushed to the
+sidecar; exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from service import __version__
+from service.config import ServiceConfig
+from service.engine.api import FinalResult, Method
+from service.request_log import log_finished_request
+from service.request_mapping import RequestLimits
+from service.servicer import GenerationServicer, ServingState
+from specdec.v1 import generation_pb2, generation_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+METHOD_BY_NAME = {"none": Method.NONE, "ngram": Method.NGRAM, "draft_model": Method.DRAFT_MODEL}
+# gRPC's own ceiling on a received message; above it gRPC answers RESOURCE_EXHAUSTED itself.
+# Below it, requests over --max-request-bytes get INVALID_ARGUMENT naming the size.
+GRPC_MAX_RECEIVE_BYTES = 64 << 20
+
+
+def build_engine(config: ServiceConfig) -> tuple[Any, Any]:
+    """Load the models and start a warmed-up engine (runs on a worker thread)."""
+    from service.engine import Engine, EngineConfig
+    from service.model_loading import check_same_vocabulary, load_model
+
+    def load(spec: str):
+        return load_model(spec, dtype=config.dtype, device=None if config.device == "auto" else config.device,
+                          cache_dir=config.cache_dir or None)
+
+    target = load(config.model)
+    draft = load(config.draft_model) if config.draft_model else None
+    if draft is not None:
+        check_same_vocabulary(target, draft)
+    engine = Engine(
+        target,
+        EngineConfig(
+            max_batch_size=config.max_batch_size,
+            max_queue_size=config.max_queue_size,
+            default_method=METHOD_BY_NAME[config.method],
+            default_num_draft_tokens=config.num_draft_tokens,
+            max_num_draft_tokens=config.max_num_draft_tokens,
+            default_max_tokens=config.default_max_tokens,
+            instance_id=config.instance_id,
+        ),
+        draft=draft,
+    )
+    engine.start()
+    engine.warmup()
+    return engine, target.tokenizer
+
+
+def server_info(engine: Any, config: ServiceConfig) -> generation_pb2.GetServerInfoResponse:
+    info = engine.info
+    return generation_pb2.GetServerInfoResponse(
+        target_model=info.target_model,
+        draft_model=info.draft_model or "",
+        default_method=info.default_method.value,
+        default_num_draft_tokens=info.default_num_draft_tokens,
+        max_num_draft_tokens=info.max_num_draft_tokens,
+        device=str(info.device),
+        dtype=str(info.dtype).removeprefix("torch."),
+        max_batch_size=info.max_batch_size,
+        max_context_tokens=info.max_context_tokens,
+        version=__version__,
+        instance_id=config.instance_id,
+    )
+
+
+def make_reporter(config: ServiceConfig) -> Any:
+    if not config.telemetry_target:
+        return None
+    from service.reporting import MetricsReporter
+
+    reporter = MetricsReporter(config.telemetry_target, buffer_size=config.telemetry_buffer_size,
+                               instance_id=config.instance_id)
+    reporter.start()
+    return reporter
+
+
+class Service:
+    """The running service: gRPC server, health, engine and metrics reporter."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.reporter = make_reporter(config)
+        self.servicer = GenerationServicer(
+            RequestLimits(config.max_request_bytes, config.max_tokens_limit), self._on_final)
+        self.health = health_aio.HealthServicer()
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", GRPC_MAX_RECEIVE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ])
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (GENERATION_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(config.listen)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {config.listen}")
+        self.engine: Any = None
+        self._stopping = asyncio.Event()
+
+    def _on_final(self, result: FinalResult) -> None:  # engine thread
+        if self.reporter is not None:
+            self.reporter.report(result.metrics)
+        log_finished_request(result)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", GENERATION_SERVICE):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        log.info("listening", address=self.config.listen, port=self.port, state="loading")
+        loop = asyncio.get_running_loop()
+        self.engine, tokenizer = await loop.run_in_executor(None, build_engine, self.config)
+        self.servicer.attach(self.engine, tokenizer, server_info(self.engine, self.config))
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", address=self.config.listen, **{
+            k: v for k, v in _info_fields(self.servicer.server_info).items() if k != "version"})
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_for_stop(self) -> None:
+        await self._stopping.wait()
+
+    async def stop(self) -> None:
+        """Drain: refuse new work, finish in-flight requests, flush metrics."""
+        grace = self.config.grace_period_s
+        log.info("draining", grace_period_s=grace)
+        self.servicer.state = ServingState.DRAINING
+        await self.health.enter_graceful_shutdown()
+        loop = asyncio.get_running_loop()
+        if self.engine is not None:
+            # Finishes in-flight requests (their streams complete), cancels the rest at `grace`.
+            await loop.run_in_executor(None, self.engine.stop, grace)
+        await self.server.stop(grace=1.0)
+        if self.reporter is not None:
+            flushed = await loop.run_in_executor(None, self.reporter.flush, 10.0)
+            await loop.run_in_executor(None, self.reporter.stop, 2.0)
+            log.info("metrics_flushed", complete=flushed)
+        self.servicer.close()
+        log.info("stopped")
+
+
+def _info_fields(info: generation_pb2.GetServerInfoResponse) -> dict[str, Any]:
+    return {f.name: getattr(info, f.name) for f in info.DESCRIPTOR.fields}
+
+
+async def serve(config: ServiceConfig) -> None:
+    service = Service(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.request_stop)
+    starting = asyncio.ensure_future(service.start())
+    stopping = asyncio.ensure_future(service.wait_for_stop())
+    done, _ = await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        if starting in done:
+            starting.result()  # re-raise a failed start (bad model path, ...)
+            await stopping
+        else:
+            starting.cancel()
+    finally:
+        stopping.cancel()
+        await service.stop()

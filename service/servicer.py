@@ -1,0 +1,147 @@
+"""GenerationService over grpc.aio: streams engine events to the client.
+
+The engine runs on its own thread; its callbacks hop onto the event loop with
+call_soon_threadsafe, so nothing here blocks the loop on model work. Tokenization runs in
+a small thread pool. A client that cancels or passes its deadline cancels its handler
+task, whose `finally` cancels the engine request (the slot is freed within one pass).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+import grpc
+import structlog
+
+from service import __version__
+from service.engine.api import (
+    EngineStoppedError,
+    Event,
+    FinalResult,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequestError,
+    QueueFullError,
+    TokenChunk,
+)
+from service.request_mapping import RequestLimits, to_engine_request
+from specdec.v1 import generation_pb2, generation_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+
+class ServingState(enum.Enum):
+    LOADING = "loading"
+    SERVING = "serving"
+    DRAINING = "draining"
+
+
+class _EventBridge:
+    """Engine-thread callback -> asyncio.Queue on the handler's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_final: Callable[[FinalResult], None]):
+        self._loop = loop
+        self._on_final = on_final
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def __call__(self, event: Event) -> None:  # runs on the engine thread
+        if isinstance(event, FinalResult):
+            # Report and log even when the client has gone: the work was done.
+            self._on_final(event)
+        try:
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the process is exiting
+            pass
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(
+        self,
+        limits: RequestLimits,
+        on_final: Callable[[FinalResult], None],
+        tokenize_workers: int = 2,
+    ) -> None:
+        self._limits = limits
+        self._on_final = on_final
+        self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=tokenize_workers, thread_name_prefix="tokenize")
+        self.state = ServingState.LOADING
+        self.engine: Any = None  # service.engine.Engine once loaded
+        self.tokenizer: Any = None
+        self.server_info = generation_pb2.GetServerInfoResponse(version=__version__)
+
+    def attach(self, engine: Any, tokenizer: Any, server_info: generation_pb2.GetServerInfoResponse
+               ) -> None:
+        self.engine, self.tokenizer, self.server_info = engine, tokenizer, server_info
+        self.state = ServingState.SERVING
+
+    def close(self) -> None:
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def GetServerInfo(self, request, context):  # noqa: N802 (gRPC method name)
+        return self.server_info
+
+    async def Generate(  # noqa: N802 (gRPC method name)
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        request_id = request.request_id or uuid.uuid4().hex
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        if self.state is not ServingState.SERVING:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"server is {self.state.value}; retry later (request_id={request_id})")
+        loop = asyncio.get_running_loop()
+        try:
+            engine_request: GenerationRequest = await loop.run_in_executor(
+                self._tokenize_pool, to_engine_request, request, request_id, self.tokenizer,
+                self._limits)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc} (request_id={request_id})")
+
+        bridge = _EventBridge(loop, self._on_final)
+        try:
+            handle = self.engine.submit(engine_request, bridge)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc} (request_id={request_id})")
+        except QueueFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"admission queue is full: {exc} (request_id={request_id})")
+        except EngineStoppedError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"server is draining: {exc} (request_id={request_id})")
+
+        finished = False
+        try:
+            while True:
+                event = await bridge.queue.get()
+                if isinstance(event, TokenChunk):
+                    yield generation_pb2.GenerateResponse(
+                        request_id=request_id,
+                        chunk=generation_pb2.GenerateChunk(text=event.text, token_ids=event.token_ids))
+                    continue
+                finished = True
+                if event.finish_reason is FinishReason.ERROR:
+                    # An unexpected failure of this request alone; the engine keeps serving.
+                    await context.abort(grpc.StatusCode.INTERNAL,
+                                        f"request {request_id} failed: {event.error}")
+                if event.finish_reason is FinishReason.CANCELLED:
+                    # Only the server cancels a request whose client is still there: the
+                    # drain grace period ran out. Retryable elsewhere.
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        f"server shut down before request {request_id} finished")
+                yield generation_pb2.GenerateResponse(
+                    request_id=request_id,
+                    final=generation_pb2.GenerateFinal(
+                        finish_reason=event.finish_reason.value,
+                        prompt_tokens=event.prompt_tokens,
+                        completion_tokens=event.completion_tokens,
+                        metrics=event.metrics,
+                    ),
+                )
+                return
+        finally:
+            if not finished:  # client cancelled, deadline passed, or the stream broke
+                handle.cancel()

@@ -1,0 +1,45 @@
+"""Every setting is a flag that overrides an environment variable; the README lists them all."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from service.config import OPTIONS, ServiceConfig
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_defaults_work_without_environment() -> None:
+    config = ServiceConfig.from_args([], environ={})
+    assert config.listen == "127.0.0.1:50051"
+    assert config.telemetry_target == "127.0.0.1:50052"
+    assert config.instance_id  # generated
+
+
+def test_environment_sets_and_flag_overrides() -> None:
+    env = {"SPECDEC_MAX_BATCH_SIZE": "3", "SPECDEC_METHOD": "none", "SPECDEC_INSTANCE_ID": "a"}
+    assert ServiceConfig.from_args([], environ=env).max_batch_size == 3
+    config = ServiceConfig.from_args(["--max-batch-size", "5"], environ=env)
+    assert (config.max_batch_size, config.method, config.instance_id) == (5, "none", "a")
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    ([], {"SPECDEC_MAX_BATCH_SIZE": "zero"}, "SPECDEC_MAX_BATCH_SIZE"),
+    (["--method", "medusa"], {}, "none, ngram or draft_model"),
+    (["--num-draft-tokens", "9"], {}, "--num-draft-tokens"),
+    (["--method", "draft_model"], {}, "--draft-model"),
+])
+def test_bad_settings_are_named(argv, env, message, capsys) -> None:
+    with pytest.raises(SystemExit):
+        ServiceConfig.from_args(argv, environ=env)
+    assert message in capsys.readouterr().err
+
+
+def test_readme_documents_every_option() -> None:
+    text = README.read_text()
+    for option in OPTIONS:
+        row = re.search(rf"^\|\s*`{re.escape(option.flag)}`\s*\|\s*`{option.env}`\s*\|.*$", text, re.M)
+        assert row, f"README configuration table lacks {option.flag} / {option.env}"
