@@ -9,7 +9,7 @@ MODEL=${MODEL:-smollm2-135m-instruct}
 BIN="$VENV/bin"
 
 export SPECDEC_SIDECAR_LISTEN=${SPECDEC_SIDECAR_LISTEN:-127.0.0.1:50052}
-export SPECDEC_SIDECAR_PROMETHEUS=${SPECDEC_SIDECAR_PROMETHEUS:-127.0.0.1:9464}
+export SPECDEC_SIDECAR_PROMETHEUS_ADDRESS=${SPECDEC_SIDECAR_PROMETHEUS_ADDRESS:-127.0.0.1:9464}
 export SPECDEC_LISTEN=${SPECDEC_LISTEN:-127.0.0.1:50051}
 export SPECDEC_TELEMETRY_TARGET=${SPECDEC_TELEMETRY_TARGET:-$SPECDEC_SIDECAR_LISTEN}
 export SPECDEC_MODEL=${SPECDEC_MODEL:-$MODEL}
@@ -32,7 +32,7 @@ grpc.channel_ready_future(channel).result(timeout=60)
 status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
 sys.exit(0 if status == health_pb2.HealthCheckResponse.SERVING else 1)
 PY
-echo "sidecar ready on $SPECDEC_SIDECAR_LISTEN (Prometheus scrape endpoint http://$SPECDEC_SIDECAR_PROMETHEUS/metrics)"
+echo "sidecar ready on $SPECDEC_SIDECAR_LISTEN (Prometheus scrape endpoint http://$SPECDEC_SIDECAR_PROMETHEUS_ADDRESS/metrics)"
 
 "$BIN/specdec-server" &
 service=$!

@@ -1,0 +1,196 @@
+"""Sidecar ingest throughput: records/s through real gRPC into a real sidecar process.
+
+The sidecar (`python -m telemetry`) runs pinned to one core (`taskset -c SIDECAR_CPU`), the
+load generator to another (`taskset -c LOADGEN_CPU`, applied to this process). The generator
+pre-serializes every ReportRequest before timing (valid random records from the per-pass
+simulation, `--batch-size` per batch, one stream per source) and then streams them as fast
+as the sidecar acknowledges. Prints one JSON object.
+
+    .venv/bin/python bench/sidecar_ingest.py [--records 200000] [--batch-size 256]
+        [--streams 4] [--exporter prometheus|otlp] [--sidecar-cpu 1] [--loadgen-cpu 0]
+        [--profile]   # also run the in-process hot path under cProfile (no gRPC)
+
+Target (issue 5): >= 50,000 records/s on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import grpc  # noqa: E402
+
+from service.reporting.reporter import REPORT_METHOD, encode_report_request  # noqa: E402
+from specdec.v1 import telemetry_pb2  # noqa: E402
+from tests.telemetry.support import (  # noqa: E402
+    OtlpGrpcReceiver,
+    free_port,
+    health_serving,
+    simulate_metrics,
+    wait_for,
+)
+
+
+def build_batches(n_records: int, batch_size: int, streams: int, seed: int = 0):
+    rng = random.Random(seed)
+    pool = [simulate_metrics(rng).SerializeToString() for _ in range(2000)]
+    per_stream = n_records // streams
+    out = []
+    for s in range(streams):
+        source = f"bench-{seed}-{s}/{os.getpid()}".encode()
+        batches = []
+        seq = 0
+        while seq < per_stream:
+            recs = []
+            for _ in range(min(batch_size, per_stream - seq)):
+                seq += 1
+                recs.append((seq, pool[rng.randrange(len(pool))]))
+            batches.append(encode_report_request(source, recs, 0))
+        out.append(batches)
+    return out, per_stream * streams
+
+
+def run_stream(channel: grpc.Channel, batches: list[bytes], result: dict) -> None:
+    call = channel.stream_stream(REPORT_METHOD, request_serializer=None,
+                                 response_deserializer=telemetry_pb2.ReportResponse.FromString)
+    accepted = rejected = 0
+    for resp in call(iter(batches)):
+        accepted += resp.accepted
+        rejected += resp.rejected + resp.duplicates
+    result["accepted"] = result.get("accepted", 0) + accepted
+    result["rejected"] = result.get("rejected", 0) + rejected
+
+
+def profile_in_process(batches: list[list[bytes]]) -> dict:
+    """The synchronous hot path (parse, dedupe, validate, aggregate) without gRPC."""
+    import cProfile
+    import io
+    import pstats
+
+    from telemetry.config import SidecarConfig
+    from telemetry.server import Sidecar
+
+    cfg = SidecarConfig.from_args(["--exporters", "prometheus", "--prometheus-address",
+                                   f"127.0.0.1:{free_port()}"], environ={})
+    sc = Sidecar(cfg)
+    flat = [b for bs in batches for b in bs]
+    n = sum(len(telemetry_pb2.ReportRequest.FromString(b).records) for b in flat[:5])
+    t0 = time.perf_counter()
+    for b in flat:
+        sc.ingestor.process_bytes(b)
+    plain = time.perf_counter() - t0
+    # parse only
+    t0 = time.perf_counter()
+    for b in flat:
+        telemetry_pb2.ReportRequest.FromString(b)
+    parse = time.perf_counter() - t0
+    prof = cProfile.Profile()
+    sc2 = Sidecar(SidecarConfig.from_args(["--exporters", "prometheus", "--prometheus-address",
+                                           f"127.0.0.1:{free_port()}"], environ={}))
+    prof.enable()
+    for b in flat[: max(1, len(flat) // 4)]:
+        sc2.ingestor.process_bytes(b)
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(12)
+    total = sum(len(telemetry_pb2.ReportRequest.FromString(b).records) for b in flat)
+    sc.export.shutdown()
+    sc2.export.shutdown()
+    return {"in_process_records_per_s": round(total / plain), "parse_only_records_per_s":
+            round(total / parse), "profile_top": s.getvalue().splitlines()[:40]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=200_000)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--exporter", choices=("prometheus", "otlp"), default="prometheus")
+    ap.add_argument("--sidecar-cpu", default="1")
+    ap.add_argument("--loadgen-cpu", default="0")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+
+    batches, total = build_batches(args.records, args.batch_size, args.streams)
+    taskset = shutil.which("taskset")
+    if taskset:
+        os.sched_setaffinity(0, {int(args.loadgen_cpu)})
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SPECDEC_LOG_FORMAT": "json"}
+    receiver = None
+    cmd = [sys.executable, "-m", "telemetry", "--listen", f"127.0.0.1:{port}",
+           "--log-level", "WARNING"]
+    if args.exporter == "otlp":
+        receiver = OtlpGrpcReceiver()
+        env.update(receiver.env())
+        cmd += ["--exporters", "otlp"]
+    else:
+        cmd += ["--exporters", "prometheus", "--prometheus-address", f"127.0.0.1:{free_port()}"]
+    if taskset:
+        cmd = [taskset, "-c", args.sidecar_cpu, *cmd]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    try:
+        address = f"127.0.0.1:{port}"
+        wait_for(lambda: health_serving(address), 30, 0.1, "sidecar")
+        channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", 64 << 20)])
+        # warm-up (attribute caches, SDK storages): one small stream, not timed
+        warm, _ = build_batches(2 * args.batch_size, args.batch_size, 1, seed=99)
+        run_stream(channel, warm[0], {})
+        result: dict = {}
+        threads = [threading.Thread(target=run_stream, args=(channel, b, result))
+                   for b in batches]
+        cpu0 = _proc_cpu(proc.pid)
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        cpu = _proc_cpu(proc.pid) - cpu0
+        out = {
+            "bench": "sidecar_ingest",
+            "records": total,
+            "batch_size": args.batch_size,
+            "streams": args.streams,
+            "exporter": args.exporter,
+            "pinned": bool(taskset),
+            "elapsed_s": round(elapsed, 3),
+            "records_per_s": round(total / elapsed),
+            "sidecar_cpu_s": round(cpu, 3),
+            "records_per_sidecar_cpu_s": round(total / cpu) if cpu else None,
+            "accepted": result.get("accepted"),
+            "rejected_or_duplicate": result.get("rejected"),
+            "target_records_per_s": 50_000,
+        }
+        channel.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        if receiver:
+            receiver.close()
+    if args.profile:
+        out.update(profile_in_process(batches))
+    print(json.dumps(out, indent=1))
+
+
+def _proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+# syntax=docker/dockerfile:1
+# The telemetry sidecar: slim Python, no torch.
+# Build from the repository root:  docker build -f deploy/sidecar.Dockerfile -t specdec-sidecar .
+ARG BASE_IMAGE=python:3.12.12-slim-bookworm
+
+# ---- build ---------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+COPY deploy/requirements/sidecar.txt /tmp/requirements.txt
+# Every package pinned (deploy/requirements/lock.sh); --no-deps so nothing floats.
+RUN /opt/venv/bin/pip install --no-deps -r /tmp/requirements.txt
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY specdec ./specdec
+COPY service ./service
+COPY telemetry ./telemetry
+# The project's own code only (its declared dependencies include torch, which the sidecar
+# never imports); `pip check` would flag exactly those, so the import is the check here.
+RUN /opt/venv/bin/pip install --no-deps . \
+ && /opt/venv/bin/python -c "import telemetry.__main__, telemetry.server; print('sidecar ok')"
+
+# ---- runtime -------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS runtime
+ARG UID=10001
+RUN groupadd --system --gid ${UID} specdec \
+ && useradd --system --uid ${UID} --gid specdec --no-create-home --home-dir /nonexistent specdec
+COPY --from=build /opt/venv /opt/venv
+COPY --chmod=0755 deploy/grpc_health_probe.py /usr/local/bin/grpc-health-probe
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    SPECDEC_SIDECAR_LISTEN=0.0.0.0:50052 \
+    SPECDEC_SIDECAR_PROMETHEUS_ADDRESS=0.0.0.0:9464
+USER specdec
+EXPOSE 50052 9464
+HEALTHCHECK --interval=10s --timeout=6s --start-period=30s --retries=3 \
+  CMD ["grpc-health-probe", "--addr-env", "SPECDEC_SIDECAR_LISTEN", "--default-addr", "127.0.0.1:50052"]
+ENTRYPOINT ["specdec-sidecar"]

@@ -1,0 +1,32 @@
+"""`python -m telemetry` / `specdec-sidecar`: run the telemetry sidecar."""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import structlog
+
+from telemetry.config import ConfigError, SidecarConfig
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = SidecarConfig.from_args(argv)
+    except ConfigError as exc:
+        print(f"specdec-sidecar: error: {exc}", file=sys.stderr)
+        return 2
+    from service.logging_setup import configure_logging
+
+    configure_logging(config.log_level)
+    from telemetry.server import serve
+
+    try:
+        return serve(config)
+    except Exception:
+        structlog.get_logger(__name__).exception("sidecar failed")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

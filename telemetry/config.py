@@ -1,0 +1,208 @@
+"""Sidecar configuration: CLI flags, each overriding a SPECDEC_SIDECAR_* environment variable.
+
+Exporter settings that OpenTelemetry standardises (OTLP endpoint, protocol, headers,
+timeout, service name, resource attributes) are left to the standard OTEL_* variables and
+read by the SDK and exporters themselves; this module only decides *which* exporters run
+and the export interval (OTEL_METRIC_EXPORT_INTERVAL, default 5000 ms here, because the
+sidecar acknowledges records after the export that contains them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from telemetry.validation import DEFAULT_MAX_K
+from telemetry.dedupe import DEFAULT_MAX_SOURCES
+
+ENV_PREFIX = "SPECDEC_SIDECAR_"
+DEFAULT_LISTEN = "127.0.0.1:50052"
+DEFAULT_PROMETHEUS = "127.0.0.1:9464"
+DEFAULT_EXPORT_INTERVAL_MS = 5000.0
+DEFAULT_EXPORT_TIMEOUT_MS = 10000.0
+OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+EXPORTER_NAMES = ("otlp", "prometheus", "none")
+ACK_MODES = ("auto", "export", "aggregate")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    listen: str = DEFAULT_LISTEN
+    exporters: tuple[str, ...] = ("prometheus",)  # resolved: subset of {"otlp", "prometheus"}
+    otlp_protocol: str = "grpc"
+    prometheus_address: str = DEFAULT_PROMETHEUS
+    export_interval_ms: float = DEFAULT_EXPORT_INTERVAL_MS
+    export_timeout_ms: float = DEFAULT_EXPORT_TIMEOUT_MS
+    ack_mode: str = "aggregate"  # resolved: "export" or "aggregate"
+    window_s: float = 60.0
+    max_k: int = DEFAULT_MAX_K
+    max_sources: int = DEFAULT_MAX_SOURCES
+    instance_id: str = ""
+    shutdown_grace_s: float = 5.0
+    log_level: str = "INFO"
+
+    @property
+    def otlp(self) -> bool:
+        return "otlp" in self.exporters
+
+    @property
+    def prometheus(self) -> bool:
+        return "prometheus" in self.exporters
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None,
+                  environ: Mapping[str, str] | None = None) -> "SidecarConfig":
+        env = os.environ if environ is None else environ
+        args = build_parser(env).parse_args(argv)
+        return cls.resolve(args, env)
+
+    @classmethod
+    def resolve(cls, args: argparse.Namespace, env: Mapping[str, str]) -> "SidecarConfig":
+        exporters = _resolve_exporters(args.exporters, env)
+        protocol = (env.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
+                    or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip()
+        if "otlp" in exporters and protocol not in ("grpc", "http/protobuf"):
+            raise ConfigError(f"OTLP protocol must be grpc or http/protobuf, not {protocol!r}")
+        ack_mode = args.ack_mode
+        if ack_mode not in ACK_MODES:
+            raise ConfigError(f"--ack-mode must be one of {ACK_MODES}")
+        if ack_mode == "auto":
+            ack_mode = "export" if "otlp" in exporters else "aggregate"
+        if ack_mode == "export" and "otlp" not in exporters:
+            raise ConfigError("--ack-mode export needs the otlp exporter")
+        interval = _float_env(env, "OTEL_METRIC_EXPORT_INTERVAL", DEFAULT_EXPORT_INTERVAL_MS)
+        if args.export_interval_ms is not None:
+            interval = args.export_interval_ms
+        timeout = _float_env(env, "OTEL_METRIC_EXPORT_TIMEOUT", DEFAULT_EXPORT_TIMEOUT_MS)
+        if interval <= 0 or timeout <= 0:
+            raise ConfigError("export interval and timeout must be positive")
+        if args.window_seconds <= 0:
+            raise ConfigError("--window-seconds must be positive")
+        if not 0 <= args.max_k <= 1024:
+            raise ConfigError("--max-k must be in 0..1024")
+        _split_address(args.listen, "--listen")
+        if "prometheus" in exporters:
+            _split_address(args.prometheus_address, "--prometheus-address")
+        return cls(
+            listen=args.listen,
+            exporters=exporters,
+            otlp_protocol=protocol,
+            prometheus_address=args.prometheus_address,
+            export_interval_ms=interval,
+            export_timeout_ms=timeout,
+            ack_mode=ack_mode,
+            window_s=args.window_seconds,
+            max_k=args.max_k,
+            max_sources=args.max_sources,
+            instance_id=args.instance_id or "",
+            shutdown_grace_s=args.shutdown_grace_seconds,
+            log_level=args.log_level,
+        )
+
+
+def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of milliseconds, not {raw!r}") from None
+
+
+def _resolve_exporters(value: str, env: Mapping[str, str]) -> tuple[str, ...]:
+    """'auto': the standard OTEL_METRICS_EXPORTER if set, else otlp when an OTLP endpoint
+    variable is set and prometheus otherwise (the embedded default)."""
+    if value == "auto":
+        value = env.get("OTEL_METRICS_EXPORTER", "").strip()
+        if not value:
+            return ("otlp",) if any(env.get(v) for v in OTLP_ENDPOINT_VARS) else ("prometheus",)
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    bad = [n for n in names if n not in EXPORTER_NAMES]
+    if bad or not names:
+        raise ConfigError(f"unknown exporter(s) {bad or value!r}; use a comma-separated subset "
+                          f"of {EXPORTER_NAMES} or auto")
+    return tuple(n for n in names if n != "none")
+
+
+def _split_address(address: str, flag: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"{flag} must be HOST:PORT, not {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    return _split_address(address, "address")
+
+
+def default_instance_id() -> str:
+    return f"sidecar-{uuid.uuid4().hex[:12]}"
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    env = os.environ if env is None else env
+
+    def e(name: str, default):
+        return env.get(ENV_PREFIX + name, default)
+
+    p = argparse.ArgumentParser(
+        prog="specdec-sidecar",
+        description="Telemetry sidecar: ingests SpeculativeMetrics over gRPC "
+                    "(specdec.v1.TelemetryService), validates and dedupes them, aggregates "
+                    "with the OpenTelemetry SDK and exports over OTLP and/or a Prometheus "
+                    "scrape endpoint. Every flag overrides the SPECDEC_SIDECAR_* variable "
+                    "named in its help. OTLP itself is configured by the standard OTEL_* "
+                    "variables (OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT, _PROTOCOL "
+                    "grpc|http/protobuf, _HEADERS, _TIMEOUT, OTEL_METRIC_EXPORT_INTERVAL, "
+                    "OTEL_METRIC_EXPORT_TIMEOUT, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--listen", default=e("LISTEN", DEFAULT_LISTEN),
+                   help="ingest gRPC address HOST:PORT (port 0 picks one) "
+                        "[SPECDEC_SIDECAR_LISTEN]")
+    p.add_argument("--exporters", default=e("EXPORTERS", "auto"),
+                   help="comma-separated subset of otlp,prometheus,none, or auto: "
+                        "$OTEL_METRICS_EXPORTER if set, else otlp when "
+                        "OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT is set, else prometheus "
+                        "[SPECDEC_SIDECAR_EXPORTERS]")
+    p.add_argument("--prometheus-address", default=e("PROMETHEUS_ADDRESS", DEFAULT_PROMETHEUS),
+                   help="Prometheus scrape endpoint HOST:PORT (when the prometheus exporter "
+                        "is on) [SPECDEC_SIDECAR_PROMETHEUS_ADDRESS]")
+    interval = e("EXPORT_INTERVAL_MS", None)
+    p.add_argument("--export-interval-ms", type=float,
+                   default=float(interval) if interval else None,
+                   help="OTLP export interval in ms; default $OTEL_METRIC_EXPORT_INTERVAL or "
+                        f"{DEFAULT_EXPORT_INTERVAL_MS:g} [SPECDEC_SIDECAR_EXPORT_INTERVAL_MS]")
+    p.add_argument("--ack-mode", default=e("ACK_MODE", "auto"), choices=ACK_MODES,
+                   help="when records are acknowledged to the reporter: export = after the "
+                        "OTLP export that included them succeeded (nothing lost on a crash); "
+                        "aggregate = once aggregated in memory; auto = export if OTLP is on "
+                        "[SPECDEC_SIDECAR_ACK_MODE]")
+    p.add_argument("--window-seconds", type=float, default=float(e("WINDOW_SECONDS", 60)),
+                   help="sliding window of the acceptance-rate/length gauges "
+                        "[SPECDEC_SIDECAR_WINDOW_SECONDS]")
+    p.add_argument("--max-k", type=int, default=int(e("MAX_K", DEFAULT_MAX_K)),
+                   help="largest num_draft_tokens accepted; larger records are rejected "
+                        "[SPECDEC_SIDECAR_MAX_K]")
+    p.add_argument("--max-sources", type=int, default=int(e("MAX_SOURCES", DEFAULT_MAX_SOURCES)),
+                   help="sources whose dedupe watermark is remembered (LRU) "
+                        "[SPECDEC_SIDECAR_MAX_SOURCES]")
+    p.add_argument("--instance-id", default=e("INSTANCE_ID", None),
+                   help="the sidecar's service.instance.id resource attribute; default: "
+                        "service.instance.id from OTEL_RESOURCE_ATTRIBUTES, else a random id "
+                        "[SPECDEC_SIDECAR_INSTANCE_ID]")
+    p.add_argument("--shutdown-grace-seconds", type=float,
+                   default=float(e("SHUTDOWN_GRACE_SECONDS", 5.0)),
+                   help="on SIGTERM/SIGINT: time for the final export and open streams "
+                        "[SPECDEC_SIDECAR_SHUTDOWN_GRACE_SECONDS]")
+    p.add_argument("--log-level", default=e("LOG_LEVEL", "INFO"),
+                   help="log level [SPECDEC_SIDECAR_LOG_LEVEL]")
+    return p

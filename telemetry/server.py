@@ -1,0 +1,157 @@
+"""The sidecar process: build, add servicers, start, wait; graceful stop with a final export.
+
+    serve(config)          # blocking; SIGTERM/SIGINT stop it gracefully; returns an exit code
+    Sidecar(config)        # the async object (tests run it in-process on their own loop)
+
+Graceful stop: health goes NOT_SERVING, ingest stops taking new batches, one final OTLP
+export runs and its acknowledgements are written to the open streams, then the gRPC server
+stops (grace period) and the meter provider shuts down. Records that arrive after the final
+snapshot are not acknowledged, so their reporters resend them to the next sidecar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from telemetry.aggregation import Aggregator, views
+from telemetry.config import SidecarConfig
+from telemetry.dedupe import SourceTable
+from telemetry.export import ExportSetup
+from telemetry.ingest import SERVICE_NAME, Ingestor, TelemetryIngest
+from telemetry.windows import SlidingWindow
+
+log = structlog.get_logger(__name__)
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    # reporters keep an idle stream open and ping it
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class Sidecar:
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self.lock = threading.Lock()
+        self.sources = SourceTable(config.max_sources)
+        self.window = SlidingWindow(config.window_s)
+        self._ingest: TelemetryIngest | None = None
+        ack_after_export = config.ack_mode == "export"
+        # The ingest needs the aggregator, which needs the meter, which needs the readers,
+        # whose ack callback needs the ingest: late-bound through small lambdas.
+        self.export = ExportSetup(
+            config,
+            views=views(config.max_k),
+            lock=self.lock,
+            snapshot=lambda: self.sources.processed_marks(),
+            on_exported=lambda marks: self._ingest.on_exported(marks) if self._ingest else None,
+            on_failure=lambda exporter: self.aggregator.count_export_failure(exporter),
+        )
+        self.aggregator = Aggregator(self.export.meter, self.window, config.max_k)
+        self.ingestor = Ingestor(self.aggregator, self.sources, self.lock,
+                                 max_k=config.max_k, ack_after_export=ack_after_export)
+        self._ingest = TelemetryIngest(self.ingestor)
+        self.health = health_aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port: int = 0
+        self._stopped: asyncio.Event | None = None  # created on the loop in start()
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rpartition(":")[0]
+        return f"{host}:{self.port}"
+
+    @property
+    def prometheus_address(self) -> str | None:
+        return self.export.prometheus.address if self.export.prometheus else None
+
+    @property
+    def instance_id(self) -> str:
+        from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID
+
+        return str(self.export.resource.attributes.get(SERVICE_INSTANCE_ID, ""))
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self._ingest.bind(loop)
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server.add_generic_rpc_handlers((self._ingest.rpc_handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(self.config.listen)
+        if not self.port:
+            raise RuntimeError(f"cannot listen on {self.config.listen}")
+        await server.start()
+        self.server = server
+        self.export.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("sidecar started", listen=self.address, exporters=list(self.config.exporters),
+                 prometheus=self.prometheus_address, ack_mode=self.config.ack_mode,
+                 export_interval_ms=self.config.export_interval_ms,
+                 instance_id=self.instance_id)
+
+    async def wait(self) -> None:
+        assert self._stopped is not None
+        await self._stopped.wait()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        if self._stopping:
+            await self.wait()
+            return
+        self._stopping = True
+        grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
+        loop = asyncio.get_running_loop()
+        try:
+            await self.health.enter_graceful_shutdown()
+            self._ingest.accepting = False
+            ok = await loop.run_in_executor(
+                None, self.export.final_export, max(1.0, grace_s * 0.8) * 1000)
+            if ok is not None:
+                log.info("final export", success=ok)
+            # let the stream writers send the acknowledgements the final export released
+            for _ in range(20):
+                await asyncio.sleep(0.01)
+            if self.server is not None:
+                await self.server.stop(max(0.1, grace_s * 0.2))
+        finally:
+            await loop.run_in_executor(None, self.export.shutdown, 2000)
+            log.info("sidecar stopped")
+            self._stopped.set()
+
+
+async def _run(config: SidecarConfig) -> int:
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    loop = asyncio.get_running_loop()
+    stop_task: list[asyncio.Task] = []
+
+    def on_signal(signame: str) -> None:
+        log.info("signal received, stopping", signal=signame)
+        if not stop_task:
+            stop_task.append(loop.create_task(sidecar.stop()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    await sidecar.wait()
+    return 0
+
+
+def serve(config: SidecarConfig) -> int:
+    """Run the sidecar until SIGTERM/SIGINT; returns the process exit code."""
+    return asyncio.run(_run(config))

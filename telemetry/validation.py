@@ -1,0 +1,177 @@
+"""The METRICS.md invariants, written once: `check(m)` names the first one a record breaks.
+
+Every SpeculativeMetrics the sidecar ingests goes through `check` before it may touch an
+aggregate. The function is on the ingest hot path (tens of thousands of records per second on
+one core), so it avoids per-element Python loops where a C-level builtin does the same job
+(`sum`, `map`, `sorted`), and returns a short reason code (a `REASONS` member) that becomes the
+`reason` attribute of the rejected-records self-metric.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+from specdec.v1 import metrics_pb2
+
+# Bounds that are not METRICS.md invariants but keep garbage from hurting the sidecar:
+DEFAULT_MAX_K = 64  # longest speculation the sidecar accepts (array lengths, label cardinality)
+MAX_IDENTITY_LEN = 256  # target/draft model name length (they become attribute values)
+MAX_COUNT = 1 << 40  # any per-request counter above this is garbage (OTLP ints are int64)
+RATIO_REL_TOL = 1e-6  # accept_rate / accept_length vs. the counters
+TIME_TOL_S = 1e-6  # ordering of the monotonic timings
+
+_NONE = metrics_pb2.SPECULATION_METHOD_NONE
+_DRAFT_MODEL = metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL
+_KNOWN_METHODS = frozenset(metrics_pb2.SpeculationMethod.values())
+_isfinite = math.isfinite
+_mul = operator.mul
+_le = operator.le
+
+# Reason codes, in the order `check` tests them. Stable: they are exported as attribute values.
+REASONS: tuple[str, ...] = (
+    "invalid_sequence",  # sequence 0 (sequences start at 1); set by the ingest, not by check()
+    "missing_metrics",  # record without a SpeculativeMetrics; set by the ingest
+    "missing_source_id",  # batch without source_id; set by the ingest
+    "unknown_method",
+    "identity_too_long",
+    "num_draft_tokens_too_large",
+    "num_draft_tokens_without_speculation",  # method NONE needs k = 0
+    "draft_model_without_draft_method",  # draft_model set but method is not DRAFT_MODEL
+    "accept_histogram_length",  # len != k + 1
+    "proposed_per_position_length",  # len != k
+    "accepted_per_position_length",  # len != k
+    "count_out_of_range",
+    "draft_passes_exceed_verify_passes",
+    "accept_histogram_sum",  # sum_j h[j] != draft_passes
+    "accept_histogram_weighted_sum",  # sum_j j*h[j] != accepted_drafts
+    "proposed_per_position_sum",
+    "accepted_per_position_sum",
+    "accepted_exceeds_proposed_at_position",
+    "accepted_per_position_increasing",
+    "accepted_exceeds_proposed",
+    "proposed_exceeds_capacity",  # proposed_drafts > k * verify_passes
+    "completion_tokens_exceed_bound",  # completion > 1 + verify_passes + accepted_drafts
+    # Identities that follow from the per-pass definitions (not listed in METRICS.md's
+    # invariants, but exact): every draft pass proposes position 0; a draft is proposed at
+    # position i only if it was at i - 1; the draft at position i was accepted iff the pass
+    # accepted more than i drafts.
+    "proposed_per_position_first",  # proposed_per_position[0] != draft_passes
+    "proposed_per_position_increasing",
+    "accepted_per_position_histogram",  # accepted_per_position[i] != sum_{j > i} h[j]
+    "accept_rate_presence",  # present iff proposed_drafts > 0
+    "accept_rate_mismatch",
+    "accept_length_presence",  # present iff verify_passes > 0
+    "accept_length_mismatch",
+    "invalid_timing",  # negative or non-finite
+    "timing_order",  # queue_time <= time_to_first_token <= duration
+    "time_to_first_token_missing",  # tokens were emitted but no first-token time
+    "malformed_batch",  # unparseable ReportRequest (counted per batch); set by the ingest
+    "internal_error",  # a bug in the sidecar; set by the ingest, never expected
+)
+
+
+def _close(value: float, expected: float) -> bool:
+    # NaN compares False, so a NaN value fails.
+    return abs(value - expected) <= RATIO_REL_TOL * max(1.0, abs(expected))
+
+
+def check(m: metrics_pb2.SpeculativeMetrics, max_k: int = DEFAULT_MAX_K) -> str | None:
+    """Return the reason code of the first broken invariant, or None if `m` is valid."""
+    method = m.method
+    if method not in _KNOWN_METHODS:
+        return "unknown_method"
+    if len(m.target_model) > MAX_IDENTITY_LEN or len(m.draft_model) > MAX_IDENTITY_LEN:
+        return "identity_too_long"
+    k = m.num_draft_tokens
+    if k > max_k:
+        return "num_draft_tokens_too_large"
+    if method == _NONE and k:
+        return "num_draft_tokens_without_speculation"
+    if m.draft_model and method != _DRAFT_MODEL:
+        return "draft_model_without_draft_method"
+    hist = m.accept_histogram
+    pp = m.proposed_per_position
+    ap = m.accepted_per_position
+    if len(hist) != k + 1:
+        return "accept_histogram_length"
+    if len(pp) != k:
+        return "proposed_per_position_length"
+    if len(ap) != k:
+        return "accepted_per_position_length"
+    verify = m.verify_passes
+    drafts = m.draft_passes
+    proposed = m.proposed_drafts
+    accepted = m.accepted_drafts
+    completion = m.completion_tokens
+    if (
+        verify > MAX_COUNT
+        or proposed > MAX_COUNT
+        or completion > MAX_COUNT
+        or m.prompt_tokens > MAX_COUNT
+    ):
+        # draft_passes <= verify_passes and accepted <= proposed bound the others.
+        return "count_out_of_range"
+    if drafts > verify:
+        return "draft_passes_exceed_verify_passes"
+    if sum(hist) != drafts:
+        return "accept_histogram_sum"
+    if sum(map(_mul, hist, range(k + 1))) != accepted:
+        return "accept_histogram_weighted_sum"
+    if sum(pp) != proposed:
+        return "proposed_per_position_sum"
+    if sum(ap) != accepted:
+        return "accepted_per_position_sum"
+    if k:
+        if not all(map(_le, ap, pp)):
+            return "accepted_exceeds_proposed_at_position"
+        apl = list(ap)
+        if apl != sorted(apl, reverse=True):
+            return "accepted_per_position_increasing"
+    if accepted > proposed:
+        return "accepted_exceeds_proposed"
+    if proposed > k * verify:
+        return "proposed_exceeds_capacity"
+    if completion > 1 + verify + accepted:
+        return "completion_tokens_exceed_bound"
+    if k:
+        if pp[0] != drafts:
+            return "proposed_per_position_first"
+        ppl = list(pp)
+        if ppl != sorted(ppl, reverse=True):
+            return "proposed_per_position_increasing"
+        tail = 0
+        hl = list(hist)
+        for i in range(k - 1, -1, -1):
+            tail += hl[i + 1]
+            if apl[i] != tail:
+                return "accepted_per_position_histogram"
+    if m.HasField("accept_rate"):
+        if not proposed:
+            return "accept_rate_presence"
+        if not _close(m.accept_rate, accepted / proposed):
+            return "accept_rate_mismatch"
+    elif proposed:
+        return "accept_rate_presence"
+    if m.HasField("accept_length"):
+        if not verify:
+            return "accept_length_presence"
+        if not _close(m.accept_length, (accepted + verify) / verify):
+            return "accept_length_mismatch"
+    elif verify:
+        return "accept_length_presence"
+    queue = m.queue_time_seconds
+    duration = m.duration_seconds
+    if not (_isfinite(queue) and _isfinite(duration) and queue >= 0.0 and duration >= 0.0):
+        return "invalid_timing"
+    if queue > duration + TIME_TOL_S:
+        return "timing_order"
+    if m.HasField("time_to_first_token_seconds"):
+        ttft = m.time_to_first_token_seconds
+        if not (_isfinite(ttft) and ttft >= 0.0):
+            return "invalid_timing"
+        if ttft > duration + TIME_TOL_S or queue > ttft + TIME_TOL_S:
+            return "timing_order"
+    elif completion:
+        return "time_to_first_token_missing"
+    return None

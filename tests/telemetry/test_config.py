@@ -1,0 +1,56 @@
+"""Sidecar configuration: flags override SPECDEC_SIDECAR_* variables; exporter selection."""
+
+from __future__ import annotations
+
+import pytest
+
+from telemetry.__main__ import main
+from telemetry.config import ConfigError, SidecarConfig
+
+
+def cfg(argv=(), **env):
+    return SidecarConfig.from_args(list(argv), environ=env)
+
+
+def test_defaults():
+    c = cfg()
+    assert c.listen == "127.0.0.1:50052" and c.exporters == ("prometheus",)
+    assert c.prometheus_address == "127.0.0.1:9464" and c.ack_mode == "aggregate"
+    assert c.export_interval_ms == 5000 and c.window_s == 60 and c.max_k == 64
+
+
+def test_flag_overrides_env():
+    env = {"SPECDEC_SIDECAR_LISTEN": "0.0.0.0:1", "SPECDEC_SIDECAR_WINDOW_SECONDS": "30"}
+    assert cfg(**env).listen == "0.0.0.0:1" and cfg(**env).window_s == 30
+    c = cfg(["--listen", "127.0.0.1:2", "--window-seconds", "10"], **env)
+    assert c.listen == "127.0.0.1:2" and c.window_s == 10
+
+
+def test_otlp_endpoint_turns_on_otlp_and_export_acks():
+    c = cfg(OTEL_EXPORTER_OTLP_ENDPOINT="http://collector:4317")
+    assert c.exporters == ("otlp",) and c.ack_mode == "export" and c.otlp_protocol == "grpc"
+    c = cfg(["--exporters", "otlp,prometheus"], OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+            OTEL_METRIC_EXPORT_INTERVAL="1500")
+    assert c.otlp and c.prometheus and c.otlp_protocol == "http/protobuf"
+    assert c.export_interval_ms == 1500 and c.ack_mode == "export"
+    assert cfg(["--export-interval-ms", "250"], OTEL_METRIC_EXPORT_INTERVAL="1500",
+               OTEL_METRICS_EXPORTER="otlp").export_interval_ms == 250
+    assert cfg(OTEL_METRICS_EXPORTER="prometheus",
+               OTEL_EXPORTER_OTLP_ENDPOINT="http://x:4317").exporters == ("prometheus",)
+
+
+@pytest.mark.parametrize("argv,env", [
+    (["--exporters", "kafka"], {}),
+    (["--ack-mode", "export", "--exporters", "prometheus"], {}),
+    (["--exporters", "otlp"], {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}),
+    (["--listen", "nope"], {}),
+    ([], {"OTEL_METRIC_EXPORT_INTERVAL": "soon"}),
+])
+def test_bad_config(argv, env):
+    with pytest.raises(ConfigError):
+        cfg(argv, **env)
+
+
+def test_main_reports_config_errors(capsys):
+    assert main(["--exporters", "kafka"]) == 2
+    assert "unknown exporter" in capsys.readouterr().err
