@@ -19,6 +19,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
 from specdec.v1 import metrics_pb2
+from telemetry.validation import REASONS
 from telemetry.windows import SlidingWindow
 
 # ---- names -------------------------------------------------------------------------------
@@ -163,13 +164,16 @@ def accumulate(batch: dict[Hashable, BatchSums], m: metrics_pb2.SpeculativeMetri
 class Aggregator:
     """Owns the instruments; `commit` turns one batch's sums into SDK calls."""
 
-    def __init__(self, meter: Meter, window: SlidingWindow, max_k: int) -> None:
+    def __init__(self, meter: Meter, window: SlidingWindow, max_k: int,
+                 exporters: Sequence[str] = ()) -> None:
+        """exporters: the exporters whose failures are counted (`exporter` attribute)."""
         self.window = window
         self.max_k = max_k
         self._attrs: dict[Hashable, dict] = {}
         self._pos_attrs: dict[Hashable, tuple[dict, ...]] = {}
         self._acc_attrs: dict[Hashable, tuple[dict, ...]] = {}
         self._reason_attrs: dict[str, dict] = {}
+        self._exporter_attrs: dict[str, dict] = {}
         counter = meter.create_counter
         self.requests = counter(REQUESTS, unit="{request}",
                                 description="Requests finished (any finish reason)")
@@ -223,9 +227,15 @@ class Aggregator:
             description="Records the reporting services dropped from their full buffers")
         self.export_failures = counter(EXPORT_FAILURES, unit="{export}",
                                        description="Failed metric exports, by `exporter`")
-        # Make the self-metrics exist (at 0) from the start.
+        # Make every self-metric series exist (at 0) from the start, including one per
+        # rejection reason and per failure-counting exporter: a series born at 1 is invisible
+        # to increase()/rate() (they need two samples), so the first event would be missed.
         for c in (self.received, self.aggregated, self.duplicates, self.service_dropped):
             c.add(0)
+        for reason in REASONS:
+            self.count_rejected(reason, 0)
+        for exporter in exporters:
+            self.count_export_failure(exporter, 0)
 
     # ---- attribute caches ------------------------------------------------------------
     def attrs(self, key: Hashable) -> dict:
@@ -288,8 +298,11 @@ class Aggregator:
             a = self._reason_attrs[reason] = {ATTR_REASON: reason}
         self.rejected.add(n, a)
 
-    def count_export_failure(self, exporter: str) -> None:
-        self.export_failures.add(1, {ATTR_EXPORTER: exporter})
+    def count_export_failure(self, exporter: str, n: int = 1) -> None:
+        a = self._exporter_attrs.get(exporter)
+        if a is None:
+            a = self._exporter_attrs[exporter] = {ATTR_EXPORTER: exporter}
+        self.export_failures.add(n, a)
 
     # ---- window gauges ---------------------------------------------------------------
     def _observe_rate(self, options: CallbackOptions):

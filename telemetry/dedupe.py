@@ -21,13 +21,12 @@ DEFAULT_MAX_SOURCES = 100_000
 
 
 class SourceState:
-    __slots__ = ("source_id", "processed", "durable", "dropped_total")
+    __slots__ = ("source_id", "processed", "durable")
 
     def __init__(self, source_id: str) -> None:
         self.source_id = source_id
         self.processed = 0  # highest sequence processed (counted, duplicate or rejected)
         self.durable = 0  # highest sequence included in a successful export
-        self.dropped_total = 0  # last dropped_records_total the source reported
 
 
 class SourceTable:

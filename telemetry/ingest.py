@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 from specdec.v1 import telemetry_pb2
 from telemetry.aggregation import Aggregator, BatchSums, accumulate
 from telemetry.dedupe import SourceTable
-from telemetry.validation import check
+from telemetry.validation import MAX_COUNT, check
 
 log = structlog.get_logger(__name__)
 
@@ -104,7 +104,7 @@ class Ingestor:
             src = self.sources.get(sid)
             wm = src.processed
             batch: dict[Hashable, BatchSums] = {}
-            ok = dup = rej = 0
+            ok = dup = rej = drops = 0
             reasons: dict[str, int] | None = None
             for rec in records:
                 seq = rec.sequence
@@ -112,19 +112,26 @@ class Ingestor:
                     if seq:
                         dup += 1
                         continue
-                    reason = "invalid_sequence"
+                    reason = "invalid_sequence"  # not deduplicable: its drops are not counted
                 else:
                     wm = seq
                     try:
-                        if rec.HasField("metrics"):
-                            m = rec.metrics
-                            reason = check(m, max_k)
-                            if reason is None:
-                                accumulate(batch, m)
-                                ok += 1
-                                continue
+                        dropped_before = rec.dropped_before
+                        if dropped_before > MAX_COUNT:  # garbage: neither it nor the record
+                            reason = "count_out_of_range"
                         else:
-                            reason = "missing_metrics"
+                            # The drops before a record are counted when the record is new,
+                            # whatever becomes of it (valid or rejected): they happened.
+                            drops += dropped_before
+                            if rec.HasField("metrics"):
+                                m = rec.metrics
+                                reason = check(m, max_k)
+                                if reason is None:
+                                    accumulate(batch, m)
+                                    ok += 1
+                                    continue
+                            else:
+                                reason = "missing_metrics"
                     except Exception:
                         log.exception("record processing failed", source_id=sid, sequence=seq)
                         reason = "internal_error"
@@ -145,10 +152,8 @@ class Ingestor:
             if reasons:
                 for reason, count in reasons.items():
                     agg.count_rejected(reason, count)
-            dropped = req.dropped_records_total
-            if dropped > src.dropped_total:
-                agg.service_dropped.add(dropped - src.dropped_total)
-                src.dropped_total = dropped
+            if drops:
+                agg.service_dropped.add(drops)
             ack = src.durable if self.ack_after_export else wm
         return _ReportResponse(acknowledged_through_sequence=ack, accepted=ok, duplicates=dup,
                                rejected=rej)

@@ -58,7 +58,10 @@ class Sidecar:
             on_exported=lambda marks: self._ingest.on_exported(marks) if self._ingest else None,
             on_failure=lambda exporter: self.aggregator.count_export_failure(exporter),
         )
-        self.aggregator = Aggregator(self.export.meter, self.window, config.max_k)
+        # OTLP is the only exporter whose failures are counted (a scrape has no failure the
+        # sidecar could count).
+        self.aggregator = Aggregator(self.export.meter, self.window, config.max_k,
+                                     exporters=("otlp",) if config.otlp else ())
         self.ingestor = Ingestor(self.aggregator, self.sources, self.lock,
                                  max_k=config.max_k, ack_after_export=ack_after_export)
         self._ingest = TelemetryIngest(self.ingestor)

@@ -71,11 +71,6 @@ REASONS: tuple[str, ...] = (
 )
 
 
-def _close(value: float, expected: float) -> bool:
-    # NaN compares False, so a NaN value fails.
-    return abs(value - expected) <= RATIO_REL_TOL * max(1.0, abs(expected))
-
-
 def check(m: metrics_pb2.SpeculativeMetrics, max_k: int = DEFAULT_MAX_K) -> str | None:
     """Return the reason code of the first broken invariant, or None if `m` is valid."""
     method = m.method
@@ -146,17 +141,21 @@ def check(m: metrics_pb2.SpeculativeMetrics, max_k: int = DEFAULT_MAX_K) -> str 
             tail += hl[i + 1]
             if apl[i] != tail:
                 return "accepted_per_position_histogram"
+    # Relative tolerance RATIO_REL_TOL * max(1, |expected|), written out for the hot path:
+    # the expected rate is in [0, 1] (accepted <= proposed was checked above), the expected
+    # length is >= 1. NaN compares False, so a NaN value fails.
     if m.HasField("accept_rate"):
         if not proposed:
             return "accept_rate_presence"
-        if not _close(m.accept_rate, accepted / proposed):
+        if not abs(m.accept_rate - accepted / proposed) <= RATIO_REL_TOL:
             return "accept_rate_mismatch"
     elif proposed:
         return "accept_rate_presence"
     if m.HasField("accept_length"):
         if not verify:
             return "accept_length_presence"
-        if not _close(m.accept_length, (accepted + verify) / verify):
+        expected = (accepted + verify) / verify
+        if not abs(m.accept_length - expected) <= RATIO_REL_TOL * expected:
             return "accept_length_mismatch"
     elif verify:
         return "accept_length_presence"

@@ -17,9 +17,14 @@ Buffer: at most `buffer_size` records (sent-but-unacknowledged plus never-sent).
 oldest *never-sent* record is dropped and counted; records that were sent but not yet
 acknowledged are kept (the sidecar may hold them, and only they can be resent after a sidecar
 restart). If everything buffered is in flight, the new record itself is the one dropped.
-Dropped records leave gaps in the sequence. `dropped_records_total` (cumulative) goes with
-every batch, so the sidecar learns of drops once it is reachable again; drops are also logged
-(at most once per `drop_log_interval_s`).
+Dropped records leave gaps in the sequence, and their count travels with the records: each
+record carries `dropped_before`, the number of records dropped immediately before it (since
+the previous record kept). Dropping the oldest unsent record r adds r's dropped_before + 1 to
+the next kept unsent record, or, when none is left, to a carry that the next record reported
+takes. The sidecar counts dropped_before once per record it processes as new, so drops are
+counted exactly once, with the same guarantees as the records themselves (a drop count is lost
+only with its record, e.g. records still buffered when the service stops). Drops are also
+logged (at most once per `drop_log_interval_s`).
 """
 
 from __future__ import annotations
@@ -80,28 +85,29 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def encode_report_request(source_id: bytes, records: list[tuple[int, bytes]],
-                          dropped_total: int) -> bytes:
+Record = tuple[int, bytes, int]  # (sequence, serialized SpeculativeMetrics, dropped_before)
+
+
+def encode_report_request(source_id: bytes, records: list[Record]) -> bytes:
     """Serialize a ReportRequest from already-serialized SpeculativeMetrics, without
-    re-parsing them: field 1 source_id, field 2 MetricsRecord{1: sequence, 2: metrics},
-    field 3 dropped_records_total. (Parses to the same message as building it with the
+    re-parsing them: field 1 source_id, field 2 MetricsRecord{1: sequence, 2: metrics,
+    3: dropped_before (omitted when 0)}. (Parses to the same message as building it with the
     generated class; tests/telemetry/test_reporter.py checks.)"""
     parts = [b"\x0a", _varint(len(source_id)), source_id]
-    for seq, data in records:
+    for seq, data, dropped_before in records:
         body = b"\x08" + _varint(seq) + b"\x12" + _varint(len(data)) + data
+        if dropped_before:
+            body += b"\x18" + _varint(dropped_before)
         parts.append(b"\x12")
         parts.append(_varint(len(body)))
         parts.append(body)
-    if dropped_total:
-        parts.append(b"\x18")
-        parts.append(_varint(dropped_total))
     return b"".join(parts)
 
 
 class _StreamState:
     __slots__ = ("resend", "dead", "received_ack")
 
-    def __init__(self, resend: list[tuple[int, bytes]]) -> None:
+    def __init__(self, resend: list[Record]) -> None:
         self.resend = deque(resend)  # in-flight records to send again on this stream, in order
         self.dead = False
         self.received_ack = False
@@ -144,8 +150,10 @@ class MetricsReporter:
         self._cond = threading.Condition(self._lock)  # sender/flush waits; report notifies
         self._seq = itertools.count(1)
         self._last_seq = 0
-        self._pending: deque[tuple[int, bytes]] = deque()  # never sent
-        self._in_flight: deque[tuple[int, bytes]] = deque()  # sent, not acknowledged
+        # records are (sequence, data, dropped_before); only never-sent ones change
+        self._pending: deque[Record] = deque()  # never sent
+        self._in_flight: deque[Record] = deque()  # sent, not acknowledged
+        self._carry_drops = 0  # drops that go on the next record reported (nothing unsent)
         self._acked_through = 0
         self._oldest_pending_t = 0.0
         self._sender_waiting = False
@@ -178,10 +186,18 @@ class MetricsReporter:
             pending = self._pending
             if not pending:
                 self._oldest_pending_t = time.monotonic()
-            pending.append((seq, data))
+            pending.append((seq, data, self._carry_drops))
+            self._carry_drops = 0
             if len(pending) + len(self._in_flight) > self.buffer_size:
-                pending.popleft()  # the oldest never-sent record (possibly this one)
+                # drop the oldest never-sent record (possibly this one); its drop count and
+                # itself go on the next kept unsent record, else on the next one reported
+                carried = pending.popleft()[2] + 1
                 self._dropped += 1
+                if pending:
+                    nseq, ndata, ndrops = pending[0]
+                    pending[0] = (nseq, ndata, ndrops + carried)
+                else:
+                    self._carry_drops = carried
             if self._sender_waiting and len(pending) >= self.batch_size:
                 self._cond.notify_all()
 
@@ -330,9 +346,9 @@ class MetricsReporter:
                 dropped = self._dropped
                 self._sent += len(batch)
             self._maybe_log_drops(dropped)
-            yield encode_report_request(self._source_bytes, batch, dropped)
+            yield encode_report_request(self._source_bytes, batch)
 
-    def _next_batch(self, stream: _StreamState) -> list[tuple[int, bytes]] | None:
+    def _next_batch(self, stream: _StreamState) -> list[Record] | None:
         """Called with the lock held; waits for something to send. None ends the stream."""
         while True:
             if stream.dead or self._stopping:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specdec.v1 import metrics_pb2 as specdec_dot_v1_dot_metrics__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecdec/v1/telemetry.proto\x12\nspecdec.v1\x1a\x18specdec/v1/metrics.proto\"R\n\rMetricsRecord\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12/\n\x07metrics\x18\x02 \x01(\x0b\x32\x1e.specdec.v1.SpeculativeMetrics\"m\n\rReportRequest\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12*\n\x07records\x18\x02 \x03(\x0b\x32\x19.specdec.v1.MetricsRecord\x12\x1d\n\x15\x64ropped_records_total\x18\x03 \x01(\x04\"o\n\x0eReportResponse\x12%\n\x1d\x61\x63knowledged_through_sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12\x10\n\x08rejected\x18\x04 \x01(\r2W\n\x10TelemetryService\x12\x43\n\x06Report\x12\x19.specdec.v1.ReportRequest\x1a\x1a.specdec.v1.ReportResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecdec/v1/telemetry.proto\x12\nspecdec.v1\x1a\x18specdec/v1/metrics.proto\"j\n\rMetricsRecord\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12/\n\x07metrics\x18\x02 \x01(\x0b\x32\x1e.specdec.v1.SpeculativeMetrics\x12\x16\n\x0e\x64ropped_before\x18\x03 \x01(\x04\"k\n\rReportRequest\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12*\n\x07records\x18\x02 \x03(\x0b\x32\x19.specdec.v1.MetricsRecordJ\x04\x08\x03\x10\x04R\x15\x64ropped_records_total\"o\n\x0eReportResponse\x12%\n\x1d\x61\x63knowledged_through_sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12\x10\n\x08rejected\x18\x04 \x01(\r2W\n\x10TelemetryService\x12\x43\n\x06Report\x12\x19.specdec.v1.ReportRequest\x1a\x1a.specdec.v1.ReportResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specdec.v1.telemetry_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_METRICSRECORD']._serialized_start=68
-  _globals['_METRICSRECORD']._serialized_end=150
-  _globals['_REPORTREQUEST']._serialized_start=152
-  _globals['_REPORTREQUEST']._serialized_end=261
-  _globals['_REPORTRESPONSE']._serialized_start=263
-  _globals['_REPORTRESPONSE']._serialized_end=374
-  _globals['_TELEMETRYSERVICE']._serialized_start=376
-  _globals['_TELEMETRYSERVICE']._serialized_end=463
+  _globals['_METRICSRECORD']._serialized_end=174
+  _globals['_REPORTREQUEST']._serialized_start=176
+  _globals['_REPORTREQUEST']._serialized_end=283
+  _globals['_REPORTRESPONSE']._serialized_start=285
+  _globals['_REPORTRESPONSE']._serialized_end=396
+  _globals['_TELEMETRYSERVICE']._serialized_start=398
+  _globals['_TELEMETRYSERVICE']._serialized_end=485
 # @@protoc_insertion_point(module_scope)

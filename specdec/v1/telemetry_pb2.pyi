@@ -27,9 +27,16 @@ class MetricsRecord(_message.Message):
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    DROPPED_BEFORE_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Per-source sequence number, strictly increasing within a source, starting at 1;
-    gaps mean records the source dropped from its full buffer.
+    gaps are records the source dropped from its full buffer (see dropped_before).
+    """
+    dropped_before: _builtins.int
+    """Records this source dropped from its full buffer immediately before this one, i.e.
+    since the previous record it kept (the sequence gap before this record). The drop count
+    travels with the record, so it is counted exactly when the record is processed as new:
+    once per record, including when the record is rejected, and never for a duplicate.
     """
     @_builtins.property
     def metrics(self) -> _metrics_pb2.SpeculativeMetrics:
@@ -40,10 +47,11 @@ class MetricsRecord(_message.Message):
         *,
         sequence: _builtins.int = ...,
         metrics: _metrics_pb2.SpeculativeMetrics | None = ...,
+        dropped_before: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_before", b"dropped_before", "metrics", b"metrics", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -57,13 +65,10 @@ class ReportRequest(_message.Message):
 
     SOURCE_ID_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
-    DROPPED_RECORDS_TOTAL_FIELD_NUMBER: _builtins.int
     source_id: _builtins.str
     """Identifies the sending process for its lifetime (instance id plus a per-start nonce),
     so sequence numbers are unique per source.
     """
-    dropped_records_total: _builtins.int
-    """Total records this source has dropped from its full buffer since it started (cumulative)."""
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricsRecord]:
         """Records in increasing sequence order."""
@@ -73,11 +78,10 @@ class ReportRequest(_message.Message):
         *,
         source_id: _builtins.str = ...,
         records: _abc.Iterable[Global___MetricsRecord] | None = ...,
-        dropped_records_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_records_total", b"dropped_records_total", "records", b"records", "source_id", b"source_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records", "source_id", b"source_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -85,7 +89,9 @@ Global___ReportRequest: _TypeAlias = ReportRequest  # noqa: Y015
 
 @_typing.final
 class ReportResponse(_message.Message):
-    """Acknowledgement of one ReportRequest."""
+    """Either the answer to one ReportRequest, or (export mode only) an extra acknowledgement
+    pushed after a successful export; see TelemetryService.Report.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -95,14 +101,24 @@ class ReportResponse(_message.Message):
     REJECTED_FIELD_NUMBER: _builtins.int
     acknowledged_through_sequence: _builtins.int
     """Every record of this source with sequence <= this value has been processed (counted,
-    recognised as a duplicate, or rejected) and must not be sent again.
+    recognised as a duplicate, or rejected) and, in export mode, included in a successful
+    export: the service must not send it again. In export mode it is usually below the
+    sequences of the batch being answered, and it is 0 until the first successful export
+    after the sidecar started. Within one stream it never decreases; a new sidecar process
+    may answer with a lower value than an earlier one did, which the service ignores.
     """
     accepted: _builtins.int
-    """Records of the acknowledged batch that were aggregated."""
+    """Records of the answered batch that were new and valid, and were aggregated. 0 in an
+    extra acknowledgement.
+    """
     duplicates: _builtins.int
-    """Records of the acknowledged batch that had been seen before and were dropped."""
+    """Records of the answered batch that had been processed before and were dropped. 0 in an
+    extra acknowledgement.
+    """
     rejected: _builtins.int
-    """Records of the acknowledged batch that broke a METRICS.md invariant and were rejected."""
+    """Records of the answered batch that were rejected (a broken METRICS.md invariant, or a
+    malformed record). 0 in an extra acknowledgement.
+    """
     def __init__(
         self,
         *,

@@ -47,9 +47,35 @@ class TelemetryServiceServicer:
     """
 
     def Report(self, request_iterator, context):
-        """A long-lived stream: the service sends batches, the sidecar answers each batch with an
-        acknowledgement. Records are resent after a reconnect until acknowledged; the sidecar
-        drops duplicates by (source_id, sequence).
+        """A long-lived bidi stream. The service sends ReportRequest batches; the sidecar answers
+        every batch it processes with exactly one ReportResponse, in the order the batches were
+        sent. The sidecar drops duplicates by (source_id, sequence), so after a reconnect the
+        service resends, in order, every record that was not acknowledged.
+
+        When a record counts as acknowledged depends on the sidecar's ack mode:
+
+        * Export mode (`--ack-mode export`, the default when OTLP export is on): a record is
+        acknowledged only after an OTLP export that contains it succeeded. The response to a
+        batch therefore carries the accepted/duplicates/rejected counts of that batch, but an
+        acknowledged_through_sequence that is usually *below* the batch (the highest sequence of
+        the source covered by a successful export so far; 0 before the first one). After each
+        successful export the sidecar additionally pushes, on every open stream that has sent
+        a batch of that source to this sidecar process, one extra ReportResponse carrying only
+        acknowledged_through_sequence (accepted, duplicates and rejected are 0), if the
+        source's acknowledged sequence advanced. These extra responses interleave with the
+        per-batch ones. Known window: if the sidecar dies after an export succeeded but before
+        those extra responses reached the service (about a millisecond per export interval on
+        loopback), the service resends the records and the next sidecar process counts them,
+        and the drops they carry, a second time.
+        * Aggregate mode (`--ack-mode aggregate`, Prometheus pull only): a record is acknowledged
+        once it is aggregated in memory: the response to a batch acknowledges through the last
+        record of that batch, and there are no extra responses. A sidecar that dies loses what
+        it aggregated since the last scrape (no double counting, but a loss).
+
+        A batch without source_id is answered with rejected = its record count and
+        acknowledged_through_sequence 0. A batch that does not parse ends the stream with
+        INVALID_ARGUMENT. A sidecar that is shutting down stops reading: it ends the stream (OK)
+        without answering the batches it did not process; the service resends them elsewhere.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

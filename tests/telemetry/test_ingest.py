@@ -46,10 +46,12 @@ def send(address: str, requests: list[telemetry_pb2.ReportRequest]):
         return list(stub.Report(iter(requests), timeout=30))
 
 
-def batch(source: str, records, dropped: int = 0, start: int = 1):
-    req = telemetry_pb2.ReportRequest(source_id=source, dropped_records_total=dropped)
+def batch(source: str, records, start: int = 1, dropped_before=()):
+    """dropped_before: {index in records: count}."""
+    req = telemetry_pb2.ReportRequest(source_id=source)
+    drops = dict(dropped_before)
     for i, m in enumerate(records):
-        rec = req.records.add(sequence=start + i)
+        rec = req.records.add(sequence=start + i, dropped_before=drops.get(i, 0))
         if m is not None:
             rec.metrics.CopyFrom(m)
     return req
@@ -106,15 +108,54 @@ def test_duplicates_dropped_across_streams(sidecar):
         total(before, "specdec_proposed_drafts_total") == sum(m.proposed_drafts for m in records)
 
 
-def test_service_dropped_records_delta_per_source(sidecar):
+def test_service_dropped_records_ride_on_new_records_once(sidecar):
+    """dropped_before counts when its record is processed as new (valid or rejected), never
+    for a duplicate, a record with sequence 0, or an absurd value."""
     before = scrape(sidecar)
     good = base_record()
-    send(sidecar.address, [batch("drops-a", [good], dropped=5),
-                           batch("drops-a", [good], dropped=7, start=9),
-                           batch("drops-b", [good], dropped=3)])
+    bad = broken(sorted(MUTATIONS)[0])
+    resp = send(sidecar.address, [
+        batch("drops-a", [good, good], dropped_before={0: 5}),  # seq 1 after 5 drops
+        batch("drops-a", [good, bad], start=9, dropped_before={0: 6, 1: 1}),  # rejected too
+        batch("drops-a", [good, good, good], start=9, dropped_before={0: 6, 2: 4}),  # 9, 10 dup
+        batch("drops-b", [good], dropped_before={0: 3}),
+    ])
+    assert [(r.accepted, r.duplicates, r.rejected) for r in resp] == \
+        [(2, 0, 0), (1, 0, 1), (1, 2, 0), (1, 0, 0)]
+    req = batch("drops-c", [good, good], start=0, dropped_before={0: 100})  # seq 0: invalid
+    req.records.add(sequence=2, dropped_before=2**41).metrics.CopyFrom(good)  # absurd count
+    resp = send(sidecar.address, [req])
+    assert (resp[0].accepted, resp[0].rejected) == (1, 2)
     after = scrape(sidecar)
     assert total(after, "specdec_sidecar_service_dropped_records_total") - \
-        total(before, "specdec_sidecar_service_dropped_records_total") == 7 + 3
+        total(before, "specdec_sidecar_service_dropped_records_total") == 5 + 6 + 1 + 4 + 3
+
+
+def test_self_metric_series_exist_at_zero_before_any_event():
+    """Every rejection reason (and, with OTLP, the exporter's failure counter) is a series at
+    0 from start-up, so that the first event is an increase Prometheus can see."""
+    from telemetry.validation import REASONS
+
+    s = SidecarThread(["--listen", "127.0.0.1:0", "--exporters", "prometheus",
+                       "--prometheus-address", "127.0.0.1:0"])
+    try:
+        samples = scrape(s)
+        rejected = {dict(ls)["reason"]: v for (n, ls), v in samples.items()
+                    if n == "specdec_sidecar_records_rejected_total"}
+        assert rejected == {reason: 0 for reason in REASONS}
+        for name in ("records_received", "records_aggregated", "records_duplicate",
+                     "service_dropped_records"):
+            assert [v for (n, _), v in samples.items()
+                    if n == f"specdec_sidecar_{name}_total"] == [0], name
+        # no OTLP exporter configured: no export-failure series
+        assert not any(n.startswith("specdec_sidecar_export_failures") for n, _ in samples)
+        # the first rejection of a reason is an increase from 0 to 1
+        send(s.address, [batch("first-rejection", [base_record(), None])])
+        after = scrape(s)
+        assert total(after, "specdec_sidecar_records_rejected_total",
+                     reason="missing_metrics") == 1
+    finally:
+        s.stop()
 
 
 def test_garbage_does_not_crash_the_sidecar(sidecar):

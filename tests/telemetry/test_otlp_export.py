@@ -17,6 +17,7 @@ from telemetry.aggregation import (
     TTFT_BUCKETS,
     accept_length_buckets,
 )
+from telemetry.validation import REASONS
 from tests.telemetry.support import (
     IDENTITIES,
     attrs_of,
@@ -113,6 +114,10 @@ def test_exact_sums_and_ratios_over_otlp(otlp_receiver, sidecar_thread_factory):
     assert got[("specdec.sidecar.records.duplicate", frozenset())] == 0
     assert got[("specdec.sidecar.service_dropped_records", frozenset())] == 0
     assert not any(n == "specdec.sidecar.records.rejected" and v for (n, _), v in got.items())
+    # ... but every reason's series and the exporter's failure series exist, at 0
+    assert {dict(a)["reason"] for (n, a) in got if n == "specdec.sidecar.records.rejected"} \
+        == set(REASONS)
+    assert got[("specdec.sidecar.export.failures", frozenset({("exporter", "otlp")}))] == 0
 
     # resource: the sidecar's own instance id; service ids are not point attributes
     res = store.resources()[-1]

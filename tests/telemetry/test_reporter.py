@@ -32,13 +32,14 @@ def assert_exact(got: dict, records) -> None:
 def test_hand_framed_request_equals_generated_message():
     rng = random.Random(1)
     recs = [simulate_metrics(rng) for _ in range(5)]
-    raw = encode_report_request(b"svc/1-abc", [(i + 300, m.SerializeToString())
-                                               for i, m in enumerate(recs)], 2**40 + 3)
-    expected = telemetry_pb2.ReportRequest(source_id="svc/1-abc", dropped_records_total=2**40 + 3)
+    drops = [0, 1, 0, 2**40 + 3, 127]
+    raw = encode_report_request(b"svc/1-abc", [(i + 300, m.SerializeToString(), drops[i])
+                                               for i, m in enumerate(recs)])
+    expected = telemetry_pb2.ReportRequest(source_id="svc/1-abc")
     for i, m in enumerate(recs):
-        expected.records.add(sequence=i + 300).metrics.CopyFrom(m)
+        expected.records.add(sequence=i + 300, dropped_before=drops[i]).metrics.CopyFrom(m)
     assert telemetry_pb2.ReportRequest.FromString(raw) == expected
-    assert telemetry_pb2.ReportRequest.FromString(encode_report_request(b"s", [], 0)) == \
+    assert telemetry_pb2.ReportRequest.FromString(encode_report_request(b"s", [])) == \
         telemetry_pb2.ReportRequest(source_id="s")
 
 
@@ -104,6 +105,8 @@ def test_buffer_overflow_drops_oldest_and_reports_the_count(otlp_grpc_receiver,
     for m in records:  # not started yet: nothing can be sent, the buffer overflows
         reporter.report(m)
     assert reporter.stats.dropped == 150 and reporter.stats.pending == 100
+    # the 150 drops ride on the oldest kept record (sequence 151, the first one after the gap)
+    assert [(seq, n) for seq, _, n in reporter._pending][:2] == [(151, 150), (152, 0)]
     reporter.start()
     assert reporter.flush(15)
     reporter.stop(1)
@@ -131,7 +134,42 @@ def test_drops_keep_in_flight_records(otlp_grpc_receiver, sidecar_thread_factory
         reporter.report(simulate_metrics(rng))
     st = reporter.stats
     assert st.in_flight == 40 and st.pending == 50 and st.dropped == 20
+    # sequences 41..60 were dropped: their count rides on 61, the oldest kept unsent record
+    assert [(seq, n) for seq, _, n in reporter._pending][:2] == [(61, 20), (62, 0)]
     reporter.stop(0.1)
+
+
+def test_drops_with_nothing_unsent_ride_on_the_next_record(otlp_grpc_receiver,
+                                                           sidecar_thread_factory):
+    """Everything buffered is in flight (exports fail, so nothing is acknowledged): each new
+    record is itself dropped and its count carried to the next record reported, which the
+    sidecar counts once the exports succeed again."""
+    otlp_grpc_receiver.failing = True
+    sc = sidecar_thread_factory(["--exporters", "otlp"],
+                                env={**otlp_grpc_receiver.env(),
+                                     "OTEL_METRIC_EXPORT_INTERVAL": "200",
+                                     "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
+    reporter = MetricsReporter(sc.address, instance_id="svc", buffer_size=20,
+                               batch_size=10, linger_s=0.01).start()
+    rng = random.Random(8)
+    kept = [simulate_metrics(rng) for _ in range(20)]
+    for m in kept:
+        reporter.report(m)
+    wait_for(lambda: reporter.stats.in_flight == 20, 10, what="20 in flight")
+    for _ in range(7):
+        reporter.report(simulate_metrics(rng))  # dropped at once: nothing unsent to drop
+    st = reporter.stats
+    assert st.dropped == 7 and st.pending == 20 and not reporter._pending
+    otlp_grpc_receiver.failing = False
+    wait_for(lambda: reporter.stats.in_flight == 0, 15, what="acknowledgements")
+    last = simulate_metrics(rng)
+    reporter.report(last)  # sequence 28 carries the 7 drops (21..27)
+    assert [(seq, n) for seq, _, n in reporter._pending] == [(28, 7)]
+    assert reporter.flush(15)
+    reporter.stop(1)
+    got = counters(otlp_grpc_receiver)
+    assert got[("specdec.sidecar.service_dropped_records", frozenset())] == 7
+    assert_exact(got, kept + [last])
 
 
 def test_report_never_blocks_on_a_black_hole():
