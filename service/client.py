@@ -19,6 +19,7 @@ from typing import Sequence
 import grpc
 from google.protobuf import json_format
 
+from service.metrics_format import metrics_to_dict
 from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
 
 METHODS = {
@@ -101,7 +102,7 @@ async def run_one(stub, request, timeout: float, stream_to: object | None) -> di
         "completion_tokens": final.completion_tokens,
         "client_seconds": round(elapsed, 4),
         "client_ttft_seconds": None if first_token_s is None else round(first_token_s, 4),
-        "metrics": json_format.MessageToDict(final.metrics, preserving_proto_field_name=True),
+        "metrics": metrics_to_dict(final.metrics),
     }
 
 

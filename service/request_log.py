@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import structlog
-from google.protobuf import json_format
-
 from service.engine.api import FinalResult
+from service.metrics_format import metrics_to_dict
 
 log = structlog.get_logger("specdec.request")
 
 
 def log_finished_request(result: FinalResult) -> None:
-    metrics = json_format.MessageToDict(
-        result.metrics, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    metrics = metrics_to_dict(result.metrics)
     metrics.pop("request_id", None)
     log.info(
         "request_finished",

@@ -109,3 +109,21 @@ class RequestHandle(Protocol):
 
     def cancel(self) -> None:
         """Ask the engine to stop this request; it ends with FinishReason.CANCELLED."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine serves (for GetServerInfo and logs)."""
+
+    target_model: str
+    draft_model: str  # "" when there is no draft model
+    device: str
+    dtype: str
+    max_batch_size: int
+    default_method: Method
+    default_num_draft_tokens: int
+    max_num_draft_tokens: int
+    max_context_tokens: int  # prompt + completion tokens of one request
+    methods: tuple[Method, ...]  # the methods this engine accepts
+    vocab_size: int
+    instance_id: str

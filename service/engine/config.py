@@ -1,0 +1,41 @@
+"""Engine configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.engine.api import Method
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 8
+    max_queue_size: int = 64  # requests waiting for a batch slot; more are refused (QueueFullError)
+    default_method: Method = Method.NGRAM
+    default_num_draft_tokens: int = 4  # k when a request does not say
+    max_num_draft_tokens: int = 8  # the largest k a request may ask for
+    default_max_tokens: int = 256
+    # None = the target's max_position_embeddings; always capped by kv_cache_tokens.
+    max_context_tokens: int | None = None
+    # Per-slot KV cache length allocated for the target (and the draft model): memory is
+    # max_batch_size * kv_cache_tokens * layers * 2 * kv_heads * head_dim * dtype size.
+    kv_cache_tokens: int = 4096
+    ngram_max_n: int = 3
+    ngram_min_n: int = 1
+    instance_id: str = ""
+
+    def validate(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.max_queue_size < 0:
+            raise ValueError("max_queue_size must be >= 0")
+        if not 0 <= self.default_num_draft_tokens <= self.max_num_draft_tokens:
+            raise ValueError("need 0 <= default_num_draft_tokens <= max_num_draft_tokens")
+        if self.default_max_tokens < 1:
+            raise ValueError("default_max_tokens must be >= 1")
+        if self.max_context_tokens is not None and self.max_context_tokens < 2:
+            raise ValueError("max_context_tokens must be >= 2")
+        if self.kv_cache_tokens < 2:
+            raise ValueError("kv_cache_tokens must be >= 2")
+        if not 1 <= self.ngram_min_n <= self.ngram_max_n:
+            raise ValueError("need 1 <= ngram_min_n <= ngram_max_n")

@@ -1,0 +1,171 @@
+"""Drafters: what proposes the draft tokens of a decode pass.
+
+One small interface, three implementations: no drafter (plain decoding), n-gram prompt
+lookup over the request's own tokens, and a draft model with its own KV cache kept in step
+with the target's. The number of drafts a row proposes (d_s) is always decided on the host
+before the verify forward, so the counters never need a device read.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from service.engine.api import Method
+from service.engine.device import to_device
+from service.engine.runner import ModelRunner
+from service.engine.sampling import BatchSampling, probs_from_logits, sample_from
+from service.engine.sequence import Sequence
+
+
+@dataclass
+class PassContext:
+    """Per-pass batch data shared by drafters and the verifier; rows are slots [0, hi)."""
+
+    hi: int
+    device: torch.device
+    sampling: BatchSampling  # [hi] rows; free slots are greedy dummies
+    u_draft: torch.Tensor  # [hi, K] uniforms for sampling drafts (K = the engine's max k)
+    u_accept: torch.Tensor  # [hi, K] uniforms for the acceptance test
+    u_bonus: torch.Tensor  # [hi] uniforms for the bonus/correction token
+
+
+@dataclass
+class DraftOutput:
+    tokens: torch.Tensor  # [hi, n] long; only this drafter's rows (and their first d_s) matter
+    probs: torch.Tensor | None  # [hi, n, V] draft distributions q, or None for one-hot drafters
+
+
+class Drafter(ABC):
+    method: Method
+
+    def start(self, seq: Sequence) -> None:
+        """Called once the target has prefilled the prompt (and sampled the first token)."""
+
+    @abstractmethod
+    def plan(self, seq: Sequence, limit: int) -> int:
+        """Host side: how many drafts (d_s <= limit) this row proposes in the coming pass."""
+
+    def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:
+        """Device side: the drafts of `rows` (n = the largest d_s among them, >= 1)."""
+        raise NotImplementedError
+
+    def commit(self, seq: Sequence, accepted: int) -> None:
+        """After verification: `accepted` drafts of this row were accepted."""
+
+
+class NoDrafter(Drafter):
+    method = Method.NONE
+
+    def plan(self, seq: Sequence, limit: int) -> int:
+        return 0
+
+
+def ngram_lookup(tokens: list[int], limit: int, max_n: int, min_n: int) -> list[int]:
+    """Prompt lookup: match the last n tokens (n from max_n down to min_n) earlier in `tokens`
+    and propose up to `limit` tokens that followed the match. Prefers the latest match with
+    a full-length continuation, else the earliest (longest continuation). [] on a miss.
+    """
+    length = len(tokens)
+    if limit <= 0 or length < 2:
+        return []
+    arr = np.asarray(tokens, dtype=np.int64)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        # windows[i] = arr[i : i + n] for every i with a continuation token (i + n <= length - 1);
+        # this excludes the suffix itself.
+        windows = np.lib.stride_tricks.sliding_window_view(arr[: length - 1], n)
+        hits = np.flatnonzero((windows == arr[length - n :]).all(axis=1))
+        if hits.size:
+            full = hits[hits + n + limit <= length]
+            start = int(full[-1] if full.size else hits[0]) + n
+            return arr[start : start + limit].tolist()
+    return []
+
+
+class NgramDrafter(Drafter):
+    method = Method.NGRAM
+
+    def __init__(self, max_n: int, min_n: int) -> None:
+        self.max_n, self.min_n = max_n, min_n
+
+    def plan(self, seq: Sequence, limit: int) -> int:
+        seq.ngram_proposal = ngram_lookup(seq.tokens, limit, self.max_n, self.min_n)
+        return len(seq.ngram_proposal)
+
+    def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:
+        table = [[0] * n for _ in range(ctx.hi)]
+        for seq in rows:
+            table[seq.slot][: len(seq.ngram_proposal)] = seq.ngram_proposal
+        return DraftOutput(to_device(table, torch.long, ctx.device), None)  # [hi, n]
+
+
+class DraftModelDrafter(Drafter):
+    """A smaller model sharing the target's vocabulary, with its own static KV cache.
+
+    Its cache holds the sequence up to `seq.draft_len`. A pass first feeds the tokens it has
+    not seen (the last pass's bonus token, plus the last draft when all drafts were
+    accepted), then drafts autoregressively. After verification the cache is rolled back to
+    the accepted prefix by resetting `draft_len`; nothing is copied.
+    """
+
+    method = Method.DRAFT_MODEL
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    def start(self, seq: Sequence) -> None:
+        prompt = to_device([seq.tokens[: seq.prompt_len]], torch.long, self.runner.device)  # [1, P]
+        self.runner.forward(seq.slot, seq.slot + 1, prompt, [0], last_only=True)
+        seq.draft_len = seq.prompt_len
+
+    def plan(self, seq: Sequence, limit: int) -> int:
+        return limit
+
+    def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:
+        lo, hi = min(s.slot for s in rows), max(s.slot for s in rows) + 1
+        # usually 1 token (the bonus), 2 after a pass that accepted every draft
+        unseen = {s.slot: s.tokens[s.draft_len :] for s in rows}
+        width = max(len(t) for t in unseen.values())
+        ids, starts, last = [[0] * width for _ in range(hi - lo)], [0] * (hi - lo), [0] * (hi - lo)
+        for seq in rows:
+            r = seq.slot - lo
+            ids[r][: len(unseen[seq.slot])] = unseen[seq.slot]
+            starts[r], last[r] = seq.draft_len, len(unseen[seq.slot]) - 1
+        device = self.runner.device
+        logits = self.runner.forward(lo, hi, to_device(ids, torch.long, device), starts)  # [B, W, V]
+        logits = logits[torch.arange(hi - lo, device=device), to_device(last, torch.long, device)]  # [B, V]
+        sampling = ctx.sampling.slice(lo, hi)
+        tokens, probs = [], []
+        for i in range(n):
+            if sampling.all_greedy:
+                x = logits.argmax(-1)  # [B]
+            else:
+                q = probs_from_logits(logits[:, None], sampling)[:, 0]  # [B, V]
+                x = sample_from(q, ctx.u_draft[lo:hi, i])  # [B]
+                probs.append(q)
+            tokens.append(x)
+            if i + 1 < n:
+                # Draft i + 1 goes right after the unseen tokens and drafts 1..i.
+                step_starts = [st + lst + 1 + i for st, lst in zip(starts, last)]
+                logits = self.runner.forward(lo, hi, x[:, None], step_starts)[:, 0]  # [B, V]
+        for seq in rows:
+            seq.draft_steps = n
+        out = torch.zeros((ctx.hi, n), dtype=torch.long, device=device)  # [hi, n]
+        out[lo:hi] = torch.stack(tokens, dim=1)
+        full_probs = None
+        if probs:
+            full_probs = torch.zeros((ctx.hi, n, logits.shape[-1]), device=device)  # [hi, n, V]
+            full_probs[lo:hi] = torch.stack(probs, dim=1)
+        return DraftOutput(out, full_probs)
+
+    def commit(self, seq: Sequence, accepted: int) -> None:
+        # Called before the pass's tokens are appended. The draft consumed the previous
+        # tokens and its own drafts 1..steps-1, so it agrees with the new sequence up to
+        # min(accepted, steps - 1) drafts; the rest is rolled back by length.
+        if seq.draft_steps > 0:
+            seq.draft_len = len(seq.tokens) + min(accepted, seq.draft_steps - 1)
+        seq.draft_steps = 0
+

@@ -1,0 +1,70 @@
+"""The engine thread's state for one request, and the handle its submitter holds."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from service.engine.api import EventCallback, FinishReason, GenerationRequest, Method
+from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine.sampling import RowSampling
+from service.engine.stats import RequestIdentity, RequestTiming, SpecDecodeStats
+
+
+class Handle:
+    """RequestHandle: cancel() may be called from any thread, any number of times."""
+
+    def __init__(self, request_id: str, wake: Callable[[], None]) -> None:
+        self.request_id = request_id
+        self._cancelled = threading.Event()
+        self._wake = wake
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._wake()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+@dataclass
+class Sequence:
+    """One admitted (or queued) request. Only the engine thread touches it after submit."""
+
+    request: GenerationRequest
+    on_event: EventCallback
+    handle: Handle
+    method: Method
+    k: int  # num_draft_tokens for this request (0 for Method.NONE)
+    max_tokens: int
+    sampling: RowSampling
+    seed: int
+    identity: RequestIdentity
+    timing: RequestTiming
+    stats: SpecDecodeStats
+    tokens: list[int]  # prompt + generated (the last one is pending: not yet in the target's cache)
+    prompt_len: int
+    detok: IncrementalDetokenizer | None = None  # built on the engine thread
+    generator: torch.Generator | None = None  # built on the engine thread at admission
+    slot: int = -1
+    target_len: int = 0  # tokens whose KV is valid in the target's cache
+    draft_len: int = 0  # tokens whose KV is valid in the draft model's cache
+    completion_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    # Per-pass scratch, set by the scheduler / drafters before the verify forward.
+    num_drafts: int = 0  # d_s
+    ngram_proposal: list[int] = field(default_factory=list)
+    draft_steps: int = 0  # draft-model forward steps run this pass
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

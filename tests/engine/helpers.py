@@ -1,0 +1,85 @@
+"""Shared test helpers: tiny models, running requests to completion, the metrics invariants."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LlamaForCausalLM
+
+from service.engine import Engine, FinalResult, FinishReason, GenerationRequest, TokenChunk
+from service.model_loading import LoadedModel
+from specdec.v1 import metrics_pb2
+from tests.support.metrics_invariants import assert_metrics_invariants  # noqa: F401 (re-export)
+from tests.support.tiny_model import make_model, make_tokenizer  # noqa: F401 (re-export)
+
+
+def perturbed(base: LoadedModel, seed: int, scale: float, name: str) -> LoadedModel:
+    """A copy of `base` with Gaussian noise on every weight: a draft that agrees sometimes."""
+    model = LlamaForCausalLM(base.model.config).eval()
+    model.load_state_dict(base.model.state_dict())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * p.std())
+    return LoadedModel(name=name, model=model, tokenizer=base.tokenizer, device=base.device, dtype=base.dtype)
+
+
+@dataclass
+class Outcome:
+    request_id: str
+    chunks: list[TokenChunk] = field(default_factory=list)
+    final: FinalResult | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    errors: list[str] = field(default_factory=list)
+
+    def on_event(self, event: object) -> None:
+        if self.final is not None:
+            self.errors.append(f"event after FinalResult: {event!r}")
+        if isinstance(event, TokenChunk):
+            self.chunks.append(event)
+        elif isinstance(event, FinalResult):
+            self.final = event
+            self.done.set()
+        else:
+            self.errors.append(f"unexpected event {event!r}")
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for c in self.chunks for t in c.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(c.text for c in self.chunks)
+
+    @property
+    def metrics(self) -> metrics_pb2.SpeculativeMetrics:
+        assert self.final is not None
+        return self.final.metrics
+
+
+def submit(engine: Engine, request: GenerationRequest) -> tuple[Outcome, object]:
+    out = Outcome(request.request_id)
+    return out, engine.submit(request, out.on_event)
+
+
+def wait_checked(out: Outcome, timeout: float = 300.0) -> Outcome:
+    """Waits for the FinalResult and checks the event stream and the metrics invariants."""
+    assert out.done.wait(timeout), f"{out.request_id} did not finish"
+    assert not out.errors, out.errors
+    final = out.final
+    assert final is not None and final.request_id == out.request_id
+    assert all(c.request_id == out.request_id for c in out.chunks)
+    assert final.completion_tokens == len(out.tokens) == final.metrics.completion_tokens
+    assert final.prompt_tokens == final.metrics.prompt_tokens
+    assert final.metrics.request_id == out.request_id
+    assert (final.error is not None) == (final.finish_reason is FinishReason.ERROR)
+    assert_metrics_invariants(final.metrics)
+    return out
+
+
+def run(engine: Engine, requests: list[GenerationRequest], timeout: float = 300.0) -> dict[str, Outcome]:
+    """Submits all requests at once, waits for all, checks each; {request_id: Outcome}."""
+    pending = [submit(engine, r)[0] for r in requests]
+    return {o.request_id: wait_checked(o, timeout) for o in pending}

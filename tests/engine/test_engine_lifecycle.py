@@ -1,0 +1,264 @@
+"""Engine API behaviour: validation, queue, cancellation, stop/drain, errors, finish reasons."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+
+from service.engine import (
+    Engine,
+    EngineConfig,
+    EngineStoppedError,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequestError,
+    Method,
+    QueueFullError,
+    SamplingParams,
+)
+from service.engine.runner import ModelRunner
+from tests.engine.helpers import Outcome, make_model, run, submit, wait_checked
+
+
+def _ids(tokenizer, text: str = "The quick brown fox") -> tuple[int, ...]:
+    return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+
+BAD = [
+    ("input", dict(prompt_token_ids=())),
+    ("input", dict(prompt_token_ids=(1, 99_999))),
+    ("input", dict(prompt_token_ids=(1, -1))),
+    ("input", dict(prompt_token_ids=tuple(range(1, 300)) * 2)),  # longer than the context (512)
+    ("max_tokens", dict(max_tokens=0)),
+    ("max_tokens", dict(max_tokens=-3)),
+    ("sampling.temperature", dict(sampling=SamplingParams(temperature=-0.5))),
+    ("sampling.temperature", dict(sampling=SamplingParams(temperature=math.nan))),
+    ("sampling.top_p", dict(sampling=SamplingParams(temperature=1.0, top_p=0.0))),
+    ("sampling.top_p", dict(sampling=SamplingParams(temperature=1.0, top_p=1.5))),
+    ("sampling.top_p", dict(sampling=SamplingParams(temperature=1.0, top_p=math.nan))),
+    ("sampling.top_k", dict(sampling=SamplingParams(temperature=1.0, top_k=-1))),
+    ("speculation.num_draft_tokens", dict(num_draft_tokens=9)),
+    ("speculation.num_draft_tokens", dict(num_draft_tokens=-1)),
+    ("speculation.method", dict(method=Method.DRAFT_MODEL)),  # no draft model loaded
+]
+
+
+@pytest.mark.parametrize("field,changes", BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
+def test_bad_input_names_the_field_and_engine_keeps_serving(make_engine, target, field, changes) -> None:
+    engine = make_engine(target, max_num_draft_tokens=8)
+    fields = dict(request_id="bad", prompt_token_ids=_ids(target.tokenizer), max_tokens=5)
+    fields.update(changes)
+    with pytest.raises(InvalidRequestError) as err:
+        engine.submit(GenerationRequest(**fields), lambda event: None)
+    assert err.value.field == field
+    assert str(err.value).startswith(field + ": ")
+    good = run(engine, [GenerationRequest("good", _ids(target.tokenizer), max_tokens=5)])["good"]
+    assert good.final.finish_reason is FinishReason.LENGTH and len(good.tokens) == 5
+
+
+def test_vocabulary_mismatch_is_a_startup_error(target, tokenizer) -> None:
+    wrong = make_model(tokenizer, seed=9, name="wrong-vocab", vocab_size=len(tokenizer) + 7)
+    with pytest.raises(ValueError, match=r"wrong-vocab.*327.*tiny-target.*320"):
+        Engine(target, EngineConfig(kv_cache_tokens=64), draft=wrong)
+
+
+def test_info(make_engine, target, close_draft) -> None:
+    info = make_engine(target, draft=close_draft, start=False, max_context_tokens=100, default_num_draft_tokens=3).info
+    assert (info.target_model, info.draft_model, info.device, info.dtype) == ("tiny-target", "tiny-close", "cpu", "float32")
+    assert info.max_context_tokens == 100 and info.default_num_draft_tokens == 3 and info.max_num_draft_tokens == 8
+    assert info.default_method is Method.NGRAM and info.max_batch_size == 8 and info.vocab_size == 320
+    assert set(info.methods) == {Method.NONE, Method.NGRAM, Method.DRAFT_MODEL}
+    assert make_engine(target, start=False, kv_cache_tokens=64).info.max_context_tokens == 64
+
+
+def test_warmup_runs_every_method(make_engine, target, close_draft) -> None:
+    make_engine(target, draft=close_draft).warmup(timeout_s=60)
+
+
+def test_cancel_mid_generation_frees_the_slot(make_engine, target) -> None:
+    engine = make_engine(target, max_batch_size=1)
+    holder: dict = {}
+    long_req = GenerationRequest("long", _ids(target.tokenizer), max_tokens=400, method=Method.NGRAM)
+    out, handle = submit(engine, long_req)
+    holder["handle"] = handle
+    # queued behind it (one slot): a second request, and a third we cancel while queued
+    nxt, _ = submit(engine, GenerationRequest("next", _ids(target.tokenizer), max_tokens=5, method=Method.NONE))
+    queued, queued_handle = submit(engine, GenerationRequest("queued", _ids(target.tokenizer), max_tokens=5))
+    queued_handle.cancel()
+    handle.cancel()  # may land before or during generation: both must free the slot
+    wait_checked(out)
+    assert out.final.finish_reason is FinishReason.CANCELLED
+    assert out.final.completion_tokens < 400
+    assert wait_checked(nxt).final.finish_reason is FinishReason.LENGTH
+    assert wait_checked(queued).final.finish_reason is FinishReason.CANCELLED
+    assert queued.final.completion_tokens == 0 and queued.metrics.verify_passes == 0
+
+
+def test_cancel_from_the_token_callback(make_engine, target) -> None:
+    """Cancelled after the 3rd chunk: the FinalResult's metrics count exactly the work done."""
+    engine = make_engine(target, max_batch_size=1)
+    handle_box: list = []
+    out = Outcome("c")
+
+    def on_event(event) -> None:
+        out.on_event(event)
+        if len(out.chunks) == 3:
+            handle_box[0].cancel()
+
+    handle_box.append(engine.submit(GenerationRequest("c", _ids(target.tokenizer), max_tokens=400, method=Method.NONE), on_event))
+    wait_checked(out)
+    assert out.final.finish_reason is FinishReason.CANCELLED
+    assert out.final.completion_tokens == 3 and out.metrics.verify_passes == 2
+    after = run(engine, [GenerationRequest("after", _ids(target.tokenizer), max_tokens=4)])["after"]
+    assert after.final.finish_reason is FinishReason.LENGTH
+
+
+def test_queue_full_is_refused(make_engine, target) -> None:
+    engine = make_engine(target, start=False, max_batch_size=1, max_queue_size=2)
+    pending = [submit(engine, GenerationRequest(f"r{i}", _ids(target.tokenizer), max_tokens=3))[0] for i in range(3)]
+    with pytest.raises(QueueFullError):
+        engine.submit(GenerationRequest("r3", _ids(target.tokenizer), max_tokens=3), lambda e: None)
+    engine.start()
+    for out in pending:
+        assert wait_checked(out).final.finish_reason is FinishReason.LENGTH
+
+
+def test_stop_drains_in_flight_requests(make_engine, target) -> None:
+    engine = make_engine(target, max_batch_size=2)
+    pending = [
+        submit(engine, GenerationRequest(f"r{i}", _ids(target.tokenizer), max_tokens=30, method=Method.NGRAM))[0]
+        for i in range(5)
+    ]
+    engine.stop(drain_timeout_s=None)
+    for out in pending:
+        assert wait_checked(out, timeout=1).final.finish_reason is FinishReason.LENGTH
+    with pytest.raises(EngineStoppedError):
+        engine.submit(GenerationRequest("late", _ids(target.tokenizer)), lambda e: None)
+
+
+def test_stop_timeout_cancels_the_rest(make_engine, target) -> None:
+    engine = make_engine(target, max_batch_size=1)
+    pending = [submit(engine, GenerationRequest(f"r{i}", _ids(target.tokenizer), max_tokens=400))[0] for i in range(3)]
+    engine.stop(drain_timeout_s=0.0)
+    reasons = [wait_checked(out, timeout=1).final.finish_reason for out in pending]
+    assert reasons.count(FinishReason.CANCELLED) >= 2  # nothing lost: every request got its final
+
+
+def test_failing_callback_fails_only_its_request(make_engine, target) -> None:
+    engine = make_engine(target, max_batch_size=4)
+    finals = []
+
+    def bad(event) -> None:
+        if type(event).__name__ == "FinalResult":
+            finals.append(event)
+        else:
+            raise RuntimeError("client went away")
+
+    engine.submit(GenerationRequest("bad", _ids(target.tokenizer), max_tokens=20), bad)
+    good = run(engine, [GenerationRequest("good", _ids(target.tokenizer), max_tokens=20)])["good"]
+    assert good.final.finish_reason is FinishReason.LENGTH
+    assert finals and finals[0].finish_reason is FinishReason.ERROR and "client went away" in finals[0].error
+
+
+def test_failed_forward_fails_its_batch_and_engine_continues(make_engine, target, monkeypatch) -> None:
+    engine = make_engine(target, max_batch_size=4, start=False)
+    calls = {"n": 0}
+    original = ModelRunner.forward
+
+    def flaky(self, lo, hi, input_ids, starts, last_only=False):
+        calls["n"] += 1
+        if calls["n"] == 4:  # 2 prefills, 1 decode pass, then the 2nd decode pass fails
+            raise RuntimeError("boom")
+        return original(self, lo, hi, input_ids, starts, last_only)
+
+    monkeypatch.setattr(ModelRunner, "forward", flaky)
+    pending = [
+        submit(engine, GenerationRequest(f"f{i}", _ids(target.tokenizer), max_tokens=20, method=Method.NONE))[0]
+        for i in range(2)
+    ]
+    engine.start()
+    for out in pending:
+        wait_checked(out)
+        assert out.final.finish_reason is FinishReason.ERROR and "boom" in out.final.error
+        assert out.final.completion_tokens == 2  # the work done before the failure is reported
+        assert out.metrics.verify_passes == 1
+    again = run(engine, [GenerationRequest("ok", _ids(target.tokenizer), max_tokens=5)])["ok"]
+    assert again.final.finish_reason is FinishReason.LENGTH
+
+
+def test_eos_ends_the_request_without_text(make_engine, target) -> None:
+    plain = run(make_engine(target), [GenerationRequest("p", _ids(target.tokenizer), max_tokens=12, method=Method.NONE)])["p"]
+    eos = plain.tokens[5]
+    eos_model = make_model(target.tokenizer, seed=0, name="tiny-eos", vocab_size=target.vocab_size)  # = target
+    eos_model.model.generation_config.eos_token_id = [0, eos]  # the engine reads the generation config
+    engine = make_engine(eos_model)
+    for method in (Method.NONE, Method.NGRAM):
+        out = run(engine, [GenerationRequest(f"e{method.name}", _ids(target.tokenizer), max_tokens=12, method=method)])
+        out = out[f"e{method.name}"]
+        first = plain.tokens.index(eos)
+        assert out.final.finish_reason is FinishReason.EOS
+        assert out.tokens == plain.tokens[: first + 1]  # the EOS id is reported ...
+        assert out.text == target.tokenizer.decode(plain.tokens[:first])  # ... its text is not
+
+
+def test_stop_string_cuts_text_for_every_method(make_engine, target, close_draft) -> None:
+    engine = make_engine(target, draft=close_draft)
+    plain = run(engine, [GenerationRequest("p", _ids(target.tokenizer), max_tokens=40, method=Method.NONE)])["p"]
+    text = plain.text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = text[: text.index(stop)]
+    for method in Method:
+        out = run(engine, [GenerationRequest(f"s{method.name}", _ids(target.tokenizer), max_tokens=40, method=method, stop=(stop, "\x00never"))])
+        out = out[f"s{method.name}"]
+        assert out.final.finish_reason is FinishReason.STOP_SEQUENCE
+        assert out.text == cut
+        assert out.tokens == plain.tokens[: len(out.tokens)]
+
+
+def test_text_equals_full_decode(make_engine, target) -> None:
+    engine = make_engine(target)
+    outs = run(engine, [GenerationRequest(f"t{i}", _ids(target.tokenizer, p), max_tokens=60) for i, p in enumerate(["café 日本", "🙂🚀", "x"])])
+    for out in outs.values():
+        assert out.text == target.tokenizer.decode(out.tokens, skip_special_tokens=True)
+
+
+def test_context_limit_and_budget(make_engine, target, same_draft) -> None:
+    engine = make_engine(target, draft=same_draft, max_context_tokens=40, max_num_draft_tokens=5)
+    prompt = _ids(target.tokenizer, "The quick brown fox jumps over the lazy dog.")
+    for method in Method:
+        out = run(engine, [GenerationRequest(f"c{method.name}", prompt, max_tokens=100, method=method, num_draft_tokens=5)])
+        out = out[f"c{method.name}"]
+        assert out.final.finish_reason is FinishReason.LENGTH
+        assert len(prompt) + len(out.tokens) == 40
+    # the budget caps proposals: 3 tokens = the prefill token + one pass of at most 1 draft + bonus
+    out = run(engine, [GenerationRequest("b", prompt, max_tokens=3, method=Method.DRAFT_MODEL, num_draft_tokens=5)])["b"]
+    m = out.metrics
+    assert (len(out.tokens), m.verify_passes, m.proposed_drafts, m.accepted_drafts) == (3, 1, 1, 1)
+    assert list(m.accept_histogram) == [0, 1, 0, 0, 0, 0]
+
+
+def test_ngram_misses_give_zero_drafts(make_engine, target) -> None:
+    engine = make_engine(target, ngram_min_n=3, ngram_max_n=3)
+    out = run(engine, [GenerationRequest("m", _ids(target.tokenizer, "abc"), max_tokens=30, method=Method.NGRAM, num_draft_tokens=4)])["m"]
+    m = out.metrics
+    assert m.verify_passes > m.draft_passes  # passes with d_s = 0 count as verify passes only
+    assert m.proposed_drafts < 4 * m.verify_passes
+
+
+def test_concurrent_submitters(make_engine, target) -> None:
+    engine = make_engine(target, max_batch_size=4, max_queue_size=64)
+    results: dict = {}
+
+    def worker(n: int) -> None:
+        reqs = [GenerationRequest(f"w{n}-{i}", _ids(target.tokenizer), max_tokens=8, method=Method(1 + i % 2)) for i in range(5)]
+        results.update(run(engine, reqs))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 20
+    assert len({tuple(o.tokens) for o in results.values()}) == 1  # same prompt, greedy

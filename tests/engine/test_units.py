@@ -1,0 +1,154 @@
+"""Unit tests: logits processing, n-gram lookup, counters and their proto, the KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.engine.api import FinishReason, Method
+from service.engine.drafters import ngram_lookup
+from service.engine.runner import ModelRunner
+from service.engine.sampling import BatchSampling, RowSampling, probs_from_logits, sample_from
+from service.engine.stats import RequestIdentity, RequestTiming, SpecDecodeStats, to_proto
+from tests.engine.helpers import assert_metrics_invariants
+
+# ---- sampling ---------------------------------------------------------------------------
+
+
+def _probs(logits: list[float], row: RowSampling) -> list[float]:
+    out = probs_from_logits(torch.tensor([[logits]]), BatchSampling.build([row], torch.device("cpu")))
+    return out[0, 0].tolist()
+
+
+def test_temperature_top_k_top_p() -> None:
+    logits = [2.0, 1.0, 0.0, -1.0]
+    full = torch.softmax(torch.tensor(logits), -1)
+    assert _probs(logits, RowSampling(temperature=1.0)) == pytest.approx(full.tolist(), abs=1e-6)
+    hot = torch.softmax(torch.tensor(logits) / 2.0, -1)
+    assert _probs(logits, RowSampling(temperature=2.0)) == pytest.approx(hot.tolist(), abs=1e-6)
+    top2 = full[:2] / full[:2].sum()
+    assert _probs(logits, RowSampling(temperature=1.0, top_k=2)) == pytest.approx(top2.tolist() + [0, 0], abs=1e-6)
+    # full = [0.644, 0.237, 0.087, 0.032]: top_p 0.7 keeps two tokens, 0.9 keeps three.
+    assert _probs(logits, RowSampling(temperature=1.0, top_p=0.7)) == pytest.approx(top2.tolist() + [0, 0], abs=1e-6)
+    top3 = full[:3] / full[:3].sum()
+    assert _probs(logits, RowSampling(temperature=1.0, top_p=0.9)) == pytest.approx(top3.tolist() + [0], abs=1e-6)
+    # top_p small keeps only the argmax; greedy is one-hot on the argmax.
+    assert _probs(logits, RowSampling(temperature=1.0, top_p=0.01)) == [1.0, 0, 0, 0]
+    assert _probs([0.0, 3.0, 1.0], RowSampling()) == [0.0, 1.0, 0.0]
+
+
+def test_mixed_rows_keep_their_own_parameters() -> None:
+    rows = [RowSampling(), RowSampling(temperature=1.0, top_k=1), RowSampling(temperature=1.0)]
+    logits = torch.tensor([[[0.0, 1.0, 0.5]]] * 3)
+    probs = probs_from_logits(logits, BatchSampling.build(rows, torch.device("cpu")))
+    assert probs[0, 0].tolist() == [0, 1, 0]
+    assert probs[1, 0].tolist() == [0, 1, 0]
+    assert probs[2, 0].tolist() == pytest.approx(torch.softmax(logits[2, 0], -1).tolist())
+
+
+def test_sample_from_inverse_cdf() -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5]] * 4)
+    u = torch.tensor([0.0, 0.49, 0.5, 0.999999])
+    assert sample_from(probs, u).tolist() == [1, 1, 3, 3]
+    one_hot = torch.tensor([[0.0, 0.0, 1.0]] * 2)
+    assert sample_from(one_hot, torch.tensor([0.0, 0.9999999])).tolist() == [2, 2]
+
+
+# ---- n-gram lookup ----------------------------------------------------------------------
+
+
+def test_ngram_lookup() -> None:
+    # last 3 tokens (1, 2, 3) occurred at the start; propose what followed.
+    assert ngram_lookup([1, 2, 3, 4, 5, 6, 1, 2, 3], limit=2, max_n=3, min_n=1) == [4, 5]
+    # the proposal never exceeds the limit, may be shorter when the history ends
+    assert ngram_lookup([7, 8, 7], limit=5, max_n=3, min_n=1) == [8, 7]
+    # a miss proposes nothing
+    assert ngram_lookup([1, 2, 3, 4], limit=4, max_n=3, min_n=1) == []
+    assert ngram_lookup([1, 2, 3, 1], limit=0, max_n=3, min_n=1) == []
+    # min_n = 2: a single-token match is not enough
+    assert ngram_lookup([5, 9, 1, 5], limit=2, max_n=3, min_n=2) == []
+    # the latest match with a full continuation wins
+    assert ngram_lookup([1, 2, 1, 3, 3, 1], limit=1, max_n=1, min_n=1) == [3]
+
+
+# ---- counters ---------------------------------------------------------------------------
+
+
+def _proto(stats: SpecDecodeStats, completion: int) -> object:
+    identity = RequestIdentity("r", "target", Method.NGRAM, "", "inst")
+    timing = RequestTiming(arrival=1.0, admitted=1.5, first_token=2.0, finished=3.0)
+    return to_proto(identity, stats, timing, 5, completion, FinishReason.LENGTH, 1_700_000_000.0)
+
+
+def test_sglang_biased_formula_is_pinned_out() -> None:
+    stats = SpecDecodeStats(k=4)
+    for _ in range(10):
+        stats.record_pass(proposed=4, accepted=2)
+    m = _proto(stats, completion=1 + 10 * 3)
+    assert_metrics_invariants(m)
+    # Old SGLang: (accepted + bs) / (bs * num_draft_tokens), where its num_draft_tokens counts
+    # the bonus slot (k + 1 = 5): the bonus token inflates the numerator -> 0.6.
+    sglang = (m.accepted_drafts + 10) / (10 * (4 + 1))
+    assert sglang == pytest.approx(0.6)
+    assert m.accept_rate == 0.5 != sglang
+    assert m.accept_length == 3.0
+    assert list(m.accept_histogram) == [0, 0, 10, 0, 0]
+    assert list(m.proposed_per_position) == [10, 10, 10, 10]
+    assert list(m.accepted_per_position) == [10, 10, 0, 0]
+
+
+def test_proposed_counts_real_proposals_not_configuration() -> None:
+    stats = SpecDecodeStats(k=4)
+    for proposed, accepted in [(0, 0), (2, 1), (0, 0), (4, 4), (1, 0)]:  # n-gram misses give d_s = 0
+        stats.record_pass(proposed, accepted)
+    m = _proto(stats, completion=1 + 5 + 5)
+    assert_metrics_invariants(m)
+    assert m.verify_passes == 5 and m.draft_passes == 3
+    assert m.proposed_drafts == 7 != m.verify_passes * 4
+    assert m.accepted_drafts == 5
+    assert m.accept_rate == pytest.approx(5 / 7)
+    assert list(m.accept_histogram) == [1, 1, 0, 0, 1]
+    assert list(m.proposed_per_position) == [3, 2, 1, 1]
+    assert list(m.accepted_per_position) == [2, 1, 1, 1]
+
+
+def test_undefined_ratios_are_absent() -> None:
+    m = _proto(SpecDecodeStats(k=3), completion=1)
+    assert_metrics_invariants(m)
+    assert not m.HasField("accept_rate") and not m.HasField("accept_length")
+    stats = SpecDecodeStats(k=3)
+    stats.record_pass(0, 0)
+    m = _proto(stats, completion=2)
+    assert not m.HasField("accept_rate") and m.accept_length == 1.0
+    assert m.queue_time_seconds == 0.5 and m.time_to_first_token_seconds == 1.0 and m.duration_seconds == 2.0
+    assert m.end_time.seconds == 1_700_000_000
+
+
+def test_bad_pass_is_refused() -> None:
+    with pytest.raises(ValueError):
+        SpecDecodeStats(k=2).record_pass(proposed=3, accepted=0)
+    with pytest.raises(ValueError):
+        SpecDecodeStats(k=2).record_pass(proposed=1, accepted=2)
+
+
+# ---- KV cache ---------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def test_batched_rows_of_different_lengths_match_full_forward(target) -> None:
+    """Rows at different lengths in one forward, padding, and rollback by length reset."""
+    runner = ModelRunner(target, max_batch=4, max_len=64)
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, target.vocab_size, (n,), generator=gen).tolist() for n in (6, 11, 4)]
+    full = [target.model(input_ids=torch.tensor([s])).logits[0] for s in seqs]  # [n, V] each
+    # prefill all but the last 3 tokens, each row alone, in slots 1..3 (slot 0 stays empty)
+    for i, s in enumerate(seqs):
+        runner.forward(i + 1, i + 2, torch.tensor([s[:-3]]), [0])
+    # a speculative-style pass: 3 real tokens + 2 garbage tokens per row, rolled back after
+    garbage = torch.tensor([[7, 7, 7, 7, 7]] + [s[-3:-2] + [9, 9, 9, 9] for s in seqs])
+    runner.forward(0, 4, garbage, [0] + [len(s) - 3 for s in seqs])
+    # roll back to len - 2 (keep one real token), then the true continuation overwrites
+    ids = torch.tensor([[1, 1]] + [s[-2:] for s in seqs])
+    logits = runner.forward(0, 4, ids, [0] + [len(s) - 2 for s in seqs])  # [4, 2, V]
+    for i, s in enumerate(seqs):
+        torch.testing.assert_close(logits[i + 1], full[i][-2:], atol=1e-4, rtol=1e-4)

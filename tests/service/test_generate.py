@@ -1,0 +1,251 @@
+"""GenerationService over real gRPC on loopback: streaming, concurrency, cancellation,
+deadlines, errors, queue overflow, server info."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from specdec.v1 import generation_pb2, metrics_pb2
+from tests.support.metrics_invariants import assert_metrics_invariants
+
+NGRAM = metrics_pb2.SPECULATION_METHOD_NGRAM
+NONE = metrics_pb2.SPECULATION_METHOD_NONE
+PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
+
+
+def request(text: str = PROMPT, max_tokens: int = 24, method: int = 0, k: int | None = None,
+            **kwargs) -> generation_pb2.GenerateRequest:
+    req = generation_pb2.GenerateRequest(text=text, max_tokens=max_tokens, **kwargs)
+    if method:
+        req.speculation.method = method
+    if k is not None:
+        req.speculation.num_draft_tokens = k
+    return req
+
+
+def collect(stub, req, timeout: float = 120):
+    chunks, final, request_ids = [], None, set()
+    for response in stub.Generate(req, timeout=timeout):
+        request_ids.add(response.request_id)
+        assert final is None, "nothing may follow the final message"
+        if response.HasField("chunk"):
+            chunks.append(response.chunk)
+        else:
+            final = response.final
+    assert final is not None, "the stream must end with a final message"
+    assert len(request_ids) == 1
+    return chunks, final, request_ids.pop()
+
+
+def test_streams_chunks_then_one_final_with_metrics(run_service, make_stub) -> None:
+    service = run_service()
+    stub = make_stub(service.address)
+    chunks, final, request_id = collect(stub, request(request_id="req-1", method=NGRAM, k=3))
+    assert request_id == "req-1"
+    token_ids = [t for c in chunks for t in c.token_ids]
+    assert len(token_ids) == final.completion_tokens > 0
+    assert all(c.token_ids for c in chunks)
+    tokenizer = service.service.servicer.tokenizer
+    # The chunks' text, joined, is exactly the detokenized completion (no split characters).
+    assert "".join(c.text for c in chunks) == tokenizer.decode(token_ids, skip_special_tokens=True)
+    assert final.finish_reason in (metrics_pb2.FINISH_REASON_LENGTH, metrics_pb2.FINISH_REASON_EOS)
+    m = final.metrics
+    assert m.request_id == "req-1" and m.instance_id == "test-instance"
+    assert m.method == NGRAM and m.num_draft_tokens == 3
+    assert m.prompt_tokens == final.prompt_tokens == len(tokenizer(PROMPT)["input_ids"])
+    assert m.completion_tokens == final.completion_tokens
+    assert_metrics_invariants(m)
+
+
+def test_generates_a_request_id_when_empty(run_service, make_stub) -> None:
+    stub = make_stub(run_service().address)
+    _, final, request_id = collect(stub, request(max_tokens=4))
+    assert len(request_id) >= 16 and final.metrics.request_id == request_id
+
+
+def test_chat_messages_and_token_ids_inputs(run_service, make_stub) -> None:
+    service = run_service()
+    stub = make_stub(service.address)
+    tokenizer = service.service.servicer.tokenizer
+    chat = generation_pb2.GenerateRequest(max_tokens=4)
+    chat.messages.messages.add(role="user", content="hello there")
+    _, final, _ = collect(stub, chat)
+    templated = tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}],
+                                              tokenize=False, add_generation_prompt=True)
+    assert final.prompt_tokens == len(tokenizer(templated, add_special_tokens=False)["input_ids"])
+    ids = generation_pb2.GenerateRequest(max_tokens=4)
+    ids.token_ids.ids.extend([5, 6, 7, 8, 9])
+    _, final, _ = collect(stub, ids)
+    assert final.prompt_tokens == 5
+
+
+def test_sixteen_concurrent_clients_get_their_solo_output(run_service, make_stub) -> None:
+    service = run_service(max_batch_size=4, max_queue_size=32)
+    stub = make_stub(service.address)
+    prompts = [f"{PROMPT} number {i}" + " over the lazy dog" * (i % 3) for i in range(16)]
+    methods = [NGRAM, NONE]
+    requests = [request(text=p, max_tokens=12 + i % 5, method=methods[i % 2], k=1 + i % 4)
+                for i, p in enumerate(prompts)]
+    solo = [[t for c in collect(stub, r)[0] for t in c.token_ids] for r in requests]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda r: collect(stub, r), requests))
+    for i, (chunks, final, _) in enumerate(together):
+        assert [t for c in chunks for t in c.token_ids] == solo[i], f"request {i} differs"
+        assert_metrics_invariants(final.metrics)
+
+
+def test_cancel_mid_stream_frees_the_slot(run_service, make_stub) -> None:
+    service = run_service(max_batch_size=1)
+    stub = make_stub(service.address)
+    finals = []
+    service.service.servicer._on_final = _spy(service.service.servicer._on_final, finals)
+    call = stub.Generate(request(max_tokens=400, method=NONE, stop=[]), timeout=120)
+    next(call)  # the first chunk arrived: the request holds the only slot
+    call.cancel()
+    started = time.monotonic()
+    _, final, _ = collect(stub, request(max_tokens=4))  # runs only once the slot is free
+    assert final.completion_tokens > 0
+    assert time.monotonic() - started < 60
+    cancelled = [f for f in finals if f.finish_reason.name == "CANCELLED"]
+    assert len(cancelled) == 1, finals
+    assert cancelled[0].completion_tokens < 400
+    assert_metrics_invariants(cancelled[0].metrics)
+
+
+def test_deadline_frees_the_slot(run_service, make_stub) -> None:
+    service = run_service(max_batch_size=1)
+    stub = make_stub(service.address)
+    with pytest.raises(grpc.RpcError) as info:
+        collect(stub, request(max_tokens=2000, method=NONE), timeout=0.5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _, final, _ = collect(stub, request(max_tokens=4), timeout=60)
+    assert final.completion_tokens > 0
+
+
+def _spy(original, sink):
+    def spy(result):
+        sink.append(result)
+        original(result)
+    return spy
+
+
+def _bad(**kwargs) -> generation_pb2.GenerateRequest:
+    req = request()
+    for path, value in kwargs.items():
+        target = req
+        *parents, leaf = path.split("__")
+        for parent in parents:
+            target = getattr(target, parent)
+        if leaf == "clear_input":
+            req.ClearField("text")
+        else:
+            setattr(target, leaf, value)
+    return req
+
+
+def _empty_messages():
+    req = generation_pb2.GenerateRequest(max_tokens=4)
+    req.messages.SetInParent()
+    return req
+
+
+def _empty_ids():
+    req = generation_pb2.GenerateRequest(max_tokens=4)
+    req.token_ids.SetInParent()
+    return req
+
+
+def _ids(values):
+    req = generation_pb2.GenerateRequest(max_tokens=4)
+    req.token_ids.ids.extend(values)
+    return req
+
+
+@pytest.mark.parametrize("req, field", [
+    (_bad(clear_input=True), "input"),
+    (_bad(text=""), "text"),
+    (_empty_messages(), "messages"),
+    (_empty_ids(), "token_ids"),
+    (_ids([1, 10**6]), "input"),
+    (_bad(max_tokens=0), "max_tokens"),
+    (_bad(max_tokens=100000), "max_tokens"),
+    (_bad(sampling__temperature=-1.0), "sampling.temperature"),
+    (_bad(sampling__temperature=float("nan")), "sampling.temperature"),
+    (_bad(sampling__top_p=0.0), "sampling.top_p"),
+    (_bad(sampling__top_p=1.5), "sampling.top_p"),
+    (_bad(speculation__num_draft_tokens=99), "speculation.num_draft_tokens"),
+    (_bad(speculation__method=metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL), "speculation.method"),
+    (_bad(speculation__method=42), "speculation.method"),
+    (_bad(text="lazy dog " * 600), "input"),  # longer than the context
+    (_bad(text="x" * (2 << 20)), "request"),  # over --max-request-bytes
+    (generation_pb2.GenerateRequest(text="hi", stop=[""]), "stop[0]"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_invalid_fields_get_invalid_argument_naming_the_field(run_service, make_stub, req, field
+                                                               ) -> None:
+    service = run_service()
+    stub = make_stub(service.address)
+    with pytest.raises(grpc.RpcError) as info:
+        collect(stub, req)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert info.value.details().startswith(field), info.value.details()
+    # The server keeps serving.
+    assert collect(stub, request(max_tokens=2))[1].completion_tokens > 0
+
+
+def test_full_queue_gives_resource_exhausted(run_service, make_stub) -> None:
+    service = run_service(max_batch_size=1, max_queue_size=1)
+    stub = make_stub(service.address)
+    running = stub.Generate(request(max_tokens=2000, method=NONE), timeout=120)
+    next(running)  # holds the slot
+    queued = stub.Generate(request(max_tokens=2, method=NONE), timeout=120)
+    deadline = time.monotonic() + 30
+    while service.service.engine.queue_depth() < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(grpc.RpcError) as info:
+        collect(stub, request(max_tokens=2))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    running.cancel()
+    assert [r for r in queued][-1].HasField("final")
+
+
+def test_server_info(run_service, make_stub, tiny_model_dir) -> None:
+    service = run_service(max_batch_size=3)
+    info = make_stub(service.address).GetServerInfo(generation_pb2.GetServerInfoRequest(), timeout=10)
+    assert info.target_model and info.device == "cpu" and info.dtype == "float32"
+    assert info.max_batch_size == 3 and info.default_method == NGRAM
+    assert info.default_num_draft_tokens == 4 and info.max_num_draft_tokens == 8
+    assert info.max_context_tokens > 0 and info.version and info.instance_id == "test-instance"
+    assert info.draft_model == ""
+
+
+def test_one_failing_request_fails_alone(run_service, make_stub, monkeypatch) -> None:
+    """An unexpected failure inside one request's processing (here: its event delivery
+    raises) gives INTERNAL with its request id; a concurrent request completes."""
+    from service import servicer
+
+    original = servicer._EventBridge.__call__
+
+    def failing(self, event):
+        if getattr(event, "request_id", "") == "boom" and not isinstance(event, servicer.FinalResult):
+            raise RuntimeError("injected failure")
+        original(self, event)
+
+    monkeypatch.setattr(servicer._EventBridge, "__call__", failing)
+    service = run_service(max_batch_size=2)
+    stub = make_stub(service.address)
+    other = {}
+    thread = threading.Thread(target=lambda: other.update(r=collect(stub, request(max_tokens=30))))
+    thread.start()
+    with pytest.raises(grpc.RpcError) as info:
+        collect(stub, request(request_id="boom", max_tokens=30))
+    thread.join(60)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "boom" in info.value.details() and "injected failure" in info.value.details()
+    assert other["r"][1].completion_tokens > 0
+    # The server keeps serving.
+    assert collect(stub, request(max_tokens=3))[1].completion_tokens > 0

@@ -1,0 +1,165 @@
+"""Health transitions, reflection, and SIGTERM drain of a subprocess started the README way."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
+
+REPO = Path(__file__).resolve().parents[2]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_health_goes_not_serving_then_serving_then_not_serving_while_draining(run_service) -> None:
+    from service import server
+
+    release = threading.Event()
+
+    def slow_build(config):
+        assert release.wait(60)
+        return server_build(config)
+
+    server_build = server.build_engine
+    service = run_service(build_engine=slow_build, wait_ready=False)
+    try:
+        channel = grpc.insecure_channel(service.address)
+        health = health_pb2_grpc.HealthStub(channel)
+        seen: list[int] = []
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="specdec.v1.GenerationService"))
+
+        def record() -> None:
+            try:
+                for response in watch:
+                    seen.append(response.status)
+            except grpc.RpcError as exc:  # watch.cancel() at the end
+                assert exc.code() == grpc.StatusCode.CANCELLED
+
+        watcher = threading.Thread(target=record, daemon=True)
+        watcher.start()
+        # Loading: NOT_SERVING, and Generate is refused with UNAVAILABLE.
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            list(generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+                generation_pb2.GenerateRequest(text="hi"), timeout=5))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        release.set()
+        service.wait_ready()
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
+        service.request_stop()
+        deadline = time.monotonic() + 30
+        while (not seen or seen[-1] != NOT_SERVING or SERVING not in seen) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seen[0] == NOT_SERVING and SERVING in seen and seen[-1] == NOT_SERVING, seen
+        assert seen.index(SERVING) < len(seen) - 1
+        watch.cancel()
+        watcher.join(5)
+        channel.close()
+    finally:
+        server.build_engine = server_build
+        release.set()
+
+
+def test_reflection_lists_the_services(run_service) -> None:
+    service = run_service()
+    with grpc.insecure_channel(service.address) as channel:
+        names = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"specdec.v1.GenerationService", "grpc.health.v1.Health"} <= names
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_serving(address: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError(f"{address} did not become SERVING")
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model_dir, tmp_path) -> None:
+    """Started the way `make run` starts it (scripts/run_stack.sh: sidecar, then service)."""
+    port, sidecar_port, prom_port = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "VENV": str(Path(sys.executable).parent.parent),
+        "SPECDEC_LISTEN": f"127.0.0.1:{port}",
+        "SPECDEC_SIDECAR_LISTEN": f"127.0.0.1:{sidecar_port}",
+        "SPECDEC_SIDECAR_PROMETHEUS_ADDRESS": f"127.0.0.1:{prom_port}",
+        "SPECDEC_MODEL": str(tiny_model_dir),
+        "SPECDEC_DTYPE": "float32",
+        "SPECDEC_DEVICE": "cpu",
+        "SPECDEC_MAX_BATCH_SIZE": "4",
+    }
+    log = open(tmp_path / "stack.log", "wb")
+    stack = subprocess.Popen([str(REPO / "scripts" / "run_stack.sh")], cwd=REPO, env=env,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"127.0.0.1:{port}"
+        wait_serving(address)
+        results: dict[int, object] = {}
+        streaming = [threading.Event() for _ in range(3)]
+
+        def generate(i: int) -> None:
+            with grpc.insecure_channel(address) as channel:
+                stub = generation_pb2_grpc.GenerationServiceStub(channel)
+                try:
+                    responses = []
+                    for response in stub.Generate(generation_pb2.GenerateRequest(
+                            text=f"The quick brown fox {i}", max_tokens=400,
+                            speculation=generation_pb2.SpeculationParams(
+                                method=metrics_pb2.SPECULATION_METHOD_NONE)), timeout=120):
+                        responses.append(response)
+                        streaming[i].set()
+                    results[i] = responses[-1]
+                except grpc.RpcError as exc:
+                    results[i] = exc
+                    streaming[i].set()
+
+        threads = [threading.Thread(target=generate, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for event in streaming:  # every request is in flight
+            assert event.wait(60)
+        os.kill(stack.pid, signal.SIGTERM)
+        assert stack.wait(120) == 0
+        for thread in threads:
+            thread.join(10)
+        for i, result in results.items():
+            assert isinstance(result, generation_pb2.GenerateResponse), f"request {i}: {result}"
+            assert result.HasField("final") and result.final.completion_tokens > 0
+        assert len(results) == 3
+        # New work after the drain is refused (the server is gone).
+        with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError):
+            list(generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+                generation_pb2.GenerateRequest(text="late"), timeout=3))
+    finally:
+        if stack.poll() is None:
+            os.killpg(stack.pid, signal.SIGKILL)
+        log.close()
+    text = (tmp_path / "stack.log").read_text()
+    assert "draining" in text and "request_finished" in text, text[-3000:]
