@@ -184,14 +184,15 @@ class Engine:
 
     def _build_scheduler(self) -> Scheduler:
         cache_len = self._max_context + self.config.max_num_draft_tokens + 1  # room for padded draft slots
-        target = ModelRunner(self._target, self.config.max_batch_size, cache_len)
+        max_width = self.config.max_num_draft_tokens + 1  # a verify pass: pending token + k drafts
+        target = ModelRunner(self._target, self.config.max_batch_size, cache_len, max_width)
         drafters: dict[Method, Drafter] = {
             Method.NONE: NoDrafter(),
             Method.NGRAM: NgramDrafter(self.config.ngram_max_n, self.config.ngram_min_n),
         }
         if self._draft is not None:
             drafters[Method.DRAFT_MODEL] = DraftModelDrafter(
-                ModelRunner(self._draft, self.config.max_batch_size, cache_len)
+                ModelRunner(self._draft, self.config.max_batch_size, cache_len, max_width)
             )
         return Scheduler(
             target,

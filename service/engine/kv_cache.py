@@ -37,6 +37,18 @@ class StaticKVCache:
             self.values[layer_idx] = torch.zeros(shape, device=self.device, dtype=like.dtype)
         return self.keys[layer_idx], self.values[layer_idx]
 
+    def allocate(self, num_layers: int, kv_heads: int, head_dim: int) -> None:
+        """Allocate every layer's buffers now (the lean forward and captured graphs need
+        them to exist before the first pass)."""
+        like = torch.empty((1, kv_heads, 1, head_dim), device=self.device, dtype=self.dtype)
+        for layer_idx in range(num_layers):
+            self._buffers(layer_idx, like)
+
+    def rows(self, lo: int, hi: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer views of slots [lo, hi): ([B, kv_heads, max_len, head_dim], ...)."""
+        n = len(self.keys)
+        return ([self.keys[i][lo:hi] for i in range(n)], [self.values[i][lo:hi] for i in range(n)])
+
     def window(self, lo: int, hi: int, write_pos: torch.Tensor, kv_len: int) -> "CacheWindow":
         """A cache view for one forward over slots [lo, hi).
 

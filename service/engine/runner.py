@@ -1,25 +1,49 @@
-"""Runs one model's forward over batch slots, against that model's static KV cache."""
+"""Runs one model's forward over batch slots, against that model's static KV cache.
+
+Three paths, one contract (float32 logits for the given rows and positions):
+- the lean forward (service/engine/lean_forward.py) for the Llama/Qwen2 family, eager;
+- the same lean forward replayed from captured CUDA graphs for decode and verify passes
+  on CUDA (service/engine/cuda_graphs.py);
+- transformers' own forward with a cache window, for every other model family.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from service.engine.cuda_graphs import GraphedDecoder
 from service.engine.device import to_device
 from service.engine.kv_cache import StaticKVCache, causal_mask
+from service.engine.lean_forward import LeanForward, supports
 from service.model_loading import LoadedModel
 
 
 class ModelRunner:
-    """A model plus its KV cache. Slots are rows of the cache; the caller tracks lengths."""
+    """A model plus its KV cache. Slots are rows of the cache; the caller tracks lengths.
 
-    def __init__(self, loaded: LoadedModel, max_batch: int, max_len: int) -> None:
+    The cache has `max_len` usable positions plus `max_width` scratch positions behind
+    them: rows that only pad a captured graph's batch write there, never where a real
+    row's keys live.
+    """
+
+    def __init__(self, loaded: LoadedModel, max_batch: int, max_len: int, max_width: int = 1,
+                 use_lean: bool = True, use_graphs: bool = True) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = torch.device(loaded.device)
         self.max_len = max_len
+        self.scratch_start = max_len
         self.max_position = loaded.max_context_tokens
-        self.cache = StaticKVCache(max_batch, max_len, self.device, loaded.dtype)
+        self.cache = StaticKVCache(max_batch, max_len + max_width, self.device, loaded.dtype)
         self.vocab_size = loaded.vocab_size
+        self.lean: LeanForward | None = None
+        self.graphs: GraphedDecoder | None = None
+        if use_lean and supports(self.model):
+            self.lean = LeanForward(self.model)
+            self.cache.allocate(self.lean.num_layers, self.lean.num_kv_heads, self.lean.head_dim)
+            if use_graphs and self.device.type == "cuda":
+                self.graphs = GraphedDecoder(self.lean, self.cache, max_batch, max_width, max_len,
+                                             self.scratch_start)
 
     @torch.inference_mode()
     def forward(self, lo: int, hi: int, input_ids: torch.Tensor, starts: list[int], last_only: bool = False) -> torch.Tensor:
@@ -31,11 +55,17 @@ class ModelRunner:
         length excludes; later writes overwrite them.
         """
         width = input_ids.shape[1]
-        starts_t = to_device(starts, torch.long, self.device)  # [B]
+        if self.graphs is not None and not last_only and self.graphs.fits(hi, width):
+            return self.graphs(lo, hi, input_ids, starts)
+        starts_t = to_device(starts, torch.long, self.device)  # [B], no sync
         positions = starts_t[:, None] + torch.arange(width, device=self.device)  # [B, T]
         kv_len = min(max(starts) + width, self.max_len)
-        window = self.cache.window(lo, hi, positions.clamp(max=self.max_len - 1), kv_len)
+        write_pos = positions.clamp(max=self.cache.max_len - 1)
         mask = causal_mask(starts_t, width, kv_len, self.loaded.dtype)  # [B, 1, T, kv_len]
+        if self.lean is not None:
+            keys, values = self.cache.rows(lo, hi)
+            return self.lean(input_ids, positions, write_pos, mask, keys, values, last_only=last_only)
+        window = self.cache.window(lo, hi, write_pos, kv_len)
         out = self.model(
             input_ids=input_ids,
             position_ids=positions.clamp(max=self.max_position - 1),

@@ -1,0 +1,90 @@
+"""Decode and verify passes replayed from captured CUDA graphs.
+
+A pass over rows [0, B) with T new tokens per row and K cached positions read is one
+graph per shape bucket (B rounded up to a power of two, T exact, K rounded up to a power of
+two), captured on first use and replayed afterwards: the whole decoder stack becomes one
+launch, so the pass costs what its kernels cost, not what launching them costs.
+
+Inputs enter through static buffers (token ids, row starts); the mask, positions and cache
+write positions are computed inside the graph from the starts. Rows that only pad a
+bucket, and the warm-up runs before a capture, start at the cache's scratch region (behind
+the usable positions), so they never overwrite keys a real row will read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from service.engine.device import to_device
+from service.engine.kv_cache import StaticKVCache, causal_mask
+from service.engine.lean_forward import LeanForward
+
+MIN_KV_BUCKET = 64
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class GraphedDecoder:
+    def __init__(self, lean: LeanForward, cache: StaticKVCache, max_batch: int, max_width: int,
+                 max_len: int, scratch_start: int) -> None:
+        self.lean = lean
+        self.cache = cache
+        self.max_batch = max_batch
+        self.max_width = max_width
+        self.max_len = max_len
+        self.scratch_start = scratch_start
+        device = cache.device
+        self.ids = torch.zeros((max_batch, max_width), dtype=torch.long, device=device)  # [Bmax, Tmax]
+        self.starts = torch.full((max_batch,), scratch_start, dtype=torch.long, device=device)  # [Bmax]
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def fits(self, hi: int, width: int) -> bool:
+        return hi <= self.max_batch and width <= self.max_width
+
+    def buckets(self, hi: int, width: int, max_start: int) -> tuple[int, int, int]:
+        batch = min(_pow2_at_least(hi), self.max_batch)
+        kv = min(max(_pow2_at_least(max_start + width), MIN_KV_BUCKET), self.max_len)
+        return batch, width, kv
+
+    def _pass(self, batch: int, width: int, kv: int) -> torch.Tensor:
+        """The captured computation: rows [0, batch), width new tokens, kv positions read."""
+        starts = self.starts[:batch]  # [B]
+        positions = starts[:, None] + torch.arange(width, device=starts.device)  # [B, T]
+        write_pos = positions.clamp(max=self.cache.max_len - 1)
+        mask = causal_mask(starts, width, kv, self.cache.dtype)  # [B, 1, T, kv]
+        keys, values = self.cache.rows(0, batch)
+        return self.lean(self.ids[:batch, :width], positions, write_pos, mask, keys, values)
+
+    def _capture(self, key: tuple[int, int, int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        batch, width, kv = key
+        saved = self.starts.clone()
+        self.starts.fill_(self.scratch_start)  # warm-up writes land in the scratch region
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._pass(batch, width, kv)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._pass(batch, width, kv)  # [B, T, V] float32, a static output
+        self.starts.copy_(saved)
+        return graph, logits
+
+    def __call__(self, lo: int, hi: int, input_ids: torch.Tensor, starts: list[int]) -> torch.Tensor:
+        """Like ModelRunner.forward for rows [lo, hi): float32 logits [hi - lo, T, V]."""
+        width = input_ids.shape[1]
+        key = self.buckets(hi, width, max(starts))
+        batch = key[0]
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(key)
+        graph, logits = self.graphs[key]
+        # Rows outside [lo, hi) pad the bucket: they start in the scratch region.
+        row_starts = [self.scratch_start] * lo + list(starts) + [self.scratch_start] * (batch - hi)
+        self.starts[:batch].copy_(to_device(row_starts, torch.long, self.starts.device))
+        self.ids[lo:hi, :width].copy_(input_ids)
+        graph.replay()
+        return logits[lo:hi]
