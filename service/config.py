@@ -41,6 +41,15 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false, not {value!r}")
+
+
 def _non_negative_float(value: str) -> float:
     number = float(value)
     if not number >= 0:
@@ -60,6 +69,9 @@ OPTIONS: tuple[Option, ...] = (
            "default k, draft tokens per pass"),
     Option("max_num_draft_tokens", "SPECDEC_MAX_NUM_DRAFT_TOKENS", _positive_int, 8,
            "largest k a request may ask for"),
+    Option("adaptive_draft_length", "SPECDEC_ADAPTIVE_DRAFT_LENGTH", _bool, True,
+           "shorten drafts pass by pass from measured acceptance and pass cost (greedy and "
+           "unseeded requests)"),
     Option("max_batch_size", "SPECDEC_MAX_BATCH_SIZE", _positive_int, 8,
            "requests decoded together in one pass"),
     Option("max_queue_size", "SPECDEC_MAX_QUEUE_SIZE", _positive_int, 64,
@@ -95,6 +107,7 @@ class ServiceConfig:
     method: str
     num_draft_tokens: int
     max_num_draft_tokens: int
+    adaptive_draft_length: bool
     max_batch_size: int
     max_queue_size: int
     default_max_tokens: int

@@ -58,6 +58,7 @@ def build_engine(config: ServiceConfig) -> tuple[Any, Any]:
             default_num_draft_tokens=config.num_draft_tokens,
             max_num_draft_tokens=config.max_num_draft_tokens,
             default_max_tokens=config.default_max_tokens,
+            adaptive_draft_length=config.adaptive_draft_length,
             instance_id=config.instance_id,
         ),
         draft=draft,

@@ -98,7 +98,7 @@ class NgramDrafter(Drafter):
     def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:
         table = [[0] * n for _ in range(ctx.hi)]
         for seq in rows:
-            table[seq.slot][: len(seq.ngram_proposal)] = seq.ngram_proposal
+            table[seq.slot][: seq.num_drafts] = seq.ngram_proposal[: seq.num_drafts]
         return DraftOutput(to_device(table, torch.long, ctx.device), None)  # [hi, n]
 
 

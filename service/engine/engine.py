@@ -8,6 +8,7 @@ from collections import deque
 
 import structlog
 
+from service.engine.adaptive import DraftLengthPolicy
 from service.engine.api import (
     EngineInfo,
     EngineStoppedError,
@@ -185,14 +186,15 @@ class Engine:
     def _build_scheduler(self) -> Scheduler:
         cache_len = self._max_context + self.config.max_num_draft_tokens + 1  # room for padded draft slots
         max_width = self.config.max_num_draft_tokens + 1  # a verify pass: pending token + k drafts
-        target = ModelRunner(self._target, self.config.max_batch_size, cache_len, max_width)
+        fast = dict(use_graphs=self.config.cuda_graphs, use_compile=self.config.compile)
+        target = ModelRunner(self._target, self.config.max_batch_size, cache_len, max_width, **fast)
         drafters: dict[Method, Drafter] = {
             Method.NONE: NoDrafter(),
             Method.NGRAM: NgramDrafter(self.config.ngram_max_n, self.config.ngram_min_n),
         }
         if self._draft is not None:
             drafters[Method.DRAFT_MODEL] = DraftModelDrafter(
-                ModelRunner(self._draft, self.config.max_batch_size, cache_len, max_width)
+                ModelRunner(self._draft, self.config.max_batch_size, cache_len, max_width, **fast)
             )
         return Scheduler(
             target,
@@ -202,6 +204,7 @@ class Engine:
             self.config.max_batch_size,
             self.config.max_num_draft_tokens,
             self._max_context,
+            policy=DraftLengthPolicy() if self.config.adaptive_draft_length else None,
         )
 
     def _run(self) -> None:

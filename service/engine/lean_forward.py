@@ -65,10 +65,52 @@ def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
     return weight, bias
 
 
-class LeanForward:
-    """The decoder stack of a Llama/Qwen2 model as explicit tensor code."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers' LlamaRMSNorm: normalise in float32, scale in the input dtype.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
-    def __init__(self, model: torch.nn.Module) -> None:
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, heads, T, D]; cos, sin: [B, 1, T, D]. rotate_half(x) = cat(-x2, x1).
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def pre_attention(x: torch.Tensor, norm: torch.Tensor, qkv_weight: torch.Tensor,
+                  qkv_bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                  eps: float, h: int, g: int, d: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, T, E] -> rotated q [B, H, T, D], rotated k [B, G, T, D], v [B, G, T, D]."""
+    b, t, _ = x.shape
+    qkv = F.linear(rms_norm(x, norm, eps), qkv_weight, qkv_bias)  # [B, T, (H + 2G) * D]
+    q, k, v = qkv.view(b, t, h + 2 * g, d).transpose(1, 2).split((h, g, g), dim=1)
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+
+def post_attention(x: torch.Tensor, attn: torch.Tensor, o_weight: torch.Tensor,
+                   o_bias: torch.Tensor | None, norm: torch.Tensor, gate_up_weight: torch.Tensor,
+                   down_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Residual stream x [B, T, E] after attention output attn [B, H, T, D] and the MLP."""
+    b, _, t, _ = attn.shape
+    x = x + F.linear(attn.transpose(1, 2).reshape(b, t, -1), o_weight, o_bias)
+    gate, up = F.linear(rms_norm(x, norm, eps), gate_up_weight).chunk(2, dim=-1)  # [B, T, I] each
+    return x + F.linear(F.silu(gate) * up, down_weight)
+
+
+class LeanForward:
+    """The decoder stack of a Llama/Qwen2 model as explicit tensor code.
+
+    compile=True fuses the per-layer work around attention with torch.compile (CUDA);
+    the cache write and the attention itself stay eager, so compile never sees the cache.
+    The final norm and the LM head run in float32: bfloat16 logits are so coarse (about
+    0.1 apart near 20) that ties between the top two tokens are common, and which one wins
+    then depends on tiny shape-dependent rounding upstream.
+    """
+
+    def __init__(self, model: torch.nn.Module, compile: bool = False) -> None:
         if not supports(model):
             raise ValueError(f"lean forward does not support model_type {model.config.model_type!r}")
         config = model.config
@@ -79,8 +121,11 @@ class LeanForward:
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim ** -0.5
         self.embed = decoder.embed_tokens.weight  # [V, E]
-        self.final_norm = decoder.norm.weight  # [E]
-        self.lm_head = model.lm_head.weight  # [V, E] (tied to embed when the model ties them)
+        self.final_norm = decoder.norm.weight.float()  # [E]
+        head = model.lm_head.weight  # [V, E] (tied to embed when the model ties them)
+        self.lm_head = head if head.dtype == torch.float32 else head.float()
+        self.pre_attention = torch.compile(pre_attention, dynamic=True) if compile else pre_attention
+        self.post_attention = torch.compile(post_attention, dynamic=True) if compile else post_attention
         self.rotary = decoder.rotary_emb
         self.layers: list[_Layer] = []
         for block in decoder.layers:
@@ -98,19 +143,6 @@ class LeanForward:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
-
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # As transformers' LlamaRMSNorm: normalise in float32, scale in the input dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * x32.to(x.dtype)
-
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [B, heads, T, D]; cos, sin: [B, 1, T, D]. rotate_half(x) = cat(-x2, x1).
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
 
     def __call__(
         self,
@@ -130,21 +162,15 @@ class LeanForward:
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # [B, 1, T, D]
         index = write_pos[:, None, :, None].expand(b, g, t, d)  # [B, G, T, D]
         for layer, k_cache, v_cache in zip(self.layers, keys, values):
-            normed = self._rms_norm(x, layer.input_norm)
-            qkv = F.linear(normed, layer.qkv_weight, layer.qkv_bias)  # [B, T, (H + 2G) * D]
-            q, k, v = qkv.view(b, t, h + 2 * g, d).transpose(1, 2).split((h, g, g), dim=1)
-            q = self._rotate(q, cos, sin)  # [B, H, T, D]
-            k = self._rotate(k, cos, sin)  # [B, G, T, D]
+            q, k, v = self.pre_attention(x, layer.input_norm, layer.qkv_weight, layer.qkv_bias,
+                                         cos, sin, self.eps, h, g, d)
             k_cache.scatter_(2, index, k)
             v_cache.scatter_(2, index, v)
             attn = F.scaled_dot_product_attention(
                 q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask,
                 scale=self.scale, enable_gqa=h != g)  # [B, H, T, D]
-            attn = attn.transpose(1, 2).reshape(b, t, h * d)
-            x = x + F.linear(attn, layer.o_weight, layer.o_bias)
-            normed = self._rms_norm(x, layer.post_norm)
-            gate, up = F.linear(normed, layer.gate_up_weight).chunk(2, dim=-1)  # [B, T, I] each
-            x = x + F.linear(F.silu(gate) * up, layer.down_weight)
+            x = self.post_attention(x, attn, layer.o_weight, layer.o_bias, layer.post_norm,
+                                    layer.gate_up_weight, layer.down_weight, self.eps)
         if last_only:
             x = x[:, -1:]
-        return F.linear(self._rms_norm(x, self.final_norm), self.lm_head).float()  # [B, T', V]
+        return F.linear(rms_norm(x.float(), self.final_norm, self.eps), self.lm_head)  # [B, T', V] float32

@@ -27,7 +27,7 @@ class ModelRunner:
     """
 
     def __init__(self, loaded: LoadedModel, max_batch: int, max_len: int, max_width: int = 1,
-                 use_lean: bool = True, use_graphs: bool = True) -> None:
+                 use_lean: bool = True, use_graphs: bool = True, use_compile: bool = True) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = torch.device(loaded.device)
@@ -39,8 +39,15 @@ class ModelRunner:
         self.lean: LeanForward | None = None
         self.graphs: GraphedDecoder | None = None
         if use_lean and supports(self.model):
-            self.lean = LeanForward(self.model)
+            self.lean = LeanForward(self.model, compile=use_compile and self.device.type == "cuda")
             self.cache.allocate(self.lean.num_layers, self.lean.num_kv_heads, self.lean.head_dim)
+            if self.device.type == "cuda":
+                # Split-K GEMMs may otherwise reduce partial sums in bfloat16, which makes a
+                # row's result depend on how many rows share the GEMM: a verify pass of
+                # width k + 1 and a plain pass of width 1 would round differently and greedy
+                # outputs drift apart at near-ties. (Process-wide; a service runs one engine.)
+                torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+                torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
             if use_graphs and self.device.type == "cuda":
                 self.graphs = GraphedDecoder(self.lean, self.cache, max_batch, max_width, max_len,
                                              self.scratch_start)

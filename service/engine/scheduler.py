@@ -14,6 +14,7 @@ from typing import Callable
 import structlog
 import torch
 
+from service.engine.adaptive import DraftLengthPolicy
 from service.engine.api import FinishReason, Method
 from service.engine.device import to_device
 from service.engine.detokenizer import IncrementalDetokenizer
@@ -37,6 +38,7 @@ class Scheduler:
         max_batch: int,
         max_k: int,
         max_context: int,
+        policy: DraftLengthPolicy | None = None,
     ) -> None:
         self.target = target
         self.drafters = drafters
@@ -45,6 +47,7 @@ class Scheduler:
         self.max_k = max_k
         self.max_context = max_context
         self.device = target.device
+        self.policy = policy
         self.running: dict[int, Sequence] = {}
         self._free = list(range(max_batch))  # a min-heap: low slots first keeps batches dense
 
@@ -130,6 +133,7 @@ class Scheduler:
         rows = [self.running[s] for s in sorted(self.running)]
         if not rows:
             return
+        started = time.perf_counter()
         try:
             verdicts = self._draft_and_verify(rows)
         except Exception as exc:  # noqa: BLE001 - a batched failure fails the batch, not the engine
@@ -138,15 +142,31 @@ class Scheduler:
                 self.output.finish(seq, FinishReason.ERROR, f"decode pass failed: {type(exc).__name__}: {exc}")
                 self._release(seq)
             return
+        if self.policy is not None:  # the verdicts are on the host: the pass is over
+            drafts = max(seq.num_drafts for seq in rows)
+            uses_draft_model = drafts > 0 and any(seq.method is Method.DRAFT_MODEL for seq in rows)
+            self.policy.observe(rows[-1].slot + 1, drafts, uses_draft_model, time.perf_counter() - started)
         for seq in rows:
             accepted, tokens = verdicts[seq.slot][0], verdicts[seq.slot][1:]
             self._guarded(seq, lambda seq=seq, a=accepted, t=tokens: self._absorb(seq, a, t[: a + 1]))
 
     def _absorb(self, seq: Sequence, accepted: int, tokens: list[int]) -> None:
         seq.stats.record_pass(seq.num_drafts, accepted)
+        seq.acceptance.update(seq.num_drafts, accepted)
         self.drafters[seq.method].commit(seq, accepted)
         seq.target_len += accepted + 1  # the pending token and the accepted drafts are cached now
         self.output.emit(seq, tokens)
+
+    def _shorten_drafts(self, rows: list[Sequence], hi: int) -> None:
+        """Caps d_s by the adaptive policy. Seeded sampled rows keep theirs: their random
+        stream, and so their output, must not depend on measured timings."""
+        fixed = [seq.num_drafts for seq in rows if not seq.sampling.greedy and seq.request.sampling.seed is not None]
+        cap = self.policy.choose(
+            hi, [seq.num_drafts for seq in rows], [seq.acceptance.rate for seq in rows], max(fixed, default=0),
+            any(seq.method is Method.DRAFT_MODEL and seq.num_drafts for seq in rows))
+        for seq in rows:
+            if seq.sampling.greedy or seq.request.sampling.seed is None:
+                seq.num_drafts = min(seq.num_drafts, cap)
 
     def _draft_and_verify(self, rows: list[Sequence]) -> list[list[int]]:
         hi = rows[-1].slot + 1
@@ -155,6 +175,8 @@ class Scheduler:
             remaining = seq.max_tokens - seq.completion_tokens  # a pass emits up to d_s + 1 tokens
             room = self.max_context - len(seq.tokens)
             seq.num_drafts = self.drafters[seq.method].plan(seq, max(0, min(seq.k, remaining - 1, room - 1)))
+        if self.policy is not None:
+            self._shorten_drafts(rows, hi)
         n = max(seq.num_drafts for seq in rows)
         sampling = BatchSampling.build([by_slot[s].sampling if s in by_slot else GREEDY for s in range(hi)], self.device)
         u = self._uniforms(by_slot, hi, sampling.all_greedy)  # [hi, 2K + 1]

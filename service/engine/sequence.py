@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from service.engine.adaptive import AcceptanceEstimate
 from service.engine.api import EventCallback, FinishReason, GenerationRequest, Method
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.sampling import RowSampling
@@ -60,6 +61,7 @@ class Sequence:
     num_drafts: int = 0  # d_s
     ngram_proposal: list[int] = field(default_factory=list)
     draft_steps: int = 0  # draft-model forward steps run this pass
+    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
 
     @property
     def request_id(self) -> str:

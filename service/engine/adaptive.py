@@ -1,0 +1,112 @@
+"""Adaptive draft length: how many drafts a pass verifies, from measured acceptance and
+measured pass costs, so that speculation does not make decoding slower than plain decoding.
+
+The model. If each draft is accepted with probability a given that the ones before it were
+(the usual i.i.d. approximation), a row that proposes d drafts emits in expectation
+
+    E(a, d) = 1 + a + a^2 + ... + a^d = (1 - a^(d+1)) / (1 - a)
+
+tokens in one pass. A pass over a batch that verifies at most n drafts per row costs t(B, n)
+seconds: host and device time together, measured per (batch bucket, n, draft model used)
+around the pass's one synchronisation. The policy picks the cap n with the most expected
+tokens per second, sum over rows of E(a_r, min(L_r, n)) / t(B, n), where L_r is what the
+row's drafter could propose this pass. n = 0 is plain decoding and wins whenever nothing
+beats it: at large batches verify passes cost more, and low acceptance buys little.
+
+Per-row acceptance a_r is the maximum-likelihood rate of that Bernoulli model over recent
+passes: accepted drafts / (accepted drafts + passes that rejected one), exponentially
+weighted, starting from a weak prior. Unmeasured costs are extrapolated from the nearest
+measured n of the same bucket (5% more per extra draft), so the policy tries a width once,
+measures it, and keeps what pays. The first pass of each shape is not counted: it includes
+graph capture and compilation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRIOR_RATE = 0.5  # acceptance assumed before a row has history
+PRIOR_WEIGHT = 2.0  # ... worth this many observed drafts
+ACCEPT_DECAY = 0.9  # per pass, for the row's acceptance history
+COST_DECAY = 0.9  # per observation, for measured pass costs
+EXTRAPOLATION_PER_DRAFT = 0.05
+
+
+@dataclass
+class AcceptanceEstimate:
+    """One row's recent acceptance, as successes and failures of per-draft trials."""
+
+    accepted: float = 0.0
+    rejections: float = 0.0
+
+    def update(self, proposed: int, accepted: int) -> None:
+        if proposed == 0:
+            return
+        self.accepted = ACCEPT_DECAY * self.accepted + accepted
+        self.rejections = ACCEPT_DECAY * self.rejections + (1.0 if accepted < proposed else 0.0)
+
+    @property
+    def rate(self) -> float:
+        return (self.accepted + PRIOR_RATE * PRIOR_WEIGHT) / (self.accepted + self.rejections + PRIOR_WEIGHT)
+
+
+def expected_tokens(rate: float, drafts: int) -> float:
+    """E(a, d): tokens a pass emits with d drafts at per-draft acceptance a (bonus included)."""
+    if rate >= 1.0 - 1e-9:
+        return float(drafts + 1)
+    return (1.0 - rate ** (drafts + 1)) / (1.0 - rate)
+
+
+def batch_bucket(rows: int) -> int:
+    return 1 << max(0, (rows - 1).bit_length())
+
+
+@dataclass
+class _Cost:
+    seconds: float = 0.0
+    seen: int = 0  # observations, the discarded first one included
+
+
+class DraftLengthPolicy:
+    def __init__(self) -> None:
+        self._costs: dict[tuple[int, int, bool], _Cost] = {}
+
+    def observe(self, rows: int, drafts: int, draft_model: bool, seconds: float) -> None:
+        """A pass over `rows` rows that verified up to `drafts` drafts took `seconds`."""
+        cost = self._costs.setdefault((batch_bucket(rows), drafts, draft_model), _Cost())
+        cost.seen += 1
+        if cost.seen == 1:
+            return  # first use of a shape: capture and compilation, not the steady state
+        cost.seconds = seconds if cost.seen == 2 else COST_DECAY * cost.seconds + (1 - COST_DECAY) * seconds
+
+    def _estimate(self, bucket: int, drafts: int, draft_model: bool) -> float | None:
+        measured = {n: c.seconds for (b, n, dm), c in self._costs.items()
+                    if b == bucket and dm == draft_model and c.seen >= 2}
+        if drafts in measured:
+            return measured[drafts]
+        if not measured:
+            return None
+        nearest = min(measured, key=lambda n: abs(n - drafts))
+        return measured[nearest] * (1.0 + EXTRAPOLATION_PER_DRAFT * (drafts - nearest))
+
+    def choose(self, rows: int, available: list[int], rates: list[float], floor: int,
+               draft_model: bool) -> int:
+        """The cap n on drafts per row for the coming pass.
+
+        available[r]: drafts row r could propose (L_r); rates[r]: its acceptance estimate;
+        floor: the smallest allowed cap (rows that must keep their drafts, e.g. seeded
+        sampling); draft_model: whether a draft model runs in this pass.
+        """
+        most = max(available, default=0)
+        if most <= floor:
+            return most
+        bucket = batch_bucket(rows)
+        best, best_rate = most, -1.0
+        for cap in range(floor, most + 1):
+            seconds = self._estimate(bucket, cap, draft_model and cap > 0)
+            if seconds is None:
+                return most  # nothing measured for this batch size yet: run as asked, and measure
+            tokens = sum(expected_tokens(a, min(d, cap)) for d, a in zip(available, rates))
+            if tokens / seconds > best_rate:
+                best, best_rate = cap, tokens / seconds
+        return best

@@ -1,0 +1,73 @@
+"""The adaptive draft-length policy: the model, its choices, and losslessness with it on."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.engine import GenerationRequest, Method, SamplingParams
+from service.engine.adaptive import AcceptanceEstimate, DraftLengthPolicy, expected_tokens
+from tests.engine.helpers import run
+
+
+def test_expected_tokens_is_the_geometric_sum() -> None:
+    assert expected_tokens(0.5, 0) == 1.0
+    assert expected_tokens(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_tokens(1.0, 4) == 5.0
+
+
+def test_acceptance_estimate_is_the_bernoulli_mle_with_a_prior() -> None:
+    estimate = AcceptanceEstimate()
+    assert estimate.rate == pytest.approx(0.5)  # the prior
+    for _ in range(50):
+        estimate.update(proposed=4, accepted=4)  # never rejects
+    assert estimate.rate > 0.97
+    for _ in range(50):
+        estimate.update(proposed=4, accepted=0)  # rejects at once
+    assert estimate.rate < 0.15  # ~10 effective rejections against the prior's weight of 2
+    before = estimate.rate
+    estimate.update(proposed=0, accepted=0)  # nothing proposed: no evidence
+    assert estimate.rate == before
+
+
+def _measured(policy: DraftLengthPolicy, rows: int, costs: dict[int, float], draft_model: bool = False) -> None:
+    for drafts, seconds in costs.items():
+        for _ in range(3):  # the first observation of a shape is discarded
+            policy.observe(rows, drafts, draft_model, seconds)
+
+
+def test_chooses_plain_decoding_when_verify_passes_cost_too_much() -> None:
+    # Batch 32 on an H200 (bench/RESULTS.md): width 2 costs 65% more than width 1.
+    policy = DraftLengthPolicy()
+    _measured(policy, 32, {0: 1.53e-3, 1: 2.52e-3, 2: 2.6e-3, 3: 2.7e-3, 4: 2.77e-3})
+    cap = policy.choose(32, [4] * 32, [0.3] * 32, floor=0, draft_model=False)
+    assert cap == 0
+
+
+def test_keeps_long_drafts_when_acceptance_is_high_and_verify_is_cheap() -> None:
+    # Batch 1: width 5 costs 1.68 ms against 1.27 ms for width 1.
+    policy = DraftLengthPolicy()
+    _measured(policy, 1, {0: 1.27e-3, 1: 1.54e-3, 2: 1.61e-3, 3: 1.65e-3, 4: 1.68e-3})
+    assert policy.choose(1, [4], [0.9], floor=0, draft_model=False) == 4
+    assert policy.choose(1, [4], [0.1], floor=0, draft_model=False) == 0
+
+
+def test_explores_unmeasured_batches_and_respects_the_floor() -> None:
+    policy = DraftLengthPolicy()
+    assert policy.choose(8, [3, 0, 2], [0.1, 0.5, 0.1], floor=0, draft_model=False) == 3  # nothing measured
+    _measured(policy, 8, {0: 1e-3, 3: 5e-3})
+    assert policy.choose(8, [3, 0, 2], [0.1, 0.5, 0.1], floor=2, draft_model=False) >= 2
+
+
+def test_outputs_stay_lossless_with_the_policy_on(make_engine, target, close_draft, tokenizer) -> None:
+    engine = make_engine(target, draft=close_draft, max_batch_size=4, adaptive_draft_length=True,
+                         max_num_draft_tokens=5)
+    ids = tuple(tokenizer.encode("The quick brown fox jumps over the lazy dog. The quick brown"))
+    plain = run(engine, [GenerationRequest("plain", ids, max_tokens=40, method=Method.NONE)])["plain"].tokens
+    requests = [GenerationRequest(f"{m.name}{i}", ids, max_tokens=40, method=m, num_draft_tokens=5)
+                for i in range(3) for m in (Method.NGRAM, Method.DRAFT_MODEL)]
+    for name, out in run(engine, requests).items():
+        assert out.tokens == plain, name  # run() also checks every METRICS.md invariant
+    seeded = [GenerationRequest(f"s{i}", ids, max_tokens=20, method=Method.DRAFT_MODEL, num_draft_tokens=3,
+                                sampling=SamplingParams(temperature=1.0, seed=7)) for i in range(2)]
+    outs = run(engine, seeded)
+    assert outs["s0"].tokens == outs["s1"].tokens  # same seed, same output, policy or not

@@ -1,0 +1,79 @@
+"""Captured-graph passes on CUDA: same logits as the eager lean forward, and float32
+speculative output equal to plain output on the real SmolLM2 (GPU only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.engine import Engine, EngineConfig, GenerationRequest, Method
+from service.engine.runner import ModelRunner
+from service.model_loading import LoadedModel
+from tests.engine.helpers import make_model, run
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _cuda(m: LoadedModel) -> LoadedModel:
+    return LoadedModel(m.name, m.model.to("cuda"), m.tokenizer, torch.device("cuda"), m.dtype)
+
+
+@torch.inference_mode()
+def test_graph_replay_matches_eager(tokenizer) -> None:
+    target = _cuda(make_model(tokenizer, seed=0, name="g", vocab_size=len(tokenizer)))
+    graphed = ModelRunner(target, max_batch=4, max_len=128, max_width=4)
+    eager = ModelRunner(target, max_batch=4, max_len=128, max_width=4, use_graphs=False)
+    assert graphed.graphs is not None and eager.graphs is None
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(1, target.vocab_size, (3, 20), generator=gen).cuda()
+    lengths = [20, 13, 17]
+    for runner in (graphed, eager):  # ragged prefill, eager in both
+        for row, n in enumerate(lengths):
+            runner.forward(row, row + 1, prompts[row:row + 1, :n], [0], last_only=True)
+    for width in (1, 4, 2, 1, 3):
+        ids = torch.randint(1, target.vocab_size, (3, width), generator=gen).cuda()
+        got = graphed.forward(0, 3, ids, lengths)
+        want = eager.forward(0, 3, ids, lengths)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        lengths = [n + width for n in lengths]
+    # Rows [lo, hi) with lo > 0 (a draft model's group) go through the same graphs.
+    ids = torch.randint(1, target.vocab_size, (2, 1), generator=gen).cuda()
+    torch.testing.assert_close(graphed.forward(1, 3, ids, lengths[1:]), eager.forward(1, 3, ids, lengths[1:]),
+                               rtol=1e-4, atol=1e-4)
+    assert len(graphed.graphs.graphs) == 4  # (4, T, 64) for T in 1, 2, 3, 4
+
+
+@pytest.fixture(scope="module")
+def smollm2_fp32_cuda():
+    from service.model_loading import load_model
+    from service.model_store import cached_path
+
+    if cached_path("smollm2-135m-instruct") is None:
+        pytest.skip("SmolLM2 is not in the model cache")
+    return load_model("smollm2-135m-instruct", dtype=torch.float32, device="cuda")
+
+
+def test_float32_speculative_equals_plain_on_cuda(smollm2_fp32_cuda) -> None:
+    tok = smollm2_fp32_cuda.tokenizer
+    passage = ("The quick brown fox jumps over the lazy dog near the river bank, where the old mill "
+               "stands. Every morning the miller opens the doors and the fox runs away.")
+    prompt = tok.apply_chat_template([{"role": "user", "content": f"Repeat this text exactly:\n{passage}"}],
+                                     tokenize=False, add_generation_prompt=True)
+    ids = tuple(tok(prompt, add_special_tokens=False)["input_ids"])
+    engine = Engine(smollm2_fp32_cuda, EngineConfig(max_batch_size=4, kv_cache_tokens=512, instance_id="t"))
+    engine.start()
+    try:
+        requests = [GenerationRequest(f"{m.name}-{k}", ids, max_tokens=64, method=m, num_draft_tokens=k)
+                    for m, k in [(Method.NONE, 0), (Method.NGRAM, 3), (Method.NGRAM, 5)]]
+        outs = run(engine, requests)
+        plain = outs["NONE-0"].tokens
+        for name in ("NGRAM-3", "NGRAM-5"):
+            assert outs[name].tokens == plain, name
+            assert outs[name].metrics.accepted_drafts > 0
+        # And all three together in one batch.
+        together = run(engine, [GenerationRequest(r.request_id + "-b", r.prompt_token_ids, max_tokens=64,
+                                                  method=r.method, num_draft_tokens=r.num_draft_tokens)
+                                for r in requests])
+        assert all(o.tokens == plain for o in together.values())
+    finally:
+        engine.stop()
