@@ -101,7 +101,6 @@ class Service:
 
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
-        self.reporter = make_reporter(config)
         self.servicer = GenerationServicer(
             RequestLimits(config.max_request_bytes, config.max_tokens_limit), self._on_final)
         self.health = health_aio.HealthServicer()
@@ -117,6 +116,7 @@ class Service:
         self.port = self.server.add_insecure_port(config.listen)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {config.listen}")
+        self.reporter = make_reporter(config)  # after the port: nothing to stop if binding failed
         self.engine: Any = None
         self._stopping = asyncio.Event()
 

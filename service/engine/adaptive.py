@@ -18,7 +18,9 @@ passes: accepted drafts / (accepted drafts + passes that rejected one), exponent
 weighted, starting from a weak prior. Unmeasured costs are extrapolated from the nearest
 measured n of the same bucket (5% more per extra draft), so the policy tries a width once,
 measures it, and keeps what pays. The first pass of each shape is not counted: it includes
-graph capture and compilation.
+graph capture and compilation; passes that capture a graph are not reported at all, and
+an observation far above the estimate (a stall elsewhere) is ignored: an inflated cost would
+stop the policy from choosing that width, and so from ever measuring it again.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ PRIOR_RATE = 0.5  # acceptance assumed before a row has history
 PRIOR_WEIGHT = 2.0  # ... worth this many observed drafts
 ACCEPT_DECAY = 0.9  # per pass, for the row's acceptance history
 COST_DECAY = 0.9  # per observation, for measured pass costs
+OUTLIER = 4.0  # an observation this many times the estimate is a hiccup, not a new cost
 EXTRAPOLATION_PER_DRAFT = 0.05
 
 
@@ -77,7 +80,10 @@ class DraftLengthPolicy:
         cost.seen += 1
         if cost.seen == 1:
             return  # first use of a shape: capture and compilation, not the steady state
-        cost.seconds = seconds if cost.seen == 2 else COST_DECAY * cost.seconds + (1 - COST_DECAY) * seconds
+        if cost.seen == 2:
+            cost.seconds = seconds
+        elif seconds < OUTLIER * cost.seconds:
+            cost.seconds = COST_DECAY * cost.seconds + (1 - COST_DECAY) * seconds
 
     def _estimate(self, bucket: int, drafts: int, draft_model: bool) -> float | None:
         measured = {n: c.seconds for (b, n, dm), c in self._costs.items()

@@ -40,6 +40,7 @@ class GraphedDecoder:
         self.starts = torch.full((max_batch,), scratch_start, dtype=torch.long, device=device)  # [Bmax]
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.captures = 0  # graphs captured so far (a pass that captured is not steady-state)
 
     def fits(self, hi: int, width: int) -> bool:
         return hi <= self.max_batch and width <= self.max_width
@@ -60,6 +61,7 @@ class GraphedDecoder:
 
     def _capture(self, key: tuple[int, int, int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         batch, width, kv = key
+        self.captures += 1
         saved = self.starts.clone()
         self.starts.fill_(self.scratch_start)  # warm-up writes land in the scratch region
         side = torch.cuda.Stream()

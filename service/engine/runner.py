@@ -52,6 +52,11 @@ class ModelRunner:
                 self.graphs = GraphedDecoder(self.lean, self.cache, max_batch, max_width, max_len,
                                              self.scratch_start)
 
+    @property
+    def captures(self) -> int:
+        """CUDA graphs captured so far (0 without graphs)."""
+        return self.graphs.captures if self.graphs is not None else 0
+
     @torch.inference_mode()
     def forward(self, lo: int, hi: int, input_ids: torch.Tensor, starts: list[int], last_only: bool = False) -> torch.Tensor:
         """Runs slots [lo, hi) on input_ids [hi - lo, T]; row r's tokens go to positions

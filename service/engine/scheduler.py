@@ -18,7 +18,7 @@ from service.engine.adaptive import DraftLengthPolicy
 from service.engine.api import FinishReason, Method
 from service.engine.device import to_device
 from service.engine.detokenizer import IncrementalDetokenizer
-from service.engine.drafters import Drafter, PassContext
+from service.engine.drafters import Drafter, DraftModelDrafter, PassContext
 from service.engine.output import OutputProcessor
 from service.engine.runner import ModelRunner
 from service.engine.sampling import GREEDY, BatchSampling, probs_from_logits, sample_from
@@ -133,7 +133,7 @@ class Scheduler:
         rows = [self.running[s] for s in sorted(self.running)]
         if not rows:
             return
-        started = time.perf_counter()
+        started, captures = time.perf_counter(), self._captures()
         try:
             verdicts = self._draft_and_verify(rows)
         except Exception as exc:  # noqa: BLE001 - a batched failure fails the batch, not the engine
@@ -142,7 +142,9 @@ class Scheduler:
                 self.output.finish(seq, FinishReason.ERROR, f"decode pass failed: {type(exc).__name__}: {exc}")
                 self._release(seq)
             return
-        if self.policy is not None:  # the verdicts are on the host: the pass is over
+        # The verdicts are on the host: the pass is over. A pass that captured a new graph
+        # (and compiled its kernels) says nothing about the steady-state cost.
+        if self.policy is not None and self._captures() == captures:
             drafts = max(seq.num_drafts for seq in rows)
             uses_draft_model = drafts > 0 and any(seq.method is Method.DRAFT_MODEL for seq in rows)
             self.policy.observe(rows[-1].slot + 1, drafts, uses_draft_model, time.perf_counter() - started)
@@ -156,6 +158,10 @@ class Scheduler:
         self.drafters[seq.method].commit(seq, accepted)
         seq.target_len += accepted + 1  # the pending token and the accepted drafts are cached now
         self.output.emit(seq, tokens)
+
+    def _captures(self) -> int:
+        runners = [self.target] + [d.runner for d in self.drafters.values() if isinstance(d, DraftModelDrafter)]
+        return sum(runner.captures for runner in runners)
 
     def _shorten_drafts(self, rows: list[Sequence], hi: int) -> None:
         """Caps d_s by the adaptive policy. Seeded sampled rows keep theirs: their random

@@ -71,3 +71,10 @@ def test_outputs_stay_lossless_with_the_policy_on(make_engine, target, close_dra
                                 sampling=SamplingParams(temperature=1.0, seed=7)) for i in range(2)]
     outs = run(engine, seeded)
     assert outs["s0"].tokens == outs["s1"].tokens  # same seed, same output, policy or not
+
+
+def test_a_stall_does_not_poison_a_measured_cost() -> None:
+    policy = DraftLengthPolicy()
+    _measured(policy, 1, {0: 1.27e-3, 4: 1.68e-3})
+    policy.observe(1, 4, False, 0.25)  # e.g. a graph capture or a GC pause
+    assert policy.choose(1, [4], [0.8], floor=0, draft_model=False) == 4

@@ -225,7 +225,9 @@ class ExportedMetrics:
                 for k, p in last.items()}
 
     def incarnations(self) -> set:
-        return {inst for (_, _, inst) in self._latest("sum")}
+        """One entry per sidecar process that exported. Start times are per series, not per
+        process, so count the series every sidecar creates once, at start-up."""
+        return {inst for (_, _, inst) in self._latest("sum", "specdec.sidecar.records.received")}
 
     def resources(self) -> list[dict]:
         with self.lock:
