@@ -8,10 +8,10 @@ before the verify forward, so the counters never need a device read.
 
 from __future__ import annotations
 
+import bisect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from service.engine.api import Method
@@ -64,25 +64,46 @@ class NoDrafter(Drafter):
         return 0
 
 
-def ngram_lookup(tokens: list[int], limit: int, max_n: int, min_n: int) -> list[int]:
-    """Prompt lookup: match the last n tokens (n from max_n down to min_n) earlier in `tokens`
-    and propose up to `limit` tokens that followed the match. Prefers the latest match with
-    a full-length continuation, else the earliest (longest continuation). [] on a miss.
+class NgramIndex:
+    """Where every n-gram (min_n <= n <= max_n) of a growing token list starts.
+
+    Prompt lookup: match the last n tokens (n from max_n down to min_n) earlier in the
+    sequence and propose up to `limit` tokens that followed the match; prefer the latest
+    match with a full-length continuation, else the earliest (longest continuation); [] on
+    a miss. Kept incrementally, a pass costs O(max_n) per new token instead of a scan of
+    the whole sequence per row (tests/engine/test_units.py holds the scanning reference):
+    at batch 32 the scans cost as much host time as the GPU pass itself.
     """
-    length = len(tokens)
-    if limit <= 0 or length < 2:
+
+    def __init__(self, max_n: int, min_n: int) -> None:
+        self._starts: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in range(max_n, min_n - 1, -1)}
+        self._indexed = 0
+
+    def _extend(self, tokens: list[int]) -> None:
+        for end in range(self._indexed + 1, len(tokens) + 1):  # n-grams ending just before `end`
+            for n, table in self._starts.items():
+                if end >= n:
+                    table.setdefault(tuple(tokens[end - n : end]), []).append(end - n)
+        self._indexed = len(tokens)
+
+    def lookup(self, tokens: list[int], limit: int) -> list[int]:
+        self._extend(tokens)
+        length = len(tokens)
+        if limit <= 0 or length < 2:
+            return []
+        for n, table in self._starts.items():  # longest n first
+            if n > length - 1:
+                continue
+            hits = table.get(tuple(tokens[length - n :]))  # ascending start positions
+            if not hits:
+                continue
+            with_next = bisect.bisect_right(hits, length - 1 - n)  # hits[:with_next] have a continuation
+            if with_next == 0:
+                continue
+            full = bisect.bisect_right(hits, length - n - limit, 0, with_next)  # ... a full-length one
+            start = (hits[full - 1] if full else hits[0]) + n
+            return tokens[start : start + limit]
         return []
-    arr = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        # windows[i] = arr[i : i + n] for every i with a continuation token (i + n <= length - 1);
-        # this excludes the suffix itself.
-        windows = np.lib.stride_tricks.sliding_window_view(arr[: length - 1], n)
-        hits = np.flatnonzero((windows == arr[length - n :]).all(axis=1))
-        if hits.size:
-            full = hits[hits + n + limit <= length]
-            start = int(full[-1] if full.size else hits[0]) + n
-            return arr[start : start + limit].tolist()
-    return []
 
 
 class NgramDrafter(Drafter):
@@ -91,8 +112,11 @@ class NgramDrafter(Drafter):
     def __init__(self, max_n: int, min_n: int) -> None:
         self.max_n, self.min_n = max_n, min_n
 
+    def start(self, seq: Sequence) -> None:
+        seq.ngram_index = NgramIndex(self.max_n, self.min_n)
+
     def plan(self, seq: Sequence, limit: int) -> int:
-        seq.ngram_proposal = ngram_lookup(seq.tokens, limit, self.max_n, self.min_n)
+        seq.ngram_proposal = seq.ngram_index.lookup(seq.tokens, limit)
         return len(seq.ngram_proposal)
 
     def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -60,6 +60,7 @@ class Sequence:
     # Per-pass scratch, set by the scheduler / drafters before the verify forward.
     num_drafts: int = 0  # d_s
     ngram_proposal: list[int] = field(default_factory=list)
+    ngram_index: Any = None  # drafters.NgramIndex, built when an n-gram request is admitted
     draft_steps: int = 0  # draft-model forward steps run this pass
     acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
 

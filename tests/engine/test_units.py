@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 
 from service.engine.api import FinishReason, Method
-from service.engine.drafters import ngram_lookup
+from service.engine.drafters import NgramIndex
 from service.engine.runner import ModelRunner
 from service.engine.sampling import BatchSampling, RowSampling, probs_from_logits, sample_from
 from service.engine.stats import RequestIdentity, RequestTiming, SpecDecodeStats, to_proto
@@ -55,6 +58,41 @@ def test_sample_from_inverse_cdf() -> None:
 
 
 # ---- n-gram lookup ----------------------------------------------------------------------
+
+
+# The scanning reference for NgramIndex (what prompt lookup proposes), kept as the oracle.
+def ngram_lookup(tokens: list[int], limit: int, max_n: int, min_n: int) -> list[int]:
+    """Prompt lookup: match the last n tokens (n from max_n down to min_n) earlier in `tokens`
+    and propose up to `limit` tokens that followed the match. Prefers the latest match with
+    a full-length continuation, else the earliest (longest continuation). [] on a miss.
+    """
+    length = len(tokens)
+    if limit <= 0 or length < 2:
+        return []
+    arr = np.asarray(tokens, dtype=np.int64)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        # windows[i] = arr[i : i + n] for every i with a continuation token (i + n <= length - 1);
+        # this excludes the suffix itself.
+        windows = np.lib.stride_tricks.sliding_window_view(arr[: length - 1], n)
+        hits = np.flatnonzero((windows == arr[length - n :]).all(axis=1))
+        if hits.size:
+            full = hits[hits + n + limit <= length]
+            start = int(full[-1] if full.size else hits[0]) + n
+            return arr[start : start + limit].tolist()
+    return []
+
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ngram_index_answers_as_the_reference_while_the_sequence_grows(seed: int) -> None:
+    rng = random.Random(seed)
+    alphabet = rng.randint(2, 6)  # small alphabets: many repeats and many hits
+    tokens = [rng.randrange(alphabet) for _ in range(5)]
+    index = NgramIndex(max_n=3, min_n=1)
+    for _ in range(60):
+        limit = rng.randint(0, 6)
+        assert index.lookup(tokens, limit) == ngram_lookup(tokens, limit, max_n=3, min_n=1), tokens
+        tokens.extend(rng.randrange(alphabet) for _ in range(rng.randint(1, 4)))
 
 
 def test_ngram_lookup() -> None:
