@@ -65,7 +65,7 @@ class OutputProcessor:
             seq.identity, seq.stats, seq.timing, seq.prompt_len, seq.completion_tokens, reason, time.time()
         )
         log.debug(
-            "request_finished",
+            "engine_request_done",
             request_id=seq.request_id,
             finish_reason=reason.name,
             prompt_tokens=seq.prompt_len,

@@ -146,8 +146,7 @@ class Scheduler:
         # (and compiled its kernels) says nothing about the steady-state cost.
         if self.policy is not None and self._captures() == captures:
             drafts = max(seq.num_drafts for seq in rows)
-            uses_draft_model = drafts > 0 and any(seq.method is Method.DRAFT_MODEL for seq in rows)
-            self.policy.observe(rows[-1].slot + 1, drafts, uses_draft_model, time.perf_counter() - started)
+            self.policy.observe(rows[-1].slot + 1, drafts, self._drafts_with_model(rows), time.perf_counter() - started)
         for seq in rows:
             accepted, tokens = verdicts[seq.slot][0], verdicts[seq.slot][1:]
             self._guarded(seq, lambda seq=seq, a=accepted, t=tokens: self._absorb(seq, a, t[: a + 1]))
@@ -159,6 +158,11 @@ class Scheduler:
         seq.target_len += accepted + 1  # the pending token and the accepted drafts are cached now
         self.output.emit(seq, tokens)
 
+    @staticmethod
+    def _drafts_with_model(rows: list[Sequence]) -> bool:
+        """Whether the draft model runs this pass (it runs only for rows that draft)."""
+        return any(seq.method is Method.DRAFT_MODEL and seq.num_drafts > 0 for seq in rows)
+
     def _captures(self) -> int:
         runners = [self.target] + [d.runner for d in self.drafters.values() if isinstance(d, DraftModelDrafter)]
         return sum(runner.captures for runner in runners)
@@ -169,7 +173,7 @@ class Scheduler:
         fixed = [seq.num_drafts for seq in rows if not seq.sampling.greedy and seq.request.sampling.seed is not None]
         cap = self.policy.choose(
             hi, [seq.num_drafts for seq in rows], [seq.acceptance.rate for seq in rows], max(fixed, default=0),
-            any(seq.method is Method.DRAFT_MODEL and seq.num_drafts for seq in rows))
+            self._drafts_with_model(rows))
         for seq in rows:
             if seq.sampling.greedy or seq.request.sampling.seed is None:
                 seq.num_drafts = min(seq.num_drafts, cap)

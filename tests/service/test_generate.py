@@ -249,3 +249,26 @@ def test_one_failing_request_fails_alone(run_service, make_stub, monkeypatch) ->
     assert other["r"][1].completion_tokens > 0
     # The server keeps serving.
     assert collect(stub, request(max_tokens=3))[1].completion_tokens > 0
+
+
+def test_one_canonical_log_line_per_finished_request(run_service, make_stub) -> None:
+    from structlog.testing import capture_logs
+
+    service = run_service()
+    stub = make_stub(service.address)
+    with capture_logs() as logs:
+        _, final, _ = collect(stub, request(request_id="logged", method=NGRAM, k=2, max_tokens=6))
+        deadline = time.monotonic() + 10
+        while not any(e.get("request_id") == "logged" and e["event"] == "request_finished" for e in logs) \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+    lines = [e for e in logs if e["event"] == "request_finished" and e.get("request_id") == "logged"]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line["log_level"] == "info" and line["finish_reason"] == "length"
+    assert line["completion_tokens"] == final.completion_tokens == 6
+    metrics = line["metrics"]
+    assert metrics["verify_passes"] == final.metrics.verify_passes  # numbers, not strings
+    assert metrics["proposed_drafts"] == final.metrics.proposed_drafts
+    assert metrics["accept_histogram"] == list(final.metrics.accept_histogram)
+    assert metrics["method"] == "SPECULATION_METHOD_NGRAM" and metrics["num_draft_tokens"] == 2
