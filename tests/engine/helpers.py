@@ -76,6 +76,7 @@ def wait_checked(out: Outcome, timeout: float = 300.0) -> Outcome:
     assert final.metrics.request_id == out.request_id
     assert (final.error is not None) == (final.finish_reason is FinishReason.ERROR)
     assert_metrics_invariants(final.metrics)
+    assert final.metrics.end_time.seconds > 0  # the engine stamps the wall-clock end
     return out
 
 
