@@ -25,6 +25,7 @@ stop the policy from choosing that width, and so from ever measuring it again.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 PRIOR_RATE = 0.5  # acceptance assumed before a row has history
@@ -73,6 +74,11 @@ class _Cost:
 class DraftLengthPolicy:
     def __init__(self) -> None:
         self._costs: dict[tuple[int, int, bool], _Cost] = {}
+        self.choices: Counter[tuple[int, int]] = Counter()  # (batch bucket, cap) -> passes
+
+    def costs(self) -> dict[tuple[int, int, bool], float]:
+        """The measured steady-state pass costs, seconds by (batch bucket, drafts, draft model)."""
+        return {key: cost.seconds for key, cost in self._costs.items() if cost.seen >= 2}
 
     def observe(self, rows: int, drafts: int, draft_model: bool, seconds: float) -> None:
         """A pass over `rows` rows that verified up to `drafts` drafts took `seconds`."""
@@ -103,10 +109,16 @@ class DraftLengthPolicy:
         floor: the smallest allowed cap (rows that must keep their drafts, e.g. seeded
         sampling); draft_model: whether a draft model runs in this pass.
         """
+        bucket = batch_bucket(rows)
+        cap = self._best_cap(bucket, available, rates, floor, draft_model)
+        self.choices[(bucket, cap)] += 1
+        return cap
+
+    def _best_cap(self, bucket: int, available: list[int], rates: list[float], floor: int,
+                  draft_model: bool) -> int:
         most = max(available, default=0)
         if most <= floor:
             return most
-        bucket = batch_bucket(rows)
         best, best_rate = most, -1.0
         for cap in range(floor, most + 1):
             seconds = self._estimate(bucket, cap, draft_model and cap > 0)

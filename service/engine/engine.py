@@ -84,6 +84,8 @@ class Engine:
             instance_id=config.instance_id,
         )
         self._output = OutputProcessor(eos_token_ids(target), self._max_context)
+        # Read-only outside the engine thread: its choices and measured costs, for benchmarks.
+        self.draft_length_policy = DraftLengthPolicy() if config.adaptive_draft_length else None
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()  # guarded by _cond
         self._in_batch = 0  # running requests, as last published by the engine thread
@@ -204,7 +206,7 @@ class Engine:
             self.config.max_batch_size,
             self.config.max_num_draft_tokens,
             self._max_context,
-            policy=DraftLengthPolicy() if self.config.adaptive_draft_length else None,
+            policy=self.draft_length_policy,
         )
 
     def _run(self) -> None:
