@@ -109,13 +109,14 @@ class DraftLengthPolicy:
         floor: the smallest allowed cap (rows that must keep their drafts, e.g. seeded
         sampling); draft_model: whether a draft model runs in this pass.
         """
-        bucket = batch_bucket(rows)
-        cap = self._best_cap(bucket, available, rates, floor, draft_model)
-        self.choices[(bucket, cap)] += 1
+        cap = self.best_cap(rows, available, rates, floor, draft_model)
+        self.choices[(batch_bucket(rows), cap)] += 1
         return cap
 
-    def _best_cap(self, bucket: int, available: list[int], rates: list[float], floor: int,
-                  draft_model: bool) -> int:
+    def best_cap(self, rows: int, available: list[int], rates: list[float], floor: int,
+                 draft_model: bool) -> int:
+        """What choose() would answer, without counting it as a choice."""
+        bucket = batch_bucket(rows)
         most = max(available, default=0)
         if most <= floor:
             return most

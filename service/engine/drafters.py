@@ -87,10 +87,10 @@ class NgramIndex:
         self._indexed = len(tokens)
 
     def lookup(self, tokens: list[int], limit: int) -> list[int]:
-        self._extend(tokens)
         length = len(tokens)
         if limit <= 0 or length < 2:
-            return []
+            return []  # the index catches up with the tokens at the next real lookup
+        self._extend(tokens)
         for n, table in self._starts.items():  # longest n first
             if n > length - 1:
                 continue

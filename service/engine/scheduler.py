@@ -167,24 +167,44 @@ class Scheduler:
         runners = [self.target] + [d.runner for d in self.drafters.values() if isinstance(d, DraftModelDrafter)]
         return sum(runner.captures for runner in runners)
 
+    @staticmethod
+    def _adapts(seq: Sequence) -> bool:
+        """Whether the adaptive policy may shorten this row's drafts. Seeded sampled rows keep
+        theirs: their random stream, and so their output, must not depend on timings."""
+        return seq.sampling.greedy or seq.request.sampling.seed is None
+
     def _shorten_drafts(self, rows: list[Sequence], hi: int) -> None:
-        """Caps d_s by the adaptive policy. Seeded sampled rows keep theirs: their random
-        stream, and so their output, must not depend on measured timings."""
-        fixed = [seq.num_drafts for seq in rows if not seq.sampling.greedy and seq.request.sampling.seed is not None]
+        """Caps d_s by the adaptive policy."""
+        fixed = [seq.num_drafts for seq in rows if not self._adapts(seq)]
         cap = self.policy.choose(
             hi, [seq.num_drafts for seq in rows], [seq.acceptance.rate for seq in rows], max(fixed, default=0),
             self._drafts_with_model(rows))
         for seq in rows:
-            if seq.sampling.greedy or seq.request.sampling.seed is None:
+            if self._adapts(seq):
                 seq.num_drafts = min(seq.num_drafts, cap)
+
+    def _drafting_cannot_pay(self, rows: list[Sequence], hi: int, limits: dict[int, int]) -> bool:
+        """True when plain decoding beats drafting even if every row proposed its whole limit:
+        then the drafters need not plan at all (an n-gram lookup per row per pass is host time
+        comparable to a batch-32 pass)."""
+        if any(limits[seq.slot] and not self._adapts(seq) for seq in rows):
+            return False
+        draft_model = any(seq.method is Method.DRAFT_MODEL and limits[seq.slot] for seq in rows)
+        best = self.policy.best_cap(hi, [limits[seq.slot] for seq in rows], [seq.acceptance.rate for seq in rows],
+                                    0, draft_model)
+        return best == 0
 
     def _draft_and_verify(self, rows: list[Sequence]) -> list[list[int]]:
         hi = rows[-1].slot + 1
         by_slot = {seq.slot: seq for seq in rows}
+        limits = {}
         for seq in rows:
             remaining = seq.max_tokens - seq.completion_tokens  # a pass emits up to d_s + 1 tokens
             room = self.max_context - len(seq.tokens)
-            seq.num_drafts = self.drafters[seq.method].plan(seq, max(0, min(seq.k, remaining - 1, room - 1)))
+            limits[seq.slot] = max(0, min(seq.k, remaining - 1, room - 1))
+        skip_planning = self.policy is not None and self._drafting_cannot_pay(rows, hi, limits)
+        for seq in rows:
+            seq.num_drafts = 0 if skip_planning else self.drafters[seq.method].plan(seq, limits[seq.slot])
         if self.policy is not None:
             self._shorten_drafts(rows, hi)
         n = max(seq.num_drafts for seq in rows)

@@ -78,3 +78,18 @@ def test_a_stall_does_not_poison_a_measured_cost() -> None:
     _measured(policy, 1, {0: 1.27e-3, 4: 1.68e-3})
     policy.observe(1, 4, False, 0.25)  # e.g. a graph capture or a GC pause
     assert policy.choose(1, [4], [0.8], floor=0, draft_model=False) == 4
+
+
+def test_planning_is_skipped_when_drafting_cannot_pay(make_engine, target, tokenizer, monkeypatch) -> None:
+    from service.engine.drafters import NgramDrafter
+
+    engine = make_engine(target, max_batch_size=2, adaptive_draft_length=True)
+    # Verify passes cost 3x a plain pass at this batch size: no acceptance makes drafting pay.
+    _measured(engine.draft_length_policy, 1, {n: (1e-3 if n == 0 else 3e-3) for n in range(9)})
+    plans = []
+    original = NgramDrafter.plan
+    monkeypatch.setattr(NgramDrafter, "plan", lambda self, seq, limit: plans.append(limit) or original(self, seq, limit))
+    ids = tuple(tokenizer.encode("the fox the fox the fox the fox the fox"))
+    out = run(engine, [GenerationRequest("g", ids, max_tokens=12, method=Method.NGRAM, num_draft_tokens=4)])["g"]
+    assert out.metrics.proposed_drafts == 0 and out.metrics.verify_passes == 11
+    assert plans == [], "the n-gram lookups should have been skipped"

@@ -18,8 +18,10 @@ from tests.support.tiny_model import save_tiny_model
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    # No EOS: requests run to max_tokens, so the tests control how long one stays in flight.
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0, layers=2, with_eos=False)
+    # No EOS and a 4,096-token context: requests run to max_tokens, so the tests control how
+    # long one stays in flight (thousands of tokens take seconds even on a fast CPU).
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0, layers=2, with_eos=False,
+                           max_position=4096)
 
 
 def service_config(model_dir: Path, **overrides: Any) -> ServiceConfig:

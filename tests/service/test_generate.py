@@ -104,7 +104,7 @@ def test_cancel_mid_stream_frees_the_slot(run_service, make_stub) -> None:
     stub = make_stub(service.address)
     finals = []
     service.service.servicer._on_final = _spy(service.service.servicer._on_final, finals)
-    call = stub.Generate(request(max_tokens=400, method=NONE, stop=[]), timeout=120)
+    call = stub.Generate(request(max_tokens=4000, method=NONE, stop=[]), timeout=120)
     next(call)  # the first chunk arrived: the request holds the only slot
     call.cancel()
     started = time.monotonic()
@@ -113,7 +113,7 @@ def test_cancel_mid_stream_frees_the_slot(run_service, make_stub) -> None:
     assert time.monotonic() - started < 60
     cancelled = [f for f in finals if f.finish_reason.name == "CANCELLED"]
     assert len(cancelled) == 1, finals
-    assert cancelled[0].completion_tokens < 400
+    assert cancelled[0].completion_tokens < 4000
     assert_metrics_invariants(cancelled[0].metrics)
 
 
@@ -121,7 +121,7 @@ def test_deadline_frees_the_slot(run_service, make_stub) -> None:
     service = run_service(max_batch_size=1)
     stub = make_stub(service.address)
     with pytest.raises(grpc.RpcError) as info:
-        collect(stub, request(max_tokens=2000, method=NONE), timeout=0.5)
+        collect(stub, request(max_tokens=4000, method=NONE), timeout=0.5)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     _, final, _ = collect(stub, request(max_tokens=4), timeout=60)
     assert final.completion_tokens > 0
@@ -181,7 +181,7 @@ def _ids(values):
     (_bad(speculation__num_draft_tokens=99), "speculation.num_draft_tokens"),
     (_bad(speculation__method=metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL), "speculation.method"),
     (_bad(speculation__method=42), "speculation.method"),
-    (_bad(text="lazy dog " * 600), "input"),  # longer than the context
+    (_bad(text="lazy dog " * 3000), "input"),  # longer than the 4,096-token context
     (_bad(text="x" * (2 << 20)), "request"),  # over --max-request-bytes
     (generation_pb2.GenerateRequest(text="hi", stop=[""]), "stop[0]"),
 ], ids=lambda v: v if isinstance(v, str) else "")
@@ -200,7 +200,7 @@ def test_invalid_fields_get_invalid_argument_naming_the_field(run_service, make_
 def test_full_queue_gives_resource_exhausted(run_service, make_stub) -> None:
     service = run_service(max_batch_size=1, max_queue_size=1)
     stub = make_stub(service.address)
-    running = stub.Generate(request(max_tokens=2000, method=NONE), timeout=120)
+    running = stub.Generate(request(max_tokens=4000, method=NONE), timeout=120)
     next(running)  # holds the slot
     queued = stub.Generate(request(max_tokens=2, method=NONE), timeout=120)
     deadline = time.monotonic() + 30

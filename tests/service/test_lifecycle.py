@@ -130,7 +130,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model_dir, tmp_pa
                 try:
                     responses = []
                     for response in stub.Generate(generation_pb2.GenerateRequest(
-                            text=f"The quick brown fox {i}", max_tokens=400,
+                            text=f"The quick brown fox {i}", max_tokens=1500,
                             speculation=generation_pb2.SpeculationParams(
                                 method=metrics_pb2.SPECULATION_METHOD_NONE)), timeout=120):
                         responses.append(response)

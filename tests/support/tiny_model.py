@@ -74,7 +74,8 @@ def make_model(
 
 
 
-def save_tiny_model(path: Path, seed: int = 0, layers: int = 2, with_eos: bool = True) -> Path:
+def save_tiny_model(path: Path, seed: int = 0, layers: int = 2, with_eos: bool = True,
+                    max_position: int = 512) -> Path:
     """A tiny model directory (weights, tokenizer with a chat template) for load_model().
 
     with_eos=False declares no end-of-sequence token anywhere (tokenizer, model config,
@@ -83,7 +84,8 @@ def save_tiny_model(path: Path, seed: int = 0, layers: int = 2, with_eos: bool =
     """
     tokenizer = make_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    loaded = make_model(tokenizer, seed=seed, name="tiny", vocab_size=len(tokenizer), layers=layers)
+    loaded = make_model(tokenizer, seed=seed, name="tiny", vocab_size=len(tokenizer), layers=layers,
+                        max_position=max_position)
     if not with_eos:
         tokenizer.eos_token = None
         loaded.model.config.eos_token_id = None
