@@ -42,10 +42,11 @@ class ModelRunner:
             self.lean = LeanForward(self.model, compile=use_compile and self.device.type == "cuda")
             self.cache.allocate(self.lean.num_layers, self.lean.num_kv_heads, self.lean.head_dim)
             if self.device.type == "cuda":
-                # Split-K GEMMs may otherwise reduce partial sums in bfloat16, which makes a
-                # row's result depend on how many rows share the GEMM: a verify pass of
-                # width k + 1 and a plain pass of width 1 would round differently and greedy
-                # outputs drift apart at near-ties. (Process-wide; a service runs one engine.)
+                # Split-K GEMMs may otherwise reduce partial sums in bfloat16, one source of a
+                # row's result depending on how many rows share the GEMM (a verify pass of
+                # width k + 1 against a plain pass of width 1). It narrows, but does not close,
+                # the bf16 speculative/plain divergence at near-ties (bench/RESULTS.md).
+                # Process-wide; a service runs one engine.
                 torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
                 torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
             if use_graphs and self.device.type == "cuda":
