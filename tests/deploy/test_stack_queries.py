@@ -111,6 +111,9 @@ class Stack:
             "SPECDEC_DEVICE": "cpu",
             "SPECDEC_MAX_BATCH_SIZE": "4",
             "SPECDEC_NUM_DRAFT_TOKENS": "4",
+            # Every per-position and acceptance panel needs drafts; the adaptive policy may
+            # rightly choose plain decoding for a tiny model on a busy CPU.
+            "SPECDEC_ADAPTIVE_DRAFT_LENGTH": "false",
             # Prometheus endpoint for the test, plus OTLP to a closed port: exports fail and
             # the export-failure series exists. Acknowledge on aggregation, so the failing
             # export does not hold the service's records back.

@@ -75,6 +75,9 @@ def start_service(e2e_model_dir, sidecar) -> Iterator[Callable[..., ServiceThrea
     def start(**overrides: Any) -> ServiceThread:
         overrides.setdefault("telemetry_target", sidecar.address)
         overrides.setdefault("instance_id", "e2e-service")
+        # These tests need drafts proposed and accepted; the adaptive policy may rightly
+        # choose plain decoding for a tiny model on a busy CPU. Its own tests are elsewhere.
+        overrides.setdefault("adaptive_draft_length", False)
         thread = ServiceThread(service_config(e2e_model_dir, **overrides))
         started.append(thread)
         thread.start()
