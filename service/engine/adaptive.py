@@ -91,9 +91,13 @@ class DraftLengthPolicy:
         elif seconds < OUTLIER * cost.seconds:
             cost.seconds = COST_DECAY * cost.seconds + (1 - COST_DECAY) * seconds
 
-    def _estimate(self, bucket: int, drafts: int, draft_model: bool) -> float | None:
-        measured = {n: c.seconds for (b, n, dm), c in self._costs.items()
-                    if b == bucket and dm == draft_model and c.seen >= 2}
+    def _measured(self, bucket: int, draft_model: bool) -> dict[int, float]:
+        """Steady-state pass costs of one batch bucket, by number of drafts."""
+        return {n: c.seconds for (b, n, dm), c in self._costs.items()
+                if b == bucket and dm == draft_model and c.seen >= 2}
+
+    @staticmethod
+    def _estimate(measured: dict[int, float], drafts: int) -> float | None:
         if drafts in measured:
             return measured[drafts]
         if not measured:
@@ -120,9 +124,11 @@ class DraftLengthPolicy:
         most = max(available, default=0)
         if most <= floor:
             return most
+        # Built once per decision: a cap of 0 runs no draft model, larger caps may.
+        measured = {flag: self._measured(bucket, flag) for flag in {False, draft_model}}
         best, best_rate = most, -1.0
         for cap in range(floor, most + 1):
-            seconds = self._estimate(bucket, cap, draft_model and cap > 0)
+            seconds = self._estimate(measured[draft_model and cap > 0], cap)
             if seconds is None:
                 return most  # nothing measured for this batch size yet: run as asked, and measure
             tokens = sum(expected_tokens(a, min(d, cap)) for d, a in zip(available, rates))
