@@ -1,0 +1,107 @@
+"""Many values of one SDK histogram, for one attribute set, in one step.
+
+Why this exists: the OpenTelemetry SDK's `Histogram.record()` cleans, copies and hashes the
+attribute dict on every call (about 6.5 us per value with our four attributes, 3.5 us of it
+for the attributes). The sidecar records about four histogram values per SpeculativeMetrics
+record, so the per-value API alone caps ingest near 38,000 records/s on one core. A batch
+of records, though, has a handful of attribute sets. `record_many` therefore resolves the
+SDK's own aggregation for an attribute set once per batch and feeds it every value, taking
+the same lock the SDK's `consume_measurement` takes, so collection (cumulative or delta)
+sees exactly what per-value `record()` calls would have produced: same buckets, sum, count,
+min and max (tests/telemetry/test_histogram_bulk.py compares the two on both
+temporalities and several readers).
+
+This reaches into SDK internals (`_measurement_consumer`, the reader storages, the
+view-instrument matches). They are checked once, when a `BulkHistograms` is built; if
+this SDK version does not have them, or exemplars are not switched off, every call falls
+back to the public per-value `record()` and a warning says so. Exemplars must be off
+(the sidecar's MeterProvider uses AlwaysOffExemplarFilter): values recorded in bulk are
+never offered to an exemplar reservoir.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from time import time_ns
+from typing import Iterable, Mapping
+
+from opentelemetry.context import get_current
+from opentelemetry.metrics import Histogram
+
+_log = logging.getLogger(__name__)
+
+try:  # SDK internals; absent or different in another version -> public API only
+    from opentelemetry.sdk.metrics._internal._view_instrument_match import _hash_attributes
+    from opentelemetry.sdk.metrics._internal.exemplar import AlwaysOffExemplarFilter
+    from opentelemetry.sdk.metrics._internal.measurement import Measurement
+except ImportError:  # pragma: no cover - depends on the installed SDK
+    _hash_attributes = None
+
+
+def _fast_path_problem(histogram: Histogram) -> str | None:
+    """None when `histogram` can be fed in bulk; otherwise why not."""
+    if _hash_attributes is None:
+        return "opentelemetry-sdk internals not found"
+    try:
+        consumer = histogram._measurement_consumer  # type: ignore[attr-defined]
+        storages = consumer._reader_storages
+        exemplar_filter = consumer._sdk_config.exemplar_filter
+        if not isinstance(exemplar_filter, AlwaysOffExemplarFilter):
+            return "exemplars are on"
+        for storage in storages.values():
+            for match in storage._get_or_init_view_instrument_match(histogram):
+                match._lock, match._view._attribute_keys  # noqa: B018 - presence check
+                match._get_or_create_aggregation
+        histogram._is_enabled  # type: ignore[attr-defined]  # noqa: B018
+    except AttributeError as e:
+        return f"opentelemetry-sdk internals differ ({e})"
+    return None
+
+
+class BulkHistograms:
+    """`record_many(histogram, values, attributes)` for the histograms of one MeterProvider."""
+
+    def __init__(self, histograms: Iterable[Histogram]) -> None:
+        problems = {h.name: _fast_path_problem(h) for h in histograms}
+        self._bulk = {name for name, problem in problems.items() if problem is None}
+        for name, problem in problems.items():
+            if problem is not None:
+                _log.warning("histogram %s: per-value record() (bulk path off: %s)", name, problem)
+
+    def is_bulk(self, histogram: Histogram) -> bool:
+        return histogram.name in self._bulk
+
+    def record_many(self, histogram: Histogram, values: list[float],
+                    attributes: Mapping[str, object]) -> None:
+        """The same as `for v in values: histogram.record(v, attributes)`."""
+        if not values:
+            return
+        if histogram.name not in self._bulk or not histogram._is_enabled():  # type: ignore[attr-defined]
+            for v in values:
+                histogram.record(v, attributes)
+            return
+        # The SDK drops (and logs) non-finite and negative values: let record() do that.
+        good = [v for v in values if v >= 0 and math.isfinite(v)]
+        if len(good) != len(values):
+            for v in values:
+                if not (v >= 0 and math.isfinite(v)):
+                    histogram.record(v, attributes)
+        if not good:
+            return
+        attrs = dict(attributes)
+        now, context = time_ns(), get_current()
+        measurements = [Measurement(v, now, histogram, context, None) for v in good]
+        consumer = histogram._measurement_consumer  # type: ignore[attr-defined]
+        for storage in consumer._reader_storages.values():
+            for match in storage._get_or_init_view_instrument_match(histogram):
+                keys = match._view._attribute_keys
+                kept = attrs if keys is None else {k: v for k, v in attrs.items() if k in keys}
+                # As _ViewInstrumentMatch.consume_measurement, but once per batch: under the
+                # match's lock, so a collect (which may swap the aggregations out on delta
+                # temporality) sees all of this batch's values or none of them.
+                with match._lock:
+                    aggregation = match._get_or_create_aggregation(_hash_attributes(kept), kept)
+                    aggregate = aggregation.aggregate
+                    for m in measurements:
+                        aggregate(m, False)
