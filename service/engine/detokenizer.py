@@ -9,17 +9,69 @@ start of a stop string is held back until it is disambiguated.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import importlib
+from typing import Any, Callable
 
 REPLACEMENT_CHAR = "\ufffd"
 _PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded before the first output token
+_MAX_CACHED_TOKENS = 1 << 18  # single-token texts kept per tokenizer (bounded by the vocabulary)
+
+
+def _backend_decoder(tokenizer: Any) -> Callable[[list[int]], str] | None:
+    """The Rust tokenizer's own decode, when it is exactly what `tokenizer.decode(ids,
+    skip_special_tokens=True, clean_up_tokenization_spaces=False)` computes: transformers'
+    fast-tokenizer base classes forward to it and add only Python overhead (argument
+    conversion, several calls deep), most of a decode's cost. A subclass that overrides
+    decode or _decode keeps the full path."""
+    try:
+        from tokenizers import Tokenizer
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    except ImportError:
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if not isinstance(backend, Tokenizer) or type(tokenizer).decode is not PreTrainedTokenizerBase.decode:
+        return None
+    forwarding = []  # the base classes' _decode: backend decode, then no clean-up when asked for none
+    for module, name in (("transformers.tokenization_utils_tokenizers", "TokenizersBackend"),  # transformers 5
+                         ("transformers.tokenization_utils_fast", "PreTrainedTokenizerFast")):  # transformers 4
+        try:
+            forwarding.append(getattr(importlib.import_module(module), name)._decode)
+        except (ImportError, AttributeError):
+            pass
+    if type(tokenizer)._decode not in forwarding:
+        return None
+    return functools.partial(backend.decode, skip_special_tokens=True)
+
+
+class TokenTexts:
+    """Decoding for one tokenizer, shareable by its requests (one thread): the fastest exact
+    decode, and a cache of single-token texts (a pure function of the id)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        fast = _backend_decoder(tokenizer)
+        if fast is None:
+            def fast(ids: list[int]) -> str:
+                return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        self.decode: Callable[[list[int]], str] = fast
+        self._single: dict[int, str] = {}
+
+    def single(self, token_id: int) -> str:
+        text = self._single.get(token_id)
+        if text is None:
+            text = self.decode([token_id])
+            if len(self._single) < _MAX_CACHED_TOKENS:
+                self._single[token_id] = text
+        return text
 
 
 class IncrementalDetokenizer:
     """Feeds tokens one at a time; tells the caller when a stop string appeared."""
 
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int] | tuple[int, ...], stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int] | tuple[int, ...], stop: tuple[str, ...],
+                 texts: TokenTexts | None = None) -> None:
         self._tokenizer = tokenizer
+        self._texts = texts if texts is not None else TokenTexts(tokenizer)
         self._ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -30,13 +82,21 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self._texts.decode(ids)
+
+    def _prefix_text(self) -> str:
+        """The decoded window [prefix_offset, read_offset). In the steady state it is the one
+        token added by the previous step, whose text is cached, so a step decodes once."""
+        if self._read_offset - self._prefix_offset == 1:
+            return self._texts.single(self._ids[self._prefix_offset])
+        return self._decode(self._ids[self._prefix_offset : self._read_offset])
 
     def add_token(self, token_id: int) -> bool:
         """Adds one output token; returns True when a stop string now appears in the text."""
-        self._ids.append(token_id)
-        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        new_text = self._decode(self._ids[self._prefix_offset :])
+        ids = self._ids
+        ids.append(token_id)
+        prefix_text = self._prefix_text()
+        new_text = self._texts.decode(ids[self._prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
             return False  # nothing complete yet (e.g. half a UTF-8 character): hold back
         start = len(self.text)
@@ -75,11 +135,14 @@ class IncrementalDetokenizer:
         if final and not self.stopped:
             # Whatever is still undecided (partial characters, stop-string prefixes) goes out.
             tail = self._decode(self._ids[self._prefix_offset :])
-            prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+            prefix_text = self._prefix_text()
             if len(tail) > len(prefix_text):
                 self.text += tail[len(prefix_text) :]
                 self._prefix_offset = self._read_offset = len(self._ids)
-        end = len(self.text) if (final or self.stopped) else len(self.text) - self._held_back()
+        if final or self.stopped or not self._stop:
+            end = len(self.text)
+        else:
+            end = len(self.text) - self._held_back()  # the end may still begin a stop string
         out = self.text[self._emitted : end] if end > self._emitted else ""
         self._emitted = max(self._emitted, end)
         return out

@@ -188,7 +188,8 @@ class Engine:
     def _build_scheduler(self) -> Scheduler:
         cache_len = self._max_context + self.config.max_num_draft_tokens + 1  # room for padded draft slots
         max_width = self.config.max_num_draft_tokens + 1  # a verify pass: pending token + k drafts
-        fast = dict(use_graphs=self.config.cuda_graphs, use_compile=self.config.compile)
+        fast = dict(use_graphs=self.config.cuda_graphs, use_compile=self.config.compile,
+                    lean_compile=self.config.lean_compile)
         target = ModelRunner(self._target, self.config.max_batch_size, cache_len, max_width, **fast)
         drafters: dict[Method, Drafter] = {
             Method.NONE: NoDrafter(),
@@ -238,6 +239,13 @@ class Engine:
 
     def _iterate(self, scheduler: Scheduler) -> bool:
         """One loop turn: admissions and one decode pass. False when the engine is done."""
+        if self._state == _RUNNING and not self._waiting and scheduler.running:
+            # The steady state: nothing queued, nothing to admit, not shutting down. Read
+            # without the lock: a request queued or a stop() arriving meanwhile is seen at
+            # the next turn, as it would be had it come just after this turn took the lock.
+            scheduler.cancel_flagged()
+            self._step(scheduler)
+            return True
         with self._cond:
             while True:
                 draining = self._state == _DRAINING
@@ -273,7 +281,12 @@ class Engine:
         scheduler.cancel_flagged()
         for seq in admit:
             scheduler.admit(seq)
-        scheduler.step()
-        with self._cond:
-            self._in_batch = len(scheduler.running)
+        self._step(scheduler)
         return True
+
+    def _step(self, scheduler: Scheduler) -> None:
+        scheduler.step()
+        running = len(scheduler.running)
+        if running != self._in_batch:  # only this thread writes it: no lock needed to read
+            with self._cond:
+                self._in_batch = running

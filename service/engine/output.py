@@ -23,26 +23,30 @@ class OutputProcessor:
     def emit(self, seq: Sequence, new_tokens: list[int]) -> None:
         """Accepted tokens of one pass, in order. May finish the request (then delivers the
         final chunk and the FinalResult)."""
-        assert seq.detok is not None
-        emitted: list[int] = []
+        detok = seq.detok
+        assert detok is not None
+        tokens, eos_ids = seq.tokens, self.eos_ids
+        # The length limits end the request at the room-th token of this pass.
+        room = min(seq.max_tokens - seq.completion_tokens, self.max_context - len(tokens))
+        if new_tokens and seq.timing.first_token is None:
+            seq.timing.first_token = time.monotonic()
+        count = 0
         reason: FinishReason | None = None
         for tok in new_tokens:
-            seq.tokens.append(tok)
-            emitted.append(tok)
-            if seq.timing.first_token is None:
-                seq.timing.first_token = time.monotonic()
-            if tok in self.eos_ids:
+            tokens.append(tok)
+            count += 1
+            if tok in eos_ids:
                 reason = FinishReason.EOS  # the EOS id is reported, its text is not
-            elif seq.detok.add_token(tok):
+            elif detok.add_token(tok):
                 reason = FinishReason.STOP_SEQUENCE
-            elif len(emitted) + seq.completion_tokens >= seq.max_tokens or len(seq.tokens) >= self.max_context:
+            elif count >= room:
                 reason = FinishReason.LENGTH
             if reason is not None:
                 break  # tokens after a stop condition are dropped
-        seq.completion_tokens += len(emitted)
-        text = seq.detok.take_text(final=reason is not None)
-        if emitted or text:
-            self.send(seq, TokenChunk(seq.request_id, tuple(emitted), text))
+        seq.completion_tokens += count
+        text = detok.take_text(final=reason is not None)
+        if count or text:
+            self.send(seq, TokenChunk(seq.request_id, tuple(new_tokens[:count]), text))
         if reason is not None:
             self.finish(seq, reason)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import structlog
@@ -17,15 +18,76 @@ import torch
 from service.engine.adaptive import DraftLengthPolicy
 from service.engine.api import FinishReason, Method
 from service.engine.device import to_device
-from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine.detokenizer import IncrementalDetokenizer, TokenTexts
 from service.engine.drafters import Drafter, DraftModelDrafter, PassContext
 from service.engine.output import OutputProcessor
 from service.engine.runner import ModelRunner
 from service.engine.sampling import GREEDY, BatchSampling, probs_from_logits, sample_from
 from service.engine.sequence import Sequence
-from service.engine.verify import verify_greedy, verify_rejection
+from service.engine.verify import greedy_accepted, verify_rejection
 
 log = structlog.get_logger(__name__)
+
+
+class _Staging:
+    """A decode pass's integer inputs reach the device in one copy, without a synchronisation.
+
+    On CUDA the values are written into a persistent pinned host buffer and copied with one
+    non_blocking copy into a persistent device buffer. From pinned memory the copy is only
+    queued on the stream (from pageable memory it would be synchronous), so the pinned buffer
+    must not be rewritten before the copy has run. The scheduler calls synchronized() right
+    after the pass's one synchronisation, a device -> host copy on the same stream, which
+    returns only once everything queued before it, this copy included, has run. An upload
+    while a copy may still be pending (a pass that failed before its synchronisation) goes
+    through a fresh pinned block instead (service.engine.device.to_device). The device
+    buffer is reused in stream order: the next copy into it is queued behind every kernel
+    of the previous pass that reads it.
+    """
+
+    def __init__(self, device: torch.device, size: int) -> None:
+        self.device = device
+        self.size = size
+        self._pending = False  # a copy out of the pinned buffer may not have run yet
+        if device.type == "cuda":
+            self._host = torch.empty(size, dtype=torch.long, pin_memory=True)
+            self._host_view = self._host.numpy()  # writes a Python list in one call
+            self._dev = torch.empty(size, dtype=torch.long, device=device)
+            # (host slice, device slice) per length: a view costs as much host time as a
+            # small kernel launch, and the same few lengths recur pass after pass.
+            self._slices: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def upload(self, values: list[int]) -> torch.Tensor:
+        """`values` as a [len(values)] long tensor on the device; valid until the next upload."""
+        n = len(values)
+        if self.device.type != "cuda" or n > self.size or self._pending:
+            return to_device(values, torch.long, self.device)
+        slices = self._slices.get(n)
+        if slices is None:
+            slices = self._slices[n] = (self._host[:n], self._dev[:n])
+        self._host_view[:n] = values
+        slices[1].copy_(slices[0], non_blocking=True)
+        self._pending = True
+        return slices[1]
+
+    def synchronized(self) -> None:
+        """The stream has been synchronised since the last upload: its copy has run."""
+        self._pending = False
+
+
+@dataclass
+class _Batch:
+    """What a decode pass needs to know about the running requests that changes only when a
+    request joins or leaves: built once per composition, not once per pass."""
+
+    rows: list[Sequence]  # by slot
+    drafters: list[Drafter]  # rows[i]'s drafter
+    hi: int  # rows occupy slots [0, hi)
+    by_slot: list[Sequence | None]  # [hi]
+    sampling: BatchSampling  # [hi] rows; free slots are greedy dummies
+    greedy_context: PassContext | None  # the all-greedy pass context (no uniforms to draw)
+    can_draft: bool  # some row has k > 0
+    # Rows (k > 0) of drafters whose drafts exist only on the device, by drafter.
+    device_groups: list[tuple[Drafter, list[Sequence]]]
 
 
 class Scheduler:
@@ -50,6 +112,11 @@ class Scheduler:
         self.policy = policy
         self.running: dict[int, Sequence] = {}
         self._free = list(range(max_batch))  # a min-heap: low slots first keeps batches dense
+        self._batch: _Batch | None = None  # the running requests' pass layout; None = rebuild
+        self._texts = TokenTexts(tokenizer)  # decoding shared by every request's detokenizer
+        # ids [B, K + 1], then d_s [B], then one row mask [B] per device drafter
+        self._staging = _Staging(self.device, max_batch * (max_k + 2 + len(drafters)))
+        self._runners = [target] + [d.runner for d in drafters.values() if isinstance(d, DraftModelDrafter)]
 
     @property
     def free_slots(self) -> int:
@@ -59,14 +126,18 @@ class Scheduler:
         if self.running.get(seq.slot) is seq:
             del self.running[seq.slot]
             heapq.heappush(self._free, seq.slot)
+            self._batch = None
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        log.exception("request_failed", request_id=seq.request_id)
+        self.output.finish(seq, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
 
     def _guarded(self, seq: Sequence, work: Callable[[], None]) -> None:
         """Runs one request's host-side work; an exception fails that request alone."""
         try:
             work()
         except Exception as exc:  # noqa: BLE001
-            log.exception("request_failed", request_id=seq.request_id)
-            self.output.finish(seq, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+            self._fail(seq, exc)
         if seq.finished:
             self._release(seq)
 
@@ -76,10 +147,10 @@ class Scheduler:
             self._release(seq)
 
     def cancel_flagged(self) -> None:
-        for seq in list(self.running.values()):
-            if seq.handle.cancelled:
-                self.output.finish(seq, FinishReason.CANCELLED)
-                self._release(seq)
+        flagged = [seq for seq in self.running.values() if seq.handle.cancelled]
+        for seq in flagged:
+            self.output.finish(seq, FinishReason.CANCELLED)
+            self._release(seq)
 
     # ---- admission -------------------------------------------------------------------
 
@@ -87,13 +158,14 @@ class Scheduler:
         """Takes a free slot, prefills the prompt (target and drafter) and emits token 1."""
         seq.slot = heapq.heappop(self._free)
         self.running[seq.slot] = seq
+        self._batch = None
         seq.timing.admitted = time.monotonic()
         first: list[int] = []
 
         def prefill() -> None:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(seq.seed)
-            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.tokens, seq.request.stop)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.tokens, seq.request.stop, self._texts)
             prompt = to_device([seq.tokens], torch.long, self.device)  # [1, P]
             logits = self.target.forward(seq.slot, seq.slot + 1, prompt, [0], last_only=True)  # [1, 1, V]
             seq.target_len = seq.prompt_len
@@ -112,7 +184,38 @@ class Scheduler:
 
     # ---- one decode pass -------------------------------------------------------------
 
-    def _uniforms(self, by_slot: dict[int, Sequence], hi: int, all_greedy: bool) -> torch.Tensor:
+    def _current_batch(self) -> _Batch:
+        if self._batch is None:
+            rows = [self.running[s] for s in sorted(self.running)]
+            hi = rows[-1].slot + 1
+            by_slot: list[Sequence | None] = [None] * hi
+            for seq in rows:
+                by_slot[seq.slot] = seq
+            sampling = BatchSampling.build([seq.sampling if seq is not None else GREEDY for seq in by_slot],
+                                           self.device)
+            greedy_context = None
+            if sampling.all_greedy:
+                u = self._uniforms(by_slot, hi, True)
+                k = self.max_k
+                greedy_context = PassContext(hi, self.device, sampling, u[:, :k], u[:, k : 2 * k], u[:, 2 * k])
+            device_groups = []
+            for method, drafter in self.drafters.items():
+                group = [seq for seq in rows if seq.method is method and seq.k > 0]
+                if group and not drafter.drafts_on_host:
+                    device_groups.append((drafter, group))
+            self._batch = _Batch(
+                rows=rows,
+                drafters=[self.drafters[seq.method] for seq in rows],
+                hi=hi,
+                by_slot=by_slot,
+                sampling=sampling,
+                greedy_context=greedy_context,
+                can_draft=any(seq.k > 0 for seq in rows),
+                device_groups=device_groups,
+            )
+        return self._batch
+
+    def _uniforms(self, by_slot: list[Sequence | None], hi: int, all_greedy: bool) -> torch.Tensor:
         """[hi, 2K + 1]: each sampling row draws a fixed number from its own generator per
         pass, so its random stream does not depend on the batch it runs in."""
         width = 2 * self.max_k + 1
@@ -120,22 +223,31 @@ class Scheduler:
             return torch.zeros((hi, width), device=self.device)
         zeros = torch.zeros(width, device=self.device)
         rows = []
-        for slot in range(hi):
-            seq = by_slot.get(slot)
+        for seq in by_slot:
             if seq is None or seq.sampling.greedy:
                 rows.append(zeros)
             else:
                 rows.append(torch.rand(width, generator=seq.generator, device=self.device))
         return torch.stack(rows)
 
+    def _context(self, batch: _Batch) -> PassContext:
+        if batch.greedy_context is not None:
+            return batch.greedy_context
+        u = self._uniforms(batch.by_slot, batch.hi, False)  # [hi, 2K + 1]
+        k = self.max_k
+        return PassContext(batch.hi, self.device, batch.sampling, u[:, :k], u[:, k : 2 * k], u[:, 2 * k])
+
     def step(self) -> None:
         """One decode pass over every running request: draft, verify, accept, emit."""
-        rows = [self.running[s] for s in sorted(self.running)]
-        if not rows:
+        if not self.running:
             return
-        started, captures = time.perf_counter(), self._captures()
+        batch = self._current_batch()
+        rows = batch.rows
+        policy = self.policy
+        if policy is not None:
+            started, captures = time.perf_counter(), self._captures()
         try:
-            verdicts = self._draft_and_verify(rows)
+            verdicts = self._draft_and_verify(batch)
         except Exception as exc:  # noqa: BLE001 - a batched failure fails the batch, not the engine
             log.exception("decode_pass_failed", batch=len(rows))
             for seq in rows:
@@ -144,17 +256,21 @@ class Scheduler:
             return
         # The verdicts are on the host: the pass is over. A pass that captured a new graph
         # (and compiled its kernels) says nothing about the steady-state cost.
-        if self.policy is not None and self._captures() == captures:
+        if policy is not None and self._captures() == captures:
             drafts = max(seq.num_drafts for seq in rows)
-            self.policy.observe(rows[-1].slot + 1, drafts, self._drafts_with_model(rows), time.perf_counter() - started)
-        for seq in rows:
-            accepted, tokens = verdicts[seq.slot][0], verdicts[seq.slot][1:]
-            self._guarded(seq, lambda seq=seq, a=accepted, t=tokens: self._absorb(seq, a, t[: a + 1]))
+            policy.observe(batch.hi, drafts, self._drafts_with_model(rows), time.perf_counter() - started)
+        for seq, drafter, (accepted, tokens) in zip(rows, batch.drafters, verdicts):
+            try:  # one request's host-side work; an exception fails that request alone
+                self._absorb(seq, drafter, accepted, tokens)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(seq, exc)
+            if seq.finished:
+                self._release(seq)
 
-    def _absorb(self, seq: Sequence, accepted: int, tokens: list[int]) -> None:
+    def _absorb(self, seq: Sequence, drafter: Drafter, accepted: int, tokens: list[int]) -> None:
         seq.stats.record_pass(seq.num_drafts, accepted)
         seq.acceptance.update(seq.num_drafts, accepted)
-        self.drafters[seq.method].commit(seq, accepted)
+        drafter.commit(seq, accepted)
         seq.target_len += accepted + 1  # the pending token and the accepted drafts are cached now
         self.output.emit(seq, tokens)
 
@@ -164,8 +280,7 @@ class Scheduler:
         return any(seq.method is Method.DRAFT_MODEL and seq.num_drafts > 0 for seq in rows)
 
     def _captures(self) -> int:
-        runners = [self.target] + [d.runner for d in self.drafters.values() if isinstance(d, DraftModelDrafter)]
-        return sum(runner.captures for runner in runners)
+        return sum(runner.captures for runner in self._runners)
 
     @staticmethod
     def _adapts(seq: Sequence) -> bool:
@@ -173,74 +288,142 @@ class Scheduler:
         theirs: their random stream, and so their output, must not depend on timings."""
         return seq.sampling.greedy or seq.request.sampling.seed is None
 
-    def _shorten_drafts(self, rows: list[Sequence], hi: int) -> None:
+    def _shorten_drafts(self, rows: list[Sequence], hi: int, rates: list[float]) -> None:
         """Caps d_s by the adaptive policy."""
         fixed = [seq.num_drafts for seq in rows if not self._adapts(seq)]
-        cap = self.policy.choose(
-            hi, [seq.num_drafts for seq in rows], [seq.acceptance.rate for seq in rows], max(fixed, default=0),
-            self._drafts_with_model(rows))
+        cap = self.policy.choose(hi, [seq.num_drafts for seq in rows], rates, max(fixed, default=0),
+                                 self._drafts_with_model(rows))
         for seq in rows:
             if self._adapts(seq):
                 seq.num_drafts = min(seq.num_drafts, cap)
 
-    def _drafting_cannot_pay(self, rows: list[Sequence], hi: int, limits: dict[int, int]) -> bool:
+    def _drafting_cannot_pay(self, rows: list[Sequence], hi: int, limits: list[int], rates: list[float]) -> bool:
         """True when plain decoding beats drafting even if every row proposed its whole limit:
         then the drafters need not plan at all (an n-gram lookup per row per pass is host time
         comparable to a batch-32 pass)."""
-        if any(limits[seq.slot] and not self._adapts(seq) for seq in rows):
+        if any(limit and not self._adapts(seq) for seq, limit in zip(rows, limits)):
             return False
-        draft_model = any(seq.method is Method.DRAFT_MODEL and limits[seq.slot] for seq in rows)
-        best = self.policy.best_cap(hi, [limits[seq.slot] for seq in rows], [seq.acceptance.rate for seq in rows],
-                                    0, draft_model)
-        return best == 0
+        draft_model = any(seq.method is Method.DRAFT_MODEL and limit for seq, limit in zip(rows, limits))
+        return self.policy.best_cap(hi, limits, rates, 0, draft_model) == 0
 
-    def _draft_and_verify(self, rows: list[Sequence]) -> list[list[int]]:
-        hi = rows[-1].slot + 1
-        by_slot = {seq.slot: seq for seq in rows}
-        limits = {}
+    def _plan(self, batch: _Batch) -> None:
+        """Sets every row's d_s for the coming pass."""
+        rows = batch.rows
+        if not batch.can_draft and self.policy is None:
+            for seq in rows:
+                seq.num_drafts = 0
+            return
+        limits = []
         for seq in rows:
             remaining = seq.max_tokens - seq.completion_tokens  # a pass emits up to d_s + 1 tokens
             room = self.max_context - len(seq.tokens)
-            limits[seq.slot] = max(0, min(seq.k, remaining - 1, room - 1))
-        skip_planning = self.policy is not None and self._drafting_cannot_pay(rows, hi, limits)
-        for seq in rows:
-            seq.num_drafts = 0 if skip_planning else self.drafters[seq.method].plan(seq, limits[seq.slot])
+            limits.append(max(0, min(seq.k, remaining - 1, room - 1)))
+        rates = [seq.acceptance.rate for seq in rows] if self.policy is not None else []
+        skip_planning = self.policy is not None and self._drafting_cannot_pay(rows, batch.hi, limits, rates)
+        for seq, drafter, limit in zip(rows, batch.drafters, limits):
+            # A drafter proposes at most `limit` drafts: with none allowed, it need not plan.
+            seq.num_drafts = drafter.plan(seq, limit) if limit and not skip_planning else 0
         if self.policy is not None:
-            self._shorten_drafts(rows, hi)
-        n = max(seq.num_drafts for seq in rows)
-        sampling = BatchSampling.build([by_slot[s].sampling if s in by_slot else GREEDY for s in range(hi)], self.device)
-        u = self._uniforms(by_slot, hi, sampling.all_greedy)  # [hi, 2K + 1]
-        k = self.max_k
-        ctx = PassContext(hi, self.device, sampling, u[:, :k], u[:, k : 2 * k], u[:, 2 * k])
+            self._shorten_drafts(rows, batch.hi, rates)
 
-        drafts = torch.zeros((hi, n), dtype=torch.long, device=self.device)  # [hi, n]
+    def _draft_and_verify(self, batch: _Batch) -> list[tuple[int, list[int]]]:
+        """One pass: plan, draft, verify. Returns (a_s, the a_s + 1 emitted tokens) per row."""
+        self._plan(batch)
+        rows, hi = batch.rows, batch.hi
+        n = max(seq.num_drafts for seq in rows)
+        width = n + 1
+        ctx = self._context(batch)
+
+        # Everything the host knows goes to the device in one copy: every row's pending
+        # token and host-side drafts ([hi, n + 1], zero padded), d_s per row, and a row mask
+        # per drafter whose drafts are made on the device.
+        values = [0] * (hi * width)
+        starts = [0] * hi
+        host_drafts: list[list[int] | None] = []  # per row; None: made on the device
+        for seq, drafter in zip(rows, batch.drafters):
+            at = seq.slot * width
+            values[at] = seq.tokens[-1]
+            starts[seq.slot] = seq.target_len
+            d = seq.num_drafts
+            if not d:
+                host_drafts.append([])
+            elif drafter.drafts_on_host:
+                values[at + 1 : at + 1 + d] = row_drafts = drafter.host_drafts(seq)
+                host_drafts.append(row_drafts)
+            else:
+                host_drafts.append(None)
+        sampled = not batch.sampling.all_greedy
+        if sampled:  # d_s per row, for the rejection sampler
+            values += [seq.num_drafts if seq is not None else 0 for seq in batch.by_slot]
+        proposing = []  # (drafter, rows, m = the group's largest d_s)
+        for drafter, group in batch.device_groups:
+            m = max(seq.num_drafts for seq in group)
+            if m:
+                proposing.append((drafter, group, m))
+                mask = [0] * hi
+                for seq in group:
+                    mask[seq.slot] = 1
+                values += mask
+        staged = self._staging.upload(values)
+        input_ids = (staged if len(values) == hi * width else staged[: hi * width]).view(hi, width)  # [hi, n + 1]
+
         q_parts: list[tuple[torch.Tensor, int, torch.Tensor]] = []
-        for method, drafter in self.drafters.items():
-            group = [seq for seq in rows if seq.method is method and seq.k > 0]
-            m = max((seq.num_drafts for seq in group), default=0)
-            if m == 0:
-                continue
+        masks_at = hi * (width + 1) if sampled else hi * width  # where the row masks start
+        for i, (drafter, group, m) in enumerate(proposing):
+            mask = staged[masks_at + i * hi : masks_at + (i + 1) * hi].bool()  # [hi]
             out = drafter.propose(ctx, group, m)
-            slots = {seq.slot for seq in group}
-            mask = to_device([s in slots for s in range(hi)], torch.bool, self.device)  # [hi]
-            drafts[:, :m] = torch.where(mask[:, None], out.tokens, drafts[:, :m])
+            input_ids[:, 1 : m + 1] = torch.where(mask[:, None], out.tokens, input_ids[:, 1 : m + 1])
             if out.probs is not None:
                 q_parts.append((mask, m, out.probs))
 
-        num_drafts = to_device([by_slot[s].num_drafts if s in by_slot else 0 for s in range(hi)], torch.long, self.device)
-        pending = [by_slot[s].tokens[-1] if s in by_slot else 0 for s in range(hi)]
-        input_ids = torch.cat([to_device(pending, torch.long, self.device)[:, None], drafts], dim=1)  # [hi, n + 1]
-        starts = [by_slot[s].target_len if s in by_slot else 0 for s in range(hi)]
         logits = self.target.forward(0, hi, input_ids, starts)  # [hi, n + 1, V]
 
-        if sampling.all_greedy:
-            accepted, tokens = verify_greedy(logits, drafts, num_drafts)
-        else:
-            p = probs_from_logits(logits, sampling)  # [hi, n + 1, V]
-            q = torch.nn.functional.one_hot(drafts, p.shape[-1]).float()  # [hi, n, V]
-            for mask, m, probs in q_parts:
-                q[:, :m] = torch.where(mask[:, None, None], probs, q[:, :m])
-            q *= (torch.arange(n, device=self.device)[None, :] < num_drafts[:, None])[..., None]
-            accepted, tokens = verify_rejection(p, q, drafts, num_drafts, ctx.u_accept[:, :n], ctx.u_bonus)
+        if not sampled:
+            verdicts = self._verify_greedy_on_host(rows, logits, input_ids, host_drafts)
+            self._staging.synchronized()
+            return verdicts
+        drafts = input_ids[:, 1:]  # [hi, n]
+        num_drafts = staged[hi * width : hi * (width + 1)]  # [hi]
+        p = probs_from_logits(logits, batch.sampling)  # [hi, n + 1, V]
+        q = torch.nn.functional.one_hot(drafts, p.shape[-1]).float()  # [hi, n, V]
+        for mask, m, probs in q_parts:
+            q[:, :m] = torch.where(mask[:, None, None], probs, q[:, :m])
+        q *= (torch.arange(n, device=self.device)[None, :] < num_drafts[:, None])[..., None]
+        accepted, tokens = verify_rejection(p, q, drafts, num_drafts, ctx.u_accept[:, :n], ctx.u_bonus)
         # The pass's one device -> host transfer: accepted counts and emitted tokens together.
-        return torch.cat([accepted[:, None], tokens], dim=1).tolist()  # [hi][1 + n + 1]
+        host = torch.cat([accepted[:, None], tokens], dim=1).tolist()  # [hi][1 + n + 1]
+        self._staging.synchronized()
+        verdicts = []
+        for seq in rows:
+            a, *row_tokens = host[seq.slot]
+            verdicts.append((a, row_tokens[: a + 1]))
+        return verdicts
+
+    @staticmethod
+    def _verify_greedy_on_host(rows: list[Sequence], logits: torch.Tensor, input_ids: torch.Tensor,
+                               host_drafts: list[list[int] | None]) -> list[tuple[int, list[int]]]:
+        """Greedy verification (service.engine.verify.verify_greedy), compared on the host.
+
+        Only the target's argmaxes cross to the host (with the input ids when some drafts
+        were made on the device), in the pass's one device -> host transfer; the few
+        comparisons per row cost less in Python than the kernels that would make them.
+        """
+        target = logits.argmax(dim=-1)  # [hi, n + 1]
+        if all(d is not None for d in host_drafts):
+            host = target.tolist()  # [hi][n + 1]
+            verdicts = []
+            for seq, drafts in zip(rows, host_drafts):
+                row = host[seq.slot]
+                accepted = greedy_accepted(drafts, row) if drafts else 0
+                verdicts.append((accepted, row[: accepted + 1]))
+            return verdicts
+        width = target.shape[1]
+        host = torch.cat([input_ids, target], dim=1).tolist()  # [hi][2 (n + 1)]: ids, then argmaxes
+        verdicts = []
+        for seq, drafts in zip(rows, host_drafts):
+            row = host[seq.slot]
+            if drafts is None:
+                drafts = row[1 : 1 + seq.num_drafts]
+            accepted = greedy_accepted(drafts, row[width:]) if drafts else 0
+            verdicts.append((accepted, row[width : width + accepted + 1]))
+        return verdicts

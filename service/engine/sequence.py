@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,16 +19,14 @@ class Handle:
 
     def __init__(self, request_id: str, wake: Callable[[], None]) -> None:
         self.request_id = request_id
-        self._cancelled = threading.Event()
+        # A plain flag (set once, from any thread; a bool store is atomic in CPython): the
+        # engine thread reads it for every running request in every pass.
+        self.cancelled = False
         self._wake = wake
 
     def cancel(self) -> None:
-        self._cancelled.set()
+        self.cancelled = True
         self._wake()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
 
 
 @dataclass

@@ -34,6 +34,17 @@ def verify_greedy(
     return accepted, target
 
 
+def greedy_accepted(drafts: list[int], target: list[int]) -> int:
+    """verify_greedy's rule for one row, on the host: the length of the longest prefix of
+    `drafts` (this row's d_s drafts) equal to the target's argmaxes `target` (len >= d_s)."""
+    accepted = 0
+    for draft, best in zip(drafts, target):
+        if draft != best:
+            break
+        accepted += 1
+    return accepted
+
+
 def verify_rejection(
     p: torch.Tensor,
     q: torch.Tensor,
