@@ -13,12 +13,18 @@ D head dim, E hidden size, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch._dynamo
+import torch.fx.experimental._config
 import torch.nn.functional as F
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+VARIANTS = ("around_attention", "layer")  # what one torch.compile region covers; see LeanForward
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -81,11 +87,15 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def pre_attention(x: torch.Tensor, norm: torch.Tensor, qkv_weight: torch.Tensor,
                   qkv_bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                  eps: float, h: int, g: int, d: int
+                  eps: float, h: int, g: int, d: int, gemv: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [B, T, E] -> rotated q [B, H, T, D], rotated k [B, G, T, D], v [B, G, T, D]."""
+    """x [B, T, E] -> rotated q [B, H, T, D], rotated k [B, G, T, D], v [B, G, T, D].
+    gemv: the QKV projection as gemv_linear (B = T = 1, compiled)."""
     b, t, _ = x.shape
-    qkv = F.linear(rms_norm(x, norm, eps), qkv_weight, qkv_bias)  # [B, T, (H + 2G) * D]
+    if gemv:
+        qkv = gemv_linear(x, qkv_weight, qkv_bias, norm, eps)
+    else:
+        qkv = F.linear(rms_norm(x, norm, eps), qkv_weight, qkv_bias)  # [B, T, (H + 2G) * D]
     q, k, v = qkv.view(b, t, h + 2 * g, d).transpose(1, 2).split((h, g, g), dim=1)
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
@@ -95,24 +105,197 @@ def post_attention(x: torch.Tensor, attn: torch.Tensor, o_weight: torch.Tensor,
                    down_weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Residual stream x [B, T, E] after attention output attn [B, H, T, D] and the MLP."""
     b, _, t, _ = attn.shape
-    x = x + F.linear(attn.transpose(1, 2).reshape(b, t, -1), o_weight, o_bias)
-    gate, up = F.linear(rms_norm(x, norm, eps), gate_up_weight).chunk(2, dim=-1)  # [B, T, I] each
-    return x + F.linear(F.silu(gate) * up, down_weight)
+    return out_proj_and_mlp(x, attn.transpose(1, 2).reshape(b, t, -1), o_weight, o_bias, norm,
+                            gate_up_weight, down_weight, eps)
+
+
+def out_proj_and_mlp(x: torch.Tensor, attn: torch.Tensor, o_weight: torch.Tensor,
+                     o_bias: torch.Tensor | None, norm: torch.Tensor, gate_up_weight: torch.Tensor,
+                     down_weight: torch.Tensor, eps: float, gemv: bool = False) -> torch.Tensor:
+    """Residual stream x [B, T, E] after attention output attn [B, T, H * D] and the MLP.
+    gemv: the projections as gemv_linear (B = T = 1, compiled), gate and up as two
+    reductions over one index space, so that inductor fuses both and the SiLU product."""
+    if not gemv:
+        x = x + F.linear(attn, o_weight, o_bias)
+        gate, up = F.linear(rms_norm(x, norm, eps), gate_up_weight).chunk(2, dim=-1)  # [B, T, I] each
+        return x + F.linear(F.silu(gate) * up, down_weight)
+    x = x + gemv_linear(attn, o_weight, o_bias)
+    gate_weight, up_weight = gate_up_weight.chunk(2, dim=0)  # two reductions over one index space
+    gate, up = gemv_linear(x, gate_weight, None, norm, eps), gemv_linear(x, up_weight, None, norm, eps)
+    return x + gemv_linear(F.silu(gate) * up, down_weight, None)
+
+
+def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """F.linear(x, weight, bias) for one row x [1, 1, E] as a product and a float32 sum, which
+    inductor generates as a Triton reduction (fusable with what surrounds it) instead of an
+    extern cuBLAS GEMV. The output is rounded to x's dtype, as F.linear's is.
+
+    With norm, of rms_norm(x, norm, eps) instead of x: the norm is computed once per output
+    row (x is a single row of E values), so that its own reduction over E has the GEMV's
+    index space and inductor fuses both into one kernel, as it fuses a softmax's max and sum.
+    """
+    n, e = weight.shape
+    rows = x[..., None, :]  # [1, 1, 1, E]
+    if norm is not None:
+        rows = rms_norm(rows.expand(*x.shape[:-1], n, e), norm, eps)  # [1, 1, N, E]
+    out = (rows.float() * weight.float()).sum(-1)  # [1, 1, N]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """Grouped-query attention as plain matmuls and a softmax, without repeating k and v.
+
+    q [B, H, T, D]; k, v [B, G, K, D]; mask [B, 1, T, K] additive. Returns [B, T, H * D].
+    Query heads j * R .. j * R + R - 1 (R = H / G) read kv head j, as transformers'
+    repeat_kv does: q is viewed as [B, G, R * T, D], one matmul per kv head. The scores
+    are scaled, masked and softmaxed in float32 (as transformers' eager attention), the
+    probabilities cast back to the value dtype for the second matmul.
+    """
+    b, h, t, d = q.shape
+    g = k.shape[1]
+    r = h // g
+    scores = torch.matmul(q.reshape(b, g, r * t, d), k.transpose(-1, -2))  # [B, G, R * T, K]
+    scores = scores.view(b, g, r, t, -1).float() * scale + mask[:, :, None]  # [B, G, R, T, K]
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(b, g, r * t, -1)
+    out = torch.matmul(probs, v)  # [B, G, R * T, D]
+    return out.view(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
+
+
+def decoder_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_pos: torch.Tensor,
+                  mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  input_norm: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
+                  o_weight: torch.Tensor, o_bias: torch.Tensor | None, post_norm: torch.Tensor,
+                  gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
+                  eps: float, h: int, g: int, d: int, scale: float) -> torch.Tensor:
+    """One whole decoder layer: x [B, T, E] -> x [B, T, E], writing this layer's new keys and
+    values into k_cache, v_cache [B, G, L, D] (in place) at positions write_pos [B, T] and
+    attending over the first K = mask.shape[-1] cached positions (mask [B, 1, T, K]).
+
+    Written to be compiled as one region (LeanForward's "layer" variant), where B == 1 and
+    T == 1 are specialisations of their own (Dynamo's 0/1 specialisation), so the choices
+    below cost nothing at run time. Measured on an H200, SmolLM2-135M bf16, replayed graphs
+    (bench/gpu_pass_cost.py --profile; the alternatives were variants of this function):
+    - attention: the explicit matmuls of gqa_attention where B >= 2 and T >= 2 (B = 32,
+      T = 2..9: 1.92..2.69 ms a pass against 2.33..2.78 with SDPA inside the region);
+      F.scaled_dot_product_attention otherwise (cuDNN: B = 32, T = 1: 1.42 ms against 1.64;
+      B = 1, T = 2..9: 1.45..1.49 against 1.52..1.56; at B = 1, T = 1 cuBLAS/CUTLASS
+      batched GEMMs of 3 rows took 8 and 3 us a layer, and the same products written as
+      Triton reductions 10 us: cuDNN's two kernels take 6.6);
+    - linears at B = 1, T = 1, compiled: products and float32 sums (gemv_linear), which
+      inductor emits as Triton reductions fused with the norm (recomputed per output row),
+      SiLU and residual around them, instead of cuBLAS GEMVs of about 3.9 us each. A B = 1,
+      T = 1 pass: 0.83 ms and 298 kernels, against 1.25 ms and 448 kernels for the
+      "around_attention" variant (0.94 ms with the norms as kernels of their own, 1.23 ms
+      with cuBLAS linears).
+    Eagerly, the linears stay F.linear (a product would be materialised).
+    """
+    b, t, _ = x.shape
+    torch._check(k_cache.shape[1] == g and v_cache.shape[1] == g)  # fixes G for the compiler too
+    gemv = b == 1 and t == 1 and torch.compiler.is_compiling()
+    q, k, v = pre_attention(x, input_norm, qkv_weight, qkv_bias, cos, sin, eps, h, g, d, gemv)
+    rows = torch.arange(b, device=x.device)[:, None, None]  # [B, 1, 1]
+    heads = torch.arange(g, device=x.device)[None, :, None]  # [1, G, 1]
+    slots = write_pos[:, None, :]  # [B, 1, T]
+    k_cache.index_put_((rows, heads, slots), k)  # k, v: [B, G, T, D]
+    v_cache.index_put_((rows, heads, slots), v)
+    kv_len = mask.shape[-1]
+    keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+    if b != 1 and t != 1:
+        attn = gqa_attention(q, keys, values, mask, scale)  # [B, T, H * D]
+    else:
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+                                              enable_gqa=h != g).transpose(1, 2).reshape(b, t, h * d)
+    return out_proj_and_mlp(x, attn, o_weight, o_bias, post_norm, gate_up_weight, down_weight, eps, gemv)
+
+
+def _bind_layer(eps: float, h: int, g: int, d: int, scale: float) -> Callable[..., torch.Tensor]:
+    """decoder_layer with the model's constants bound, as a function with a code object of its own.
+
+    Dynamo keeps its compiled specialisations, and counts them against its recompile limit,
+    per code object: a target and a draft model compiling the same function would otherwise
+    share one cache and one limit. (The constants, closure values, are still frame inputs
+    to Dynamo: _compile_settings makes it specialise on them.)
+    """
+
+    def layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_pos: torch.Tensor,
+              mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              input_norm: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
+              o_weight: torch.Tensor, o_bias: torch.Tensor | None, post_norm: torch.Tensor,
+              gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+        return decoder_layer(x, cos, sin, write_pos, mask, k_cache, v_cache, input_norm, qkv_weight,
+                             qkv_bias, o_weight, o_bias, post_norm, gate_up_weight, down_weight,
+                             eps, h, g, d, scale)
+
+    return types.FunctionType(layer.__code__.replace(), layer.__globals__, layer.__name__,
+                              layer.__defaults__, layer.__closure__)
+
+
+# Specialisations of one compiled layer function: B == 1 or >= 2, T == 1 or >= 2, and the
+# cache rows' storage offset 0 (rows from 0, every graph) or not (an eager pass over rows
+# [lo, hi) with lo > 0): at most 8. Above that Dynamo would silently run the function
+# eagerly; we raise instead.
+_RECOMPILE_LIMIT = 8
+
+
+@contextlib.contextmanager
+def _compile_settings() -> Iterator[None]:
+    """Dynamo settings for calls of a compiled layer function (a compile happens inside a
+    call), set for the duration of one pass rather than process-wide.
+
+    - No duck sizing: dims of equal size would otherwise share one symbol (B == T == 2, or
+      K == a batch of 64), and a later call where they differ would recompile.
+    - Python ints and floats (head counts, eps, scale) are constants, not symbols or tensor
+      inputs as dynamic=True would make them: the kernels see fixed head shapes.
+    - A hard error, not a silent eager fallback, when the recompile limit is hit.
+    """
+    fx_config, dynamo_config = torch.fx.experimental._config, torch._dynamo.config
+    settings = ((fx_config, "use_duck_shape", False),
+                (dynamo_config, "specialize_int", True),
+                (dynamo_config, "specialize_float", True),
+                (dynamo_config, "recompile_limit", _RECOMPILE_LIMIT),
+                (dynamo_config, "fail_on_recompile_limit_hit", True))
+    saved = [getattr(module, name) for module, name, _ in settings]
+    for module, name, value in settings:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for (module, name, _), value in zip(settings, saved):
+            setattr(module, name, value)
 
 
 class LeanForward:
     """The decoder stack of a Llama/Qwen2 model as explicit tensor code.
 
-    compile=True fuses the per-layer work around attention with torch.compile (CUDA);
-    the cache write and the attention itself stay eager, so compile never sees the cache.
+    Two variants (`variant`), the same numbers (tests compare both to transformers):
+    - "around_attention": per layer, compile=True fuses the work before attention (norm, QKV,
+      rotary) and after it (O projection, residuals, norm, MLP) with torch.compile (CUDA);
+      the cache write and the attention (F.scaled_dot_product_attention) stay eager, so
+      compile never sees the cache.
+    - "layer": the whole decoder layer is one function (`decoder_layer`): cache write by
+      index_put_ into the cache tensors, attention as explicit grouped-query matmuls
+      (`gqa_attention`) or SDPA, whichever was measured faster for the shape. compile=True
+      compiles it as one region (torch.compile, dynamic shapes, one specialisation per
+      B == 1 or not, T == 1 or not, cache rows at offset 0 or not, never per kv length), so
+      inductor fuses across the attention, writes the cache in place, and at B = T = 1 turns
+      the linears into Triton reductions fused with their neighbours.
     The final norm and the LM head run in float32: bfloat16 logits are so coarse (about
     0.1 apart near 20) that ties between the top two tokens are common, and which one wins
     then depends on tiny shape-dependent rounding upstream.
     """
 
-    def __init__(self, model: torch.nn.Module, compile: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, compile: bool = False,
+                 variant: str = "around_attention") -> None:
         if not supports(model):
             raise ValueError(f"lean forward does not support model_type {model.config.model_type!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown lean forward variant {variant!r} (one of {', '.join(VARIANTS)})")
+        self.variant = variant
+        self.compiled = compile
         config = model.config
         decoder = model.model
         self.num_heads = config.num_attention_heads
@@ -124,8 +307,13 @@ class LeanForward:
         self.final_norm = decoder.norm.weight.float()  # [E]
         head = model.lm_head.weight  # [V, E] (tied to embed when the model ties them)
         self.lm_head = head if head.dtype == torch.float32 else head.float()
-        self.pre_attention = torch.compile(pre_attention, dynamic=True) if compile else pre_attention
-        self.post_attention = torch.compile(post_attention, dynamic=True) if compile else post_attention
+        self.pre_attention = pre_attention
+        self.post_attention = post_attention
+        self.layer: Callable[..., torch.Tensor] | None = None  # the "layer" variant's function
+        self._layer_code: types.CodeType | None = None  # its code object, when compiled
+        if compile and variant == "around_attention":
+            self.pre_attention = torch.compile(pre_attention, dynamic=True)
+            self.post_attention = torch.compile(post_attention, dynamic=True)
         self.rotary = decoder.rotary_emb
         self.layers: list[_Layer] = []
         for block in decoder.layers:
@@ -139,10 +327,30 @@ class LeanForward:
                 post_norm=block.post_attention_layernorm.weight,
                 gate_up_weight=gate_up_weight, down_weight=mlp.down_proj.weight,
             ))
+        if variant == "layer":
+            layer = _bind_layer(self.eps, self.num_heads, self.num_kv_heads, self.head_dim, self.scale)
+            self.layer = layer
+            if compile:
+                for weights in self.layers:  # shapes of weights never change: no symbols for them
+                    for weight in vars(weights).values():
+                        if weight is not None:
+                            torch._dynamo.mark_static(weight)
+                # No split reductions: the reductions of a B = 1 pass (GEMVs, norms) have few
+                # rows, and inductor would otherwise split them in two kernels for parallelism.
+                self.layer = torch.compile(layer, dynamic=True, options={"split_reductions": False})
+                self._layer_code = layer.__code__
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def compiled_graphs(self) -> int:
+        """How many specialisations of the compiled layer function exist (0 unless the "layer"
+        variant is compiled): one per (B == 1 or not, T == 1 or not, cache rows at offset 0 or
+        not) seen so far; more means shapes recompile that should not."""
+        if self._layer_code is None:
+            return 0
+        return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(self._layer_code))
 
     def __call__(
         self,
@@ -160,6 +368,13 @@ class LeanForward:
         x = F.embedding(input_ids, self.embed)  # [B, T, E]
         cos, sin = self.rotary(x, positions)  # [B, T, D] each
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # [B, 1, T, D]
+        if self.variant == "layer":
+            with _compile_settings() if self.compiled else contextlib.nullcontext():
+                for layer, k_cache, v_cache in zip(self.layers, keys, values):
+                    x = self.layer(x, cos, sin, write_pos, mask, k_cache, v_cache, layer.input_norm,
+                                   layer.qkv_weight, layer.qkv_bias, layer.o_weight, layer.o_bias,
+                                   layer.post_norm, layer.gate_up_weight, layer.down_weight)
+            return self._logits(x, last_only)
         index = write_pos[:, None, :, None].expand(b, g, t, d)  # [B, G, T, D]
         for layer, k_cache, v_cache in zip(self.layers, keys, values):
             q, k, v = self.pre_attention(x, layer.input_norm, layer.qkv_weight, layer.qkv_bias,
@@ -171,6 +386,9 @@ class LeanForward:
                 scale=self.scale, enable_gqa=h != g)  # [B, H, T, D]
             x = self.post_attention(x, attn, layer.o_weight, layer.o_bias, layer.post_norm,
                                     layer.gate_up_weight, layer.down_weight, self.eps)
+        return self._logits(x, last_only)
+
+    def _logits(self, x: torch.Tensor, last_only: bool) -> torch.Tensor:
         if last_only:
             x = x[:, -1:]
         return F.linear(rms_norm(x.float(), self.final_norm, self.eps), self.lm_head)  # [B, T', V] float32

@@ -1,7 +1,8 @@
 """Runs one model's forward over batch slots, against that model's static KV cache.
 
 Three paths, one contract (float32 logits for the given rows and positions):
-- the lean forward (service/engine/lean_forward.py) for the Llama/Qwen2 family, eager;
+- the lean forward (service/engine/lean_forward.py) for the Llama/Qwen2 family, eager (or
+  compiled, on CUDA);
 - the same lean forward replayed from captured CUDA graphs for decode and verify passes
   on CUDA (service/engine/cuda_graphs.py);
 - transformers' own forward with a cache window, for every other model family.
@@ -27,7 +28,8 @@ class ModelRunner:
     """
 
     def __init__(self, loaded: LoadedModel, max_batch: int, max_len: int, max_width: int = 1,
-                 use_lean: bool = True, use_graphs: bool = True, use_compile: bool = True) -> None:
+                 use_lean: bool = True, use_graphs: bool = True, use_compile: bool = True,
+                 lean_compile: str = "around_attention") -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = torch.device(loaded.device)
@@ -39,7 +41,13 @@ class ModelRunner:
         self.lean: LeanForward | None = None
         self.graphs: GraphedDecoder | None = None
         if use_lean and supports(self.model):
-            self.lean = LeanForward(self.model, compile=use_compile and self.device.type == "cuda")
+            # lean_compile picks what one compiled region covers (LeanForward's variant): the
+            # work around the attention, or the whole decoder layer. It only matters compiled
+            # (CUDA): run eagerly, the "layer" variant is the slower of the two (measured on an
+            # H200), so eager runs keep "around_attention".
+            compiled = use_compile and self.device.type == "cuda"
+            self.lean = LeanForward(self.model, compile=compiled,
+                                    variant=lean_compile if compiled else "around_attention")
             self.cache.allocate(self.lean.num_layers, self.lean.num_kv_heads, self.lean.head_dim)
             if self.device.type == "cuda":
                 # Split-K GEMMs may otherwise reduce partial sums in bfloat16, one source of a

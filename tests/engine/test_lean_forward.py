@@ -26,14 +26,39 @@ def _model(kind: str, tie: bool) -> torch.nn.Module:
     return model.eval()
 
 
+def _has_cpp_compiler() -> bool:
+    import shutil
+
+    return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+
+
+needs_cpp = pytest.mark.skipif(not _has_cpp_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+
+
+@pytest.mark.parametrize("variant", ["around_attention", "layer"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("tie", [True, False])
 @torch.inference_mode()
-def test_prefill_then_ragged_decode_matches_transformers(kind: str, tie: bool) -> None:
+def test_prefill_then_ragged_decode_matches_transformers(kind: str, tie: bool, variant: str) -> None:
+    _check_against_transformers(kind, tie, variant, compile=False)
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@torch.inference_mode()
+def test_compiled_layer_matches_transformers(kind: str) -> None:
+    """The whole-layer variant compiled by inductor (C++ on CPU): the same numbers, and two
+    compiled specialisations for the whole run (T == 1 and T >= 2 at B = 3), not one per shape."""
+    lean = _check_against_transformers(kind, tie=False, variant="layer", compile=True)
+    assert lean.compiled_graphs() == 2
+
+
+def _check_against_transformers(kind: str, tie: bool, variant: str, compile: bool) -> LeanForward:
+    torch.manual_seed(0)
     model = _model(kind, tie)
     ids = torch.randint(0, SHAPE["vocab_size"], (3, 16))
     reference = model(ids).logits  # [3, 16, V], full causal forward
-    lean = LeanForward(model)
+    lean = LeanForward(model, compile=compile, variant=variant)
     assert torch.equal(model(ids).logits, reference), "fusing must not change the model"
     cache = StaticKVCache(max_batch=3, max_len=32, device=torch.device("cpu"), dtype=torch.float32)
     cache.allocate(lean.num_layers, lean.num_kv_heads, lean.head_dim)
@@ -58,6 +83,7 @@ def test_prefill_then_ragged_decode_matches_transformers(kind: str, tie: bool) -
         for r, n in enumerate(lengths):
             torch.testing.assert_close(out[r], reference[r, n:n + width], rtol=1e-5, atol=1e-5)
         lengths = [n + width for n in lengths]
+    return lean
 
 
 def test_fused_weights_are_views_not_copies() -> None:
@@ -77,3 +103,82 @@ def test_other_families_fall_back() -> None:
     assert not supports(gpt2)
     with pytest.raises(ValueError, match="gpt2"):
         LeanForward(gpt2)
+
+
+def _lean_pass(lean: LeanForward, cache: StaticKVCache, lo: int, tokens: torch.Tensor,
+               starts: list[int], kv_len: int) -> torch.Tensor:
+    """One pass over cache rows [lo, lo + B) as the runner makes it."""
+    keys, values = cache.rows(lo, lo + tokens.shape[0])
+    starts_t = torch.tensor(starts)
+    positions = starts_t[:, None] + torch.arange(tokens.shape[1])
+    return lean(tokens, positions, positions, causal_mask(starts_t, tokens.shape[1], kv_len, torch.float32),
+                keys, values)
+
+
+def _cache(lean: LeanForward) -> StaticKVCache:
+    cache = StaticKVCache(max_batch=4, max_len=48, device=torch.device("cpu"), dtype=torch.float32)
+    cache.allocate(lean.num_layers, lean.num_kv_heads, lean.head_dim)
+    return cache
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_cpp)])
+@torch.inference_mode()
+def test_layer_variant_writes_the_cache_in_place_like_the_reference_variant(compile: bool) -> None:
+    """The "layer" variant writes its keys and values into the cache's own storage (also when
+    compiled: inductor mutates the cache tensors passed in), including rows [lo, hi) with lo > 0
+    (views at a storage offset) and a single row, and gives the logits of the reference variant."""
+    model = _model("qwen2", tie=False)
+    reference = LeanForward(model, variant="around_attention")
+    lean = LeanForward(model, compile=compile, variant="layer")
+    caches = _cache(reference), _cache(lean)
+    gen = torch.Generator().manual_seed(1)
+    passes = [  # (lo, rows, width, starts): prefill rows 1..3 then row 0, then decode and verify passes
+        (1, 3, 6, [0, 0, 0]), (0, 1, 5, [0]), (0, 4, 1, [5, 6, 6, 6]), (2, 1, 1, [7]), (1, 2, 3, [7, 8]),
+        (0, 1, 2, [6]), (0, 4, 4, [8, 10, 8, 6]),
+    ]
+    for lo, rows, width, starts in passes:
+        tokens = torch.randint(0, SHAPE["vocab_size"], (rows, width), generator=gen)
+        kv_len = max(starts) + width
+        want = _lean_pass(reference, caches[0], lo, tokens, starts, kv_len)
+        got = _lean_pass(lean, caches[1], lo, tokens, starts, kv_len)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for layer in range(lean.num_layers):
+            torch.testing.assert_close(caches[1].keys[layer], caches[0].keys[layer], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(caches[1].values[layer], caches[0].values[layer], rtol=1e-5, atol=1e-5)
+    assert caches[1].keys[0].abs().sum() > 0
+    if compile:
+        # One specialisation per (B == 1 or not, T == 1 or not) met, and per rows' storage
+        # offset 0 or not where torch specialises an offset of 0 (2.13 does, 2.11 does not):
+        # (3, 6, lo 1), (1, 5, lo 0), (4, 1, lo 0), (1, 1, lo 2), (4, 4, lo 0). The other
+        # passes, and every kv length, reuse them.
+        assert lean.compiled_graphs() in (4, 5)
+
+
+def test_unknown_variant_is_refused() -> None:
+    with pytest.raises(ValueError, match="variant"):
+        LeanForward(_model("llama", tie=True), variant="stack")
+
+
+def test_engine_config_knows_the_variants() -> None:
+    from service.engine.config import EngineConfig
+    from service.engine.lean_forward import VARIANTS
+
+    for variant in VARIANTS:
+        EngineConfig(lean_compile=variant).validate()
+    with pytest.raises(ValueError, match="lean_compile"):
+        EngineConfig(lean_compile="whole").validate()
+
+
+@torch.inference_mode()
+def test_runner_keeps_around_attention_when_not_compiled() -> None:
+    """On CPU (no compile) the runner runs "around_attention" whatever lean_compile says: the
+    "layer" variant only pays compiled. The variant itself is tested eagerly above, and
+    compiled on CUDA in test_lean_layer_cuda.py."""
+    from service.engine.runner import ModelRunner
+    from service.model_loading import LoadedModel
+
+    loaded = LoadedModel("tiny", _model("llama", tie=False), None, torch.device("cpu"), torch.float32)
+    runners = [ModelRunner(loaded, max_batch=2, max_len=32, max_width=3, lean_compile=variant)
+               for variant in ("around_attention", "layer")]
+    assert [r.lean.variant for r in runners] == ["around_attention", "around_attention"]
+    assert not any(r.lean.compiled for r in runners) and all(r.graphs is None for r in runners)

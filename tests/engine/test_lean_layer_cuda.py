@@ -1,0 +1,59 @@
+"""The whole-layer lean forward variant on CUDA: compiled, replayed from captured graphs, it
+gives the reference variant's logits and cache contents (GPU only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.engine.runner import ModelRunner
+from service.model_loading import LoadedModel
+from tests.engine.helpers import make_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _cuda(m: LoadedModel) -> LoadedModel:
+    return LoadedModel(m.name, m.model.to("cuda"), m.tokenizer, torch.device("cuda"), m.dtype)
+
+
+@torch.inference_mode()
+def test_layer_variant_graphs_match_the_reference_variant(tokenizer) -> None:
+    target = _cuda(make_model(tokenizer, seed=0, name="g", vocab_size=len(tokenizer)))
+    layer = ModelRunner(target, max_batch=4, max_len=128, max_width=4, lean_compile="layer")
+    reference = ModelRunner(target, max_batch=4, max_len=128, max_width=4, use_graphs=False, use_compile=False)
+    assert layer.graphs is not None and layer.lean.variant == "layer" and layer.lean.compiled
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(1, target.vocab_size, (3, 20), generator=gen).cuda()
+    lengths = [20, 13, 17]
+    for runner in (layer, reference):  # ragged prefill, one row at a time, rows at offsets 0 and > 0
+        for row, n in enumerate(lengths):
+            runner.forward(row, row + 1, prompts[row:row + 1, :n], [0], last_only=True)
+    for width in (1, 4, 2, 1, 3):
+        ids = torch.randint(1, target.vocab_size, (3, width), generator=gen).cuda()
+        torch.testing.assert_close(layer.forward(0, 3, ids, lengths), reference.forward(0, 3, ids, lengths),
+                                   rtol=1e-4, atol=1e-4)
+        lengths = [n + width for n in lengths]
+    # Rows [lo, hi) with lo > 0 (a draft model's group) and a single row (the B = 1 graphs).
+    ids = torch.randint(1, target.vocab_size, (2, 1), generator=gen).cuda()
+    torch.testing.assert_close(layer.forward(1, 3, ids, lengths[1:]), reference.forward(1, 3, ids, lengths[1:]),
+                               rtol=1e-4, atol=1e-4)
+    lengths[1:] = [n + 1 for n in lengths[1:]]
+    for width in (1, 2):
+        ids = torch.randint(1, target.vocab_size, (1, width), generator=gen).cuda()
+        got = layer.forward(0, 1, ids, lengths[:1])
+        torch.testing.assert_close(got, reference.forward(0, 1, ids, lengths[:1]), rtol=1e-4, atol=1e-4)
+        lengths[0] += width
+    # The graphs wrote every key and value into the cache's own storage.
+    for i in range(layer.lean.num_layers):
+        for row, n in enumerate(lengths):
+            torch.testing.assert_close(layer.cache.keys[i][row, :, :n], reference.cache.keys[i][row, :, :n],
+                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(layer.cache.values[i][row, :, :n], reference.cache.values[i][row, :, :n],
+                                       rtol=1e-4, atol=1e-4)
+    # (B, T) buckets (4, 1..4) and (1, 1..2): 6 graphs. Compiled specialisations, one per
+    # (B == 1, T == 1) and, where torch specialises a storage offset of 0 (2.13 does, 2.11 does
+    # not), cache rows at offset 0 or not: the prefills of row 0 and of rows 1, 2, and the
+    # graphs' (4, 1), (4, >= 2), (1, 1); the graph (1, 2) shares row 0's prefill specialisation.
+    assert len(layer.graphs.graphs) == 6
+    assert layer.lean.compiled_graphs() in (4, 5)
