@@ -15,7 +15,12 @@ beats it: at large batches verify passes cost more, and low acceptance buys litt
 
 Per-row acceptance a_r is the maximum-likelihood rate of that Bernoulli model over recent
 passes: accepted drafts / (accepted drafts + passes that rejected one), exponentially
-weighted, starting from a weak prior. Unmeasured costs are extrapolated from the nearest
+weighted, starting from a weak prior. The policy only learns a row's acceptance from passes
+that speculate, so the estimate must not get stuck below the break-even rate: the prior is
+optimistic (a new row tries drafting on its first pass with drafts; one pass that rejects
+everything takes it below break-even), and while a row does not speculate its evidence ages
+back towards the prior, so a row that stopped tries again some tens of passes later (the
+text it copies from may have come back). Unmeasured costs are extrapolated from the nearest
 measured n of the same bucket (5% more per extra draft), so the policy tries a width once,
 measures it, and keeps what pays. The first pass of each shape is not counted: it includes
 graph capture and compilation; passes that capture a graph are not reported at all, and
@@ -28,9 +33,18 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-PRIOR_RATE = 0.3  # acceptance assumed before a row has history (n-gram realises about 0.4)
-PRIOR_WEIGHT = 2.0  # ... worth this many observed drafts
-ACCEPT_DECAY = 0.9  # per pass, for the row's acceptance history
+# Acceptance assumed before a row has history, worth PRIOR_WEIGHT observed drafts. Above the
+# break-even rate (about 0.42 for SmolLM2 on an H200: a verify pass costs 1.7x a plain one at
+# batch 1, 1.6 to 1.9x at batch 32), so that a new row tries; below it after one pass that
+# accepted nothing (0.6 * 2 / 3 = 0.4). At 0.3 a new row never tried once plain passes got
+# cheap, and n-gram never ran on prompts where it doubles throughput.
+PRIOR_RATE = 0.6
+PRIOR_WEIGHT = 2.0
+ACCEPT_DECAY = 0.9  # per pass that speculated, for the row's acceptance history
+# Per pass that did not speculate: the history ages towards the prior. After one rejecting
+# pass a row tries again about 8 passes later, after repeated ones about every 36 passes:
+# at zero acceptance that costs about 3% (one verify pass in 36 plain ones).
+IDLE_DECAY = 0.98
 COST_DECAY = 0.9  # per observation, for measured pass costs
 OUTLIER = 4.0  # an observation this many times the estimate is a hiccup, not a new cost
 EXTRAPOLATION_PER_DRAFT = 0.05
@@ -45,6 +59,8 @@ class AcceptanceEstimate:
 
     def update(self, proposed: int, accepted: int) -> None:
         if proposed == 0:
+            self.accepted *= IDLE_DECAY
+            self.rejections *= IDLE_DECAY
             return
         self.accepted = ACCEPT_DECAY * self.accepted + accepted
         self.rejections = ACCEPT_DECAY * self.rejections + (1.0 if accepted < proposed else 0.0)
@@ -74,6 +90,9 @@ class _Cost:
 class DraftLengthPolicy:
     def __init__(self) -> None:
         self._costs: dict[tuple[int, int, bool], _Cost] = {}
+        # The steady-state costs again, by (batch bucket, draft model) and then drafts: what
+        # every decision reads, kept up to date by observe() rather than rebuilt per decision.
+        self._steady: dict[tuple[int, bool], dict[int, float]] = {}
         self.choices: Counter[tuple[int, int]] = Counter()  # (batch bucket, cap) -> passes
 
     def costs(self) -> dict[tuple[int, int, bool], float]:
@@ -82,19 +101,29 @@ class DraftLengthPolicy:
 
     def observe(self, rows: int, drafts: int, draft_model: bool, seconds: float) -> None:
         """A pass over `rows` rows that verified up to `drafts` drafts took `seconds`."""
-        cost = self._costs.setdefault((batch_bucket(rows), drafts, draft_model), _Cost())
+        bucket = batch_bucket(rows)
+        key = (bucket, drafts, draft_model)
+        cost = self._costs.get(key)
+        if cost is None:
+            cost = self._costs[key] = _Cost()
         cost.seen += 1
         if cost.seen == 1:
             return  # first use of a shape: capture and compilation, not the steady state
         if cost.seen == 2:
             cost.seconds = seconds
-        elif seconds < OUTLIER * cost.seconds:
+            # A shape turned steady: rebuild its bucket's view, in the order the shapes were
+            # first seen (which _estimate's tie-breaking between equally near widths follows).
+            self._steady[(bucket, draft_model)] = {
+                n: c.seconds for (b, n, dm), c in self._costs.items() if b == bucket and dm == draft_model and c.seen >= 2
+            }
+            return
+        if seconds < OUTLIER * cost.seconds:
             cost.seconds = COST_DECAY * cost.seconds + (1 - COST_DECAY) * seconds
+            self._steady[(bucket, draft_model)][drafts] = cost.seconds
 
     def _measured(self, bucket: int, draft_model: bool) -> dict[int, float]:
-        """Steady-state pass costs of one batch bucket, by number of drafts."""
-        return {n: c.seconds for (b, n, dm), c in self._costs.items()
-                if b == bucket and dm == draft_model and c.seen >= 2}
+        """Steady-state pass costs of one batch bucket, by number of drafts (read only)."""
+        return self._steady.get((bucket, draft_model), {})
 
     @staticmethod
     def _estimate(measured: dict[int, float], drafts: int) -> float | None:
@@ -124,14 +153,15 @@ class DraftLengthPolicy:
         most = max(available, default=0)
         if most <= floor:
             return most
-        # Built once per decision: a cap of 0 runs no draft model, larger caps may.
-        measured = {flag: self._measured(bucket, flag) for flag in {False, draft_model}}
+        # A cap of 0 runs no draft model, larger caps may.
+        plain, drafting = self._measured(bucket, False), self._measured(bucket, draft_model)
+        rows_available = list(zip(available, rates))
         best, best_rate = most, -1.0
         for cap in range(floor, most + 1):
-            seconds = self._estimate(measured[draft_model and cap > 0], cap)
+            seconds = self._estimate(drafting if cap > 0 else plain, cap)
             if seconds is None:
                 return most  # nothing measured for this batch size yet: run as asked, and measure
-            tokens = sum(expected_tokens(a, min(d, cap)) for d, a in zip(available, rates))
+            tokens = sum([expected_tokens(a, d if d < cap else cap) for d, a in rows_available])
             if tokens / seconds > best_rate:
                 best, best_rate = cap, tokens / seconds
         return best

@@ -41,6 +41,9 @@ class DraftOutput:
 
 class Drafter(ABC):
     method: Method
+    # True when the drafts are decided on the host by plan(): then host_drafts() gives them
+    # and the scheduler uploads them with the pass's other inputs instead of calling propose().
+    drafts_on_host: bool = False
 
     def start(self, seq: Sequence) -> None:
         """Called once the target has prefilled the prompt (and sampled the first token)."""
@@ -53,12 +56,17 @@ class Drafter(ABC):
         """Device side: the drafts of `rows` (n = the largest d_s among them, >= 1)."""
         raise NotImplementedError
 
+    def host_drafts(self, seq: Sequence) -> list[int]:
+        """The row's d_s drafts (drafts_on_host drafters only)."""
+        raise NotImplementedError
+
     def commit(self, seq: Sequence, accepted: int) -> None:
         """After verification: `accepted` drafts of this row were accepted."""
 
 
 class NoDrafter(Drafter):
     method = Method.NONE
+    drafts_on_host = True  # ... and never any
 
     def plan(self, seq: Sequence, limit: int) -> int:
         return 0
@@ -80,11 +88,16 @@ class NgramIndex:
         self._indexed = 0
 
     def _extend(self, tokens: list[int]) -> None:
-        for end in range(self._indexed + 1, len(tokens) + 1):  # n-grams ending just before `end`
-            for n, table in self._starts.items():
-                if end >= n:
-                    table.setdefault(tuple(tokens[end - n : end]), []).append(end - n)
-        self._indexed = len(tokens)
+        first, last = self._indexed + 1, len(tokens)
+        for n, table in self._starts.items():
+            for end in range(max(first, n), last + 1):  # n-grams ending just before `end`, in order
+                key = tuple(tokens[end - n : end])
+                starts = table.get(key)
+                if starts is None:
+                    table[key] = [end - n]
+                else:
+                    starts.append(end - n)
+        self._indexed = last
 
     def lookup(self, tokens: list[int], limit: int) -> list[int]:
         length = len(tokens)
@@ -108,6 +121,7 @@ class NgramIndex:
 
 class NgramDrafter(Drafter):
     method = Method.NGRAM
+    drafts_on_host = True
 
     def __init__(self, max_n: int, min_n: int) -> None:
         self.max_n, self.min_n = max_n, min_n
@@ -118,6 +132,9 @@ class NgramDrafter(Drafter):
     def plan(self, seq: Sequence, limit: int) -> int:
         seq.ngram_proposal = seq.ngram_index.lookup(seq.tokens, limit)
         return len(seq.ngram_proposal)
+
+    def host_drafts(self, seq: Sequence) -> list[int]:
+        return seq.ngram_proposal[: seq.num_drafts]
 
     def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:
         table = [[0] * n for _ in range(ctx.hi)]
@@ -141,16 +158,29 @@ class DraftModelDrafter(Drafter):
         self.runner = runner
 
     def start(self, seq: Sequence) -> None:
-        prompt = to_device([seq.tokens[: seq.prompt_len]], torch.long, self.runner.device)  # [1, P]
-        self.runner.forward(seq.slot, seq.slot + 1, prompt, [0], last_only=True)
-        seq.draft_len = seq.prompt_len
+        # The draft's prefill waits for the row's first drafting pass (_catch_up): with the
+        # adaptive draft length, a row may never draft, and then its prefill would be waste
+        # (at 32 concurrent requests it cost 14% of throughput).
+        seq.draft_len = 0
 
     def plan(self, seq: Sequence, limit: int) -> int:
         return limit
 
+    def _catch_up(self, rows: list[Sequence]) -> None:
+        """Feeds each row's tokens the draft has not seen, all but the last (the pass feeds
+        that one), in an eager pass of its own: the prompt the first time a row drafts, plus
+        whatever was generated while it did not."""
+        for seq in rows:
+            behind = seq.tokens[seq.draft_len : -1]
+            if len(behind) > 1:  # one or two unseen tokens are a normal pass's business
+                ids = to_device([behind], torch.long, self.runner.device)  # [1, L]
+                self.runner.forward(seq.slot, seq.slot + 1, ids, [seq.draft_len], last_only=True)
+                seq.draft_len += len(behind)
+
     def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:
+        self._catch_up(rows)
         lo, hi = min(s.slot for s in rows), max(s.slot for s in rows) + 1
-        # usually 1 token (the bonus), 2 after a pass that accepted every draft
+        # 1 token (the bonus; the last after a catch-up), 2 after a pass that accepted every draft
         unseen = {s.slot: s.tokens[s.draft_len :] for s in rows}
         width = max(len(t) for t in unseen.values())
         ids, starts, last = [[0] * width for _ in range(hi - lo)], [0] * (hi - lo), [0] * (hi - lo)
