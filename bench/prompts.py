@@ -1,4 +1,5 @@
-"""Benchmark prompts of two kinds: input-grounded (the answer reuses the input) and open chat."""
+"""Benchmark prompts of two kinds: input-grounded (summarize, rewrite, code edit: the answer
+reuses the input) and open chat."""
 
 PASSAGE = (
     "The James Webb Space Telescope (JWST) is a space telescope designed to conduct infrared "
@@ -36,3 +37,6 @@ OPEN_CHAT = [
     "What are three good habits for staying focused while studying? Explain each briefly.",
     "Describe the taste of a ripe mango to someone who has never eaten one.",
 ]
+
+# The two kinds by the names the benchmarks' JSON uses.
+KINDS = {"grounded": GROUNDED, "open_chat": OPEN_CHAT}

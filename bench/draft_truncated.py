@@ -1,0 +1,124 @@
+"""A draft model cut from the target itself: its first N decoder layers, then its own final
+norm and LM head ("self-speculative early exit", as in LayerSkip / Draft & Verify, without
+the training those papers add). It shares the target's tokenizer and vocabulary by
+construction, so it can serve as the engine's draft model and as transformers'
+`assistant_model` when no second small model is at hand.
+
+    python bench/draft_truncated.py --model smollm2-135m-instruct --device cpu --dtype float32
+
+measures, for every N, how often the N-layer exit's greedy token equals the full model's
+along the full model's own greedy outputs of the benchmark prompts (teacher forced: one
+forward per prompt). That is the per-draft acceptance an N-layer draft would see at the
+first draft position, and what `--draft-layers` in bench/gpu_decode.py is chosen from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from service.model_loading import LoadedModel  # noqa: E402
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    decoder = getattr(model, "model", None)
+    if decoder is None or not hasattr(decoder, "layers") or not hasattr(decoder, "norm"):
+        raise ValueError(f"{type(model).__name__} has no `model.layers` / `model.norm`: not a Llama-style decoder")
+    return decoder
+
+
+def truncated_draft(target: LoadedModel, num_layers: int) -> LoadedModel:
+    """A deep copy of `target` keeping its first `num_layers` decoder layers, its embeddings,
+    final norm and LM head (config.num_hidden_layers = num_layers).
+
+    Nothing is shared with the target: the engine fuses each model's projection weights
+    in place (service/engine/lean_forward.py), so draft and target must own their layers.
+    Build it before any Engine or torch.compile has touched the target.
+    """
+    model = target.model
+    layers = _decoder(model).layers
+    total = len(layers)
+    if not 1 <= num_layers < total:
+        raise ValueError(f"draft layers must be in [1, {total - 1}] for a target of {total} layers, got {num_layers}")
+    # The layers beyond the cut map to themselves in the deepcopy memo: they are not copied,
+    # and the copy's layer list drops them right after.
+    memo = {id(layer): layer for layer in list(layers)[num_layers:]}
+    draft = copy.deepcopy(model, memo)
+    decoder = _decoder(draft)
+    decoder.layers = torch.nn.ModuleList(list(decoder.layers)[:num_layers])
+    config = draft.config
+    config.num_hidden_layers = num_layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:num_layers]
+    draft.eval()
+    for p in draft.parameters():
+        p.requires_grad_(False)
+    target_params = {id(p) for p in model.parameters()}
+    assert not any(id(p) in target_params for p in draft.parameters()), "draft shares a parameter with the target"
+    return LoadedModel(name=f"{target.name}[first {num_layers} of {total} layers]", model=draft,
+                       tokenizer=target.tokenizer, device=target.device, dtype=target.dtype)
+
+
+@torch.inference_mode()
+def early_exit_agreement(target: LoadedModel, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Per layer count N: the share of the full model's greedy tokens that an exit after
+    layer N (final norm + LM head applied there) predicts too, teacher forced."""
+    model = target.model
+    decoder = _decoder(model)
+    total = len(decoder.layers)
+    same = [0] * (total + 1)
+    count = 0
+    for ids in prompts:
+        input_ids = torch.tensor([ids], device=target.device)
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                             do_sample=False)
+        seq = out[:, :]
+        hidden = model(seq, output_hidden_states=True).hidden_states  # total + 1 entries, [1, S, E]
+        lo, hi = len(ids) - 1, seq.shape[1] - 1  # positions whose next token was generated
+        full = model.lm_head(hidden[-1][:, lo:hi]).argmax(-1)  # hidden[-1] is already normed
+        for n in range(1, total):
+            exit_tokens = model.lm_head(decoder.norm(hidden[n][:, lo:hi])).argmax(-1)
+            same[n] += int((exit_tokens == full).sum())
+        same[total] += hi - lo
+        count += hi - lo
+    return {"tokens": count, "agreement_by_layers": {n: same[n] / max(count, 1) for n in range(1, total + 1)}}
+
+
+def main() -> None:
+    from bench.gpu_decode import chat_ids
+    from bench.prompts import KINDS
+    from service.model_loading import load_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = {"model": args.model, "dtype": args.dtype, "device": args.device, "new_tokens": args.new_tokens,
+              "command": " ".join(sys.argv)}
+    for kind, texts in KINDS.items():
+        prompts = [chat_ids(loaded.tokenizer, p) for p in texts]
+        result[kind] = early_exit_agreement(loaded, prompts, args.new_tokens)
+        print(f"{kind}: {result[kind]['tokens']} tokens")
+        for n, share in result[kind]["agreement_by_layers"].items():
+            print(f"  exit after layer {n:2d}: {share:.3f}")
+    result["seconds"] = time.perf_counter() - started
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
