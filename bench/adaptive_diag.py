@@ -32,7 +32,7 @@ def main() -> None:
     prompts = [chat_ids(loaded.tokenizer, p) for p in GROUNDED + OPEN_CHAT]
     engine = Engine(loaded, EngineConfig(max_batch_size=args.concurrency, max_queue_size=4 * args.concurrency,
                                          max_num_draft_tokens=args.k, kv_cache_tokens=1024,
-                                         adaptive_draft_length=True))
+                                         adaptive_draft_length=True, capture_all_graphs=True))
     engine.start()
     for rnd in range(args.rounds):
         for method in (Method.NONE, Method.NGRAM):

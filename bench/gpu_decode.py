@@ -168,7 +168,9 @@ def make_engine(target: LoadedModel, draft: LoadedModel | None, max_batch: int, 
                 adaptive: bool, kv_tokens: int) -> Engine:
     engine = Engine(target, EngineConfig(max_batch_size=max_batch, max_queue_size=4096, max_num_draft_tokens=max_k,
                                          default_num_draft_tokens=min(k, max_k), kv_cache_tokens=kv_tokens,
-                                         instance_id="bench", adaptive_draft_length=adaptive), draft=draft)
+                                         instance_id="bench", adaptive_draft_length=adaptive,
+                                         capture_all_graphs=True),  # as the service does
+                    draft=draft)
     engine.start()
     return engine
 
@@ -604,7 +606,7 @@ def main(argv=None) -> None:
         "machine": machine, "torch": torch.__version__, "transformers_version": transformers.__version__,
         "python": platform.python_version(), "model": args.model, "dtype": dtype, "device": str(device),
         "new_tokens": args.new_tokens, "k": args.k, "repeats": args.repeats,
-        "adaptive_draft_length": not args.fixed_k, "command": " ".join(sys.argv),
+        "adaptive_draft_length": not args.fixed_k, "capture_all_graphs": True, "command": " ".join(sys.argv),
         "draft_model": {"name": draft.name, "layers": args.draft_layers,
                         "target_layers": loaded.model.config.num_hidden_layers,
                         "construction": "bench/draft_truncated.py: deep copy of the target's first N decoder layers, "

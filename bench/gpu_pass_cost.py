@@ -139,7 +139,7 @@ def profile_replay(runner: ModelRunner, context: int, path: str, variant: str | 
     ids = torch.zeros((1, 1), dtype=torch.long, device="cuda")
     with torch.inference_mode():
         runner.forward(0, 1, ids, [context])  # captures the graph if the timed shapes did not
-    graph, _ = runner.graphs.graphs[runner.graphs.buckets(1, 1, context)]
+    graph = runner.graphs.graphs[runner.graphs.buckets(1, 1, context)]
     graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -60,6 +60,7 @@ def build_engine(config: ServiceConfig) -> tuple[Any, Any]:
             default_max_tokens=config.default_max_tokens,
             adaptive_draft_length=config.adaptive_draft_length,
             instance_id=config.instance_id,
+            capture_all_graphs=True,  # CUDA: every graph before the first request (no-op on CPU)
         ),
         draft=draft,
     )

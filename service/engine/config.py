@@ -37,6 +37,10 @@ class EngineConfig:
     # before and after an eager attention, per layer). Compiled runs only: eager ones
     # always use "around_attention".
     lean_compile: str = "layer"
+    # CUDA graphs only: capture every (batch, width, kv) bucket when the engine starts (about
+    # 30 ms each; hundreds for a large batch and context), so that no request stalls on a
+    # capture when the draft length or the batch first takes a new shape.
+    capture_all_graphs: bool = False
 
     def validate(self) -> None:
         if self.max_batch_size < 1:

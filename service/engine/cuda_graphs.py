@@ -6,7 +6,11 @@ two), captured on first use and replayed afterwards: the whole decoder stack bec
 launch, so the pass costs what its kernels cost, not what launching them costs.
 
 Inputs enter through static buffers (token ids, row starts); the mask, positions and cache
-write positions are computed inside the graph from the starts. Rows that only pad a
+write positions are computed inside the graph from the starts. Every graph writes its logits
+into one shared output buffer, so memory does not grow with the number of graphs (graphs
+replay one at a time on one stream; a pass's logits are consumed before the next replay).
+`capture_all` captures every bucket up front, so that no request pays for a capture (about
+30 ms each) in the middle of its decoding. Rows that only pad a
 bucket, and the warm-up runs before a capture, start at the cache's scratch region (behind
 the usable positions), so they never overwrite keys a real row will read.
 """
@@ -38,8 +42,10 @@ class GraphedDecoder:
         device = cache.device
         self.ids = torch.zeros((max_batch, max_width), dtype=torch.long, device=device)  # [Bmax, Tmax]
         self.starts = torch.full((max_batch,), scratch_start, dtype=torch.long, device=device)  # [Bmax]
+        vocab = lean.lm_head.shape[0]
+        self.out = torch.empty((max_batch, max_width, vocab), dtype=torch.float32, device=device)  # [Bmax, Tmax, V]
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
         self.captures = 0  # graphs captured so far (a pass that captured is not steady-state)
 
     def fits(self, hi: int, width: int) -> bool:
@@ -50,6 +56,24 @@ class GraphedDecoder:
         kv = min(max(_pow2_at_least(max_start + width), MIN_KV_BUCKET), self.max_len)
         return batch, width, kv
 
+    def all_buckets(self) -> list[tuple[int, int, int]]:
+        """Every (batch, width, kv) bucket a pass can map to."""
+        batches = sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
+        kvs, kv = [], MIN_KV_BUCKET
+        while True:
+            kvs.append(min(kv, self.max_len))
+            if kv >= self.max_len:
+                break
+            kv *= 2
+        return [(b, w, k) for b in batches for k in kvs for w in range(1, self.max_width + 1)]
+
+    def capture_all(self) -> int:
+        """Captures every bucket not captured yet; returns how many it captured."""
+        missing = [key for key in self.all_buckets() if key not in self.graphs]
+        for key in missing:
+            self.graphs[key] = self._capture(key)
+        return len(missing)
+
     def _pass(self, batch: int, width: int, kv: int) -> torch.Tensor:
         """The captured computation: rows [0, batch), width new tokens, kv positions read."""
         starts = self.starts[:batch]  # [B]
@@ -59,7 +83,7 @@ class GraphedDecoder:
         keys, values = self.cache.rows(0, batch)
         return self.lean(self.ids[:batch, :width], positions, write_pos, mask, keys, values)
 
-    def _capture(self, key: tuple[int, int, int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, key: tuple[int, int, int]) -> torch.cuda.CUDAGraph:
         batch, width, kv = key
         self.captures += 1
         saved = self.starts.clone()
@@ -72,9 +96,9 @@ class GraphedDecoder:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._pass(batch, width, kv)  # [B, T, V] float32, a static output
+            self.out[:batch, :width].copy_(self._pass(batch, width, kv))  # [B, T, V] float32
         self.starts.copy_(saved)
-        return graph, logits
+        return graph
 
     def __call__(self, lo: int, hi: int, input_ids: torch.Tensor, starts: list[int]) -> torch.Tensor:
         """Like ModelRunner.forward for rows [lo, hi): float32 logits [hi - lo, T, V]."""
@@ -83,10 +107,10 @@ class GraphedDecoder:
         batch = key[0]
         if key not in self.graphs:
             self.graphs[key] = self._capture(key)
-        graph, logits = self.graphs[key]
+        graph = self.graphs[key]
         # Rows outside [lo, hi) pad the bucket: they start in the scratch region.
         row_starts = [self.scratch_start] * lo + list(starts) + [self.scratch_start] * (batch - hi)
         self.starts[:batch].copy_(to_device(row_starts, torch.long, self.starts.device))
         self.ids[lo:hi, :width].copy_(input_ids)
         graph.replay()
-        return logits[lo:hi]
+        return self.out[lo:hi, :width]

@@ -195,10 +195,15 @@ class Engine:
             Method.NONE: NoDrafter(),
             Method.NGRAM: NgramDrafter(self.config.ngram_max_n, self.config.ngram_min_n),
         }
+        runners = [target]
         if self._draft is not None:
-            drafters[Method.DRAFT_MODEL] = DraftModelDrafter(
-                ModelRunner(self._draft, self.config.max_batch_size, cache_len, max_width, **fast)
-            )
+            runners.append(ModelRunner(self._draft, self.config.max_batch_size, cache_len, max_width, **fast))
+            drafters[Method.DRAFT_MODEL] = DraftModelDrafter(runners[-1])
+        if self.config.capture_all_graphs:
+            started = time.perf_counter()
+            captured = sum(runner.capture_all_graphs() for runner in runners)
+            if captured:
+                log.info("graphs_captured", graphs=captured, seconds=round(time.perf_counter() - started, 1))
         return Scheduler(
             target,
             drafters,

@@ -67,6 +67,11 @@ class ModelRunner:
         return self.graphs.captures if self.graphs is not None else 0
 
     @torch.inference_mode()
+    def capture_all_graphs(self) -> int:
+        """Captures every decode/verify graph bucket now (CUDA graphs only); returns how many."""
+        return self.graphs.capture_all() if self.graphs is not None else 0
+
+    @torch.inference_mode()
     def forward(self, lo: int, hi: int, input_ids: torch.Tensor, starts: list[int], last_only: bool = False) -> torch.Tensor:
         """Runs slots [lo, hi) on input_ids [hi - lo, T]; row r's tokens go to positions
         starts[r] .. starts[r] + T - 1 and see the row's cache below starts[r].

@@ -77,3 +77,28 @@ def test_float32_speculative_equals_plain_on_cuda(smollm2_fp32_cuda) -> None:
         assert all(o.tokens == plain for o in together.values())
     finally:
         engine.stop()
+
+
+@torch.inference_mode()
+def test_capture_all_covers_every_shape_a_pass_can_take(tokenizer) -> None:
+    """After capture_all, passes of any batch, width and context length replay without a new
+    capture, and every graph still writes the right logits into the shared output buffer."""
+    target = _cuda(make_model(tokenizer, seed=1, name="g", vocab_size=len(tokenizer)))
+    graphed = ModelRunner(target, max_batch=4, max_len=128, max_width=3)
+    eager = ModelRunner(target, max_batch=4, max_len=128, max_width=3, use_graphs=False)
+    captured = graphed.capture_all_graphs()
+    assert captured == 3 * 2 * 3  # batch 1, 2, 4 x kv 64, 128 x width 1..3
+    assert graphed.captures == captured and graphed.capture_all_graphs() == 0
+    gen = torch.Generator().manual_seed(1)
+    lengths = [30, 5, 61, 12]
+    for runner in (graphed, eager):
+        for row, n in enumerate(lengths):
+            prompt = torch.randint(1, target.vocab_size, (1, n), generator=torch.Generator().manual_seed(row)).cuda()
+            runner.forward(row, row + 1, prompt, [0], last_only=True)
+    for rows, width in ((1, 1), (4, 3), (2, 2), (3, 1), (4, 1), (1, 3), (2, 3)):
+        ids = torch.randint(1, target.vocab_size, (rows, width), generator=gen).cuda()
+        got = graphed.forward(0, rows, ids, lengths[:rows]).clone()
+        want = eager.forward(0, rows, ids, lengths[:rows])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        lengths = [n + width if r < rows else n for r, n in enumerate(lengths)]
+    assert graphed.captures == captured  # nothing captured mid-decoding
