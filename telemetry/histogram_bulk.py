@@ -32,6 +32,7 @@ from opentelemetry.metrics import Histogram
 _log = logging.getLogger(__name__)
 
 try:  # SDK internals; absent or different in another version -> public API only
+    from opentelemetry.attributes import _clean_attribute_value
     from opentelemetry.sdk.metrics._internal._view_instrument_match import _hash_attributes
     from opentelemetry.sdk.metrics._internal.exemplar import AlwaysOffExemplarFilter
     from opentelemetry.sdk.metrics._internal.measurement import Measurement
@@ -89,7 +90,7 @@ class BulkHistograms:
                     histogram.record(v, attributes)
         if not good:
             return
-        attrs = dict(attributes)
+        attrs = _clean_attribute_value(attributes, None)  # as Measurement does: a new dict
         now, context = time_ns(), get_current()
         measurements = [Measurement(v, now, histogram, context, None) for v in good]
         consumer = histogram._measurement_consumer  # type: ignore[attr-defined]

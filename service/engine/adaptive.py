@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 # Acceptance assumed before a row has history, worth PRIOR_WEIGHT observed drafts. Above the
 # break-even rate (about 0.42 for SmolLM2 on an H200: a verify pass costs 1.7x a plain one at
-# batch 1, 1.6 to 1.9x at batch 32), so that a new row tries; below it after one pass that
+# batch 1, 1.4 to 1.9x at batch 32), so that a new row tries; below it after one pass that
 # accepted nothing (0.6 * 2 / 3 = 0.4). At 0.3 a new row never tried once plain passes got
 # cheap, and n-gram never ran on prompts where it doubles throughput.
 PRIOR_RATE = 0.6

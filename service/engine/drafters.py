@@ -156,6 +156,7 @@ class DraftModelDrafter(Drafter):
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
+        self.catch_ups = 0  # eager backlog passes so far (the scheduler keeps them out of the policy's costs)
 
     def start(self, seq: Sequence) -> None:
         # The draft's prefill waits for the row's first drafting pass (_catch_up): with the
@@ -176,6 +177,7 @@ class DraftModelDrafter(Drafter):
                 ids = to_device([behind], torch.long, self.runner.device)  # [1, L]
                 self.runner.forward(seq.slot, seq.slot + 1, ids, [seq.draft_len], last_only=True)
                 seq.draft_len += len(behind)
+                self.catch_ups += 1
 
     def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:
         self._catch_up(rows)

@@ -236,9 +236,10 @@ def _bind_layer(eps: float, h: int, g: int, d: int, scale: float) -> Callable[..
 
 # Specialisations of one compiled layer function: B == 1 or >= 2, T == 1 or >= 2, and the
 # cache rows' storage offset 0 (rows from 0, every graph) or not (an eager pass over rows
-# [lo, hi) with lo > 0): at most 8. Above that Dynamo would silently run the function
-# eagerly; we raise instead.
-_RECOMPILE_LIMIT = 8
+# [lo, hi) with lo > 0), and a kv length of 1 (an eager prefill of a one-token prompt): about
+# 8. The limit leaves room above that; past it Dynamo would silently run the function
+# eagerly, and we raise instead.
+_RECOMPILE_LIMIT = 16
 
 
 @contextlib.contextmanager

@@ -76,7 +76,9 @@ class ModelRunner:
         """Runs slots [lo, hi) on input_ids [hi - lo, T]; row r's tokens go to positions
         starts[r] .. starts[r] + T - 1 and see the row's cache below starts[r].
 
-        Returns float32 logits [hi - lo, T, V] ([hi - lo, 1, V] with last_only).
+        Returns float32 logits [hi - lo, T, V] ([hi - lo, 1, V] with last_only). From a
+        captured graph they are a view of the graphs' shared output buffer: valid until this
+        runner's next forward (read them, or queue the kernels that do, before calling again).
         Positions past a row's real tokens (padding) write cache entries that the row's
         length excludes; later writes overwrite them.
         """

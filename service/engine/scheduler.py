@@ -37,9 +37,10 @@ class _Staging:
     queued on the stream (from pageable memory it would be synchronous), so the pinned buffer
     must not be rewritten before the copy has run. The scheduler calls synchronized() right
     after the pass's one synchronisation, a device -> host copy on the same stream, which
-    returns only once everything queued before it, this copy included, has run. An upload
-    while a copy may still be pending (a pass that failed before its synchronisation) goes
-    through a fresh pinned block instead (service.engine.device.to_device). The device
+    returns only once everything queued before it, this copy included, has run. A pass that
+    fails before its synchronisation synchronises the stream in its error path
+    (Scheduler.step) and so releases the buffer too; any other upload while a copy may
+    still be pending goes through a fresh pinned block (service.engine.device.to_device). The device
     buffer is reused in stream order: the next copy into it is queued behind every kernel
     of the previous pass that reads it.
     """
@@ -250,12 +251,14 @@ class Scheduler:
             verdicts = self._draft_and_verify(batch)
         except Exception as exc:  # noqa: BLE001 - a batched failure fails the batch, not the engine
             log.exception("decode_pass_failed", batch=len(rows))
+            self._release_staging()
             for seq in rows:
                 self.output.finish(seq, FinishReason.ERROR, f"decode pass failed: {type(exc).__name__}: {exc}")
                 self._release(seq)
             return
         # The verdicts are on the host: the pass is over. A pass that captured a new graph
-        # (and compiled its kernels) says nothing about the steady-state cost.
+        # (and compiled its kernels), or fed a draft model a row's backlog eagerly, says
+        # nothing about the steady-state cost.
         if policy is not None and self._captures() == captures:
             drafts = max(seq.num_drafts for seq in rows)
             policy.observe(batch.hi, drafts, self._drafts_with_model(rows), time.perf_counter() - started)
@@ -280,7 +283,20 @@ class Scheduler:
         return any(seq.method is Method.DRAFT_MODEL and seq.num_drafts > 0 for seq in rows)
 
     def _captures(self) -> int:
-        return sum(runner.captures for runner in self._runners)
+        """Graph captures plus draft-model catch-ups so far: passes that did one are not
+        steady-state passes."""
+        return (sum(runner.captures for runner in self._runners)
+                + sum(getattr(drafter, "catch_ups", 0) for drafter in self.drafters.values()))
+
+    def _release_staging(self) -> None:
+        """After a failed pass: wait for the stream, so the pinned upload buffer is free again
+        (otherwise every later pass would take the slower fresh-block path)."""
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            self._staging.synchronized()
+        except Exception:  # noqa: BLE001 - a broken device: later uploads take the safe path
+            log.exception("staging_release_failed")
 
     @staticmethod
     def _adapts(seq: Sequence) -> bool:
@@ -348,7 +364,9 @@ class Scheduler:
             if not d:
                 host_drafts.append([])
             elif drafter.drafts_on_host:
-                values[at + 1 : at + 1 + d] = row_drafts = drafter.host_drafts(seq)
+                row_drafts = drafter.host_drafts(seq)
+                assert len(row_drafts) == d, "a drafter returned other than d_s drafts"  # would shift every later row
+                values[at + 1 : at + 1 + d] = row_drafts
                 host_drafts.append(row_drafts)
             else:
                 host_drafts.append(None)

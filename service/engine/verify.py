@@ -2,7 +2,9 @@
 
 Both return, per row, the number of accepted drafts `a` and a token row whose first a + 1
 entries are what the pass emits (the accepted drafts, then the target's bonus/correction
-token). Everything stays on the device; the caller brings the result to the host once.
+token). verify_greedy and verify_rejection stay on the device; the scheduler's greedy path
+uses greedy_accepted instead, on the target's argmaxes once they are on the host (the
+pass's one synchronisation), which is the same rule (tests/engine/test_verify.py).
 """
 
 from __future__ import annotations

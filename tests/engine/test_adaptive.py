@@ -45,13 +45,13 @@ def test_new_rows_try_drafting_and_stopped_rows_try_again() -> None:
     row.update(proposed=8, accepted=0)
     assert policy.best_cap(1, [8], [row.rate], 0, False) == 0  # stops after a full rejection
     idle = 0
-    while policy.best_cap(1, [8], [row.rate], 0, False) == 0:
+    while policy.best_cap(1, [8], [row.rate], 0, False) == 0 and idle < 1000:
         row.update(proposed=0, accepted=0)
         idle += 1
     assert 3 <= idle <= 20  # tries again, a few passes later
     row.update(proposed=8, accepted=0)  # rejected again
     idle = 0
-    while policy.best_cap(1, [8], [row.rate], 0, False) == 0:
+    while policy.best_cap(1, [8], [row.rate], 0, False) == 0 and idle < 1000:
         row.update(proposed=0, accepted=0)
         idle += 1
     assert 20 <= idle <= 60  # repeated failures: rarer tries (each costs a verify pass)

@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 from service.engine.sampling import sample_from
-from service.engine.verify import verify_greedy, verify_rejection
+from service.engine.verify import greedy_accepted, verify_greedy, verify_rejection
 
 ALPHA = 1e-3
 ROWS = 500_000
@@ -132,6 +132,19 @@ def test_greedy_accepts_the_longest_matching_prefix() -> None:
     assert tokens[0, :3].tolist() == [1, 2, 3]  # two drafts, then the correction 3
     assert tokens[1].tolist() == [1, 2, 3, 4]  # all accepted, then the bonus 4
     assert tokens[2, :2].tolist() == [5, 6]  # d_s = 1: the bonus comes after one draft
+
+
+def test_host_greedy_rule_equals_the_device_one() -> None:
+    """The scheduler's greedy path (greedy_accepted, on the host) and verify_greedy agree."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(200, 6, 10, generator=gen)
+    best = logits.argmax(-1)  # [200, 6]
+    drafts = torch.where(torch.rand(200, 5, generator=gen) < 0.8, best[:, :5], torch.randint(0, 10, (200, 5), generator=gen))
+    num = torch.randint(0, 6, (200,), generator=gen)
+    accepted, _ = verify_greedy(logits, drafts, num)
+    host = [greedy_accepted(drafts[r, : num[r]].tolist(), best[r].tolist()) for r in range(200)]
+    assert host == accepted.tolist()
+    assert len(set(host)) == 6  # every prefix length 0..5 occurs: the comparison has teeth
 
 
 def test_rejection_rule_with_one_hot_target_is_greedy() -> None:
