@@ -52,6 +52,10 @@ class Drafter(ABC):
     def plan(self, seq: Sequence, limit: int) -> int:
         """Host side: how many drafts (d_s <= limit) this row proposes in the coming pass."""
 
+    def prepare(self, seq: Sequence) -> None:
+        """Before a pass in which this drafter proposes, for each of its rows: per-row work
+        that may fail that row alone (the scheduler runs it guarded, before the pass)."""
+
     def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:
         """Device side: the drafts of `rows` (n = the largest d_s among them, >= 1)."""
         raise NotImplementedError
@@ -167,20 +171,21 @@ class DraftModelDrafter(Drafter):
     def plan(self, seq: Sequence, limit: int) -> int:
         return limit
 
-    def _catch_up(self, rows: list[Sequence]) -> None:
-        """Feeds each row's tokens the draft has not seen, all but the last (the pass feeds
+    def prepare(self, seq: Sequence) -> None:
+        """Feeds the row's tokens the draft has not seen, all but the last (the pass feeds
         that one), in an eager pass of its own: the prompt the first time a row drafts, plus
-        whatever was generated while it did not."""
-        for seq in rows:
-            behind = seq.tokens[seq.draft_len : -1]
-            if len(behind) > 1:  # one or two unseen tokens are a normal pass's business
-                ids = to_device([behind], torch.long, self.runner.device)  # [1, L]
-                self.runner.forward(seq.slot, seq.slot + 1, ids, [seq.draft_len], last_only=True)
-                seq.draft_len += len(behind)
-                self.catch_ups += 1
+        whatever was generated while it did not. The scheduler calls it per row, guarded,
+        so a failure (out of memory on a long prompt) fails that request alone."""
+        behind = seq.tokens[seq.draft_len : -1]
+        if len(behind) > 1:  # one or two unseen tokens are a normal pass's business
+            ids = to_device([behind], torch.long, self.runner.device)  # [1, L]
+            self.runner.forward(seq.slot, seq.slot + 1, ids, [seq.draft_len], last_only=True)
+            seq.draft_len += len(behind)
+            self.catch_ups += 1
 
     def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:
-        self._catch_up(rows)
+        for seq in rows:  # normally done by the scheduler already (then a no-op)
+            self.prepare(seq)
         lo, hi = min(s.slot for s in rows), max(s.slot for s in rows) + 1
         # 1 token (the bonus; the last after a catch-up), 2 after a pass that accepted every draft
         unseen = {s.slot: s.tokens[s.draft_len :] for s in rows}

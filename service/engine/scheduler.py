@@ -256,6 +256,8 @@ class Scheduler:
                 self.output.finish(seq, FinishReason.ERROR, f"decode pass failed: {type(exc).__name__}: {exc}")
                 self._release(seq)
             return
+        if verdicts is None:  # a row failed before the pass; the others go on next step
+            return
         # The verdicts are on the host: the pass is over. A pass that captured a new graph
         # (and compiled its kernels), or fed a draft model a row's backlog eagerly, says
         # nothing about the steady-state cost.
@@ -342,9 +344,23 @@ class Scheduler:
         if self.policy is not None:
             self._shorten_drafts(rows, batch.hi, rates)
 
-    def _draft_and_verify(self, batch: _Batch) -> list[tuple[int, list[int]]]:
-        """One pass: plan, draft, verify. Returns (a_s, the a_s + 1 emitted tokens) per row."""
+    def _prepare_drafters(self, batch: _Batch) -> bool:
+        """Each proposing drafter's per-row preparation (a draft model's backlog), guarded per
+        row. False when a row failed: the batch changed, and this pass is not run."""
+        ok = True
+        for drafter, group in batch.device_groups:
+            if max(seq.num_drafts for seq in group):
+                for seq in group:
+                    self._guarded(seq, lambda seq=seq, drafter=drafter: drafter.prepare(seq))
+                    ok = ok and not seq.finished
+        return ok
+
+    def _draft_and_verify(self, batch: _Batch) -> list[tuple[int, list[int]]] | None:
+        """One pass: plan, draft, verify. Returns (a_s, the a_s + 1 emitted tokens) per row,
+        or None when a row failed while its drafter prepared (no pass was run)."""
         self._plan(batch)
+        if not self._prepare_drafters(batch):
+            return None
         rows, hi = batch.rows, batch.hi
         n = max(seq.num_drafts for seq in rows)
         width = n + 1

@@ -262,3 +262,31 @@ def test_concurrent_submitters(make_engine, target) -> None:
         t.join()
     assert len(results) == 20
     assert len({tuple(o.tokens) for o in results.values()}) == 1  # same prompt, greedy
+
+
+def test_failed_draft_backlog_fails_only_its_request(make_engine, target, close_draft, monkeypatch) -> None:
+    """A draft model's prefill waits for a row's first drafting pass and runs per row before
+    the pass (DraftModelDrafter.prepare): if it fails (say, out of memory on a long prompt),
+    that request fails and the others in the batch carry on, with output equal to running alone."""
+    from service.engine.drafters import DraftModelDrafter
+
+    long_prompt = _ids(target.tokenizer) * 3
+    original = DraftModelDrafter.prepare
+
+    def failing(self, seq):
+        if len(seq.tokens) - seq.draft_len > len(long_prompt) // 2 and seq.prompt_len == len(long_prompt):
+            raise RuntimeError("draft out of memory")
+        original(self, seq)
+
+    alone = run(make_engine(target, close_draft), [
+        GenerationRequest("ok-alone", _ids(target.tokenizer), max_tokens=16, method=Method.DRAFT_MODEL)])["ok-alone"]
+    monkeypatch.setattr(DraftModelDrafter, "prepare", failing)
+    engine = make_engine(target, close_draft, max_batch_size=4)
+    bad, _ = submit(engine, GenerationRequest("bad", tuple(long_prompt), max_tokens=16, method=Method.DRAFT_MODEL))
+    good = run(engine, [GenerationRequest("ok", _ids(target.tokenizer), max_tokens=16, method=Method.DRAFT_MODEL),
+                        GenerationRequest("plain", _ids(target.tokenizer), max_tokens=16, method=Method.NONE)])
+    wait_checked(bad)
+    assert bad.final.finish_reason is FinishReason.ERROR and "draft out of memory" in bad.final.error
+    assert good["ok"].final.finish_reason is FinishReason.LENGTH
+    assert good["ok"].tokens == alone.tokens
+    assert good["plain"].final.finish_reason is FinishReason.LENGTH
