@@ -70,7 +70,6 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int] | tuple[int, ...], stop: tuple[str, ...],
                  texts: TokenTexts | None = None) -> None:
-        self._tokenizer = tokenizer
         self._texts = texts if texts is not None else TokenTexts(tokenizer)
         self._ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         self._prefix_offset = 0

@@ -44,6 +44,7 @@ class Drafter(ABC):
     # True when the drafts are decided on the host by plan(): then host_drafts() gives them
     # and the scheduler uploads them with the pass's other inputs instead of calling propose().
     drafts_on_host: bool = False
+    catch_ups: int = 0  # eager passes prepare() ran; such passes are not steady-state costs
 
     def start(self, seq: Sequence) -> None:
         """Called once the target has prefilled the prompt (and sampled the first token)."""
@@ -140,12 +141,6 @@ class NgramDrafter(Drafter):
     def host_drafts(self, seq: Sequence) -> list[int]:
         return seq.ngram_proposal[: seq.num_drafts]
 
-    def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:
-        table = [[0] * n for _ in range(ctx.hi)]
-        for seq in rows:
-            table[seq.slot][: seq.num_drafts] = seq.ngram_proposal[: seq.num_drafts]
-        return DraftOutput(to_device(table, torch.long, ctx.device), None)  # [hi, n]
-
 
 class DraftModelDrafter(Drafter):
     """A smaller model sharing the target's vocabulary, with its own static KV cache.
@@ -160,7 +155,6 @@ class DraftModelDrafter(Drafter):
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.catch_ups = 0  # eager backlog passes so far (the scheduler keeps them out of the policy's costs)
 
     def start(self, seq: Sequence) -> None:
         # The draft's prefill waits for the row's first drafting pass (_catch_up): with the
@@ -184,8 +178,8 @@ class DraftModelDrafter(Drafter):
             self.catch_ups += 1
 
     def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:
-        for seq in rows:  # normally done by the scheduler already (then a no-op)
-            self.prepare(seq)
+        # The scheduler ran prepare() for every row, so each has one or two unseen tokens
+        # (a longer backlog would still be right here, in one wider eager pass).
         lo, hi = min(s.slot for s in rows), max(s.slot for s in rows) + 1
         # 1 token (the bonus; the last after a catch-up), 2 after a pass that accepted every draft
         unseen = {s.slot: s.tokens[s.draft_len :] for s in rows}

@@ -288,7 +288,7 @@ class Scheduler:
         """Graph captures plus draft-model catch-ups so far: passes that did one are not
         steady-state passes."""
         return (sum(runner.captures for runner in self._runners)
-                + sum(getattr(drafter, "catch_ups", 0) for drafter in self.drafters.values()))
+                + sum(drafter.catch_ups for drafter in self.drafters.values()))
 
     def _release_staging(self) -> None:
         """After a failed pass: wait for the stream, so the pinned upload buffer is free again

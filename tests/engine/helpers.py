@@ -26,6 +26,11 @@ def perturbed(base: LoadedModel, seed: int, scale: float, name: str) -> LoadedMo
     return LoadedModel(name=name, model=model, tokenizer=base.tokenizer, device=base.device, dtype=base.dtype)
 
 
+def to_cuda(m: LoadedModel) -> LoadedModel:
+    """`m` moved to the GPU (GPU tests only)."""
+    return LoadedModel(m.name, m.model.to("cuda"), m.tokenizer, torch.device("cuda"), m.dtype)
+
+
 @dataclass
 class Outcome:
     request_id: str

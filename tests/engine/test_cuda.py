@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from service.engine import Engine, EngineConfig, GenerationRequest, Method, SamplingParams
-from service.model_loading import LoadedModel
-from tests.engine.helpers import make_model, perturbed, run, submit, wait_checked
+from tests.engine.helpers import make_model, perturbed, run, submit, to_cuda, wait_checked
 
 pytestmark = [
     pytest.mark.gpu,
@@ -18,15 +17,11 @@ pytestmark = [
 ]
 
 
-def _cuda(m: LoadedModel) -> LoadedModel:
-    return LoadedModel(m.name, m.model.to("cuda"), m.tokenizer, torch.device("cuda"), m.dtype)
-
-
 @pytest.fixture(scope="module")
 def gpu_models(tokenizer):
     target = make_model(tokenizer, seed=0, name="cuda-target", vocab_size=len(tokenizer))
     draft = perturbed(target, seed=2, scale=0.05, name="cuda-draft")
-    return _cuda(target), _cuda(draft)
+    return to_cuda(target), to_cuda(draft)
 
 
 def _ids(tokenizer, text: str) -> tuple[int, ...]:

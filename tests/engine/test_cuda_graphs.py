@@ -8,19 +8,14 @@ import torch
 
 from service.engine import Engine, EngineConfig, GenerationRequest, Method
 from service.engine.runner import ModelRunner
-from service.model_loading import LoadedModel
-from tests.engine.helpers import make_model, run
+from tests.engine.helpers import make_model, run, to_cuda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def _cuda(m: LoadedModel) -> LoadedModel:
-    return LoadedModel(m.name, m.model.to("cuda"), m.tokenizer, torch.device("cuda"), m.dtype)
-
-
 @torch.inference_mode()
 def test_graph_replay_matches_eager(tokenizer) -> None:
-    target = _cuda(make_model(tokenizer, seed=0, name="g", vocab_size=len(tokenizer)))
+    target = to_cuda(make_model(tokenizer, seed=0, name="g", vocab_size=len(tokenizer)))
     graphed = ModelRunner(target, max_batch=4, max_len=128, max_width=4)
     eager = ModelRunner(target, max_batch=4, max_len=128, max_width=4, use_graphs=False)
     assert graphed.graphs is not None and eager.graphs is None
@@ -83,7 +78,7 @@ def test_float32_speculative_equals_plain_on_cuda(smollm2_fp32_cuda) -> None:
 def test_capture_all_covers_every_shape_a_pass_can_take(tokenizer) -> None:
     """After capture_all, passes of any batch, width and context length replay without a new
     capture, and every graph still writes the right logits into the shared output buffer."""
-    target = _cuda(make_model(tokenizer, seed=1, name="g", vocab_size=len(tokenizer)))
+    target = to_cuda(make_model(tokenizer, seed=1, name="g", vocab_size=len(tokenizer)))
     graphed = ModelRunner(target, max_batch=4, max_len=128, max_width=3)
     eager = ModelRunner(target, max_batch=4, max_len=128, max_width=3, use_graphs=False)
     captured = graphed.capture_all_graphs()

@@ -7,19 +7,14 @@ import pytest
 import torch
 
 from service.engine.runner import ModelRunner
-from service.model_loading import LoadedModel
-from tests.engine.helpers import make_model
+from tests.engine.helpers import make_model, to_cuda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def _cuda(m: LoadedModel) -> LoadedModel:
-    return LoadedModel(m.name, m.model.to("cuda"), m.tokenizer, torch.device("cuda"), m.dtype)
-
-
 @torch.inference_mode()
 def test_layer_variant_graphs_match_the_reference_variant(tokenizer) -> None:
-    target = _cuda(make_model(tokenizer, seed=0, name="g", vocab_size=len(tokenizer)))
+    target = to_cuda(make_model(tokenizer, seed=0, name="g", vocab_size=len(tokenizer)))
     layer = ModelRunner(target, max_batch=4, max_len=128, max_width=4, lean_compile="layer")
     reference = ModelRunner(target, max_batch=4, max_len=128, max_width=4, use_graphs=False, use_compile=False)
     assert layer.graphs is not None and layer.lean.variant == "layer" and layer.lean.compiled
