@@ -165,11 +165,13 @@ def bench_engine_batch1(engine, prompts, method, k, new_tokens, repeats, tag) ->
 
 
 def make_engine(target: LoadedModel, draft: LoadedModel | None, max_batch: int, max_k: int, k: int,
-                adaptive: bool, kv_tokens: int, capture_all: bool = True) -> Engine:
+                adaptive: bool, kv_tokens: int, capture_all: bool = True,
+                lean_variant: str = EngineConfig.lean_variant) -> Engine:
     engine = Engine(target, EngineConfig(max_batch_size=max_batch, max_queue_size=4096, max_num_draft_tokens=max_k,
                                          default_num_draft_tokens=min(k, max_k), kv_cache_tokens=kv_tokens,
                                          instance_id="bench", adaptive_draft_length=adaptive,
-                                         capture_all_graphs=capture_all),  # on: as the service does
+                                         capture_all_graphs=capture_all,  # on: as the service does
+                                         lean_variant=lean_variant),
                     draft=draft)
     engine.start()
     return engine
@@ -354,7 +356,8 @@ def section_concurrency(result, engine, prompts, methods, args, budget, save) ->
 
 def section_ksweep(result, target, draft, prompts, methods, kv_tokens, args, budget, save) -> None:
     kinds = {kind: prompts[kind] for kind in args.ksweep_kinds}
-    engine = make_engine(target, draft, 1, max(args.k_values), args.k, adaptive=False, kv_tokens=kv_tokens)
+    engine = make_engine(target, draft, 1, max(args.k_values), args.k, adaptive=False, kv_tokens=kv_tokens,
+                         lean_variant=args.lean_variant)
     sweep = result.setdefault("ksweep", {"adaptive_draft_length": False, "kinds": list(kinds), "rows": []})
     try:
         plan = [("none", 0, "plain before")] + [(name, k, None) for name in methods if name != "none"
@@ -539,6 +542,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-hf", action="store_true", help="drop the hf section")
     parser.add_argument("--hf-configs", type=names, default=list(HF_CONFIGS), help=f"subset of {HF_CONFIGS}")
     parser.add_argument("--methods", type=names, default=list(ENGINE_METHODS), help="engine methods to run")
+    parser.add_argument("--lean-variant", default=EngineConfig.lean_variant,
+                        help="the engine's lean forward variant (EngineConfig.lean_variant)")
     parser.add_argument("--no-capture-all", action="store_true",
                         help="capture graphs lazily, on first use, instead of all at engine start")
     parser.add_argument("--fixed-k", action="store_true",
@@ -608,7 +613,8 @@ def main(argv=None) -> None:
         "machine": machine, "torch": torch.__version__, "transformers_version": transformers.__version__,
         "python": platform.python_version(), "model": args.model, "dtype": dtype, "device": str(device),
         "new_tokens": args.new_tokens, "k": args.k, "repeats": args.repeats,
-        "adaptive_draft_length": not args.fixed_k, "capture_all_graphs": not args.no_capture_all, "command": " ".join(sys.argv),
+        "adaptive_draft_length": not args.fixed_k, "capture_all_graphs": not args.no_capture_all,
+        "lean_variant": args.lean_variant, "command": " ".join(sys.argv),
         "draft_model": {"name": draft.name, "layers": args.draft_layers,
                         "target_layers": loaded.model.config.num_hidden_layers,
                         "construction": "bench/draft_truncated.py: deep copy of the target's first N decoder layers, "
@@ -643,7 +649,7 @@ def main(argv=None) -> None:
         max_batch = max(args.concurrency) if "concurrency" in args.sections else 1
         engine = make_engine(loaded, draft if "draft_model" in methods else None, max_batch, max(args.k, 1), args.k,
                              adaptive=not args.fixed_k, kv_tokens=kv_tokens,
-                             capture_all=not args.no_capture_all)
+                             capture_all=not args.no_capture_all, lean_variant=args.lean_variant)
         try:
             if "batch1" in args.sections:
                 section_batch1(result, engine, prompts, methods, args, budget, save)

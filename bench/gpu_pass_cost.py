@@ -87,10 +87,10 @@ def measure(loaded: LoadedModel, batches: list[int], widths: list[int], context:
     runners = {
         "transformers": lambda variant: ModelRunner(loaded, max_batch, max_len, max_width, use_lean=False),
         "lean_eager": lambda variant: ModelRunner(loaded, max_batch, max_len, max_width, use_graphs=False,
-                                                  use_compile=False, lean_compile=variant),
+                                                  use_compile=False, lean_variant=variant),
         "graph": lambda variant: ModelRunner(loaded, max_batch, max_len, max_width, use_compile=False,
-                                             lean_compile=variant),
-        "graph_compiled": lambda variant: ModelRunner(loaded, max_batch, max_len, max_width, lean_compile=variant),
+                                             lean_variant=variant),
+        "graph_compiled": lambda variant: ModelRunner(loaded, max_batch, max_len, max_width, lean_variant=variant),
     }
     vocab = loaded.vocab_size
     for path in paths:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from service.engine.api import Method
 
+LEAN_VARIANTS = ("invariant", "layer", "around_attention")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -31,12 +33,16 @@ class EngineConfig:
     adaptive_draft_length: bool = False
     cuda_graphs: bool = True
     compile: bool = True
-    # What one torch.compile region of the lean forward covers (service/engine/lean_forward.py):
-    # "layer" (the whole decoder layer, cache write and attention included; 0.83 against
-    # 1.25 ms a batch-1 decode pass of SmolLM2 on an H200) or "around_attention" (the work
-    # before and after an eager attention, per layer). Compiled runs only: eager ones
-    # always use "around_attention".
-    lean_compile: str = "layer"
+    # The lean forward's variant on CUDA (service/engine/lean_forward.py; CPU runs are always
+    # eager "around_attention"):
+    # - "invariant": row-invariant Triton kernels, no torch.compile: a token's logits are the
+    #   same bits in a verify pass of k + 1 rows as in a plain pass of one, so bfloat16
+    #   speculative greedy output equals plain greedy output;
+    # - "layer": the whole decoder layer as one torch.compile region (fastest batch-1 plain
+    #   pass measured before "invariant"; shape-dependent rounding, see bench/RESULTS.md);
+    # - "around_attention": compiled regions before and after an eager attention.
+    # Models the invariant kernels do not cover (head dim not a power of two >= 16) use "layer".
+    lean_variant: str = "invariant"
     # CUDA graphs only: capture every (batch, width, kv) bucket when the engine starts (about
     # 30 ms each; hundreds for a large batch and context), so that no request stalls on a
     # capture when the draft length or the batch first takes a new shape.
@@ -57,5 +63,5 @@ class EngineConfig:
             raise ValueError("kv_cache_tokens must be >= 2")
         if not 1 <= self.ngram_min_n <= self.ngram_max_n:
             raise ValueError("need 1 <= ngram_min_n <= ngram_max_n")
-        if self.lean_compile not in ("around_attention", "layer"):
-            raise ValueError(f"lean_compile must be 'around_attention' or 'layer', not {self.lean_compile!r}")
+        if self.lean_variant not in LEAN_VARIANTS:
+            raise ValueError(f"lean_variant must be one of {', '.join(LEAN_VARIANTS)}, not {self.lean_variant!r}")

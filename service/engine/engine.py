@@ -189,7 +189,7 @@ class Engine:
         cache_len = self._max_context + self.config.max_num_draft_tokens + 1  # room for padded draft slots
         max_width = self.config.max_num_draft_tokens + 1  # a verify pass: pending token + k drafts
         fast = dict(use_graphs=self.config.cuda_graphs, use_compile=self.config.compile,
-                    lean_compile=self.config.lean_compile)
+                    lean_variant=self.config.lean_variant)
         target = ModelRunner(self._target, self.config.max_batch_size, cache_len, max_width, **fast)
         drafters: dict[Method, Drafter] = {
             Method.NONE: NoDrafter(),

@@ -24,11 +24,11 @@ import torch.fx.experimental._config
 import torch.nn.functional as F
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-VARIANTS = ("around_attention", "layer")  # what one torch.compile region covers; see LeanForward
+VARIANTS = ("around_attention", "layer", "invariant")  # see LeanForward
 
 
-def supports(model: torch.nn.Module) -> bool:
-    """True when `model` is a family this forward reproduces exactly."""
+def supports(model: torch.nn.Module, variant: str = "around_attention") -> bool:
+    """True when `model` is a family this forward reproduces exactly (in `variant`)."""
     config = model.config
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         return False
@@ -36,6 +36,11 @@ def supports(model: torch.nn.Module) -> bool:
         return False  # Qwen2 sliding-window layers need their own mask
     if getattr(config, "mlp_bias", False) or getattr(config, "hidden_act", "silu") != "silu":
         return False
+    if variant == "invariant":  # the kernels' tiles: head dims of a power of two, at least 16
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if head_dim < 16 or head_dim & (head_dim - 1) or heads % config.num_key_value_heads:
+            return False
     return True
 
 
@@ -284,15 +289,23 @@ class LeanForward:
       B == 1 or not, T == 1 or not, cache rows at offset 0 or not, never per kv length), so
       inductor fuses across the attention, writes the cache in place, and at B = T = 1 turns
       the linears into Triton reductions fused with their neighbours.
-    The final norm and the LM head run in float32: bfloat16 logits are so coarse (about
-    0.1 apart near 20) that ties between the top two tokens are common, and which one wins
-    then depends on tiny shape-dependent rounding upstream.
+    - "invariant" (CUDA only): no torch.compile; every layer is seven Triton kernels whose
+      result for a token row does not depend on the other rows of the pass
+      (service/engine/invariant_kernels.py), so a verify pass of k + 1 rows gives each row
+      bit for bit the logits a plain pass of one row gives, in bfloat16 too: speculative
+      greedy output is plain greedy output.
+    In the first two variants the final norm and the LM head run in float32: bfloat16 logits
+    are so coarse (about 0.1 apart near 20) that ties between the top two tokens are common,
+    and which one wins then depends on tiny shape-dependent rounding upstream. The invariant
+    variant keeps transformers' rounding (norm output in the model dtype) and accumulates
+    the logits in float32: with no shape-dependent rounding, a tie goes the same way in
+    every pass.
     """
 
     def __init__(self, model: torch.nn.Module, compile: bool = False,
                  variant: str = "around_attention") -> None:
-        if not supports(model):
-            raise ValueError(f"lean forward does not support model_type {model.config.model_type!r}")
+        if not supports(model, variant):
+            raise ValueError(f"lean forward ({variant}) does not support this {model.config.model_type!r} model")
         if variant not in VARIANTS:
             raise ValueError(f"unknown lean forward variant {variant!r} (one of {', '.join(VARIANTS)})")
         self.variant = variant
@@ -305,9 +318,15 @@ class LeanForward:
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim ** -0.5
         self.embed = decoder.embed_tokens.weight  # [V, E]
-        self.final_norm = decoder.norm.weight.float()  # [E]
         head = model.lm_head.weight  # [V, E] (tied to embed when the model ties them)
-        self.lm_head = head if head.dtype == torch.float32 else head.float()
+        if variant == "invariant":
+            from service.engine import invariant_kernels  # Triton: CUDA machines only
+
+            self._kernels = invariant_kernels
+            self.final_norm, self.lm_head = decoder.norm.weight, head  # model dtype
+        else:
+            self.final_norm = decoder.norm.weight.float()  # [E]
+            self.lm_head = head if head.dtype == torch.float32 else head.float()
         self.pre_attention = pre_attention
         self.post_attention = post_attention
         self.layer: Callable[..., torch.Tensor] | None = None  # the "layer" variant's function
@@ -368,6 +387,8 @@ class LeanForward:
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
         x = F.embedding(input_ids, self.embed)  # [B, T, E]
         cos, sin = self.rotary(x, positions)  # [B, T, D] each
+        if self.variant == "invariant":
+            return self._invariant_forward(x, cos, sin, write_pos, mask, keys, values, last_only)
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # [B, 1, T, D]
         if self.variant == "layer":
             with _compile_settings() if self.compiled else contextlib.nullcontext():
@@ -388,6 +409,31 @@ class LeanForward:
             x = self.post_attention(x, attn, layer.o_weight, layer.o_bias, layer.post_norm,
                                     layer.gate_up_weight, layer.down_weight, self.eps)
         return self._logits(x, last_only)
+
+    def _invariant_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           write_pos: torch.Tensor, mask: torch.Tensor, keys: list[torch.Tensor],
+                           values: list[torch.Tensor], last_only: bool) -> torch.Tensor:
+        """The "invariant" variant: per layer seven row-invariant kernels (norm + QKV, rotary +
+        cache write, attention over key chunks, combine, O + residual, norm + gate/up,
+        SiLU product + down + residual)."""
+        kernels, (b, t, e) = self._kernels, x.shape
+        h, g, d, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
+        x = x.reshape(b * t, e)  # [M, E], token row m = b * T + t
+        cos = cos.to(x.dtype).reshape(b * t, d).contiguous()  # [M, D]
+        sin = sin.to(x.dtype).reshape(b * t, d).contiguous()
+        for layer, k_cache, v_cache in zip(self.layers, keys, values):
+            qkv = kernels.linear(x, layer.qkv_weight, layer.qkv_bias, norm=layer.input_norm, eps=eps)
+            kernels.write_kv(qkv, cos, sin, write_pos, k_cache, v_cache, t, h, g, d)
+            attn = kernels.attention(qkv, cos, sin, k_cache, v_cache, mask, h, g, d, self.scale)  # [M, H * D]
+            x = kernels.linear(attn, layer.o_weight, layer.o_bias, residual=x)
+            gate_up = kernels.linear(x, layer.gate_up_weight, norm=layer.post_norm, eps=eps)  # [M, 2I]
+            x = kernels.linear(gate_up, layer.down_weight, gated=True, residual=x)
+        x = x.view(b, t, e)
+        if last_only:
+            x = x[:, -1:]
+        rows = x.reshape(-1, e)
+        logits = kernels.linear(rows, self.lm_head, norm=self.final_norm, eps=eps, out_float32=True)
+        return logits.view(b, -1, logits.shape[-1])  # [B, T', V] float32
 
     def _logits(self, x: torch.Tensor, last_only: bool) -> torch.Tensor:
         if last_only:

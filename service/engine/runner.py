@@ -19,6 +19,23 @@ from service.engine.lean_forward import LeanForward, supports
 from service.model_loading import LoadedModel
 
 
+def pick_variant(requested: str, model: torch.nn.Module, device: torch.device, use_compile: bool) -> str:
+    """The lean forward variant a runner uses for `requested` (LeanForward's variants).
+
+    Off CUDA: "around_attention", eager (the invariant kernels are Triton, and the "layer"
+    variant run eagerly was measured the slower of the two). On CUDA: "layer" needs
+    compile (else "around_attention"); "invariant" needs a model its kernels cover (else
+    what "layer" would give).
+    """
+    if device.type != "cuda":
+        return "around_attention"
+    if requested == "invariant" and supports(model, "invariant"):
+        return "invariant"
+    if requested in ("invariant", "layer"):
+        return "layer" if use_compile else "around_attention"
+    return requested
+
+
 class ModelRunner:
     """A model plus its KV cache. Slots are rows of the cache; the caller tracks lengths.
 
@@ -29,7 +46,7 @@ class ModelRunner:
 
     def __init__(self, loaded: LoadedModel, max_batch: int, max_len: int, max_width: int = 1,
                  use_lean: bool = True, use_graphs: bool = True, use_compile: bool = True,
-                 lean_compile: str = "around_attention") -> None:
+                 lean_variant: str = "around_attention") -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = torch.device(loaded.device)
@@ -41,13 +58,9 @@ class ModelRunner:
         self.lean: LeanForward | None = None
         self.graphs: GraphedDecoder | None = None
         if use_lean and supports(self.model):
-            # lean_compile picks what one compiled region covers (LeanForward's variant): the
-            # work around the attention, or the whole decoder layer. It only matters compiled
-            # (CUDA): run eagerly, the "layer" variant is the slower of the two (measured on an
-            # H200), so eager runs keep "around_attention".
-            compiled = use_compile and self.device.type == "cuda"
-            self.lean = LeanForward(self.model, compile=compiled,
-                                    variant=lean_compile if compiled else "around_attention")
+            variant = pick_variant(lean_variant, self.model, self.device, use_compile)
+            compiled = use_compile and self.device.type == "cuda" and variant != "invariant"
+            self.lean = LeanForward(self.model, compile=compiled, variant=variant)
             self.cache.allocate(self.lean.num_layers, self.lean.num_kv_heads, self.lean.head_dim)
             if self.device.type == "cuda":
                 # Split-K GEMMs may otherwise reduce partial sums in bfloat16, one source of a

@@ -164,21 +164,22 @@ def test_engine_config_knows_the_variants() -> None:
     from service.engine.lean_forward import VARIANTS
 
     for variant in VARIANTS:
-        EngineConfig(lean_compile=variant).validate()
-    with pytest.raises(ValueError, match="lean_compile"):
-        EngineConfig(lean_compile="whole").validate()
+        EngineConfig(lean_variant=variant).validate()
+    with pytest.raises(ValueError, match="lean_variant"):
+        EngineConfig(lean_variant="whole").validate()
 
 
 @torch.inference_mode()
-def test_runner_keeps_around_attention_when_not_compiled() -> None:
-    """On CPU (no compile) the runner runs "around_attention" whatever lean_compile says: the
-    "layer" variant only pays compiled. The variant itself is tested eagerly above, and
-    compiled on CUDA in test_lean_layer_cuda.py."""
+def test_runner_keeps_around_attention_off_cuda() -> None:
+    """On CPU the runner runs "around_attention" eagerly whatever lean_variant says: the
+    "layer" variant only pays compiled and the invariant kernels are Triton (CUDA). The
+    variants themselves are tested eagerly above and on CUDA in test_lean_layer_cuda.py and
+    test_invariant_cuda.py."""
     from service.engine.runner import ModelRunner
     from service.model_loading import LoadedModel
 
     loaded = LoadedModel("tiny", _model("llama", tie=False), None, torch.device("cpu"), torch.float32)
-    runners = [ModelRunner(loaded, max_batch=2, max_len=32, max_width=3, lean_compile=variant)
-               for variant in ("around_attention", "layer")]
-    assert [r.lean.variant for r in runners] == ["around_attention", "around_attention"]
+    runners = [ModelRunner(loaded, max_batch=2, max_len=32, max_width=3, lean_variant=variant)
+               for variant in ("around_attention", "layer", "invariant")]
+    assert [r.lean.variant for r in runners] == ["around_attention"] * 3
     assert not any(r.lean.compiled for r in runners) and all(r.graphs is None for r in runners)

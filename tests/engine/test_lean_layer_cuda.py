@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @torch.inference_mode()
 def test_layer_variant_graphs_match_the_reference_variant(tokenizer) -> None:
     target = to_cuda(make_model(tokenizer, seed=0, name="g", vocab_size=len(tokenizer)))
-    layer = ModelRunner(target, max_batch=4, max_len=128, max_width=4, lean_compile="layer")
+    layer = ModelRunner(target, max_batch=4, max_len=128, max_width=4, lean_variant="layer")
     reference = ModelRunner(target, max_batch=4, max_len=128, max_width=4, use_graphs=False, use_compile=False)
     assert layer.graphs is not None and layer.lean.variant == "layer" and layer.lean.compiled
     gen = torch.Generator().manual_seed(0)

@@ -1,0 +1,384 @@
+"""Triton kernels whose result for one token row does not depend on the other rows.
+
+Why: a plain decode pass computes one row per sequence (T = 1); a verify pass computes
+k + 1 rows. Library kernels pick their tiling, split-K and reduction order from the shape,
+so the same row gets a slightly different sum in the two passes; in bfloat16 that flips
+near-tied argmaxes, and speculative greedy output drifts from plain greedy output
+(63% token agreement measured on an H200, bench/RESULTS.md). Here every reduction has an
+order fixed by constants alone, never by the number of rows:
+
+- linear, up to GEMV_MAX_ROWS rows: one program per row and BN outputs, each output a
+  float32 sum over BK-wide chunks of the inner dimension, chunks in order;
+- linear, more rows: tiles of BLOCK_M rows, the inner dimension walked in BLOCK_K steps
+  from 0 upwards, one tl.dot per step accumulating in float32. A row's sums are the same
+  whether it is alone in its tile or one of sixteen, at any position (no split-K, no block
+  shape chosen from M);
+- attention: keys in fixed chunks of ATTN_CHUNK absolute positions (chunk c covers
+  positions c * ATTN_CHUNK ..), one partial softmax per chunk, then a combine over a chunk
+  axis padded to a length fixed by the cache size. Masked positions and chunks contribute
+  exact zeros, so how many keys a pass reads (its kv bucket) changes nothing.
+- norms: each row's sum of squares in fixed steps over the row, inside the linear that
+  consumes it.
+
+The two linear kernels round differently: a row's bits are the same in every pass of up to
+GEMV_MAX_ROWS rows (a batch-1 decode or verify pass: speculative == plain), and in every
+pass of more rows, not across the two.
+
+The rounding points follow transformers' eager bfloat16 Llama: the norm's output, the
+linears' outputs, each term of the rotary embedding and the attention probabilities are
+rounded to the model dtype where transformers rounds them (float32 models: no rounding at
+all, and float32 dots in full precision, not TF32).
+
+Integer arguments that vary per pass (rows, kv length) are excluded from Triton's
+specialisation (`do_not_specialize`): one compiled kernel serves every row count, so a
+single row and sixteen rows run the same machine code.
+
+Shapes: M token rows (B rows x T tokens, row m = b * T + t), E hidden size, H query heads,
+G kv heads, D head dim, L cache length, K kv positions read.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Block shapes: measured on an H200 with SmolLM2-135M's shapes (bench/invariant_tuning.py,
+# bench/RESULTS.md). A row's bits depend on these constants, never on the number of rows.
+# Up to GEMV_MAX_ROWS rows (a batch-1 decode or verify pass), linears run as _gemv_kernel:
+# CUDA cores, BN = 4 outputs of one row per program, sums over BK = 256 wide chunks (a
+# batch-1 pass 0.73 ms against 1.47 through the tensor-core kernel). Above, as
+# _linear_kernel: tensor cores, 16-row tiles. The two kernels round differently, so a row's
+# bits are the same in every pass of up to GEMV_MAX_ROWS rows, and in every pass of more.
+GEMV_MAX_ROWS = 16
+GEMV_BLOCK_N = 4
+GEMV_BLOCK_K = 256
+GEMV_WARPS = 4
+BLOCK_M = 16
+BLOCK_N = 64
+BLOCK_K = 64
+LINEAR_WARPS = 4
+LINEAR_STAGES = 3
+ATTN_ROWS = 16  # query rows (heads x tokens of one kv head) per attention program
+ATTN_CHUNK = 64  # key positions per attention program
+ATTN_WARPS = 4
+
+# Attention partials are held for at most this many query rows at once (x heads x chunks
+# x head dim floats); a long prefill runs its attention in slices of tokens.
+_MAX_PARTIAL_FLOATS = 1 << 26
+
+PROLOGUE_NONE, PROLOGUE_NORM, PROLOGUE_GATED = 0, 1, 2
+
+
+@triton.jit(do_not_specialize=["M"])
+def _linear_kernel(x_ptr, w_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, M, eps,
+                   stride_xm, stride_wn, stride_rm, stride_om,
+                   N: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_RES: tl.constexpr, OUT_F32: tl.constexpr, IEEE: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[M, N] = prologue(x) @ w[N, K]^T (+ bias) (+ res).
+
+    PROLOGUE_NORM: rms_norm(x) * norm, as transformers' LlamaRMSNorm (x [M, K]).
+    PROLOGUE_GATED: silu(x[:, :K]) * x[:, K:] (x [M, 2K], the fused gate/up output).
+    """
+    dtype = x_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)  # [BM]
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)  # [BN]
+    steps = tl.arange(0, BK)  # [BK]
+    row_ok, col_ok = rows < M, cols < N
+    x_rows = x_ptr + rows[:, None] * stride_xm  # [BM, 1]
+    w_cols = w_ptr + cols[None, :] * stride_wn  # [1, BN]
+    if PROLOGUE == 1:
+        # Sum of squares of each row in fixed BK steps: [BM] float32.
+        squares = tl.zeros([BM], dtype=tl.float32)
+        for k0 in tl.static_range(0, K, BK):
+            ks = k0 + steps
+            xv = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0).to(tl.float32)
+            squares += tl.sum(xv * xv, axis=1)
+        inv_rms = 1.0 / tl.sqrt(squares / K + eps)  # [BM]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + steps
+        k_ok = ks < K
+        a_mask = row_ok[:, None] & k_ok[None, :]
+        if PROLOGUE == 2:
+            gate = tl.load(x_rows + ks[None, :], mask=a_mask, other=0.0).to(tl.float32)
+            up = tl.load(x_rows + K + ks[None, :], mask=a_mask, other=0.0).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)  # F.silu, rounded
+            a = (silu * up).to(dtype)  # [BM, BK]
+        elif PROLOGUE == 1:
+            xv = tl.load(x_rows + ks[None, :], mask=a_mask, other=0.0).to(tl.float32)
+            scale = tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            normed = (xv * inv_rms[:, None]).to(dtype).to(tl.float32)  # x32 * rsqrt(var + eps), rounded
+            a = (normed * scale[None, :]).to(dtype)  # weight * x, rounded
+        else:
+            a = tl.load(x_rows + ks[None, :], mask=a_mask, other=0.0)
+        w = tl.load(w_cols + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # [BK, BN]
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
+    if OUT_F32:
+        tl.store(out_ptrs, acc, mask=out_mask)
+    else:
+        out = acc.to(dtype)
+        if HAS_RES:  # x + linear(...): the linear's output rounded, then the sum rounded
+            res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=out_mask, other=0.0)
+            out = (out.to(tl.float32) + res.to(tl.float32)).to(dtype)
+        tl.store(out_ptrs, out, mask=out_mask)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, eps,
+                 stride_xm, stride_wn, stride_rm, stride_om,
+                 N: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_RES: tl.constexpr, OUT_F32: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """_linear_kernel's function for few rows, without tensor cores: grid (N / BN, M), BN
+    outputs of one row per program, each a float32 sum of BK-wide products (tl.sum over a
+    [BN, BK] tile), then over the BK chunks in order. Many small programs and no shared
+    memory staging: at one to a few rows a pass is latency-bound, not arithmetic-bound.
+    PROLOGUE as _linear_kernel's."""
+    dtype = x_ptr.dtype.element_ty
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)  # [BN]
+    col_ok = cols < N
+    steps = tl.arange(0, BK)
+    w_cols = w_ptr + cols[:, None] * stride_wn  # [BN, 1]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    m = tl.program_id(1)  # one row per program: the same code for a row whatever M is
+    x_row = x_ptr + m * stride_xm
+    if PROLOGUE == 1:
+        squares = tl.zeros([BK], dtype=tl.float32)
+        for k0 in tl.static_range(0, K, BK):
+            ks = k0 + steps
+            xv = tl.load(x_row + ks, mask=ks < K, other=0.0).to(tl.float32)
+            squares += xv * xv
+        inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BK):
+        ks = k0 + steps
+        k_ok = ks < K
+        if PROLOGUE == 2:
+            gate = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)
+            up = tl.load(x_row + K + ks, mask=k_ok, other=0.0).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            a = (silu * up).to(dtype).to(tl.float32)  # [BK]
+        elif PROLOGUE == 1:
+            xv = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)
+            scale = tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            a = ((xv * inv_rms).to(dtype).to(tl.float32) * scale).to(dtype).to(tl.float32)
+        else:
+            a = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_cols + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BN, BK]
+        acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+    if HAS_BIAS:
+        acc += bias
+    out_ptrs = out_ptr + m * stride_om + cols
+    if OUT_F32:
+        tl.store(out_ptrs, acc, mask=col_ok)
+    else:
+        out = acc.to(dtype)
+        if HAS_RES:
+            res = tl.load(res_ptr + m * stride_rm + cols, mask=col_ok, other=0.0)
+            out = (out.to(tl.float32) + res.to(tl.float32)).to(dtype)
+        tl.store(out_ptrs, out, mask=col_ok)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           norm: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
+           residual: torch.Tensor | None = None, out_float32: bool = False) -> torch.Tensor:
+    """Row-invariant F.linear on x [M, K] (weight [N, K]): see _linear_kernel.
+
+    norm: of rms_norm(x) * norm instead of x. gated: of silu(x[:, :K]) * x[:, K:] (x [M, 2K]).
+    residual [M, N]: returns residual + linear(...). out_float32: float32 output, not rounded.
+    """
+    if x.dim() != 2 or x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("linear wants a 2-D x and weight with contiguous rows")
+    m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
+    if x.shape[1] != (2 * k if gated else k):
+        raise ValueError(f"x has {x.shape[1]} columns, weight {k}{' (gated: 2x)' if gated else ''}")
+    out = torch.empty((m, n), device=x.device, dtype=torch.float32 if out_float32 else x.dtype)
+    if residual is not None and residual.stride(1) != 1:
+        raise ValueError("residual rows must be contiguous")
+    prologue = PROLOGUE_GATED if gated else PROLOGUE_NONE if norm is None else PROLOGUE_NORM
+    if m <= GEMV_MAX_ROWS:
+        _gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N), m)](
+            x, weight, bias if bias is not None else x, norm if norm is not None else x,
+            residual if residual is not None else x, out, float(eps),
+            x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+            N=n, K=k, PROLOGUE=prologue,
+            HAS_BIAS=bias is not None, HAS_RES=residual is not None, OUT_F32=out_float32,
+            BN=GEMV_BLOCK_N, BK=GEMV_BLOCK_K, num_warps=GEMV_WARPS)
+        return out
+    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
+    _linear_kernel[grid](
+        x, weight, bias if bias is not None else x, norm if norm is not None else x,
+        residual if residual is not None else x, out, m, float(eps),
+        x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        N=n, K=k, PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        OUT_F32=out_float32, IEEE=x.dtype == torch.float32,
+        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=LINEAR_WARPS, num_stages=LINEAR_STAGES)
+    return out
+
+
+@triton.jit
+def _rotate(x_ptr, offsets, cos, sin, D: tl.constexpr):
+    """The rotary embedding of the vectors at x_ptr + offsets[..., :] (last axis D), as
+    transformers' x * cos + rotate_half(x) * sin, each product and the sum rounded."""
+    dtype = x_ptr.dtype.element_ty
+    d = tl.arange(0, D)
+    x = tl.load(x_ptr + offsets + d).to(tl.float32)
+    partner = tl.load(x_ptr + offsets + (d + D // 2) % D).to(tl.float32)
+    rotated = tl.where(d < D // 2, -partner, partner)  # rotate_half(x) = cat(-x2, x1)
+    return ((x * cos).to(dtype).to(tl.float32) + (rotated * sin).to(dtype).to(tl.float32)).to(dtype)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _write_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, T,
+                     stride_qkv, stride_cs, stride_cb, stride_cg, stride_cl,
+                     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+    """Rotates token row m's keys (kv head g) and writes keys and values into the cache
+    at the row's write position. Grid (M, G)."""
+    m, g = tl.program_id(0), tl.program_id(1)
+    b = m // T
+    d = tl.arange(0, D)
+    cos = tl.load(cos_ptr + m * stride_cs + d).to(tl.float32)
+    sin = tl.load(sin_ptr + m * stride_cs + d).to(tl.float32)
+    key = _rotate(qkv_ptr, m * stride_qkv + (H + g) * D, cos, sin, D)
+    value = tl.load(qkv_ptr + m * stride_qkv + (H + G + g) * D + d)
+    slot = b * stride_cb + g * stride_cg + tl.load(pos_ptr + m) * stride_cl
+    tl.store(k_ptr + slot + d, key)
+    tl.store(v_ptr + slot + d, value)
+
+
+# The mask's strides change with the pass's width and kv length: unspecialised, so that their
+# divisibility cannot change the kernel's layouts (and with them a reduction's order).
+@triton.jit(do_not_specialize=["T", "t0", "tn", "kv_len", "stride_mb", "stride_mt"])
+def _attention_chunk_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr,
+                            part_max_ptr, part_sum_ptr, part_acc_ptr,
+                            T, t0, tn, kv_len, scale,
+                            stride_qkv, stride_cs, stride_cb, stride_cg, stride_cl, stride_mb, stride_mt,
+                            H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
+                            CHUNK: tl.constexpr, IEEE: tl.constexpr):
+    """Partial attention of one chunk of keys for up to ROWS query rows of one kv head.
+
+    Grid (B * G, row tiles, chunks). Query rows of (b, g) are r = t * R + j for tokens
+    t0 <= t < t0 + tn and the R = H / G query heads j of kv head g. Writes, per query
+    row (m * H + h) and chunk c: the chunk's max score, sum of exp(score - max) and the
+    exp-weighted sum of values [D] (max = -inf, zeros where the chunk has no visible key).
+    """
+    dtype = qkv_ptr.dtype.element_ty
+    R = H // G
+    b, g = tl.program_id(0) // G, tl.program_id(0) % G
+    chunk = tl.program_id(2)
+    r = tl.program_id(1) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    row_ok = r < tn * R
+    t = t0 + r // R
+    h = g * R + r % R
+    m = b * T + t  # [ROWS] token rows
+    d = tl.arange(0, D)
+    cs = m[:, None] * stride_cs + d[None, :]
+    cos = tl.load(cos_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q_off = m[:, None] * stride_qkv + h[:, None] * D + d[None, :]  # [ROWS, D]
+    q = tl.load(qkv_ptr + q_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q_partner = tl.load(qkv_ptr + q_off - d[None, :] + ((d + D // 2) % D)[None, :],
+                        mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q_rotated = tl.where(d[None, :] < D // 2, -q_partner, q_partner)
+    q = ((q * cos).to(dtype).to(tl.float32) + (q_rotated * sin).to(dtype).to(tl.float32)).to(dtype)
+    keys_at = chunk * CHUNK + tl.arange(0, CHUNK)  # [CHUNK] absolute positions
+    key_ok = keys_at < kv_len
+    kv_off = b * stride_cb + g * stride_cg + keys_at[:, None] * stride_cl + d[None, :]  # [CHUNK, D]
+    keys = tl.load(k_ptr + kv_off, mask=key_ok[:, None], other=0.0)
+    if IEEE:
+        scores = tl.dot(q, tl.trans(keys), input_precision="ieee")  # [ROWS, CHUNK]
+    else:
+        scores = tl.dot(q, tl.trans(keys))
+    bias = tl.load(mask_ptr + b * stride_mb + t[:, None] * stride_mt + keys_at[None, :],
+                   mask=row_ok[:, None] & key_ok[None, :], other=float("-inf")).to(tl.float32)
+    visible = bias > -1e30  # the mask's minimum (or -inf) hides a key
+    scores = tl.where(visible, scores * scale + bias, float("-inf"))
+    top = tl.max(scores, axis=1)  # [ROWS]
+    safe_top = tl.where(top == float("-inf"), 0.0, top)
+    probs = tl.where(visible, tl.exp(scores - safe_top[:, None]), 0.0)  # [ROWS, CHUNK]
+    total = tl.sum(probs, axis=1)
+    values = tl.load(v_ptr + kv_off, mask=key_ok[:, None], other=0.0)
+    if IEEE:
+        acc = tl.dot(probs, values, input_precision="ieee")  # [ROWS, D]
+    else:
+        acc = tl.dot(probs.to(dtype), values)
+    local = b * tn + t - t0  # token row within this slice of tokens
+    part = (local * H + h) * tl.num_programs(2) + chunk  # [ROWS]
+    tl.store(part_max_ptr + part, top, mask=row_ok)
+    tl.store(part_sum_ptr + part, total, mask=row_ok)
+    tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["T", "t0", "tn", "chunks"])
+def _attention_combine_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, T, t0, tn, chunks, stride_out,
+                              H: tl.constexpr, D: tl.constexpr, PADDED: tl.constexpr):
+    """Combines the chunks of one query row in a fixed order, grid (B * tn, H): the chunk
+    axis is padded to PADDED, a constant of the cache, whatever the pass's kv length, and
+    chunks past the kv length or with no visible key weigh exactly 0."""
+    dtype = out_ptr.dtype.element_ty
+    local, h = tl.program_id(0), tl.program_id(1)  # local = b * tn + (t - t0)
+    m = (local // tn) * T + t0 + local % tn  # token row
+    c = tl.arange(0, PADDED)
+    c_ok = c < chunks
+    part = (local * H + h) * chunks + c  # [PADDED]
+    d = tl.arange(0, D)
+    tops = tl.load(part_max_ptr + part, mask=c_ok, other=float("-inf"))
+    totals = tl.load(part_sum_ptr + part, mask=c_ok, other=0.0)
+    accs = tl.load(part_acc_ptr + part[:, None] * D + d[None, :], mask=c_ok[:, None], other=0.0)  # [PADDED, D]
+    top = tl.max(tops, axis=0)
+    weights = tl.where(tops == float("-inf"), 0.0, tl.exp(tops - top))  # [PADDED]
+    total = tl.sum(weights * totals, axis=0)
+    out = tl.sum(weights[:, None] * accs, axis=0) / total  # [D]
+    tl.store(out_ptr + m * stride_out + h * D + d, out.to(dtype))
+
+
+def write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_pos: torch.Tensor,
+             k_cache: torch.Tensor, v_cache: torch.Tensor, tokens: int, h: int, g: int, d: int) -> None:
+    """Rotates the keys of qkv [M, (H + 2G) * D] and writes keys and values into k_cache,
+    v_cache [B, G, L, D] at write_pos [B, T] (M = B * T, tokens = T); cos, sin [M, D]."""
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
+        raise ValueError("key and value caches need one layout with contiguous head vectors")
+    _write_kv_kernel[(qkv.shape[0], g)](
+        qkv, cos, sin, write_pos.contiguous(), k_cache, v_cache, tokens,
+        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        H=h, G=g, D=d, num_warps=1)
+
+
+def attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+              v_cache: torch.Tensor, mask: torch.Tensor, h: int, g: int, d: int, scale: float) -> torch.Tensor:
+    """Grouped-query attention of the (rotated) queries in qkv [M, (H + 2G) * D] over the
+    cache k_cache, v_cache [B, G, L, D], positions 0 .. K - 1, with the additive mask
+    [B, 1, T, K]. Returns [M, H * D] in the model dtype."""
+    b, _, t, kv_len = mask.shape
+    if mask.stride(3) != 1 or k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
+        raise ValueError("attention wants a mask and caches with contiguous last dimensions")
+    chunks = triton.cdiv(kv_len, ATTN_CHUNK)
+    padded = triton.next_power_of_2(triton.cdiv(k_cache.shape[2], ATTN_CHUNK))
+    out = torch.empty((b * t, h * d), device=qkv.device, dtype=qkv.dtype)
+    per_slice = max(1, _MAX_PARTIAL_FLOATS // (b * h * chunks * (d + 2)))  # tokens per slice
+    for t0 in range(0, t, per_slice):
+        tn = min(per_slice, t - t0)
+        parts = b * tn * h * chunks
+        part_max = torch.empty(parts, device=qkv.device, dtype=torch.float32)
+        part_sum = torch.empty(parts, device=qkv.device, dtype=torch.float32)
+        part_acc = torch.empty((parts, d), device=qkv.device, dtype=torch.float32)
+        grid = (b * g, triton.cdiv(tn * (h // g), ATTN_ROWS), chunks)
+        _attention_chunk_kernel[grid](
+            qkv, cos, sin, k_cache, v_cache, mask, part_max, part_sum, part_acc,
+            t, t0, tn, kv_len, float(scale),
+            qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            mask.stride(0), mask.stride(2),
+            H=h, G=g, D=d, ROWS=ATTN_ROWS, CHUNK=ATTN_CHUNK, IEEE=qkv.dtype == torch.float32, num_warps=ATTN_WARPS)
+        _attention_combine_kernel[(b * tn, h)](
+            part_max, part_sum, part_acc, out, t, t0, tn, chunks, out.stride(0),
+            H=h, D=d, PADDED=padded, num_warps=2)
+    return out

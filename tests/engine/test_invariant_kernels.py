@@ -1,0 +1,123 @@
+"""The "invariant" lean forward (Triton kernels): transformers' numbers, and a token row's
+logits the same bits whatever else the pass computes (more tokens, more rows, a longer kv
+read).
+
+Runs on CUDA, or on a CPU machine with Triton's interpreter (TRITON_INTERPRET=1 set before
+Triton is imported, Triton installed): there in float32 only, since the interpreter's
+bfloat16 dot is wrong (checked with Triton 3.6). Skipped otherwise (CI has neither).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from service.engine.kv_cache import StaticKVCache, causal_mask
+from service.engine.lean_forward import LeanForward, supports
+
+ON_CUDA = torch.cuda.is_available()
+INTERPRETED = (not ON_CUDA and os.environ.get("TRITON_INTERPRET") == "1"
+               and importlib.util.find_spec("triton") is not None)
+pytestmark = pytest.mark.skipif(not (ON_CUDA or INTERPRETED),
+                                reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)")
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+DTYPES = [torch.float32, torch.bfloat16] if ON_CUDA else [torch.float32]
+
+# Head dim 16 (the kernels' smallest), and 96 positions: attention spans two key chunks.
+SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+MAX_LEN = 96
+
+
+def _model(kind: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE, initializer_range=0.2))
+    else:  # Qwen2: q/k/v biases, randomised so they matter
+        model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, initializer_range=0.2))
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                torch.nn.init.normal_(param, std=0.5)
+    return model.eval().to(DEVICE, dtype)
+
+
+class _Rows:
+    """A LeanForward over a cache of 4 rows, fed like the runner feeds it."""
+
+    def __init__(self, lean: LeanForward, dtype: torch.dtype) -> None:
+        self.lean = lean
+        self.dtype = dtype
+        self.cache = StaticKVCache(max_batch=4, max_len=MAX_LEN, device=DEVICE, dtype=dtype)
+        self.cache.allocate(lean.num_layers, lean.num_kv_heads, lean.head_dim)
+
+    def __call__(self, lo: int, tokens: torch.Tensor, starts: list[int], kv_len: int | None = None) -> torch.Tensor:
+        b, t = tokens.shape
+        keys, values = self.cache.rows(lo, lo + b)
+        starts_t = torch.tensor(starts, device=DEVICE)
+        positions = starts_t[:, None] + torch.arange(t, device=DEVICE)
+        kv_len = kv_len or max(starts) + t
+        return self.lean(tokens.to(DEVICE), positions, positions, causal_mask(starts_t, t, kv_len, self.dtype),
+                         keys, values)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@torch.inference_mode()
+def test_matches_transformers(kind: str) -> None:
+    model = _model(kind)
+    ids = torch.randint(0, SHAPE["vocab_size"], (3, 80), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    reference = model(ids).logits  # [3, 80, V], the full causal forward
+    rows = _Rows(LeanForward(model, variant="invariant"), torch.float32)
+    lengths = [70, 41, 66]  # ragged prefills, one row at a time, then 1 to 4 tokens a pass
+    for r, n in enumerate(lengths):
+        out = rows(r, ids[r:r + 1, :n], [0])
+        torch.testing.assert_close(out[0], reference[r, :n], rtol=1e-4, atol=1e-4)
+    for width in (1, 4, 1, 2):
+        chunk = torch.stack([ids[r, n:n + width] for r, n in enumerate(lengths)])
+        out = rows(0, chunk, lengths, kv_len=MAX_LEN)
+        for r, n in enumerate(lengths):
+            torch.testing.assert_close(out[r], reference[r, n:n + width], rtol=1e-4, atol=1e-4)
+        lengths = [n + width for n in lengths]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@torch.inference_mode()
+def test_a_rows_logits_do_not_depend_on_the_rest_of_the_pass(dtype: torch.dtype) -> None:
+    """Eight tokens one pass each (T = 1), then the same eight as one pass (T = 8), then four
+    of them in a batch of three rows with a longer kv read: the same logits and cache
+    contents, bit for bit. Passes of more than GEMV_MAX_ROWS rows (the tensor-core linear)
+    agree among themselves: 3 rows x 6 tokens against 3 rows x 8 tokens."""
+    model = _model("llama", dtype)
+    rows = _Rows(LeanForward(model, variant="invariant"), dtype)
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, SHAPE["vocab_size"], (1, 60), generator=gen)
+    tokens = torch.randint(0, SHAPE["vocab_size"], (1, 8), generator=gen)
+    rows(0, prompt, [0])
+    one_by_one = torch.cat([rows(0, tokens[:, i:i + 1], [60 + i]) for i in range(8)], dim=1)  # [1, 8, V]
+    keys = [k[0].clone() for k in rows.cache.keys.values()]
+    for k in rows.cache.keys.values():
+        k[0, :, 60:].zero_()
+    together = rows(0, tokens, [60])
+    assert torch.equal(together, one_by_one)
+    assert all(torch.equal(k[0], want) for k, want in zip(rows.cache.keys.values(), keys))
+    others = torch.randint(0, SHAPE["vocab_size"], (2, 50), generator=gen)
+    rows(1, others, [0, 0])
+    batch = torch.cat([tokens[:, :4], torch.randint(0, SHAPE["vocab_size"], (2, 4), generator=gen)])
+    mixed = rows(0, batch, [60, 50, 50], kv_len=MAX_LEN)
+    assert torch.equal(mixed[0], one_by_one[0, :4])
+    from service.engine.invariant_kernels import GEMV_MAX_ROWS
+
+    wide = torch.cat([tokens, torch.randint(0, SHAPE["vocab_size"], (2, 8), generator=gen)])  # [3, 8]
+    assert 3 * 6 > GEMV_MAX_ROWS
+    six = rows(0, wide[:, :6], [60, 50, 50])
+    eight = rows(0, wide, [60, 50, 50], kv_len=MAX_LEN)
+    assert torch.equal(six, eight[:, :6])
+
+
+def test_supports_only_what_the_tiles_cover() -> None:
+    assert supports(LlamaForCausalLM(LlamaConfig(**SHAPE)), "invariant")
+    odd = dict(SHAPE, hidden_size=96, num_attention_heads=4)  # head dim 24
+    assert supports(LlamaForCausalLM(LlamaConfig(**odd))) and not supports(LlamaForCausalLM(LlamaConfig(**odd)), "invariant")
