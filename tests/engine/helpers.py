@@ -26,6 +26,17 @@ def perturbed(base: LoadedModel, seed: int, scale: float, name: str) -> LoadedMo
     return LoadedModel(name=name, model=model, tokenizer=base.tokenizer, device=base.device, dtype=base.dtype)
 
 
+def assert_same_cache(got, want, lengths: list[int]) -> None:
+    """The first lengths[row] cached keys and values of every layer and row of two
+    ModelRunners agree (float32 tolerances)."""
+    for i in range(got.lean.num_layers):
+        for row, n in enumerate(lengths):
+            torch.testing.assert_close(got.cache.keys[i][row, :, :n], want.cache.keys[i][row, :, :n],
+                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got.cache.values[i][row, :, :n], want.cache.values[i][row, :, :n],
+                                       rtol=1e-4, atol=1e-4)
+
+
 def to_cuda(m: LoadedModel) -> LoadedModel:
     """`m` moved to the GPU (GPU tests only)."""
     return LoadedModel(m.name, m.model.to("cuda"), m.tokenizer, torch.device("cuda"), m.dtype)

@@ -9,7 +9,7 @@ import torch
 
 from service.engine import Engine, EngineConfig, GenerationRequest, Method
 from service.engine.runner import ModelRunner
-from tests.engine.helpers import make_model, run, to_cuda
+from tests.engine.helpers import assert_same_cache, make_model, run, to_cuda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -32,12 +32,7 @@ def test_invariant_graphs_match_the_reference_variant(tokenizer) -> None:
         got = graphed.forward(0, rows, ids, lengths[:rows]).clone()
         torch.testing.assert_close(got, reference.forward(0, rows, ids, lengths[:rows]), rtol=1e-4, atol=1e-4)
         lengths = [n + width if r < rows else n for r, n in enumerate(lengths)]
-    for i in range(graphed.lean.num_layers):
-        for row, n in enumerate(lengths):
-            torch.testing.assert_close(graphed.cache.keys[i][row, :, :n], reference.cache.keys[i][row, :, :n],
-                                       rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(graphed.cache.values[i][row, :, :n], reference.cache.values[i][row, :, :n],
-                                       rtol=1e-4, atol=1e-4)
+    assert_same_cache(graphed, reference, lengths)
 
 
 @pytest.fixture(scope="module")

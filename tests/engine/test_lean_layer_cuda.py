@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from service.engine.runner import ModelRunner
-from tests.engine.helpers import make_model, to_cuda
+from tests.engine.helpers import assert_same_cache, make_model, to_cuda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -40,12 +40,7 @@ def test_layer_variant_graphs_match_the_reference_variant(tokenizer) -> None:
         torch.testing.assert_close(got, reference.forward(0, 1, ids, lengths[:1]), rtol=1e-4, atol=1e-4)
         lengths[0] += width
     # The graphs wrote every key and value into the cache's own storage.
-    for i in range(layer.lean.num_layers):
-        for row, n in enumerate(lengths):
-            torch.testing.assert_close(layer.cache.keys[i][row, :, :n], reference.cache.keys[i][row, :, :n],
-                                       rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(layer.cache.values[i][row, :, :n], reference.cache.values[i][row, :, :n],
-                                       rtol=1e-4, atol=1e-4)
+    assert_same_cache(layer, reference, lengths)
     # (B, T) buckets (4, 1..4) and (1, 1..2): 6 graphs. Compiled specialisations, one per
     # (B == 1, T == 1) and, where torch specialises a storage offset of 0 (2.13 does, 2.11 does
     # not), cache rows at offset 0 or not: the prefills of row 0 and of rows 1, 2, and the
