@@ -29,9 +29,10 @@ linears' outputs, each term of the rotary embedding and the attention probabilit
 rounded to the model dtype where transformers rounds them (float32 models: no rounding at
 all, and float32 dots in full precision, not TF32).
 
-Integer arguments that vary per pass (rows, kv length) are excluded from Triton's
-specialisation (`do_not_specialize`): one compiled kernel serves every row count, so a
-single row and sixteen rows run the same machine code.
+Integer arguments that vary per pass (rows, tokens, kv length, the mask's strides) are
+excluded from Triton's specialisation (`do_not_specialize`), and _gemv_kernel takes its row
+from the grid: one compiled kernel serves every row count, so a single row and sixteen rows
+run the same machine code.
 
 Shapes: M token rows (B rows x T tokens, row m = b * T + t), E hidden size, H query heads,
 G kv heads, D head dim, L cache length, K kv positions read.
@@ -63,8 +64,8 @@ ATTN_ROWS = 16  # query rows (heads x tokens of one kv head) per attention progr
 ATTN_CHUNK = 64  # key positions per attention program
 ATTN_WARPS = 4
 
-# Attention partials are held for at most this many query rows at once (x heads x chunks
-# x head dim floats); a long prefill runs its attention in slices of tokens.
+# At most this many floats of attention partials at once (tokens x heads x chunks x (head
+# dim + 2)); a long prefill runs its attention in slices of tokens.
 _MAX_PARTIAL_FLOATS = 1 << 26
 
 PROLOGUE_NONE, PROLOGUE_NORM, PROLOGUE_GATED = 0, 1, 2
