@@ -206,23 +206,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if residual is not None and residual.stride(1) != 1:
         raise ValueError("residual rows must be contiguous")
     prologue = PROLOGUE_GATED if gated else PROLOGUE_NONE if norm is None else PROLOGUE_NORM
+    # The two kernels take the same tensors, strides and prologue/epilogue flags.
+    tensors = (x, weight, bias if bias is not None else x, norm if norm is not None else x,
+               residual if residual is not None else x, out)
+    strides = (x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0))
+    flags = dict(N=n, K=k, PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+                 OUT_F32=out_float32)
     if m <= GEMV_MAX_ROWS:
         _gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N), m)](
-            x, weight, bias if bias is not None else x, norm if norm is not None else x,
-            residual if residual is not None else x, out, float(eps),
-            x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
-            N=n, K=k, PROLOGUE=prologue,
-            HAS_BIAS=bias is not None, HAS_RES=residual is not None, OUT_F32=out_float32,
-            BN=GEMV_BLOCK_N, BK=GEMV_BLOCK_K, num_warps=GEMV_WARPS)
-        return out
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
-    _linear_kernel[grid](
-        x, weight, bias if bias is not None else x, norm if norm is not None else x,
-        residual if residual is not None else x, out, m, float(eps),
-        x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
-        N=n, K=k, PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        OUT_F32=out_float32, IEEE=x.dtype == torch.float32,
-        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=LINEAR_WARPS, num_stages=LINEAR_STAGES)
+            *tensors, float(eps), *strides, **flags, BN=GEMV_BLOCK_N, BK=GEMV_BLOCK_K, num_warps=GEMV_WARPS)
+    else:
+        _linear_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))](
+            *tensors, m, float(eps), *strides, **flags, IEEE=x.dtype == torch.float32,
+            BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=LINEAR_WARPS, num_stages=LINEAR_STAGES)
     return out
 
 
