@@ -1,55 +1,195 @@
-"""What the adaptive draft-length policy does at a given concurrency, n-gram against plain.
+"""What speculation does at a given concurrency, n-gram against plain, round by round: where
+the time goes when a round is slow.
 
-    python bench/adaptive_diag.py --concurrency 32
+    python bench/adaptive_diag.py --concurrency 32 --rounds 8 --json out.json
+    python bench/adaptive_diag.py --no-freeze-gc ...        # the engine's gc.freeze off
+    SPECDEC_REPO=/path/to/other/checkout python bench/adaptive_diag.py ...   # other code
 
-Rounds of N simultaneous requests (prompts from bench/prompts.py, 128 tokens), plain then
-n-gram; prints tokens/s, row-passes, proposed/accepted drafts per round, then the policy's
-choices per (batch bucket, cap) and its measured pass costs. Round 0 includes graph capture.
+Rounds of N simultaneous requests (one kind of prompt from bench/prompts.py, cycled; 128
+new tokens), plain and n-gram with the adaptive draft length, the order alternating round
+by round. One engine serves every round, as the service's does; a warm-up round per kind
+and method comes first. Per round it prints tokens/s, row-passes, drafts proposed and
+accepted, and what the engine thread spent its time on:
+
+- gc: Python's cycle collections by generation (gc.callbacks), their total and longest
+  pause: a full collection walks the whole heap and stops every thread;
+- turns: engine-loop turns (Engine._iterate), those that admitted requests (prefill),
+  and the longest turn.
+
+Then per kind and method the median tokens/s, the n-gram / plain ratio of each round pair,
+the policy's choices per (batch bucket, cap) and its measured pass costs. --json writes
+every round.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
+import json
+import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = os.environ.get("SPECDEC_REPO") or str(Path(__file__).resolve().parent.parent)
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
 from bench.gpu_decode import chat_ids, run_engine  # noqa: E402
-from bench.prompts import GROUNDED, OPEN_CHAT  # noqa: E402
+from bench.prompts import KINDS  # noqa: E402
 from service.engine import Engine, EngineConfig, GenerationRequest, Method  # noqa: E402
+from service.engine import scheduler as scheduler_module  # noqa: E402
+from service.logging_setup import configure_logging  # noqa: E402
 from service.model_loading import load_model  # noqa: E402
+
+METHODS = {"none": Method.NONE, "ngram": Method.NGRAM}
+
+
+class EngineThreadMeter:
+    """Cycle collections and engine-loop turns, counted from reset() on."""
+
+    def __init__(self) -> None:
+        self.reset()
+        self._gc_started = 0.0
+        gc.callbacks.append(self._on_gc)
+        meter = self
+        iterate, admit = Engine._iterate, scheduler_module.Scheduler.admit
+
+        def timed_iterate(engine, scheduler):
+            meter._admitted = False
+            t0 = time.perf_counter()
+            try:
+                return iterate(engine, scheduler)
+            finally:
+                elapsed = time.perf_counter() - t0
+                meter.turns += 1
+                meter.admission_turns += meter._admitted
+                meter.longest_turn_s = max(meter.longest_turn_s, elapsed)
+
+        def flagged_admit(scheduler, seq):
+            meter._admitted = True
+            return admit(scheduler, seq)
+
+        Engine._iterate = timed_iterate
+        scheduler_module.Scheduler.admit = flagged_admit
+
+    def reset(self) -> None:
+        self.gc_count = [0, 0, 0]
+        self.gc_seconds = [0.0, 0.0, 0.0]
+        self.gc_longest_s = 0.0
+        self.turns = self.admission_turns = 0
+        self.longest_turn_s = 0.0
+        self._admitted = False
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        elapsed = time.perf_counter() - self._gc_started
+        generation = info["generation"]
+        self.gc_count[generation] += 1
+        self.gc_seconds[generation] += elapsed
+        self.gc_longest_s = max(self.gc_longest_s, elapsed)
+
+    def snapshot(self) -> dict:
+        return {"gc_collections": list(self.gc_count), "gc_ms": [round(s * 1e3, 2) for s in self.gc_seconds],
+                "gc_longest_ms": round(self.gc_longest_s * 1e3, 2), "turns": self.turns,
+                "admission_turns": self.admission_turns, "longest_turn_ms": round(self.longest_turn_s * 1e3, 2)}
+
+
+def one_round(engine: Engine, meter: EngineThreadMeter, prompts: list[list[int]], method: Method,
+              concurrency: int, k: int, new_tokens: int, tag: str) -> dict:
+    requests = [GenerationRequest(f"{tag}-{i}", tuple(prompts[i % len(prompts)]), max_tokens=new_tokens,
+                                  method=method, num_draft_tokens=k) for i in range(concurrency)]
+    meter.reset()
+    wall, outs = run_engine(engine, requests)
+    metrics = [final.metrics for final, _ in outs]
+    tokens = sum(len(t) for _, t in outs)
+    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+            "row_passes": sum(m.verify_passes for m in metrics),
+            "proposed": sum(m.proposed_drafts for m in metrics),
+            "accepted": sum(m.accepted_drafts for m in metrics), **meter.snapshot()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("-k", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--kinds", default="open_chat,grounded")
+    parser.add_argument("-k", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--lean-variant", default=None, help="EngineConfig.lean_variant (default: the engine's)")
+    parser.add_argument("--no-freeze-gc", action="store_true", help="EngineConfig.freeze_gc_after_start = False")
+    parser.add_argument("--json", type=Path, help="write every round here")
     args = parser.parse_args()
-    loaded = load_model(args.model, dtype=args.dtype)
-    prompts = [chat_ids(loaded.tokenizer, p) for p in GROUNDED + OPEN_CHAT]
-    engine = Engine(loaded, EngineConfig(max_batch_size=args.concurrency, max_queue_size=4 * args.concurrency,
-                                         max_num_draft_tokens=args.k, kv_cache_tokens=1024,
-                                         adaptive_draft_length=True, capture_all_graphs=True))
+    configure_logging(os.environ.get("SPECDEC_LOG_LEVEL", "INFO"))  # as the service: the per-request lines are DEBUG
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    kinds = {kind: [chat_ids(loaded.tokenizer, p) for p in KINDS[kind]] for kind in args.kinds.split(",")}
+    options = dict(max_batch_size=args.concurrency, max_queue_size=4 * args.concurrency,
+                   max_num_draft_tokens=args.k, default_num_draft_tokens=args.k, kv_cache_tokens=1024,
+                   adaptive_draft_length=True, capture_all_graphs=True)
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}  # SPECDEC_REPO may be older code
+    if args.lean_variant:
+        options["lean_variant"] = args.lean_variant
+    if "freeze_gc_after_start" in fields:
+        options["freeze_gc_after_start"] = not args.no_freeze_gc
+    config = EngineConfig(**options)
+    meter = EngineThreadMeter()
+    engine = Engine(loaded, config)
     engine.start()
-    for rnd in range(args.rounds):
-        for method in (Method.NONE, Method.NGRAM):
-            requests = [GenerationRequest(f"{rnd}-{method.name}-{i}", tuple(prompts[i % len(prompts)]),
-                                          max_tokens=128, method=method, num_draft_tokens=args.k)
-                        for i in range(args.concurrency)]
-            wall, outs = run_engine(engine, requests)
-            metrics = [final.metrics for final, _ in outs]
-            tokens = sum(len(t) for _, t in outs)
-            print(f"round {rnd} {method.name:5s} {tokens / wall:8.0f} tok/s  tokens {tokens}  row-passes "
-                  f"{sum(m.verify_passes for m in metrics)}  proposed {sum(m.proposed_drafts for m in metrics)}  "
-                  f"accepted {sum(m.accepted_drafts for m in metrics)}", flush=True)
-    engine.stop()
+    rows = []
+    try:
+        for kind, prompts in kinds.items():
+            for name, method in METHODS.items():  # warm-up: first passes of each shape
+                one_round(engine, meter, prompts, method, args.concurrency, args.k, args.new_tokens, f"w-{kind}-{name}")
+        for rnd in range(args.rounds):
+            for kind, prompts in kinds.items():
+                order = list(METHODS.items()) if rnd % 2 == 0 else list(METHODS.items())[::-1]
+                for name, method in order:
+                    row = {"round": rnd, "kind": kind, "method": name,
+                           **one_round(engine, meter, prompts, method, args.concurrency, args.k, args.new_tokens,
+                                       f"{rnd}-{kind}-{name}")}
+                    rows.append(row)
+                    print(f"round {rnd} {kind:9s} {name:5s} {row['tokens_per_s']:8.0f} tok/s  tokens {row['tokens']}  "
+                          f"row-passes {row['row_passes']}  proposed {row['proposed']}  accepted {row['accepted']}  "
+                          f"gc {row['gc_collections']} {sum(row['gc_ms']):.1f} ms (longest {row['gc_longest_ms']} ms)  "
+                          f"turns {row['turns']} ({row['admission_turns']} admitting, longest "
+                          f"{row['longest_turn_ms']} ms)", flush=True)
+    finally:
+        engine.stop()
+
+    summary = {}
+    for kind in kinds:
+        rate = {name: [r["tokens_per_s"] for r in rows if r["kind"] == kind and r["method"] == name] for name in METHODS}
+        ratios = [n / p for n, p in zip(rate["ngram"], rate["none"])]
+        summary[kind] = {"median_tok_s": {name: statistics.median(v) for name, v in rate.items()},
+                         "ngram_over_none_per_round": [round(x, 3) for x in ratios],
+                         "ngram_over_none_median": statistics.median(ratios)}
+        print(f"{kind}: median tok/s " + ", ".join(f"{n} {statistics.median(v):.0f}" for n, v in rate.items())
+              + f"; n-gram / plain per round {summary[kind]['ngram_over_none_per_round']}, "
+                f"median {summary[kind]['ngram_over_none_median']:.3f}")
     policy = engine.draft_length_policy
-    print("choices (batch bucket, cap) -> passes:", sorted(policy.choices.items()))
-    print("pass cost ms (bucket, drafts, draft model):",
-          {key: round(seconds * 1e3, 3) for key, seconds in sorted(policy.costs().items())})
+    choices = {f"batch {b} cap {c}": n for (b, c), n in sorted(policy.choices.items())}
+    costs = {f"batch {b} drafts {d}{' draft model' if m else ''}": round(s * 1e3, 3)
+             for (b, d, m), s in sorted(policy.costs().items())}
+    print("choices (batch bucket, cap) -> passes:", choices)
+    print("pass cost ms:", costs)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "command": " ".join(sys.argv), "repo": REPO, "machine": torch.cuda.get_device_name()
+            if args.device == "cuda" else "cpu", "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
+            "concurrency": args.concurrency, "k": args.k, "new_tokens": args.new_tokens,
+            "config": {key: getattr(config, key) if not isinstance(getattr(config, key), Method)
+                       else getattr(config, key).name for key in sorted(fields)},
+            "rounds": rows, "summary": summary, "policy_choices": choices, "policy_costs_ms": costs}, indent=1))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ Sections (--sections, run in this order; the JSON is rewritten after each block)
                warm-up over every prompt, skipped on CPU).
   batch1       our engine, one request at a time: none / ngram / draft_model, adaptive draft
                length (--fixed-k turns it off), k = -k; warm-up over every prompt first.
-  concurrency  our engine, N requests submitted at once (prompts of one kind, cycled), one
-               untimed round then one timed round per (N, method, kind); aggregate tokens/s.
+  concurrency  our engine, N requests submitted at once (prompts of one kind, cycled): per
+               (N, kind) one untimed round per method, then --concurrency-rounds timed
+               rounds (methods alternating in order); aggregate tokens/s of the median round.
   ksweep       a second engine with the adaptive draft length off, batch 1, --ksweep-kinds
                prompts: ngram and draft_model at each k of --k-values, plain in the same
                engine before and after (speedup against k).
@@ -330,26 +331,38 @@ def section_batch1(result, engine, prompts, methods, args, budget, save) -> None
 
 
 def section_concurrency(result, engine, prompts, methods, args, budget, save) -> None:
+    """Per concurrency and kind: one warm-up per method, then `--concurrency-rounds` rounds,
+    the methods' order alternating round by round; each method's row is its median round
+    (every round's tokens/s kept in the row). A round at 32 requests lasts about 0.5 s on an
+    H200, so one stall elsewhere in the process moves a single round's figure by 10% or more."""
     sweep = result.setdefault("concurrency", [])
     for concurrency in args.concurrency:
-        for name in methods:
-            for kind, kind_prompts in prompts.items():
-                if not budget.allows(f"concurrency {concurrency} {name} {kind}"):
-                    continue
-                batch = [kind_prompts[i % len(kind_prompts)] for i in range(concurrency)]
-                method = ENGINE_METHODS[name]
-                run_engine(engine, [request(p, method, args.k, args.new_tokens, "cw") for p in batch])  # warm-up
-                wall, outs = run_engine(engine, [request(p, method, args.k, args.new_tokens, "c") for p in batch])
-                tokens = sum(len(t) for _, t in outs)
-                proposed = sum(f.metrics.proposed_drafts for f, _ in outs)
-                accepted = sum(f.metrics.accepted_drafts for f, _ in outs)
-                passes = sum(f.metrics.verify_passes for f, _ in outs)
-                sweep.append({"concurrency": concurrency, "method": name, "kind": kind, "tokens": tokens,
-                              "seconds": wall, "tokens_per_s": tokens / wall, "proposed_drafts": proposed,
-                              "accepted_drafts": accepted, "verify_passes": passes,
-                              "accept_rate": accepted / proposed if proposed else None})
-                log(f"concurrency {concurrency:3d} {name:11s} {kind:9s} {tokens / wall:9.1f} tok/s "
-                    f"({tokens} tokens in {wall:.2f} s, {proposed} drafts proposed)")
+        for kind, kind_prompts in prompts.items():
+            names = [name for name in methods if budget.allows(f"concurrency {concurrency} {name} {kind}")]
+            batch = [kind_prompts[i % len(kind_prompts)] for i in range(concurrency)]
+            rounds: dict[str, list[dict]] = {name: [] for name in names}
+            for name in names:  # warm-up
+                run_engine(engine, [request(p, ENGINE_METHODS[name], args.k, args.new_tokens, "cw") for p in batch])
+            for rnd in range(args.concurrency_rounds):
+                for name in names if rnd % 2 == 0 else names[::-1]:
+                    method = ENGINE_METHODS[name]
+                    wall, outs = run_engine(engine, [request(p, method, args.k, args.new_tokens, "c") for p in batch])
+                    tokens = sum(len(t) for _, t in outs)
+                    proposed = sum(f.metrics.proposed_drafts for f, _ in outs)
+                    accepted = sum(f.metrics.accepted_drafts for f, _ in outs)
+                    rounds[name].append({"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+                                         "proposed_drafts": proposed, "accepted_drafts": accepted,
+                                         "verify_passes": sum(f.metrics.verify_passes for f, _ in outs),
+                                         "accept_rate": accepted / proposed if proposed else None})
+            for name in names:
+                runs = sorted(rounds[name], key=lambda r: r["tokens_per_s"])
+                median = runs[(len(runs) - 1) // 2]  # a real round (the lower middle one for an even count)
+                sweep.append({"concurrency": concurrency, "method": name, "kind": kind, **median,
+                              "rounds_tokens_per_s": [r["tokens_per_s"] for r in rounds[name]]})
+                log(f"concurrency {concurrency:3d} {name:11s} {kind:9s} {median['tokens_per_s']:9.1f} tok/s median of "
+                    + ", ".join(f"{r['tokens_per_s']:.0f}" for r in rounds[name])
+                    + f" ({median['tokens']} tokens in {median['seconds']:.2f} s, "
+                      f"{median['proposed_drafts']} drafts proposed)")
         save()
     result["engine_policy_choices_after_concurrency"] = policy_choices(engine)
 
@@ -538,6 +551,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("-k", type=int, default=4, help="draft length (the cap, with the adaptive draft length)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per prompt at batch 1 (median)")
     parser.add_argument("--concurrency", type=ints, default=[1, 4, 16, 32, 64])
+    parser.add_argument("--concurrency-rounds", type=int, default=3,
+                        help="timed rounds per concurrency, method and kind (the median is reported)")
     parser.add_argument("--sections", type=names, default=list(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--skip-hf", action="store_true", help="drop the hf section")
     parser.add_argument("--hf-configs", type=names, default=list(HF_CONFIGS), help=f"subset of {HF_CONFIGS}")

@@ -8,7 +8,6 @@ before the verify forward, so the counters never need a device read.
 
 from __future__ import annotations
 
-import bisect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -78,7 +77,7 @@ class NoDrafter(Drafter):
 
 
 class NgramIndex:
-    """Where every n-gram (min_n <= n <= max_n) of a growing token list starts.
+    """Where every n-gram (min_n <= n <= max_n) of a growing token list occurs.
 
     Prompt lookup: match the last n tokens (n from max_n down to min_n) earlier in the
     sequence and propose up to `limit` tokens that followed the match; prefer the latest
@@ -86,41 +85,57 @@ class NgramIndex:
     a miss. Kept incrementally, a pass costs O(max_n) per new token instead of a scan of
     the whole sequence per row (tests/engine/test_units.py holds the scanning reference):
     at batch 32 the scans cost as much host time as the GPU pass itself.
+
+    Per n, the occurrences of an n-gram form a chain over start positions:
+    `latest[key]` is its last start, `earlier[s]` the start of the occurrence before the
+    one at s (-1: none) and `first[s]` the first occurrence's start. A key is the n token
+    ids packed into one int, 32 bits each. Nothing here is a container per n-gram, and ints
+    are not tracked by Python's cycle collector: a list of starts per n-gram made every new
+    token allocate tracked objects, which at 32 concurrent requests triggered full
+    collections of the whole process heap (0.15 s each) in the middle of decoding.
     """
 
     def __init__(self, max_n: int, min_n: int) -> None:
-        self._starts: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in range(max_n, min_n - 1, -1)}
-        self._indexed = 0
+        self.max_n, self.min_n = max_n, min_n
+        self._latest: list[dict[int, int]] = [{} for _ in range(max_n + 1)]  # [n]: key -> last start
+        self._earlier: list[list[int]] = [[] for _ in range(max_n + 1)]  # [n][start]
+        self._first: list[list[int]] = [[] for _ in range(max_n + 1)]  # [n][start]
+        self._indexed = 0  # tokens[:_indexed] are indexed
 
     def _extend(self, tokens: list[int]) -> None:
-        first, last = self._indexed + 1, len(tokens)
-        for n, table in self._starts.items():
-            for end in range(max(first, n), last + 1):  # n-grams ending just before `end`, in order
-                key = tuple(tokens[end - n : end])
-                starts = table.get(key)
-                if starts is None:
-                    table[key] = [end - n]
-                else:
-                    starts.append(end - n)
-        self._indexed = last
+        for end in range(self._indexed + 1, len(tokens) + 1):  # the n-grams ending just before `end`
+            key = 0
+            for n in range(1, min(self.max_n, end) + 1):
+                start = end - n
+                key |= tokens[start] << (32 * (n - 1))  # tokens[start:end], the oldest highest
+                if n < self.min_n:
+                    continue
+                earlier = self._latest[n].get(key, -1)
+                self._earlier[n].append(earlier)  # at index `start`: starts are indexed in order
+                self._first[n].append(self._first[n][earlier] if earlier >= 0 else start)
+                self._latest[n][key] = start
+        self._indexed = len(tokens)
 
     def lookup(self, tokens: list[int], limit: int) -> list[int]:
         length = len(tokens)
         if limit <= 0 or length < 2:
             return []  # the index catches up with the tokens at the next real lookup
         self._extend(tokens)
-        for n, table in self._starts.items():  # longest n first
-            if n > length - 1:
-                continue
-            hits = table.get(tuple(tokens[length - n :]))  # ascending start positions
-            if not hits:
-                continue
-            with_next = bisect.bisect_right(hits, length - 1 - n)  # hits[:with_next] have a continuation
-            if with_next == 0:
-                continue
-            full = bisect.bisect_right(hits, length - n - limit, 0, with_next)  # ... a full-length one
-            start = (hits[full - 1] if full else hits[0]) + n
-            return tokens[start : start + limit]
+        keys = [0] * (self.max_n + 1)  # keys[n]: the last n tokens
+        for n in range(1, min(self.max_n, length - 1) + 1):
+            keys[n] = keys[n - 1] | tokens[length - n] << (32 * (n - 1))
+        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):  # longest n first
+            suffix = self._latest[n][keys[n]]  # the suffix itself: indexed, no continuation
+            # The latest occurrence followed by `limit` tokens: walking back from the suffix
+            # passes only occurrences that start in the last `limit` positions.
+            start = suffix
+            while start >= 0 and start > length - n - limit:
+                start = self._earlier[n][start]  # -1: the chain has ended
+            if start < 0:  # none that long: the earliest occurrence, if something follows it
+                start = self._first[n][suffix]
+                if start > length - 1 - n:
+                    continue
+            return tokens[start + n : start + n + limit]
         return []
 
 

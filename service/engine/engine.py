@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections import deque
@@ -227,6 +228,18 @@ class Engine:
             for seq in leftovers:
                 self._output.finish(seq, FinishReason.ERROR, f"engine failed to start: {exc!r}")
             return
+        if self.config.freeze_gc_after_start:
+            started = time.perf_counter()
+            gc.collect()
+            gc.freeze()
+            log.info("gc_heap_frozen", objects=gc.get_freeze_count(), seconds=round(time.perf_counter() - started, 2))
+        try:
+            self._loop(scheduler)
+        finally:
+            if self.config.freeze_gc_after_start:
+                gc.unfreeze()
+
+    def _loop(self, scheduler: Scheduler) -> None:
         while True:
             try:
                 if not self._iterate(scheduler):

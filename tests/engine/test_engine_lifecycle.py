@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import threading
 
@@ -290,3 +291,19 @@ def test_failed_draft_backlog_fails_only_its_request(make_engine, target, close_
     assert good["ok"].final.finish_reason is FinishReason.LENGTH
     assert good["ok"].tokens == alone.tokens
     assert good["plain"].final.finish_reason is FinishReason.LENGTH
+
+
+def test_the_heap_alive_at_start_is_frozen_while_the_engine_runs(make_engine, target) -> None:
+    assert gc.get_freeze_count() == 0
+    engine = make_engine(target)
+    run(engine, [GenerationRequest("a", _ids(target.tokenizer), max_tokens=3)])  # the engine has started
+    frozen = gc.get_freeze_count()
+    assert frozen > 10_000  # torch, transformers and the model, out of the collector's walks
+    engine.stop(drain_timeout_s=0)
+    assert gc.get_freeze_count() == 0  # a stopped engine leaves the collector as it was
+
+
+def test_freezing_the_heap_can_be_turned_off(make_engine, target) -> None:
+    engine = make_engine(target, freeze_gc_after_start=False)
+    run(engine, [GenerationRequest("a", _ids(target.tokenizer), max_tokens=3)])
+    assert gc.get_freeze_count() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 
 import numpy as np
@@ -83,16 +84,40 @@ def ngram_lookup(tokens: list[int], limit: int, max_n: int, min_n: int) -> list[
 
 
 
+@pytest.mark.parametrize("max_n,min_n", [(3, 1), (4, 2), (1, 1)])
 @pytest.mark.parametrize("seed", range(20))
-def test_ngram_index_answers_as_the_reference_while_the_sequence_grows(seed: int) -> None:
+def test_ngram_index_answers_as_the_reference_while_the_sequence_grows(seed: int, max_n: int, min_n: int) -> None:
     rng = random.Random(seed)
-    alphabet = rng.randint(2, 6)  # small alphabets: many repeats and many hits
-    tokens = [rng.randrange(alphabet) for _ in range(5)]
-    index = NgramIndex(max_n=3, min_n=1)
+    # Small alphabets (many repeats and many hits) of ids anywhere below 2**32: the index packs
+    # n ids into one key, and ids that share low or high bits must not collide.
+    alphabet = [rng.randrange(2**32) for _ in range(rng.randint(2, 6))]
+    if seed % 2:
+        alphabet = [a & ~0xFFFF for a in alphabet] + [a & 0xFFFF for a in alphabet]
+    tokens = [rng.choice(alphabet) for _ in range(5)]
+    index = NgramIndex(max_n=max_n, min_n=min_n)
     for _ in range(60):
-        limit = rng.randint(0, 6)
-        assert index.lookup(tokens, limit) == ngram_lookup(tokens, limit, max_n=3, min_n=1), tokens
-        tokens.extend(rng.randrange(alphabet) for _ in range(rng.randint(1, 4)))
+        limit = rng.randint(0, 9)
+        expected = ngram_lookup(tokens, limit, max_n=max_n, min_n=min_n)
+        assert index.lookup(tokens, limit) == expected, tokens
+        tokens.extend(rng.choice(alphabet) for _ in range(rng.randint(1, 4)))
+
+
+def test_ngram_index_growth_allocates_nothing_the_cycle_collector_tracks() -> None:
+    # Objects the collector tracks and that outlive a pass make Python run full collections
+    # of the whole heap mid-decoding; an index of a long generation must add none per token.
+    rng = random.Random(0)
+    tokens = [rng.randrange(50_000) for _ in range(64)]
+    index = NgramIndex(max_n=3, min_n=1)
+    index.lookup(tokens, 4)
+    gc.disable()
+    try:
+        before = len(gc.get_objects())
+        for _ in range(2000):
+            tokens.append(rng.randrange(50_000))
+            index.lookup(tokens, 4)
+        assert len(gc.get_objects()) - before < 20
+    finally:
+        gc.enable()
 
 
 def test_ngram_lookup() -> None:
