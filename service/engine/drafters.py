@@ -9,6 +9,7 @@ before the verify forward, so the counters never need a device read.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,15 @@ class Drafter(ABC):
     def commit(self, seq: Sequence, accepted: int) -> None:
         """After verification: `accepted` drafts of this row were accepted."""
 
+    def proposal_kinds(self) -> tuple[Hashable, ...]:
+        """Every kind of proposal this drafter makes (the adaptive policy pools acceptance
+        by kind: service.engine.adaptive.PooledAcceptance)."""
+        return (self.method,)
+
+    def proposal_kind(self, seq: Sequence) -> Hashable:
+        """The kind of the row's proposal in the coming pass (after plan())."""
+        return self.method
+
 
 class NoDrafter(Drafter):
     method = Method.NONE
@@ -74,6 +84,9 @@ class NoDrafter(Drafter):
 
     def plan(self, seq: Sequence, limit: int) -> int:
         return 0
+
+    def proposal_kinds(self) -> tuple[Hashable, ...]:
+        return ()
 
 
 class NgramIndex:
@@ -101,6 +114,7 @@ class NgramIndex:
         self._earlier: list[list[int]] = [[] for _ in range(max_n + 1)]  # [n][start]
         self._first: list[list[int]] = [[] for _ in range(max_n + 1)]  # [n][start]
         self._indexed = 0  # tokens[:_indexed] are indexed
+        self.matched = 0  # the match length n of the last lookup's proposal (0: none)
 
     def _extend(self, tokens: list[int]) -> None:
         for end in range(self._indexed + 1, len(tokens) + 1):  # the n-grams ending just before `end`
@@ -117,6 +131,7 @@ class NgramIndex:
         self._indexed = len(tokens)
 
     def lookup(self, tokens: list[int], limit: int) -> list[int]:
+        self.matched = 0
         length = len(tokens)
         if limit <= 0 or length < 2:
             return []  # the index catches up with the tokens at the next real lookup
@@ -135,6 +150,7 @@ class NgramIndex:
                 start = self._first[n][suffix]
                 if start > length - 1 - n:
                     continue
+            self.matched = n
             return tokens[start + n : start + n + limit]
         return []
 
@@ -145,13 +161,21 @@ class NgramDrafter(Drafter):
 
     def __init__(self, max_n: int, min_n: int) -> None:
         self.max_n, self.min_n = max_n, min_n
+        self._kinds = tuple((self.method, n) for n in range(max_n + 1))  # [n]: proposals from n-token matches
 
     def start(self, seq: Sequence) -> None:
         seq.ngram_index = NgramIndex(self.max_n, self.min_n)
 
     def plan(self, seq: Sequence, limit: int) -> int:
         seq.ngram_proposal = seq.ngram_index.lookup(seq.tokens, limit)
+        seq.ngram_match = seq.ngram_index.matched
         return len(seq.ngram_proposal)
+
+    def proposal_kinds(self) -> tuple[Hashable, ...]:
+        return self._kinds[self.min_n :]
+
+    def proposal_kind(self, seq: Sequence) -> Hashable:
+        return self._kinds[seq.ngram_match]  # the longer the match, the likelier the drafts
 
     def host_drafts(self, seq: Sequence) -> list[int]:
         return seq.ngram_proposal[: seq.num_drafts]

@@ -265,12 +265,16 @@ class Scheduler:
             drafts = max(seq.num_drafts for seq in rows)
             policy.observe(batch.hi, drafts, self._drafts_with_model(rows), time.perf_counter() - started)
         for seq, drafter, (accepted, tokens) in zip(rows, batch.drafters, verdicts):
+            if policy is not None and seq.num_drafts:
+                policy.pooled.record(drafter.proposal_kind(seq), seq.num_drafts, accepted)
             try:  # one request's host-side work; an exception fails that request alone
                 self._absorb(seq, drafter, accepted, tokens)
             except Exception as exc:  # noqa: BLE001
                 self._fail(seq, exc)
             if seq.finished:
                 self._release(seq)
+        if policy is not None:
+            policy.pooled.end_pass()
 
     def _absorb(self, seq: Sequence, drafter: Drafter, accepted: int, tokens: list[int]) -> None:
         seq.stats.record_pass(seq.num_drafts, accepted)
@@ -316,9 +320,9 @@ class Scheduler:
                 seq.num_drafts = min(seq.num_drafts, cap)
 
     def _drafting_cannot_pay(self, rows: list[Sequence], hi: int, limits: list[int], rates: list[float]) -> bool:
-        """True when plain decoding beats drafting even if every row proposed its whole limit:
-        then the drafters need not plan at all (an n-gram lookup per row per pass is host time
-        comparable to a batch-32 pass)."""
+        """True when plain decoding beats drafting even if every row proposed its whole limit
+        at the best rate its drafter's proposals could have: then the drafters need not plan
+        at all (an n-gram lookup per row per pass is host time a batch-32 pass notices)."""
         if any(limit and not self._adapts(seq) for seq, limit in zip(rows, limits)):
             return False
         draft_model = any(seq.method is Method.DRAFT_MODEL and limit for seq, limit in zip(rows, limits))
@@ -327,7 +331,8 @@ class Scheduler:
     def _plan(self, batch: _Batch) -> None:
         """Sets every row's d_s for the coming pass."""
         rows = batch.rows
-        if not batch.can_draft and self.policy is None:
+        policy = self.policy
+        if not batch.can_draft and policy is None:
             for seq in rows:
                 seq.num_drafts = 0
             return
@@ -336,12 +341,20 @@ class Scheduler:
             remaining = seq.max_tokens - seq.completion_tokens  # a pass emits up to d_s + 1 tokens
             room = self.max_context - len(seq.tokens)
             limits.append(max(0, min(seq.k, remaining - 1, room - 1)))
-        rates = [seq.acceptance.rate for seq in rows] if self.policy is not None else []
-        skip_planning = self.policy is not None and self._drafting_cannot_pay(rows, batch.hi, limits, rates)
+        skip_planning = False
+        if policy is not None:
+            # Before the lookups, each row's own evidence with the best prior any of its
+            # drafter's kinds of proposal has: an upper bound on what planning could show.
+            best_prior = {drafter: max(map(policy.pooled.rate, drafter.proposal_kinds()), default=0.0)
+                          for drafter in self.drafters.values()}
+            bounds = [seq.acceptance.rate_with(best_prior[drafter]) for seq, drafter in zip(rows, batch.drafters)]
+            skip_planning = self._drafting_cannot_pay(rows, batch.hi, limits, bounds)
         for seq, drafter, limit in zip(rows, batch.drafters, limits):
             # A drafter proposes at most `limit` drafts: with none allowed, it need not plan.
             seq.num_drafts = drafter.plan(seq, limit) if limit and not skip_planning else 0
-        if self.policy is not None:
+        if policy is not None:
+            rates = [seq.acceptance.rate_with(policy.pooled.rate(drafter.proposal_kind(seq))) if seq.num_drafts else 0.0
+                     for seq, drafter in zip(rows, batch.drafters)]
             self._shorten_drafts(rows, batch.hi, rates)
 
     def _prepare_drafters(self, batch: _Batch) -> bool:

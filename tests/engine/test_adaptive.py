@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from service.engine import GenerationRequest, Method, SamplingParams
-from service.engine.adaptive import PRIOR_RATE, AcceptanceEstimate, DraftLengthPolicy, expected_tokens
+from service.engine.adaptive import (
+    PRIOR_RATE,
+    AcceptanceEstimate,
+    DraftLengthPolicy,
+    PooledAcceptance,
+    expected_tokens,
+)
 from tests.engine.helpers import run
 
 
@@ -121,3 +127,54 @@ def test_planning_is_skipped_when_drafting_cannot_pay(make_engine, target, token
     out = run(engine, [GenerationRequest("g", ids, max_tokens=12, method=Method.NGRAM, num_draft_tokens=4)])["g"]
     assert out.metrics.proposed_drafts == 0 and out.metrics.verify_passes == 11
     assert plans == [], "the n-gram lookups should have been skipped"
+
+
+def test_pooled_acceptance_keeps_kinds_apart_and_forgets_what_is_no_longer_tried() -> None:
+    pooled = PooledAcceptance()
+    assert pooled.rate("short match") == PRIOR_RATE  # never seen: optimistic
+    for _ in range(20):
+        for _ in range(32):  # one pass of a batch of 32: every row's drafts, one update
+            pooled.record("short match", proposed=4, accepted=0)
+            pooled.record("long match", proposed=4, accepted=4)
+        pooled.end_pass()
+    assert pooled.rate("short match") < 0.05
+    assert pooled.rate("long match") > 0.95
+    passes = 0
+    while pooled.rate("short match") < 0.45 and passes < 10_000:  # no longer tried: ages back
+        pooled.end_pass()
+        passes += 1
+    assert 100 <= passes <= 400  # some hundreds of passes at batch 32: a fraction of a second
+    assert pooled.rate("long match") > 0.45
+
+
+def test_a_rows_prior_is_its_kinds_pooled_rate() -> None:
+    """A new row whose proposal is of a kind that keeps failing does not try it; a new row
+    whose kind pays does (batch 32, H200 costs of bench/results/diag_c32)."""
+    policy = DraftLengthPolicy()
+    _measured(policy, 32, {0: 1.877e-3, 1: 1.948e-3, 2: 2.584e-3, 3: 2.643e-3, 4: 2.804e-3})
+    for _ in range(10):
+        for _ in range(8):
+            policy.pooled.record("1-token match", proposed=4, accepted=0)
+            policy.pooled.record("3-token match", proposed=4, accepted=3)
+        policy.pooled.end_pass()
+    new_row = AcceptanceEstimate()
+    poor = new_row.rate_with(policy.pooled.rate("1-token match"))
+    good = new_row.rate_with(policy.pooled.rate("3-token match"))
+    assert policy.best_cap(32, [4] * 8 + [0] * 24, [poor] * 8 + [0.0] * 24, 0, False) == 0
+    assert policy.best_cap(32, [4] * 8 + [0] * 24, [good] * 8 + [0.0] * 24, 0, False) > 0
+
+
+def test_the_engine_pools_every_proposed_draft_by_match_length(make_engine, target, tokenizer, monkeypatch) -> None:
+    recorded = []
+    original = PooledAcceptance.record
+    monkeypatch.setattr(PooledAcceptance, "record",
+                        lambda self, kind, proposed, accepted: recorded.append((kind, proposed, accepted))
+                        or original(self, kind, proposed, accepted))
+    engine = make_engine(target, max_batch_size=2, adaptive_draft_length=True)
+    ids = tuple(tokenizer.encode("the fox the fox the fox the fox the fox"))
+    outs = run(engine, [GenerationRequest(f"g{i}", ids, max_tokens=24, method=Method.NGRAM, num_draft_tokens=4)
+                        for i in range(2)])
+    assert {kind for kind, _, _ in recorded} <= {(Method.NGRAM, n) for n in (1, 2, 3)}
+    assert sum(p for _, p, _ in recorded) == sum(o.metrics.proposed_drafts for o in outs.values()) > 0
+    assert sum(a for _, _, a in recorded) == sum(o.metrics.accepted_drafts for o in outs.values())
+    assert set(engine.draft_length_policy.pooled.kinds) == {kind for kind, _, _ in recorded}
