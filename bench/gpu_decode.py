@@ -17,9 +17,10 @@ Sections (--sections, run in this order; the JSON is rewritten after each block)
                warm-up over every prompt, skipped on CPU).
   batch1       our engine, one request at a time: none / ngram / draft_model, adaptive draft
                length (--fixed-k turns it off), k = -k; warm-up over every prompt first.
-  concurrency  our engine, N requests submitted at once (prompts of one kind, cycled): per
-               (N, kind) one untimed round per method, then --concurrency-rounds timed
-               rounds (methods alternating in order); aggregate tokens/s of the median round.
+  concurrency  our engine at N concurrent requests (prompts of one kind, cycled), two modes
+               (--concurrency-modes): burst (N submitted at once) and sustained (N clients
+               sending back to back); per (N, kind, mode) --concurrency-rounds timed rounds,
+               methods alternating in order; aggregate tokens/s of the median round.
   ksweep       a second engine with the adaptive draft length off, batch 1, --ksweep-kinds
                prompts: ngram and draft_model at each k of --k-values, plain in the same
                engine before and after (speedup against k).
@@ -101,8 +102,11 @@ def sync(device: torch.device) -> None:
 # ---------------------------------------------------------------------------- engine
 
 
-def run_engine(engine: Engine, requests: list[GenerationRequest]) -> tuple[float, list]:
-    """Submit all, wait for all; returns (wall seconds, [(final, tokens)] in order)."""
+def run_engine(engine: Engine, requests: list[GenerationRequest], in_flight: int | None = None) -> tuple[float, list]:
+    """Submits the requests, at most `in_flight` unfinished at a time (None: all at once: as
+    many clients as requests; else `in_flight` clients, each sending its next request when
+    its last one has finished), and waits for all; returns (wall seconds, [(final, tokens)]
+    in order)."""
     done = threading.Semaphore(0)
     finals: dict[str, object] = {}
     tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
@@ -114,13 +118,19 @@ def run_engine(engine: Engine, requests: list[GenerationRequest]) -> tuple[float
             finals[event.request_id] = event
             done.release()
 
-    started = time.perf_counter()
-    for request in requests:
-        engine.submit(request, on_event)
-    for _ in requests:
+    def one_finished() -> None:
         if not done.acquire(timeout=RUN_TIMEOUT_S):
             raise TimeoutError(f"{len(requests) - len(finals)} of {len(requests)} requests had no final result "
                                f"after {RUN_TIMEOUT_S} s")
+
+    started = time.perf_counter()
+    clients = len(requests) if in_flight is None else in_flight
+    for i, request in enumerate(requests):
+        if i >= clients:
+            one_finished()  # a client's request finished: it sends its next one
+        engine.submit(request, on_event)
+    for _ in range(min(clients, len(requests))):
+        one_finished()
     wall = time.perf_counter() - started
     for r in requests:
         final = finals[r.request_id]
@@ -330,39 +340,57 @@ def section_batch1(result, engine, prompts, methods, args, budget, save) -> None
     result["engine_policy_choices_after_batch1"] = policy_choices(engine)
 
 
+CONCURRENCY_MODES = ("burst", "sustained")
+SUSTAINED_REQUESTS_PER_CLIENT = 3
+
+
 def section_concurrency(result, engine, prompts, methods, args, budget, save) -> None:
-    """Per concurrency and kind: one warm-up per method, then `--concurrency-rounds` rounds,
-    the methods' order alternating round by round; each method's row is its median round
-    (every round's tokens/s kept in the row). A round at 32 requests lasts about 0.5 s on an
-    H200, so one stall elsewhere in the process moves a single round's figure by 10% or more."""
+    """Per concurrency N and kind, one untimed burst per method, then per mode
+    `--concurrency-rounds` timed rounds, the methods' order alternating round by round;
+    each method's row is its median round (every round's tokens/s kept in the row):
+
+    - burst: N requests submitted at once, the round ends when the last one does; its
+      time includes N prefills in a row and the tail, where the slowest request runs alone;
+    - sustained: N clients, each sending its next request as soon as its last one finished
+      (SUSTAINED_REQUESTS_PER_CLIENT each): N requests in flight, as a server under load
+      sees them and as serving benchmarks define concurrency.
+
+    A burst of 32 lasts about 0.5 s on an H200, so one stall elsewhere in the process moves a
+    single round's figure by 10% or more: hence rounds and medians."""
     sweep = result.setdefault("concurrency", [])
     for concurrency in args.concurrency:
         for kind, kind_prompts in prompts.items():
             names = [name for name in methods if budget.allows(f"concurrency {concurrency} {name} {kind}")]
-            batch = [kind_prompts[i % len(kind_prompts)] for i in range(concurrency)]
-            rounds: dict[str, list[dict]] = {name: [] for name in names}
             for name in names:  # warm-up
-                run_engine(engine, [request(p, ENGINE_METHODS[name], args.k, args.new_tokens, "cw") for p in batch])
-            for rnd in range(args.concurrency_rounds):
-                for name in names if rnd % 2 == 0 else names[::-1]:
-                    method = ENGINE_METHODS[name]
-                    wall, outs = run_engine(engine, [request(p, method, args.k, args.new_tokens, "c") for p in batch])
-                    tokens = sum(len(t) for _, t in outs)
-                    proposed = sum(f.metrics.proposed_drafts for f, _ in outs)
-                    accepted = sum(f.metrics.accepted_drafts for f, _ in outs)
-                    rounds[name].append({"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-                                         "proposed_drafts": proposed, "accepted_drafts": accepted,
-                                         "verify_passes": sum(f.metrics.verify_passes for f, _ in outs),
-                                         "accept_rate": accepted / proposed if proposed else None})
-            for name in names:
-                runs = sorted(rounds[name], key=lambda r: r["tokens_per_s"])
-                median = runs[(len(runs) - 1) // 2]  # a real round (the lower middle one for an even count)
-                sweep.append({"concurrency": concurrency, "method": name, "kind": kind, **median,
-                              "rounds_tokens_per_s": [r["tokens_per_s"] for r in rounds[name]]})
-                log(f"concurrency {concurrency:3d} {name:11s} {kind:9s} {median['tokens_per_s']:9.1f} tok/s median of "
-                    + ", ".join(f"{r['tokens_per_s']:.0f}" for r in rounds[name])
-                    + f" ({median['tokens']} tokens in {median['seconds']:.2f} s, "
-                      f"{median['proposed_drafts']} drafts proposed)")
+                run_engine(engine, [request(kind_prompts[i % len(kind_prompts)], ENGINE_METHODS[name], args.k,
+                                            args.new_tokens, "cw") for i in range(concurrency)])
+            for mode in args.concurrency_modes:
+                total = concurrency * (SUSTAINED_REQUESTS_PER_CLIENT if mode == "sustained" else 1)
+                batch = [kind_prompts[i % len(kind_prompts)] for i in range(total)]
+                in_flight = concurrency if mode == "sustained" else None
+                rounds: dict[str, list[dict]] = {name: [] for name in names}
+                for rnd in range(args.concurrency_rounds):
+                    for name in names if rnd % 2 == 0 else names[::-1]:
+                        method = ENGINE_METHODS[name]
+                        wall, outs = run_engine(engine, [request(p, method, args.k, args.new_tokens, "c")
+                                                         for p in batch], in_flight)
+                        tokens = sum(len(t) for _, t in outs)
+                        proposed = sum(f.metrics.proposed_drafts for f, _ in outs)
+                        accepted = sum(f.metrics.accepted_drafts for f, _ in outs)
+                        rounds[name].append({"requests": total, "tokens": tokens, "seconds": wall,
+                                             "tokens_per_s": tokens / wall, "proposed_drafts": proposed,
+                                             "accepted_drafts": accepted,
+                                             "verify_passes": sum(f.metrics.verify_passes for f, _ in outs),
+                                             "accept_rate": accepted / proposed if proposed else None})
+                for name in names:
+                    runs = sorted(rounds[name], key=lambda r: r["tokens_per_s"])
+                    median = runs[(len(runs) - 1) // 2]  # a real round (the lower middle one for an even count)
+                    sweep.append({"concurrency": concurrency, "mode": mode, "method": name, "kind": kind, **median,
+                                  "rounds_tokens_per_s": [r["tokens_per_s"] for r in rounds[name]]})
+                    log(f"concurrency {concurrency:3d} {mode:9s} {name:11s} {kind:9s} {median['tokens_per_s']:9.1f} "
+                        "tok/s median of " + ", ".join(f"{r['tokens_per_s']:.0f}" for r in rounds[name])
+                        + f" ({median['tokens']} tokens in {median['seconds']:.2f} s, "
+                          f"{median['proposed_drafts']} drafts proposed)")
         save()
     result["engine_policy_choices_after_concurrency"] = policy_choices(engine)
 
@@ -488,12 +516,13 @@ def build_summary(result: dict) -> dict:
             kind: agreement(pairs_for(ours["none"], hf["plain"], [kind])) for kind in kinds} | {
             "all": agreement(pairs_for(ours["none"], hf["plain"], kinds))}
 
-    # Concurrency: speculation on against off, same N and kind.
-    rates = {(r["concurrency"], r["method"], r["kind"]): r["tokens_per_s"] for r in result.get("concurrency", [])}
-    for (c, name, kind), rate in sorted(rates.items()):
-        table[f"concurrency {c} {name} {kind} tok/s"] = rate
-        if name != "none" and (c, "none", kind) in rates:
-            table[f"concurrency {c} {name}/plain {kind}"] = rate / rates[(c, "none", kind)]
+    # Concurrency: speculation on against off, same N, mode and kind.
+    rates = {(r["concurrency"], r.get("mode", "burst"), r["method"], r["kind"]): r["tokens_per_s"]
+             for r in result.get("concurrency", [])}
+    for (c, mode, name, kind), rate in sorted(rates.items()):
+        table[f"concurrency {c} {mode} {name} {kind} tok/s"] = rate
+        if name != "none" and (c, mode, "none", kind) in rates:
+            table[f"concurrency {c} {mode} {name}/plain {kind}"] = rate / rates[(c, mode, "none", kind)]
 
     # k sweep: each k against plain of the same engine (mean of the runs before and after).
     ks = result.get("ksweep", {})
@@ -552,7 +581,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per prompt at batch 1 (median)")
     parser.add_argument("--concurrency", type=ints, default=[1, 4, 16, 32, 64])
     parser.add_argument("--concurrency-rounds", type=int, default=3,
-                        help="timed rounds per concurrency, method and kind (the median is reported)")
+                        help="timed rounds per concurrency, mode, method and kind (the median is reported)")
+    parser.add_argument("--concurrency-modes", type=names, default=list(CONCURRENCY_MODES),
+                        help=f"subset of {CONCURRENCY_MODES}")
     parser.add_argument("--sections", type=names, default=list(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--skip-hf", action="store_true", help="drop the hf section")
     parser.add_argument("--hf-configs", type=names, default=list(HF_CONFIGS), help=f"subset of {HF_CONFIGS}")
@@ -583,7 +614,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.skip_hf:
         args.sections = [s for s in args.sections if s != "hf"]
     unknown = (set(args.sections) - set(SECTIONS)) | (set(args.hf_configs) - set(HF_CONFIGS)) \
-        | (set(args.methods) - set(ENGINE_METHODS))
+        | (set(args.methods) - set(ENGINE_METHODS)) | (set(args.concurrency_modes) - set(CONCURRENCY_MODES))
     if unknown:
         parser.error(f"unknown names: {sorted(unknown)}")
     if args.draft_layers == 0:

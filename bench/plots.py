@@ -42,6 +42,10 @@ def _title(data: dict, what: str) -> str:
             f"{data.get('new_tokens')} new tokens, k <= {data.get('k')} ({adaptive})")
 
 
+# bench/gpu_decode.py's concurrency modes: N clients sending back to back, or N requests at once
+MODE_STYLE = {"sustained": "-", "burst": "--"}
+
+
 def plot_concurrency(data: dict, path: Path) -> bool:
     rows = data.get("concurrency") or []
     if not rows:
@@ -49,13 +53,15 @@ def plot_concurrency(data: dict, path: Path) -> bool:
     kinds = [k for k in KIND_LABEL if any(r["kind"] == k for r in rows)]
     fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 5), squeeze=False, sharey=True)
     levels = sorted({r["concurrency"] for r in rows})
+    modes = [m for m in MODE_STYLE if any(r.get("mode", "burst") == m for r in rows)]
     for ax, kind in zip(axes[0], kinds):
         for method in METHOD_LABEL:
-            pts = sorted((r["concurrency"], r["tokens_per_s"]) for r in rows
-                         if r["kind"] == kind and r["method"] == method)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=METHOD_COLOR[method],
-                        label=f"engine, {METHOD_LABEL[method]}")
+            for mode in modes:
+                pts = sorted((r["concurrency"], r["tokens_per_s"]) for r in rows
+                             if r["kind"] == kind and r["method"] == method and r.get("mode", "burst") == mode)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=METHOD_COLOR[method],
+                            linestyle=MODE_STYLE[mode], label=f"engine, {METHOD_LABEL[method]}, {mode}")
         for config, (label, color, style) in HF_STYLE.items():
             hf_rows = data.get("transformers", {}).get(config, {}).get(kind)
             if hf_rows:
@@ -187,20 +193,21 @@ def markdown(data: dict) -> str:
         out.append("")
     rows = data.get("concurrency") or []
     if rows:
-        rate = {(r["concurrency"], r["method"], r["kind"]): r["tokens_per_s"] for r in rows}
+        rate = {(r["concurrency"], r.get("mode", "burst"), r["method"], r["kind"]): r["tokens_per_s"] for r in rows}
         methods = [m for m in ("none", "ngram", "draft_model") if any(r["method"] == m for r in rows)]
-        head = ["concurrency", "prompts"] + [f"{METHOD_LABEL[m]}, tok/s" for m in methods] \
+        head = ["concurrency", "mode", "prompts"] + [f"{METHOD_LABEL[m]}, tok/s" for m in methods] \
             + [f"{METHOD_LABEL[m]} / plain" for m in methods if m != "none"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for c in sorted({r["concurrency"] for r in rows}):
-            for kind in KIND_LABEL:
-                if not any((c, m, kind) in rate for m in methods):
-                    continue
-                cells = [str(c), KIND_LABEL[kind]] + [_fmt(rate.get((c, m, kind))) for m in methods]
-                base = rate.get((c, "none", kind))
-                cells += [_fmt(rate[(c, m, kind)] / base if base and (c, m, kind) in rate else None, True)
-                          for m in methods if m != "none"]
-                out.append("| " + " | ".join(cells) + " |")
+            for mode in MODE_STYLE:
+                for kind in KIND_LABEL:
+                    if not any((c, mode, m, kind) in rate for m in methods):
+                        continue
+                    cells = [str(c), mode, KIND_LABEL[kind]] + [_fmt(rate.get((c, mode, m, kind))) for m in methods]
+                    base = rate.get((c, mode, "none", kind))
+                    cells += [_fmt(rate[(c, mode, m, kind)] / base if base and (c, mode, m, kind) in rate else None,
+                                   True) for m in methods if m != "none"]
+                    out.append("| " + " | ".join(cells) + " |")
         out.append("")
     points = data.get("ksweep_speedup") or []
     if points:

@@ -124,13 +124,6 @@ class PooledAcceptance:
         self._pass.clear()
 
 
-def expected_tokens(rate: float, drafts: int) -> float:
-    """E(a, d): tokens a pass emits with d drafts at per-draft acceptance a (bonus included)."""
-    if rate >= 1.0 - 1e-9:
-        return float(drafts + 1)
-    return (1.0 - rate ** (drafts + 1)) / (1.0 - rate)
-
-
 def batch_bucket(rows: int) -> int:
     return 1 << max(0, (rows - 1).bit_length())
 
@@ -210,13 +203,24 @@ class DraftLengthPolicy:
             return most
         # A cap of 0 runs no draft model, larger caps may.
         plain, drafting = self._measured(bucket, False), self._measured(bucket, draft_model)
-        rows_available = list(zip(available, rates))
+        # sum_r E(a_r, min(L_r, cap)) = R + sum_{d <= cap} gain[d], gain[d] = sum of a_r^d over
+        # the rows with L_r >= d (draft d counts when it and every draft before it pass):
+        # one multiplication per proposable draft instead of one power per row and cap.
+        gain = [0.0] * (most + 1)
+        for drafts, rate in zip(available, rates):
+            p = 1.0
+            for d in range(1, drafts + 1):
+                p *= rate
+                gain[d] += p
+        tokens = float(len(available))
         best, best_rate = most, -1.0
-        for cap in range(floor, most + 1):
+        for cap in range(most + 1):
+            tokens += gain[cap]  # gain[0] = 0
+            if cap < floor:
+                continue
             seconds = self._estimate(drafting if cap > 0 else plain, cap)
             if seconds is None:
                 return most  # nothing measured for this batch size yet: run as asked, and measure
-            tokens = sum([expected_tokens(a, d if d < cap else cap) for d, a in rows_available])
             if tokens / seconds > best_rate:
                 best, best_rate = cap, tokens / seconds
         return best

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from service.engine import GenerationRequest, Method, SamplingParams
@@ -10,9 +12,43 @@ from service.engine.adaptive import (
     AcceptanceEstimate,
     DraftLengthPolicy,
     PooledAcceptance,
-    expected_tokens,
 )
 from tests.engine.helpers import run
+
+
+def expected_tokens(rate: float, drafts: int) -> float:
+    """E(a, d) of service/engine/adaptive.py in closed form: tokens a pass emits with d drafts
+    at per-draft acceptance a, the bonus token included."""
+    if rate >= 1.0:
+        return float(drafts + 1)
+    return (1.0 - rate ** (drafts + 1)) / (1.0 - rate)
+
+
+def best_cap_by_brute_force(policy: DraftLengthPolicy, rows: int, available: list[int], rates: list[float],
+                            floor: int) -> int:
+    """The policy's rule written out: the cap with the most expected tokens per second."""
+    best, best_rate = None, -1.0
+    for cap in range(floor, max(available) + 1):
+        seconds = policy._estimate(policy._measured(32, False), cap)
+        tokens = sum(expected_tokens(a, min(d, cap)) for d, a in zip(available, rates))
+        if tokens / seconds > best_rate * (1 + 1e-12):
+            best, best_rate = cap, tokens / seconds
+    return best
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_chosen_cap_has_the_most_expected_tokens_per_second(seed: int) -> None:
+    rng = random.Random(seed)
+    policy = DraftLengthPolicy()
+    _measured(policy, 32, {n: (1.9 + rng.uniform(0.0, 0.2) * n + (0.5 if n else 0.0)) * 1e-3
+                           for n in rng.sample(range(9), rng.randint(1, 9))})
+    available = [rng.choice([0, 0, rng.randint(1, 8)]) for _ in range(32)]
+    rates = [rng.random() if rng.random() < 0.9 else 1.0 for _ in range(32)]
+    floor = rng.choice([0, 0, 0, 1, 2])
+    if max(available) <= floor:
+        available[0] = floor + 1
+    assert policy.best_cap(32, available, rates, floor, False) == best_cap_by_brute_force(
+        policy, 32, available, rates, floor)
 
 
 def test_expected_tokens_is_the_geometric_sum() -> None:
