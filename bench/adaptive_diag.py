@@ -14,7 +14,12 @@ accepted, and what the engine thread spent its time on:
 - gc: Python's cycle collections by generation (gc.callbacks), their total and longest
   pause: a full collection walks the whole heap and stops every thread;
 - turns: engine-loop turns (Engine._iterate), those that admitted requests (prefill),
-  and the longest turn.
+  and the longest turn;
+- with --breakdown, each decode pass's host time split by (batch bucket, cap, kv bucket):
+  planning (drafters and policy), the target forward's call (a graph replay is only
+  launched), verification (the argmax, the pass's one synchronisation: its wait is the GPU
+  time the host did not cover), and absorbing the verdicts (counters, detokenising,
+  events); printed at the end as means per pass.
 
 Then per kind and method the median tokens/s, the n-gram / plain ratio of each round pair,
 the policy's choices per (batch bucket, cap) and its measured pass costs. --json writes
@@ -42,10 +47,74 @@ from bench.gpu_decode import chat_ids, run_engine  # noqa: E402
 from bench.prompts import KINDS  # noqa: E402
 from service.engine import Engine, EngineConfig, GenerationRequest, Method  # noqa: E402
 from service.engine import scheduler as scheduler_module  # noqa: E402
+from service.engine.adaptive import batch_bucket  # noqa: E402
+from service.engine.runner import ModelRunner  # noqa: E402
 from service.logging_setup import configure_logging  # noqa: E402
 from service.model_loading import load_model  # noqa: E402
 
 METHODS = {"none": Method.NONE, "ngram": Method.NGRAM}
+
+
+class PassBreakdown:
+    """Host time of each decode pass by phase, summed by (batch bucket, cap, kv bucket)."""
+
+    PHASES = ("plan", "forward_call", "verify_and_sync", "absorb", "total")
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[int, int, int], list[float]] = {}
+        self.counts: dict[tuple[int, int, int], int] = {}
+        self._pass: dict[str, float] = {}
+        self._key: tuple[int, int, int] | None = None
+        meter = self
+        Scheduler = scheduler_module.Scheduler
+        step, plan, verify = Scheduler.step, Scheduler._plan, Scheduler._verify_greedy_on_host
+        draft_and_verify, forward = Scheduler._draft_and_verify, ModelRunner.forward
+
+        def timed(name, fn):
+            def wrapper(*args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    meter._pass[name] = meter._pass.get(name, 0.0) + time.perf_counter() - t0
+            return wrapper
+
+        def timed_forward(runner, lo, hi, input_ids, starts, last_only=False):
+            if not last_only and meter._key is None:  # the pass's target forward
+                width = input_ids.shape[1]
+                if runner.graphs is not None:
+                    meter._key = runner.graphs.buckets(hi, width, max(starts))
+                else:  # eager (CPU): no kv bucket
+                    meter._key = (batch_bucket(hi), width, 0)
+                meter._key = (meter._key[0], width - 1, meter._key[2])
+            return timed("forward_call", forward)(runner, lo, hi, input_ids, starts, last_only)
+
+        def timed_step(scheduler):
+            meter._pass, meter._key = {}, None
+            t0 = time.perf_counter()
+            step(scheduler)
+            total = time.perf_counter() - t0
+            if meter._key is None or "draft_and_verify" not in meter._pass:
+                return
+            p = meter._pass
+            p["total"] = total
+            p["absorb"] = total - p["draft_and_verify"]
+            sums = meter.sums.setdefault(meter._key, [0.0] * len(meter.PHASES))
+            for i, name in enumerate(meter.PHASES):
+                sums[i] += p.get(name, 0.0)
+            meter.counts[meter._key] = meter.counts.get(meter._key, 0) + 1
+
+        Scheduler.step = timed_step
+        Scheduler._plan = timed("plan", plan)
+        Scheduler._verify_greedy_on_host = staticmethod(timed("verify_and_sync", verify))
+        Scheduler._draft_and_verify = timed("draft_and_verify", draft_and_verify)
+        ModelRunner.forward = timed_forward
+
+    def table(self) -> list[dict]:
+        return [{"batch": b, "cap": c, "kv": kv, "passes": self.counts[(b, c, kv)],
+                 **{f"{name}_us": round(1e6 * total / self.counts[(b, c, kv)], 1)
+                    for name, total in zip(self.PHASES, self.sums[(b, c, kv)])}}
+                for (b, c, kv) in sorted(self.sums)]
 
 
 class EngineThreadMeter:
@@ -126,6 +195,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--lean-variant", default=None, help="EngineConfig.lean_variant (default: the engine's)")
     parser.add_argument("--no-freeze-gc", action="store_true", help="EngineConfig.freeze_gc_after_start = False")
+    parser.add_argument("--breakdown", action="store_true", help="time each decode pass's host phases")
     parser.add_argument("--json", type=Path, help="write every round here")
     args = parser.parse_args()
     configure_logging(os.environ.get("SPECDEC_LOG_LEVEL", "INFO"))  # as the service: the per-request lines are DEBUG
@@ -142,6 +212,7 @@ def main() -> None:
         options["freeze_gc_after_start"] = not args.no_freeze_gc
     config = EngineConfig(**options)
     meter = EngineThreadMeter()
+    breakdown = PassBreakdown() if args.breakdown else None
     engine = Engine(loaded, config)
     engine.start()
     rows = []
@@ -181,6 +252,10 @@ def main() -> None:
              for (b, d, m), s in sorted(policy.costs().items())}
     print("choices (batch bucket, cap) -> passes:", choices)
     print("pass cost ms:", costs)
+    phases = breakdown.table() if breakdown is not None else None
+    for row in phases or []:
+        if row["passes"] >= 20:
+            print("breakdown " + "  ".join(f"{key} {value}" for key, value in row.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
@@ -189,7 +264,8 @@ def main() -> None:
             "concurrency": args.concurrency, "k": args.k, "new_tokens": args.new_tokens,
             "config": {key: getattr(config, key) if not isinstance(getattr(config, key), Method)
                        else getattr(config, key).name for key in sorted(fields)},
-            "rounds": rows, "summary": summary, "policy_choices": choices, "policy_costs_ms": costs}, indent=1))
+            "rounds": rows, "summary": summary, "policy_choices": choices, "policy_costs_ms": costs,
+            "pass_breakdown": phases}, indent=1))
 
 
 if __name__ == "__main__":
