@@ -68,6 +68,10 @@ class Drafter(ABC):
     def commit(self, seq: Sequence, accepted: int) -> None:
         """After verification: `accepted` drafts of this row were accepted."""
 
+    def while_device_runs(self, seq: Sequence) -> None:
+        """Host work for later passes, done while the device runs this one (after the
+        target's launch, before the pass's synchronisation), off the pass's critical path."""
+
     def proposal_kinds(self) -> tuple[Hashable, ...]:
         """Every kind of proposal this drafter makes (the adaptive policy pools acceptance
         by kind: service.engine.adaptive.PooledAcceptance)."""
@@ -116,7 +120,8 @@ class NgramIndex:
         self._indexed = 0  # tokens[:_indexed] are indexed
         self.matched = 0  # the match length n of the last lookup's proposal (0: none)
 
-    def _extend(self, tokens: list[int]) -> None:
+    def extend(self, tokens: list[int]) -> None:
+        """Indexes the tokens not indexed yet (lookup() does it first too)."""
         for end in range(self._indexed + 1, len(tokens) + 1):  # the n-grams ending just before `end`
             key = 0
             for n in range(1, min(self.max_n, end) + 1):
@@ -135,7 +140,7 @@ class NgramIndex:
         length = len(tokens)
         if limit <= 0 or length < 2:
             return []  # the index catches up with the tokens at the next real lookup
-        self._extend(tokens)
+        self.extend(tokens)
         keys = [0] * (self.max_n + 1)  # keys[n]: the last n tokens
         for n in range(1, min(self.max_n, length - 1) + 1):
             keys[n] = keys[n - 1] | tokens[length - n] << (32 * (n - 1))
@@ -179,6 +184,12 @@ class NgramDrafter(Drafter):
 
     def host_drafts(self, seq: Sequence) -> list[int]:
         return seq.ngram_proposal[: seq.num_drafts]
+
+    def while_device_runs(self, seq: Sequence) -> None:
+        # What the passes without lookups (the policy skips them when drafting cannot pay)
+        # left unindexed: otherwise the first lookup after them indexes it all, on the host
+        # between two passes, with the GPU idle.
+        seq.ngram_index.extend(seq.tokens)
 
 
 class DraftModelDrafter(Drafter):

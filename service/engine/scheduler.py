@@ -258,12 +258,8 @@ class Scheduler:
             return
         if verdicts is None:  # a row failed before the pass; the others go on next step
             return
-        # The verdicts are on the host: the pass is over. A pass that captured a new graph
-        # (and compiled its kernels), or fed a draft model a row's backlog eagerly, says
-        # nothing about the steady-state cost.
-        if policy is not None and self._captures() == captures:
-            drafts = max(seq.num_drafts for seq in rows)
-            policy.observe(batch.hi, drafts, self._drafts_with_model(rows), time.perf_counter() - started)
+        drafts = max(seq.num_drafts for seq in rows)
+        draft_model = self._drafts_with_model(rows)
         for seq, drafter, (accepted, tokens) in zip(rows, batch.drafters, verdicts):
             if policy is not None and seq.num_drafts:
                 policy.pooled.record(drafter.proposal_kind(seq), seq.num_drafts, accepted)
@@ -275,6 +271,12 @@ class Scheduler:
                 self._release(seq)
         if policy is not None:
             policy.pooled.end_pass()
+            # The pass is over, its tokens emitted: its cost is all of the engine thread's
+            # time for it (planning and emitting grow with the drafts too). A pass that
+            # captured a new graph (and compiled its kernels), or fed a draft model a row's
+            # backlog eagerly, says nothing about the steady-state cost.
+            if self._captures() == captures:
+                policy.observe(batch.hi, drafts, draft_model, time.perf_counter() - started)
 
     def _absorb(self, seq: Sequence, drafter: Drafter, accepted: int, tokens: list[int]) -> None:
         seq.stats.record_pass(seq.num_drafts, accepted)
@@ -424,6 +426,8 @@ class Scheduler:
                 q_parts.append((mask, m, out.probs))
 
         logits = self.target.forward(0, hi, input_ids, starts)  # [hi, n + 1, V]
+        for seq, drafter in zip(rows, batch.drafters):
+            drafter.while_device_runs(seq)
 
         if not sampled:
             verdicts = self._verify_greedy_on_host(rows, logits, input_ids, host_drafts)

@@ -100,6 +100,8 @@ def test_ngram_index_answers_as_the_reference_while_the_sequence_grows(seed: int
         expected = ngram_lookup(tokens, limit, max_n=max_n, min_n=min_n)
         assert index.lookup(tokens, limit) == expected, tokens
         tokens.extend(rng.choice(alphabet) for _ in range(rng.randint(1, 4)))
+        if rng.random() < 0.3:
+            index.extend(tokens)  # as the drafter does while the device runs a pass
 
 
 def test_ngram_index_growth_allocates_nothing_the_cycle_collector_tracks() -> None:
