@@ -250,8 +250,11 @@ def main() -> None:
     choices = {f"batch {b} cap {c}": n for (b, c), n in sorted(policy.choices.items())}
     costs = {f"batch {b} drafts {d}{' draft model' if m else ''}": round(s * 1e3, 3)
              for (b, d, m), s in sorted(policy.costs().items())}
+    calibration = {bucket: round(c.factor, 3) for bucket, c in sorted(getattr(policy, "calibration", {}).items())}
+    pooled = {str(kind): round(e.rate, 3) for kind, e in getattr(getattr(policy, "pooled", None), "kinds", {}).items()}
     print("choices (batch bucket, cap) -> passes:", choices)
     print("pass cost ms:", costs)
+    print("calibration factor by batch bucket:", calibration, " pooled acceptance by kind:", pooled)
     phases = breakdown.table() if breakdown is not None else None
     for row in phases or []:
         if row["passes"] >= 20:
@@ -265,7 +268,7 @@ def main() -> None:
             "config": {key: getattr(config, key) if not isinstance(getattr(config, key), Method)
                        else getattr(config, key).name for key in sorted(fields)},
             "rounds": rows, "summary": summary, "policy_choices": choices, "policy_costs_ms": costs,
-            "pass_breakdown": phases}, indent=1))
+            "policy_calibration": calibration, "policy_pooled_acceptance": pooled, "pass_breakdown": phases}, indent=1))
 
 
 if __name__ == "__main__":

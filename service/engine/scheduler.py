@@ -260,6 +260,7 @@ class Scheduler:
             return
         drafts = max(seq.num_drafts for seq in rows)
         draft_model = self._drafts_with_model(rows)
+        emitted = sum(accepted + 1 for accepted, _ in verdicts)
         for seq, drafter, (accepted, tokens) in zip(rows, batch.drafters, verdicts):
             if policy is not None and seq.num_drafts:
                 policy.pooled.record(drafter.proposal_kind(seq), seq.num_drafts, accepted)
@@ -276,7 +277,7 @@ class Scheduler:
             # captured a new graph (and compiled its kernels), or fed a draft model a row's
             # backlog eagerly, says nothing about the steady-state cost.
             if self._captures() == captures:
-                policy.observe(batch.hi, drafts, draft_model, time.perf_counter() - started)
+                policy.observe(batch.hi, drafts, draft_model, time.perf_counter() - started, emitted)
 
     def _absorb(self, seq: Sequence, drafter: Drafter, accepted: int, tokens: list[int]) -> None:
         seq.stats.record_pass(seq.num_drafts, accepted)

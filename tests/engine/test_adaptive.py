@@ -214,3 +214,34 @@ def test_the_engine_pools_every_proposed_draft_by_match_length(make_engine, targ
     assert sum(p for _, p, _ in recorded) == sum(o.metrics.proposed_drafts for o in outs.values()) > 0
     assert sum(a for _, _, a in recorded) == sum(o.metrics.accepted_drafts for o in outs.values())
     assert set(engine.draft_length_policy.pooled.kinds) == {kind for kind, _, _ in recorded}
+
+
+def _pass(policy: DraftLengthPolicy, realized: float) -> int:
+    """One batch-32 pass: the policy chooses, the pass takes its measured cost and emits
+    `realized` times the tokens the model expects (every row: 4 drafts at rate 0.6)."""
+    cap = policy.choose(32, [4] * 32, [0.6] * 32, floor=0, draft_model=False)
+    seconds = {0: 2.0e-3, 4: 2.4e-3}[cap]
+    expected = 32 * (expected_tokens(0.6, 4) if cap else 1.0)
+    policy.observe(32, cap, False, seconds, tokens=round(expected * realized if cap else expected))
+    return cap
+
+
+def test_a_model_that_promises_more_than_passes_deliver_is_corrected() -> None:
+    policy = DraftLengthPolicy()
+    _measured(policy, 32, {0: 2.0e-3, 4: 2.4e-3})
+    assert _pass(policy, realized=0.3) == 4  # the model expects 92% more tokens for 20% more time
+    passes = 1
+    while _pass(policy, realized=0.3) == 4 and passes < 100:
+        passes += 1
+    assert passes <= 6  # the speculating passes delivered a third of their promise: stopped
+    idle = 0
+    while _pass(policy, realized=0.3) == 0 and idle < 10_000:
+        idle += 1
+    assert 10 <= idle <= 400  # the correction ages out: speculation is tried again
+
+
+def test_a_model_that_keeps_its_promise_keeps_speculating() -> None:
+    policy = DraftLengthPolicy()
+    _measured(policy, 32, {0: 2.0e-3, 4: 2.4e-3})
+    assert all(_pass(policy, realized=1.0) == 4 for _ in range(200))
+    assert policy.calibration[32].factor == pytest.approx(1.0, abs=0.01)
