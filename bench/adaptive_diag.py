@@ -11,8 +11,9 @@ by round. One engine serves every round, as the service's does; a warm-up round 
 and method comes first. Per round it prints tokens/s, row-passes, drafts proposed and
 accepted, and what the engine thread spent its time on:
 
-- gc: Python's cycle collections by generation (gc.callbacks), their total and longest
-  pause: a full collection walks the whole heap and stops every thread;
+- gc: Python's cycle collections by generation (gc.callbacks, in any thread of the
+  process), their total and longest pause: a full collection walks the whole heap and
+  stops every thread;
 - turns: engine-loop turns (Engine._iterate), those that admitted requests (prefill),
   and the longest turn;
 - with --breakdown, each decode pass's host time split by (batch bucket, cap, kv bucket):

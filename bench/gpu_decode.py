@@ -606,7 +606,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kv-cache-tokens", type=int, default=1024,
                         help="per-slot KV cache of the engines (raised to fit the longest prompt + new tokens)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="skip every block that would start after this many seconds (the JSON says which)")
+                        help="skip every block that would start after this many seconds (the JSON says which; "
+                             "a concurrency block is one level and prompt kind, every mode and round)")
     parser.add_argument("--append", action="store_true",
                         help="keep the sections of an existing --out file that this run does not redo")
     parser.add_argument("--out", type=Path, default=Path("bench/out/gpu_decode.json"))
@@ -617,6 +618,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         | (set(args.methods) - set(ENGINE_METHODS)) | (set(args.concurrency_modes) - set(CONCURRENCY_MODES))
     if unknown:
         parser.error(f"unknown names: {sorted(unknown)}")
+    if args.concurrency_rounds < 1 or min(args.concurrency, default=1) < 1:
+        parser.error("--concurrency-rounds and every --concurrency level must be >= 1")
     if args.draft_layers == 0:
         args.methods = [m for m in args.methods if m != "draft_model"]
         args.hf_configs = [c for c in args.hf_configs if c != "assistant"]

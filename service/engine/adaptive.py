@@ -21,20 +21,24 @@ proposals from poor ones better than a row's few passes can). The policy only le
 passes that speculate, so no estimate may get stuck below the break-even rate: a kind never
 seen starts optimistic (PRIOR_RATE: a new row tries drafting on its first pass with drafts;
 one pass that rejects everything takes it below break-even), and evidence not renewed ages
-back towards that prior, so a row, or a kind of proposal, that stopped is tried again some
-tens of passes later (the text it copies from may have come back). Unmeasured costs are extrapolated from the nearest
-measured n of the same bucket (5% more per extra draft), so the policy tries a width once,
-measures it, and keeps what pays. The first pass of each shape is not counted: it includes
-graph capture and compilation; passes that capture a graph are not reported at all, and
-an observation far above the estimate (a stall elsewhere) is ignored: an inflated cost would
-stop the policy from choosing that width, and so from ever measuring it again.
+back towards that prior, so a row, or a kind of proposal, that stopped is tried again tens
+to hundreds of passes later (the text it copies from may have come back). Unmeasured costs
+are extrapolated from the nearest measured n of the same bucket (5% more per extra draft),
+so the policy tries a width once, measures it, and keeps what pays. A pass's cost is the
+engine thread's whole step: planning (a cap-0 pass includes the lookups whose proposals the
+policy declined, when the drafters planned), the device, and emitting the tokens. The first
+pass of each shape is not counted: it includes graph capture and compilation; passes that
+capture a graph are not reported at all, and an observation far above the estimate (a stall
+elsewhere) is ignored: an inflated cost would stop the policy from choosing that width, and
+so from ever measuring it again.
+
 The model's promise is checked against what speculating passes deliver: per batch bucket,
 the ratio of realized tokens per second to the predicted rate of the chosen cap, averaged
 over recent speculating passes (Calibration), scales every later prediction for a cap > 0.
 Whatever the model misses (acceptance that is not i.i.d., host time that grows with the
 drafts, costs that vary with the context) shows up there; at 32 concurrent open-chat
-requests on an H200 the uncorrected model speculated in passes that delivered 17% more
-tokens for 28% more time. Like the acceptance, the ratio ages back to 1 while no pass
+requests on an H200, n-gram under the uncorrected model needed 14% fewer request-passes than
+plain decoding, in passes an estimated 28% longer. Like the acceptance, the ratio ages back to 1 while no pass
 speculates, so speculation is tried again.
 """
 
@@ -53,9 +57,12 @@ from dataclasses import dataclass, field
 PRIOR_RATE = 0.6
 PRIOR_WEIGHT = 2.0
 ACCEPT_DECAY = 0.9  # per pass that speculated, for a row's (or a kind's) acceptance history
-# Per pass that did not speculate: the history ages towards the prior. After one rejecting
-# pass a row tries again about 8 passes later, after repeated ones about every 36 passes:
-# at zero acceptance that costs about 3% (one verify pass in 36 plain ones).
+# Per pass that did not speculate: the history ages towards the prior. How soon a row that
+# stopped tries again depends on the break-even rate. At batch 1 with verify passes 1.7x a
+# plain one (the "layer" variant), a row never accepted tries again 11 passes after its first
+# rejection and about every 38 after that with a fixed prior; with its kind's pooled prior,
+# which the same rejections lower, after 49 and about every 64 (tests/engine/test_adaptive.py).
+# With verify passes 1.08x to 1.64x plain (the invariant kernels) every 9 passes or so.
 IDLE_DECAY = 0.98
 COST_DECAY = 0.9  # per observation, for measured pass costs
 OUTLIER = 4.0  # an observation this many times the estimate is a hiccup, not a new cost
@@ -63,7 +70,9 @@ EXTRAPOLATION_PER_DRAFT = 0.05
 # Calibration (realized / predicted tokens per second of speculating passes): about 20
 # passes of memory, and a prior worth one pass that the model is right. It describes the
 # workload more than one row's text, so it ages slowly while nothing speculates: after
-# passes that delivered a third of their promise, one speculating pass in about 70.
+# passes that delivered a third of their promise, one speculating pass in about 70. The
+# prior also keeps the factor a little above the measured ratio (r + (1 - r) / 21 in the
+# steady state: 0.52 for 0.5), so passes that only just break even are still chosen.
 CALIBRATION_DECAY = 0.95
 CALIBRATION_IDLE_DECAY = 0.995
 CALIBRATION_PRIOR_WEIGHT = 1.0
@@ -113,7 +122,8 @@ class PooledAcceptance:
     """
 
     kinds: dict[Hashable, AcceptanceEstimate] = field(default_factory=dict)
-    _pass: dict[Hashable, list[float]] = field(default_factory=dict)  # this pass: [accepted, rejections]
+    # This pass's sums by kind: [accepted drafts, rejections].
+    _pass: dict[Hashable, list[float]] = field(default_factory=dict, init=False, repr=False)
 
     def rate(self, kind: Hashable) -> float:
         estimate = self.kinds.get(kind)
@@ -251,7 +261,8 @@ class DraftLengthPolicy:
     def _best(self, rows: int, available: list[int], rates: list[float], floor: int,
               draft_model: bool) -> tuple[int, float]:
         """The best cap (by calibrated prediction) and the model's own prediction of its
-        tokens per second, before calibration (0.0: nothing measured to predict from)."""
+        tokens per second, before calibration (0.0: no prediction, when nothing is measured
+        for the bucket yet or no cap above the floor is possible)."""
         bucket = batch_bucket(rows)
         most = max(available, default=0)
         if most <= floor:
@@ -279,7 +290,7 @@ class DraftLengthPolicy:
             if seconds is None:
                 return most, 0.0  # nothing measured for this batch size yet: run as asked, and measure
             model_rate = tokens / seconds
-            rate = model_rate * factor if cap > 0 else model_rate
-            if rate > best_rate:
-                best, best_rate, best_model_rate = cap, rate, model_rate
+            calibrated = model_rate * factor if cap > 0 else model_rate
+            if calibrated > best_rate:
+                best, best_rate, best_model_rate = cap, calibrated, model_rate
         return best, best_model_rate

@@ -47,11 +47,12 @@ class EngineConfig:
     # 30 ms each; hundreds for a large batch and context), so that no request stalls on a
     # capture when the draft length or the batch first takes a new shape.
     capture_all_graphs: bool = False
-    # Once the models are loaded and the graphs captured, collect and then freeze the heap
-    # (gc.freeze): the collector stops walking the objects alive at startup (the model,
-    # torch, transformers: about 400,000 of them). Otherwise every full collection, which
-    # objects that outlive a few passes trigger, walks them all and stalls every running
-    # request for 0.15 s and more. Undone (gc.unfreeze) when the engine thread ends.
+    # Once the models are loaded (and, with capture_all_graphs, the graphs captured), collect
+    # and then freeze the heap (gc.freeze): the collector stops walking the objects alive at
+    # startup (the model, torch, transformers: about 400,000 of them). Otherwise every full
+    # collection, which objects that outlive a few passes trigger, walks them all and stalls
+    # every running request for 0.15 s and more. Process-wide: the engines of a process
+    # share it, and the last to stop unfreezes (service/engine/heap_freeze.py).
     freeze_gc_after_start: bool = True
 
     def validate(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
 from collections import deque
@@ -22,6 +21,7 @@ from service.engine.api import (
     QueueFullError,
 )
 from service.engine.config import EngineConfig
+from service.engine import heap_freeze
 from service.engine.drafters import DraftModelDrafter, Drafter, NgramDrafter, NoDrafter
 from service.engine.output import OutputProcessor
 from service.engine.runner import ModelRunner
@@ -230,14 +230,13 @@ class Engine:
             return
         if self.config.freeze_gc_after_start:
             started = time.perf_counter()
-            gc.collect()
-            gc.freeze()
-            log.info("gc_heap_frozen", objects=gc.get_freeze_count(), seconds=round(time.perf_counter() - started, 2))
+            frozen = heap_freeze.freeze()
+            log.info("gc_heap_frozen", objects=frozen, seconds=round(time.perf_counter() - started, 2))
         try:
             self._loop(scheduler)
         finally:
             if self.config.freeze_gc_after_start:
-                gc.unfreeze()
+                heap_freeze.release()
 
     def _loop(self, scheduler: Scheduler) -> None:
         while True:

@@ -118,6 +118,7 @@ class Scheduler:
         # ids [B, K + 1], then d_s [B], then one row mask [B] per device drafter
         self._staging = _Staging(self.device, max_batch * (max_k + 2 + len(drafters)))
         self._runners = [target] + [d.runner for d in drafters.values() if isinstance(d, DraftModelDrafter)]
+        self._failed_in_pass: list[tuple[Sequence, Exception]] = []  # (row, error) of the running pass
 
     @property
     def free_slots(self) -> int:
@@ -251,6 +252,7 @@ class Scheduler:
             verdicts = self._draft_and_verify(batch)
         except Exception as exc:  # noqa: BLE001 - a batched failure fails the batch, not the engine
             log.exception("decode_pass_failed", batch=len(rows))
+            self._failed_in_pass.clear()
             self._release_staging()
             for seq in rows:
                 self.output.finish(seq, FinishReason.ERROR, f"decode pass failed: {type(exc).__name__}: {exc}")
@@ -261,7 +263,13 @@ class Scheduler:
         drafts = max(seq.num_drafts for seq in rows)
         draft_model = self._drafts_with_model(rows)
         emitted = sum(accepted + 1 for accepted, _ in verdicts)
+        for seq, exc in self._failed_in_pass:
+            self._fail(seq, exc)  # its verdict is dropped below
+        self._failed_in_pass.clear()
         for seq, drafter, (accepted, tokens) in zip(rows, batch.drafters, verdicts):
+            if seq.finished:
+                self._release(seq)
+                continue
             if policy is not None and seq.num_drafts:
                 policy.pooled.record(drafter.proposal_kind(seq), seq.num_drafts, accepted)
             try:  # one request's host-side work; an exception fails that request alone
@@ -371,6 +379,15 @@ class Scheduler:
                     ok = ok and not seq.finished
         return ok
 
+    def _while_device_runs(self, batch: _Batch) -> None:
+        """The drafters' host work for later passes, once this pass's kernels are queued and
+        before its synchronisation. A failure fails its row once the pass is over."""
+        for seq, drafter in zip(batch.rows, batch.drafters):
+            try:
+                drafter.while_device_runs(seq)
+            except Exception as exc:  # noqa: BLE001 - one request's host-side work
+                self._failed_in_pass.append((seq, exc))
+
     def _draft_and_verify(self, batch: _Batch) -> list[tuple[int, list[int]]] | None:
         """One pass: plan, draft, verify. Returns (a_s, the a_s + 1 emitted tokens) per row,
         or None when a row failed while its drafter prepared (no pass was run)."""
@@ -427,11 +444,10 @@ class Scheduler:
                 q_parts.append((mask, m, out.probs))
 
         logits = self.target.forward(0, hi, input_ids, starts)  # [hi, n + 1, V]
-        for seq, drafter in zip(rows, batch.drafters):
-            drafter.while_device_runs(seq)
+        while_device_runs = lambda: self._while_device_runs(batch)  # noqa: E731
 
         if not sampled:
-            verdicts = self._verify_greedy_on_host(rows, logits, input_ids, host_drafts)
+            verdicts = self._verify_greedy_on_host(rows, logits, input_ids, host_drafts, while_device_runs)
             self._staging.synchronized()
             return verdicts
         drafts = input_ids[:, 1:]  # [hi, n]
@@ -443,7 +459,9 @@ class Scheduler:
         q *= (torch.arange(n, device=self.device)[None, :] < num_drafts[:, None])[..., None]
         accepted, tokens = verify_rejection(p, q, drafts, num_drafts, ctx.u_accept[:, :n], ctx.u_bonus)
         # The pass's one device -> host transfer: accepted counts and emitted tokens together.
-        host = torch.cat([accepted[:, None], tokens], dim=1).tolist()  # [hi][1 + n + 1]
+        verdict = torch.cat([accepted[:, None], tokens], dim=1)  # [hi, 1 + n + 1]
+        while_device_runs()
+        host = verdict.tolist()
         self._staging.synchronized()
         verdicts = []
         for seq in rows:
@@ -453,7 +471,8 @@ class Scheduler:
 
     @staticmethod
     def _verify_greedy_on_host(rows: list[Sequence], logits: torch.Tensor, input_ids: torch.Tensor,
-                               host_drafts: list[list[int] | None]) -> list[tuple[int, list[int]]]:
+                               host_drafts: list[list[int] | None],
+                               while_device_runs: Callable[[], None]) -> list[tuple[int, list[int]]]:
         """Greedy verification (service.engine.verify.verify_greedy), compared on the host.
 
         Only the target's argmaxes cross to the host (with the input ids when some drafts
@@ -462,6 +481,7 @@ class Scheduler:
         """
         target = logits.argmax(dim=-1)  # [hi, n + 1]
         if all(d is not None for d in host_drafts):
+            while_device_runs()
             host = target.tolist()  # [hi][n + 1]
             verdicts = []
             for seq, drafts in zip(rows, host_drafts):
@@ -470,7 +490,9 @@ class Scheduler:
                 verdicts.append((accepted, row[: accepted + 1]))
             return verdicts
         width = target.shape[1]
-        host = torch.cat([input_ids, target], dim=1).tolist()  # [hi][2 (n + 1)]: ids, then argmaxes
+        both = torch.cat([input_ids, target], dim=1)  # [hi, 2 (n + 1)]: ids, then argmaxes
+        while_device_runs()
+        host = both.tolist()
         verdicts = []
         for seq, drafts in zip(rows, host_drafts):
             row = host[seq.slot]

@@ -17,8 +17,8 @@ from tests.engine.helpers import run
 
 
 def expected_tokens(rate: float, drafts: int) -> float:
-    """E(a, d) of service/engine/adaptive.py in closed form: tokens a pass emits with d drafts
-    at per-draft acceptance a, the bonus token included."""
+    """E(a, d) of service/engine/adaptive.py's docstring, in closed form: tokens a pass emits
+    with d drafts at per-draft acceptance a, the bonus token included."""
     if rate >= 1.0:
         return float(drafts + 1)
     return (1.0 - rate ** (drafts + 1)) / (1.0 - rate)
@@ -49,6 +49,18 @@ def test_the_chosen_cap_has_the_most_expected_tokens_per_second(seed: int) -> No
         available[0] = floor + 1
     assert policy.best_cap(32, available, rates, floor, False) == best_cap_by_brute_force(
         policy, 32, available, rates, floor)
+
+
+def test_the_floor_leaves_the_gains_below_it_counted() -> None:
+    # Rows that can propose one draft only still gain from every cap above the floor: 30 rows
+    # with one likely draft, 2 rows with three. Cap 3 costs 3.5% more than cap 2, which its
+    # extra expected tokens (+2.2% of all tokens) do not pay for; without the 30 rows' gains
+    # they would (+4.4%).
+    policy = DraftLengthPolicy()
+    _measured(policy, 32, {0: 1.9e-3, 2: 2.0e-3, 3: 2.07e-3})
+    available, rates = [1] * 30 + [3] * 2, [0.99] * 30 + [0.9] * 2
+    assert policy.best_cap(32, available, rates, floor=2, draft_model=False) == 2
+    assert best_cap_by_brute_force(policy, 32, available, rates, floor=2) == 2
 
 
 def test_expected_tokens_is_the_geometric_sum() -> None:
@@ -97,6 +109,27 @@ def test_new_rows_try_drafting_and_stopped_rows_try_again() -> None:
         row.update(proposed=0, accepted=0)
         idle += 1
     assert 20 <= idle <= 60  # repeated failures: rarer tries (each costs a verify pass)
+
+
+def test_a_row_with_a_pooled_prior_stops_and_tries_again() -> None:
+    """With its kind's pooled prior, which the same rejections lower, a row never accepted
+    stops after its first rejection and tries again later, more rarely than with a fixed
+    prior (layer-variant costs at batch 1: 11 then about 38 passes; here 49, then 64)."""
+    policy = DraftLengthPolicy()
+    _measured(policy, 1, {0: 0.90e-3, **{n: (1.53 + 0.006 * n) * 1e-3 for n in range(1, 9)}})
+    row, gaps, idle = AcceptanceEstimate(), [], 0
+    for _ in range(400):
+        if policy.best_cap(1, [8], [row.rate_with(policy.pooled.rate("kind"))], 0, False):
+            row.update(proposed=8, accepted=0)
+            policy.pooled.record("kind", proposed=8, accepted=0)
+            gaps.append(idle)
+            idle = 0
+        else:
+            row.update(proposed=0, accepted=0)
+            idle += 1
+        policy.pooled.end_pass()
+    assert gaps[0] == 0  # a new row tries at once
+    assert all(30 <= gap <= 100 for gap in gaps[1:]) and len(gaps) >= 4  # stops, and comes back
 
 
 def _measured(policy: DraftLengthPolicy, rows: int, costs: dict[int, float], draft_model: bool = False) -> None:

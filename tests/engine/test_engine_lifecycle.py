@@ -303,7 +303,40 @@ def test_the_heap_alive_at_start_is_frozen_while_the_engine_runs(make_engine, ta
     assert gc.get_freeze_count() == 0  # a stopped engine leaves the collector as it was
 
 
+def test_engines_of_one_process_share_the_frozen_heap(make_engine, target) -> None:
+    first, second = make_engine(target), make_engine(target)
+    for engine in (first, second):
+        run(engine, [GenerationRequest("a", _ids(target.tokenizer), max_tokens=3)])
+    first.stop(drain_timeout_s=0)
+    assert gc.get_freeze_count() > 10_000  # the second engine still runs: still frozen
+    second.stop(drain_timeout_s=0)
+    assert gc.get_freeze_count() == 0
+
+
 def test_freezing_the_heap_can_be_turned_off(make_engine, target) -> None:
     engine = make_engine(target, freeze_gc_after_start=False)
     run(engine, [GenerationRequest("a", _ids(target.tokenizer), max_tokens=3)])
     assert gc.get_freeze_count() == 0
+
+
+def test_a_drafter_failing_while_the_device_runs_fails_only_its_request(make_engine, target, monkeypatch) -> None:
+    """The n-gram drafter indexes new tokens while the device runs a pass: if that fails for
+    one row, that request fails once the pass is over, and the others carry on unchanged."""
+    from service.engine.drafters import NgramDrafter
+
+    ids = _ids(target.tokenizer)
+    alone = run(make_engine(target), [GenerationRequest("alone", ids, max_tokens=16, method=Method.NGRAM)])["alone"]
+    original = NgramDrafter.while_device_runs
+
+    def failing(self, seq):
+        if seq.request_id == "bad" and seq.completion_tokens >= 4:
+            raise RuntimeError("index broke")
+        original(self, seq)
+
+    monkeypatch.setattr(NgramDrafter, "while_device_runs", failing)
+    outs = run(make_engine(target, max_batch_size=4), [
+        GenerationRequest("bad", ids, max_tokens=16, method=Method.NGRAM),
+        GenerationRequest("ok", ids, max_tokens=16, method=Method.NGRAM)])
+    assert outs["bad"].final.finish_reason is FinishReason.ERROR and "index broke" in outs["bad"].final.error
+    assert 4 <= len(outs["bad"].tokens) < 16
+    assert outs["ok"].final.finish_reason is FinishReason.LENGTH and outs["ok"].tokens == alone.tokens

@@ -99,6 +99,9 @@ def test_ngram_index_answers_as_the_reference_while_the_sequence_grows(seed: int
         limit = rng.randint(0, 9)
         expected = ngram_lookup(tokens, limit, max_n=max_n, min_n=min_n)
         assert index.lookup(tokens, limit) == expected, tokens
+        # The match length behind the proposal: the longest n whose lookup alone hits.
+        lengths = [n for n in range(max_n, min_n - 1, -1) if ngram_lookup(tokens, limit, max_n=n, min_n=n)]
+        assert index.matched == (lengths[0] if expected else 0), tokens
         tokens.extend(rng.choice(alphabet) for _ in range(rng.randint(1, 4)))
         if rng.random() < 0.3:
             index.extend(tokens)  # as the drafter does while the device runs a pass
