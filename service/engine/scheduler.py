@@ -7,6 +7,7 @@ verdict. Requests join (after their own prefill) and leave between passes.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import time
 from dataclasses import dataclass
@@ -444,7 +445,7 @@ class Scheduler:
                 q_parts.append((mask, m, out.probs))
 
         logits = self.target.forward(0, hi, input_ids, starts)  # [hi, n + 1, V]
-        while_device_runs = lambda: self._while_device_runs(batch)  # noqa: E731
+        while_device_runs = functools.partial(self._while_device_runs, batch)
 
         if not sampled:
             verdicts = self._verify_greedy_on_host(rows, logits, input_ids, host_drafts, while_device_runs)
