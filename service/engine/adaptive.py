@@ -38,8 +38,8 @@ over recent speculating passes (Calibration), scales every later prediction for 
 Whatever the model misses (acceptance that is not i.i.d., host time that grows with the
 drafts, costs that vary with the context) shows up there; at 32 concurrent open-chat
 requests on an H200, n-gram under the uncorrected model needed 14% fewer request-passes than
-plain decoding, in passes an estimated 28% longer. Like the acceptance, the ratio ages back to 1 while no pass
-speculates, so speculation is tried again.
+plain decoding, in passes an estimated 28% longer. Like the acceptance, the ratio ages back
+to 1 while no pass speculates, so speculation is tried again.
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 # Acceptance assumed for a kind of proposal never seen; a row's own estimate starts from its
-# kind's pooled rate, worth PRIOR_WEIGHT observed drafts. Above the
-# break-even rate (about 0.42 for SmolLM2 on an H200: a verify pass costs 1.7x a plain one at
-# batch 1, 1.4 to 1.9x at batch 32), so that a new row tries; below it after one pass that
-# accepted nothing (0.6 * 2 / 3 = 0.4). At 0.3 a new row never tried once plain passes got
+# kind's pooled rate, worth PRIOR_WEIGHT observed drafts. Above the break-even rate (about
+# 0.42 for SmolLM2 on an H200: a verify pass costs 1.7x a plain one at batch 1, 1.4 to 1.9x
+# at batch 32), so that a new row tries; below it after one pass that accepted nothing
+# (0.6 * 2 / 3 = 0.4). At 0.3 a new row never tried once plain passes got
 # cheap, and n-gram never ran on prompts where it doubles throughput.
 PRIOR_RATE = 0.6
 PRIOR_WEIGHT = 2.0

@@ -173,14 +173,13 @@ class NgramDrafter(Drafter):
 
     def plan(self, seq: Sequence, limit: int) -> int:
         seq.ngram_proposal = seq.ngram_index.lookup(seq.tokens, limit)
-        seq.ngram_match = seq.ngram_index.matched
         return len(seq.ngram_proposal)
 
     def proposal_kinds(self) -> tuple[Hashable, ...]:
         return self._kinds[self.min_n :]
 
     def proposal_kind(self, seq: Sequence) -> Hashable:
-        return self._kinds[seq.ngram_match]  # the longer the match, the likelier the drafts
+        return self._kinds[seq.ngram_index.matched]  # the longer the match, the likelier the drafts
 
     def host_drafts(self, seq: Sequence) -> list[int]:
         return seq.ngram_proposal[: seq.num_drafts]

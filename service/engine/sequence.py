@@ -57,7 +57,6 @@ class Sequence:
     # Per-pass scratch, set by the scheduler / drafters before the verify forward.
     num_drafts: int = 0  # d_s
     ngram_proposal: list[int] = field(default_factory=list)
-    ngram_match: int = 0  # the match length n behind ngram_proposal
     ngram_index: Any = None  # drafters.NgramIndex, built when an n-gram request is admitted
     draft_steps: int = 0  # draft-model forward steps run this pass
     acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
