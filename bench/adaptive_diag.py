@@ -19,8 +19,10 @@ accepted, and what the engine thread spent its time on:
 - with --breakdown, each decode pass's host time split by (batch bucket, cap, kv bucket):
   planning (drafters and policy), the target forward's call (a graph replay is only
   launched), verification (the argmax, the pass's one synchronisation: its wait is the GPU
-  time the host did not cover), and absorbing the verdicts (counters, detokenising,
-  events); printed at the end as means per pass.
+  time the host did not cover; since the deferred delivery it includes detokenising and
+  sending the previous pass's tokens, done while the GPU runs), and absorbing the verdicts
+  (counters, appending the tokens; before, detokenising and events too); printed at the end
+  as means per pass, by the methods of the pass's rows.
 
 Then per kind and method the median tokens/s, the n-gram / plain ratio of each round pair,
 the policy's choices per (batch bucket, cap) and its measured pass costs. --json writes
@@ -57,13 +59,14 @@ METHODS = {"none": Method.NONE, "ngram": Method.NGRAM}
 
 
 class PassBreakdown:
-    """Host time of each decode pass by phase, summed by (batch bucket, cap, kv bucket)."""
+    """Host time of each decode pass by phase, summed by (method(s) of its rows, batch
+    bucket, cap, kv bucket)."""
 
     PHASES = ("plan", "forward_call", "verify_and_sync", "absorb", "total")
 
     def __init__(self) -> None:
-        self.sums: dict[tuple[int, int, int], list[float]] = {}
-        self.counts: dict[tuple[int, int, int], int] = {}
+        self.sums: dict[tuple[str, int, int, int], list[float]] = {}
+        self.counts: dict[tuple[str, int, int, int], int] = {}
         self._pass: dict[str, float] = {}
         self._key: tuple[int, int, int] | None = None
         meter = self
@@ -92,18 +95,20 @@ class PassBreakdown:
 
         def timed_step(scheduler):
             meter._pass, meter._key = {}, None
+            methods = "+".join(sorted({seq.method.name.lower() for seq in scheduler.running.values()}))
             t0 = time.perf_counter()
             step(scheduler)
             total = time.perf_counter() - t0
             if meter._key is None or "draft_and_verify" not in meter._pass:
                 return
+            key = (methods, *meter._key)
             p = meter._pass
             p["total"] = total
             p["absorb"] = total - p["draft_and_verify"]
-            sums = meter.sums.setdefault(meter._key, [0.0] * len(meter.PHASES))
+            sums = meter.sums.setdefault(key, [0.0] * len(meter.PHASES))
             for i, name in enumerate(meter.PHASES):
                 sums[i] += p.get(name, 0.0)
-            meter.counts[meter._key] = meter.counts.get(meter._key, 0) + 1
+            meter.counts[key] = meter.counts.get(key, 0) + 1
 
         Scheduler.step = timed_step
         Scheduler._plan = timed("plan", plan)
@@ -112,10 +117,10 @@ class PassBreakdown:
         ModelRunner.forward = timed_forward
 
     def table(self) -> list[dict]:
-        return [{"batch": b, "cap": c, "kv": kv, "passes": self.counts[(b, c, kv)],
-                 **{f"{name}_us": round(1e6 * total / self.counts[(b, c, kv)], 1)
-                    for name, total in zip(self.PHASES, self.sums[(b, c, kv)])}}
-                for (b, c, kv) in sorted(self.sums)]
+        return [{"methods": m, "batch": b, "cap": c, "kv": kv, "passes": self.counts[(m, b, c, kv)],
+                 **{f"{name}_us": round(1e6 * total / self.counts[(m, b, c, kv)], 1)
+                    for name, total in zip(self.PHASES, self.sums[(m, b, c, kv)])}}
+                for (m, b, c, kv) in sorted(self.sums)]
 
 
 class EngineThreadMeter:
@@ -255,7 +260,10 @@ def main() -> None:
     pooled = {str(kind): round(e.rate, 3) for kind, e in getattr(getattr(policy, "pooled", None), "kinds", {}).items()}
     print("choices (batch bucket, cap) -> passes:", choices)
     print("pass cost ms:", costs)
-    print("calibration factor by batch bucket:", calibration, " pooled acceptance by kind:", pooled)
+    planning = getattr(policy, "planning", None)
+    skipped_plans = planning.skipped if planning is not None else None
+    print("calibration factor by batch bucket:", calibration, " pooled acceptance by kind:", pooled,
+          " passes without planning (backoff):", skipped_plans)
     phases = breakdown.table() if breakdown is not None else None
     for row in phases or []:
         if row["passes"] >= 20:
@@ -269,7 +277,8 @@ def main() -> None:
             "config": {key: getattr(config, key) if not isinstance(getattr(config, key), Method)
                        else getattr(config, key).name for key in sorted(fields)},
             "rounds": rows, "summary": summary, "policy_choices": choices, "policy_costs_ms": costs,
-            "policy_calibration": calibration, "policy_pooled_acceptance": pooled, "pass_breakdown": phases}, indent=1))
+            "policy_calibration": calibration, "policy_pooled_acceptance": pooled,
+            "planning_backoff_skipped_passes": skipped_plans, "pass_breakdown": phases}, indent=1))
 
 
 if __name__ == "__main__":

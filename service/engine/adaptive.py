@@ -32,6 +32,10 @@ capture a graph are not reported at all, and an observation far above the estima
 elsewhere) is ignored: an inflated cost would stop the policy from choosing that width, and
 so from ever measuring it again.
 
+Planning itself (a lookup per row) runs between two passes with the GPU idle; where it is
+dear against a pass and keeps finding nothing the policy drafts, it backs off
+(PlanningBackoff).
+
 The model's promise is checked against what speculating passes deliver: per batch bucket,
 the ratio of realized tokens per second to the predicted rate of the chosen cap, averaged
 over recent speculating passes (Calibration), scales every later prediction for a cap > 0.
@@ -76,6 +80,12 @@ EXTRAPOLATION_PER_DRAFT = 0.05
 CALIBRATION_DECAY = 0.95
 CALIBRATION_IDLE_DECAY = 0.995
 CALIBRATION_PRIOR_WEIGHT = 1.0
+# Planning backoff (PlanningBackoff): at most about this share of the plain passes' time goes
+# to lookups whose proposals the policy declines, and at most this many passes in a row go
+# without a lookup (a row whose text starts repeating waits at most that long).
+PLANNING_SHARE = 0.01
+MAX_SKIPPED_PLANS = 15
+PLANNING_COST_DECAY = 0.9
 
 
 @dataclass
@@ -174,6 +184,49 @@ class Calibration:
 
 
 @dataclass
+class PlanningBackoff:
+    """Whether the drafters plan (look up their proposals) in the coming pass.
+
+    Planning runs on the host between two passes, with the GPU idle: at 32 concurrent
+    requests on an H200, 32 n-gram lookups took about a tenth of a 2 ms pass. On open chat
+    most lookups find nothing worth a verify pass, and the policy chooses cap 0 after them:
+    their time was lost. After d planned passes in a row that chose cap 0, the next
+    min(2^(d-1), limit) passes do not plan, where limit keeps the lost time near
+    PLANNING_SHARE of a plain pass (planning's measured share / PLANNING_SHARE - 1, at most
+    MAX_SKIPPED_PLANS): in a steady decline one pass in limit + 1 plans. A planned pass that
+    drafts resets it. Where planning is cheap against a pass (batch 1: a lookup against a
+    millisecond) limit is 0 and every pass plans.
+    """
+
+    declined: int = 0  # planned passes in a row whose cap was 0
+    skipping: int = 0  # passes left that do not plan
+    skipped: int = 0  # passes that did not plan, in all
+    seconds: dict[int, float] = field(default_factory=dict)  # planning time by batch bucket
+
+    def due(self) -> bool:
+        """True when the coming pass plans (counts a skipped pass otherwise)."""
+        if self.skipping:
+            self.skipping -= 1
+            self.skipped += 1
+            return False
+        return True
+
+    def planned(self, rows: int, seconds: float, cap: int, plain_pass: float | None) -> None:
+        """A pass planned in `seconds` and chose `cap`; plain_pass: the measured cost of a
+        plain pass at this batch size (None: not measured yet, no backoff)."""
+        bucket = batch_bucket(rows)
+        previous = self.seconds.get(bucket)
+        self.seconds[bucket] = seconds if previous is None else (
+            PLANNING_COST_DECAY * previous + (1 - PLANNING_COST_DECAY) * seconds)
+        if cap > 0 or not plain_pass:
+            self.declined = 0
+            return
+        self.declined += 1
+        limit = min(MAX_SKIPPED_PLANS, int(self.seconds[bucket] / plain_pass / PLANNING_SHARE) - 1)
+        self.skipping = max(0, min(1 << min(self.declined - 1, 8), limit))
+
+
+@dataclass
 class _Cost:
     seconds: float = 0.0
     seen: int = 0  # observations, the discarded first one included
@@ -189,6 +242,7 @@ class DraftLengthPolicy:
         self.pooled = PooledAcceptance()  # the rows' prior, by kind of proposal
         self.calibration: dict[int, Calibration] = {}  # by batch bucket
         self._promised: tuple[int, int, float] | None = None  # (bucket, cap, tokens/s) of the last choice
+        self.planning = PlanningBackoff()
 
     def costs(self) -> dict[tuple[int, int, bool], float]:
         """The measured steady-state pass costs, seconds by (batch bucket, drafts, draft model)."""
@@ -225,6 +279,10 @@ class DraftLengthPolicy:
             return
         cost.seconds = COST_DECAY * cost.seconds + (1 - COST_DECAY) * seconds
         self._steady[(bucket, draft_model)][drafts] = cost.seconds
+
+    def plain_cost(self, rows: int) -> float | None:
+        """The measured steady-state cost of a plain pass over `rows` rows (None: not yet)."""
+        return self._measured(batch_bucket(rows), False).get(0)
 
     def _measured(self, bucket: int, draft_model: bool) -> dict[int, float]:
         """Steady-state pass costs of one batch bucket, by number of drafts (read only)."""

@@ -296,6 +296,8 @@ class Engine:
         if done:
             return False
         scheduler.cancel_flagged()
+        if admit:
+            scheduler.flush()
         for seq in admit:
             scheduler.admit(seq)
         self._step(scheduler)

@@ -260,6 +260,10 @@ class Scheduler:
                 self._release(seq)
             return
         if verdicts is None:  # a row failed before the pass; the others go on next step
+            self.output.flush()
+            for seq in rows:
+                if seq.finished:
+                    self._release(seq)
             return
         drafts = max(seq.num_drafts for seq in rows)
         draft_model = self._drafts_with_model(rows)
@@ -293,7 +297,7 @@ class Scheduler:
         seq.acceptance.update(seq.num_drafts, accepted)
         drafter.commit(seq, accepted)
         seq.target_len += accepted + 1  # the pending token and the accepted drafts are cached now
-        self.output.emit(seq, tokens)
+        self.output.accept(seq, tokens)  # delivered by the next pass's flush (or now, if it ends)
 
     @staticmethod
     def _drafts_with_model(rows: list[Sequence]) -> bool:
@@ -322,52 +326,62 @@ class Scheduler:
         theirs: their random stream, and so their output, must not depend on timings."""
         return seq.sampling.greedy or seq.request.sampling.seed is None
 
-    def _shorten_drafts(self, rows: list[Sequence], hi: int, rates: list[float]) -> None:
-        """Caps d_s by the adaptive policy."""
+    def _shorten_drafts(self, rows: list[Sequence], hi: int, rates: list[float]) -> int:
+        """Caps d_s by the adaptive policy; returns the cap."""
         fixed = [seq.num_drafts for seq in rows if not self._adapts(seq)]
         cap = self.policy.choose(hi, [seq.num_drafts for seq in rows], rates, max(fixed, default=0),
                                  self._drafts_with_model(rows))
         for seq in rows:
             if self._adapts(seq):
                 seq.num_drafts = min(seq.num_drafts, cap)
+        return cap
 
-    def _drafting_cannot_pay(self, rows: list[Sequence], hi: int, limits: list[int], rates: list[float]) -> bool:
+    def _drafting_cannot_pay(self, batch: _Batch, limits: list[int]) -> bool:
         """True when plain decoding beats drafting even if every row proposed its whole limit
         at the best rate its drafter's proposals could have: then the drafters need not plan
-        at all (an n-gram lookup per row per pass is host time a batch-32 pass notices)."""
-        if any(limit and not self._adapts(seq) for seq, limit in zip(rows, limits)):
-            return False
+        at all (an n-gram lookup per row per pass is host time a batch-32 pass notices).
+        Only for batches whose drafts the policy may shorten (no fixed rows)."""
+        rows, policy = batch.rows, self.policy
+        # Before the lookups, each row's own evidence with the best prior any of its
+        # drafter's kinds of proposal has: an upper bound on what planning could show.
+        best_prior = {drafter: max(map(policy.pooled.rate, drafter.proposal_kinds()), default=0.0)
+                      for drafter in self.drafters.values()}
+        bounds = [seq.acceptance.rate_with(best_prior[drafter]) for seq, drafter in zip(rows, batch.drafters)]
         draft_model = any(seq.method is Method.DRAFT_MODEL and limit for seq, limit in zip(rows, limits))
-        return self.policy.best_cap(hi, limits, rates, 0, draft_model) == 0
+        return policy.best_cap(batch.hi, limits, bounds, 0, draft_model) == 0
 
     def _plan(self, batch: _Batch) -> None:
         """Sets every row's d_s for the coming pass."""
         rows = batch.rows
         policy = self.policy
-        if not batch.can_draft and policy is None:
+        if not batch.can_draft:
             for seq in rows:
                 seq.num_drafts = 0
+            if policy is not None:
+                policy.choose(batch.hi, [], [], 0, False)  # counted: a plain pass
             return
         limits = []
         for seq in rows:
             remaining = seq.max_tokens - seq.completion_tokens  # a pass emits up to d_s + 1 tokens
             room = self.max_context - len(seq.tokens)
             limits.append(max(0, min(seq.k, remaining - 1, room - 1)))
-        skip_planning = False
+        plans = True
         if policy is not None:
-            # Before the lookups, each row's own evidence with the best prior any of its
-            # drafter's kinds of proposal has: an upper bound on what planning could show.
-            best_prior = {drafter: max(map(policy.pooled.rate, drafter.proposal_kinds()), default=0.0)
-                          for drafter in self.drafters.values()}
-            bounds = [seq.acceptance.rate_with(best_prior[drafter]) for seq, drafter in zip(rows, batch.drafters)]
-            skip_planning = self._drafting_cannot_pay(rows, batch.hi, limits, bounds)
+            # Rows whose drafts are fixed (seeded sampling) always plan; the others only when
+            # the backoff allows it and drafting could pay at all.
+            fixed = any(limit and not self._adapts(seq) for seq, limit in zip(rows, limits))
+            plans = fixed or (max(limits) > 0 and policy.planning.due() and not self._drafting_cannot_pay(batch, limits))
+        started = time.perf_counter()
         for seq, drafter, limit in zip(rows, batch.drafters, limits):
             # A drafter proposes at most `limit` drafts: with none allowed, it need not plan.
-            seq.num_drafts = drafter.plan(seq, limit) if limit and not skip_planning else 0
+            seq.num_drafts = drafter.plan(seq, limit) if limit and plans else 0
         if policy is not None:
+            planning = time.perf_counter() - started
             rates = [seq.acceptance.rate_with(policy.pooled.rate(drafter.proposal_kind(seq))) if seq.num_drafts else 0.0
                      for seq, drafter in zip(rows, batch.drafters)]
-            self._shorten_drafts(rows, batch.hi, rates)
+            cap = self._shorten_drafts(rows, batch.hi, rates)
+            if plans:
+                policy.planning.planned(batch.hi, planning, cap, policy.plain_cost(batch.hi))
 
     def _prepare_drafters(self, batch: _Batch) -> bool:
         """Each proposing drafter's per-row preparation (a draft model's backlog), guarded per
@@ -381,13 +395,21 @@ class Scheduler:
         return ok
 
     def _while_device_runs(self, batch: _Batch) -> None:
-        """The drafters' host work for later passes, once this pass's kernels are queued and
-        before its synchronisation. A failure fails its row once the pass is over."""
+        """Host work that needs no result of this pass, once its kernels are queued and
+        before its synchronisation: the drafters' (a failure fails its row once the pass is
+        over), then delivering the previous pass's tokens (a row that a stop string ends
+        here has its verdict dropped)."""
         for seq, drafter in zip(batch.rows, batch.drafters):
             try:
                 drafter.while_device_runs(seq)
             except Exception as exc:  # noqa: BLE001 - one request's host-side work
                 self._failed_in_pass.append((seq, exc))
+        self.output.flush()
+
+    def flush(self) -> None:
+        """Delivers the tokens of the last pass now (before a turn that admits requests,
+        whose prefills would otherwise hold them back)."""
+        self.output.flush()
 
     def _draft_and_verify(self, batch: _Batch) -> list[tuple[int, list[int]]] | None:
         """One pass: plan, draft, verify. Returns (a_s, the a_s + 1 emitted tokens) per row,

@@ -52,6 +52,7 @@ class Sequence:
     target_len: int = 0  # tokens whose KV is valid in the target's cache
     draft_len: int = 0  # tokens whose KV is valid in the draft model's cache
     completion_tokens: int = 0
+    unflushed: int = 0  # the last tokens, accepted but not yet delivered (OutputProcessor.flush)
     finish_reason: FinishReason | None = None
     error: str | None = None
     # Per-pass scratch, set by the scheduler / drafters before the verify forward.

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
-from service.engine import GenerationRequest, Method, SamplingParams
+from service.engine import GenerationRequest, Method, SamplingParams, adaptive
 from service.engine.adaptive import (
+    MAX_SKIPPED_PLANS,
     PRIOR_RATE,
     AcceptanceEstimate,
     DraftLengthPolicy,
+    PlanningBackoff,
     PooledAcceptance,
 )
 from tests.engine.helpers import run
@@ -234,6 +237,9 @@ def test_a_rows_prior_is_its_kinds_pooled_rate() -> None:
 
 
 def test_the_engine_pools_every_proposed_draft_by_match_length(make_engine, target, tokenizer, monkeypatch) -> None:
+    # Every pass plans: on the CPU a lookup is several percent of the tiny model's pass, and
+    # the planning backoff (tested on its own below) would skip most of these short requests.
+    monkeypatch.setattr(adaptive, "MAX_SKIPPED_PLANS", 0)
     recorded = []
     original = PooledAcceptance.record
     monkeypatch.setattr(PooledAcceptance, "record",
@@ -278,3 +284,73 @@ def test_a_model_that_keeps_its_promise_keeps_speculating() -> None:
     _measured(policy, 32, {0: 2.0e-3, 4: 2.4e-3})
     assert all(_pass(policy, realized=1.0) == 4 for _ in range(200))
     assert policy.calibration[32].factor == pytest.approx(1.0, abs=0.01)
+
+
+def _plans_in(backoff: PlanningBackoff, passes: int, planning: float, plain_pass: float, cap: int = 0) -> list[int]:
+    """Which of `passes` passes plan, each planned pass taking `planning` seconds and
+    choosing `cap`."""
+    planned = []
+    for i in range(passes):
+        if backoff.due():
+            planned.append(i)
+            backoff.planned(32, planning, cap, plain_pass)
+    return planned
+
+
+def test_planning_backs_off_while_planned_passes_decline_and_resumes_when_one_drafts() -> None:
+    backoff = PlanningBackoff()
+    # Batch 32 on an H200: 32 lookups about 0.2 ms of a 2 ms plain pass (10%).
+    planned = _plans_in(backoff, 60, planning=2e-4, plain_pass=2e-3)
+    gaps = [b - a - 1 for a, b in zip(planned, planned[1:])]
+    assert gaps[:4] == [1, 2, 4, 8]  # doubling ...
+    assert set(gaps[4:]) == {9}  # ... up to a tenth of the passes planning: ~1% of the time lost
+    assert _plans_in(backoff, 20, planning=2e-4, plain_pass=2e-3, cap=3)[:2] == [9, 10]  # drafts: every pass
+    # Planning as dear as passes: skips are bounded, a row that starts repeating waits at most that long.
+    backoff = PlanningBackoff()
+    planned = _plans_in(backoff, 200, planning=2e-3, plain_pass=2e-3)
+    assert max(b - a - 1 for a, b in zip(planned, planned[1:])) == MAX_SKIPPED_PLANS
+
+
+def test_planning_never_backs_off_where_it_is_cheap_or_unmeasured() -> None:
+    backoff = PlanningBackoff()
+    # Batch 1 on an H200: one lookup, a few microseconds of a 1 ms pass.
+    assert _plans_in(backoff, 50, planning=5e-6, plain_pass=1e-3) == list(range(50))
+    backoff = PlanningBackoff()
+    assert _plans_in(backoff, 50, planning=2e-4, plain_pass=None) == list(range(50))  # no plain pass measured
+
+
+def test_the_engine_skips_lookups_that_keep_finding_nothing_worth_drafting(make_engine, target, tokenizer,
+                                                                           monkeypatch) -> None:
+    from service.engine.drafters import NgramDrafter
+
+    engine = make_engine(target, max_batch_size=1, adaptive_draft_length=True)
+    policy = engine.draft_length_policy
+    # Plain passes cost about 1 ms here, verify passes 2.5 ms; lookups are made to cost 1 ms each
+    # and to propose from 1-token matches, whose pooled acceptance is near 0 (cap 0 every time),
+    # while 2- and 3-token matches were always accepted (so drafting could pay: the lookups run).
+    for n in range(9):
+        for _ in range(3):
+            policy.observe(1, n, False, 1e-3 if n == 0 else 2.5e-3)
+    plans = []
+
+    def slow_plan(self, seq, limit):
+        plans.append(len(seq.tokens))
+        deadline = time.perf_counter() + 1e-3
+        while time.perf_counter() < deadline:
+            pass
+        seq.ngram_proposal = [1] * limit
+        seq.ngram_index.matched = 1
+        return limit
+
+    monkeypatch.setattr(NgramDrafter, "plan", slow_plan)
+    for _ in range(50):
+        policy.pooled.record((Method.NGRAM, 1), proposed=4, accepted=0)
+        policy.pooled.record((Method.NGRAM, 2), proposed=4, accepted=4)
+        policy.pooled.record((Method.NGRAM, 3), proposed=4, accepted=4)
+        policy.pooled.end_pass()
+    ids = tuple(tokenizer.encode("the fox the fox the fox"))
+    out = run(engine, [GenerationRequest("g", ids, max_tokens=40, method=Method.NGRAM, num_draft_tokens=4)])["g"]
+    assert out.metrics.proposed_drafts == 0 and out.metrics.verify_passes == 39
+    # Lookups as dear as a pass, declined each time: planned passes 0, 2, 5, 10, 19, 35 (gaps of
+    # 1, 2, 4, 8, then MAX_SKIPPED_PLANS), against all 39 without the backoff.
+    assert 5 <= len(plans) <= 7, plans

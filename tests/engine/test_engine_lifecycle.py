@@ -98,7 +98,10 @@ def test_cancel_mid_generation_frees_the_slot(make_engine, target) -> None:
 
 
 def test_cancel_from_the_token_callback(make_engine, target) -> None:
-    """Cancelled after the 3rd chunk: the FinalResult's metrics count exactly the work done."""
+    """Cancelled from the 3rd chunk's callback: the FinalResult's metrics count exactly the
+    work done, and every token counted was delivered. A pass's tokens are delivered while
+    the next pass runs, so the 3rd chunk (token 3, from pass 2) goes out during pass 3,
+    whose token is delivered before the FinalResult."""
     engine = make_engine(target, max_batch_size=1)
     handle_box: list = []
     out = Outcome("c")
@@ -111,7 +114,8 @@ def test_cancel_from_the_token_callback(make_engine, target) -> None:
     handle_box.append(engine.submit(GenerationRequest("c", _ids(target.tokenizer), max_tokens=400, method=Method.NONE), on_event))
     wait_checked(out)
     assert out.final.finish_reason is FinishReason.CANCELLED
-    assert out.final.completion_tokens == 3 and out.metrics.verify_passes == 2
+    assert out.final.completion_tokens == 4 and out.metrics.verify_passes == 3
+    assert [len(c.token_ids) for c in out.chunks] == [1, 1, 1, 1]
     after = run(engine, [GenerationRequest("after", _ids(target.tokenizer), max_tokens=4)])["after"]
     assert after.final.finish_reason is FinishReason.LENGTH
 
@@ -216,6 +220,7 @@ def test_stop_string_cuts_text_for_every_method(make_engine, target, close_draft
         assert out.final.finish_reason is FinishReason.STOP_SEQUENCE
         assert out.text == cut
         assert out.tokens == plain.tokens[: len(out.tokens)]
+        assert out.final.completion_tokens == len(out.tokens)  # tokens after the stop string taken back
 
 
 def test_text_equals_full_decode(make_engine, target) -> None:

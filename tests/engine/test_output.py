@@ -1,0 +1,120 @@
+"""OutputProcessor: tokens accepted after a pass, delivered by the next flush (while the next
+pass runs); stop conditions, taken-back tokens, and events in order."""
+
+from __future__ import annotations
+
+import time
+
+from service.engine.api import FinalResult, FinishReason, GenerationRequest, Method, TokenChunk
+from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine.output import OutputProcessor
+from service.engine.sampling import GREEDY
+from service.engine.sequence import Handle, Sequence
+from service.engine.stats import RequestIdentity, RequestTiming, SpecDecodeStats
+
+EOS = 0
+
+
+def _sequence(tokenizer, events: list, stop: tuple[str, ...] = (), max_tokens: int = 100) -> Sequence:
+    prompt = tuple(tokenizer.encode("Say: ", add_special_tokens=False))
+    request = GenerationRequest("r", prompt, max_tokens=max_tokens, stop=stop, method=Method.NGRAM)
+    seq = Sequence(
+        request=request, on_event=events.append, handle=Handle("r", lambda: None), method=Method.NGRAM, k=4,
+        max_tokens=max_tokens, sampling=GREEDY, seed=0,
+        identity=RequestIdentity("r", "tiny", Method.NGRAM, "", ""),
+        timing=RequestTiming(arrival=time.monotonic()), stats=SpecDecodeStats(4),
+        tokens=list(prompt), prompt_len=len(prompt),
+    )
+    seq.detok = IncrementalDetokenizer(tokenizer, prompt, stop)
+    return seq
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_accepted_tokens_are_delivered_by_the_next_flush(tokenizer) -> None:
+    events: list = []
+    output = OutputProcessor(frozenset({EOS}), max_context=1000)
+    seq = _sequence(tokenizer, events)
+    first, second = _ids(tokenizer, "The quick"), _ids(tokenizer, " brown fox")
+    output.accept(seq, first)
+    assert events == [] and seq.tokens[-len(first):] == first and seq.completion_tokens == len(first)
+    output.accept(seq, second)  # a flush was delayed: both passes go out in one chunk
+    output.flush()
+    assert events == [TokenChunk("r", tuple(first + second), "The quick brown fox")]
+    output.flush()  # nothing new
+    assert len(events) == 1 and not seq.finished
+
+
+def test_a_stop_string_found_by_the_flush_takes_back_the_tokens_after_it(tokenizer) -> None:
+    events: list = []
+    output = OutputProcessor(frozenset({EOS}), max_context=1000)
+    seq = _sequence(tokenizer, events, stop=("fox",))
+    kept, after = _ids(tokenizer, "The quick brown fox"), _ids(tokenizer, " jumps over")
+    prompt_len = len(seq.tokens)
+    output.accept(seq, kept + after)  # one pass: the stop string, then more accepted drafts
+    assert not seq.finished
+    output.flush()
+    chunk, final = events
+    assert chunk == TokenChunk("r", tuple(kept), "The quick brown ")
+    assert isinstance(final, FinalResult) and final.finish_reason is FinishReason.STOP_SEQUENCE
+    assert final.completion_tokens == len(kept) == seq.completion_tokens
+    assert seq.tokens[prompt_len:] == kept
+
+
+def test_eos_and_length_end_the_request_at_once_and_a_stop_string_before_them_wins(tokenizer) -> None:
+    output = OutputProcessor(frozenset({EOS}), max_context=1000)
+    text = _ids(tokenizer, "The quick brown fox")
+
+    events: list = []
+    seq = _sequence(tokenizer, events)
+    output.accept(seq, text + [EOS, 5, 6])  # no flush needed: EOS ends it during accept()
+    chunk, final = events
+    assert chunk.token_ids == tuple(text + [EOS]) and chunk.text == "The quick brown fox"
+    assert final.finish_reason is FinishReason.EOS and final.completion_tokens == len(text) + 1
+
+    events = []
+    seq = _sequence(tokenizer, events, max_tokens=3)
+    output.accept(seq, text)
+    assert [type(e) for e in events] == [TokenChunk, FinalResult]
+    assert events[0].token_ids == tuple(text[:3]) and events[1].finish_reason is FinishReason.LENGTH
+
+    events = []
+    seq = _sequence(tokenizer, events, stop=("quick",))
+    output.accept(seq, text + [EOS])  # the stop string came first: it ended the request
+    chunk, final = events
+    assert chunk.token_ids == tuple(_ids(tokenizer, "The quick")) and chunk.text == "The "
+    assert final.finish_reason is FinishReason.STOP_SEQUENCE and final.completion_tokens == len(chunk.token_ids)
+
+
+def test_finish_delivers_unflushed_tokens_before_the_final_result(tokenizer) -> None:
+    events: list = []
+    output = OutputProcessor(frozenset({EOS}), max_context=1000)
+    seq = _sequence(tokenizer, events, stop=("fox jumps",))
+    output.accept(seq, _ids(tokenizer, "The quick brown fox"))
+    output.finish(seq, FinishReason.CANCELLED)  # e.g. cancelled before the next pass
+    chunk, final = events
+    # Everything accepted goes out, the text held back as a possible stop string included.
+    assert chunk.token_ids == tuple(_ids(tokenizer, "The quick brown fox")) and chunk.text == "The quick brown fox"
+    assert final.finish_reason is FinishReason.CANCELLED and final.completion_tokens == len(chunk.token_ids)
+    output.flush()
+    assert len(events) == 2
+
+
+def test_a_failing_detokenizer_fails_its_request_alone(tokenizer) -> None:
+    output = OutputProcessor(frozenset({EOS}), max_context=1000)
+    bad_events: list = []
+    good_events: list = []
+    bad, good = _sequence(tokenizer, bad_events), _sequence(tokenizer, good_events)
+
+    def broken(token_id: int) -> bool:
+        raise ValueError("broken detokenizer")
+
+    bad.detok.add_token = broken
+    output.accept(bad, [5, 6])
+    output.accept(good, _ids(tokenizer, "The quick"))
+    output.flush()
+    assert [type(e) for e in bad_events] == [FinalResult]
+    assert bad_events[0].finish_reason is FinishReason.ERROR and "broken detokenizer" in bad_events[0].error
+    assert good_events == [TokenChunk("r", tuple(_ids(tokenizer, "The quick")), "The quick")] and not good.finished
