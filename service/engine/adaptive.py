@@ -33,7 +33,7 @@ elsewhere) is ignored: an inflated cost would stop the policy from choosing that
 so from ever measuring it again.
 
 Planning itself (a lookup per row) runs between two passes with the GPU idle; where it is
-dear against a pass and keeps finding nothing the policy drafts, it backs off
+dear against a pass, a row whose lookups keep drafting nothing looks up less often
 (PlanningBackoff).
 
 The model's promise is checked against what speculating passes deliver: per batch bucket,
@@ -81,8 +81,8 @@ CALIBRATION_DECAY = 0.95
 CALIBRATION_IDLE_DECAY = 0.995
 CALIBRATION_PRIOR_WEIGHT = 1.0
 # Planning backoff (PlanningBackoff): at most about this share of the plain passes' time goes
-# to lookups whose proposals the policy declines, and at most this many passes in a row go
-# without a lookup (a row whose text starts repeating waits at most that long).
+# to lookups that draft nothing, and a row skips at most this many passes' lookups in a row
+# (a row whose text starts repeating waits at most that long).
 PLANNING_SHARE = 0.01
 MAX_SKIPPED_PLANS = 15
 PLANNING_COST_DECAY = 0.9
@@ -184,46 +184,65 @@ class Calibration:
 
 
 @dataclass
+class RowPlanning:
+    """One row's planning backoff (PlanningBackoff)."""
+
+    declined: int = 0  # the row's last planned passes, in a row, in which it drafted nothing
+    skipping: int = 0  # passes left in which it does not look up a proposal
+
+
+@dataclass
 class PlanningBackoff:
-    """Whether the drafters plan (look up their proposals) in the coming pass.
+    """Which rows look up their proposals for the coming pass.
 
     Planning runs on the host between two passes, with the GPU idle: at 32 concurrent
     requests on an H200, 32 n-gram lookups took about a tenth of a 2 ms pass. On open chat
-    most lookups find nothing worth a verify pass, and the policy chooses cap 0 after them:
-    their time was lost. After d planned passes in a row that chose cap 0, the next
-    min(2^(d-1), limit) passes do not plan, where limit keeps the lost time near
-    PLANNING_SHARE of a plain pass (planning's measured share / PLANNING_SHARE - 1, at most
-    MAX_SKIPPED_PLANS): in a steady decline one pass in limit + 1 plans. A planned pass that
-    drafts resets it. Where planning is cheap against a pass (batch 1: a lookup against a
-    millisecond) limit is 0 and every pass plans.
+    most rows find nothing the policy drafts, pass after pass, and their lookups are lost
+    time. A row whose last d planned passes drafted nothing for it skips the lookups of the
+    next min(2^(d-1), limit) passes; a pass in which it drafts resets it. limit keeps the
+    time lost near PLANNING_SHARE of a plain pass: (every row's lookup) / (a plain pass) /
+    PLANNING_SHARE - 1, at most MAX_SKIPPED_PLANS, so in a steady decline a row looks up once
+    in limit + 1 passes. Where lookups are cheap against a pass (batch 1: microseconds
+    against a millisecond) limit is 0 and every row plans every pass.
     """
 
-    declined: int = 0  # planned passes in a row whose cap was 0
-    skipping: int = 0  # passes left that do not plan
-    skipped: int = 0  # passes that did not plan, in all
-    seconds: dict[int, float] = field(default_factory=dict)  # planning time by batch bucket
+    seconds: dict[int, float] = field(default_factory=dict)  # one row's planning, by batch bucket
+    skipped: int = 0  # row lookups skipped, in all
+    limit: int = 0  # this pass's bound on a row's skipped passes
 
-    def due(self) -> bool:
-        """True when the coming pass plans (counts a skipped pass otherwise)."""
-        if self.skipping:
-            self.skipping -= 1
+    def start_pass(self, rows: int, plain_pass: float | None) -> None:
+        """A pass over `rows` rows; plain_pass: the measured cost of a plain pass at this
+        batch size (None: not measured yet, no backoff)."""
+        per_row = self.seconds.get(batch_bucket(rows))
+        if per_row is None or not plain_pass:
+            self.limit = 0
+        else:
+            self.limit = max(0, min(MAX_SKIPPED_PLANS, int(per_row * rows / plain_pass / PLANNING_SHARE) - 1))
+
+    def due(self, row: RowPlanning) -> bool:
+        """True when the row looks up its proposal this pass (counts a skip otherwise)."""
+        if row.skipping:
+            row.skipping -= 1
             self.skipped += 1
             return False
         return True
 
-    def planned(self, rows: int, seconds: float, cap: int, plain_pass: float | None) -> None:
-        """A pass planned in `seconds` and chose `cap`; plain_pass: the measured cost of a
-        plain pass at this batch size (None: not measured yet, no backoff)."""
-        bucket = batch_bucket(rows)
-        previous = self.seconds.get(bucket)
-        self.seconds[bucket] = seconds if previous is None else (
-            PLANNING_COST_DECAY * previous + (1 - PLANNING_COST_DECAY) * seconds)
-        if cap > 0 or not plain_pass:
-            self.declined = 0
+    def measured(self, rows: int, seconds: float, planned: int) -> None:
+        """`planned` rows of a pass over `rows` rows planned in `seconds`."""
+        if not planned:
             return
-        self.declined += 1
-        limit = min(MAX_SKIPPED_PLANS, int(self.seconds[bucket] / plain_pass / PLANNING_SHARE) - 1)
-        self.skipping = max(0, min(1 << min(self.declined - 1, 8), limit))
+        bucket, per_row = batch_bucket(rows), seconds / planned
+        previous = self.seconds.get(bucket)
+        self.seconds[bucket] = per_row if previous is None else (
+            PLANNING_COST_DECAY * previous + (1 - PLANNING_COST_DECAY) * per_row)
+
+    def planned(self, row: RowPlanning, drafted: bool) -> None:
+        """The row planned this pass, and drafts in it (or not)."""
+        if drafted:
+            row.declined = 0
+            return
+        row.declined += 1
+        row.skipping = min(1 << min(row.declined - 1, 8), self.limit)
 
 
 @dataclass

@@ -88,6 +88,7 @@ class _Batch:
     sampling: BatchSampling  # [hi] rows; free slots are greedy dummies
     greedy_context: PassContext | None  # the all-greedy pass context (no uniforms to draw)
     can_draft: bool  # some row has k > 0
+    adapts: list[bool]  # per row: the adaptive policy may shorten its drafts (Scheduler._adapts)
     # Rows (k > 0) of drafters whose drafts exist only on the device, by drafter.
     device_groups: list[tuple[Drafter, list[Sequence]]]
 
@@ -214,6 +215,7 @@ class Scheduler:
                 sampling=sampling,
                 greedy_context=greedy_context,
                 can_draft=any(seq.k > 0 for seq in rows),
+                adapts=[self._adapts(seq) for seq in rows],
                 device_groups=device_groups,
             )
         return self._batch
@@ -326,15 +328,15 @@ class Scheduler:
         theirs: their random stream, and so their output, must not depend on timings."""
         return seq.sampling.greedy or seq.request.sampling.seed is None
 
-    def _shorten_drafts(self, rows: list[Sequence], hi: int, rates: list[float]) -> int:
-        """Caps d_s by the adaptive policy; returns the cap."""
-        fixed = [seq.num_drafts for seq in rows if not self._adapts(seq)]
-        cap = self.policy.choose(hi, [seq.num_drafts for seq in rows], rates, max(fixed, default=0),
+    def _shorten_drafts(self, batch: _Batch, rates: list[float]) -> None:
+        """Caps d_s by the adaptive policy."""
+        rows = batch.rows
+        fixed = [seq.num_drafts for seq, adapts in zip(rows, batch.adapts) if not adapts]
+        cap = self.policy.choose(batch.hi, [seq.num_drafts for seq in rows], rates, max(fixed, default=0),
                                  self._drafts_with_model(rows))
-        for seq in rows:
-            if self._adapts(seq):
+        for seq, adapts in zip(rows, batch.adapts):
+            if adapts:
                 seq.num_drafts = min(seq.num_drafts, cap)
-        return cap
 
     def _drafting_cannot_pay(self, batch: _Batch, limits: list[int]) -> bool:
         """True when plain decoding beats drafting even if every row proposed its whole limit
@@ -346,7 +348,8 @@ class Scheduler:
         # drafter's kinds of proposal has: an upper bound on what planning could show.
         best_prior = {drafter: max(map(policy.pooled.rate, drafter.proposal_kinds()), default=0.0)
                       for drafter in self.drafters.values()}
-        bounds = [seq.acceptance.rate_with(best_prior[drafter]) for seq, drafter in zip(rows, batch.drafters)]
+        bounds = [seq.acceptance.rate_with(best_prior[drafter]) if limit else 0.0
+                  for seq, drafter, limit in zip(rows, batch.drafters, limits)]
         draft_model = any(seq.method is Method.DRAFT_MODEL and limit for seq, limit in zip(rows, limits))
         return policy.best_cap(batch.hi, limits, bounds, 0, draft_model) == 0
 
@@ -354,34 +357,45 @@ class Scheduler:
         """Sets every row's d_s for the coming pass."""
         rows = batch.rows
         policy = self.policy
+        for seq in rows:
+            seq.num_drafts = 0
         if not batch.can_draft:
-            for seq in rows:
-                seq.num_drafts = 0
             if policy is not None:
                 policy.choose(batch.hi, [], [], 0, False)  # counted: a plain pass
             return
-        limits = []
-        for seq in rows:
+        limits = []  # per row: at most this many drafts, 0 where the row does not plan
+        backoff = policy.planning if policy is not None else None
+        if backoff is not None:
+            backoff.start_pass(batch.hi, policy.plain_cost(batch.hi))
+        for seq, adapts in zip(rows, batch.adapts):
             remaining = seq.max_tokens - seq.completion_tokens  # a pass emits up to d_s + 1 tokens
             room = self.max_context - len(seq.tokens)
-            limits.append(max(0, min(seq.k, remaining - 1, room - 1)))
-        plans = True
-        if policy is not None:
-            # Rows whose drafts are fixed (seeded sampling) always plan; the others only when
-            # the backoff allows it and drafting could pay at all.
-            fixed = any(limit and not self._adapts(seq) for seq, limit in zip(rows, limits))
-            plans = fixed or (max(limits) > 0 and policy.planning.due() and not self._drafting_cannot_pay(batch, limits))
+            limit = max(0, min(seq.k, remaining - 1, room - 1))
+            if limit and backoff is not None and adapts and not backoff.due(seq.planning):
+                limit = 0  # its lookups keep drafting nothing: not this pass
+            limits.append(limit)
+        if not any(limits):
+            if policy is not None:
+                policy.choose(batch.hi, [], [], 0, False)
+            return
+        # Rows whose drafts are fixed (seeded sampling) always plan; the others only when
+        # drafting could pay at all.
+        if policy is not None and all(batch.adapts) and self._drafting_cannot_pay(batch, limits):
+            policy.choose(batch.hi, [], [], 0, False)
+            return
+        planned: list[Sequence] = []
         started = time.perf_counter()
         for seq, drafter, limit in zip(rows, batch.drafters, limits):
-            # A drafter proposes at most `limit` drafts: with none allowed, it need not plan.
-            seq.num_drafts = drafter.plan(seq, limit) if limit and plans else 0
+            if limit:  # a drafter proposes at most `limit` drafts: with none allowed, it need not plan
+                seq.num_drafts = drafter.plan(seq, limit)
+                planned.append(seq)
         if policy is not None:
-            planning = time.perf_counter() - started
+            backoff.measured(batch.hi, time.perf_counter() - started, len(planned))
             rates = [seq.acceptance.rate_with(policy.pooled.rate(drafter.proposal_kind(seq))) if seq.num_drafts else 0.0
                      for seq, drafter in zip(rows, batch.drafters)]
-            cap = self._shorten_drafts(rows, batch.hi, rates)
-            if plans:
-                policy.planning.planned(batch.hi, planning, cap, policy.plain_cost(batch.hi))
+            self._shorten_drafts(batch, rates)
+            for seq in planned:
+                backoff.planned(seq.planning, seq.num_drafts > 0)
 
     def _prepare_drafters(self, batch: _Batch) -> bool:
         """Each proposing drafter's per-row preparation (a draft model's backlog), guarded per

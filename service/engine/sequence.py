@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from service.engine.adaptive import AcceptanceEstimate
+from service.engine.adaptive import AcceptanceEstimate, RowPlanning
 from service.engine.api import EventCallback, FinishReason, GenerationRequest, Method
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.sampling import RowSampling
@@ -61,6 +61,7 @@ class Sequence:
     ngram_index: Any = None  # drafters.NgramIndex, built when an n-gram request is admitted
     draft_steps: int = 0  # draft-model forward steps run this pass
     acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
+    planning: RowPlanning = field(default_factory=RowPlanning)  # the adaptive policy's planning backoff
 
     @property
     def request_id(self) -> str:

@@ -15,6 +15,7 @@ from service.engine.adaptive import (
     DraftLengthPolicy,
     PlanningBackoff,
     PooledAcceptance,
+    RowPlanning,
 )
 from tests.engine.helpers import run
 
@@ -286,37 +287,46 @@ def test_a_model_that_keeps_its_promise_keeps_speculating() -> None:
     assert policy.calibration[32].factor == pytest.approx(1.0, abs=0.01)
 
 
-def _plans_in(backoff: PlanningBackoff, passes: int, planning: float, plain_pass: float, cap: int = 0) -> list[int]:
-    """Which of `passes` passes plan, each planned pass taking `planning` seconds and
-    choosing `cap`."""
-    planned = []
+def _plans_in(backoff: PlanningBackoff, passes: int, per_row: float, plain_pass: float | None,
+              drafts: bool = False) -> list[int]:
+    """Which of `passes` batch-32 passes one row looks up its proposal in, every row's
+    lookup taking `per_row` seconds and the row drafting (or not) when it looks up."""
+    row, planned = RowPlanning(), []
     for i in range(passes):
-        if backoff.due():
+        backoff.start_pass(32, plain_pass)
+        if backoff.due(row):
             planned.append(i)
-            backoff.planned(32, planning, cap, plain_pass)
+            backoff.measured(32, per_row, 1)
+            backoff.planned(row, drafts)
     return planned
 
 
-def test_planning_backs_off_while_planned_passes_decline_and_resumes_when_one_drafts() -> None:
+def test_a_row_backs_off_while_its_lookups_draft_nothing_and_resumes_when_one_drafts() -> None:
     backoff = PlanningBackoff()
     # Batch 32 on an H200: 32 lookups about 0.2 ms of a 2 ms plain pass (10%).
-    planned = _plans_in(backoff, 60, planning=2e-4, plain_pass=2e-3)
+    planned = _plans_in(backoff, 60, per_row=6.25e-6, plain_pass=2e-3)
     gaps = [b - a - 1 for a, b in zip(planned, planned[1:])]
-    assert gaps[:4] == [1, 2, 4, 8]  # doubling ...
-    assert set(gaps[4:]) == {9}  # ... up to a tenth of the passes planning: ~1% of the time lost
-    assert _plans_in(backoff, 20, planning=2e-4, plain_pass=2e-3, cap=3)[:2] == [9, 10]  # drafts: every pass
-    # Planning as dear as passes: skips are bounded, a row that starts repeating waits at most that long.
+    assert gaps[:4] == [0, 2, 4, 8]  # doubling (from the second: the first lookup was not measured yet) ...
+    assert set(gaps[4:]) == {9}  # ... up to one lookup in ten passes: ~1% of the time lost
+    assert backoff.skipped == 60 - len(planned)
     backoff = PlanningBackoff()
-    planned = _plans_in(backoff, 200, planning=2e-3, plain_pass=2e-3)
+    assert _plans_in(backoff, 20, per_row=6.25e-6, plain_pass=2e-3, drafts=True) == list(range(20))  # drafts: every pass
+    # Lookups as dear as passes: skips are bounded, a row that starts repeating waits at most that long.
+    backoff = PlanningBackoff()
+    planned = _plans_in(backoff, 200, per_row=2e-3 / 32, plain_pass=1e-4)
     assert max(b - a - 1 for a, b in zip(planned, planned[1:])) == MAX_SKIPPED_PLANS
 
 
 def test_planning_never_backs_off_where_it_is_cheap_or_unmeasured() -> None:
-    backoff = PlanningBackoff()
     # Batch 1 on an H200: one lookup, a few microseconds of a 1 ms pass.
-    assert _plans_in(backoff, 50, planning=5e-6, plain_pass=1e-3) == list(range(50))
     backoff = PlanningBackoff()
-    assert _plans_in(backoff, 50, planning=2e-4, plain_pass=None) == list(range(50))  # no plain pass measured
+    row = RowPlanning()
+    for _ in range(50):
+        backoff.start_pass(1, 1e-3)
+        assert backoff.due(row)
+        backoff.measured(1, 5e-6, 1)
+        backoff.planned(row, False)
+    assert _plans_in(PlanningBackoff(), 50, per_row=1e-4, plain_pass=None) == list(range(50))  # no plain pass measured
 
 
 def test_the_engine_skips_lookups_that_keep_finding_nothing_worth_drafting(make_engine, target, tokenizer,
