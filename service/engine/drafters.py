@@ -57,6 +57,12 @@ class Drafter(ABC):
         """Before a pass in which this drafter proposes, for each of its rows: per-row work
         that may fail that row alone (the scheduler runs it guarded, before the pass)."""
 
+    def prepare_rows(self, rows: list[Sequence]) -> None:
+        """prepare() for every row of a pass at once, where batching it pays. If it raises,
+        nothing was done: the scheduler then runs prepare() row by row, guarded."""
+        for seq in rows:
+            self.prepare(seq)
+
     def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:
         """Device side: the drafts of `rows` (n = the largest d_s among them, >= 1)."""
         raise NotImplementedError
@@ -225,6 +231,39 @@ class DraftModelDrafter(Drafter):
             self.runner.forward(seq.slot, seq.slot + 1, ids, [seq.draft_len], last_only=True)
             seq.draft_len += len(behind)
             self.catch_ups += 1
+
+    def prepare_rows(self, rows: list[Sequence]) -> None:
+        """prepare() of every row behind, in one eager forward over their slots' span.
+
+        When the policy turns drafting on at 32 concurrent requests, every row is behind
+        (the prompt, or what was generated while it did not draft): 32 forwards of about
+        6 ms each on an H200, launch-bound, against one for all. Row r's backlog goes to
+        positions draft_len .. + L_r - 1, zero-padded to the longest backlog; a slot of the
+        span that is not behind gets padding only, written from its own draft_len on (or,
+        for a slot the draft model does not serve, anywhere): past every row's valid
+        length, as a verify pass's padded drafts are.
+        """
+        late = {seq.slot: seq for seq in rows if len(seq.tokens) - 1 - seq.draft_len > 1}
+        if len(late) < 2:
+            for seq in late.values():
+                self.prepare(seq)
+            return
+        lo, hi = min(late), max(late) + 1
+        behind = {slot: seq.tokens[seq.draft_len : -1] for slot, seq in late.items()}
+        width = max(map(len, behind.values()))
+        served = {seq.slot: seq for seq in rows}
+        ids = [[0] * width for _ in range(hi - lo)]  # [hi - lo, L]
+        starts = [0] * (hi - lo)
+        for r in range(hi - lo):
+            seq = served.get(lo + r)
+            if seq is not None:
+                starts[r] = seq.draft_len
+            if lo + r in behind:
+                ids[r][: len(behind[lo + r])] = behind[lo + r]
+        self.runner.forward(lo, hi, to_device(ids, torch.long, self.runner.device), starts, last_only=True)
+        for slot, seq in late.items():
+            seq.draft_len += len(behind[slot])
+        self.catch_ups += 1
 
     def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:
         # The scheduler ran prepare() for every row, so each has one or two unseen tokens

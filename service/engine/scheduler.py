@@ -391,9 +391,12 @@ class Scheduler:
                 planned.append(seq)
         if policy is not None:
             backoff.measured(batch.hi, time.perf_counter() - started, len(planned))
-            rates = [seq.acceptance.rate_with(policy.pooled.rate(drafter.proposal_kind(seq))) if seq.num_drafts else 0.0
-                     for seq, drafter in zip(rows, batch.drafters)]
-            self._shorten_drafts(batch, rates)
+            if any(seq.num_drafts for seq in planned):
+                rates = [seq.acceptance.rate_with(policy.pooled.rate(drafter.proposal_kind(seq)))
+                         if seq.num_drafts else 0.0 for seq, drafter in zip(rows, batch.drafters)]
+                self._shorten_drafts(batch, rates)
+            else:  # nothing proposed (the usual pass on open chat): plain
+                policy.choose(batch.hi, [], [], 0, False)
             for seq in planned:
                 backoff.planned(seq.planning, seq.num_drafts > 0)
 
@@ -403,6 +406,11 @@ class Scheduler:
         ok = True
         for drafter, group in batch.device_groups:
             if max(seq.num_drafts for seq in group):
+                try:
+                    drafter.prepare_rows(group)
+                    continue
+                except Exception:  # noqa: BLE001 - row by row, so that a failing row fails alone
+                    log.exception("batched_prepare_failed", rows=len(group))
                 for seq in group:
                     self._guarded(seq, lambda seq=seq, drafter=drafter: drafter.prepare(seq))
                     ok = ok and not seq.finished

@@ -271,22 +271,23 @@ def test_concurrent_submitters(make_engine, target) -> None:
 
 
 def test_failed_draft_backlog_fails_only_its_request(make_engine, target, close_draft, monkeypatch) -> None:
-    """A draft model's prefill waits for a row's first drafting pass and runs per row before
-    the pass (DraftModelDrafter.prepare): if it fails (say, out of memory on a long prompt),
-    that request fails and the others in the batch carry on, with output equal to running alone."""
-    from service.engine.drafters import DraftModelDrafter
+    """A draft model's prefill waits for a row's first drafting pass and runs before the pass,
+    for all rows behind in one forward (DraftModelDrafter.prepare_rows): if it fails (say, out
+    of memory on a long prompt), the rows are fed one by one (prepare), that request fails and
+    the others in the batch carry on, with output equal to running alone."""
+    from service.engine.runner import ModelRunner
 
     long_prompt = _ids(target.tokenizer) * 3
-    original = DraftModelDrafter.prepare
+    original = ModelRunner.forward
 
-    def failing(self, seq):
-        if len(seq.tokens) - seq.draft_len > len(long_prompt) // 2 and seq.prompt_len == len(long_prompt):
+    def failing(self, lo, hi, input_ids, starts, last_only=False):
+        if self.loaded is close_draft and input_ids.shape[1] > len(long_prompt) // 2:
             raise RuntimeError("draft out of memory")
-        original(self, seq)
+        return original(self, lo, hi, input_ids, starts, last_only)
 
     alone = run(make_engine(target, close_draft), [
         GenerationRequest("ok-alone", _ids(target.tokenizer), max_tokens=16, method=Method.DRAFT_MODEL)])["ok-alone"]
-    monkeypatch.setattr(DraftModelDrafter, "prepare", failing)
+    monkeypatch.setattr(ModelRunner, "forward", failing)
     engine = make_engine(target, close_draft, max_batch_size=4)
     bad, _ = submit(engine, GenerationRequest("bad", tuple(long_prompt), max_tokens=16, method=Method.DRAFT_MODEL))
     good = run(engine, [GenerationRequest("ok", _ids(target.tokenizer), max_tokens=16, method=Method.DRAFT_MODEL),
@@ -296,6 +297,41 @@ def test_failed_draft_backlog_fails_only_its_request(make_engine, target, close_
     assert good["ok"].final.finish_reason is FinishReason.LENGTH
     assert good["ok"].tokens == alone.tokens
     assert good["plain"].final.finish_reason is FinishReason.LENGTH
+
+
+def test_rows_behind_catch_up_in_one_draft_forward(make_engine, target, close_draft, monkeypatch) -> None:
+    """Draft-model rows admitted together feed their prompts to the draft model in one eager
+    forward (prompts of different lengths, zero-padded; a plain row's slot in between), and
+    each request's output and counters equal running it alone."""
+    from service.engine.runner import ModelRunner
+
+    catch_up_widths = []
+    original = ModelRunner.forward
+
+    def spy(self, lo, hi, input_ids, starts, last_only=False):
+        if self.loaded is close_draft and last_only:
+            catch_up_widths.append((hi - lo, input_ids.shape[1]))
+        return original(self, lo, hi, input_ids, starts, last_only)
+
+    prompts = [_ids(target.tokenizer, "The quick brown fox"), _ids(target.tokenizer),
+               _ids(target.tokenizer, "A longer prompt for the draft model to catch up on, token by token.")]
+    requests = [GenerationRequest("d0", prompts[0], max_tokens=20, method=Method.DRAFT_MODEL, num_draft_tokens=3),
+                GenerationRequest("p1", prompts[1], max_tokens=20, method=Method.NONE),
+                GenerationRequest("d2", prompts[2], max_tokens=20, method=Method.DRAFT_MODEL, num_draft_tokens=3)]
+    alone_engine = make_engine(target, close_draft, max_batch_size=1)
+    alone = {r.request_id: run(alone_engine, [r])[r.request_id] for r in requests}
+    monkeypatch.setattr(ModelRunner, "forward", spy)
+    engine = make_engine(target, close_draft, max_batch_size=4, start=False)
+    pending = [submit(engine, r)[0] for r in requests]
+    engine.start()  # all three are admitted in the first turn
+    outs = {o.request_id: wait_checked(o) for o in pending}
+    # One catch-up forward over slots 0..2, as wide as the longest prompt (the first token
+    # generated is fed by the pass itself).
+    assert catch_up_widths == [(3, len(prompts[2]))]
+    for request_id, out in outs.items():
+        assert out.tokens == alone[request_id].tokens, request_id
+        got, want = out.metrics, alone[request_id].metrics
+        assert (got.proposed_drafts, got.accepted_drafts) == (want.proposed_drafts, want.accepted_drafts), request_id
 
 
 def test_the_heap_alive_at_start_is_frozen_while_the_engine_runs(make_engine, target) -> None:
