@@ -180,7 +180,8 @@ def one_round(engine: Engine, meter: EngineThreadMeter, prompts: list[list[int]]
     requests = [GenerationRequest(f"{tag}-{i}", tuple(prompts[i % len(prompts)]), max_tokens=new_tokens,
                                   method=method, num_draft_tokens=k) for i in range(concurrency)]
     meter.reset()
-    wall, outs = run_engine(engine, requests)
+    run = run_engine(engine, requests)
+    wall, outs = (run.wall, run.outs) if hasattr(run, "wall") else run  # older checkouts: a tuple
     metrics = [final.metrics for final, _ in outs]
     tokens = sum(len(t) for _, t in outs)
     return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,

@@ -19,8 +19,11 @@ Sections (--sections, run in this order; the JSON is rewritten after each block)
                length (--fixed-k turns it off), k = -k; warm-up over every prompt first.
   concurrency  our engine at N concurrent requests (prompts of one kind, cycled), two modes
                (--concurrency-modes): burst (N submitted at once) and sustained (N clients
-               sending back to back); per (N, kind, mode) --concurrency-rounds timed rounds,
-               methods alternating in order; aggregate tokens/s of the median round.
+               sending back to back, 4 requests each); per (N, kind, mode)
+               --concurrency-rounds timed rounds, methods alternating in order; aggregate
+               tokens/s of the median round: for burst over the whole round, for sustained
+               over its steady window (N in flight throughout; the whole round's rate is
+               kept as tokens_per_s_whole_round).
   ksweep       a second engine with the adaptive draft length off, batch 1, --ksweep-kinds
                prompts: ngram and draft_model at each k of --k-values, plain in the same
                engine before and after (speedup against k).
@@ -49,6 +52,7 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 _T0 = time.perf_counter()  # before the heavy imports: the logged times include them
@@ -102,20 +106,37 @@ def sync(device: torch.device) -> None:
 # ---------------------------------------------------------------------------- engine
 
 
-def run_engine(engine: Engine, requests: list[GenerationRequest], in_flight: int | None = None) -> tuple[float, list]:
+@dataclass
+class EngineRun:
+    """What run_engine measured."""
+
+    wall: float  # seconds from the first submission to the last final result
+    outs: list  # [(final, tokens)] in request order
+    # Sustained runs (in_flight set) only: the steady window, from the first request's end to
+    # the end that let the last request in. Every end in it was at once replaced by the next
+    # request, so `in_flight` requests ran throughout: no start-up burst of prefills before
+    # it, no drain (fewer and fewer in flight) after it.
+    window_seconds: float | None = None
+    window_tokens: int | None = None  # tokens delivered in the window
+
+
+def run_engine(engine: Engine, requests: list[GenerationRequest], in_flight: int | None = None) -> EngineRun:
     """Submits the requests, at most `in_flight` unfinished at a time (None: all at once: as
     many clients as requests; else `in_flight` clients, each sending its next request when
-    its last one has finished), and waits for all; returns (wall seconds, [(final, tokens)]
-    in order)."""
+    its last one has finished), and waits for all."""
     done = threading.Semaphore(0)
     finals: dict[str, object] = {}
     tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    delivered: list[tuple[float, int]] = []  # (time, tokens) of every chunk
+    ended: list[float] = []  # time of every final result, in order
 
-    def on_event(event) -> None:
+    def on_event(event) -> None:  # on the engine thread
         if hasattr(event, "token_ids"):
             tokens[event.request_id].extend(event.token_ids)
+            delivered.append((time.perf_counter(), len(event.token_ids)))
         else:
             finals[event.request_id] = event
+            ended.append(time.perf_counter())
             done.release()
 
     def one_finished() -> None:
@@ -136,7 +157,14 @@ def run_engine(engine: Engine, requests: list[GenerationRequest], in_flight: int
         final = finals[r.request_id]
         if final.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
             raise RuntimeError(f"request {r.request_id} ended {final.finish_reason.name}: {final.error}")
-    return wall, [(finals[r.request_id], tokens[r.request_id]) for r in requests]
+    run = EngineRun(wall, [(finals[r.request_id], tokens[r.request_id]) for r in requests])
+    if in_flight is not None and len(requests) > in_flight:
+        # The request at index i >= in_flight went in at the (i - in_flight + 1)-th end.
+        first, last = ended[0], ended[len(requests) - in_flight - 1]
+        if last > first:
+            run.window_seconds = last - first
+            run.window_tokens = sum(n for t, n in delivered if first < t <= last)
+    return run
 
 
 def metrics_dict(m) -> dict:
@@ -163,7 +191,8 @@ def bench_engine_batch1(engine, prompts, method, k, new_tokens, repeats, tag) ->
     for i, ids in enumerate(prompts):
         times, outs = [], None
         for _ in range(repeats):
-            wall, outs = run_engine(engine, [request(ids, method, k, new_tokens, tag)])
+            run = run_engine(engine, [request(ids, method, k, new_tokens, tag)])
+            wall, outs = run.wall, run.outs
             times.append(wall)
         final, tokens = outs[0]
         m = final.metrics
@@ -341,7 +370,7 @@ def section_batch1(result, engine, prompts, methods, args, budget, save) -> None
 
 
 CONCURRENCY_MODES = ("burst", "sustained")
-SUSTAINED_REQUESTS_PER_CLIENT = 3
+SUSTAINED_REQUESTS_PER_CLIENT = 4
 
 
 def section_concurrency(result, engine, prompts, methods, args, budget, save) -> None:
@@ -353,7 +382,13 @@ def section_concurrency(result, engine, prompts, methods, args, budget, save) ->
       time includes N prefills in a row and the tail, where the slowest request runs alone;
     - sustained: N clients, each sending its next request as soon as its last one finished
       (SUSTAINED_REQUESTS_PER_CLIENT each): N requests in flight, as a server under load
-      sees them and as serving benchmarks define concurrency.
+      sees them and as serving benchmarks define concurrency. The figure is the rate of
+      the steady window (EngineRun): from the first end to the end that let the last
+      request in. The whole round also holds the start (N prefills at once) and the drain,
+      where fewer and fewer requests run; with a few requests per client that drain is a
+      large share of the round and is longest for the method that desynchronises the
+      requests most (speculation helping some of them), which a long-running load does
+      not see. The whole round's rate is kept (tokens_per_s_whole_round).
 
     A burst of 32 lasts about 0.5 s on an H200, so one stall elsewhere in the process moves a
     single round's figure by 10% or more: hence rounds and medians."""
@@ -372,16 +407,21 @@ def section_concurrency(result, engine, prompts, methods, args, budget, save) ->
                 for rnd in range(args.concurrency_rounds):
                     for name in names if rnd % 2 == 0 else names[::-1]:
                         method = ENGINE_METHODS[name]
-                        wall, outs = run_engine(engine, [request(p, method, args.k, args.new_tokens, "c")
-                                                         for p in batch], in_flight)
+                        run = run_engine(engine, [request(p, method, args.k, args.new_tokens, "c")
+                                                  for p in batch], in_flight)
+                        outs, wall = run.outs, run.wall
                         tokens = sum(len(t) for _, t in outs)
                         proposed = sum(f.metrics.proposed_drafts for f, _ in outs)
                         accepted = sum(f.metrics.accepted_drafts for f, _ in outs)
-                        rounds[name].append({"requests": total, "tokens": tokens, "seconds": wall,
-                                             "tokens_per_s": tokens / wall, "proposed_drafts": proposed,
-                                             "accepted_drafts": accepted,
-                                             "verify_passes": sum(f.metrics.verify_passes for f, _ in outs),
-                                             "accept_rate": accepted / proposed if proposed else None})
+                        row = {"requests": total, "tokens": tokens, "seconds": wall,
+                               "tokens_per_s": tokens / wall, "tokens_per_s_whole_round": tokens / wall,
+                               "proposed_drafts": proposed, "accepted_drafts": accepted,
+                               "verify_passes": sum(f.metrics.verify_passes for f, _ in outs),
+                               "accept_rate": accepted / proposed if proposed else None}
+                        if run.window_seconds:  # sustained: the steady window's rate is the figure
+                            row.update(window_seconds=run.window_seconds, window_tokens=run.window_tokens,
+                                       tokens_per_s=run.window_tokens / run.window_seconds)
+                        rounds[name].append(row)
                 for name in names:
                     runs = sorted(rounds[name], key=lambda r: r["tokens_per_s"])
                     median = runs[(len(runs) - 1) // 2]  # a real round (the lower middle one for an even count)
