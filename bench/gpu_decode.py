@@ -418,9 +418,15 @@ def section_concurrency(result, engine, prompts, methods, args, budget, save) ->
                                "proposed_drafts": proposed, "accepted_drafts": accepted,
                                "verify_passes": sum(f.metrics.verify_passes for f, _ in outs),
                                "accept_rate": accepted / proposed if proposed else None}
-                        if run.window_seconds:  # sustained: the steady window's rate is the figure
+                        if in_flight is not None:  # sustained: the steady window's rate is the figure
                             row.update(window_seconds=run.window_seconds, window_tokens=run.window_tokens,
-                                       tokens_per_s=run.window_tokens / run.window_seconds)
+                                       rate_over="steady window")
+                            if run.window_seconds:
+                                row["tokens_per_s"] = run.window_tokens / run.window_seconds
+                            else:  # no window (requests ended together): the whole round's rate
+                                row["rate_over"] = "whole round (no steady window)"
+                        else:
+                            row["rate_over"] = "whole round"
                         rounds[name].append(row)
                 for name in names:
                     runs = sorted(rounds[name], key=lambda r: r["tokens_per_s"])

@@ -210,17 +210,20 @@ class PlanningBackoff:
     skipped: int = 0  # row lookups skipped, in all
     limit: int = 0  # this pass's bound on a row's skipped passes
 
-    def start_pass(self, rows: int, plain_pass: float | None) -> None:
-        """A pass over `rows` rows; plain_pass: the measured cost of a plain pass at this
-        batch size (None: not measured yet, no backoff)."""
+    def start_pass(self, rows: int, lookups: int, plain_pass: float | None) -> None:
+        """A pass over `rows` rows (its batch size), `lookups` of which would plan;
+        plain_pass: the measured cost of a plain pass at this batch size (None: not measured
+        yet, no backoff)."""
         per_row = self.seconds.get(batch_bucket(rows))
         if per_row is None or not plain_pass:
             self.limit = 0
         else:
-            self.limit = max(0, min(MAX_SKIPPED_PLANS, int(per_row * rows / plain_pass / PLANNING_SHARE) - 1))
+            self.limit = max(0, min(MAX_SKIPPED_PLANS, int(per_row * lookups / plain_pass / PLANNING_SHARE) - 1))
 
     def due(self, row: RowPlanning) -> bool:
-        """True when the row looks up its proposal this pass (counts a skip otherwise)."""
+        """True when the row looks up its proposal this pass (counts a skip otherwise). A
+        skip earned under a higher limit (a larger batch) is cut to this pass's limit."""
+        row.skipping = min(row.skipping, self.limit)
         if row.skipping:
             row.skipping -= 1
             self.skipped += 1

@@ -58,10 +58,9 @@ class Drafter(ABC):
         that may fail that row alone (the scheduler runs it guarded, before the pass)."""
 
     def prepare_rows(self, rows: list[Sequence]) -> None:
-        """prepare() for every row of a pass at once, where batching it pays. If it raises,
-        nothing was done: the scheduler then runs prepare() row by row, guarded."""
-        for seq in rows:
-            self.prepare(seq)
+        """Before prepare(): the part of the rows' preparation that pays batched (none by
+        default). The scheduler then runs prepare() row by row, guarded, whether this
+        succeeded or raised, so prepare() must leave a row already prepared as it is."""
 
     def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:
         """Device side: the drafts of `rows` (n = the largest d_s among them, >= 1)."""
@@ -233,36 +232,48 @@ class DraftModelDrafter(Drafter):
             self.catch_ups += 1
 
     def prepare_rows(self, rows: list[Sequence]) -> None:
-        """prepare() of every row behind, in one eager forward over their slots' span.
+        """Feeds the backlogs of the rows behind in batched eager forwards; prepare() does
+        whatever is left (a row alone, or a failed batch) row by row.
 
         When the policy turns drafting on at 32 concurrent requests, every row is behind
         (the prompt, or what was generated while it did not draft): 32 forwards of about
-        6 ms each on an H200, launch-bound, against one for all. Row r's backlog goes to
-        positions draft_len .. + L_r - 1, zero-padded to the longest backlog; a slot of the
-        span that is not behind gets padding only, written from its own draft_len on (or,
-        for a slot the draft model does not serve, anywhere): past every row's valid
-        length, as a verify pass's padded drafts are.
+        6 ms each on an H200, launch-bound, against one for all. A forward covers the slot
+        span of its rows; row r's backlog goes to positions draft_len .. + L_r - 1,
+        zero-padded to the longest backlog, and a slot of the span that is not in the group
+        gets padding only, written from its own draft_len on (or, for a slot the draft model
+        does not serve, anywhere): past every row's valid length, as a verify pass's padded
+        drafts are. Groups are split while padding would more than double the tokens fed
+        (one long prompt among short backlogs runs on its own).
         """
-        late = {seq.slot: seq for seq in rows if len(seq.tokens) - 1 - seq.draft_len > 1}
-        if len(late) < 2:
-            for seq in late.values():
-                self.prepare(seq)
-            return
-        lo, hi = min(late), max(late) + 1
-        behind = {slot: seq.tokens[seq.draft_len : -1] for slot, seq in late.items()}
-        width = max(map(len, behind.values()))
         served = {seq.slot: seq for seq in rows}
+        self._catch_up([seq for seq in rows if len(seq.tokens) - 1 - seq.draft_len > 1], served)
+
+    def _catch_up(self, late: list[Sequence], served: dict[int, Sequence]) -> None:
+        if len(late) < 2:
+            return  # prepare() feeds a row alone
+        backlog = {seq.slot: len(seq.tokens) - 1 - seq.draft_len for seq in late}
+        width = max(backlog.values())
+        lo, hi = min(backlog), max(backlog) + 1
+        if (hi - lo) * width > 2 * sum(backlog.values()) + 16 * (hi - lo):
+            long = [seq for seq in late if 2 * backlog[seq.slot] > width]
+            short = [seq for seq in late if 2 * backlog[seq.slot] <= width]
+            if not short:  # similar backlogs in a sparse span: split the span
+                by_slot = sorted(late, key=lambda seq: seq.slot)
+                long, short = by_slot[: len(by_slot) // 2], by_slot[len(by_slot) // 2 :]
+            self._catch_up(long, served)
+            self._catch_up(short, served)
+            return
         ids = [[0] * width for _ in range(hi - lo)]  # [hi - lo, L]
         starts = [0] * (hi - lo)
         for r in range(hi - lo):
             seq = served.get(lo + r)
             if seq is not None:
                 starts[r] = seq.draft_len
-            if lo + r in behind:
-                ids[r][: len(behind[lo + r])] = behind[lo + r]
+        for seq in late:
+            ids[seq.slot - lo][: backlog[seq.slot]] = seq.tokens[seq.draft_len : -1]
         self.runner.forward(lo, hi, to_device(ids, torch.long, self.runner.device), starts, last_only=True)
-        for slot, seq in late.items():
-            seq.draft_len += len(behind[slot])
+        for seq in late:
+            seq.draft_len += backlog[seq.slot]
         self.catch_ups += 1
 
     def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:

@@ -101,6 +101,9 @@ class OutputProcessor:
             text = detok.take_text(final=final or stopped)
         except Exception as exc:  # noqa: BLE001 - one request's host-side work
             log.exception("detokenize_failed", request_id=seq.request_id)
+            if count:  # never delivered: not counted either
+                del seq.tokens[-count:]
+                seq.completion_tokens -= count
             self.finish(seq, FinishReason.ERROR, f"{type(exc).__name__}: {exc}", flush=False)
             return
         if new_tokens and seq.timing.first_token is None:
@@ -117,14 +120,16 @@ class OutputProcessor:
         except Exception as exc:  # noqa: BLE001 - the callback is foreign code
             log.warning("event_callback_failed", request_id=seq.request_id, error=repr(exc))
             if isinstance(event, TokenChunk) and not seq.finished:
-                self.finish(seq, FinishReason.ERROR, f"event callback failed: {exc!r}")
+                # No flush: the callback that failed gets nothing more but the FinalResult.
+                self.finish(seq, FinishReason.ERROR, f"event callback failed: {exc!r}", flush=False)
 
     def finish(self, seq: Sequence, reason: FinishReason, error: str | None = None, flush: bool = True) -> None:
         """Ends a request (once) and delivers its FinalResult with the work done so far.
 
         Its unflushed tokens go out first, with every character held back; a stop string
         among them ended the request before whatever ends it now, so that one is reported.
-        flush=False: the detokenizer failed, nothing more is decoded.
+        flush=False: nothing more is decoded or sent before the FinalResult (the
+        detokenizer or the event callback failed).
         """
         if seq.finished:
             return

@@ -89,6 +89,9 @@ class _Batch:
     greedy_context: PassContext | None  # the all-greedy pass context (no uniforms to draw)
     can_draft: bool  # some row has k > 0
     adapts: list[bool]  # per row: the adaptive policy may shorten its drafts (Scheduler._adapts)
+    # Per row: its lookups are host work the planning backoff may skip (it adapts, and its
+    # drafter plans on the host: n-gram; a draft model's plan() costs nothing).
+    backs_off: list[bool]
     # Rows (k > 0) of drafters whose drafts exist only on the device, by drafter.
     device_groups: list[tuple[Drafter, list[Sequence]]]
 
@@ -216,6 +219,7 @@ class Scheduler:
                 greedy_context=greedy_context,
                 can_draft=any(seq.k > 0 for seq in rows),
                 adapts=[self._adapts(seq) for seq in rows],
+                backs_off=[self._adapts(seq) and self.drafters[seq.method].drafts_on_host for seq in rows],
                 device_groups=device_groups,
             )
         return self._batch
@@ -269,7 +273,8 @@ class Scheduler:
             return
         drafts = max(seq.num_drafts for seq in rows)
         draft_model = self._drafts_with_model(rows)
-        emitted = sum(accepted + 1 for accepted, _ in verdicts)
+        # Tokens this pass delivers: not those of rows a stop string ended during the pass.
+        emitted = sum(accepted + 1 for (accepted, _), seq in zip(verdicts, rows) if not seq.finished)
         for seq, exc in self._failed_in_pass:
             self._fail(seq, exc)  # its verdict is dropped below
         self._failed_in_pass.clear()
@@ -353,63 +358,66 @@ class Scheduler:
         draft_model = any(seq.method is Method.DRAFT_MODEL and limit for seq, limit in zip(rows, limits))
         return policy.best_cap(batch.hi, limits, bounds, 0, draft_model) == 0
 
+    def _plan_plain(self, batch: _Batch) -> None:
+        """No row drafts in the coming pass (counted as the policy's choice of cap 0)."""
+        for seq in batch.rows:
+            seq.num_drafts = 0
+        if self.policy is not None:
+            self.policy.choose(batch.hi, [], [], 0, False)
+
     def _plan(self, batch: _Batch) -> None:
         """Sets every row's d_s for the coming pass."""
         rows = batch.rows
         policy = self.policy
-        for seq in rows:
-            seq.num_drafts = 0
         if not batch.can_draft:
-            if policy is not None:
-                policy.choose(batch.hi, [], [], 0, False)  # counted: a plain pass
+            self._plan_plain(batch)
             return
         limits = []  # per row: at most this many drafts, 0 where the row does not plan
-        backoff = policy.planning if policy is not None else None
-        if backoff is not None:
-            backoff.start_pass(batch.hi, policy.plain_cost(batch.hi))
-        for seq, adapts in zip(rows, batch.adapts):
+        for seq in rows:
             remaining = seq.max_tokens - seq.completion_tokens  # a pass emits up to d_s + 1 tokens
             room = self.max_context - len(seq.tokens)
-            limit = max(0, min(seq.k, remaining - 1, room - 1))
-            if limit and backoff is not None and adapts and not backoff.due(seq.planning):
-                limit = 0  # its lookups keep drafting nothing: not this pass
-            limits.append(limit)
-        if not any(limits):
-            if policy is not None:
-                policy.choose(batch.hi, [], [], 0, False)
-            return
+            limits.append(max(0, min(seq.k, remaining - 1, room - 1)))
+        backoff = policy.planning if policy is not None else None
+        if backoff is not None:
+            backoff.start_pass(batch.hi, sum(1 for limit, b in zip(limits, batch.backs_off) if limit and b),
+                               policy.plain_cost(batch.hi))
+            for i, (seq, backs_off) in enumerate(zip(rows, batch.backs_off)):
+                if limits[i] and backs_off and not backoff.due(seq.planning):
+                    limits[i] = 0  # its lookups keep drafting nothing: not this pass
         # Rows whose drafts are fixed (seeded sampling) always plan; the others only when
         # drafting could pay at all.
-        if policy is not None and all(batch.adapts) and self._drafting_cannot_pay(batch, limits):
-            policy.choose(batch.hi, [], [], 0, False)
+        if not any(limits) or (policy is not None and all(batch.adapts) and self._drafting_cannot_pay(batch, limits)):
+            self._plan_plain(batch)
             return
-        planned: list[Sequence] = []
+        looked_up: list[Sequence] = []  # rows whose lookup the backoff may skip, planning now
         started = time.perf_counter()
-        for seq, drafter, limit in zip(rows, batch.drafters, limits):
-            if limit:  # a drafter proposes at most `limit` drafts: with none allowed, it need not plan
-                seq.num_drafts = drafter.plan(seq, limit)
-                planned.append(seq)
-        if policy is not None:
-            backoff.measured(batch.hi, time.perf_counter() - started, len(planned))
-            if any(seq.num_drafts for seq in planned):
-                rates = [seq.acceptance.rate_with(policy.pooled.rate(drafter.proposal_kind(seq)))
-                         if seq.num_drafts else 0.0 for seq, drafter in zip(rows, batch.drafters)]
-                self._shorten_drafts(batch, rates)
-            else:  # nothing proposed (the usual pass on open chat): plain
-                policy.choose(batch.hi, [], [], 0, False)
-            for seq in planned:
-                backoff.planned(seq.planning, seq.num_drafts > 0)
+        for seq, drafter, limit, backs_off in zip(rows, batch.drafters, limits, batch.backs_off):
+            # A drafter proposes at most `limit` drafts: with none allowed, it need not plan.
+            seq.num_drafts = drafter.plan(seq, limit) if limit else 0
+            if limit and backs_off:
+                looked_up.append(seq)
+        if policy is None:
+            return
+        backoff.measured(batch.hi, time.perf_counter() - started, len(looked_up))
+        if any(seq.num_drafts for seq in rows):
+            rates = [seq.acceptance.rate_with(policy.pooled.rate(drafter.proposal_kind(seq)))
+                     if seq.num_drafts else 0.0 for seq, drafter in zip(rows, batch.drafters)]
+            self._shorten_drafts(batch, rates)
+        else:
+            policy.choose(batch.hi, [], [], 0, False)  # nothing proposed (the usual pass on open chat)
+        for seq in looked_up:
+            backoff.planned(seq.planning, seq.num_drafts > 0)
 
     def _prepare_drafters(self, batch: _Batch) -> bool:
-        """Each proposing drafter's per-row preparation (a draft model's backlog), guarded per
-        row. False when a row failed: the batch changed, and this pass is not run."""
+        """Each proposing drafter's preparation (a draft model's backlog): batched where it
+        pays, then per row, guarded per row. False when a row failed: the batch changed, and
+        this pass is not run."""
         ok = True
         for drafter, group in batch.device_groups:
             if max(seq.num_drafts for seq in group):
                 try:
                     drafter.prepare_rows(group)
-                    continue
-                except Exception:  # noqa: BLE001 - row by row, so that a failing row fails alone
+                except Exception:  # noqa: BLE001 - then row by row below, a failing row failing alone
                     log.exception("batched_prepare_failed", rows=len(group))
                 for seq in group:
                     self._guarded(seq, lambda seq=seq, drafter=drafter: drafter.prepare(seq))

@@ -293,7 +293,7 @@ def _plans_in(backoff: PlanningBackoff, passes: int, per_row: float, plain_pass:
     lookup taking `per_row` seconds and the row drafting (or not) when it looks up."""
     row, planned = RowPlanning(), []
     for i in range(passes):
-        backoff.start_pass(32, plain_pass)
+        backoff.start_pass(32, 32, plain_pass)
         if backoff.due(row):
             planned.append(i)
             backoff.measured(32, per_row, 1)
@@ -322,11 +322,20 @@ def test_planning_never_backs_off_where_it_is_cheap_or_unmeasured() -> None:
     backoff = PlanningBackoff()
     row = RowPlanning()
     for _ in range(50):
-        backoff.start_pass(1, 1e-3)
+        backoff.start_pass(1, 1, 1e-3)
         assert backoff.due(row)
         backoff.measured(1, 5e-6, 1)
         backoff.planned(row, False)
     assert _plans_in(PlanningBackoff(), 50, per_row=1e-4, plain_pass=None) == list(range(50))  # no plain pass measured
+
+
+def test_a_skip_earned_in_a_large_batch_ends_where_lookups_are_cheap() -> None:
+    backoff = PlanningBackoff()
+    _plans_in(backoff, 20, per_row=6.25e-6, plain_pass=2e-3)  # batch 32: skips of up to 9 passes
+    row = RowPlanning(declined=5, skipping=9)
+    backoff.seconds[1] = 6.25e-6
+    backoff.start_pass(1, 1, 1e-3)  # the batch shrank to one row: limit 0
+    assert backoff.limit == 0 and backoff.due(row) and row.skipping == 0
 
 
 def test_the_engine_skips_lookups_that_keep_finding_nothing_worth_drafting(make_engine, target, tokenizer,

@@ -117,4 +117,24 @@ def test_a_failing_detokenizer_fails_its_request_alone(tokenizer) -> None:
     output.flush()
     assert [type(e) for e in bad_events] == [FinalResult]
     assert bad_events[0].finish_reason is FinishReason.ERROR and "broken detokenizer" in bad_events[0].error
+    assert bad_events[0].completion_tokens == 0 == bad.completion_tokens  # what was not delivered is not counted
+    assert bad.tokens == list(bad.request.prompt_token_ids)
     assert good_events == [TokenChunk("r", tuple(_ids(tokenizer, "The quick")), "The quick")] and not good.finished
+
+
+def test_a_failing_callback_gets_the_final_result_and_nothing_else(tokenizer) -> None:
+    output = OutputProcessor(frozenset({EOS}), max_context=1000)
+    events: list = []
+
+    def callback(event) -> None:
+        events.append(event)
+        if isinstance(event, TokenChunk):
+            raise RuntimeError("client went away")
+
+    seq = _sequence(tokenizer, [], stop=("fox jumps",))
+    seq.on_event = callback
+    output.accept(seq, _ids(tokenizer, "The quick brown fox"))  # "fox" is held back: a possible stop string
+    output.flush()
+    chunk, final = events
+    assert chunk.text == "The quick brown " and final.finish_reason is FinishReason.ERROR
+    assert "client went away" in final.error

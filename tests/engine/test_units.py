@@ -220,3 +220,38 @@ def test_batched_rows_of_different_lengths_match_full_forward(target) -> None:
     logits = runner.forward(0, 4, ids, [0] + [len(s) - 2 for s in seqs])  # [4, 2, V]
     for i, s in enumerate(seqs):
         torch.testing.assert_close(logits[i + 1], full[i][-2:], atol=1e-4, rtol=1e-4)
+
+
+def test_draft_catch_up_batches_similar_backlogs_and_leaves_outliers_to_prepare() -> None:
+    """DraftModelDrafter.prepare_rows: one padded forward for rows behind by similar amounts;
+    a long backlog among short ones, or rows far apart, are left to prepare() (row by row)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from service.engine.drafters import DraftModelDrafter
+
+    calls = []
+    runner = SimpleNamespace(device=torch.device("cpu"),
+                             forward=lambda lo, hi, ids, starts, last_only=False: calls.append(
+                                 (lo, hi, tuple(ids.shape), list(starts), ids.tolist())))
+    drafter = DraftModelDrafter(runner)
+
+    def row(slot: int, behind: int, draft_len: int = 10) -> SimpleNamespace:
+        # tokens: draft_len seen, `behind` unseen, then the pending token (fed by the pass itself)
+        return SimpleNamespace(slot=slot, draft_len=draft_len, tokens=list(range(draft_len + behind + 1)))
+
+    rows = [row(0, 3), row(1, 4), row(2, 200), row(3, 5), row(4, 1, draft_len=7)]
+    drafter.prepare_rows(rows)
+    # Slots 0, 1 and 3 in one forward of width 5; slot 2 (200 behind) left to prepare(), and it
+    # and slot 4 (not behind) get padding written from their own draft_len.
+    assert [(lo, hi, shape, starts) for lo, hi, shape, starts, _ in calls] == [(0, 4, (4, 5), [10, 10, 10, 10])]
+    ids = calls[0][4]
+    assert ids[0] == [10, 11, 12, 0, 0] and ids[3] == [10, 11, 12, 13, 14] and ids[2] == [0] * 5
+    assert [seq.draft_len for seq in rows] == [13, 14, 10, 15, 7]
+    assert drafter.catch_ups == 1
+
+    calls.clear()
+    far = [row(0, 100), row(31, 100)] + [row(slot, 1) for slot in range(1, 31)]
+    drafter.prepare_rows(far)  # 32 rows of padding for 200 tokens: each is fed alone
+    assert calls == [] and far[0].draft_len == 10
