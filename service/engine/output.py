@@ -84,8 +84,9 @@ class OutputProcessor:
         detok = seq.detok
         if detok is None:  # never prefilled: nothing was accepted
             return
+        start = len(seq.tokens) - count  # seq.tokens[start:] are this chunk's tokens
         try:
-            new_tokens = seq.tokens[len(seq.tokens) - count :] if count else []
+            new_tokens = seq.tokens[start:]
             stopped = False
             for i, tok in enumerate(new_tokens):
                 if tok in self.eos_ids:
@@ -101,9 +102,8 @@ class OutputProcessor:
             text = detok.take_text(final=final or stopped)
         except Exception as exc:  # noqa: BLE001 - one request's host-side work
             log.exception("detokenize_failed", request_id=seq.request_id)
-            if count:  # never delivered: not counted either
-                del seq.tokens[-count:]
-                seq.completion_tokens -= count
+            seq.completion_tokens -= len(seq.tokens) - start  # never delivered: not counted either
+            del seq.tokens[start:]
             self.finish(seq, FinishReason.ERROR, f"{type(exc).__name__}: {exc}", flush=False)
             return
         if new_tokens and seq.timing.first_token is None:
