@@ -273,11 +273,12 @@ class Scheduler:
             return
         drafts = max(seq.num_drafts for seq in rows)
         draft_model = self._drafts_with_model(rows)
-        # Tokens this pass delivers: not those of rows a stop string ended during the pass.
-        emitted = sum(accepted + 1 for (accepted, _), seq in zip(verdicts, rows) if not seq.finished)
         for seq, exc in self._failed_in_pass:
             self._fail(seq, exc)  # its verdict is dropped below
         self._failed_in_pass.clear()
+        # Tokens this pass delivers: not those of rows that ended during the pass (a stop
+        # string found by the flush, a drafter's failure above).
+        emitted = sum(accepted + 1 for (accepted, _), seq in zip(verdicts, rows) if not seq.finished)
         for seq, drafter, (accepted, tokens) in zip(rows, batch.drafters, verdicts):
             if seq.finished:
                 self._release(seq)
