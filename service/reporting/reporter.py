@@ -9,8 +9,8 @@
 Records get per-source sequence numbers (1, 2, 3, ...; source_id = instance id + a per-process
 nonce) and sit in a bounded buffer until the sidecar acknowledges them
 (`acknowledged_through_sequence`). A background thread keeps one long-lived bidi stream
-`TelemetryService.Report` open, sends batches (up to `batch_size` records, or whatever is
-buffered after `linger_s`), and on any stream failure reconnects with exponential backoff and
+`TelemetryService.Report` open, sends batches (up to `batch_size` records and `max_batch_bytes`
+of them, or whatever is buffered after `linger_s`), and on any stream failure reconnects with exponential backoff and
 full jitter, then resends, in order, every record that was not acknowledged.
 
 Buffer: at most `buffer_size` records (sent-but-unacknowledged plus never-sent). When full, the
@@ -24,7 +24,9 @@ the next kept unsent record, or, when none is left, to a carry that the next rec
 takes. The sidecar counts dropped_before once per record it processes as new, so drops are
 counted exactly once, with the same guarantees as the records themselves (a drop count is lost
 only with its record, e.g. records still buffered when the service stops). Drops are also
-logged (at most once per `drop_log_interval_s`).
+logged (at most once per `drop_log_interval_s`). A record larger than `max_batch_bytes` is
+dropped when reported, the same way: no batch could carry it, and a batch the sidecar refuses
+as too large would be resent, and refused, forever, holding back every record after it.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ class MetricsReporter:
         instance_id: str,
         buffer_size: int = 10000,
         batch_size: int = 256,
+        max_batch_bytes: int = 4 << 20,
         linger_s: float = 0.05,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
@@ -131,14 +134,16 @@ class MetricsReporter:
         channel_credentials: grpc.ChannelCredentials | None = None,
         channel_options: list[tuple[str, object]] | None = None,
     ) -> None:
-        if buffer_size < 1 or batch_size < 1:
-            raise ValueError("buffer_size and batch_size must be >= 1")
+        if buffer_size < 1 or batch_size < 1 or max_batch_bytes < 1:
+            raise ValueError("buffer_size, batch_size and max_batch_bytes must be >= 1")
         self.target = target
         self.instance_id = instance_id
         self.source_id = f"{instance_id}/{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._source_bytes = self.source_id.encode()
         self.buffer_size = buffer_size
         self.batch_size = batch_size
+        # The sidecar refuses messages over 16 MiB (telemetry/server.py); a batch stays well under.
+        self.max_batch_bytes = max_batch_bytes
         self.linger_s = linger_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
@@ -180,6 +185,12 @@ class MetricsReporter:
         data = metrics.SerializeToString()
         with self._lock:
             if self._stopping:
+                return
+            if len(data) > self.max_batch_bytes:  # no batch can carry it: dropped, and counted
+                self._dropped += 1
+                self._carry_drops += 1  # on the next record reported, the one after this
+                log.warning("metrics record too large to send: dropped", size_bytes=len(data),
+                            max_batch_bytes=self.max_batch_bytes, request_id=metrics.request_id[:128])
                 return
             seq = next(self._seq)
             self._last_seq = seq
@@ -357,15 +368,13 @@ class MetricsReporter:
             while resend and resend[0][0] <= self._acked_through:
                 resend.popleft()
             if resend:
-                n = min(self.batch_size, len(resend))
-                return [resend.popleft() for _ in range(n)]
+                return self._take(resend)
             pending = self._pending
             if pending:
                 waited = time.monotonic() - self._oldest_pending_t
                 if (len(pending) >= self.batch_size or waited >= self.linger_s
                         or self._flush_requested):
-                    n = min(self.batch_size, len(pending))
-                    batch = [pending.popleft() for _ in range(n)]
+                    batch = self._take(pending)
                     self._in_flight.extend(batch)
                     if pending:
                         self._oldest_pending_t = time.monotonic()
@@ -378,6 +387,16 @@ class MetricsReporter:
                 self._cond.wait(timeout)
             finally:
                 self._sender_waiting = False
+
+    def _take(self, records: deque[Record]) -> list[Record]:
+        """The next batch from the front of `records`: at most batch_size records and
+        max_batch_bytes of metrics (at least one record; report() keeps larger ones out)."""
+        batch = [records.popleft()]
+        size = len(batch[0][1])
+        while records and len(batch) < self.batch_size and size + len(records[0][1]) <= self.max_batch_bytes:
+            size += len(records[0][1])
+            batch.append(records.popleft())
+        return batch
 
     def _maybe_log_drops(self, dropped: int) -> None:
         if dropped <= self._dropped_logged:

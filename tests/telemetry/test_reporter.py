@@ -172,6 +172,41 @@ def test_drops_with_nothing_unsent_ride_on_the_next_record(otlp_grpc_receiver,
     assert_exact(got, kept + [last])
 
 
+def test_batches_stay_under_the_byte_cap_and_an_oversized_record_is_dropped(
+        otlp_grpc_receiver, sidecar_thread_factory):
+    """Records of ~1 MB (a long request id) buffered while the sidecar was away: one batch
+    of all of them (20 MB) is over the sidecar's 16 MiB message limit and would be refused,
+    and resent, forever. Batches of at most max_batch_bytes get through; a record larger
+    than that is dropped when reported and counted on the next record."""
+    rng = random.Random(9)
+    big = [simulate_metrics(rng, request_id=f"{i}-" + "x" * 1_000_000) for i in range(20)]
+    too_big = simulate_metrics(rng, request_id="y" * 5_000_000)
+    small = [simulate_metrics(rng) for _ in range(5)]
+    reporter = MetricsReporter("127.0.0.1:1", instance_id="svc")  # not started: all buffered
+    for m in big:
+        reporter.report(m)
+    reporter.report(too_big)
+    for m in small:
+        reporter.report(m)
+    assert reporter.stats.dropped == 1 and reporter.stats.pending == 25
+    # the oversized record got no sequence number: its drop rides on the record after it
+    assert [(seq, n) for seq, _, n in reporter._pending][19:21] == [(20, 0), (21, 1)]
+    batch = reporter._take(reporter._pending.copy())
+    assert len(batch) == 4 and sum(len(data) for _, data, _ in batch) <= reporter.max_batch_bytes
+
+    sc = sidecar_thread_factory(["--exporters", "otlp"],
+                                env={**otlp_grpc_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": "200"})
+    reporter.target = sc.address
+    reporter.start()
+    assert reporter.flush(30), reporter.stats
+    st = reporter.stats
+    assert st.reconnects == 0 and st.acked == 25
+    reporter.stop(1)
+    got = counters(otlp_grpc_receiver)
+    assert_exact(got, big + small)
+    assert got[("specdec.sidecar.service_dropped_records", frozenset())] == 1
+
+
 def test_report_never_blocks_on_a_black_hole():
     """A peer that accepts TCP but never speaks HTTP/2: report() stays O(1)."""
     hole = socket.create_server(("127.0.0.1", 0))
