@@ -51,25 +51,43 @@ def build_request(args: argparse.Namespace, index: int = 0) -> generation_pb2.Ge
     return request
 
 
+def _bounded_int(low: int, high: int, what: str):
+    """An argparse type: an integer in [low, high] (the proto field's range), named in the error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not {what}")
+        return value
+    return parse
+
+
+UINT32 = _bounded_int(0, 2**32 - 1, "in [0, 2^32)")
+UINT64 = _bounded_int(0, 2**64 - 1, "in [0, 2^64)")
+POSITIVE = _bounded_int(1, 2**31 - 1, ">= 1")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="specdec-client", description=__doc__.splitlines()[0])
     parser.add_argument("prompt", help="the prompt (raw text, or the user turn with --chat)")
     parser.add_argument("--target", default=os.environ.get("SPECDEC_TARGET", "127.0.0.1:50051"),
                         help="service address [env SPECDEC_TARGET, default 127.0.0.1:50051]")
     parser.add_argument("--chat", action="store_true", help="send as a chat message (chat template)")
-    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--max-tokens", type=UINT32)
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--top-k", type=UINT32)
+    parser.add_argument("--seed", type=UINT64)
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
     parser.add_argument("--method", choices=sorted(METHODS), help="drafter override")
-    parser.add_argument("-k", "--num-draft-tokens", dest="k", type=int, help="k override")
+    parser.add_argument("-k", "--num-draft-tokens", dest="k", type=UINT32, help="k override")
     parser.add_argument("--request-id", default="")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     parser.add_argument("--json", action="store_true", help="print one JSON object per request")
-    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
-    parser.add_argument("--requests", type=int, default=None,
+    parser.add_argument("--concurrency", type=POSITIVE, default=1, help="requests in flight at once")
+    parser.add_argument("--requests", type=POSITIVE, default=None,
                         help="total requests (default: --concurrency)")
     parser.add_argument("--info", action="store_true", help="print GetServerInfo first")
     return parser.parse_args(argv)
@@ -123,7 +141,7 @@ def describe(result: dict) -> str:
 
 
 async def amain(args: argparse.Namespace) -> int:
-    total = args.requests or args.concurrency
+    total = args.concurrency if args.requests is None else args.requests
     async with grpc.aio.insecure_channel(args.target) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         if args.info:
