@@ -20,12 +20,25 @@ from specdec.v1 import generation_pb2, metrics_pb2
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+# A request id travels in every response, log line and metrics record; the sidecar's log
+# lines show at most 128 characters of it.
+MAX_REQUEST_ID_CHARS = 128
 
 
 @dataclass(frozen=True)
 class RequestLimits:
     max_request_bytes: int
     max_tokens_limit: int
+
+
+def check_request_id(request_id: str) -> None:
+    """A caller-chosen id: printable, at most MAX_REQUEST_ID_CHARS characters ('' is fine:
+    the server picks one). Raises InvalidRequestError; the message does not echo the id."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequestError(
+            "request_id", f"{len(request_id)} characters is longer than the limit of {MAX_REQUEST_ID_CHARS}")
+    if not request_id.isprintable():
+        raise InvalidRequestError("request_id", "must contain only printable characters")
 
 
 def to_engine_request(

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import grpc
 import structlog
@@ -22,14 +23,16 @@ from grpc_reflection.v1alpha import reflection
 from service import __version__
 from service.config import ServiceConfig
 from service.engine.api import FinalResult, Method
+from service.grpc_handlers import add_servicer
 from service.request_log import log_finished_request
 from service.request_mapping import RequestLimits
 from service.servicer import GenerationServicer, ServingState
-from specdec.v1 import generation_pb2, generation_pb2_grpc
+from specdec.v1 import generation_pb2
 
 log = structlog.get_logger(__name__)
 
-GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+GENERATION_SERVICE_DESCRIPTOR = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"]
+GENERATION_SERVICE = GENERATION_SERVICE_DESCRIPTOR.full_name
 METHOD_BY_NAME = {"none": Method.NONE, "ngram": Method.NGRAM, "draft_model": Method.DRAFT_MODEL}
 # gRPC's own ceiling on a received message; above it gRPC answers RESOURCE_EXHAUSTED itself.
 # Below it, requests over --max-request-bytes get INVALID_ARGUMENT naming the size.
@@ -109,7 +112,7 @@ class Service:
             ("grpc.max_receive_message_length", GRPC_MAX_RECEIVE_BYTES),
             ("grpc.so_reuseport", 0),
         ])
-        generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.server)
+        add_servicer(self.servicer, self.server, GENERATION_SERVICE_DESCRIPTOR)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (GENERATION_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -134,8 +137,8 @@ class Service:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log.info("listening", address=self.config.listen, port=self.port, state="loading")
-        loop = asyncio.get_running_loop()
-        self.engine, tokenizer = await loop.run_in_executor(None, build_engine, self.config)
+        self.engine, tokenizer = await _on_daemon_thread(
+            build_engine, self.config, abandoned=lambda built: built[0].stop(0.0))
         self.servicer.attach(self.engine, tokenizer, server_info(self.engine, self.config))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", address=self.config.listen, **{
@@ -164,6 +167,43 @@ class Service:
             log.info("metrics_flushed", complete=flushed)
         self.servicer.close()
         log.info("stopped")
+
+
+def _on_daemon_thread(work: Callable[..., Any], *args: Any, abandoned: Callable[[Any], None]
+                      ) -> asyncio.Future:
+    """Runs `work(*args)` on a daemon thread; the returned future gets its outcome.
+
+    For model loading, which cannot be interrupted: on the loop's default executor,
+    asyncio.run would wait for it at exit, so a SIGTERM during loading (minutes with a GGUF
+    conversion and graph capture) would keep the process alive past any kill grace period.
+    A daemon thread does not hold the exit. Work that completes after the future was
+    cancelled (the service stopped while loading) is handed to `abandoned`."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def deliver(result: Any, error: BaseException | None) -> None:  # on the loop
+        if future.cancelled():
+            if error is None:
+                threading.Thread(target=abandoned, args=(result,), name="abandoned-load", daemon=True).start()
+        elif error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = work(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the awaiting coroutine
+            error = exc
+        try:
+            loop.call_soon_threadsafe(deliver, result, error)
+        except RuntimeError:  # the loop has closed: nobody awaits this any more
+            if error is None:
+                abandoned(result)
+
+    threading.Thread(target=run, name="model-loading", daemon=True).start()
+    return future
 
 
 def _info_fields(info: generation_pb2.GetServerInfoResponse) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from service.engine.api import (
     QueueFullError,
     TokenChunk,
 )
-from service.request_mapping import RequestLimits, to_engine_request
+from service.request_mapping import RequestLimits, check_request_id, to_engine_request
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -83,11 +83,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     async def GetServerInfo(self, request, context):  # noqa: N802 (gRPC method name)
+        if self.state is ServingState.LOADING:  # the models, and so most fields, are not known yet
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is loading its models; retry later")
         return self.server_info
 
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        try:
+            check_request_id(request.request_id)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         request_id = request.request_id or uuid.uuid4().hex
         structlog.contextvars.bind_contextvars(request_id=request_id)
         if self.state is not ServingState.SERVING:
@@ -108,10 +114,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc} (request_id={request_id})")
         except QueueFullError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"admission queue is full: {exc} (request_id={request_id})")
+                                f"{exc}; retry later (request_id={request_id})")
         except EngineStoppedError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"server is draining: {exc} (request_id={request_id})")
+                                f"{exc} (request_id={request_id})")
 
         finished = False
         try:

@@ -11,6 +11,10 @@ from service.engine.config import EngineConfig
 from service.engine.sampling import RowSampling
 
 _MAX_SEED = 2**64 - 1
+# Temperatures below this decode greedily: logits / 1e-38 overflow float32 to inf, and the
+# softmax of inf - inf is NaN (every token came out as the last vocabulary id). Above it the
+# scaled logits stay finite, and the distribution is already the argmax's up to ties.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -66,4 +70,5 @@ def resolve(request: GenerationRequest, config: EngineConfig, info: EngineInfo) 
         raise InvalidRequestError("stop", "stop sequences must be strings")
 
     seed = secrets.randbits(63) if s.seed is None else s.seed
-    return ResolvedRequest(method, k, max_tokens, RowSampling(s.temperature, s.top_p, s.top_k), seed)
+    temperature = 0.0 if s.temperature < GREEDY_BELOW_TEMPERATURE else s.temperature
+    return ResolvedRequest(method, k, max_tokens, RowSampling(temperature, s.top_p, s.top_k), seed)

@@ -104,7 +104,9 @@ class SamplingParams(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
-    """Softmax temperature, >= 0; 0 means greedy decoding (argmax)."""
+    """Softmax temperature, >= 0; 0 means greedy decoding (argmax), and so does any value below
+    1e-5 (dividing logits by less can overflow to NaN in float32).
+    """
     top_p: _builtins.float
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p; in (0, 1]."""
     top_k: _builtins.int
@@ -185,7 +187,9 @@ class GenerateRequest(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     SPECULATION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Caller-chosen id; when empty the server generates one. Always echoed in every response."""
+    """Caller-chosen id, at most 128 printable characters; when empty the server generates one.
+    Always echoed in every response.
+    """
     text: _builtins.str
     """Raw text, tokenized as is (no chat template)."""
     max_tokens: _builtins.int

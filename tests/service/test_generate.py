@@ -184,6 +184,8 @@ def _ids(values):
     (_bad(text="lazy dog " * 3000), "input"),  # longer than the 4,096-token context
     (_bad(text="x" * (2 << 20)), "request"),  # over --max-request-bytes
     (generation_pb2.GenerateRequest(text="hi", stop=[""]), "stop[0]"),
+    (_bad(request_id="r" * 129), "request_id"),  # echoed in every log line and metrics record
+    (_bad(request_id="two\nlines"), "request_id"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_invalid_fields_get_invalid_argument_naming_the_field(run_service, make_stub, req, field
                                                                ) -> None:
@@ -209,6 +211,7 @@ def test_full_queue_gives_resource_exhausted(run_service, make_stub) -> None:
     with pytest.raises(grpc.RpcError) as info:
         collect(stub, request(max_tokens=2))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details().count("queue is full") == 1, info.value.details()
     running.cancel()
     assert [r for r in queued][-1].HasField("final")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -57,6 +58,11 @@ def test_health_goes_not_serving_then_serving_then_not_serving_while_draining(ru
             list(generation_pb2_grpc.GenerationServiceStub(channel).Generate(
                 generation_pb2.GenerateRequest(text="hi"), timeout=5))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Server info is not known before the models are (it would read max_context_tokens 0).
+        with pytest.raises(grpc.RpcError) as info:
+            generation_pb2_grpc.GenerationServiceStub(channel).GetServerInfo(
+                generation_pb2.GetServerInfoRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
         release.set()
         service.wait_ready()
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
@@ -163,3 +169,78 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model_dir, tmp_pa
         log.close()
     text = (tmp_path / "stack.log").read_text()
     assert "draining" in text and "request_finished" in text, text[-3000:]
+
+
+LOADS_FOR_A_MINUTE = """
+import sys, time
+from service import server
+build = server.build_engine
+def slow_build(config):
+    print("loading-started", flush=True)
+    time.sleep(60)
+    return build(config)
+server.build_engine = slow_build
+from service.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_the_models_load_exits_at_once(tiny_model_dir, tmp_path) -> None:
+    """Loading cannot be interrupted (a GGUF conversion, graph capture): the process must
+    not wait for it after a SIGTERM, or it outlives a container's kill grace period."""
+    port = free_port()
+    script = tmp_path / "slow_server.py"
+    script.write_text(LOADS_FOR_A_MINUTE)
+    log = open(tmp_path / "server.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, str(script), "--listen", f"127.0.0.1:{port}", "--model", str(tiny_model_dir),
+         "--telemetry-target", "", "--device", "cpu", "--dtype", "float32"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 60
+        while b"loading-started" not in (tmp_path / "server.log").read_bytes():
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.1)
+        server.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert server.wait(20) == 0
+        assert time.monotonic() - started < 15
+    finally:
+        if server.poll() is None:
+            server.kill()
+        log.close()
+    text = (tmp_path / "server.log").read_text()
+    assert "draining" in text and "stopped" in text, text[-3000:]
+
+
+def test_a_load_that_ends_after_the_stop_is_handed_to_abandoned() -> None:
+    """The service stopped while loading (the awaiting task was cancelled): the engine the
+    load then returns must still be stopped, not left running."""
+    from service.server import _on_daemon_thread
+
+    release, abandoned = threading.Event(), []
+
+    async def stop_while_loading() -> None:
+        loading = asyncio.ensure_future(_on_daemon_thread(
+            lambda: release.wait(10) and "engine", abandoned=abandoned.append))
+        await asyncio.sleep(0.05)
+        loading.cancel()
+        release.set()
+        deadline = time.monotonic() + 10
+        while not abandoned and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(stop_while_loading())
+    assert abandoned == ["engine"]
+
+    async def load() -> object:  # and a load that is awaited delivers its result, or its error
+        return await _on_daemon_thread(lambda: "engine", abandoned=abandoned.append)
+
+    assert asyncio.run(load()) == "engine"
+
+    async def fail() -> object:
+        return await _on_daemon_thread(lambda: 1 / 0, abandoned=abandoned.append)
+
+    with pytest.raises(ZeroDivisionError):
+        asyncio.run(fail())
+    assert abandoned == ["engine"]
