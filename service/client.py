@@ -20,6 +20,7 @@ import grpc
 from google.protobuf import json_format
 
 from service.metrics_format import metrics_to_dict
+from service.request_mapping import MAX_REQUEST_ID_CHARS
 from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
 
 METHODS = {
@@ -90,7 +91,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=POSITIVE, default=None,
                         help="total requests (default: --concurrency)")
     parser.add_argument("--info", action="store_true", help="print GetServerInfo first")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    total = args.concurrency if args.requests is None else args.requests
+    longest = args.request_id + (f"-{total - 1}" if args.request_id and total > 1 else "")
+    if len(longest) > MAX_REQUEST_ID_CHARS:
+        parser.error(f"argument --request-id: {longest!r} is longer than the server's limit of "
+                     f"{MAX_REQUEST_ID_CHARS} characters")
+    return args
 
 
 async def run_one(stub, request, timeout: float, stream_to: object | None) -> dict:

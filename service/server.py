@@ -137,8 +137,14 @@ class Service:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log.info("listening", address=self.config.listen, port=self.port, state="loading")
-        self.engine, tokenizer = await _on_daemon_thread(
-            build_engine, self.config, abandoned=lambda built: built[0].stop(0.0))
+        abandoned = lambda built: built[0].stop(0.0)  # noqa: E731
+        loading = _on_daemon_thread(build_engine, self.config, abandoned=abandoned)
+        try:
+            self.engine, tokenizer = await loading
+        except asyncio.CancelledError:  # stopped: the load may have ended in the same turn
+            if loading.done() and not loading.cancelled() and loading.exception() is None:
+                threading.Thread(target=abandoned, args=(loading.result(),), daemon=True).start()
+            raise
         self.servicer.attach(self.engine, tokenizer, server_info(self.engine, self.config))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", address=self.config.listen, **{

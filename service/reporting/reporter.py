@@ -166,6 +166,7 @@ class MetricsReporter:
         self._sent = 0
         self._acked = 0
         self._dropped = 0
+        self._oversized = 0  # of the dropped: records larger than max_batch_bytes
         self._reconnects = 0
         self._connected = False
         self._stream: _StreamState | None = None
@@ -188,9 +189,8 @@ class MetricsReporter:
                 return
             if len(data) > self.max_batch_bytes:  # no batch can carry it: dropped, and counted
                 self._dropped += 1
+                self._oversized += 1  # logged by the sender thread, with the other drops
                 self._carry_drops += 1  # on the next record reported, the one after this
-                log.warning("metrics record too large to send: dropped", size_bytes=len(data),
-                            max_batch_bytes=self.max_batch_bytes, request_id=metrics.request_id[:128])
                 return
             seq = next(self._seq)
             self._last_seq = seq
@@ -404,8 +404,10 @@ class MetricsReporter:
         now = time.monotonic()
         if now - self._drop_logged_at < self.drop_log_interval_s and self._dropped_logged:
             return
-        log.warning("metrics reporter buffer full: dropped oldest unsent records",
+        log.warning("metrics reporter dropped records: the oldest unsent of a full buffer, or "
+                    "records larger than max_batch_bytes",
                     dropped_total=dropped, dropped_since_last_log=dropped - self._dropped_logged,
-                    buffer_size=self.buffer_size)
+                    too_large_total=self._oversized, buffer_size=self.buffer_size,
+                    max_batch_bytes=self.max_batch_bytes)
         self._dropped_logged = dropped
         self._drop_logged_at = now

@@ -255,3 +255,19 @@ def test_draft_catch_up_batches_similar_backlogs_and_leaves_outliers_to_prepare(
     far = [row(0, 100), row(31, 100)] + [row(slot, 1) for slot in range(1, 31)]
     drafter.prepare_rows(far)  # 32 rows of padding for 200 tokens: each is fed alone
     assert calls == [] and far[0].draft_len == 10
+
+
+@pytest.mark.parametrize("temperature, greedy", [(0.0, True), (1e-38, True), (9.99e-6, True),
+                                                 (1e-5, False), (0.7, False)])
+def test_temperatures_below_the_floor_resolve_to_greedy(temperature: float, greedy: bool) -> None:
+    """Below 1e-5, logits / temperature can overflow float32 (NaN probabilities): such a
+    request decodes greedily, its limit; from 1e-5 up it samples at its own temperature."""
+    from service.engine.api import EngineInfo, GenerationRequest, SamplingParams
+    from service.engine.config import EngineConfig
+    from service.engine.validation import resolve
+
+    info = EngineInfo("t", "", "cpu", "float32", 4, Method.NGRAM, 4, 8, 64, (Method.NONE, Method.NGRAM), 100, "i")
+    request = GenerationRequest("r", (1, 2, 3), sampling=SamplingParams(temperature=temperature, seed=1))
+    sampling = resolve(request, EngineConfig(), info).sampling
+    assert sampling.greedy is greedy
+    assert sampling.temperature == (0.0 if greedy else temperature)

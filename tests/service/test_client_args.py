@@ -16,6 +16,8 @@ from service.client import build_request, parse_args
     (["--concurrency", "0"], "--concurrency"),  # a semaphore of 0 waited forever
     (["--requests", "0"], "--requests"),  # was taken as "use --concurrency"
     (["--top-k", "ten"], "--top-k"),
+    (["--request-id", "r" * 129], "--request-id"),
+    (["--request-id", "r" * 127, "--requests", "2"], "--request-id"),  # r...r-1 is 129 long
 ])
 def test_out_of_range_arguments_are_refused_by_name(argv, named, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -31,3 +33,8 @@ def test_in_range_arguments_reach_the_request() -> None:
     assert request.sampling.top_k == 0 and request.sampling.seed == 2**64 - 1
     assert request.max_tokens == 7 and request.speculation.num_draft_tokens == 0
     assert args.requests is None and args.concurrency == 2
+
+
+def test_a_request_id_at_the_limit_is_taken() -> None:
+    assert parse_args(["--request-id", "r" * 128, "hi"]).request_id == "r" * 128
+    assert parse_args(["--request-id", "r" * 126, "--requests", "10", "hi"]).requests == 10

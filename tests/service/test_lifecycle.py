@@ -244,3 +244,43 @@ def test_a_load_that_ends_after_the_stop_is_handed_to_abandoned() -> None:
     with pytest.raises(ZeroDivisionError):
         asyncio.run(fail())
     assert abandoned == ["engine"]
+
+
+def test_a_load_that_ends_in_the_turn_the_stop_arrives_is_stopped(tiny_model_dir, monkeypatch) -> None:
+    """serve() cancels start() when the stop wins; if the load delivered its engine in that
+    same turn of the loop, start() holds the engine and must stop it."""
+    from service import server
+    from tests.service.conftest import service_config
+
+    stopped: list[float] = []
+
+    class Engine:
+        def stop(self, grace: float) -> None:
+            stopped.append(grace)
+
+    loads: list[asyncio.Future] = []
+    on_daemon_thread = server._on_daemon_thread
+
+    def recorded(*args, **kwargs) -> asyncio.Future:
+        loads.append(on_daemon_thread(*args, **kwargs))
+        return loads[-1]
+
+    monkeypatch.setattr(server, "build_engine", lambda config: (Engine(), None))
+    monkeypatch.setattr(server, "_on_daemon_thread", recorded)
+
+    async def stop_as_the_load_ends() -> None:
+        service = server.Service(service_config(tiny_model_dir))
+        starting = asyncio.ensure_future(service.start())
+        while not loads or not loads[0].done():  # the load has delivered; start() has not resumed
+            await asyncio.sleep(0)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        assert service.engine is None
+        await service.server.stop(0)
+
+    asyncio.run(stop_as_the_load_ends())
+    deadline = time.monotonic() + 10
+    while not stopped and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stopped == [0.0]
