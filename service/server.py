@@ -137,13 +137,12 @@ class Service:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log.info("listening", address=self.config.listen, port=self.port, state="loading")
-        abandoned = lambda built: built[0].stop(0.0)  # noqa: E731
-        loading = _on_daemon_thread(build_engine, self.config, abandoned=abandoned)
+        loading = _on_daemon_thread(build_engine, self.config, abandoned=_stop_abandoned_engine)
         try:
             self.engine, tokenizer = await loading
         except asyncio.CancelledError:  # stopped: the load may have ended in the same turn
             if loading.done() and not loading.cancelled() and loading.exception() is None:
-                threading.Thread(target=abandoned, args=(loading.result(),), daemon=True).start()
+                threading.Thread(target=_stop_abandoned_engine, args=(loading.result(),), daemon=True).start()
             raise
         self.servicer.attach(self.engine, tokenizer, server_info(self.engine, self.config))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -173,6 +172,11 @@ class Service:
             log.info("metrics_flushed", complete=flushed)
         self.servicer.close()
         log.info("stopped")
+
+
+def _stop_abandoned_engine(built: tuple[Any, Any]) -> None:
+    """An engine whose load ended after the service stopped: nothing will serve from it."""
+    built[0].stop(0.0)
 
 
 def _on_daemon_thread(work: Callable[..., Any], *args: Any, abandoned: Callable[[Any], None]

@@ -10,8 +10,9 @@ Records get per-source sequence numbers (1, 2, 3, ...; source_id = instance id +
 nonce) and sit in a bounded buffer until the sidecar acknowledges them
 (`acknowledged_through_sequence`). A background thread keeps one long-lived bidi stream
 `TelemetryService.Report` open, sends batches (up to `batch_size` records and `max_batch_bytes`
-of them, or whatever is buffered after `linger_s`), and on any stream failure reconnects with exponential backoff and
-full jitter, then resends, in order, every record that was not acknowledged.
+of them, or whatever is buffered after `linger_s`), and on any stream failure reconnects with
+exponential backoff and full jitter, then resends, in order, every record that was not
+acknowledged.
 
 Buffer: at most `buffer_size` records (sent-but-unacknowledged plus never-sent). When full, the
 oldest *never-sent* record is dropped and counted; records that were sent but not yet
@@ -393,8 +394,10 @@ class MetricsReporter:
         max_batch_bytes of metrics (at least one record; report() keeps larger ones out)."""
         batch = [records.popleft()]
         size = len(batch[0][1])
-        while records and len(batch) < self.batch_size and size + len(records[0][1]) <= self.max_batch_bytes:
+        while records and len(batch) < self.batch_size:
             size += len(records[0][1])
+            if size > self.max_batch_bytes:
+                break
             batch.append(records.popleft())
         return batch
 
