@@ -92,7 +92,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="total requests (default: --concurrency)")
     parser.add_argument("--info", action="store_true", help="print GetServerInfo first")
     args = parser.parse_args(argv)
-    total = args.concurrency if args.requests is None else args.requests
+    total = total_requests(args)
     longest = args.request_id + (f"-{total - 1}" if args.request_id and total > 1 else "")
     if len(longest) > MAX_REQUEST_ID_CHARS:
         parser.error(f"argument --request-id: {longest!r} is longer than the server's limit of "
@@ -147,8 +147,13 @@ def describe(result: dict) -> str:
     )
 
 
+def total_requests(args: argparse.Namespace) -> int:
+    """--requests, by default --concurrency."""
+    return args.concurrency if args.requests is None else args.requests
+
+
 async def amain(args: argparse.Namespace) -> int:
-    total = args.concurrency if args.requests is None else args.requests
+    total = total_requests(args)
     async with grpc.aio.insecure_channel(args.target) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         if args.info:

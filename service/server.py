@@ -137,13 +137,8 @@ class Service:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log.info("listening", address=self.config.listen, port=self.port, state="loading")
-        loading = _on_daemon_thread(build_engine, self.config, abandoned=_stop_abandoned_engine)
-        try:
-            self.engine, tokenizer = await loading
-        except asyncio.CancelledError:  # stopped: the load may have ended in the same turn
-            if loading.done() and not loading.cancelled() and loading.exception() is None:
-                threading.Thread(target=_stop_abandoned_engine, args=(loading.result(),), daemon=True).start()
-            raise
+        self.engine, tokenizer = await _result_or_abandon(build_engine, self.config,
+                                                          abandoned=_stop_abandoned_engine)
         self.servicer.attach(self.engine, tokenizer, server_info(self.engine, self.config))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", address=self.config.listen, **{
@@ -177,6 +172,20 @@ class Service:
 def _stop_abandoned_engine(built: tuple[Any, Any]) -> None:
     """An engine whose load ended after the service stopped: nothing will serve from it."""
     built[0].stop(0.0)
+
+
+async def _result_or_abandon(work: Callable[..., Any], *args: Any, abandoned: Callable[[Any], None]) -> Any:
+    """`work(*args)` on a daemon thread, awaited. If the awaiting task is cancelled, its
+    result, whenever it comes, goes to `abandoned`: _on_daemon_thread hands over a result that
+    arrives after the cancellation, and here one that arrived in the same turn of the loop,
+    before the task resumed."""
+    loading = _on_daemon_thread(work, *args, abandoned=abandoned)
+    try:
+        return await loading
+    except asyncio.CancelledError:
+        if loading.done() and not loading.cancelled() and loading.exception() is None:
+            threading.Thread(target=abandoned, args=(loading.result(),), name="abandoned-load", daemon=True).start()
+        raise
 
 
 def _on_daemon_thread(work: Callable[..., Any], *args: Any, abandoned: Callable[[Any], None]
