@@ -42,6 +42,18 @@ def to_cuda(m: LoadedModel) -> LoadedModel:
     return LoadedModel(m.name, m.model.to("cuda"), m.tokenizer, torch.device("cuda"), m.dtype)
 
 
+def graphed_and_reference_runners(tokenizer, lean_variant: str, max_len: int):
+    """A random CUDA model, a runner of `lean_variant` replayed from captured graphs, and the
+    eager, uncompiled reference runner on the same weights (GPU tests only)."""
+    from service.engine.runner import ModelRunner
+
+    target = to_cuda(make_model(tokenizer, seed=0, name="g", vocab_size=len(tokenizer)))
+    graphed = ModelRunner(target, max_batch=4, max_len=max_len, max_width=4, lean_variant=lean_variant)
+    reference = ModelRunner(target, max_batch=4, max_len=max_len, max_width=4, use_graphs=False, use_compile=False)
+    assert graphed.graphs is not None and graphed.lean.variant == lean_variant
+    return target, graphed, reference
+
+
 @dataclass
 class Outcome:
     request_id: str

@@ -8,18 +8,14 @@ import pytest
 import torch
 
 from service.engine import Engine, EngineConfig, GenerationRequest, Method
-from service.engine.runner import ModelRunner
-from tests.engine.helpers import assert_same_cache, make_model, run, to_cuda
+from tests.engine.helpers import assert_same_cache, graphed_and_reference_runners, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @torch.inference_mode()
 def test_invariant_graphs_match_the_reference_variant(tokenizer) -> None:
-    target = to_cuda(make_model(tokenizer, seed=0, name="g", vocab_size=len(tokenizer)))
-    graphed = ModelRunner(target, max_batch=4, max_len=160, max_width=4, lean_variant="invariant")
-    reference = ModelRunner(target, max_batch=4, max_len=160, max_width=4, use_graphs=False, use_compile=False)
-    assert graphed.lean.variant == "invariant" and graphed.graphs is not None
+    target, graphed, reference = graphed_and_reference_runners(tokenizer, "invariant", max_len=160)
     assert graphed.capture_all_graphs() == 3 * 3 * 4  # batch 1, 2, 4 x kv 64, 128, 160 x width 1..4
     gen = torch.Generator().manual_seed(0)
     lengths = [70, 13, 66]  # prompts across the 64-position key chunks

@@ -6,18 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.engine.runner import ModelRunner
-from tests.engine.helpers import assert_same_cache, make_model, to_cuda
+from tests.engine.helpers import assert_same_cache, graphed_and_reference_runners
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @torch.inference_mode()
 def test_layer_variant_graphs_match_the_reference_variant(tokenizer) -> None:
-    target = to_cuda(make_model(tokenizer, seed=0, name="g", vocab_size=len(tokenizer)))
-    layer = ModelRunner(target, max_batch=4, max_len=128, max_width=4, lean_variant="layer")
-    reference = ModelRunner(target, max_batch=4, max_len=128, max_width=4, use_graphs=False, use_compile=False)
-    assert layer.graphs is not None and layer.lean.variant == "layer" and layer.lean.compiled
+    target, layer, reference = graphed_and_reference_runners(tokenizer, "layer", max_len=128)
+    assert layer.lean.compiled
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(1, target.vocab_size, (3, 20), generator=gen).cuda()
     lengths = [20, 13, 17]
