@@ -30,11 +30,13 @@ class MetricsRecord(_message.Message):
     DROPPED_BEFORE_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Per-source sequence number, strictly increasing within a source, starting at 1;
-    gaps are records the source dropped from its full buffer (see dropped_before).
+    gaps are records the source dropped from its full buffer (see dropped_before, which
+    also counts records dropped before they got a number).
     """
     dropped_before: _builtins.int
-    """Records this source dropped from its full buffer immediately before this one, i.e.
-    since the previous record it kept (the sequence gap before this record). The drop count
+    """Records this source dropped immediately before this one, i.e. since the previous record
+    it kept: from its full buffer (the sequence gap before this record), or when reported,
+    before getting a sequence number, as larger than a batch may be. The drop count
     travels with the record, so it is counted exactly when the record is processed as new:
     once per record, including when the record is rejected, and never for a duplicate.
     """
