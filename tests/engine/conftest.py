@@ -11,9 +11,6 @@ from service.engine import Engine, EngineConfig
 from service.model_loading import LoadedModel
 from tests.engine.helpers import make_model, make_tokenizer, perturbed
 
-# Tiny models: one intra-op thread is fastest, and the 2-core CI machine is shared.
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="session")
 def tokenizer():

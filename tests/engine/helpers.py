@@ -11,6 +11,7 @@ from transformers import LlamaForCausalLM
 from service.engine import Engine, FinalResult, FinishReason, GenerationRequest, TokenChunk
 from service.model_loading import LoadedModel
 from specdec.v1 import metrics_pb2
+from tests.support.float_compare import assert_close_up_to_rounding
 from tests.support.metrics_invariants import assert_metrics_invariants  # noqa: F401 (re-export)
 from tests.support.tiny_model import make_model, make_tokenizer  # noqa: F401 (re-export)
 
@@ -28,13 +29,11 @@ def perturbed(base: LoadedModel, seed: int, scale: float, name: str) -> LoadedMo
 
 def assert_same_cache(got, want, lengths: list[int]) -> None:
     """The first lengths[row] cached keys and values of every layer and row of two
-    ModelRunners agree (float32 tolerances)."""
+    ModelRunners agree up to rounding."""
     for i in range(got.lean.num_layers):
         for row, n in enumerate(lengths):
-            torch.testing.assert_close(got.cache.keys[i][row, :, :n], want.cache.keys[i][row, :, :n],
-                                       rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(got.cache.values[i][row, :, :n], want.cache.values[i][row, :, :n],
-                                       rtol=1e-4, atol=1e-4)
+            assert_close_up_to_rounding(got.cache.keys[i][row, :, :n], want.cache.keys[i][row, :, :n])
+            assert_close_up_to_rounding(got.cache.values[i][row, :, :n], want.cache.values[i][row, :, :n])
 
 
 def to_cuda(m: LoadedModel) -> LoadedModel:

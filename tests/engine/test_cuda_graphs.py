@@ -9,6 +9,7 @@ import torch
 from service.engine import Engine, EngineConfig, GenerationRequest, Method
 from service.engine.runner import ModelRunner
 from tests.engine.helpers import make_model, run, to_cuda
+from tests.support.float_compare import assert_close_up_to_rounding
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -29,12 +30,11 @@ def test_graph_replay_matches_eager(tokenizer) -> None:
         ids = torch.randint(1, target.vocab_size, (3, width), generator=gen).cuda()
         got = graphed.forward(0, 3, ids, lengths)
         want = eager.forward(0, 3, ids, lengths)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert_close_up_to_rounding(got, want)
         lengths = [n + width for n in lengths]
     # Rows [lo, hi) with lo > 0 (a draft model's group) go through the same graphs.
     ids = torch.randint(1, target.vocab_size, (2, 1), generator=gen).cuda()
-    torch.testing.assert_close(graphed.forward(1, 3, ids, lengths[1:]), eager.forward(1, 3, ids, lengths[1:]),
-                               rtol=1e-4, atol=1e-4)
+    assert_close_up_to_rounding(graphed.forward(1, 3, ids, lengths[1:]), eager.forward(1, 3, ids, lengths[1:]))
     assert len(graphed.graphs.graphs) == 4  # (4, T, 64) for T in 1, 2, 3, 4
 
 
@@ -94,6 +94,6 @@ def test_capture_all_covers_every_shape_a_pass_can_take(tokenizer) -> None:
         ids = torch.randint(1, target.vocab_size, (rows, width), generator=gen).cuda()
         got = graphed.forward(0, rows, ids, lengths[:rows]).clone()
         want = eager.forward(0, rows, ids, lengths[:rows])
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert_close_up_to_rounding(got, want)
         lengths = [n + width if r < rows else n for r, n in enumerate(lengths)]
     assert graphed.captures == captured  # nothing captured mid-decoding

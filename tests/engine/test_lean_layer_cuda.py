@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.engine.helpers import assert_same_cache, graphed_and_reference_runners
+from tests.support.float_compare import assert_close_up_to_rounding
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -23,18 +24,16 @@ def test_layer_variant_graphs_match_the_reference_variant(tokenizer) -> None:
             runner.forward(row, row + 1, prompts[row:row + 1, :n], [0], last_only=True)
     for width in (1, 4, 2, 1, 3):
         ids = torch.randint(1, target.vocab_size, (3, width), generator=gen).cuda()
-        torch.testing.assert_close(layer.forward(0, 3, ids, lengths), reference.forward(0, 3, ids, lengths),
-                                   rtol=1e-4, atol=1e-4)
+        assert_close_up_to_rounding(layer.forward(0, 3, ids, lengths), reference.forward(0, 3, ids, lengths))
         lengths = [n + width for n in lengths]
     # Rows [lo, hi) with lo > 0 (a draft model's group) and a single row (the B = 1 graphs).
     ids = torch.randint(1, target.vocab_size, (2, 1), generator=gen).cuda()
-    torch.testing.assert_close(layer.forward(1, 3, ids, lengths[1:]), reference.forward(1, 3, ids, lengths[1:]),
-                               rtol=1e-4, atol=1e-4)
+    assert_close_up_to_rounding(layer.forward(1, 3, ids, lengths[1:]), reference.forward(1, 3, ids, lengths[1:]))
     lengths[1:] = [n + 1 for n in lengths[1:]]
     for width in (1, 2):
         ids = torch.randint(1, target.vocab_size, (1, width), generator=gen).cuda()
         got = layer.forward(0, 1, ids, lengths[:1])
-        torch.testing.assert_close(got, reference.forward(0, 1, ids, lengths[:1]), rtol=1e-4, atol=1e-4)
+        assert_close_up_to_rounding(got, reference.forward(0, 1, ids, lengths[:1]))
         lengths[0] += width
     # The graphs wrote every key and value into the cache's own storage.
     assert_same_cache(layer, reference, lengths)

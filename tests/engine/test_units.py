@@ -15,30 +15,36 @@ from service.engine.runner import ModelRunner
 from service.engine.sampling import BatchSampling, RowSampling, probs_from_logits, sample_from
 from service.engine.stats import RequestIdentity, RequestTiming, SpecDecodeStats, to_proto
 from tests.engine.helpers import assert_metrics_invariants
+from tests.support.float_compare import SHALLOW_BUDGET, assert_close_up_to_rounding
 
 # ---- sampling ---------------------------------------------------------------------------
 
 
-def _probs(logits: list[float], row: RowSampling) -> list[float]:
+def _probs(logits: list[float], row: RowSampling) -> torch.Tensor:
     out = probs_from_logits(torch.tensor([[logits]]), BatchSampling.build([row], torch.device("cpu")))
-    return out[0, 0].tolist()
+    return out[0, 0]
+
+
+def _assert_probs(got: torch.Tensor, want: torch.Tensor | list[float]) -> None:
+    """Probabilities of the sampler against a softmax computed here: another code path."""
+    assert_close_up_to_rounding(got, torch.as_tensor(want, dtype=torch.float32), SHALLOW_BUDGET, what="probabilities")
 
 
 def test_temperature_top_k_top_p() -> None:
     logits = [2.0, 1.0, 0.0, -1.0]
     full = torch.softmax(torch.tensor(logits), -1)
-    assert _probs(logits, RowSampling(temperature=1.0)) == pytest.approx(full.tolist(), abs=1e-6)
+    _assert_probs(_probs(logits, RowSampling(temperature=1.0)), full)
     hot = torch.softmax(torch.tensor(logits) / 2.0, -1)
-    assert _probs(logits, RowSampling(temperature=2.0)) == pytest.approx(hot.tolist(), abs=1e-6)
+    _assert_probs(_probs(logits, RowSampling(temperature=2.0)), hot)
     top2 = full[:2] / full[:2].sum()
-    assert _probs(logits, RowSampling(temperature=1.0, top_k=2)) == pytest.approx(top2.tolist() + [0, 0], abs=1e-6)
+    _assert_probs(_probs(logits, RowSampling(temperature=1.0, top_k=2)), top2.tolist() + [0, 0])
     # full = [0.644, 0.237, 0.087, 0.032]: top_p 0.7 keeps two tokens, 0.9 keeps three.
-    assert _probs(logits, RowSampling(temperature=1.0, top_p=0.7)) == pytest.approx(top2.tolist() + [0, 0], abs=1e-6)
+    _assert_probs(_probs(logits, RowSampling(temperature=1.0, top_p=0.7)), top2.tolist() + [0, 0])
     top3 = full[:3] / full[:3].sum()
-    assert _probs(logits, RowSampling(temperature=1.0, top_p=0.9)) == pytest.approx(top3.tolist() + [0], abs=1e-6)
+    _assert_probs(_probs(logits, RowSampling(temperature=1.0, top_p=0.9)), top3.tolist() + [0])
     # top_p small keeps only the argmax; greedy is one-hot on the argmax.
-    assert _probs(logits, RowSampling(temperature=1.0, top_p=0.01)) == [1.0, 0, 0, 0]
-    assert _probs([0.0, 3.0, 1.0], RowSampling()) == [0.0, 1.0, 0.0]
+    assert _probs(logits, RowSampling(temperature=1.0, top_p=0.01)).tolist() == [1.0, 0, 0, 0]
+    assert _probs([0.0, 3.0, 1.0], RowSampling()).tolist() == [0.0, 1.0, 0.0]
 
 
 def test_mixed_rows_keep_their_own_parameters() -> None:
@@ -47,7 +53,7 @@ def test_mixed_rows_keep_their_own_parameters() -> None:
     probs = probs_from_logits(logits, BatchSampling.build(rows, torch.device("cpu")))
     assert probs[0, 0].tolist() == [0, 1, 0]
     assert probs[1, 0].tolist() == [0, 1, 0]
-    assert probs[2, 0].tolist() == pytest.approx(torch.softmax(logits[2, 0], -1).tolist())
+    _assert_probs(probs[2, 0], torch.softmax(logits[2, 0], -1))
 
 
 def test_sample_from_inverse_cdf() -> None:
@@ -219,7 +225,7 @@ def test_batched_rows_of_different_lengths_match_full_forward(target) -> None:
     ids = torch.tensor([[1, 1]] + [s[-2:] for s in seqs])
     logits = runner.forward(0, 4, ids, [0] + [len(s) - 2 for s in seqs])  # [4, 2, V]
     for i, s in enumerate(seqs):
-        torch.testing.assert_close(logits[i + 1], full[i][-2:], atol=1e-4, rtol=1e-4)
+        assert_close_up_to_rounding(logits[i + 1], full[i][-2:], what=f"row {i + 1}")
 
 
 def test_draft_catch_up_batches_similar_backlogs_and_leaves_outliers_to_prepare() -> None:

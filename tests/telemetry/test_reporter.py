@@ -215,15 +215,15 @@ def test_report_never_blocks_on_a_black_hole():
     rng = random.Random(7)
     msgs = [simulate_metrics(rng) for _ in range(200)]
     worst = 0.0
-    t_start = time.perf_counter()
     for i in range(20000):
         t0 = time.perf_counter()
         reporter.report(msgs[i % 200])
         worst = max(worst, time.perf_counter() - t0)
-    elapsed = time.perf_counter() - t_start
     assert reporter.stats.dropped == 19000
-    assert worst < 0.2, worst  # GIL/scheduler hiccups on a loaded box, never I/O waits
-    assert elapsed / 20000 < 500e-6, elapsed
+    # A report() that waited on the peer would wait for ever: the hole never answers. Any
+    # finite bound well above scheduler hiccups on a loaded 2-core box tells the two apart;
+    # how fast report() is belongs to bench/reporter_overhead.py, not to a test.
+    assert worst < 1.0, worst
     t0 = time.monotonic()
     assert not reporter.stop(0.5)
     assert time.monotonic() - t0 < 7
