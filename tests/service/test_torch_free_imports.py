@@ -22,6 +22,11 @@ TORCH_FREE_MODULES = (
     "service.reporting",
     "service.engine.api",
     "service.engine.config",
+    "service.loadgen.cli",
+    "service.loadgen.runner",
+    "service.loadgen.stats",
+    "service.loadgen.prompts",
+    "service.loadgen.report",
 )
 
 
