@@ -114,3 +114,30 @@ def test_a_bad_prompt_file_is_a_clear_error(tmp_path, capsys) -> None:
     path.write_text("{}\n")
     assert main(["--prompts", str(path)]) == 2
     assert "p.jsonl:1" in capsys.readouterr().err
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(have_matplotlib(), reason="matplotlib is installed (the bench extra)")
+def test_plot_without_matplotlib_is_refused_before_any_load(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--target", "127.0.0.1:1", "--plot", "out.png"])
+    assert exit_info.value.code == 2
+    assert "pip install 'specdec[bench]'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not have_matplotlib(), reason="needs matplotlib (the bench extra)")
+def test_plot_is_a_png(run_service, tmp_path) -> None:
+    service = run_service()
+    png = tmp_path / "bench.png"
+    code = main(["--target", service.address, "--prompts", "builtin:grounded", "--modes", "burst",
+                 "--concurrency", "1,2", "--max-tokens", "4", "--out", str(tmp_path / "b.json"),
+                 "--plot", str(png)])
+    assert code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
