@@ -26,6 +26,14 @@ benchmark prompts, sent as one user chat message each), or a JSONL file, one obj
   {"text": "Summarize: ...", "max_tokens": 64}
   {"messages": [{"role": "user", "content": "Hello"}]}
 Request i uses prompt i modulo the set's size; a prompt's max_tokens overrides --max-tokens.
+
+output: a table on stderr as the runs finish; the JSON report on stdout, or in --out. Per
+run: requests (sent, succeeded, failed, errors_by_code), window, throughput (tokens_per_s
+and requests_per_s over the window; whole_run_*; request_tokens_per_s = tokens over the sum
+of request durations, at level 1 the in-process benchmarks' batch-1 figure), latency_s
+(ttft, itl, tpot = time per output token after the first chunk, end_to_end, and the
+server's own server_ttft and server_queue; each count, mean, p50, p90, p99, over the
+successful requests that started in the window) and server_metrics (sums).
 """
 
 from __future__ import annotations
