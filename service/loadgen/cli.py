@@ -27,7 +27,8 @@ benchmark prompts, sent as one user chat message each), or a JSONL file, one obj
   {"messages": [{"role": "user", "content": "Hello"}]}
 Request i uses prompt i modulo the set's size; a prompt's max_tokens overrides --max-tokens.
 
-output: a table on stderr as the runs finish; the JSON report on stdout, or in --out. Per
+output: a table on stderr as the runs finish; the JSON report on stdout, or in --out
+(rewritten after each run). Per
 run: requests (sent, succeeded, failed, errors_by_code), window, throughput (tokens_per_s
 and requests_per_s over the window; whole_run_*; request_tokens_per_s = tokens over the sum
 of request durations, at level 1 the in-process benchmarks' batch-1 figure), latency_s
@@ -271,7 +272,14 @@ async def amain(args: argparse.Namespace, prompts: list[Prompt]) -> dict[str, An
                 run["per_request"] = per_request(records, run_start)
             result["runs"].append(run)
             print(report.table([run]).splitlines()[-1], file=sys.stderr, flush=True)
+            if args.out is not None:  # an interrupted invocation keeps the runs it finished
+                write_json(args.out, result)
     return result
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -290,8 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"specdec-bench: error: {args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 2
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
     else:
         print(json.dumps(result, indent=1))
     if args.plot is not None:

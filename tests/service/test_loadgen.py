@@ -141,3 +141,4 @@ def test_plot_is_a_png(run_service, tmp_path) -> None:
                  "--plot", str(png)])
     assert code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
