@@ -56,8 +56,8 @@ ATTR_MODEL = "gen_ai.request.model"  # semconv: the target model
 ATTR_METHOD = "specdec.method"  # none | ngram | draft_model
 ATTR_DRAFT_MODEL = "specdec.draft_model"  # "" unless method is draft_model
 ATTR_K = "specdec.num_draft_tokens"  # k (int)
-ATTR_POSITION = "position"  # METRICS.md: draft position i = 0..k-1
-ATTR_ACCEPTED = "accepted"  # METRICS.md: accepted count j = 0..k
+ATTR_POSITION = "position"  # docs/metrics-contract.md: draft position i = 0..k-1
+ATTR_ACCEPTED = "accepted"  # docs/metrics-contract.md: accepted count j = 0..k
 ATTR_REASON = "reason"
 ATTR_EXPORTER = "exporter"
 

@@ -1,4 +1,5 @@
-"""The METRICS.md invariants, written once: `check(m)` names the first one a record breaks.
+"""The invariants of docs/metrics-contract.md, written once: `check(m)` names the first one
+a record breaks.
 
 Every SpeculativeMetrics the sidecar ingests goes through `check` before it may touch an
 aggregate. The function is on the ingest hot path (tens of thousands of records per second on
@@ -14,7 +15,7 @@ import operator
 
 from specdec.v1 import metrics_pb2
 
-# Bounds that are not METRICS.md invariants but keep garbage from hurting the sidecar:
+# Bounds that are not contract invariants but keep garbage from hurting the sidecar:
 DEFAULT_MAX_K = 64  # longest speculation the sidecar accepts (array lengths, label cardinality)
 MAX_IDENTITY_LEN = 256  # target/draft model name length (they become attribute values)
 MAX_COUNT = 1 << 40  # any per-request counter above this is garbage (OTLP ints are int64)
@@ -52,7 +53,7 @@ REASONS: tuple[str, ...] = (
     "accepted_exceeds_proposed",
     "proposed_exceeds_capacity",  # proposed_drafts > k * verify_passes
     "completion_tokens_exceed_bound",  # completion > 1 + verify_passes + accepted_drafts
-    # Identities that follow from the per-pass definitions (not listed in METRICS.md's
+    # Identities that follow from the per-pass definitions (not listed among the contract's
     # invariants, but exact): every draft pass proposes position 0; a draft is proposed at
     # position i only if it was at i - 1; the draft at position i was accepted iff the pass
     # accepted more than i drafts.

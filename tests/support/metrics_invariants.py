@@ -1,4 +1,4 @@
-"""The METRICS.md invariants, as an independent test oracle for any SpeculativeMetrics.
+"""The invariants of docs/metrics-contract.md, as an independent test oracle for any SpeculativeMetrics.
 
 (The sidecar has its own production validator, telemetry/validation.py; tests check
 engine and service output against this one, written separately from both.)
@@ -10,7 +10,7 @@ from specdec.v1 import metrics_pb2
 
 
 def assert_metrics_invariants(m: metrics_pb2.SpeculativeMetrics) -> None:
-    """Every METRICS.md invariant, for one finished request's SpeculativeMetrics."""
+    """Every contract invariant, for one finished request's SpeculativeMetrics."""
     k = m.num_draft_tokens
     assert len(m.accept_histogram) == k + 1
     assert len(m.proposed_per_position) == k

@@ -1,4 +1,5 @@
-"""One mutation per invariant: each breaks exactly one METRICS.md invariant (or, where one
+"""One mutation per invariant: each breaks exactly one invariant of the metrics
+contract (docs/metrics-contract.md) (or, where one
 invariant is implied by earlier ones, the smallest change that breaks it) of `base_record()`.
 
 `MUTATIONS[name] = (mutate(m), expected reason)`.
