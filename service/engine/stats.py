@@ -65,7 +65,7 @@ class SpecDecodeStats:
 class RequestTiming:
     """Monotonic timestamps of one request's life (seconds)."""
 
-    arrival: float
+    arrival: float  # the server received the request (before tokenization)
     admitted: float | None = None
     first_token: float | None = None
     finished: float | None = None

@@ -156,11 +156,14 @@ class SpeculativeMetrics(_message.Message):
     finish_reason: Global___FinishReason.ValueType
     """Why generation ended."""
     queue_time_seconds: _builtins.float
-    """Seconds (monotonic clock) from arrival at the engine to admission into the running batch."""
+    """Timings start when the server received the request, before it was tokenized (a wait for
+    the tokenizer is part of them).
+    Seconds (monotonic clock) from receipt to admission into the running batch.
+    """
     time_to_first_token_seconds: _builtins.float
-    """Seconds (monotonic clock) from arrival to the first emitted token; absent if none was emitted."""
+    """Seconds (monotonic clock) from receipt to the first emitted token; absent if none was emitted."""
     duration_seconds: _builtins.float
-    """Seconds (monotonic clock) from arrival to the end of the request."""
+    """Seconds (monotonic clock) from receipt to the end of the request."""
     @_builtins.property
     def accept_histogram(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """accept_histogram[j], j = 0..k: passes with d_s >= 1 that accepted exactly j drafts.
