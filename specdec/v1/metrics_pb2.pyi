@@ -136,7 +136,10 @@ class SpeculativeMetrics(_message.Message):
     instance_id: _builtins.str
     """Identity: the reporting service instance (also the OTel resource's service.instance.id)."""
     verify_passes: _builtins.int
-    """Decode-phase target forward passes (spec_verify_ct), including passes with d_s = 0."""
+    """Decode-phase target forward passes (spec_verify_ct), including passes with d_s = 0. Every
+    pass that ran counts (with its drafts and verdict), also one whose tokens were dropped
+    because a stop string or a failure ended the request while it ran.
+    """
     draft_passes: _builtins.int
     """Decode passes in which at least one draft token was proposed (d_s >= 1)."""
     proposed_drafts: _builtins.int
