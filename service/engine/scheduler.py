@@ -149,6 +149,7 @@ class Scheduler:
             self._release(seq)
 
     def finish_all(self, reason: FinishReason, error: str | None = None) -> None:
+        self.output.deliver_held()  # after a pass that broke off: rows already ended get theirs
         for seq in list(self.running.values()):
             self.output.finish(seq, reason, error)
             self._release(seq)
@@ -280,7 +281,10 @@ class Scheduler:
         failed = {id(seq) for seq, _ in self._failed_in_pass}
         for seq, (accepted, _) in zip(rows, verdicts):
             if seq.finished or id(seq) in failed:
-                seq.stats.record_pass(seq.num_drafts, accepted)
+                try:  # one request's bookkeeping: a failure must not end the others
+                    seq.stats.record_pass(seq.num_drafts, accepted)
+                except Exception:  # noqa: BLE001
+                    log.exception("pass_bookkeeping_failed", request_id=seq.request_id)
         for seq, exc in self._failed_in_pass:
             self._fail(seq, exc)
         self._failed_in_pass.clear()

@@ -131,3 +131,41 @@ def test_a_lone_request_to_its_length_limit_counts_every_pass(make_engine, loopy
     assert out.final.finish_reason is FinishReason.LENGTH
     passes.assert_counted_in(out)
 
+
+
+def test_a_failure_recording_that_pass_ends_no_other_request(make_engine, loopy, loopy_draft,
+                                                            monkeypatch) -> None:
+    """The ended row's FinalResult waits for its last pass's bookkeeping: if that fails, the
+    request still gets its FinalResult and the rows batched with it carry on."""
+    from service.engine.stats import SpecDecodeStats
+
+    engine = _engine(make_engine, loopy, loopy_draft)
+    ids = _ids(loopy.tokenizer)
+    plain = run(engine, [GenerationRequest("p", ids, max_tokens=40, method=Method.NONE)])["p"]
+    stop = _late_stop_string(plain.text, len(loopy.tokenizer.decode(plain.tokens[:8])))
+    armed = []
+    original = SpecDecodeStats.record_pass
+
+    def record_pass(self, proposed, accepted):
+        if armed:  # the first record after the stop chunk: the stopped row's last pass
+            armed.clear()
+            raise RuntimeError("bookkeeping broke")
+        original(self, proposed, accepted)
+
+    monkeypatch.setattr(SpecDecodeStats, "record_pass", record_pass)
+    stopped = Outcome("s")
+
+    texts = [loopy.tokenizer.decode(plain.tokens[:n]) for n in range(len(plain.tokens) + 1)]
+    stop_at = next(n for n, text in enumerate(texts) if stop in text)  # tokens through the stop
+
+    def on_event(event) -> None:
+        stopped.on_event(event)
+        if type(event).__name__ == "TokenChunk" and len(stopped.tokens) >= stop_at:
+            armed.append(True)  # the chunk with the stop string, sent while a pass runs
+
+    other = submit(engine, GenerationRequest("o", ids, max_tokens=40, method=Method.NONE))[0]
+    engine.submit(GenerationRequest("s", ids, max_tokens=40, method=Method.NONE, stop=(stop,)), on_event)
+    assert stopped.done.wait(300), "the stopped request never got its FinalResult"
+    assert stopped.final.finish_reason is FinishReason.STOP_SEQUENCE
+    wait_checked(other)
+    assert other.final.finish_reason is FinishReason.LENGTH and len(other.tokens) == 40
