@@ -1,4 +1,5 @@
-"""Per-request speculative-decoding counters (docs/metrics-contract.md) and their one proto conversion."""
+"""Per-request speculative-decoding counters (docs/metrics-contract.md) and their one proto
+conversion."""
 
 from __future__ import annotations
 
