@@ -28,6 +28,7 @@ from service.request_log import log_finished_request
 from service.request_mapping import RequestLimits
 from service.servicer import GenerationServicer, ServingState
 from specdec.v1 import generation_pb2
+from specdec_security import SecuredServer
 
 log = structlog.get_logger(__name__)
 
@@ -89,13 +90,23 @@ def server_info(engine: Any, config: ServiceConfig) -> generation_pb2.GetServerI
     )
 
 
-def make_reporter(config: ServiceConfig) -> Any:
+def reporter_credentials(config: ServiceConfig) -> grpc.ChannelCredentials | None:
+    """Reads and checks the reporter's TLS and token files, so that a bad one is a start-up
+    error naming its setting (the reporter re-reads the token file on every reconnect)."""
+    if not config.telemetry_target:
+        return None
+    config.telemetry_security.call_metadata()
+    return config.telemetry_security.channel_credentials()
+
+
+def make_reporter(config: ServiceConfig, credentials: grpc.ChannelCredentials | None) -> Any:
     if not config.telemetry_target:
         return None
     from service.reporting import MetricsReporter
 
     reporter = MetricsReporter(config.telemetry_target, buffer_size=config.telemetry_buffer_size,
-                               instance_id=config.instance_id)
+                               instance_id=config.instance_id, channel_credentials=credentials,
+                               call_metadata=config.telemetry_security.call_metadata)
     reporter.start()
     return reporter
 
@@ -105,10 +116,13 @@ class Service:
 
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
+        # Every certificate and token file is read before anything binds or starts.
+        self.security = SecuredServer(config.server_security, env_prefix="SPECDEC_")
+        telemetry_credentials = reporter_credentials(config)
         self.servicer = GenerationServicer(
             RequestLimits(config.max_request_bytes, config.max_tokens_limit), self._on_final)
         self.health = health_aio.HealthServicer()
-        self.server = grpc.aio.server(options=[
+        self.server = grpc.aio.server(interceptors=self.security.interceptors, options=[
             ("grpc.max_receive_message_length", GRPC_MAX_RECEIVE_BYTES),
             ("grpc.so_reuseport", 0),
         ])
@@ -117,10 +131,10 @@ class Service:
         reflection.enable_server_reflection(
             (GENERATION_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(config.listen)
+        self.port = self.security.add_port(self.server, config.listen)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {config.listen}")
-        self.reporter = make_reporter(config)  # after the port: nothing to stop if binding failed
+        self.reporter = make_reporter(config, telemetry_credentials)  # after the port: nothing to stop if binding failed
         self.engine: Any = None
         self._stopping = asyncio.Event()
 
@@ -136,7 +150,8 @@ class Service:
     async def start(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
-        log.info("listening", address=self.config.listen, port=self.port, state="loading")
+        log.info("listening", address=self.config.listen, port=self.port, state="loading",
+                 **self.security.describe())
         self.engine, tokenizer = await _result_or_abandon(build_engine, self.config,
                                                           abandoned=_stop_abandoned_engine)
         self.servicer.attach(self.engine, tokenizer, server_info(self.engine, self.config))
@@ -234,6 +249,8 @@ async def serve(config: ServiceConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
+    if config.auth_tokens_file:
+        loop.add_signal_handler(signal.SIGHUP, service.security.reload_tokens)
     starting = asyncio.ensure_future(service.start())
     stopping = asyncio.ensure_future(service.wait_for_stop())
     done, _ = await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
