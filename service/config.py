@@ -104,7 +104,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("instance_id", "SPECDEC_INSTANCE_ID", str, "",
            "service.instance.id of this replica (default: hostname plus a random suffix)"),
     Option("grace_period_s", "SPECDEC_GRACE_PERIOD_S", _non_negative_float, 30.0,
-           "seconds in-flight requests may take to finish on SIGTERM"),
+           "seconds running requests may take to finish on SIGTERM (queued ones get UNAVAILABLE at once)"),
     Option("tls_cert_file", "SPECDEC_TLS_CERT_FILE", str, "",
            "PEM certificate chain of this server; with --tls-key-file: TLS (empty: plaintext)"),
     Option("tls_key_file", "SPECDEC_TLS_KEY_FILE", str, "", "private key of --tls-cert-file"),

@@ -2,8 +2,9 @@
 
 Start-up order: the server listens at once with health NOT_SERVING (so probes see it
 loading), the models load and warm up on a worker thread, then health turns SERVING.
-Shutdown: health NOT_SERVING and new requests get UNAVAILABLE; in-flight requests finish
-within the grace period (the rest are cancelled); pending metrics are flushed to the
+Shutdown: health NOT_SERVING and new requests get UNAVAILABLE; so do queued requests, at
+once (they hold no batch slot; their clients retry on another replica); running requests
+finish within the grace period (the rest are cancelled); pending metrics are flushed to the
 sidecar; exit 0.
 """
 
