@@ -29,6 +29,11 @@ class Option:
         return "--" + self.name.replace("_", "-")
 
 
+# Prompt limits checked before tokenization (service.request_mapping.check_prompt_size).
+DEFAULT_MAX_PROMPT_CHARS = 128 * 1024
+DEFAULT_MAX_PROMPT_BYTES = 256 * 1024
+
+
 def _method(value: str) -> str:
     value = value.strip().lower().replace("-", "_")
     if value not in ("none", "ngram", "draft_model"):
@@ -84,6 +89,10 @@ OPTIONS: tuple[Option, ...] = (
            "largest max_tokens a request may ask for"),
     Option("max_request_bytes", "SPECDEC_MAX_REQUEST_BYTES", _positive_int, 1 << 20,
            "largest serialized GenerateRequest accepted (INVALID_ARGUMENT above)"),
+    Option("max_prompt_chars", "SPECDEC_MAX_PROMPT_CHARS", _positive_int, DEFAULT_MAX_PROMPT_CHARS,
+           "largest prompt in characters (text, or all messages), checked before tokenization"),
+    Option("max_prompt_bytes", "SPECDEC_MAX_PROMPT_BYTES", _positive_int, DEFAULT_MAX_PROMPT_BYTES,
+           "largest prompt in UTF-8 bytes (text, or all messages), checked before tokenization"),
     Option("dtype", "SPECDEC_DTYPE", str, "auto",
            "model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"),
     Option("device", "SPECDEC_DEVICE", str, "auto", "device: auto (CUDA when present), cpu, cuda:N"),
@@ -131,6 +140,8 @@ class ServiceConfig:
     default_max_tokens: int
     max_tokens_limit: int
     max_request_bytes: int
+    max_prompt_chars: int
+    max_prompt_bytes: int
     dtype: str
     device: str
     cache_dir: str

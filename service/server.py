@@ -121,7 +121,8 @@ class Service:
         self.security = SecuredServer(config.server_security, env_prefix="SPECDEC_")
         telemetry_credentials = reporter_credentials(config)
         self.servicer = GenerationServicer(
-            RequestLimits(config.max_request_bytes, config.max_tokens_limit), self._on_final)
+            RequestLimits(config.max_request_bytes, config.max_tokens_limit, config.max_prompt_chars,
+                          config.max_prompt_bytes), self._on_final)
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(interceptors=self.security.interceptors, options=[
             ("grpc.max_receive_message_length", GRPC_MAX_RECEIVE_BYTES),
