@@ -11,15 +11,19 @@ sidecar; exit 0.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import threading
+from pathlib import Path
 from typing import Any, Callable
 
 import grpc
 import structlog
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from service import __version__
 from service.config import ServiceConfig
@@ -50,8 +54,8 @@ def build_engine(config: ServiceConfig) -> tuple[Any, Any]:
         return load_model(spec, dtype=config.dtype, device=None if config.device == "auto" else config.device,
                           cache_dir=config.cache_dir or None)
 
-    target = load(config.model)
-    draft = load(config.draft_model) if config.draft_model else None
+    target = served_as(load(config.model), config.model)
+    draft = served_as(load(config.draft_model), config.draft_model) if config.draft_model else None
     if draft is not None:
         check_same_vocabulary(target, draft)
     engine = Engine(
@@ -72,6 +76,39 @@ def build_engine(config: ServiceConfig) -> tuple[Any, Any]:
     engine.start()
     engine.warmup()
     return engine, target.tokenizer
+
+
+def served_as(loaded: Any, spec: str) -> Any:
+    """The model under the name it is served and reported by: a known name or a hub id as
+    given; a local directory or GGUF file by its last path component, so that no file-system
+    path reaches clients (GetServerInfo) or the metrics' labels."""
+    from service.model_store import REGISTRY
+
+    path = Path(spec).expanduser()
+    if spec in REGISTRY or not path.exists():
+        return loaded
+    return dataclasses.replace(loaded, name=path.name)
+
+
+def reflection_pool(*files: FileDescriptor) -> descriptor_pool.DescriptorPool:
+    """A descriptor pool of `files` and their imports only. Reflection would otherwise serve
+    every .proto the process has loaded, the reporter's internal telemetry.proto included."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.AddSerializedFile(proto.SerializeToString())
+        added.add(file.name)
+
+    for file in files:
+        add(file)
+    return pool
 
 
 def server_info(engine: Any, config: ServiceConfig) -> generation_pb2.GetServerInfoResponse:
@@ -132,7 +169,9 @@ class Service:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (GENERATION_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), self.server)
+             reflection.SERVICE_NAME), self.server,
+            pool=reflection_pool(generation_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR,
+                                 reflection_pb2.DESCRIPTOR))
         self.port = self.security.add_port(self.server, config.listen)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {config.listen}")
