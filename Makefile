@@ -26,7 +26,8 @@ help:
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# A new top-level package needs a re-install too: the editable install maps each one.
+$(STAMP): pyproject.toml $(wildcard */__init__.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH_REQ)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"

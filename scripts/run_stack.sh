@@ -23,11 +23,20 @@ stop_all() {
 }
 trap 'stop_all; exit 0' INT TERM
 
-# Wait for the sidecar's gRPC health check (it needs a moment to import the OTel SDK).
+# Wait for the sidecar's gRPC health check (it needs a moment to import the OTel SDK). Over
+# TLS when the sidecar has a certificate: the service's CA and client certificate settings.
 "$BIN/python" - "$SPECDEC_SIDECAR_LISTEN" <<'PY'
-import sys, grpc
+import os, sys, grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-channel = grpc.insecure_channel(sys.argv[1])
+from specdec_security import ClientSecurity
+credentials = None
+if os.environ.get("SPECDEC_SIDECAR_TLS_CERT_FILE"):
+    credentials = ClientSecurity(*(os.environ.get(f"SPECDEC_TELEMETRY_TLS_{name}_FILE", "")
+                                   for name in ("CA", "CERT", "KEY")),
+                                 flag_prefix="--telemetry-", env_prefix="SPECDEC_TELEMETRY_"
+                                 ).channel_credentials()
+channel = (grpc.secure_channel(sys.argv[1], credentials) if credentials
+           else grpc.insecure_channel(sys.argv[1]))
 grpc.channel_ready_future(channel).result(timeout=60)
 status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
 sys.exit(0 if status == health_pb2.HealthCheckResponse.SERVING else 1)

@@ -22,6 +22,9 @@ from google.protobuf import json_format
 from service.metrics_format import metrics_to_dict
 from service.request_mapping import MAX_REQUEST_ID_CHARS
 from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
+from specdec_security import ClientSecurity, SecuritySetupError
+
+CLIENT_ENV_PREFIX = "SPECDEC_CLIENT_"
 
 METHODS = {
     "none": metrics_pb2.SPECULATION_METHOD_NONE,
@@ -91,7 +94,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=POSITIVE, default=None,
                         help="total requests (default: --concurrency)")
     parser.add_argument("--info", action="store_true", help="print GetServerInfo first")
+    for field, what in (("tls_ca_file", "PEM CA bundle that signed the server's certificate; set: TLS"),
+                        ("tls_cert_file", "PEM client certificate for mutual TLS"),
+                        ("tls_key_file", "private key of --tls-cert-file"),
+                        ("auth_token_file", "file holding the bearer token to send")):
+        env = CLIENT_ENV_PREFIX + field.upper()
+        parser.add_argument("--" + field.replace("_", "-"), default=os.environ.get(env, ""),
+                            help=f"{what} [env {env}]")
     args = parser.parse_args(argv)
+    problem = security_of(args).problem()
+    if problem:
+        parser.error(problem)
     total = total_requests(args)
     longest = args.request_id + (f"-{total - 1}" if args.request_id and total > 1 else "")
     if len(longest) > MAX_REQUEST_ID_CHARS:
@@ -100,13 +113,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-async def run_one(stub, request, timeout: float, stream_to: object | None) -> dict:
+async def run_one(stub, request, timeout: float, stream_to: object | None, metadata=()) -> dict:
     started = time.monotonic()
     text: list[str] = []
     first_token_s = None
     final = None
     request_id = request.request_id
-    async for response in stub.Generate(request, timeout=timeout):
+    async for response in stub.Generate(request, timeout=timeout, metadata=metadata):
         request_id = response.request_id
         if response.HasField("chunk"):
             if first_token_s is None:
@@ -147,6 +160,18 @@ def describe(result: dict) -> str:
     )
 
 
+def security_of(args: argparse.Namespace) -> ClientSecurity:
+    return ClientSecurity(args.tls_ca_file, args.tls_cert_file, args.tls_key_file,
+                          args.auth_token_file, env_prefix=CLIENT_ENV_PREFIX)
+
+
+def open_channel(target: str, security: ClientSecurity) -> grpc.aio.Channel:
+    credentials = security.channel_credentials()
+    if credentials is None:
+        return grpc.aio.insecure_channel(target)
+    return grpc.aio.secure_channel(target, credentials)
+
+
 def total_requests(args: argparse.Namespace) -> int:
     """--requests, by default --concurrency."""
     return args.concurrency if args.requests is None else args.requests
@@ -154,15 +179,18 @@ def total_requests(args: argparse.Namespace) -> int:
 
 async def amain(args: argparse.Namespace) -> int:
     total = total_requests(args)
-    async with grpc.aio.insecure_channel(args.target) as channel:
+    security = security_of(args)
+    metadata = security.call_metadata()
+    async with open_channel(args.target, security) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         if args.info:
-            info = await stub.GetServerInfo(generation_pb2.GetServerInfoRequest(), timeout=10)
+            info = await stub.GetServerInfo(generation_pb2.GetServerInfoRequest(), timeout=10,
+                                            metadata=metadata)
             print(json.dumps(json_format.MessageToDict(info, preserving_proto_field_name=True)),
                   file=sys.stderr)
         if total == 1:
             result = await run_one(stub, build_request(args), args.timeout,
-                                   None if args.json else sys.stdout)
+                                   None if args.json else sys.stdout, metadata)
             if args.json:
                 print(json.dumps(result))
             else:
@@ -173,7 +201,7 @@ async def amain(args: argparse.Namespace) -> int:
 
         async def bounded(index: int) -> dict:
             async with semaphore:
-                return await run_one(stub, build_request(args, index), args.timeout, None)
+                return await run_one(stub, build_request(args, index), args.timeout, None, metadata)
 
         results = await asyncio.gather(*(bounded(i) for i in range(total)), return_exceptions=True)
         wall = time.monotonic() - started
@@ -198,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return asyncio.run(amain(args))
+    except SecuritySetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except grpc.aio.AioRpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@ import uuid
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
+from specdec_security import ClientSecurity, ServerSecurity
+
 
 @dataclass(frozen=True)
 class Option:
@@ -25,6 +27,11 @@ class Option:
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+
+# Prompt limits checked before tokenization (service.request_mapping.check_prompt_size).
+DEFAULT_MAX_PROMPT_CHARS = 128 * 1024
+DEFAULT_MAX_PROMPT_BYTES = 256 * 1024
 
 
 def _method(value: str) -> str:
@@ -82,6 +89,10 @@ OPTIONS: tuple[Option, ...] = (
            "largest max_tokens a request may ask for"),
     Option("max_request_bytes", "SPECDEC_MAX_REQUEST_BYTES", _positive_int, 1 << 20,
            "largest serialized GenerateRequest accepted (INVALID_ARGUMENT above)"),
+    Option("max_prompt_chars", "SPECDEC_MAX_PROMPT_CHARS", _positive_int, DEFAULT_MAX_PROMPT_CHARS,
+           "largest prompt in characters (text, or all messages), checked before tokenization"),
+    Option("max_prompt_bytes", "SPECDEC_MAX_PROMPT_BYTES", _positive_int, DEFAULT_MAX_PROMPT_BYTES,
+           "largest prompt in UTF-8 bytes (text, or all messages), checked before tokenization"),
     Option("dtype", "SPECDEC_DTYPE", str, "auto",
            "model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"),
     Option("device", "SPECDEC_DEVICE", str, "auto", "device: auto (CUDA when present), cpu, cuda:N"),
@@ -89,12 +100,28 @@ OPTIONS: tuple[Option, ...] = (
            "model cache directory (default ~/.cache/specdec)"),
     Option("telemetry_target", "SPECDEC_TELEMETRY_TARGET", str, "127.0.0.1:50052",
            "sidecar ingest address; empty disables reporting"),
+    Option("telemetry_tls_ca_file", "SPECDEC_TELEMETRY_TLS_CA_FILE", str, "",
+           "PEM CA bundle that signed the sidecar's certificate; set: TLS to the sidecar"),
+    Option("telemetry_tls_cert_file", "SPECDEC_TELEMETRY_TLS_CERT_FILE", str, "",
+           "PEM client certificate sent to the sidecar (mutual TLS); needs the key file"),
+    Option("telemetry_tls_key_file", "SPECDEC_TELEMETRY_TLS_KEY_FILE", str, "",
+           "private key of --telemetry-tls-cert-file"),
+    Option("telemetry_auth_token_file", "SPECDEC_TELEMETRY_AUTH_TOKEN_FILE", str, "",
+           "file holding the bearer token sent to the sidecar (re-read on every reconnect)"),
     Option("telemetry_buffer_size", "SPECDEC_TELEMETRY_BUFFER_SIZE", _positive_int, 10000,
            "metrics messages buffered for the sidecar before the oldest are dropped"),
     Option("instance_id", "SPECDEC_INSTANCE_ID", str, "",
            "service.instance.id of this replica (default: hostname plus a random suffix)"),
     Option("grace_period_s", "SPECDEC_GRACE_PERIOD_S", _non_negative_float, 30.0,
-           "seconds in-flight requests may take to finish on SIGTERM"),
+           "seconds running requests may take to finish on SIGTERM (queued ones get UNAVAILABLE at once)"),
+    Option("tls_cert_file", "SPECDEC_TLS_CERT_FILE", str, "",
+           "PEM certificate chain of this server; with --tls-key-file: TLS (empty: plaintext)"),
+    Option("tls_key_file", "SPECDEC_TLS_KEY_FILE", str, "", "private key of --tls-cert-file"),
+    Option("tls_client_ca_file", "SPECDEC_TLS_CLIENT_CA_FILE", str, "",
+           "PEM CA bundle; set: mutual TLS, clients must present a certificate it signed"),
+    Option("auth_tokens_file", "SPECDEC_AUTH_TOKENS_FILE", str, "",
+           "file of accepted bearer tokens, one per line, reloaded on SIGHUP; set: every RPC "
+           "but health needs one (empty: no token check)"),
     Option("log_level", "SPECDEC_LOG_LEVEL", str, "INFO", "log level"),
 )
 
@@ -113,14 +140,35 @@ class ServiceConfig:
     default_max_tokens: int
     max_tokens_limit: int
     max_request_bytes: int
+    max_prompt_chars: int
+    max_prompt_bytes: int
     dtype: str
     device: str
     cache_dir: str
     telemetry_target: str
+    telemetry_tls_ca_file: str
+    telemetry_tls_cert_file: str
+    telemetry_tls_key_file: str
+    telemetry_auth_token_file: str
     telemetry_buffer_size: int
     instance_id: str
     grace_period_s: float
+    tls_cert_file: str
+    tls_key_file: str
+    tls_client_ca_file: str
+    auth_tokens_file: str
     log_level: str
+
+    @property
+    def server_security(self) -> ServerSecurity:
+        return ServerSecurity(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file,
+                              self.auth_tokens_file)
+
+    @property
+    def telemetry_security(self) -> ClientSecurity:
+        return ClientSecurity(self.telemetry_tls_ca_file, self.telemetry_tls_cert_file,
+                              self.telemetry_tls_key_file, self.telemetry_auth_token_file,
+                              flag_prefix="--telemetry-", env_prefix="SPECDEC_TELEMETRY_")
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None, environ: dict[str, str] | None = None
@@ -134,7 +182,11 @@ class ServiceConfig:
             parser.error(f"--num-draft-tokens must be in [0, {values['max_num_draft_tokens']}]")
         if values["method"] == "draft_model" and not values["draft_model"]:
             parser.error("--method draft_model needs --draft-model")
-        return cls(**values)
+        config = cls(**values)
+        for problem in (config.server_security.problem(), config.telemetry_security.problem()):
+            if problem:
+                parser.error(problem)
+        return config
 
 
 def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:

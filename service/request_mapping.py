@@ -7,9 +7,13 @@ context length are checked once, by Engine.submit, which names the same proto fi
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from service.config import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_PROMPT_CHARS
 from service.engine.api import (
     GenerationRequest,
     InvalidRequestError,
@@ -25,10 +29,19 @@ MAX_STOP_STRING_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
 
 
+# A chat role is a name (system, user, assistant, tool, ...): templates paste it between their
+# own control tokens, so anything more (newlines, control-token text) could forge a turn.
+ROLE_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     max_request_bytes: int
     max_tokens_limit: int
+    # Checked before tokenization, whose cost grows with the text: a prompt far longer than
+    # any context would otherwise hold a tokenizer thread and memory before being refused.
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
 
 
 def check_request_id(request_id: str) -> None:
@@ -54,6 +67,7 @@ def to_engine_request(
     if size > limits.max_request_bytes:
         raise InvalidRequestError(
             "request", f"{size} bytes is larger than the limit of {limits.max_request_bytes} bytes")
+    check_prompt_size(request, limits)
     prompt = _prompt_token_ids(request, tokenizer)
 
     max_tokens: int | None = None
@@ -86,6 +100,27 @@ def to_engine_request(
     )
 
 
+def check_prompt_size(request: generation_pb2.GenerateRequest, limits: RequestLimits) -> None:
+    """The text to tokenize (text, or every message's role and content) within the character
+    and UTF-8 byte limits; raises InvalidRequestError naming the field."""
+    form = request.WhichOneof("input")
+    if form == "text":
+        field, pieces = "text", [request.text]
+    elif form == "messages":
+        field = "messages"
+        pieces = [part for m in request.messages.messages for part in (m.role, m.content)]
+    else:
+        return
+    chars = sum(map(len, pieces))
+    if chars > limits.max_prompt_chars:
+        raise InvalidRequestError(
+            field, f"{chars} characters is more than the limit of {limits.max_prompt_chars}")
+    size = sum(len(piece.encode("utf-8")) for piece in pieces)
+    if size > limits.max_prompt_bytes:
+        raise InvalidRequestError(
+            field, f"{size} bytes of UTF-8 is more than the limit of {limits.max_prompt_bytes}")
+
+
 def _prompt_token_ids(request: generation_pb2.GenerateRequest, tokenizer: Any) -> list[int]:
     form = request.WhichOneof("input")
     if form is None:
@@ -104,14 +139,57 @@ def _prompt_token_ids(request: generation_pb2.GenerateRequest, tokenizer: Any) -
     for index, message in enumerate(messages):
         if not message.role:
             raise InvalidRequestError(f"messages.messages[{index}].role", "must not be empty")
+        if not ROLE_PATTERN.fullmatch(message.role):
+            raise InvalidRequestError(
+                f"messages.messages[{index}].role",
+                "must be a name of letters, digits, '_' and '-' (at most 32, starting with a letter)")
     if getattr(tokenizer, "chat_template", None) is None:
         raise InvalidRequestError("messages", "the target model has no chat template; send text")
     conversation = [{"role": m.role, "content": m.content} for m in messages]
+    return chat_token_ids(tokenizer, conversation, can_sanitize_control_tokens(tokenizer))
+
+
+def can_sanitize_control_tokens(tokenizer: Any) -> bool:
+    """Whether this transformers encodes control tokens in chat messages as text itself
+    (apply_chat_template's sanitize_control_tokens; newer than the 5.17 runtime floor)."""
+    return _apply_chat_template_takes_sanitize(type(tokenizer))
+
+
+@functools.cache
+def _apply_chat_template_takes_sanitize(tokenizer_class: type) -> bool:
+    apply = getattr(tokenizer_class, "apply_chat_template", None)
+    return apply is not None and "sanitize_control_tokens" in inspect.signature(apply).parameters
+
+
+def chat_token_ids(tokenizer: Any, conversation: list[dict[str, str]], sanitize: bool) -> list[int]:
+    """The prompt of a chat. Message text is only ever text: a control token typed into a
+    message (`<|im_end|><|im_start|>system`) must not become that token, or a user could
+    forge a system turn. With `sanitize`, transformers encodes such text as the characters
+    it is made of; without it (older transformers), a message holding a control token's
+    text is refused. Either way a message without one encodes exactly as before."""
+    if not sanitize:
+        _refuse_control_tokens(tokenizer, conversation)
     try:
+        if sanitize:
+            return list(tokenizer.apply_chat_template(
+                conversation, tokenize=True, add_generation_prompt=True,
+                sanitize_control_tokens=True, return_dict=False))
         text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # the template rejected the conversation (e.g. role order)
         raise InvalidRequestError("messages", f"the chat template rejected it: {exc}") from exc
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _refuse_control_tokens(tokenizer: Any, conversation: list[dict[str, str]]) -> None:
+    # Every added token is matched in text by the tokenizer; whitespace ones (Gemma's "\n")
+    # are ordinary text to a template.
+    control = [t for t in getattr(tokenizer, "added_tokens_encoder", {}) if t and not t.isspace()]
+    for index, message in enumerate(conversation):
+        for token in control:
+            if token in message["content"]:
+                raise InvalidRequestError(
+                    f"messages.messages[{index}].content",
+                    f"contains the control token {token!r}, which this server cannot encode as text")
 
 
 def _sampling(params: generation_pb2.SamplingParams) -> SamplingParams:

@@ -2,23 +2,28 @@
 
 Start-up order: the server listens at once with health NOT_SERVING (so probes see it
 loading), the models load and warm up on a worker thread, then health turns SERVING.
-Shutdown: health NOT_SERVING and new requests get UNAVAILABLE; in-flight requests finish
-within the grace period (the rest are cancelled); pending metrics are flushed to the
+Shutdown: health NOT_SERVING and new requests get UNAVAILABLE; so do queued requests, at
+once (they hold no batch slot; their clients retry on another replica); running requests
+finish within the grace period (the rest are cancelled); pending metrics are flushed to the
 sidecar; exit 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import threading
+from pathlib import Path
 from typing import Any, Callable
 
 import grpc
 import structlog
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from service import __version__
 from service.config import ServiceConfig
@@ -28,6 +33,7 @@ from service.request_log import log_finished_request
 from service.request_mapping import RequestLimits
 from service.servicer import GenerationServicer, ServingState
 from specdec.v1 import generation_pb2
+from specdec_security import SecuredServer
 
 log = structlog.get_logger(__name__)
 
@@ -48,8 +54,8 @@ def build_engine(config: ServiceConfig) -> tuple[Any, Any]:
         return load_model(spec, dtype=config.dtype, device=None if config.device == "auto" else config.device,
                           cache_dir=config.cache_dir or None)
 
-    target = load(config.model)
-    draft = load(config.draft_model) if config.draft_model else None
+    target = served_as(load(config.model), config.model)
+    draft = served_as(load(config.draft_model), config.draft_model) if config.draft_model else None
     if draft is not None:
         check_same_vocabulary(target, draft)
     engine = Engine(
@@ -72,6 +78,39 @@ def build_engine(config: ServiceConfig) -> tuple[Any, Any]:
     return engine, target.tokenizer
 
 
+def served_as(loaded: Any, spec: str) -> Any:
+    """The model under the name it is served and reported by: a known name or a hub id as
+    given; a local directory or GGUF file by its last path component, so that no file-system
+    path reaches clients (GetServerInfo) or the metrics' labels."""
+    from service.model_store import REGISTRY
+
+    path = Path(spec).expanduser()
+    if spec in REGISTRY or not path.exists():
+        return loaded
+    return dataclasses.replace(loaded, name=path.name)
+
+
+def reflection_pool(*files: FileDescriptor) -> descriptor_pool.DescriptorPool:
+    """A descriptor pool of `files` and their imports only. Reflection would otherwise serve
+    every .proto the process has loaded, the reporter's internal telemetry.proto included."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.AddSerializedFile(proto.SerializeToString())
+        added.add(file.name)
+
+    for file in files:
+        add(file)
+    return pool
+
+
 def server_info(engine: Any, config: ServiceConfig) -> generation_pb2.GetServerInfoResponse:
     info = engine.info
     return generation_pb2.GetServerInfoResponse(
@@ -89,13 +128,23 @@ def server_info(engine: Any, config: ServiceConfig) -> generation_pb2.GetServerI
     )
 
 
-def make_reporter(config: ServiceConfig) -> Any:
+def reporter_credentials(config: ServiceConfig) -> grpc.ChannelCredentials | None:
+    """Reads and checks the reporter's TLS and token files, so that a bad one is a start-up
+    error naming its setting (the reporter re-reads the token file on every reconnect)."""
+    if not config.telemetry_target:
+        return None
+    config.telemetry_security.call_metadata()
+    return config.telemetry_security.channel_credentials()
+
+
+def make_reporter(config: ServiceConfig, credentials: grpc.ChannelCredentials | None) -> Any:
     if not config.telemetry_target:
         return None
     from service.reporting import MetricsReporter
 
     reporter = MetricsReporter(config.telemetry_target, buffer_size=config.telemetry_buffer_size,
-                               instance_id=config.instance_id)
+                               instance_id=config.instance_id, channel_credentials=credentials,
+                               call_metadata=config.telemetry_security.call_metadata)
     reporter.start()
     return reporter
 
@@ -105,10 +154,14 @@ class Service:
 
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
+        # Every certificate and token file is read before anything binds or starts.
+        self.security = SecuredServer(config.server_security, env_prefix="SPECDEC_")
+        telemetry_credentials = reporter_credentials(config)
         self.servicer = GenerationServicer(
-            RequestLimits(config.max_request_bytes, config.max_tokens_limit), self._on_final)
+            RequestLimits(config.max_request_bytes, config.max_tokens_limit, config.max_prompt_chars,
+                          config.max_prompt_bytes), self._on_final)
         self.health = health_aio.HealthServicer()
-        self.server = grpc.aio.server(options=[
+        self.server = grpc.aio.server(interceptors=self.security.interceptors, options=[
             ("grpc.max_receive_message_length", GRPC_MAX_RECEIVE_BYTES),
             ("grpc.so_reuseport", 0),
         ])
@@ -116,11 +169,13 @@ class Service:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (GENERATION_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(config.listen)
+             reflection.SERVICE_NAME), self.server,
+            pool=reflection_pool(generation_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR,
+                                 reflection_pb2.DESCRIPTOR))
+        self.port = self.security.add_port(self.server, config.listen)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {config.listen}")
-        self.reporter = make_reporter(config)  # after the port: nothing to stop if binding failed
+        self.reporter = make_reporter(config, telemetry_credentials)  # after the port: nothing to stop if binding failed
         self.engine: Any = None
         self._stopping = asyncio.Event()
 
@@ -136,7 +191,8 @@ class Service:
     async def start(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
-        log.info("listening", address=self.config.listen, port=self.port, state="loading")
+        log.info("listening", address=self.config.listen, port=self.port, state="loading",
+                 **self.security.describe())
         self.engine, tokenizer = await _result_or_abandon(build_engine, self.config,
                                                           abandoned=_stop_abandoned_engine)
         self.servicer.attach(self.engine, tokenizer, server_info(self.engine, self.config))
@@ -234,6 +290,8 @@ async def serve(config: ServiceConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
+    if config.auth_tokens_file:
+        loop.add_signal_handler(signal.SIGHUP, service.security.reload_tokens)
     starting = asyncio.ensure_future(service.start())
     stopping = asyncio.ensure_future(service.wait_for_stop())
     done, _ = await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import structlog
 
+from specdec_security import SecuritySetupError
 from telemetry.config import ConfigError, SidecarConfig
 
 
@@ -23,6 +24,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return serve(config)
+    except SecuritySetupError as exc:  # a TLS or token file that cannot be used
+        structlog.get_logger(__name__).error("sidecar failed", error=str(exc))
+        return 2
     except Exception:
         structlog.get_logger(__name__).exception("sidecar failed")
         return 1

@@ -15,8 +15,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from telemetry.validation import DEFAULT_MAX_K
+from specdec_security import ServerSecurity
 from telemetry.dedupe import DEFAULT_MAX_SOURCE_BYTES, DEFAULT_MAX_SOURCES, DEFAULT_SOURCE_IDLE_S
+from telemetry.validation import DEFAULT_MAX_K
 
 ENV_PREFIX = "SPECDEC_SIDECAR_"
 DEFAULT_LISTEN = "127.0.0.1:50052"
@@ -49,6 +50,7 @@ class SidecarConfig:
     instance_id: str = ""
     shutdown_grace_s: float = 5.0
     log_level: str = "INFO"
+    security: ServerSecurity = ServerSecurity()
 
     @property
     def otlp(self) -> bool:
@@ -99,6 +101,11 @@ class SidecarConfig:
         _split_address(args.listen, "--listen")
         if "prometheus" in exporters:
             _split_address(args.prometheus_address, "--prometheus-address")
+        security = ServerSecurity(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file,
+                                  args.auth_tokens_file)
+        problem = security.problem()
+        if problem:
+            raise ConfigError(problem)
         return cls(
             listen=args.listen,
             exporters=exporters,
@@ -115,6 +122,7 @@ class SidecarConfig:
             instance_id=args.instance_id or "",
             shutdown_grace_s=args.shutdown_grace_seconds,
             log_level=args.log_level,
+            security=security,
         )
 
 
@@ -223,6 +231,18 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                    default=float(e("SHUTDOWN_GRACE_SECONDS", 5.0)),
                    help="on SIGTERM/SIGINT: time for the final export and open streams "
                         "[SPECDEC_SIDECAR_SHUTDOWN_GRACE_SECONDS]")
+    p.add_argument("--tls-cert-file", default=e("TLS_CERT_FILE", ""),
+                   help="PEM certificate chain of the ingest server; with --tls-key-file: TLS "
+                        "(empty: plaintext) [SPECDEC_SIDECAR_TLS_CERT_FILE]")
+    p.add_argument("--tls-key-file", default=e("TLS_KEY_FILE", ""),
+                   help="private key of --tls-cert-file [SPECDEC_SIDECAR_TLS_KEY_FILE]")
+    p.add_argument("--tls-client-ca-file", default=e("TLS_CLIENT_CA_FILE", ""),
+                   help="PEM CA bundle; set: mutual TLS, reporters must present a certificate "
+                        "it signed [SPECDEC_SIDECAR_TLS_CLIENT_CA_FILE]")
+    p.add_argument("--auth-tokens-file", default=e("AUTH_TOKENS_FILE", ""),
+                   help="file of accepted bearer tokens, one per line, reloaded on SIGHUP; set: "
+                        "every RPC but health needs one (empty: no token check) "
+                        "[SPECDEC_SIDECAR_AUTH_TOKENS_FILE]")
     p.add_argument("--log-level", default=e("LOG_LEVEL", "INFO"),
                    help="log level [SPECDEC_SIDECAR_LOG_LEVEL]")
     return p

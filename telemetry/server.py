@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from specdec_security import SecuredServer
 from telemetry.aggregation import Aggregator, views
 from telemetry.config import SidecarConfig
 from telemetry.dedupe import SourceTable
@@ -68,6 +69,7 @@ class Sidecar:
                                  max_k=config.max_k, ack_after_export=ack_after_export)
         self._ingest = TelemetryIngest(self.ingestor)
         self.health = health_aio.HealthServicer()
+        self.security = SecuredServer(config.security, env_prefix="SPECDEC_SIDECAR_")
         self.server: grpc.aio.Server | None = None
         self.port: int = 0
         self._stopped: asyncio.Event | None = None  # created on the loop in start()
@@ -92,13 +94,13 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         self._ingest.bind(loop)
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(interceptors=self.security.interceptors, options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((self._ingest.rpc_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(self.config.listen)
+        self.port = self.security.add_port(server, self.config.listen)
         if not self.port:
             raise RuntimeError(f"cannot listen on {self.config.listen}")
         await server.start()
@@ -109,7 +111,7 @@ class Sidecar:
         log.info("sidecar started", listen=self.address, exporters=list(self.config.exporters),
                  prometheus=self.prometheus_address, ack_mode=self.config.ack_mode,
                  export_interval_ms=self.config.export_interval_ms,
-                 instance_id=self.instance_id)
+                 instance_id=self.instance_id, **self.security.describe())
 
     async def wait(self) -> None:
         assert self._stopped is not None
@@ -153,6 +155,8 @@ async def _run(config: SidecarConfig) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    if config.security.auth_tokens_file:
+        loop.add_signal_handler(signal.SIGHUP, sidecar.security.reload_tokens)
     await sidecar.wait()
     return 0
 

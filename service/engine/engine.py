@@ -149,15 +149,16 @@ class Engine:
             return len(self._waiting)
 
     def stop(self, drain_timeout_s: float | None = None) -> None:
-        """Refuses new work, lets queued and running requests finish within the timeout
-        (None = no limit), cancels the rest (FinishReason.CANCELLED), joins the thread."""
+        """Refuses new work; cancels the queued requests at once (FinishReason.CANCELLED:
+        they hold no batch slot, and their clients do better retrying on another replica
+        than waiting out the drain); lets the running requests finish within the timeout
+        (None = no limit) and cancels those still running then; joins the thread."""
         with self._cond:
+            leftovers = list(self._waiting)
+            self._waiting.clear()
             if self._state == _NEW:
                 self._state = _STOPPED
-                leftovers = list(self._waiting)
-                self._waiting.clear()
             else:
-                leftovers = []
                 if self._state == _RUNNING:
                     self._state = _DRAINING
                     self._deadline = None if drain_timeout_s is None else time.monotonic() + drain_timeout_s

@@ -28,6 +28,9 @@ only with its record, e.g. records still buffered when the service stops). Drops
 logged (at most once per `drop_log_interval_s`). A record larger than `max_batch_bytes` is
 dropped when reported, the same way: no batch could carry it, and a batch the sidecar refuses
 as too large would be resent, and refused, forever, holding back every record after it.
+
+Security: TLS comes with `channel_credentials`; `call_metadata` (the bearer token) is called
+for every new stream, so a rotated token file takes effect at the next reconnect.
 """
 
 from __future__ import annotations
@@ -40,11 +43,13 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import grpc
 import structlog
 
 from specdec.v1 import metrics_pb2, telemetry_pb2
+from specdec_security.tokens import SecuritySetupError
 
 log = structlog.get_logger(__name__)
 
@@ -134,6 +139,7 @@ class MetricsReporter:
         drop_log_interval_s: float = 10.0,
         channel_credentials: grpc.ChannelCredentials | None = None,
         channel_options: list[tuple[str, object]] | None = None,
+        call_metadata: Callable[[], Sequence[tuple[str, str]]] | None = None,
     ) -> None:
         if buffer_size < 1 or batch_size < 1 or max_batch_bytes < 1:
             raise ValueError("buffer_size, batch_size and max_batch_bytes must be >= 1")
@@ -150,6 +156,8 @@ class MetricsReporter:
         self.backoff_max_s = backoff_max_s
         self.drop_log_interval_s = drop_log_interval_s
         self._credentials = channel_credentials
+        # called for every new stream, so a rotated token file is picked up on reconnect
+        self._call_metadata = call_metadata
         self._channel_options = list(_CHANNEL_OPTIONS) + list(channel_options or [])
 
         self._lock = threading.Lock()
@@ -298,7 +306,8 @@ class MetricsReporter:
                 self._stream = stream
             error = None
             try:
-                call = self._report(self._requests(stream), wait_for_ready=False)
+                metadata = tuple(self._call_metadata()) if self._call_metadata else None
+                call = self._report(self._requests(stream), wait_for_ready=False, metadata=metadata)
                 with self._cond:
                     self._call = call
                     if self._stopping:
@@ -306,6 +315,8 @@ class MetricsReporter:
                 for resp in call:
                     self._on_ack(stream, resp.acknowledged_through_sequence)
                 error = "stream closed by the sidecar"
+            except SecuritySetupError as exc:  # the token file went missing or bad: retried
+                error = str(exc)
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
                 error = f"{code}: {exc.details() if hasattr(exc, 'details') else exc}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import threading
+import time
 
 import pytest
 
@@ -130,17 +131,39 @@ def test_queue_full_is_refused(make_engine, target) -> None:
         assert wait_checked(out).final.finish_reason is FinishReason.LENGTH
 
 
-def test_stop_drains_in_flight_requests(make_engine, target) -> None:
+def test_stop_cancels_queued_requests_at_once_and_drains_running_ones(make_engine, target) -> None:
     engine = make_engine(target, max_batch_size=2)
-    pending = [
-        submit(engine, GenerationRequest(f"r{i}", _ids(target.tokenizer), max_tokens=30, method=Method.NGRAM))[0]
-        for i in range(5)
-    ]
-    engine.stop(drain_timeout_s=None)
-    for out in pending:
+    ids = _ids(target.tokenizer)
+    release = threading.Event()
+    running = [Outcome(f"run{i}") for i in range(2)]
+    for out in running:
+        def on_event(event, out=out) -> None:
+            out.on_event(event)
+            if all(o.chunks for o in running):  # both hold a batch slot: hold the engine thread
+                release.wait(60)
+
+        engine.submit(GenerationRequest(out.request_id, ids, max_tokens=30, method=Method.NGRAM), on_event)
+    stopper = threading.Thread(target=engine.stop, kwargs={"drain_timeout_s": None})
+    try:
+        deadline = time.monotonic() + 60
+        while not all(out.chunks for out in running):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        queued = [submit(engine, GenerationRequest(f"q{i}", ids, max_tokens=30))[0] for i in range(3)]
+        assert engine.queue_depth() == 3
+        stopper.start()
+        # The queued requests end while the running ones cannot advance at all.
+        for out in queued:
+            assert wait_checked(out, timeout=10).final.finish_reason is FinishReason.CANCELLED
+            assert not out.chunks
+        assert not any(out.done.is_set() for out in running)
+        with pytest.raises(EngineStoppedError):
+            engine.submit(GenerationRequest("late", ids), lambda e: None)
+    finally:
+        release.set()
+    stopper.join(60)
+    for out in running:
         assert wait_checked(out, timeout=1).final.finish_reason is FinishReason.LENGTH
-    with pytest.raises(EngineStoppedError):
-        engine.submit(GenerationRequest("late", _ids(target.tokenizer)), lambda e: None)
 
 
 def test_stop_timeout_cancels_the_rest(make_engine, target) -> None:

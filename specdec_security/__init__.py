@@ -1,0 +1,15 @@
+"""Transport security shared by the inference service and the telemetry sidecar: TLS and
+mutual-TLS credentials, bearer tokens read from a file, and the server interceptor that
+checks them on every RPC except grpc.health.v1.
+
+Imports only grpc, structlog and the standard library, so the sidecar (which must not load
+torch) and the service use one implementation.
+
+    from specdec_security import ServerSecurity, ClientSecurity
+"""
+
+from specdec_security.client import ClientSecurity
+from specdec_security.server import ServerSecurity, SecuredServer
+from specdec_security.tokens import SecuritySetupError, TokenSet
+
+__all__ = ["ClientSecurity", "SecuredServer", "SecuritySetupError", "ServerSecurity", "TokenSet"]
