@@ -1,4 +1,13 @@
-"""The speculative-decoding engine (see api.py for the public types and threading contract)."""
+"""The speculative-decoding engine (see api.py for the public types and threading contract).
+
+The plain-data API (api.py) and EngineConfig import no torch, so the gRPC layer and the
+client can use them without paying for torch; `Engine` itself, which does, is imported on
+first use of the name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from service.engine.api import (
     EngineError,
@@ -17,7 +26,18 @@ from service.engine.api import (
     TokenChunk,
 )
 from service.engine.config import EngineConfig
-from service.engine.engine import Engine
+
+if TYPE_CHECKING:
+    from service.engine.engine import Engine
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Engine":
+        from service.engine.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Engine",
