@@ -444,7 +444,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def summary_table(rows: list[dict]) -> dict[str, float | None]:
-    """Flat figures: tokens/s per row, gRPC / in-process and method / plain ratios."""
+    """Flat figures: tokens/s per row; gRPC / in-process and method / plain ratios of rows
+    measured by the same command (same `run`) only."""
     table: dict[str, float | None] = {}
     by_key = {row_key(r): r for r in rows}
     for key, r in sorted(by_key.items(), key=lambda kv: tuple(map(str, kv[0]))):
@@ -452,10 +453,10 @@ def summary_table(rows: list[dict]) -> dict[str, float | None]:
         name = f"{size} {spec} {mode} {level} {method}"
         table[f"{name} {path} tok/s"] = r["tokens_per_s"]
         other = by_key.get((size, "inprocess", spec, method, mode, level))
-        if path == "grpc" and other and other["tokens_per_s"] and r["tokens_per_s"]:
+        if path == "grpc" and other and other["run"] == r["run"] and other["tokens_per_s"] and r["tokens_per_s"]:
             table[f"{name} grpc/inprocess"] = r["tokens_per_s"] / other["tokens_per_s"]
         plain = by_key.get((size, path, spec, "none", mode, level))
-        if method != "none" and plain and plain["tokens_per_s"] and r["tokens_per_s"]:
+        if method != "none" and plain and plain["run"] == r["run"] and plain["tokens_per_s"] and r["tokens_per_s"]:
             table[f"{size} {spec} {mode} {level} {path} {method}/plain"] = r["tokens_per_s"] / plain["tokens_per_s"]
     return table
 
