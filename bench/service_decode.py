@@ -30,8 +30,9 @@ bandwidth measured at the start of the run (bench/roofline.py).
 Bounded: greedy, --new-tokens per request (EOS may end one earlier), an untimed warm-up of
 --warmup short requests per (prompt set, method), a time budget (--budget-s skips every
 block that would start after it, and the JSON lists them). The JSON is rewritten after every
-block; --append merges runs of several commands into one file (a row measured again
-replaces the old one), so a sweep can be split under a per-command time limit.
+block; --append adds this command's rows to an existing file (each row names its run, the
+summary's ratios compare rows of one run), so a sweep can be split under a per-command
+time limit.
 
 CPU smoke run (a minute on two cores; writes the tiny pair first):
 
@@ -374,7 +375,8 @@ def main(argv=None) -> int:
     def save() -> None:
         run["skipped"] = budget.skipped
         run["elapsed_seconds"] = time.perf_counter() - _T0
-        result["summary"] = summary_table(rows)
+        result["summary"] = {f"run {i}": summary_table([r for r in rows if r["run"] == i])
+                             for i in range(len(result["runs"])) if any(r["run"] == i for r in rows)}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
@@ -382,7 +384,7 @@ def main(argv=None) -> int:
 
     def add_row(row: dict) -> None:
         row["run"] = len(result["runs"]) - 1
-        rows[:] = [r for r in rows if row_key(r) != row_key(row)] + [row]
+        rows.append(row)
         log(line_of(row))
         save()
 
@@ -411,7 +413,7 @@ def main(argv=None) -> int:
                           info["paths"].setdefault(path, {}))
             save()
     save()
-    print(format_table(rows), flush=True)
+    print(format_table([r for r in rows if r["run"] == len(result["runs"]) - 1]), flush=True)
     if budget.skipped:
         print(f"skipped (time budget): {len(budget.skipped)} blocks, listed in the JSON", flush=True)
     print(f"wrote {args.out}", flush=True)
@@ -444,8 +446,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def summary_table(rows: list[dict]) -> dict[str, float | None]:
-    """Flat figures: tokens/s per row; gRPC / in-process and method / plain ratios of rows
-    measured by the same command (same `run`) only."""
+    """Flat figures of one run's rows: tokens/s per row, gRPC / in-process and method / plain."""
     table: dict[str, float | None] = {}
     by_key = {row_key(r): r for r in rows}
     for key, r in sorted(by_key.items(), key=lambda kv: tuple(map(str, kv[0]))):
@@ -453,10 +454,10 @@ def summary_table(rows: list[dict]) -> dict[str, float | None]:
         name = f"{size} {spec} {mode} {level} {method}"
         table[f"{name} {path} tok/s"] = r["tokens_per_s"]
         other = by_key.get((size, "inprocess", spec, method, mode, level))
-        if path == "grpc" and other and other["run"] == r["run"] and other["tokens_per_s"] and r["tokens_per_s"]:
+        if path == "grpc" and other and other["tokens_per_s"] and r["tokens_per_s"]:
             table[f"{name} grpc/inprocess"] = r["tokens_per_s"] / other["tokens_per_s"]
         plain = by_key.get((size, path, spec, "none", mode, level))
-        if method != "none" and plain and plain["run"] == r["run"] and plain["tokens_per_s"] and r["tokens_per_s"]:
+        if method != "none" and plain and plain["tokens_per_s"] and r["tokens_per_s"]:
             table[f"{size} {spec} {mode} {level} {path} {method}/plain"] = r["tokens_per_s"] / plain["tokens_per_s"]
     return table
 

@@ -71,7 +71,7 @@ def test_batch1_figures_carry_the_roofline_of_the_measured_bandwidth(report):
             assert "roofline_tokens_per_s" not in row
 
 
-def test_append_keeps_other_rows_and_replaces_remeasured_ones(report, tmp_path):
+def test_append_adds_a_run_and_compares_rows_within_a_run_only(report, tmp_path):
     out = tmp_path / "bench.json"
     out.write_text(json.dumps({k: v for k, v in report.items() if k != "_models"}))
     command = [sys.executable, "-m", "bench.service_decode", "--sizes", "tiny", "--models-dir",
@@ -81,6 +81,10 @@ def test_append_keeps_other_rows_and_replaces_remeasured_ones(report, tmp_path):
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]
     merged = json.loads(out.read_text())
-    assert len(merged["runs"]) == 2 and len(merged["rows"]) == len(report["rows"])
-    redone = [r for r in merged["rows"] if r["run"] == 1]
-    assert [(r["path"], r["method"], r["mode"]) for r in redone] == [("inprocess", "none", "batch1")]
+    assert len(merged["runs"]) == 2 and len(merged["rows"]) == len(report["rows"]) + 1
+    added = [r for r in merged["rows"] if r["run"] == 1]
+    assert [(r["path"], r["method"], r["mode"]) for r in added] == [("inprocess", "none", "batch1")]
+    assert merged["summary"]["run 0"] == report["summary"]["run 0"]
+    assert list(merged["summary"]["run 1"]) == ["tiny builtin:grounded batch1 1 none inprocess tok/s"]
+    assert any(key.endswith("draft_model/plain") for key in merged["summary"]["run 0"])
+    assert any(key.endswith("grpc/inprocess") for key in merged["summary"]["run 0"])
