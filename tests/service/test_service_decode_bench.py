@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # the tokenizer comes from SmolLM2's real GGUF file
@@ -16,12 +17,10 @@ pytestmark = pytest.mark.slow  # the tokenizer comes from SmolLM2's real GGUF fi
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("service-decode")
+def run_bench(tmp: Path, device: str, dtype: str) -> dict:
     out = tmp / "bench.json"
     command = [sys.executable, "-m", "bench.service_decode", "--sizes", "tiny", "--models-dir", str(tmp / "models"),
-               "--write-missing", "--device", "cpu", "--dtype", "float32", "--methods", "none,draft_model",
+               "--write-missing", "--device", device, "--dtype", dtype, "--methods", "none,draft_model",
                "--modes", "batch1,burst", "--concurrency", "2", "--prompts", "builtin:grounded",
                "--new-tokens", "4", "--batch1-repeats", "1", "--warmup", "1", "--copy-gib", "0.0625",
                "--out", str(out)]
@@ -30,6 +29,11 @@ def report(tmp_path_factory) -> dict:
     result = json.loads(out.read_text())
     result["_models"] = tmp / "models"
     return result
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    return run_bench(tmp_path_factory.mktemp("service-decode"), "cpu", "float32")
 
 
 def test_every_point_is_measured_on_both_paths_without_failures(report):
@@ -88,3 +92,14 @@ def test_append_adds_a_run_and_compares_rows_within_a_run_only(report, tmp_path)
     assert list(merged["summary"]["run 1"]) == ["tiny builtin:grounded batch1 1 none inprocess tok/s"]
     assert any(key.endswith("draft_model/plain") for key in merged["summary"]["run 0"])
     assert any(key.endswith("grpc/inprocess") for key in merged["summary"]["run 0"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_in_bfloat16_both_paths_serve_and_the_bandwidth_is_the_devices(tmp_path):
+    result = run_bench(tmp_path, "cuda", "auto")
+    run = result["runs"][-1]
+    assert run["bandwidth"]["bytes_per_s"] > 1e11  # any GPU's memory moves more than 100 GB/s
+    assert {r["path"] for r in result["rows"]} == {"inprocess", "grpc"}
+    assert all(r["requests_failed"] == 0 and r["tokens_per_s"] > 0 for r in result["rows"])
+    assert run["sizes"]["tiny"]["paths"]["grpc"]["server_exit_status"] == 0
