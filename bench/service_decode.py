@@ -50,6 +50,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -354,6 +355,9 @@ def model_dirs(args: argparse.Namespace, size: str) -> tuple[Path, Path | None]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Under `timeout`: SIGTERM unwinds like an exception, so the server child is stopped
+    # and the JSON keeps every block measured so far.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     prompt_sets = {spec: load_prompts(spec) for spec in args.prompts}
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
