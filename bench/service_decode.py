@@ -5,7 +5,8 @@
 
 Per size (--sizes: 8b = the random Llama-3.1-8B-shaped target with the Llama-3.2-1B-shaped
 draft model, 1b = the 1B shape alone, tiny = bench.random_model's tiny pair for CPU smoke
-runs; the directories are --models-dir/<shape>), per path (--paths):
+runs; the directories are --models-dir/<shape>; the draft model is loaded only when
+--methods holds draft_model), per path (--paths):
 
   inprocess  the engine in this process, built by the service's own build_engine from the
              same server arguments (service/server.py: load, vocabulary check, warm-up);
@@ -34,7 +35,7 @@ block; --append adds this command's rows to an existing file (each row names its
 summary's ratios compare rows of one run), so a sweep can be split under a per-command
 time limit.
 
-CPU smoke run (a minute on two cores; writes the tiny pair first):
+CPU smoke run (a few minutes on two cores; writes the tiny pair first):
 
     python -m bench.service_decode --sizes tiny --write-missing --device cpu --dtype float32 \\
         --new-tokens 8 --concurrency 1,2 --requests-per-client 3 --out bench/out/smoke_service.json
