@@ -186,9 +186,26 @@ def _reconcile_special_tokens(tokenizer: Any, config: Any, gguf: Path) -> None:
             setattr(tokenizer, f"{attr}_token", token)
 
 
+def gguf_tokenizer(gguf: Path, config: Any = None) -> Any:
+    """The tokenizer stored in a GGUF file, with the file's own EOS and padding ids.
+
+    ``config``: the model config read from the same file (read here when not given).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        if config is None:
+            config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:
+        raise ModelLoadError(f"could not read the tokenizer of GGUF file {gguf}: {type(e).__name__}: {e}") from e
+    _reconcile_special_tokens(tokenizer, config, gguf)
+    return tokenizer
+
+
 def _convert_gguf(gguf: Path, gguf_sha256: str, target: Path, dtype: torch.dtype) -> None:
     """Dequantize ``gguf`` into ``dtype`` and save model + tokenizer to ``target`` atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     import transformers
 
     t0 = time.monotonic()
@@ -204,14 +221,15 @@ def _convert_gguf(gguf: Path, gguf_sha256: str, target: Path, dtype: torch.dtype
         except ImportError:  # older transformers always dequantize GGUF files
             pass
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(
                 str(gguf.parent), gguf_file=gguf.name, dtype=dtype, **kwargs
             )
+            tokenizer = gguf_tokenizer(gguf, model.config)
+        except ModelLoadError:
+            raise
         except Exception as e:
             raise ModelLoadError(f"could not read GGUF file {gguf}: {type(e).__name__}: {e}") from e
         _detach_gguf_quantizer(model, gguf)
-        _reconcile_special_tokens(tokenizer, model.config, gguf)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del model

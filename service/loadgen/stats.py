@@ -174,7 +174,7 @@ def summarize(mode: str, level: float, records: Sequence[RequestRecord], run_sta
 
 def server_sums(records: Sequence[RequestRecord]) -> dict[str, Any]:
     """The server's counters summed over the successful requests; the ratios are ratios of
-    those sums (METRICS.md: never a mean of per-request ratios)."""
+    those sums (docs/metrics-contract.md: never a mean of per-request ratios)."""
     sums = {name: 0 for name in SUMMED_COUNTERS}
     methods: dict[str, int] = {}
     for r in records:

@@ -1,0 +1,471 @@
+"""Realistic-size decoding, in-process and through the gRPC service in the same run.
+
+    python -m bench.random_model --shape llama-3.1-8b --shape llama-3.2-1b --out bench/out/models
+    python -m bench.service_decode --sizes 8b --out bench/out/service_decode.json
+
+Per size (--sizes: 8b = the random Llama-3.1-8B-shaped target with the Llama-3.2-1B-shaped
+draft model, 1b = the 1B shape alone, tiny = bench.random_model's tiny pair for CPU smoke
+runs; the directories are --models-dir/<shape>; the draft model is loaded only when
+--methods holds draft_model), per path (--paths):
+
+  inprocess  the engine in this process, built by the service's own build_engine from the
+             same server arguments (service/server.py: load, vocabulary check, warm-up);
+  grpc       `specdec-server` with those arguments as a child process on a loopback port,
+             loaded through the gRPC API by specdec-bench's runner (service/loadgen);
+
+and per prompt set (--prompts, specdec-bench's: builtin:grounded, builtin:open_chat,
+builtin:all, or a JSONL file), method (--methods: none, ngram, draft_model) and pacing:
+
+  batch1     one request at a time, every prompt --batch1-repeats times; the figure is
+             tokens over the sum of request durations (bench/gpu_decode.py's batch-1 figure);
+  burst      N requests at once, for each N of --concurrency; the figure is over the run;
+  sustained  N clients sending back to back (--requests-per-client each); the figure is
+             over the steady window (N in flight throughout).
+
+Both paths are measured by one definition (service/loadgen/stats.py, on the same request
+records): tokens/s, time to first token and inter-token latency (the gap between streamed
+chunks) p50 / p99, next to every figure. Every batch-1 figure (batch1, and level 1 of burst
+and sustained) has the roofline next to it: the target's weight bytes over the device copy
+bandwidth measured at the start of the run (bench/roofline.py).
+
+Bounded: greedy, --new-tokens per request (EOS may end one earlier), an untimed warm-up of
+--warmup short requests per (prompt set, method), a time budget (--budget-s skips every
+block that would start after it, and the JSON lists them). The JSON is rewritten after every
+block; --append adds this command's rows to an existing file (each row names its run, the
+summary's ratios compare rows of one run), so a sweep can be split under a per-command
+time limit.
+
+CPU smoke run (a few minutes on two cores; writes the tiny pair first):
+
+    python -m bench.service_decode --sizes tiny --write-missing --device cpu --dtype float32 \\
+        --new-tokens 8 --concurrency 1,2 --requests-per-client 3 --out bench/out/smoke_service.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+_T0 = time.perf_counter()  # before the heavy imports: the logged times include them
+
+import grpc  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.inprocess_load import run_inprocess  # noqa: E402
+from bench.roofline import checkpoint_weight_bytes, copy_bandwidth, roofline_tokens_per_s  # noqa: E402
+from bench.server_process import ServerProcess  # noqa: E402
+from service.config import ServiceConfig  # noqa: E402
+from service.loadgen.cli import build_request  # noqa: E402
+from service.loadgen.prompts import Prompt, load_prompts  # noqa: E402
+from service.loadgen.runner import Pacing, run_load  # noqa: E402
+from service.loadgen.stats import summarize  # noqa: E402
+from service.request_mapping import RequestLimits, to_engine_request  # noqa: E402
+from specdec.v1 import generation_pb2_grpc  # noqa: E402
+
+# size -> (target shape, draft shape or None); directories are --models-dir/<shape>.
+SIZES = {"8b": ("llama-3.1-8b", "llama-3.2-1b"), "1b": ("llama-3.2-1b", None), "tiny": ("tiny", "tiny-draft")}
+PATHS = ("inprocess", "grpc")
+METHODS = ("none", "ngram", "draft_model")
+MODES = ("batch1", "burst", "sustained")
+WARMUP_MAX_TOKENS = 16
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+class Budget:
+    """--budget-s: blocks that would start after the budget is spent are skipped and listed."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.skipped: list[str] = []
+
+    def allows(self, what: str) -> bool:
+        if self.seconds is None or time.perf_counter() - _T0 < self.seconds:
+            return True
+        self.skipped.append(what)
+        log(f"SKIPPED (time budget of {self.seconds:.0f} s spent): {what}")
+        return False
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+def blocks(args: argparse.Namespace, prompt_sets: dict[str, list[Prompt]], methods: list[str]
+           ) -> list[tuple[str, str, str, Pacing]]:
+    """(prompt set, method, mode, pacing) of every measurement of one path, in running order:
+    per prompt set and pacing point, the methods one after the other (so that their ratios
+    compare runs minutes apart at most)."""
+    out = []
+    for spec, prompts in prompt_sets.items():
+        points = []
+        if "batch1" in args.modes:
+            points.append(("batch1", Pacing("sustained", 1, len(prompts) * args.batch1_repeats)))
+        for level in args.concurrency:
+            for mode in ("burst", "sustained"):
+                if mode in args.modes:
+                    per_client = args.requests_per_client if mode == "sustained" else None
+                    points.append((mode, Pacing(mode, level, per_client)))
+        for mode, pacing in points:
+            for method in methods:
+                out.append((spec, method, mode, pacing))
+    return out
+
+
+def server_args(args: argparse.Namespace, target: Path, draft: Path | None) -> list[str]:
+    """The service's arguments, shared by both paths."""
+    largest = max(args.concurrency) if set(args.modes) & {"burst", "sustained"} else 1
+    out = ["--model", str(target), "--dtype", args.dtype, "--device", args.device,
+           "--num-draft-tokens", str(args.k), "--max-num-draft-tokens", str(max(args.k, 8)),
+           "--max-batch-size", str(args.max_batch_size or largest),
+           "--max-queue-size", str(max(64, 2 * largest)),
+           "--default-max-tokens", str(args.new_tokens), "--max-tokens-limit", str(max(4096, args.new_tokens)),
+           "--adaptive-draft-length", "false" if args.fixed_k else "true",
+           "--telemetry-target", args.telemetry_target, "--instance-id", "bench-service-decode",
+           "--log-level", args.server_log_level]
+    if draft is not None:
+        out += ["--draft-model", str(draft)]
+    return out
+
+
+def request_settings(max_tokens: int) -> SimpleNamespace:
+    """What specdec-bench's build_request reads: greedy, the server's k."""
+    return SimpleNamespace(max_tokens=max_tokens, temperature=None, top_p=None, top_k=None, seed=None, k=None)
+
+
+# ---------------------------------------------------------------------------- a row
+
+
+def row_of(size: str, path: str, spec: str, method: str, mode: str, pacing: Pacing, report: dict,
+           roofline: float | None) -> dict:
+    latency, throughput = report["latency_s"], report["throughput"]
+    tokens_per_s = throughput["request_tokens_per_s"] if mode == "batch1" else throughput["tokens_per_s"]
+
+    def ms(value):
+        return None if value is None else value * 1e3
+
+    row = {"size": size, "path": path, "prompts": spec, "method": method, "mode": mode, "level": int(pacing.level),
+           "tokens_per_s": tokens_per_s,
+           "ttft_p50_ms": ms(latency["ttft"]["p50"]), "ttft_p99_ms": ms(latency["ttft"]["p99"]),
+           "itl_p50_ms": ms(latency["itl"]["p50"]), "itl_p99_ms": ms(latency["itl"]["p99"]),
+           "accept_rate": report["server_metrics"]["accept_rate"],
+           "requests_failed": report["requests"]["failed"]}
+    if pacing.level == 1:
+        row["roofline_tokens_per_s"] = roofline
+        row["fraction_of_roofline"] = tokens_per_s / roofline if roofline and tokens_per_s else None
+    row["report"] = report
+    return row
+
+
+def row_key(row: dict) -> tuple:
+    return row["size"], row["path"], row["prompts"], row["method"], row["mode"], row["level"]
+
+
+# ---------------------------------------------------------------------------- the paths
+
+
+def measure_inprocess(args, size, config_args, plan, prompt_sets, roofline, add_row, budget, info) -> None:
+    from service.server import build_engine
+
+    started = time.perf_counter()
+    engine, tokenizer = build_engine(ServiceConfig.from_args(config_args, environ={}))
+    info["load_seconds"] = time.perf_counter() - started
+    log(f"{size} inprocess: engine ready in {info['load_seconds']:.1f} s")
+    limits = RequestLimits(1 << 30, 1 << 30)
+    templates: dict[tuple, Any] = {}  # tokenized once, as the server does it: the runs time the engine
+
+    def factory(spec: str, method: str, prefix: str, max_tokens: int) -> Callable[[int], Any]:
+        prompts = prompt_sets[spec]
+        settings = request_settings(max_tokens)
+
+        def make(index: int):
+            key = (spec, index % len(prompts), method, max_tokens)
+            if key not in templates:
+                proto = build_request(settings, prompts[key[1]], method, prefix, index)
+                templates[key] = to_engine_request(proto, proto.request_id, tokenizer, limits)
+            return dataclasses.replace(templates[key], request_id=f"{prefix}-{index}")
+        return make
+
+    try:
+        warmed = set()
+        for spec, method, mode, pacing in plan:
+            what = f"{size} inprocess {spec} {method} {mode} {pacing.level:g}"
+            if not budget.allows(what):
+                continue
+            if (spec, method) not in warmed and args.warmup:
+                warmed.add((spec, method))
+                run_inprocess(engine, factory(spec, method, f"warm-{method}", WARMUP_MAX_TOKENS),
+                              Pacing("burst", args.warmup), args.timeout_s)
+            run_start, records = run_inprocess(engine, factory(spec, method, f"{mode}-{method}", args.new_tokens),
+                                               pacing, args.timeout_s)
+            add_row(row_of(size, "inprocess", spec, method, mode, pacing,
+                           summarize(pacing.mode, pacing.level, records, run_start), roofline))
+    finally:
+        engine.stop()
+        del engine, tokenizer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            info["cuda_memory_allocated_after_stop"] = torch.cuda.memory_allocated()
+
+
+def measure_grpc(args, size, config_args, plan, prompt_sets, roofline, add_row, budget, info) -> None:
+    server = ServerProcess(config_args, args.out.with_name(f"{args.out.stem}.{size}.server.log"))
+    info["server_command"] = server.command
+    info["server_log"] = str(server.log_path)
+    with server:
+        server.start(args.server_start_timeout_s)
+        info["ready_seconds"] = server.ready_seconds
+        log(f"{size} grpc: server ready at {server.address} in {server.ready_seconds:.1f} s")
+        asyncio.run(_grpc_blocks(args, size, server.address, plan, prompt_sets, roofline, add_row, budget))
+        info["server_exit_status"] = server.stop()
+
+
+async def _grpc_blocks(args, size, address, plan, prompt_sets, roofline, add_row, budget) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        warmed = set()
+        for spec, method, mode, pacing in plan:
+            what = f"{size} grpc {spec} {method} {mode} {pacing.level:g}"
+            if not budget.allows(what):
+                continue
+            prompts = prompt_sets[spec]
+
+            def factory(prefix: str, max_tokens: int, method: str = method, prompts=prompts):
+                settings = request_settings(max_tokens)
+                return lambda i: build_request(settings, prompts[i % len(prompts)], method, f"{prefix}-{i}", i)
+
+            if (spec, method) not in warmed and args.warmup:
+                warmed.add((spec, method))
+                await run_load(stub, factory(f"warm-{method}", WARMUP_MAX_TOKENS), Pacing("burst", args.warmup),
+                               args.timeout_s)
+            run_start, records = await run_load(stub, factory(f"{mode}-{method}", args.new_tokens), pacing,
+                                                args.timeout_s)
+            add_row(row_of(size, "grpc", spec, method, mode, pacing,
+                           summarize(pacing.mode, pacing.level, records, run_start), roofline))
+
+
+MEASURE = {"inprocess": measure_inprocess, "grpc": measure_grpc}
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.service_decode", description=__doc__.splitlines()[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def names(choices):
+        def parse(text: str) -> list[str]:
+            items = [x for x in text.split(",") if x]
+            unknown = [x for x in items if x not in choices]
+            if unknown or not items:
+                raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}, "
+                                                 f"got {text!r}")
+            return items
+        return parse
+
+    def levels(text: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",") if x]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+        return values
+
+    parser.add_argument("--sizes", type=names(tuple(SIZES)), default=["8b"], help=f"subset of {', '.join(SIZES)}")
+    parser.add_argument("--models-dir", type=Path, default=Path("bench/out/models"),
+                        help="where bench.random_model wrote the shapes (<dir>/<shape>)")
+    parser.add_argument("--write-missing", action="store_true",
+                        help="write a missing model directory first (bench.random_model, on --device)")
+    parser.add_argument("--paths", type=names(PATHS), default=list(PATHS), help="inprocess, grpc (run in this order)")
+    parser.add_argument("--methods", type=names(METHODS), default=list(METHODS),
+                        help="none, ngram, draft_model (draft_model needs a size with a draft model)")
+    parser.add_argument("--modes", type=names(MODES), default=list(MODES), help="batch1, burst, sustained")
+    parser.add_argument("--concurrency", type=levels, default=[1, 4, 16, 32, 64], help="levels of burst and sustained")
+    parser.add_argument("--prompts", type=lambda s: [x for x in s.split(",") if x],
+                        default=["builtin:grounded", "builtin:open_chat"],
+                        help="comma-separated specdec-bench prompt sets (builtin:... or JSONL files)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="max_tokens of every timed request")
+    parser.add_argument("-k", type=int, default=8, help="the server's draft length (the adaptive policy's cap)")
+    parser.add_argument("--fixed-k", action="store_true", help="turn the adaptive draft length off")
+    parser.add_argument("--batch1-repeats", type=int, default=2, help="batch1: runs of every prompt")
+    parser.add_argument("--requests-per-client", type=int, default=4, help="sustained: requests per client")
+    parser.add_argument("--warmup", type=int, default=4,
+                        help=f"untimed requests ({WARMUP_MAX_TOKENS} tokens) at once per prompt set and method")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="the server's --max-batch-size [default: the largest --concurrency level]")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--telemetry-target", default="", help="the server's sidecar address [default: none]")
+    parser.add_argument("--server-log-level", default="WARNING")
+    parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the bandwidth test's copy")
+    parser.add_argument("--timeout-s", type=float, default=300.0, help="per request (a stuck run fails, not hangs)")
+    parser.add_argument("--server-start-timeout-s", type=float, default=600.0)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="skip every block that would start after this many seconds")
+    parser.add_argument("--append", action="store_true", help="merge into an existing --out file")
+    parser.add_argument("--out", type=Path, default=Path("bench/out/service_decode.json"))
+    args = parser.parse_args(argv)
+    for name in ("new_tokens", "batch1_repeats", "requests_per_client"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0 or not 0 <= args.k <= 8:
+        parser.error("--warmup must be >= 0 and -k in [0, 8]")
+    if args.requests_per_client == 1 and "sustained" in args.modes:
+        parser.error("--requests-per-client must be >= 2 for a sustained steady window")
+    return args
+
+
+def model_dirs(args: argparse.Namespace, size: str) -> tuple[Path, Path | None]:
+    target_shape, draft_shape = SIZES[size]
+    if "draft_model" not in args.methods:
+        draft_shape = None
+    dirs = []
+    for shape in (target_shape, draft_shape):
+        if shape is None:
+            dirs.append(None)
+            continue
+        path = args.models_dir / shape
+        if not (path / "config.json").is_file():
+            if not args.write_missing:
+                raise SystemExit(f"no model at {path}: write it with `python -m bench.random_model --shape {shape} "
+                                 f"--out {path}` (or pass --write-missing)")
+            from bench.random_model import smollm2_tokenizer, write_random_model
+            device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+            write_random_model(path, shape, smollm2_tokenizer(), device=device, log=log)
+        dirs.append(path)
+    return dirs[0], dirs[1]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # Under `timeout`: SIGTERM unwinds like an exception, so the server child is stopped
+    # and the JSON keeps every block measured so far.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    prompt_sets = {spec: load_prompts(spec) for spec in args.prompts}
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    result: dict[str, Any] = {}
+    if args.append and args.out.exists():
+        result = json.loads(args.out.read_text())
+    import transformers
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU {platform.machine()} ({os.cpu_count()} cores)"
+    run = {"command": " ".join([sys.executable, "-m", "bench.service_decode", *(argv or sys.argv[1:])]),
+           "machine": machine, "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(),
+           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    result.setdefault("runs", []).append(run)
+    rows: list[dict] = result.setdefault("rows", [])
+    budget = Budget(args.budget_s)
+
+    def save() -> None:
+        run["skipped"] = budget.skipped
+        run["elapsed_seconds"] = time.perf_counter() - _T0
+        result["summary"] = {f"run {i}": summary_table([r for r in rows if r["run"] == i])
+                             for i in range(len(result["runs"])) if any(r["run"] == i for r in rows)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(args.out)
+
+    def add_row(row: dict) -> None:
+        row["run"] = len(result["runs"]) - 1
+        rows.append(row)
+        log(line_of(row))
+        save()
+
+    log(f"measuring the copy bandwidth of {device} ({args.copy_gib:g} GiB)")
+    run["bandwidth"] = copy_bandwidth(device, int(args.copy_gib * 2**30))
+    log(f"copy bandwidth {run['bandwidth']['bytes_per_s'] / 1e12:.3f} TB/s")
+    save()
+    for size in args.sizes:
+        target, draft = model_dirs(args, size)
+        methods = [m for m in args.methods if m != "draft_model" or draft is not None]
+        weight_bytes = checkpoint_weight_bytes(target)
+        roofline = roofline_tokens_per_s(weight_bytes, run["bandwidth"]["bytes_per_s"])
+        config_args = server_args(args, target, draft)
+        info = run.setdefault("sizes", {}).setdefault(size, {
+            "target": str(target), "draft": None if draft is None else str(draft),
+            "target_weight_bytes": weight_bytes,
+            "draft_weight_bytes": None if draft is None else checkpoint_weight_bytes(draft),
+            "roofline_tokens_per_s": roofline, "server_args": config_args, "methods": methods, "paths": {}})
+        log(f"{size}: target {target} ({weight_bytes / 1e9:.2f} GB, roofline {roofline:.1f} tok/s), "
+            f"draft {draft}")
+        plan = blocks(args, prompt_sets, methods)
+        for path in args.paths:
+            if not budget.allows(f"{size} {path} start"):
+                continue
+            MEASURE[path](args, size, config_args, plan, prompt_sets, roofline, add_row, budget,
+                          info["paths"].setdefault(path, {}))
+            save()
+    save()
+    print(format_table([r for r in rows if r["run"] == len(result["runs"]) - 1]), flush=True)
+    if budget.skipped:
+        print(f"skipped (time budget): {len(budget.skipped)} blocks, listed in the JSON", flush=True)
+    print(f"wrote {args.out}", flush=True)
+    failed = sum(r["requests_failed"] for r in rows)
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def line_of(row: dict) -> str:
+    roof = ""
+    if "roofline_tokens_per_s" in row:
+        roof = f"  roofline {_fmt(row['roofline_tokens_per_s'], '.0f')} ({_fmt(row['fraction_of_roofline'], '.0%')})"
+    return (f"{row['size']} {row['path']:9s} {row['prompts']:18s} {row['method']:11s} {row['mode']:9s} "
+            f"{row['level']:3d}: {_fmt(row['tokens_per_s'], '8.1f')} tok/s  ttft p50/p99 "
+            f"{_fmt(row['ttft_p50_ms'], '.1f')}/{_fmt(row['ttft_p99_ms'], '.1f')} ms  itl p50/p99 "
+            f"{_fmt(row['itl_p50_ms'], '.1f')}/{_fmt(row['itl_p99_ms'], '.1f')} ms  accept "
+            f"{_fmt(row['accept_rate'], '.2f')}{roof}"
+            + (f"  FAILED {row['requests_failed']}" if row["requests_failed"] else ""))
+
+
+def format_table(rows: list[dict]) -> str:
+    return "\n".join(line_of(r) for r in sorted(rows, key=lambda r: (r["size"], r["prompts"], MODES.index(r["mode"]),
+                                                                     r["level"], r["method"], r["path"])))
+
+
+def summary_table(rows: list[dict]) -> dict[str, float | None]:
+    """Flat figures of one run's rows: tokens/s per row, gRPC / in-process and method / plain."""
+    table: dict[str, float | None] = {}
+    by_key = {row_key(r): r for r in rows}
+    for key, r in sorted(by_key.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        size, path, spec, method, mode, level = key
+        name = f"{size} {spec} {mode} {level} {method}"
+        table[f"{name} {path} tok/s"] = r["tokens_per_s"]
+        other = by_key.get((size, "inprocess", spec, method, mode, level))
+        if path == "grpc" and other and other["tokens_per_s"] and r["tokens_per_s"]:
+            table[f"{name} grpc/inprocess"] = r["tokens_per_s"] / other["tokens_per_s"]
+        plain = by_key.get((size, path, spec, "none", mode, level))
+        if method != "none" and plain and plain["tokens_per_s"] and r["tokens_per_s"]:
+            table[f"{size} {spec} {mode} {level} {path} {method}/plain"] = r["tokens_per_s"] / plain["tokens_per_s"]
+    return table
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""bench.service_decode end to end on the CPU: the tiny random pair written by bench.random_model
+(--write-missing), measured in-process and through a real `specdec-server` child process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow  # the tokenizer comes from SmolLM2's real GGUF file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_bench(tmp: Path, device: str, dtype: str) -> dict:
+    out = tmp / "bench.json"
+    command = [sys.executable, "-m", "bench.service_decode", "--sizes", "tiny", "--models-dir", str(tmp / "models"),
+               "--write-missing", "--device", device, "--dtype", dtype, "--methods", "none,draft_model",
+               "--modes", "batch1,burst", "--concurrency", "2", "--prompts", "builtin:grounded",
+               "--new-tokens", "4", "--batch1-repeats", "1", "--warmup", "1", "--copy-gib", "0.0625",
+               "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    result = json.loads(out.read_text())
+    result["_models"] = tmp / "models"
+    return result
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    return run_bench(tmp_path_factory.mktemp("service-decode"), "cpu", "float32")
+
+
+def test_every_point_is_measured_on_both_paths_without_failures(report):
+    keys = {(r["path"], r["method"], r["mode"], r["level"]) for r in report["rows"]}
+    assert keys == {(path, method, mode, level) for path in ("inprocess", "grpc")
+                    for method in ("none", "draft_model") for mode, level in (("batch1", 1), ("burst", 2))}
+    for row in report["rows"]:
+        assert row["requests_failed"] == 0
+        assert row["tokens_per_s"] > 0
+        assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"]
+        assert 0 < row["itl_p50_ms"] <= row["itl_p99_ms"]
+    assert report["runs"][-1]["sizes"]["tiny"]["paths"]["grpc"]["server_exit_status"] == 0
+
+
+def test_the_grpc_rows_come_from_the_server_with_the_same_greedy_work(report):
+    by_key = {(r["path"], r["method"], r["mode"], r["level"]): r["report"] for r in report["rows"]}
+    for (path, method, mode, level), rep in by_key.items():
+        if path != "grpc":
+            continue
+        assert rep["server_metrics"]["methods"] == {f"SPECULATION_METHOD_{method.upper()}": rep["requests"]["sent"]}
+        twin = by_key[("inprocess", method, mode, level)]
+        # float32 greedy: the same prompts give the same tokens, whichever path sent them.
+        for counter in ("prompt_tokens", "completion_tokens"):
+            assert rep["server_metrics"][counter] == twin["server_metrics"][counter], (method, mode, counter)
+
+
+def test_batch1_figures_carry_the_roofline_of_the_measured_bandwidth(report):
+    run = report["runs"][-1]
+    size = run["sizes"]["tiny"]
+    weights = load_file(report["_models"] / "tiny-draft" / "model.safetensors")
+    assert size["draft_weight_bytes"] == sum(t.numel() * t.element_size() for t in weights.values())
+    roofline = run["bandwidth"]["bytes_per_s"] / size["target_weight_bytes"]
+    assert size["roofline_tokens_per_s"] == pytest.approx(roofline)
+    for row in report["rows"]:
+        if row["level"] == 1:
+            assert row["roofline_tokens_per_s"] == pytest.approx(roofline)
+            assert row["fraction_of_roofline"] == pytest.approx(row["tokens_per_s"] / roofline)
+        else:
+            assert "roofline_tokens_per_s" not in row
+
+
+def test_append_adds_a_run_and_compares_rows_within_a_run_only(report, tmp_path):
+    out = tmp_path / "bench.json"
+    out.write_text(json.dumps({k: v for k, v in report.items() if k != "_models"}))
+    command = [sys.executable, "-m", "bench.service_decode", "--sizes", "tiny", "--models-dir",
+               str(report["_models"]), "--device", "cpu", "--dtype", "float32", "--paths", "inprocess",
+               "--methods", "none", "--modes", "batch1", "--prompts", "builtin:grounded", "--new-tokens", "4",
+               "--batch1-repeats", "1", "--warmup", "0", "--copy-gib", "0.0625", "--append", "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    merged = json.loads(out.read_text())
+    assert len(merged["runs"]) == 2 and len(merged["rows"]) == len(report["rows"]) + 1
+    added = [r for r in merged["rows"] if r["run"] == 1]
+    assert [(r["path"], r["method"], r["mode"]) for r in added] == [("inprocess", "none", "batch1")]
+    assert merged["summary"]["run 0"] == report["summary"]["run 0"]
+    assert list(merged["summary"]["run 1"]) == ["tiny builtin:grounded batch1 1 none inprocess tok/s"]
+    assert any(key.endswith("draft_model/plain") for key in merged["summary"]["run 0"])
+    assert any(key.endswith("grpc/inprocess") for key in merged["summary"]["run 0"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_in_bfloat16_both_paths_serve_and_the_bandwidth_is_the_devices(tmp_path):
+    result = run_bench(tmp_path, "cuda", "auto")
+    run = result["runs"][-1]
+    assert run["bandwidth"]["bytes_per_s"] > 1e11  # any GPU's memory moves more than 100 GB/s
+    assert {r["path"] for r in result["rows"]} == {"inprocess", "grpc"}
+    assert all(r["requests_failed"] == 0 and r["tokens_per_s"] > 0 for r in result["rows"])
+    assert run["sizes"]["tiny"]["paths"]["grpc"]["server_exit_status"] == 0
