@@ -21,6 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
 OVERRIDE = Path(__file__).with_name("compose.test.yml")
+PIP_CA = REPO / "deploy" / "compose.pip-ca.yml"
 CLIENT = Path(sys.executable).with_name("specdec-client")
 
 # What a request's final metrics add to, and the sidecar counter that must equal the sum.
@@ -93,6 +94,8 @@ class Stack:
         self.service_port = free_port_pair()
         self.prometheus_port = free_port()
         self.sidecar_port = free_port()
+        self.ca_bundle = os.environ.get("SPECDEC_DEPLOY_CA_BUNDLE", "")
+        self.files = [REPO / "docker-compose.yml", OVERRIDE] + ([PIP_CA] if self.ca_bundle else [])
         self.env = dict(os.environ)
         self.env.update({
             "COMPOSE_PROJECT_NAME": project,
@@ -105,15 +108,15 @@ class Stack:
             "OTEL_COLLECTOR_PROMETHEUS_PORT": str(free_port()),
             "SPECDEC_SERVICE_BASE_IMAGE": os.environ["SPECDEC_DEPLOY_PYTHON_BASE"],
             "SPECDEC_SIDECAR_BASE_IMAGE": os.environ["SPECDEC_DEPLOY_PYTHON_BASE"],
-            "SPECDEC_PIP_CA_BUNDLE": os.environ.get("SPECDEC_DEPLOY_CA_BUNDLE", "/dev/null"),
             "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+            "SPECDEC_PIP_CA_BUNDLE": self.ca_bundle,
         })
 
     # ---- commands ----------------------------------------------------------------------
     def compose(self, *args: str, timeout: float = 300, check: bool = True
                 ) -> subprocess.CompletedProcess:
-        cmd = ["docker", "compose", "-f", str(REPO / "docker-compose.yml"), "-f", str(OVERRIDE),
-               "--profile", "cpu", *args]
+        files = [arg for f in self.files for arg in ("-f", str(f))]
+        cmd = ["docker", "compose", *files, "--profile", "cpu", *args]
         return run(cmd, self.env, timeout, check)
 
     def docker(self, *args: str, timeout: float = 120, check: bool = True

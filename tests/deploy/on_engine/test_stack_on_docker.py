@@ -8,6 +8,7 @@ step starts from the state the previous one left.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -17,11 +18,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.deploy.on_engine.stack import Stack, Totals
+from tests.deploy.on_engine.stack import PIP_CA, REPO, Stack, Totals, run
 
-pytestmark = pytest.mark.skipif(
-    not os.environ.get("SPECDEC_DEPLOY_PYTHON_BASE"),
-    reason="run by `make test-deploy` (needs its own Docker daemon and local base images)")
+if not os.environ.get("SPECDEC_DEPLOY_PYTHON_BASE"):
+    pytest.skip("run by `make test-deploy` (needs its own Docker daemon and local base images)",
+                allow_module_level=True)
 
 PROJECT = "specdec-deploy-test"
 MODEL = "smollm2-135m-instruct"
@@ -70,6 +71,24 @@ def speed() -> dict[str, float]:
     """Tokens per second per request, as measured through the stack (machines differ ten-fold:
     the drain test sizes its requests to be in flight for seconds, yet end within the grace)."""
     return {"tokens_per_s": 1.0}
+
+
+def test_compose_v2_accepts_the_gpu_and_cpu_profiles_as_shipped(stack) -> None:
+    """The GPU service cannot run here; Compose v2 itself still validates its definition."""
+    env = {k: v for k, v in stack.env.items() if not k.startswith(("SPECDEC_", "OTEL_"))}
+    env["COMPOSE_PROJECT_NAME"] = PROJECT
+    for profile_args in ([], ["--profile", "cpu"]):
+        proc = run(["docker", "compose", "-f", str(REPO / "docker-compose.yml"), *profile_args,
+                    "config", "--format", "json"], env, timeout=60)
+        services = json.loads(proc.stdout)["services"]
+        gpu = services["service"]["deploy"]["resources"]["reservations"]["devices"]
+        assert gpu == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}], gpu
+        assert ("service-cpu" in services) == bool(profile_args)
+        assert services["service"]["depends_on"]["sidecar"]["condition"] == "service_healthy"
+    ca = run(["docker", "compose", "-f", str(REPO / "docker-compose.yml"), "-f", str(PIP_CA),
+              "config", "--format", "json"], dict(env, SPECDEC_PIP_CA_BUNDLE="/dev/null"), 60)
+    assert json.loads(ca.stdout)["services"]["sidecar"]["build"]["secrets"][0]["source"] \
+        == "pip_ca_bundle"
 
 
 def test_images_build_from_local_bases(stack) -> None:
@@ -192,8 +211,6 @@ def test_stop_drains_in_flight_requests_and_flushes_their_metrics(stack, totals,
     stop_took = time.monotonic() - started - stop_at
     out, err = client.communicate(timeout=120)
     assert client.returncode == 0, err
-    import json
-
     results = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert len(results) == 3
     assert all(r["finish_reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_STOP")
