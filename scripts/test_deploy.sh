@@ -53,12 +53,13 @@ stop_dockerd() {  # stop_dockerd PID
 }
 
 unmount_under() {  # unmount_under DIR: whatever is still mounted below DIR, deepest first
-  findmnt -rn -o TARGET | grep -F "$1/" | sort -r | while read -r m; do umount -l "$m" || true; done
+  findmnt -rn -o TARGET | { grep -F "$1/" || true; } | sort -r | while read -r m; do umount -l "$m"; done
 }
 
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  set +e  # best effort from here: every step runs whatever the previous one did
   if [ -S "$RUN_DIR/docker.sock" ]; then
     ids=$(timeout 60 docker ps -aq 2>/dev/null || true)
     [ -z "$ids" ] || timeout 120 docker rm -f $ids >/dev/null 2>&1 || true

@@ -158,10 +158,20 @@ class Stack:
         raise AssertionError(f"{container[:12]} not healthy after {timeout} s:\n"
                              f"{self.logs(container)[-3000:]}")
 
-    def published(self, service: str, port: int, index: int = 1) -> str:
-        out = self.compose("port", "--index", str(index), service, str(port)).stdout.strip()
-        assert out, f"{service} #{index} publishes no port {port}"
-        return out
+    def published(self, container: str, port: int) -> str:
+        """HOST:PORT where a container publishes `port` (by container: after a scale-down,
+        which replica number survived is Compose's choice)."""
+        out = self.docker("port", container, str(port)).stdout.split()
+        assert out, f"{container[:12]} publishes no port {port}"
+        return out[0]
+
+    def service_address(self, service: str, port: int) -> str:
+        return self.published(self.container_running(service), port)
+
+    def container_running(self, service: str) -> str:
+        ids = self.containers(service, all_states=False)
+        assert len(ids) == 1, f"{service}: expected one running container, found {ids}"
+        return ids[0]
 
     # ---- requests ------------------------------------------------------------------------
     def client(self, target: str, requests: int, concurrency: int, max_tokens: int,

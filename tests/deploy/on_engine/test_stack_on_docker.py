@@ -142,7 +142,7 @@ def test_start_is_health_ordered(stack) -> None:
     prometheus = stack.inspect(stack.container("prometheus"))
     assert prometheus["State"]["Health"]["Status"] == "healthy"
 
-    address = stack.published(SERVICE, 50051)
+    address = stack.service_address(SERVICE, 50051)
     seen = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -163,7 +163,7 @@ def test_start_is_health_ordered(stack) -> None:
 
 
 def test_requests_counted_exactly(stack, totals, speed) -> None:
-    results = stack.client(stack.published(SERVICE, 50051), requests=4, concurrency=3,
+    results = stack.client(stack.service_address(SERVICE, 50051), requests=4, concurrency=3,
                            max_tokens=12)
     assert all(r["completion_tokens"] > 0 for r in results)
     speed["tokens_per_s"] = min(r["completion_tokens"] / r["client_seconds"] for r in results)
@@ -174,33 +174,9 @@ def test_requests_counted_exactly(stack, totals, speed) -> None:
     assert stack.counter_sum("specdec_sidecar_records_rejected_total") == 0
 
 
-def test_two_replicas_report_to_one_sidecar(stack, totals) -> None:
-    stack.compose("up", "-d", "--scale", "service=0", "--scale", f"{SERVICE}=2", "--wait",
-                  "--wait-timeout", "400", timeout=450)
-    replicas = stack.containers(SERVICE, all_states=False)
-    assert len(replicas) == 2, replicas
-    addresses = {stack.published(SERVICE, 50051, index) for index in (1, 2)}
-    assert len(addresses) == 2, addresses
-    instances = set()
-    for address in sorted(addresses):
-        results = stack.client(address, requests=2, concurrency=2, max_tokens=8)
-        ids = {r["metrics"]["instance_id"] for r in results}
-        assert len(ids) == 1, ids
-        instances |= ids
-        totals.add(results)
-    assert len(instances) == 2, f"both ports answered from one replica: {instances}"
-    for replica in replicas:  # the new replica loaded the first one's converted copy
-        logs = stack.logs(replica)
-        assert DOWNLOAD_LINE not in logs
-    assert sum(CONVERTED_LINE in stack.logs(r) for r in replicas) == 1
-    stack.wait_counters(totals.values)
-    stack.compose("up", "-d", "--scale", "service=0", "--scale", f"{SERVICE}=1", timeout=120)
-    assert len(stack.containers(SERVICE, all_states=False)) == 1
-
-
 def test_stop_drains_in_flight_requests_and_flushes_their_metrics(stack, totals, speed) -> None:
-    service_id = stack.container(SERVICE)
-    address = stack.published(SERVICE, 50051)
+    service_id = stack.container_running(SERVICE)
+    address = stack.service_address(SERVICE, 50051)
     # About 12 s of decoding each, well inside SPECDEC_GRACE_PERIOD_S (30 s).
     max_tokens = max(6, min(300, int(speed["tokens_per_s"] * 12)))
     client = stack.client_process(address, requests=3, concurrency=3, max_tokens=max_tokens)
@@ -232,7 +208,7 @@ def test_stop_drains_in_flight_requests_and_flushes_their_metrics(stack, totals,
 
 
 def test_sidecar_killed_under_load_loses_and_doubles_nothing(stack, totals) -> None:
-    address = stack.published(SERVICE, 50051)
+    address = stack.service_address(SERVICE, 50051)
     sidecar_id = stack.container("sidecar")
     batches: list[tuple[float, float, list[dict]]] = []
     errors: list[BaseException] = []
@@ -277,6 +253,28 @@ def test_sidecar_killed_under_load_loses_and_doubles_nothing(stack, totals) -> N
     assert stack.counter_sum("specdec_sidecar_service_dropped_records_total") == 0
 
 
+def test_two_replicas_report_to_one_sidecar(stack, totals) -> None:
+    stack.compose("up", "-d", "--scale", "service=0", "--scale", f"{SERVICE}=2", "--wait",
+                  "--wait-timeout", "400", timeout=450)
+    replicas = stack.containers(SERVICE, all_states=False)
+    assert len(replicas) == 2, replicas
+    addresses = {stack.published(replica, 50051) for replica in replicas}
+    assert len(addresses) == 2, addresses
+    instances = set()
+    for address in sorted(addresses):
+        results = stack.client(address, requests=2, concurrency=2, max_tokens=8)
+        ids = {r["metrics"]["instance_id"] for r in results}
+        assert len(ids) == 1, ids
+        instances |= ids
+        totals.add(results)
+    assert len(instances) == 2, f"both ports answered from one replica: {instances}"
+    for replica in replicas:  # the new replica loaded the first one's converted copy
+        logs = stack.logs(replica)
+        assert DOWNLOAD_LINE not in logs
+    assert sum(CONVERTED_LINE in stack.logs(r) for r in replicas) == 1
+    stack.wait_counters(totals.values)  # the next step's `down` ends the second replica
+
+
 def test_restart_reuses_the_model_cache(stack, totals) -> None:
     marker = "stat -c %Y:%i /models/converted/*/specdec-converted.json /models/models/" + MODEL_FILE
     before = stack.compose("exec", "-T", SERVICE, "sh", "-c", marker).stdout
@@ -287,7 +285,7 @@ def test_restart_reuses_the_model_cache(stack, totals) -> None:
     logs = stack.logs(service_id)
     assert "loaded" in logs and CONVERTED_LINE not in logs and DOWNLOAD_LINE not in logs, logs
     assert stack.compose("exec", "-T", SERVICE, "sh", "-c", marker).stdout == before
-    results = stack.client(stack.published(SERVICE, 50051), requests=2, concurrency=2,
+    results = stack.client(stack.service_address(SERVICE, 50051), requests=2, concurrency=2,
                            max_tokens=8)
     totals.add(results)
     stack.wait_counters(totals.values)  # Prometheus' data volume survived `down` too
