@@ -192,8 +192,10 @@ class Stack:
 
     def client_process(self, target: str, requests: int, concurrency: int, max_tokens: int
                        ) -> subprocess.Popen:
+        """specdec-client in the background; its first stderr line (--info: GetServerInfo)
+        says it is connected and about to send."""
         return subprocess.Popen(
-            [str(CLIENT), "--target", target, "--json", "--chat", "--requests", str(requests),
+            [str(CLIENT), "--target", target, "--json", "--chat", "--info", "--requests", str(requests),
              "--concurrency", str(concurrency), "--max-tokens", str(max_tokens),
              "List the first twenty prime numbers, then explain how you found them."],
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -180,15 +180,17 @@ def test_stop_drains_in_flight_requests_and_flushes_their_metrics(stack, totals,
     # About 12 s of decoding each, well inside SPECDEC_GRACE_PERIOD_S (30 s).
     max_tokens = max(6, min(300, int(speed["tokens_per_s"] * 12)))
     client = stack.client_process(address, requests=3, concurrency=3, max_tokens=max_tokens)
+    info = client.stderr.readline()  # connected (a loaded machine takes seconds to get here)
+    assert info.startswith("{"), info + client.stderr.read()
     started = time.monotonic()
-    time.sleep(3)  # prefill done, all three decoding
+    time.sleep(2)  # the three requests sent and admitted
     stop_at = time.monotonic() - started
     stack.compose("stop", SERVICE, timeout=120)
     stop_took = time.monotonic() - started - stop_at
     out, err = client.communicate(timeout=120)
     assert client.returncode == 0, err
     results = [json.loads(line) for line in out.splitlines() if line.strip()]
-    assert len(results) == 3
+    assert len(results) == 3, err
     assert all(r["finish_reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_STOP")
                for r in results), results
     assert min(r["client_seconds"] for r in results) > stop_at, \
