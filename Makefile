@@ -2,6 +2,7 @@
 #   make run    - install everything, fetch the default model, start sidecar + service
 #   make test   - install everything and run the whole test suite
 # Both are idempotent: a second run only re-installs when pyproject.toml changed.
+# CI also runs `make test-deploy`: the compose stack on a private Docker engine (root only).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -17,11 +18,12 @@ else
 TORCH_REQ ?= torch>=2.11
 endif
 
-.PHONY: run test install model system-deps proto clean help
+.PHONY: run test test-deploy install model system-deps proto clean help
 
 help:
 	@echo "make run    install, fetch $(MODEL), start the sidecar and the service on 127.0.0.1"
 	@echo "make test   install and run the test suite"
+	@echo "make test-deploy  build and run the compose stack on a private Docker engine (root)"
 	@echo "make proto  regenerate specdec/ from proto/"
 
 install: $(STAMP)
@@ -47,6 +49,11 @@ run: $(STAMP) model
 
 test: $(STAMP) model system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The compose stack built and run on a real Docker engine (scripts/test_deploy.sh says how);
+# needs root, and skips with a message elsewhere.
+test-deploy: $(STAMP)
+	VENV=$(VENV) scripts/test_deploy.sh
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py

@@ -1,23 +1,29 @@
-# syntax=docker/dockerfile:1
 # The telemetry sidecar: slim Python, no torch.
 # Build from the repository root:  docker build -f deploy/sidecar.Dockerfile -t specdec-sidecar .
+# Behind a TLS-intercepting proxy, give pip a CA bundle as a build secret (never stored in
+# the image):  --secret id=pip_ca_bundle,src=/etc/ssl/certs/ca-certificates.crt
 ARG BASE_IMAGE=python:3.12.12-slim-bookworm
 
 # ---- build ---------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
-RUN python -m venv /opt/venv
+RUN python3 -m venv /opt/venv
 COPY deploy/requirements/sidecar.txt /tmp/requirements.txt
 # Every package pinned (deploy/requirements/lock.sh); --no-deps so nothing floats.
-RUN /opt/venv/bin/pip install --no-deps -r /tmp/requirements.txt
+RUN --mount=type=secret,id=pip_ca_bundle \
+    if [ -s /run/secrets/pip_ca_bundle ]; then export PIP_CERT=/run/secrets/pip_ca_bundle; fi \
+ && /opt/venv/bin/pip install --no-deps -r /tmp/requirements.txt
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY specdec ./specdec
 COPY service ./service
 COPY telemetry ./telemetry
+COPY specdec_security ./specdec_security
 # The project's own code only (its declared dependencies include torch, which the sidecar
 # never imports); `pip check` would flag exactly those, so the import is the check here.
-RUN /opt/venv/bin/pip install --no-deps . \
+RUN --mount=type=secret,id=pip_ca_bundle \
+    if [ -s /run/secrets/pip_ca_bundle ]; then export PIP_CERT=/run/secrets/pip_ca_bundle; fi \
+ && /opt/venv/bin/pip install --no-deps . \
  && /opt/venv/bin/python -c "import telemetry.__main__, telemetry.server; print('sidecar ok')"
 
 # ---- runtime -------------------------------------------------------------------------------

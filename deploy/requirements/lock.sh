@@ -31,3 +31,4 @@ PY
 }
 lock sidecar.in sidecar.txt
 lock service.in service.txt
+lock torch-cpu.in torch-cpu.txt '^(filelock|fsspec|typing[-_]extensions)$'
