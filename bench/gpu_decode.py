@@ -168,7 +168,7 @@ def run_engine(engine: Engine, requests: list[GenerationRequest], in_flight: int
 
 
 def metrics_dict(m) -> dict:
-    """The counters of one request's SpeculativeMetrics (METRICS.md)."""
+    """The counters of one request's SpeculativeMetrics (docs/metrics-contract.md)."""
     return {"num_draft_tokens": m.num_draft_tokens, "verify_passes": m.verify_passes,
             "draft_passes": m.draft_passes, "proposed_drafts": m.proposed_drafts,
             "accepted_drafts": m.accepted_drafts, "accept_histogram": list(m.accept_histogram),

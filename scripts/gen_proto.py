@@ -5,7 +5,7 @@
 
 The generator is pinned (grpcio-tools 1.84.0, mypy-protobuf 5.1.0): generated gRPC code
 refuses to import under a grpcio older than the grpcio-tools that made it, and 1.84 is the
-oldest grpcio the service supports (DESIGN.md, "Runtime floor").
+oldest grpcio the service supports (its runtime floor: the CUDA image runs grpcio 1.84).
 """
 
 from __future__ import annotations

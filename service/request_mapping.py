@@ -46,8 +46,10 @@ def to_engine_request(
     request_id: str,
     tokenizer: Any,
     limits: RequestLimits,
+    received_at: float | None = None,
 ) -> GenerationRequest:
-    """Validate and tokenize; raises InvalidRequestError naming the offending field."""
+    """Validate and tokenize; raises InvalidRequestError naming the offending field.
+    received_at: time.monotonic() when the server received the request."""
     size = request.ByteSize()
     if size > limits.max_request_bytes:
         raise InvalidRequestError(
@@ -80,6 +82,7 @@ def to_engine_request(
         method=_method(request.speculation.method),
         num_draft_tokens=(request.speculation.num_draft_tokens
                           if request.speculation.HasField("num_draft_tokens") else None),
+        received_at=received_at,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
+import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
@@ -90,6 +91,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        received_at = time.monotonic()  # the request's timings start here, before tokenization
         try:
             check_request_id(request.request_id)
         except InvalidRequestError as exc:
@@ -103,7 +105,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         try:
             engine_request: GenerationRequest = await loop.run_in_executor(
                 self._tokenize_pool, to_engine_request, request, request_id, self.tokenizer,
-                self._limits)
+                self._limits, received_at)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc} (request_id={request_id})")
 

@@ -20,6 +20,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
 from specdec.v1 import metrics_pb2
+from telemetry.dedupe import EVICTION_CAUSES
 from telemetry.histogram_bulk import BulkHistograms
 from telemetry.validation import REASONS
 from telemetry.windows import SlidingWindow
@@ -50,16 +51,18 @@ RECORDS_REJECTED = "specdec.sidecar.records.rejected"
 RECORDS_DUPLICATE = "specdec.sidecar.records.duplicate"
 SERVICE_DROPPED = "specdec.sidecar.service_dropped_records"
 EXPORT_FAILURES = "specdec.sidecar.export.failures"
+SOURCES_EVICTED = "specdec.sidecar.sources.evicted"
 
 # ---- attribute names -------------------------------------------------------------------
 ATTR_MODEL = "gen_ai.request.model"  # semconv: the target model
 ATTR_METHOD = "specdec.method"  # none | ngram | draft_model
 ATTR_DRAFT_MODEL = "specdec.draft_model"  # "" unless method is draft_model
 ATTR_K = "specdec.num_draft_tokens"  # k (int)
-ATTR_POSITION = "position"  # METRICS.md: draft position i = 0..k-1
-ATTR_ACCEPTED = "accepted"  # METRICS.md: accepted count j = 0..k
+ATTR_POSITION = "position"  # docs/metrics-contract.md: draft position i = 0..k-1
+ATTR_ACCEPTED = "accepted"  # docs/metrics-contract.md: accepted count j = 0..k
 ATTR_REASON = "reason"
 ATTR_EXPORTER = "exporter"
+ATTR_CAUSE = "cause"
 
 METHOD_NAMES = {
     metrics_pb2.SPECULATION_METHOD_UNSPECIFIED: "unspecified",
@@ -231,6 +234,11 @@ class Aggregator:
             description="Records the reporting services dropped from their full buffers")
         self.export_failures = counter(EXPORT_FAILURES, unit="{export}",
                                        description="Failed metric exports, by `exporter`")
+        self.sources_evicted = counter(
+            SOURCES_EVICTED, unit="{source}",
+            description="Sources the duplicate filter forgot, by `cause` (idle, count, bytes): "
+                        "records they resend are counted again")
+        self._cause_attrs = {cause: {ATTR_CAUSE: cause} for cause in EVICTION_CAUSES}
         # Make every self-metric series exist (at 0) from the start, including one per
         # rejection reason and per failure-counting exporter: a series born at 1 is invisible
         # to increase()/rate() (they need two samples), so the first event would be missed.
@@ -240,6 +248,8 @@ class Aggregator:
             self.count_rejected(reason, 0)
         for exporter in exporters:
             self.count_export_failure(exporter, 0)
+        for cause in EVICTION_CAUSES:
+            self.count_evicted(cause, 0)
 
     # ---- attribute caches ------------------------------------------------------------
     def attrs(self, key: Hashable) -> dict:
@@ -306,6 +316,9 @@ class Aggregator:
         if a is None:
             a = self._exporter_attrs[exporter] = {ATTR_EXPORTER: exporter}
         self.export_failures.add(n, a)
+
+    def count_evicted(self, cause: str, n: int = 1) -> None:
+        self.sources_evicted.add(n, self._cause_attrs[cause])
 
     # ---- window gauges ---------------------------------------------------------------
     def _observe_rate(self, options: CallbackOptions):

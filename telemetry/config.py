@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from telemetry.validation import DEFAULT_MAX_K
-from telemetry.dedupe import DEFAULT_MAX_SOURCES
+from telemetry.dedupe import DEFAULT_MAX_SOURCE_BYTES, DEFAULT_MAX_SOURCES, DEFAULT_SOURCE_IDLE_S
 
 ENV_PREFIX = "SPECDEC_SIDECAR_"
 DEFAULT_LISTEN = "127.0.0.1:50052"
@@ -44,6 +44,8 @@ class SidecarConfig:
     window_s: float = 60.0
     max_k: int = DEFAULT_MAX_K
     max_sources: int = DEFAULT_MAX_SOURCES
+    max_source_bytes: int = DEFAULT_MAX_SOURCE_BYTES
+    source_idle_s: float = DEFAULT_SOURCE_IDLE_S
     instance_id: str = ""
     shutdown_grace_s: float = 5.0
     log_level: str = "INFO"
@@ -87,6 +89,13 @@ class SidecarConfig:
             raise ConfigError("--window-seconds must be positive")
         if not 0 <= args.max_k <= 1024:
             raise ConfigError("--max-k must be in 0..1024")
+        if args.max_sources < 1:
+            raise ConfigError(f"--max-sources must be >= 1, not {args.max_sources}")
+        if args.max_source_bytes < 1:
+            raise ConfigError(f"--max-source-bytes must be >= 1, not {args.max_source_bytes}")
+        if not args.source_idle_seconds > 0:
+            raise ConfigError(
+                f"--source-idle-seconds must be positive, not {args.source_idle_seconds}")
         _split_address(args.listen, "--listen")
         if "prometheus" in exporters:
             _split_address(args.prometheus_address, "--prometheus-address")
@@ -101,6 +110,8 @@ class SidecarConfig:
             window_s=args.window_seconds,
             max_k=args.max_k,
             max_sources=args.max_sources,
+            max_source_bytes=args.max_source_bytes,
+            source_idle_s=args.source_idle_seconds,
             instance_id=args.instance_id or "",
             shutdown_grace_s=args.shutdown_grace_seconds,
             log_level=args.log_level,
@@ -193,8 +204,17 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                    help="largest num_draft_tokens accepted; larger records are rejected "
                         "[SPECDEC_SIDECAR_MAX_K]")
     p.add_argument("--max-sources", type=int, default=int(e("MAX_SOURCES", DEFAULT_MAX_SOURCES)),
-                   help="sources whose dedupe watermark is remembered (LRU) "
-                        "[SPECDEC_SIDECAR_MAX_SOURCES]")
+                   help="sources whose dedupe watermark is remembered (the least recently "
+                        "active are forgotten first) [SPECDEC_SIDECAR_MAX_SOURCES]")
+    p.add_argument("--max-source-bytes", type=int,
+                   default=int(e("MAX_SOURCE_BYTES", DEFAULT_MAX_SOURCE_BYTES)),
+                   help="approximate memory of the dedupe table (source ids plus 200 bytes "
+                        "per source); beyond it the least recently active sources are "
+                        "forgotten [SPECDEC_SIDECAR_MAX_SOURCE_BYTES]")
+    p.add_argument("--source-idle-seconds", type=float,
+                   default=float(e("SOURCE_IDLE_SECONDS", DEFAULT_SOURCE_IDLE_S)),
+                   help="a source that sent nothing for this long is forgotten; records it "
+                        "resends later are counted again [SPECDEC_SIDECAR_SOURCE_IDLE_SECONDS]")
     p.add_argument("--instance-id", default=e("INSTANCE_ID", None),
                    help="the sidecar's service.instance.id resource attribute; default: "
                         "service.instance.id from OTEL_RESOURCE_ATTRIBUTES, else a random id "

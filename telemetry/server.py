@@ -44,7 +44,9 @@ class Sidecar:
     def __init__(self, config: SidecarConfig) -> None:
         self.config = config
         self.lock = threading.Lock()
-        self.sources = SourceTable(config.max_sources)
+        self.sources = SourceTable(config.max_sources, config.max_source_bytes,
+                                   config.source_idle_s,
+                                   on_evict=lambda cause: self.aggregator.count_evicted(cause))
         self.window = SlidingWindow(config.window_s)
         self._ingest: TelemetryIngest | None = None
         ack_after_export = config.ack_mode == "export"

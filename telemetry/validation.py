@@ -1,4 +1,5 @@
-"""The METRICS.md invariants, written once: `check(m)` names the first one a record breaks.
+"""The invariants of docs/metrics-contract.md, written once: `check(m)` names the first one
+a record breaks.
 
 Every SpeculativeMetrics the sidecar ingests goes through `check` before it may touch an
 aggregate. The function is on the ingest hot path (tens of thousands of records per second on
@@ -14,7 +15,7 @@ import operator
 
 from specdec.v1 import metrics_pb2
 
-# Bounds that are not METRICS.md invariants but keep garbage from hurting the sidecar:
+# Bounds that are not contract invariants but keep garbage from hurting the sidecar:
 DEFAULT_MAX_K = 64  # longest speculation the sidecar accepts (array lengths, label cardinality)
 MAX_IDENTITY_LEN = 256  # target/draft model name length (they become attribute values)
 MAX_COUNT = 1 << 40  # any per-request counter above this is garbage (OTLP ints are int64)
@@ -23,7 +24,10 @@ TIME_TOL_S = 1e-6  # ordering of the monotonic timings
 
 _NONE = metrics_pb2.SPECULATION_METHOD_NONE
 _DRAFT_MODEL = metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL
+_METHOD_UNSPECIFIED = metrics_pb2.SPECULATION_METHOD_UNSPECIFIED
 _KNOWN_METHODS = frozenset(metrics_pb2.SpeculationMethod.values())
+_FINISH_UNSPECIFIED = metrics_pb2.FINISH_REASON_UNSPECIFIED
+_KNOWN_FINISH_REASONS = frozenset(metrics_pb2.FinishReason.values())
 _isfinite = math.isfinite
 _mul = operator.mul
 _le = operator.le
@@ -34,6 +38,9 @@ REASONS: tuple[str, ...] = (
     "missing_metrics",  # record without a SpeculativeMetrics; set by the ingest
     "missing_source_id",  # batch without source_id; set by the ingest
     "unknown_method",
+    "unspecified_method",  # SPECULATION_METHOD_UNSPECIFIED: a service always names its drafter
+    "unknown_finish_reason",
+    "unspecified_finish_reason",  # FINISH_REASON_UNSPECIFIED
     "identity_too_long",
     "num_draft_tokens_too_large",
     "num_draft_tokens_without_speculation",  # method NONE needs k = 0
@@ -42,7 +49,9 @@ REASONS: tuple[str, ...] = (
     "proposed_per_position_length",  # len != k
     "accepted_per_position_length",  # len != k
     "count_out_of_range",
+    "drafts_without_num_draft_tokens",  # k = 0 but draft passes, proposed or accepted drafts
     "draft_passes_exceed_verify_passes",
+    "draft_passes_exceed_proposed",  # a draft pass proposes at least one draft
     "accept_histogram_sum",  # sum_j h[j] != draft_passes
     "accept_histogram_weighted_sum",  # sum_j j*h[j] != accepted_drafts
     "proposed_per_position_sum",
@@ -52,7 +61,7 @@ REASONS: tuple[str, ...] = (
     "accepted_exceeds_proposed",
     "proposed_exceeds_capacity",  # proposed_drafts > k * verify_passes
     "completion_tokens_exceed_bound",  # completion > 1 + verify_passes + accepted_drafts
-    # Identities that follow from the per-pass definitions (not listed in METRICS.md's
+    # Identities that follow from the per-pass definitions (not listed among the contract's
     # invariants, but exact): every draft pass proposes position 0; a draft is proposed at
     # position i only if it was at i - 1; the draft at position i was accepted iff the pass
     # accepted more than i drafts.
@@ -76,6 +85,13 @@ def check(m: metrics_pb2.SpeculativeMetrics, max_k: int = DEFAULT_MAX_K) -> str 
     method = m.method
     if method not in _KNOWN_METHODS:
         return "unknown_method"
+    if method == _METHOD_UNSPECIFIED:
+        return "unspecified_method"
+    finish_reason = m.finish_reason
+    if finish_reason not in _KNOWN_FINISH_REASONS:
+        return "unknown_finish_reason"
+    if finish_reason == _FINISH_UNSPECIFIED:
+        return "unspecified_finish_reason"
     if len(m.target_model) > MAX_IDENTITY_LEN or len(m.draft_model) > MAX_IDENTITY_LEN:
         return "identity_too_long"
     k = m.num_draft_tokens
@@ -107,8 +123,12 @@ def check(m: metrics_pb2.SpeculativeMetrics, max_k: int = DEFAULT_MAX_K) -> str 
     ):
         # draft_passes <= verify_passes and accepted <= proposed bound the others.
         return "count_out_of_range"
+    if not k and (drafts or proposed or accepted):
+        return "drafts_without_num_draft_tokens"
     if drafts > verify:
         return "draft_passes_exceed_verify_passes"
+    if drafts > proposed:
+        return "draft_passes_exceed_proposed"
     if sum(hist) != drafts:
         return "accept_histogram_sum"
     if sum(map(_mul, hist, range(k + 1))) != accepted:

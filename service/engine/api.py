@@ -53,6 +53,9 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     method: Method | None = None
     num_draft_tokens: int | None = None
+    # time.monotonic() when the server received the request, before tokenizing it: the
+    # request's timings start there. None: at Engine.submit.
+    received_at: float | None = None
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,12 @@ def eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
     return frozenset(ids)
 
 
+def _arrival(received_at: float | None) -> float:
+    """When the request's clock starts: when the server received it, never in the future."""
+    now = time.monotonic()
+    return now if received_at is None else min(received_at, now)
+
+
 class Engine:
     """Speculative-decoding engine. See service/engine/api.py for the threading contract."""
 
@@ -123,7 +129,7 @@ class Engine:
                 self.info.draft_model if r.method is Method.DRAFT_MODEL else "",
                 self.config.instance_id,
             ),
-            timing=RequestTiming(arrival=time.monotonic()),
+            timing=RequestTiming(arrival=_arrival(request.received_at)),
             stats=SpecDecodeStats(r.k),
             tokens=list(request.prompt_token_ids),
             prompt_len=len(request.prompt_token_ids),

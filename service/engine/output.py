@@ -7,7 +7,10 @@ the rest (detokenising, stop strings, the chunk event) and is called by the sche
 while the device runs the next pass, off the path between two passes (at 32 concurrent
 requests it was about a tenth of a pass with the GPU idle). A stop string is therefore found
 one pass late: the row runs one more pass whose tokens are dropped, and the tokens of its
-own pass after the stop string are taken back. Text and events are the same as if every
+own pass after the stop string are taken back. That pass still counts in the request's
+metrics (the contract counts every pass that ran), so a request that ends during such a
+flush has its FinalResult held until the scheduler has recorded the pass
+(flush(hold_finals=True), then deliver_held()). Text and events are the same as if every
 token had been detokenised at once; finish() flushes first, so a request's chunks always
 precede its FinalResult.
 """
@@ -32,6 +35,8 @@ class OutputProcessor:
         self.eos_ids = eos_ids
         self.max_context = max_context
         self._unflushed: list[Sequence] = []  # sequences with accepted tokens not yet sent
+        self._holding = False  # finish() holds FinalResults back (a pass is running)
+        self._held: list[Sequence] = []  # finished, FinalResult not yet delivered
 
     def emit(self, seq: Sequence, new_tokens: list[int]) -> None:
         """accept() and flush() for one sequence: its events are delivered now."""
@@ -65,17 +70,29 @@ class OutputProcessor:
         if reason is not None:
             self.finish(seq, reason)
 
-    def flush(self) -> None:
+    def flush(self, hold_finals: bool = False) -> None:
         """Delivers every accepted token not delivered yet. A stop string found here ends its
-        request (STOP_SEQUENCE); a failure fails that request alone."""
+        request (STOP_SEQUENCE); a failure fails that request alone. hold_finals: a pass is
+        running for these requests, so one that ends here gets its FinalResult only from
+        deliver_held(), once that pass is in its metrics."""
         pending, self._unflushed = self._unflushed, []
-        for seq in pending:
-            if seq.unflushed and not seq.finished:
-                try:
-                    self._flush_one(seq, final=False)
-                except Exception as exc:  # noqa: BLE001 - one request's host-side work
-                    log.exception("flush_failed", request_id=seq.request_id)
-                    self.finish(seq, FinishReason.ERROR, f"{type(exc).__name__}: {exc}", flush=False)
+        self._holding = hold_finals
+        try:
+            for seq in pending:
+                if seq.unflushed and not seq.finished:
+                    try:
+                        self._flush_one(seq, final=False)
+                    except Exception as exc:  # noqa: BLE001 - one request's host-side work
+                        log.exception("flush_failed", request_id=seq.request_id)
+                        self.finish(seq, FinishReason.ERROR, f"{type(exc).__name__}: {exc}", flush=False)
+        finally:
+            self._holding = False
+
+    def deliver_held(self) -> None:
+        """Delivers the FinalResults that flush(hold_finals=True) held back."""
+        held, self._held = self._held, []
+        for seq in held:
+            self._deliver_final(seq)
 
     def _flush_one(self, seq: Sequence, final: bool) -> None:
         """Detokenises the sequence's unflushed tokens and sends them as one chunk. final:
@@ -138,6 +155,13 @@ class OutputProcessor:
             if seq.finished:  # a stop string in the unflushed tokens, or a failed callback
                 return
         seq.finish_reason, seq.error = reason, error
+        if self._holding:
+            self._held.append(seq)
+        else:
+            self._deliver_final(seq)
+
+    def _deliver_final(self, seq: Sequence) -> None:
+        reason, error = seq.finish_reason, seq.error
         seq.timing.finished = time.monotonic()
         metrics = to_proto(
             seq.identity, seq.stats, seq.timing, seq.prompt_len, seq.completion_tokens, reason, time.time()

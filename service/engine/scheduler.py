@@ -261,6 +261,7 @@ class Scheduler:
             log.exception("decode_pass_failed", batch=len(rows))
             self._failed_in_pass.clear()
             self._release_staging()
+            self.output.deliver_held()  # rows that ended in the flush: the pass gave no verdict
             for seq in rows:
                 self.output.finish(seq, FinishReason.ERROR, f"decode pass failed: {type(exc).__name__}: {exc}")
                 self._release(seq)
@@ -273,9 +274,17 @@ class Scheduler:
             return
         drafts = max(seq.num_drafts for seq in rows)
         draft_model = self._drafts_with_model(rows)
+        # Rows that ended while this pass ran (a stop string or a failure found by the
+        # flush, a drafter's failure): the pass ran for them, so it counts in their metrics,
+        # with its drafts and verdict; its tokens are dropped.
+        failed = {id(seq) for seq, _ in self._failed_in_pass}
+        for seq, (accepted, _) in zip(rows, verdicts):
+            if seq.finished or id(seq) in failed:
+                seq.stats.record_pass(seq.num_drafts, accepted)
         for seq, exc in self._failed_in_pass:
-            self._fail(seq, exc)  # its verdict is dropped below
+            self._fail(seq, exc)
         self._failed_in_pass.clear()
+        self.output.deliver_held()
         # Tokens this pass delivers: not those of rows that ended during the pass (a stop
         # string found by the flush, a drafter's failure above).
         emitted = sum(accepted + 1 for (accepted, _), seq in zip(verdicts, rows) if not seq.finished)
@@ -429,13 +438,13 @@ class Scheduler:
         """Host work that needs no result of this pass, once its kernels are queued and
         before its synchronisation: the drafters' (a failure fails its row once the pass is
         over), then delivering the previous pass's tokens (a row that a stop string ends
-        here has its verdict dropped)."""
+        here gets its FinalResult once this pass is in its metrics)."""
         for seq, drafter in zip(batch.rows, batch.drafters):
             try:
                 drafter.while_device_runs(seq)
             except Exception as exc:  # noqa: BLE001 - one request's host-side work
                 self._failed_in_pass.append((seq, exc))
-        self.output.flush()
+        self.output.flush(hold_finals=True)
 
     def flush(self) -> None:
         """Delivers the tokens of the last pass now (before a turn that admits requests,

@@ -1,4 +1,4 @@
-"""Per-request speculative-decoding counters (METRICS.md) and their one proto conversion."""
+"""Per-request speculative-decoding counters (docs/metrics-contract.md) and their one proto conversion."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class SpecDecodeStats:
 class RequestTiming:
     """Monotonic timestamps of one request's life (seconds)."""
 
-    arrival: float
+    arrival: float  # the server received the request (before tokenization)
     admitted: float | None = None
     first_token: float | None = None
     finished: float | None = None

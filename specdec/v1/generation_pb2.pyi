@@ -289,7 +289,7 @@ class GenerateFinal(_message.Message):
     """Tokens generated and returned."""
     @_builtins.property
     def metrics(self) -> _metrics_pb2.SpeculativeMetrics:
-        """The request's speculative-decoding metrics (METRICS.md)."""
+        """The request's speculative-decoding metrics (docs/metrics-contract.md)."""
 
     def __init__(
         self,

@@ -118,7 +118,7 @@ class ReportResponse(_message.Message):
     extra acknowledgement.
     """
     rejected: _builtins.int
-    """Records of the answered batch that were rejected (a broken METRICS.md invariant, or a
+    """Records of the answered batch that were rejected (a broken invariant of docs/metrics-contract.md, or a
     malformed record). 0 in an extra acknowledgement.
     """
     def __init__(

@@ -59,7 +59,7 @@ def test_the_issues_panels_are_there() -> None:
                      rate_panel, re.S)
     length = panel("Acceptance length")
     assert "specdec_verify_passes_total" in length and "specdec_accepted_drafts_total" in length
-    assert "by (position)" in panel("Per-position acceptance")
+    assert re.search(r"by \([^)]*\bposition\)", panel("Per-position acceptance"))
     assert "specdec_draft_passes_by_accepted_total" in panel("Accepted-count histogram")
     assert "specdec_request_accept_rate_bucket" in panel("Per-request acceptance rate (distribution")
     assert "specdec_completion_tokens_total" in panel("Tokens per second")
@@ -89,3 +89,42 @@ def test_promql_parser_finds_every_name() -> None:
     assert promql.comparisons_to_bool('a{b!="c"} < 0.3 and d > bool 1 or e == 2') == \
         'a{b!="c"} < bool 0.3 and d > bool 1 or e == bool 2'
     assert promql.expand_recording_rules("x:y < 1", {"x:y": "a / b"}) == "(a / b) < 1"
+
+
+# Series whose ratios (or distributions of ratios) depend on the drafter and the draft length.
+ACCEPTANCE_SERIES = re.compile(r"specdec_(accepted_drafts|proposed_drafts|verify_passes|draft_passes"
+                               r"|position_accepted|position_proposed|draft_passes_by_accepted"
+                               r"|request_accept_rate_bucket|request_accept_length_bucket)")
+# The one panel that shows a pooled distribution over requests, and says so in its description.
+POOLED = "Per-request acceptance rate (distribution of requests)"
+
+
+def test_acceptance_ratios_are_kept_apart_per_method_and_draft_length() -> None:
+    """The acceptance rate falls as k grows even for an equally good drafter, and n-gram and
+    draft-model acceptance are different quantities: every aggregation of the acceptance
+    series in the dashboard and the recording rules keeps specdec_method and
+    specdec_num_draft_tokens, never sums over them."""
+    dashboard = promql.load_dashboard()
+    pooled = [p for p in promql.iter_panels(dashboard["panels"]) if p.get("title") == POOLED]
+    assert pooled and "pick one method and one k" in pooled[0]["description"]
+    exprs = [e for e in promql.dashboard_expressions() + promql.rule_expressions()
+             if e.kind in ("panel", "record") and ACCEPTANCE_SERIES.search(e.expr)
+             and POOLED not in e.where]
+    assert len(exprs) >= 10, [e.where for e in exprs]
+    failures = []
+    for e in exprs:
+        aggregations = re.findall(r"\bsum\s*(by\s*\(([^)]*)\))?\s*\(", e.expr)
+        assert aggregations, e.where
+        for by, labels in aggregations:
+            kept = {label.strip() for label in labels.split(",")}
+            if not by or not {"specdec_method", "specdec_num_draft_tokens"} <= kept:
+                failures.append(f"{e.where}: sum {by or '(over everything)'}")
+    assert not failures, "\n".join(failures)
+
+
+def test_every_acceptance_panel_follows_the_draft_length_variable() -> None:
+    names = [v["name"] for v in promql.load_dashboard()["templating"]["list"]]
+    assert "k" in names
+    for e in promql.dashboard_expressions():
+        if ACCEPTANCE_SERIES.search(e.expr):
+            assert 'specdec_num_draft_tokens=~"$k"' in e.expr, e.where

@@ -180,7 +180,7 @@ def test_outputs_stay_lossless_with_the_policy_on(make_engine, target, close_dra
     requests = [GenerationRequest(f"{m.name}{i}", ids, max_tokens=40, method=m, num_draft_tokens=5)
                 for i in range(3) for m in (Method.NGRAM, Method.DRAFT_MODEL)]
     for name, out in run(engine, requests).items():
-        assert out.tokens == plain, name  # run() also checks every METRICS.md invariant
+        assert out.tokens == plain, name  # run() also checks every contract invariant
     seeded = [GenerationRequest(f"s{i}", ids, max_tokens=20, method=Method.DRAFT_MODEL, num_draft_tokens=3,
                                 sampling=SamplingParams(temperature=1.0, seed=7)) for i in range(2)]
     outs = run(engine, seeded)

@@ -14,7 +14,7 @@ from google.protobuf import descriptor_pb2
 REPO = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO / "proto"
 
-METRICS_FIELDS = {  # METRICS.md, "Per request"
+METRICS_FIELDS = {  # docs/metrics-contract.md, "The per-request record"
     "verify_passes", "draft_passes", "proposed_drafts", "accepted_drafts", "accept_rate",
     "accept_length", "accept_histogram", "proposed_per_position", "accepted_per_position",
     "prompt_tokens", "completion_tokens", "queue_time_seconds", "time_to_first_token_seconds",

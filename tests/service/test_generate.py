@@ -275,3 +275,44 @@ def test_one_canonical_log_line_per_finished_request(run_service, make_stub) -> 
     assert metrics["proposed_drafts"] == final.metrics.proposed_drafts
     assert metrics["accept_histogram"] == list(final.metrics.accept_histogram)
     assert metrics["method"] == "SPECULATION_METHOD_NGRAM" and metrics["num_draft_tokens"] == 2
+
+
+class _SlowTokenizer:
+    """The service's tokenizer, `delay_s` slower per call: a busy tokenization pool."""
+
+    def __init__(self, tokenizer, delay_s: float) -> None:
+        self._tokenizer, self._delay_s = tokenizer, delay_s
+
+    def __call__(self, *args, **kwargs):
+        time.sleep(self._delay_s)
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+
+def test_timings_start_when_the_server_receives_the_request(run_service, make_stub) -> None:
+    """Tokenization (in a small thread pool) is part of the wait the client sees, so the queue
+    time, the time to first token and the duration all start before it
+    (docs/metrics-contract.md, "Timings")."""
+    from service import server
+
+    delay_s = 0.5
+    server_build = server.build_engine
+
+    def build(config):
+        engine, tokenizer = server_build(config)
+        return engine, _SlowTokenizer(tokenizer, delay_s)
+
+    try:
+        service = run_service(build_engine=build)
+        started = time.monotonic()
+        _, final, _ = collect(make_stub(service.address), request(max_tokens=4, method=NONE))
+        elapsed = time.monotonic() - started
+    finally:
+        server.build_engine = server_build
+    m = final.metrics
+    assert m.queue_time_seconds >= delay_s, m
+    assert m.time_to_first_token_seconds >= delay_s, m
+    assert delay_s <= m.duration_seconds <= elapsed, (m, elapsed)
+    assert_metrics_invariants(m)

@@ -1,4 +1,5 @@
-"""One mutation per invariant: each breaks exactly one METRICS.md invariant (or, where one
+"""One mutation per invariant: each breaks exactly one invariant of the metrics
+contract (docs/metrics-contract.md) (or, where one
 invariant is implied by earlier ones, the smallest change that breaks it) of `base_record()`.
 
 `MUTATIONS[name] = (mutate(m), expected reason)`.
@@ -74,8 +75,29 @@ def _huge_k(m):
     m.num_draft_tokens = 1_000_000
 
 
+def _k_zero_with_draft_passes(m):
+    """The audit's record: k = 0 claiming three draft passes that proposed nothing."""
+    m.method, m.draft_model, m.num_draft_tokens = metrics_pb2.SPECULATION_METHOD_NGRAM, "", 0
+    m.draft_passes, m.proposed_drafts, m.accepted_drafts = 3, 0, 0
+    for name, values in (("accept_histogram", [3]), ("proposed_per_position", []),
+                         ("accepted_per_position", [])):
+        del getattr(m, name)[:]
+        getattr(m, name).extend(values)
+    m.ClearField("accept_rate")
+    m.accept_length = 1.0
+    m.completion_tokens = 1 + m.verify_passes
+
+
 MUTATIONS: dict[str, tuple] = {
     "unknown_method": (_set(method=42), "unknown_method"),
+    "unspecified_method": (_set(method=metrics_pb2.SPECULATION_METHOD_UNSPECIFIED), "unspecified_method"),
+    "unknown_finish_reason": (_set(finish_reason=42), "unknown_finish_reason"),
+    "unspecified_finish_reason": (_set(finish_reason=metrics_pb2.FINISH_REASON_UNSPECIFIED),
+                                  "unspecified_finish_reason"),
+    "k_zero_with_draft_passes": (_k_zero_with_draft_passes, "drafts_without_num_draft_tokens"),
+    # more draft passes than drafts (the histogram and position 0 would trip later checks)
+    "draft_passes_exceed_proposed": (_set(verify_passes=40, draft_passes=19),
+                                     "draft_passes_exceed_proposed"),
     "identity_too_long": (_set(target_model="x" * 300), "identity_too_long"),
     "k_too_large": (_set(num_draft_tokens=65), "num_draft_tokens_too_large"),
     "huge_k": (_huge_k, "num_draft_tokens_too_large"),

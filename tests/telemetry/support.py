@@ -62,7 +62,7 @@ METHOD_NAMES = {1: "none", 2: "ngram", 3: "draft_model"}
 def simulate_metrics(rng: random.Random, identity=None, *, instance_id: str = "svc",
                      request_id: str | None = None, passes: int | None = None
                      ) -> metrics_pb2.SpeculativeMetrics:
-    """A record built pass by pass, so every METRICS.md invariant holds by construction."""
+    """A record built pass by pass, so every contract invariant holds by construction."""
     target, method, draft, k = identity or rng.choice(IDENTITIES)
     n_passes = rng.randint(0, 24) if passes is None else passes
     hist, pp, ap = [0] * (k + 1), [0] * k, [0] * k

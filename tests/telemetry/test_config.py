@@ -54,3 +54,14 @@ def test_bad_config(argv, env):
 def test_main_reports_config_errors(capsys):
     assert main(["--exporters", "kafka"]) == 2
     assert "unknown exporter" in capsys.readouterr().err
+
+
+def test_dedupe_table_bounds_flags_and_variables():
+    env = {"SPECDEC_SIDECAR_MAX_SOURCE_BYTES": "4096", "SPECDEC_SIDECAR_SOURCE_IDLE_SECONDS": "90"}
+    c = cfg(**env)
+    assert c.max_source_bytes == 4096 and c.source_idle_s == 90
+    c = cfg(["--max-source-bytes", "8192", "--source-idle-seconds", "30", "--max-sources", "7"], **env)
+    assert c.max_source_bytes == 8192 and c.source_idle_s == 30 and c.max_sources == 7
+    for argv in (["--max-sources", "0"], ["--max-source-bytes", "0"], ["--source-idle-seconds", "0"]):
+        with pytest.raises(ConfigError, match=argv[0]):
+            cfg(argv)

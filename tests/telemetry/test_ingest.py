@@ -187,3 +187,23 @@ def test_health_and_reflection(sidecar):
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
         names = {s.name for s in resp.list_services_response.service}
         assert "specdec.v1.TelemetryService" in names and "grpc.health.v1.Health" in names
+
+
+def test_a_source_the_table_forgot_counts_again_and_the_eviction_is_counted():
+    """The audit's case: a table of 2 sources; a resend after its source was evicted counts
+    again (the documented window), and the eviction shows in the self-metric."""
+    s = SidecarThread(["--listen", "127.0.0.1:0", "--exporters", "prometheus",
+                       "--prometheus-address", "127.0.0.1:0", "--max-sources", "2"])
+    try:
+        series = {(name, dict(labels).get("cause")) for name, labels in scrape(s)}
+        for cause in ("idle", "count", "bytes"):  # every cause exists at 0 from start-up
+            assert ("specdec_sidecar_sources_evicted_total", cause) in series
+        good = base_record()
+        send(s.address, [batch("src-a", [good]), batch("src-b", [good]), batch("src-c", [good])])
+        resent = send(s.address, [batch("src-a", [good])])  # src-a was forgotten
+        assert (resent[0].accepted, resent[0].duplicates) == (1, 0)
+        after = scrape(s)
+        assert total(after, "specdec_requests_total") == 4
+        assert total(after, "specdec_sidecar_sources_evicted_total", cause="count") == 2
+    finally:
+        s.stop()
