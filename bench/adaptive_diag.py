@@ -83,7 +83,7 @@ class PassBreakdown:
                     meter._pass[name] = meter._pass.get(name, 0.0) + time.perf_counter() - t0
             return wrapper
 
-        def timed_forward(runner, lo, hi, input_ids, starts, last_only=False):
+        def timed_forward(runner, lo, hi, input_ids, starts, last_only=False, **kwargs):
             if not last_only and meter._key is None:  # the pass's target forward
                 width = input_ids.shape[1]
                 if runner.graphs is not None:
@@ -91,7 +91,7 @@ class PassBreakdown:
                 else:  # eager (CPU): no kv bucket
                     meter._key = (batch_bucket(hi), width, 0)
                 meter._key = (meter._key[0], width - 1, meter._key[2])
-            return timed("forward_call", forward)(runner, lo, hi, input_ids, starts, last_only)
+            return timed("forward_call", forward)(runner, lo, hi, input_ids, starts, last_only, **kwargs)
 
         def timed_step(scheduler):
             meter._pass, meter._key = {}, None
