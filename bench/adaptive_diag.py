@@ -14,8 +14,8 @@ accepted, and what the engine thread spent its time on:
 - gc: Python's cycle collections by generation (gc.callbacks, in any thread of the
   process), their total and longest pause: a full collection walks the whole heap and
   stops every thread;
-- turns: engine-loop turns (Engine._iterate), those that admitted requests (prefill),
-  and the longest turn;
+- turns: engine-loop turns (Engine._iterate), those that admitted or prefilled requests
+  (docs/prefill.md), and the longest turn;
 - with --breakdown, each decode pass's host time split by (batch bucket, cap, kv bucket):
   planning (drafters and policy), the target forward's call (a graph replay is only
   launched), verification (the argmax, the pass's one synchronisation: its wait is the GPU
@@ -96,10 +96,11 @@ class PassBreakdown:
         def timed_step(scheduler):
             meter._pass, meter._key = {}, None
             methods = "+".join(sorted({seq.method.name.lower() for seq in scheduler.running.values()}))
+            prefills = scheduler.prefilling > 0  # the step runs a prefill pass first: not a decode pass's cost
             t0 = time.perf_counter()
             step(scheduler)
             total = time.perf_counter() - t0
-            if meter._key is None or "draft_and_verify" not in meter._pass:
+            if prefills or meter._key is None or "draft_and_verify" not in meter._pass:
                 return
             key = (methods, *meter._key)
             p = meter._pass
@@ -134,7 +135,7 @@ class EngineThreadMeter:
         iterate, admit = Engine._iterate, scheduler_module.Scheduler.admit
 
         def timed_iterate(engine, scheduler):
-            meter._admitted = False
+            meter._admitted = scheduler.prefilling > 0  # admitted earlier, still prefilling
             t0 = time.perf_counter()
             try:
                 return iterate(engine, scheduler)
