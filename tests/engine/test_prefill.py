@@ -326,3 +326,24 @@ def test_a_draft_row_that_does_not_propose_keeps_its_draft_cache(close_draft) ->
     DraftModelDrafter(runner).propose(ctx, [rows[0], rows[2]], 3)
     for (k, v), (k_kept, v_kept) in zip(zip(*runner.cache.rows(0, 3)), kept):
         assert torch.equal(k[1, :, :6], k_kept) and torch.equal(v[1, :, :6], v_kept)
+
+
+def test_a_failing_prefill_forward_fails_its_rows_only(make_engine, target, monkeypatch) -> None:
+    """A prefill forward that raises (say, out of memory on a long chunk) fails the requests
+    it was feeding, with their metrics records, and the engine serves the others."""
+    original = ModelRunner.forward
+    long_prompt = _ids(target.tokenizer, TEXTS[0])
+
+    def failing(self, lo, hi, input_ids, starts, last_only=False, **kwargs):
+        if last_only and input_ids.shape[1] > 20:
+            raise RuntimeError("prefill out of memory")
+        return original(self, lo, hi, input_ids, starts, last_only, **kwargs)
+
+    monkeypatch.setattr(ModelRunner, "forward", failing)
+    engine = make_engine(target, max_batch_size=2, max_prefill_tokens_per_pass=64)
+    bad, _ = submit(engine, GenerationRequest("bad", long_prompt, max_tokens=8, method=Method.NONE))
+    wait_checked(bad)
+    assert bad.final.finish_reason is FinishReason.ERROR and "prefill out of memory" in bad.final.error
+    assert bad.final.completion_tokens == 0
+    ok = run(engine, [GenerationRequest("ok", _ids(target.tokenizer, "Hi"), max_tokens=4, method=Method.NONE)])["ok"]
+    assert ok.final.finish_reason is FinishReason.LENGTH and len(ok.tokens) == 4
