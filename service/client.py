@@ -19,18 +19,11 @@ from typing import Sequence
 import grpc
 from google.protobuf import json_format
 
+from service.client_options import METHODS, add_security_arguments, open_channel, security_of
 from service.metrics_format import metrics_to_dict
 from service.request_mapping import MAX_REQUEST_ID_CHARS
-from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
-from specdec_security import ClientSecurity, SecuritySetupError
-
-CLIENT_ENV_PREFIX = "SPECDEC_CLIENT_"
-
-METHODS = {
-    "none": metrics_pb2.SPECULATION_METHOD_NONE,
-    "ngram": metrics_pb2.SPECULATION_METHOD_NGRAM,
-    "draft_model": metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL,
-}
+from specdec.v1 import generation_pb2, generation_pb2_grpc
+from specdec_security import SecuritySetupError
 
 
 def build_request(args: argparse.Namespace, index: int = 0) -> generation_pb2.GenerateRequest:
@@ -94,13 +87,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=POSITIVE, default=None,
                         help="total requests (default: --concurrency)")
     parser.add_argument("--info", action="store_true", help="print GetServerInfo first")
-    for field, what in (("tls_ca_file", "PEM CA bundle that signed the server's certificate; set: TLS"),
-                        ("tls_cert_file", "PEM client certificate for mutual TLS"),
-                        ("tls_key_file", "private key of --tls-cert-file"),
-                        ("auth_token_file", "file holding the bearer token to send")):
-        env = CLIENT_ENV_PREFIX + field.upper()
-        parser.add_argument("--" + field.replace("_", "-"), default=os.environ.get(env, ""),
-                            help=f"{what} [env {env}]")
+    add_security_arguments(parser)
     args = parser.parse_args(argv)
     problem = security_of(args).problem()
     if problem:
@@ -158,18 +145,6 @@ def describe(result: dict) -> str:
         f"{'n/a' if rate is None else f'{rate:.3f}'}, accept length "
         f"{'n/a' if length is None else f'{length:.2f}'}"
     )
-
-
-def security_of(args: argparse.Namespace) -> ClientSecurity:
-    return ClientSecurity(args.tls_ca_file, args.tls_cert_file, args.tls_key_file,
-                          args.auth_token_file, env_prefix=CLIENT_ENV_PREFIX)
-
-
-def open_channel(target: str, security: ClientSecurity) -> grpc.aio.Channel:
-    credentials = security.channel_credentials()
-    if credentials is None:
-        return grpc.aio.insecure_channel(target)
-    return grpc.aio.secure_channel(target, credentials)
 
 
 def total_requests(args: argparse.Namespace) -> int:

@@ -290,8 +290,8 @@ async def serve(config: ServiceConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
-    if config.auth_tokens_file:
-        loop.add_signal_handler(signal.SIGHUP, service.security.reload_tokens)
+    # SIGHUP re-reads the tokens file; without one it is logged and ignored (never fatal).
+    loop.add_signal_handler(signal.SIGHUP, service.security.reload_tokens)
     starting = asyncio.ensure_future(service.start())
     stopping = asyncio.ensure_future(service.wait_for_stop())
     done, _ = await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -7,13 +7,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
+import structlog
 
 from specdec_security.interceptor import AUTHORIZATION
-from specdec_security.settings import setting_name
+from specdec_security.settings import flag_name, setting_name
 from specdec_security.tls import channel_credentials, check_ca_bundle, check_certificate_and_key
 from specdec_security.tokens import read_single_token
 
 Metadata = tuple[tuple[str, str], ...]
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class ClientSecurity:
     def problem(self) -> str | None:
         """A combination that cannot work, with its flags named; None when consistent."""
         def flag(field: str) -> str:
-            return self.flag_prefix + field.replace("_", "-")
+            return flag_name(field, self.flag_prefix)
 
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             return f"{flag('tls_cert_file')} and {flag('tls_key_file')} go together"
@@ -43,8 +46,12 @@ class ClientSecurity:
         return None
 
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
-        """TLS credentials, or None for plaintext; raises SecuritySetupError for a bad file."""
+        """TLS credentials, or None for plaintext (logged as a warning when a token is set: it
+        would travel readable and replayable); raises SecuritySetupError for a bad file."""
         if not self.tls_ca_file:
+            if self.auth_token_file:
+                log.warning("auth_token_over_plaintext", setting=self._name("auth_token_file"),
+                            note=f"the bearer token is sent unencrypted; set {self._name('tls_ca_file')}")
             return None
         ca = check_ca_bundle(self.tls_ca_file, self._name("tls_ca_file"))
         chain = key = None

@@ -11,7 +11,7 @@ import grpc
 import structlog
 
 from specdec_security.interceptor import BearerTokenInterceptor
-from specdec_security.settings import setting_name
+from specdec_security.settings import flag_name, setting_name
 from specdec_security.tls import check_ca_bundle, check_certificate_and_key, server_credentials
 from specdec_security.tokens import TokenSet
 
@@ -34,7 +34,7 @@ class ServerSecurity:
     def problem(self, flag_prefix: str = "--") -> str | None:
         """A combination that cannot work, with its flags named; None when consistent."""
         def flag(field: str) -> str:
-            return flag_prefix + field.replace("_", "-")
+            return flag_name(field, flag_prefix)
 
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             return f"{flag('tls_cert_file')} and {flag('tls_key_file')} go together (TLS needs both)"

@@ -155,8 +155,8 @@ async def _run(config: SidecarConfig) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
-    if config.security.auth_tokens_file:
-        loop.add_signal_handler(signal.SIGHUP, sidecar.security.reload_tokens)
+    # SIGHUP re-reads the tokens file; without one it is logged and ignored (never fatal).
+    loop.add_signal_handler(signal.SIGHUP, sidecar.security.reload_tokens)
     await sidecar.wait()
     return 0
 

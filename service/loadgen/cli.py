@@ -54,6 +54,8 @@ import grpc
 from google.protobuf import json_format
 
 from service import __version__
+from service.client_options import METHODS as CLIENT_METHODS
+from service.client_options import add_security_arguments, open_channel, security_of
 from service.loadgen import report
 from service.loadgen.prompts import Prompt, PromptSetError, load_prompts
 from service.loadgen.runner import Pacing, run_load
@@ -61,15 +63,12 @@ from service.loadgen.stats import RequestRecord, summarize
 from service.metrics_format import metrics_to_dict
 from service.request_mapping import MAX_REQUEST_ID_CHARS
 from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
+from specdec_security import SecuritySetupError
+from specdec_security.client import Metadata
 
 MODES = ("burst", "sustained", "rate")
 # "default" sends no method: the server's default drafter.
-METHODS = {
-    "default": metrics_pb2.SPECULATION_METHOD_UNSPECIFIED,
-    "none": metrics_pb2.SPECULATION_METHOD_NONE,
-    "ngram": metrics_pb2.SPECULATION_METHOD_NGRAM,
-    "draft_model": metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL,
-}
+METHODS = {"default": metrics_pb2.SPECULATION_METHOD_UNSPECIFIED, **CLIENT_METHODS}
 DEFAULT_REQUESTS_PER_CLIENT = 4
 DEFAULT_RATE_REQUESTS = 32
 
@@ -151,7 +150,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="include every request's timings and server metrics in the JSON")
     parser.add_argument("--plot", type=Path, default=None,
                         help="write a PNG plot here (needs matplotlib: the bench extra)")
+    add_security_arguments(parser)
     args = parser.parse_args(argv)
+    problem = security_of(args).problem()
+    if problem:
+        parser.error(problem)
     if "rate" in args.modes and not args.rate:
         parser.error("argument --rate: the rate mode needs at least one rate (requests/s)")
     if args.warmup < 0:
@@ -224,15 +227,15 @@ def per_request(records: Sequence[RequestRecord], run_start: float) -> list[dict
     } for r in records]
 
 
-async def server_info(stub: generation_pb2_grpc.GenerationServiceStub, timeout_s: float
-                      ) -> generation_pb2.GetServerInfoResponse:
+async def server_info(stub: generation_pb2_grpc.GenerationServiceStub, timeout_s: float,
+                      metadata: Metadata = ()) -> generation_pb2.GetServerInfoResponse:
     """GetServerInfo, retried while the server is unreachable or still loading its models."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             return await stub.GetServerInfo(generation_pb2.GetServerInfoRequest(),
                                             timeout=max(0.1, min(10.0, deadline - time.monotonic())),
-                                            wait_for_ready=True)
+                                            wait_for_ready=True, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             retryable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             if not retryable or time.monotonic() >= deadline:
@@ -251,9 +254,11 @@ async def amain(args: argparse.Namespace, prompts: list[Prompt]) -> dict[str, An
             "requests_per_client", "requests", "duration_s", "arrival_seed")},
         "runs": [],
     }
-    async with grpc.aio.insecure_channel(args.target) as channel:
+    security = security_of(args)
+    metadata = security.call_metadata()
+    async with open_channel(args.target, security) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        info = await server_info(stub, args.connect_timeout_s)
+        info = await server_info(stub, args.connect_timeout_s, metadata)
         result["server_info"] = json_format.MessageToDict(info, preserving_proto_field_name=True)
         for method, pacing in plan(args):
             level = f"{pacing.level:g}"
@@ -265,8 +270,9 @@ async def amain(args: argparse.Namespace, prompts: list[Prompt]) -> dict[str, An
             if args.warmup:
                 warm = Pacing("burst", args.warmup)
                 await run_load(stub, lambda i: build_request(
-                    args, prompts[i % len(prompts)], method, f"{prefix}-warmup-{i}", i), warm, args.timeout_s)
-            run_start, records = await run_load(stub, make, pacing, args.timeout_s)
+                    args, prompts[i % len(prompts)], method, f"{prefix}-warmup-{i}", i), warm, args.timeout_s,
+                    metadata)
+            run_start, records = await run_load(stub, make, pacing, args.timeout_s, metadata)
             run = {"method": method, **summarize(pacing.mode, pacing.level, records, run_start)}
             if args.per_request:
                 run["per_request"] = per_request(records, run_start)
@@ -294,6 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.table([]), file=sys.stderr, flush=True)
     try:
         result = asyncio.run(amain(args, prompts))
+    except SecuritySetupError as exc:
+        print(f"specdec-bench: error: {exc}", file=sys.stderr)
+        return 2
     except grpc.aio.AioRpcError as exc:
         print(f"specdec-bench: error: {args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 2

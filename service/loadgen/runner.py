@@ -22,6 +22,7 @@ import grpc
 
 from service.loadgen.stats import RequestRecord
 from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
+from specdec_security.client import Metadata
 
 INCOMPLETE_STREAM = "INCOMPLETE_STREAM"
 
@@ -39,11 +40,12 @@ class Pacing:
 
 
 async def send_one(stub: generation_pb2_grpc.GenerationServiceStub, request: generation_pb2.GenerateRequest,
-                   record: RequestRecord, timeout_s: float) -> RequestRecord:
-    """Streams one request into `record` (which holds its start time)."""
+                   record: RequestRecord, timeout_s: float, metadata: Metadata = ()) -> RequestRecord:
+    """Streams one request into `record` (which holds its start time); `metadata` carries the
+    bearer token when one is set."""
     final = None
     try:
-        async for response in stub.Generate(request, timeout=timeout_s):
+        async for response in stub.Generate(request, timeout=timeout_s, metadata=metadata):
             if response.HasField("chunk"):
                 record.chunk_times.append(time.perf_counter())
                 record.chunk_tokens.append(len(response.chunk.token_ids))
@@ -62,7 +64,8 @@ async def send_one(stub: generation_pb2_grpc.GenerationServiceStub, request: gen
 
 
 async def run_load(stub: generation_pb2_grpc.GenerationServiceStub, make_request: RequestFactory,
-                   pacing: Pacing, timeout_s: float) -> tuple[float, list[RequestRecord]]:
+                   pacing: Pacing, timeout_s: float, metadata: Metadata = ()
+                   ) -> tuple[float, list[RequestRecord]]:
     """Sends the run's requests; returns (the run's start time, the records in sending order)."""
     records: list[RequestRecord] = []
 
@@ -76,7 +79,7 @@ async def run_load(stub: generation_pb2_grpc.GenerationServiceStub, make_request
     run_start = time.perf_counter()
     if pacing.mode == "burst":
         pairs = [start(client) for client in range(int(pacing.level))]
-        await asyncio.gather(*(send_one(stub, request, record, timeout_s) for request, record in pairs))
+        await asyncio.gather(*(send_one(stub, request, record, timeout_s, metadata) for request, record in pairs))
     elif pacing.mode == "sustained":
         deadline = None if pacing.duration_s is None else run_start + pacing.duration_s
 
@@ -84,7 +87,7 @@ async def run_load(stub: generation_pb2_grpc.GenerationServiceStub, make_request
             sent = 0
             while (pacing.requests is None or sent < pacing.requests) and \
                     (deadline is None or time.perf_counter() < deadline):
-                await send_one(stub, *start(client), timeout_s)
+                await send_one(stub, *start(client), timeout_s, metadata)
                 sent += 1
 
         await asyncio.gather(*(client_loop(client) for client in range(int(pacing.level))))
@@ -98,7 +101,7 @@ async def run_load(stub: generation_pb2_grpc.GenerationServiceStub, make_request
                 break
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
             request, record = start(len(tasks))
-            tasks.append(asyncio.ensure_future(send_one(stub, request, record, timeout_s)))
+            tasks.append(asyncio.ensure_future(send_one(stub, request, record, timeout_s, metadata)))
         await asyncio.gather(*tasks)
     else:
         raise ValueError(f"unknown mode {pacing.mode!r}")

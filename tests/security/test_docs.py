@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from service.client import CLIENT_ENV_PREFIX
+from service.client_options import CLIENT_ENV_PREFIX
 from service.config import OPTIONS
 from telemetry.config import build_parser
 from tests.security.conftest import REPO

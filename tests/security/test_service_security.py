@@ -13,6 +13,7 @@ import time
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -205,3 +206,30 @@ def test_sighup_reloads_the_service_tokens(certs, token_file, tiny_model_dir, tm
         log.close()
     text = (tmp_path / "service.log").read_text()
     assert "request_unauthenticated" in text and TOKEN_A not in text and TOKEN_B not in text
+
+
+def test_specdec_bench_uses_tls_and_a_token(certs, token_file, run_service, tmp_path, capsys) -> None:
+    from service.loadgen.cli import main
+
+    service = run_service(**secured(certs, token_file(TOKEN_A), mutual=False))
+    common = ["--target", service.address, "--prompts", "builtin:grounded", "--modes", "burst",
+              "--concurrency", "2", "--max-tokens", "2", "--connect-timeout-s", "5",
+              "--tls-ca-file", certs.ca]
+    out = tmp_path / "bench.json"
+    assert main([*common, "--auth-token-file", token_file(TOKEN_A), "--out", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["requests"]["succeeded"] == 2
+    assert main(common) == 2
+    assert "UNAUTHENTICATED: missing bearer token" in capsys.readouterr().err
+
+
+def test_a_token_over_plaintext_is_sent_with_a_warning(token_file, run_service, capsys) -> None:
+    from service.client import main
+
+    service = run_service(auth_tokens_file=token_file(TOKEN_A))
+    with capture_logs() as logs:
+        assert main(["hi", "--target", service.address, "--max-tokens", "1", "--json",
+                     "--auth-token-file", token_file(TOKEN_A)]) == 0
+    assert last_json(capsys.readouterr().out)["completion_tokens"] == 1
+    warned = [e for e in logs if e["event"] == "auth_token_over_plaintext"]
+    assert warned and "--tls-ca-file" in warned[0]["note"]

@@ -169,6 +169,19 @@ def test_sighup_reloads_the_tokens_and_refusals_are_logged_without_them(
     assert TOKEN_A not in log and TOKEN_B not in log
 
 
+def test_sighup_without_a_tokens_file_is_logged_and_not_fatal(sidecar_process_factory) -> None:
+    sidecar = sidecar_process_factory([], start=False)
+    sidecar.start(wait=False)
+    with grpc.insecure_channel(sidecar.address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        sidecar.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "auth_tokens_reload_skipped" in sidecar.log_tail(100_000), 10,
+                 what="skipped reload logged")
+        assert sidecar.proc.poll() is None
+        assert report_once(channel, ())
+    assert sidecar.terminate() == 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tls-cert-file", "x.pem"], "--tls-cert-file and --tls-key-file go together"),
     (["--tls-key-file", "x.key"], "--tls-cert-file and --tls-key-file go together"),

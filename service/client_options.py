@@ -1,0 +1,51 @@
+"""What the two command-line clients (specdec-client, specdec-bench) share: the drafter names
+they accept and the connection settings (TLS, mutual TLS, bearer token) with their flags and
+SPECDEC_CLIENT_* variables. Imports only grpc and the generated stubs (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import grpc
+
+from specdec.v1 import metrics_pb2
+from specdec_security import ClientSecurity
+
+CLIENT_ENV_PREFIX = "SPECDEC_CLIENT_"
+
+# Drafter names on the command line -> the proto enum.
+METHODS = {
+    "none": metrics_pb2.SPECULATION_METHOD_NONE,
+    "ngram": metrics_pb2.SPECULATION_METHOD_NGRAM,
+    "draft_model": metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL,
+}
+
+_SECURITY_FLAGS = (
+    ("tls_ca_file", "PEM CA bundle that signed the server's certificate; set: TLS"),
+    ("tls_cert_file", "PEM client certificate for mutual TLS"),
+    ("tls_key_file", "private key of --tls-cert-file"),
+    ("auth_token_file", "file holding the bearer token to send"),
+)
+
+
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tls-ca-file, --tls-cert-file, --tls-key-file, --auth-token-file; each flag overrides
+    its SPECDEC_CLIENT_* variable."""
+    for field, what in _SECURITY_FLAGS:
+        env = CLIENT_ENV_PREFIX + field.upper()
+        parser.add_argument("--" + field.replace("_", "-"), default=os.environ.get(env, ""),
+                            help=f"{what} [env {env}]")
+
+
+def security_of(args: argparse.Namespace) -> ClientSecurity:
+    return ClientSecurity(args.tls_ca_file, args.tls_cert_file, args.tls_key_file,
+                          args.auth_token_file, env_prefix=CLIENT_ENV_PREFIX)
+
+
+def open_channel(target: str, security: ClientSecurity) -> grpc.aio.Channel:
+    """A TLS channel when a CA is set, else plaintext; raises SecuritySetupError for a bad file."""
+    credentials = security.channel_credentials()
+    if credentials is None:
+        return grpc.aio.insecure_channel(target)
+    return grpc.aio.secure_channel(target, credentials)
