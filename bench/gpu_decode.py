@@ -62,6 +62,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.draft_truncated import truncated_draft  # noqa: E402
 from bench.prompts import KINDS  # noqa: E402
+from bench.time_budget import Budget  # noqa: E402
 from service.engine import Engine, EngineConfig, FinishReason, GenerationRequest, Method  # noqa: E402
 from service.logging_setup import configure_logging  # noqa: E402
 from service.model_loading import LoadedModel, load_model  # noqa: E402
@@ -80,22 +81,6 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-class Budget:
-    """--budget-s: blocks that would start after the budget is spent are skipped (and listed),
-    so that a run under a hard time limit still ends with its JSON written."""
-
-    def __init__(self, seconds: float | None) -> None:
-        self.seconds = seconds
-        self.skipped: list[str] = []
-
-    def allows(self, what: str) -> bool:
-        if self.seconds is None or time.perf_counter() - _T0 < self.seconds:
-            return True
-        self.skipped.append(what)
-        log(f"SKIPPED (time budget of {self.seconds:.0f} s spent): {what}")
-        return False
 
 
 def sync(device: torch.device) -> None:
@@ -683,7 +668,7 @@ def main(argv=None) -> None:
     # As the service runs: INFO (the engine's per-request line is DEBUG), to stderr.
     configure_logging(os.environ.get("SPECDEC_LOG_LEVEL", "INFO"))
     device = torch.device(args.device)
-    budget = Budget(args.budget_s)
+    budget = Budget(args.budget_s, _T0, log)
     log(f"loading {args.model} on {device}")
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     dtype = str(loaded.dtype).removeprefix("torch.")

@@ -67,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.inprocess_load import run_inprocess  # noqa: E402
 from bench.roofline import checkpoint_weight_bytes, copy_bandwidth, roofline_tokens_per_s  # noqa: E402
 from bench.server_process import ServerProcess  # noqa: E402
+from bench.time_budget import Budget  # noqa: E402
 from service.config import ServiceConfig  # noqa: E402
 from service.loadgen.cli import build_request  # noqa: E402
 from service.loadgen.prompts import Prompt, load_prompts  # noqa: E402
@@ -85,21 +86,6 @@ WARMUP_MAX_TOKENS = 16
 
 def log(message: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-class Budget:
-    """--budget-s: blocks that would start after the budget is spent are skipped and listed."""
-
-    def __init__(self, seconds: float | None) -> None:
-        self.seconds = seconds
-        self.skipped: list[str] = []
-
-    def allows(self, what: str) -> bool:
-        if self.seconds is None or time.perf_counter() - _T0 < self.seconds:
-            return True
-        self.skipped.append(what)
-        log(f"SKIPPED (time budget of {self.seconds:.0f} s spent): {what}")
-        return False
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -375,7 +361,7 @@ def main(argv=None) -> int:
            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     result.setdefault("runs", []).append(run)
     rows: list[dict] = result.setdefault("rows", [])
-    budget = Budget(args.budget_s)
+    budget = Budget(args.budget_s, _T0, log)
 
     def save() -> None:
         run["skipped"] = budget.skipped
