@@ -201,6 +201,21 @@ def test_service_reports_to_the_sidecar(compose) -> None:
         assert (host, port) == ("sidecar", sidecar_port)
 
 
+def _seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|m)", duration)
+    assert match, f"unexpected duration {duration!r}"
+    return int(match[1]) * (60 if match[2] == "m" else 1)
+
+
+def test_stop_waits_longer_than_the_drain_grace_period(compose) -> None:
+    """`docker compose stop` kills a container after stop_grace_period; the service must get
+    its whole drain (SPECDEC_GRACE_PERIOD_S) and the metrics flush after it first."""
+    for name in ("service", "service-cpu"):
+        service = compose["services"][name]
+        grace = float(service["environment"]["SPECDEC_GRACE_PERIOD_S"])
+        assert _seconds(service["stop_grace_period"]) >= grace + 10, (name, grace)
+
+
 def test_sidecar_exports_to_the_collectors_otlp_receiver(compose) -> None:
     env = compose["services"]["sidecar"]["environment"]
     collector = yaml.safe_load(COLLECTOR.read_text())
