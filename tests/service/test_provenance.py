@@ -104,7 +104,7 @@ def test_stop_strings_that_cut_a_run_of_drafts_count_the_cut_ones(service, make_
         flags, cut = assert_stream_provenance(chunks, final.metrics)
         assert final.finish_reason == metrics_pb2.FINISH_REASON_STOP_SEQUENCE, (prompt, stop)
         assert len(flags) == final.completion_tokens
-        assert all(c.token_ids or c.text or c.cut_accepted_drafts for c in chunks)
+        assert all(c.token_ids for c in chunks)  # cut drafts ride with tokens when it succeeds
         cut_total += cut
     assert cut_total > 0  # runs were cut, and the cut drafts were counted
 
