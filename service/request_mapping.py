@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.config import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_PROMPT_CHARS
-from service.provenance import pack_draft_mask
 from service.engine.api import (
     GenerationRequest,
     InvalidRequestError,
@@ -23,6 +22,7 @@ from service.engine.api import (
     SamplingParams,
     TokenChunk,
 )
+from service.provenance import pack_draft_mask
 from specdec.v1 import generation_pb2, metrics_pb2
 
 MAX_STOP_STRINGS = 16

@@ -126,3 +126,20 @@ def test_the_client_shows_each_tokens_provenance(service, capsys) -> None:
     assert provenance["letters"].replace(" ", "") == flags.replace("1", "D").replace("0", "t")
     line = client.describe_drafts(result, color=True)
     assert "\x1b[32mD\x1b[0m" in line and f"{flags.count('1')} of 20 streamed tokens" in line
+
+
+def test_the_mask_is_packed_least_significant_bit_first() -> None:
+    from service.provenance import pack_draft_mask, unpack_draft_mask
+
+    # Tokens 1, 2 and 9 of 10 were drafts: byte 0 = 0b110, byte 1 = 0b10.
+    mask = 1 << 1 | 1 << 2 | 1 << 9
+    assert pack_draft_mask(mask, 10) == bytes([0b110, 0b10])
+    assert unpack_draft_mask(bytes([0b110, 0b10]), 10) == [i in (1, 2, 9) for i in range(10)]
+    assert pack_draft_mask(0, 0) == b"" and unpack_draft_mask(b"", 0) == []
+    assert pack_draft_mask(0, 8) == bytes(1) and pack_draft_mask(0, 9) == bytes(2)
+    with pytest.raises(ValueError, match="outside its 3 tokens"):
+        pack_draft_mask(1 << 3, 3)
+    with pytest.raises(ValueError, match="2 bytes for 3 tokens"):
+        unpack_draft_mask(bytes(2), 3)
+    with pytest.raises(ValueError, match="past its 3 tokens"):
+        unpack_draft_mask(bytes([0b1000]), 3)
