@@ -3,6 +3,7 @@
     specdec-client "Write a haiku about GPUs"
     specdec-client --chat "Rewrite: the cat sat on the mat." --json
     specdec-client --concurrency 16 --requests 64 "Summarize: ..."   # quick load check
+    specdec-client --show-drafts "Repeat: one two three, one two three"  # which tokens were drafts
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from google.protobuf import json_format
 
 from service.client_options import METHODS, add_security_arguments, open_channel, security_of
 from service.metrics_format import metrics_to_dict
+from service.provenance import StreamProvenance
 from service.request_mapping import MAX_REQUEST_ID_CHARS
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 from specdec_security import SecuritySetupError
@@ -87,6 +89,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=POSITIVE, default=None,
                         help="total requests (default: --concurrency)")
     parser.add_argument("--info", action="store_true", help="print GetServerInfo first")
+    parser.add_argument("--show-drafts", action="store_true",
+                        help="after the text, show each token's provenance per chunk: D an accepted "
+                             "draft (green on a terminal), t a token of the target's own")
     add_security_arguments(parser)
     args = parser.parse_args(argv)
     problem = security_of(args).problem()
@@ -105,12 +110,14 @@ async def run_one(stub, request, timeout: float, stream_to: object | None, metad
     text: list[str] = []
     first_token_s = None
     final = None
+    provenance = StreamProvenance()
     request_id = request.request_id
     async for response in stub.Generate(request, timeout=timeout, metadata=metadata):
         request_id = response.request_id
         if response.HasField("chunk"):
-            if first_token_s is None:
+            if first_token_s is None and response.chunk.token_ids:
                 first_token_s = time.monotonic() - started
+            provenance.add(response.chunk)
             text.append(response.chunk.text)
             if stream_to is not None:
                 stream_to.write(response.chunk.text)
@@ -128,7 +135,25 @@ async def run_one(stub, request, timeout: float, stream_to: object | None, metad
         "client_seconds": round(elapsed, 4),
         "client_ttft_seconds": None if first_token_s is None else round(first_token_s, 4),
         "metrics": metrics_to_dict(final.metrics),
+        "provenance": {
+            "draft_flags": "".join("1" if f else "0" for f in provenance.draft_flags),
+            "streamed_drafts": provenance.streamed_drafts,
+            "cut_drafts": provenance.cut_drafts,
+            "letters": provenance.as_letters(),
+        },
     }
+
+
+GREEN, RESET = "\x1b[32m", "\x1b[0m"
+
+
+def describe_drafts(result: dict, color: bool) -> str:
+    """The per-token provenance line of --show-drafts."""
+    p = result["provenance"]
+    letters = p["letters"].replace("D", f"{GREEN}D{RESET}") if color else p["letters"]
+    return (f"drafts: {letters}\n{p['streamed_drafts']} of {len(p['draft_flags'])} streamed tokens were "
+            f"accepted drafts, {p['cut_drafts']} more were cut by a stop condition "
+            f"(accepted_drafts {result['metrics'].get('accepted_drafts', 0)})")
 
 
 def describe(result: dict) -> str:
@@ -170,6 +195,8 @@ async def amain(args: argparse.Namespace) -> int:
                 print(json.dumps(result))
             else:
                 print("\n" + describe(result), file=sys.stderr)
+                if args.show_drafts:
+                    print(describe_drafts(result, sys.stderr.isatty()), file=sys.stderr)
             return 0
         semaphore = asyncio.Semaphore(args.concurrency)
         started = time.monotonic()
@@ -184,6 +211,8 @@ async def amain(args: argparse.Namespace) -> int:
     errors = [r for r in results if not isinstance(r, dict)]
     for result in ok:
         print(json.dumps(result) if args.json else describe(result))
+        if args.show_drafts and not args.json:
+            print(describe_drafts(result, sys.stdout.isatty()))
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     tokens = sum(r["completion_tokens"] for r in ok)

@@ -1,4 +1,5 @@
-"""GenerateRequest (proto) -> engine GenerationRequest: input forms, tokenization, limits.
+"""GenerateRequest (proto) -> engine GenerationRequest: input forms, tokenization, limits;
+and an engine TokenChunk -> GenerateChunk (proto).
 
 Checks that only the gRPC layer can make (request size, which input form, stop strings,
 the server's max_tokens ceiling) live here. Sampling values, k, the drafter and the
@@ -19,7 +20,9 @@ from service.engine.api import (
     InvalidRequestError,
     Method,
     SamplingParams,
+    TokenChunk,
 )
+from service.provenance import pack_draft_mask
 from specdec.v1 import generation_pb2, metrics_pb2
 
 MAX_STOP_STRINGS = 16
@@ -209,3 +212,14 @@ def _method(value: int) -> Method | None:
         return Method(value)
     except ValueError:
         raise InvalidRequestError("speculation.method", f"unknown method {value}") from None
+
+
+def to_chunk(event: TokenChunk) -> generation_pb2.GenerateChunk:
+    """The wire form of a chunk, its draft mask packed as GenerateChunk.draft_mask documents."""
+    return generation_pb2.GenerateChunk(
+        text=event.text,
+        token_ids=event.token_ids,
+        draft_mask=pack_draft_mask(event.draft_mask, len(event.token_ids)),
+        cut_accepted_drafts=event.cut_drafts,
+    )
+

@@ -29,7 +29,7 @@ from service.engine.api import (
     QueueFullError,
     TokenChunk,
 )
-from service.request_mapping import RequestLimits, check_request_id, to_engine_request
+from service.request_mapping import RequestLimits, check_request_id, to_chunk, to_engine_request
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -126,9 +126,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             while True:
                 event = await bridge.queue.get()
                 if isinstance(event, TokenChunk):
-                    yield generation_pb2.GenerateResponse(
-                        request_id=request_id,
-                        chunk=generation_pb2.GenerateChunk(text=event.text, token_ids=event.token_ids))
+                    yield generation_pb2.GenerateResponse(request_id=request_id, chunk=to_chunk(event))
                     continue
                 finished = True
                 if event.finish_reason is FinishReason.ERROR:

@@ -8,8 +8,8 @@ SDK's per-value `record()` would cost more than everything else together). Attri
 are built once per identity and cached, never per record.
 
 Names: `specdec.*` for the speculative-decoding series (no semantic convention exists), the
-GenAI semantic-convention names and bucket boundaries for latency, `specdec.sidecar.*` for the
-pipeline's self-metrics. docs/metrics.md documents every series.
+GenAI semantic-convention names for latency (with finer buckets than the conventions
+recommend, see TTFT_BUCKETS), `specdec.sidecar.*` for the pipeline's self-metrics. docs/metrics.md documents every series.
 """
 
 from __future__ import annotations
@@ -73,10 +73,22 @@ METHOD_NAMES = {
 
 # ---- bucket boundaries -----------------------------------------------------------------
 ACCEPT_RATE_BUCKETS: tuple[float, ...] = tuple(round(i * 0.05, 2) for i in range(21))  # 0..1
-# GenAI semconv recommended boundaries (ExplicitBucketBoundaries advice), seconds
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+# The GenAI conventions' recommended boundaries (ExplicitBucketBoundaries advice), seconds.
+SEMCONV_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                        2.5, 5.0, 7.5, 10.0)
+SEMCONV_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+# The sidecar's defaults depart from them on purpose (docs/metrics.md, "Latency buckets"): a
+# GPU yields a token every 1-6 ms, below the recommended first TPOT bound of 10 ms, so every
+# request would land in one bucket. These resolve 0.1 ms to 10 s (time per output token in
+# steps of at most 25% from 1 to 10 ms, time to first token in steps of at most 50% from
+# 0.5 to 100 ms) and contain every recommended boundary, so a query on one of those still
+# finds its bucket. --ttft-buckets / --tpot-buckets replace them.
+TTFT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005,
+                0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                 2.5, 5.0, 7.5, 10.0)
-TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+TPOT_BUCKETS = (0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.00125, 0.0015, 0.00175,
+                0.002, 0.0025, 0.003, 0.0035, 0.004, 0.005, 0.006, 0.007, 0.008, 0.01, 0.015,
+                0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
                     20.48, 40.96, 81.92)
 
@@ -89,7 +101,9 @@ def accept_length_buckets(max_k: int) -> tuple[float, ...]:
     return tuple(x for x in steps if x < top) + (float(top),)
 
 
-def views(max_k: int) -> list[View]:
+def views(max_k: int, ttft_buckets: Sequence[float] = TTFT_BUCKETS,
+          tpot_buckets: Sequence[float] = TPOT_BUCKETS) -> list[View]:
+    """The SDK Views that give each histogram its explicit bucket boundaries."""
     def hist(name: str, bounds: Sequence[float]) -> View:
         return View(instrument_name=name,
                     aggregation=ExplicitBucketHistogramAggregation(boundaries=bounds))
@@ -97,8 +111,8 @@ def views(max_k: int) -> list[View]:
     return [
         hist(REQUEST_ACCEPT_RATE, ACCEPT_RATE_BUCKETS),
         hist(REQUEST_ACCEPT_LENGTH, accept_length_buckets(max_k)),
-        hist(TTFT, TTFT_BUCKETS),
-        hist(TPOT, TPOT_BUCKETS),
+        hist(TTFT, ttft_buckets),
+        hist(TPOT, tpot_buckets),
         hist(REQUEST_DURATION, DURATION_BUCKETS),
     ]
 

@@ -10,12 +10,14 @@ sidecar acknowledges records after the export that contains them).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import uuid
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from specdec_security import ServerSecurity
+from telemetry.aggregation import TPOT_BUCKETS, TTFT_BUCKETS
 from telemetry.dedupe import DEFAULT_MAX_SOURCE_BYTES, DEFAULT_MAX_SOURCES, DEFAULT_SOURCE_IDLE_S
 from telemetry.validation import DEFAULT_MAX_K
 
@@ -27,6 +29,7 @@ DEFAULT_EXPORT_TIMEOUT_MS = 10000.0
 OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 EXPORTER_NAMES = ("otlp", "prometheus", "none")
 ACK_MODES = ("auto", "export", "aggregate")
+MAX_BUCKETS = 64  # boundaries per latency histogram (each is a series per attribute set)
 
 
 class ConfigError(ValueError):
@@ -48,6 +51,8 @@ class SidecarConfig:
     max_source_bytes: int = DEFAULT_MAX_SOURCE_BYTES
     source_idle_s: float = DEFAULT_SOURCE_IDLE_S
     instance_id: str = ""
+    ttft_buckets: tuple[float, ...] = TTFT_BUCKETS
+    tpot_buckets: tuple[float, ...] = TPOT_BUCKETS
     shutdown_grace_s: float = 5.0
     log_level: str = "INFO"
     security: ServerSecurity = ServerSecurity()
@@ -98,6 +103,8 @@ class SidecarConfig:
         if not args.source_idle_seconds > 0:
             raise ConfigError(
                 f"--source-idle-seconds must be positive, not {args.source_idle_seconds}")
+        ttft_buckets = parse_buckets(args.ttft_buckets, "--ttft-buckets")
+        tpot_buckets = parse_buckets(args.tpot_buckets, "--tpot-buckets")
         _split_address(args.listen, "--listen")
         if "prometheus" in exporters:
             _split_address(args.prometheus_address, "--prometheus-address")
@@ -120,10 +127,35 @@ class SidecarConfig:
             max_source_bytes=args.max_source_bytes,
             source_idle_s=args.source_idle_seconds,
             instance_id=args.instance_id or "",
+            ttft_buckets=ttft_buckets,
+            tpot_buckets=tpot_buckets,
             shutdown_grace_s=args.shutdown_grace_seconds,
             log_level=args.log_level,
             security=security,
         )
+
+
+def format_buckets(bounds: Sequence[float]) -> str:
+    return ",".join(f"{b:g}" for b in bounds)
+
+
+def parse_buckets(text: str, flag: str) -> tuple[float, ...]:
+    """Comma-separated histogram bucket boundaries in seconds: 1 to MAX_BUCKETS finite
+    numbers above 0, strictly increasing."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        bounds = tuple(float(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated numbers of seconds, not {text!r}") from None
+    if not 1 <= len(bounds) <= MAX_BUCKETS:
+        raise ConfigError(f"{flag} must have 1 to {MAX_BUCKETS} boundaries, not {len(bounds)}")
+    bad = [b for b in bounds if not (math.isfinite(b) and b > 0)]
+    if bad:
+        raise ConfigError(f"{flag}: every boundary must be a finite number of seconds above 0, not {bad[0]!r}")
+    for low, high in zip(bounds, bounds[1:]):
+        if high <= low:
+            raise ConfigError(f"{flag} must be strictly increasing: {high:g} follows {low:g}")
+    return bounds
 
 
 def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
@@ -223,6 +255,16 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                    default=float(e("SOURCE_IDLE_SECONDS", DEFAULT_SOURCE_IDLE_S)),
                    help="a source that sent nothing for this long is forgotten; records it "
                         "resends later are counted again [SPECDEC_SIDECAR_SOURCE_IDLE_SECONDS]")
+    p.add_argument("--ttft-buckets", default=e("TTFT_BUCKETS", format_buckets(TTFT_BUCKETS)),
+                   help="bucket boundaries (seconds, comma-separated, increasing) of "
+                        "gen_ai.server.time_to_first_token; finer than the GenAI conventions' "
+                        "recommendation on purpose (docs/metrics.md, Latency buckets) "
+                        "[SPECDEC_SIDECAR_TTFT_BUCKETS]")
+    p.add_argument("--tpot-buckets", default=e("TPOT_BUCKETS", format_buckets(TPOT_BUCKETS)),
+                   help="bucket boundaries (seconds, comma-separated, increasing) of "
+                        "gen_ai.server.time_per_output_token; finer than the GenAI conventions' "
+                        "recommendation on purpose (docs/metrics.md, Latency buckets) "
+                        "[SPECDEC_SIDECAR_TPOT_BUCKETS]")
     p.add_argument("--instance-id", default=e("INSTANCE_ID", None),
                    help="the sidecar's service.instance.id resource attribute; default: "
                         "service.instance.id from OTEL_RESOURCE_ATTRIBUTES, else a random id "

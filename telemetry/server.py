@@ -55,7 +55,7 @@ class Sidecar:
         # whose ack callback needs the ingest: late-bound through small lambdas.
         self.export = ExportSetup(
             config,
-            views=views(config.max_k),
+            views=views(config.max_k, config.ttft_buckets, config.tpot_buckets),
             lock=self.lock,
             snapshot=lambda: self.sources.processed_marks(),
             on_exported=lambda marks: self._ingest.on_exported(marks) if self._ingest else None,

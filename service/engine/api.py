@@ -64,11 +64,20 @@ class TokenChunk:
 
     `text` never ends inside a UTF-8 character and never contains (part of) a stop string
     that ended the request; text held back waits for a later chunk.
+
+    Provenance: bit i of `draft_mask` is set when token_ids[i] is an accepted draft, clear
+    when it is the target's own token (the prefill's, or a decode pass's bonus or correction
+    token). `cut_drafts` counts accepted drafts that are in the request's metrics but will
+    never be delivered (docs/metrics-contract.md, "Which tokens were drafts"), since the
+    previous chunk. Over a request, the set bits plus the cut drafts equal accepted_drafts.
+    A chunk may carry cut drafts and no tokens.
     """
 
     request_id: str
     token_ids: tuple[int, ...]
     text: str
+    draft_mask: int = 0
+    cut_drafts: int = 0
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,13 @@ flush has its FinalResult held until the scheduler has recorded the pass
 (flush(hold_finals=True), then deliver_held()). Text and events are the same as if every
 token had been detokenised at once; finish() flushes first, so a request's chunks always
 precede its FinalResult.
+
+Provenance: every delivered token is marked as an accepted draft or a token of the target's
+own (TokenChunk.draft_mask), and every accepted draft the request will never deliver (cut by
+a stop condition, or in a pass that ran while the request ended) is counted in some chunk's
+cut_drafts, so that over a request the set bits plus the cut drafts equal the metrics'
+accepted_drafts. The chunk in which a flush found a stop string while a pass runs is held
+with the FinalResult: that pass's accepted drafts are cut too, and they travel in it.
 """
 
 from __future__ import annotations
@@ -39,15 +46,17 @@ class OutputProcessor:
         self._held: list[Sequence] = []  # finished, FinalResult not yet delivered
 
     def emit(self, seq: Sequence, new_tokens: list[int]) -> None:
-        """accept() and flush() for one sequence: its events are delivered now."""
+        """accept() and flush() for one sequence, tokens of the target's own (the prefill's):
+        its events are delivered now."""
         self.accept(seq, new_tokens)
         if not seq.finished:
             self._flush_one(seq, final=False)
 
-    def accept(self, seq: Sequence, new_tokens: list[int]) -> None:
-        """Accepted tokens of one pass, in order: appended to the sequence; EOS and the
-        length limits end the request here (delivering its events), anything else is
-        delivered by the next flush()."""
+    def accept(self, seq: Sequence, new_tokens: list[int], drafts: int = 0) -> None:
+        """Accepted tokens of one pass, in order, the first `drafts` of them accepted drafts
+        (the last one the target's own): appended to the sequence; EOS and the length limits
+        end the request here (delivering its events), anything else is delivered by the next
+        flush()."""
         tokens, eos_ids = seq.tokens, self.eos_ids
         # The length limits end the request at the room-th token of this pass.
         room = min(seq.max_tokens - seq.completion_tokens, self.max_context - len(tokens))
@@ -62,10 +71,14 @@ class OutputProcessor:
                 reason = FinishReason.LENGTH
             if reason is not None:
                 break  # tokens after a stop condition are dropped
+        kept_drafts = min(drafts, count)
+        seq.cut_drafts += drafts - kept_drafts  # accepted drafts after a stop condition
         if count:
             seq.completion_tokens += count
             if not seq.unflushed:
                 self._unflushed.append(seq)
+            # Bit i of unflushed_drafts is the i-th unflushed token: these drafts come first.
+            seq.unflushed_drafts |= ((1 << kept_drafts) - 1) << seq.unflushed
             seq.unflushed += count
         if reason is not None:
             self.finish(seq, reason)
@@ -88,8 +101,13 @@ class OutputProcessor:
         finally:
             self._holding = False
 
+    def cut(self, seq: Sequence, drafts: int) -> None:
+        """A pass counted in the request's metrics whose `drafts` accepted drafts it will
+        never deliver (the request ended, or failed, while the pass ran)."""
+        seq.cut_drafts += drafts
+
     def deliver_held(self) -> None:
-        """Delivers the FinalResults that flush(hold_finals=True) held back."""
+        """Delivers the chunks and FinalResults that flush(hold_finals=True) held back."""
         held, self._held = self._held, []
         for seq in held:
             self._deliver_final(seq)
@@ -98,6 +116,7 @@ class OutputProcessor:
         """Detokenises the sequence's unflushed tokens and sends them as one chunk. final:
         the request ends now (all held-back text goes out). May finish the request."""
         count, seq.unflushed = seq.unflushed, 0
+        mask, seq.unflushed_drafts = seq.unflushed_drafts, 0
         detok = seq.detok
         if detok is None:  # never prefilled: nothing was accepted
             return
@@ -115,20 +134,32 @@ class OutputProcessor:
                         del seq.tokens[-drop:]
                         seq.completion_tokens -= drop
                         new_tokens = new_tokens[: i + 1]
+                        seq.cut_drafts += (mask >> (i + 1)).bit_count()
+                        mask &= (1 << (i + 1)) - 1
                     break
             text = detok.take_text(final=final or stopped)
         except Exception as exc:  # noqa: BLE001 - one request's host-side work
             log.exception("detokenize_failed", request_id=seq.request_id)
             seq.completion_tokens -= len(seq.tokens) - start  # never delivered: not counted either
             del seq.tokens[start:]
+            seq.cut_drafts += mask.bit_count()
             self.finish(seq, FinishReason.ERROR, f"{type(exc).__name__}: {exc}", flush=False)
             return
-        if new_tokens and seq.timing.first_token is None:
-            seq.timing.first_token = time.monotonic()
-        if new_tokens or text:
-            self.send(seq, TokenChunk(seq.request_id, tuple(new_tokens), text))
+        if stopped and self._holding:
+            # The pass now running is counted for this request: its accepted drafts are cut
+            # too, and go out in this chunk, before the FinalResult (deliver_held()).
+            seq.held_chunk = (tuple(new_tokens), text, mask)
+        elif new_tokens or text or seq.cut_drafts:
+            self._send_chunk(seq, tuple(new_tokens), text, mask)
         if stopped:
             self.finish(seq, FinishReason.STOP_SEQUENCE)
+
+    def _send_chunk(self, seq: Sequence, token_ids: tuple[int, ...], text: str, mask: int) -> None:
+        """One TokenChunk, carrying the cut drafts not reported yet."""
+        if token_ids and seq.timing.first_token is None:
+            seq.timing.first_token = time.monotonic()
+        cut, seq.cut_drafts = seq.cut_drafts, 0
+        self.send(seq, TokenChunk(seq.request_id, token_ids, text, mask, cut))
 
     def send(self, seq: Sequence, event: TokenChunk | FinalResult) -> None:
         """Calls the submitter's callback; a failing callback fails its request only."""
@@ -161,6 +192,14 @@ class OutputProcessor:
             self._deliver_final(seq)
 
     def _deliver_final(self, seq: Sequence) -> None:
+        # Accepted tokens never delivered (the event callback failed) were cut as well.
+        seq.cut_drafts += seq.unflushed_drafts.bit_count()
+        seq.unflushed_drafts = 0
+        held, seq.held_chunk = seq.held_chunk, None
+        if held is not None:
+            self._send_chunk(seq, *held)
+        elif seq.cut_drafts:  # a chunk of its own: every token was delivered before the cut
+            self._send_chunk(seq, (), "", 0)
         reason, error = seq.finish_reason, seq.error
         seq.timing.finished = time.monotonic()
         metrics = to_proto(

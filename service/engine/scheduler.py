@@ -277,12 +277,13 @@ class Scheduler:
         draft_model = self._drafts_with_model(rows)
         # Rows that ended while this pass ran (a stop string or a failure found by the
         # flush, a drafter's failure): the pass ran for them, so it counts in their metrics,
-        # with its drafts and verdict; its tokens are dropped.
+        # with its drafts and verdict; its tokens are dropped (its accepted drafts are cut).
         failed = {id(seq) for seq, _ in self._failed_in_pass}
         for seq, (accepted, _) in zip(rows, verdicts):
             if seq.finished or id(seq) in failed:
                 try:  # one request's bookkeeping: a failure must not end the others
                     seq.stats.record_pass(seq.num_drafts, accepted)
+                    self.output.cut(seq, accepted)
                 except Exception:  # noqa: BLE001
                     log.exception("pass_bookkeeping_failed", request_id=seq.request_id)
         for seq, exc in self._failed_in_pass:
@@ -315,10 +316,16 @@ class Scheduler:
 
     def _absorb(self, seq: Sequence, drafter: Drafter, accepted: int, tokens: list[int]) -> None:
         seq.stats.record_pass(seq.num_drafts, accepted)
-        seq.acceptance.update(seq.num_drafts, accepted)
-        drafter.commit(seq, accepted)
+        try:
+            seq.acceptance.update(seq.num_drafts, accepted)
+            drafter.commit(seq, accepted)
+        except Exception:
+            self.output.cut(seq, accepted)  # the pass is counted; its tokens never go out
+            raise
         seq.target_len += accepted + 1  # the pending token and the accepted drafts are cached now
-        self.output.accept(seq, tokens)  # delivered by the next pass's flush (or now, if it ends)
+        # The first `accepted` tokens are the drafts, the last one the target's own;
+        # delivered by the next pass's flush (or now, if it ends).
+        self.output.accept(seq, tokens, accepted)
 
     @staticmethod
     def _drafts_with_model(rows: list[Sequence]) -> bool:

@@ -53,6 +53,11 @@ class Sequence:
     draft_len: int = 0  # tokens whose KV is valid in the draft model's cache
     completion_tokens: int = 0
     unflushed: int = 0  # the last tokens, accepted but not yet delivered (OutputProcessor.flush)
+    unflushed_drafts: int = 0  # bit i set: the i-th unflushed token is an accepted draft
+    cut_drafts: int = 0  # accepted drafts never to be delivered, not yet reported in a chunk
+    # The chunk a stop string ended while a pass ran: (token ids, text, draft mask), sent
+    # with the FinalResult once that pass is counted.
+    held_chunk: tuple[tuple[int, ...], str, int] | None = None
     finish_reason: FinishReason | None = None
     error: str | None = None
     # Per-pass scratch, set by the scheduler / drafters before the verify forward.

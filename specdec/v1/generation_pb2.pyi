@@ -249,9 +249,29 @@ class GenerateChunk(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    DRAFT_MASK_FIELD_NUMBER: _builtins.int
+    CUT_ACCEPTED_DRAFTS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The new text; never splits a UTF-8 character (bytes of an unfinished character wait
     for the next chunk).
+    """
+    draft_mask: _builtins.bytes
+    """Per-token provenance of token_ids, packed bits: bit i % 8 of byte i / 8 (least
+    significant bit first) is 1 when token_ids[i] was an accepted draft and 0 when the
+    target model produced it (the prefill's token, or a decode pass's bonus or correction
+    token, which includes every token of a pass that proposed no drafts). Exactly
+    ceil(len(token_ids) / 8) bytes; the bits past the last token are 0. Within one decode
+    pass the accepted drafts come first and the target's token last, so the bits of a pass
+    read 1...10.
+    """
+    cut_accepted_drafts: _builtins.int
+    """Accepted drafts that this stream will never carry, reported since the previous chunk:
+    the verifier accepted them (they are in the final metrics' accepted_drafts) but a stop
+    condition (stop string, end-of-sequence token, token budget) cut them from the output,
+    or they belong to a pass that ran while the request ended (docs/metrics-contract.md,
+    "What counts as a pass"). Over a stream that ends with a GenerateFinal, the set bits of
+    every draft_mask plus the sum of cut_accepted_drafts equal metrics.accepted_drafts. A
+    chunk may carry only this count (no tokens, no text).
     """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -262,10 +282,12 @@ class GenerateChunk(_message.Message):
         *,
         text: _builtins.str = ...,
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        draft_mask: _builtins.bytes = ...,
+        cut_accepted_drafts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cut_accepted_drafts", b"cut_accepted_drafts", "draft_mask", b"draft_mask", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

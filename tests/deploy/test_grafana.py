@@ -61,10 +61,21 @@ def test_the_issues_panels_are_there() -> None:
     assert "specdec_verify_passes_total" in length and "specdec_accepted_drafts_total" in length
     assert re.search(r"by \([^)]*\bposition\)", panel("Per-position acceptance"))
     assert "specdec_draft_passes_by_accepted_total" in panel("Accepted-count histogram")
+    # Per-position views (issue 21): the conditional per-position acceptance, and the
+    # acceptance-length distribution as shares of each (method, k)'s draft passes.
+    conditional = panel("Per-position acceptance (conditional")
+    assert re.search(r"specdec_position_accepted_total.*\n/\n.*specdec_position_proposed_total", conditional, re.S)
+    shares = panel("Acceptance-length distribution by draft length k")
+    assert re.search(r"by \(specdec_method, specdec_num_draft_tokens, accepted\) \(increase\("
+                     r"specdec_draft_passes_by_accepted_total.*\n/ on \(specdec_method, specdec_num_draft_tokens\) "
+                     r"group_left\nsum by \(specdec_method, specdec_num_draft_tokens\) \(increase\("
+                     r"specdec_draft_passes_by_accepted_total", shares, re.S)
+    assert "specdec_request_accept_length_bucket" in panel("Per-request acceptance length by draft length k")
     assert "specdec_request_accept_rate_bucket" in panel("Per-request acceptance rate (distribution")
     assert "specdec_completion_tokens_total" in panel("Tokens per second")
     assert "gen_ai_server_time_to_first_token_seconds_bucket" in panel("Time to first token")
     assert "gen_ai_server_request_duration_seconds_bucket" in panel("Request duration")
+    assert "gen_ai_server_time_per_output_token_seconds_bucket" in panel("Time per output token")
     for name in ("specdec_sidecar_service_dropped_records_total",
                  "specdec_sidecar_records_rejected_total",
                  "specdec_sidecar_export_failures_total"):

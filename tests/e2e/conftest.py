@@ -15,6 +15,7 @@ import pytest
 
 from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
 from tests.service.conftest import ServiceThread, service_config
+from tests.support.metrics_invariants import assert_stream_provenance
 from tests.support.tiny_model import save_tiny_model
 from tests.telemetry.support import OtlpGrpcReceiver, SidecarProcess
 
@@ -131,11 +132,15 @@ def generate(stub: generation_pb2_grpc.GenerationServiceStub,
              req: generation_pb2.GenerateRequest, timeout: float = 60) -> Served:
     start = time.monotonic()
     final = None
+    chunks = []
     for response in stub.Generate(req, timeout=timeout):
         if response.HasField("final"):
             final = response.final
+        else:
+            chunks.append(response.chunk)
     end = time.monotonic()
     assert final is not None, f"{req.request_id}: no final message"
+    assert_stream_provenance(chunks, final.metrics)  # marked + cut tokens = accepted_drafts
     return Served(req, final, start, end)
 
 

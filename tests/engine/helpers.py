@@ -77,6 +77,15 @@ class Outcome:
         return [t for c in self.chunks for t in c.token_ids]
 
     @property
+    def streamed_drafts(self) -> int:
+        """Delivered tokens marked as accepted drafts."""
+        return sum(c.draft_mask.bit_count() for c in self.chunks)
+
+    @property
+    def cut_drafts(self) -> int:
+        return sum(c.cut_drafts for c in self.chunks)
+
+    @property
     def text(self) -> str:
         return "".join(c.text for c in self.chunks)
 
@@ -104,6 +113,10 @@ def wait_checked(out: Outcome, timeout: float = 300.0) -> Outcome:
     assert (final.error is not None) == (final.finish_reason is FinishReason.ERROR)
     assert_metrics_invariants(final.metrics)
     assert final.metrics.end_time.seconds > 0  # the engine stamps the wall-clock end
+    # Provenance: every accepted draft is either a delivered token marked as one, or cut.
+    assert all(c.draft_mask >= 0 and c.draft_mask >> len(c.token_ids) == 0 for c in out.chunks)
+    assert out.streamed_drafts + out.cut_drafts == final.metrics.accepted_drafts, (
+        out.streamed_drafts, out.cut_drafts, final.metrics.accepted_drafts)
     return out
 
 

@@ -138,3 +138,104 @@ def test_a_failing_callback_gets_the_final_result_and_nothing_else(tokenizer) ->
     chunk, final = events
     assert chunk.text == "The quick brown " and final.finish_reason is FinishReason.ERROR
     assert "client went away" in final.error
+
+
+# ---- provenance: which delivered tokens were accepted drafts ---------------------------
+
+def _accounted(events: list) -> int:
+    """Accepted drafts the events account for: set mask bits plus cut drafts."""
+    chunks = [e for e in events if isinstance(e, TokenChunk)]
+    assert all(c.draft_mask >> len(c.token_ids) == 0 for c in chunks), "mask bits past the tokens"
+    return sum(c.draft_mask.bit_count() + c.cut_drafts for c in chunks)
+
+
+def test_coalesced_passes_keep_each_tokens_provenance(tokenizer) -> None:
+    events: list = []
+    output = OutputProcessor(frozenset({EOS}), max_context=1000)
+    seq = _sequence(tokenizer, events)
+    first, second = _ids(tokenizer, "The quick"), _ids(tokenizer, " brown fox jumps")
+    output.emit(seq, first[:1])  # the prefill's token: the target's own
+    output.accept(seq, first[1:], drafts=0)
+    output.accept(seq, second, drafts=len(second) - 1)  # all drafts accepted, then the bonus
+    output.flush()  # both passes in one chunk
+    prefill, chunk = events
+    assert prefill.draft_mask == 0 and prefill.token_ids == (first[0],)
+    assert chunk.token_ids == tuple(first[1:] + second)
+    flags = [bool(chunk.draft_mask >> i & 1) for i in range(len(chunk.token_ids))]
+    assert flags == [False] * len(first[1:]) + [True] * (len(second) - 1) + [False]
+    assert chunk.cut_drafts == 0
+
+
+def test_a_stop_string_cutting_a_run_of_drafts_counts_the_cut_ones(tokenizer) -> None:
+    events: list = []
+    output = OutputProcessor(frozenset({EOS}), max_context=1000)
+    seq = _sequence(tokenizer, events, stop=("fox",))
+    kept, after = _ids(tokenizer, "The quick brown fox"), _ids(tokenizer, " jumps over")
+    tokens = kept + after
+    output.accept(seq, tokens, drafts=len(tokens) - 1)  # the stop string inside the accepted drafts
+    output.flush()
+    chunk, final = events
+    assert chunk.token_ids == tuple(kept) and chunk.draft_mask == (1 << len(kept)) - 1
+    # The drafts after the stop string are cut; the bonus token was no draft.
+    assert chunk.cut_drafts == len(after) - 1
+    assert _accounted(events) == len(tokens) - 1
+    assert final.finish_reason is FinishReason.STOP_SEQUENCE
+
+
+def test_eos_among_the_drafts_cuts_the_ones_after_it(tokenizer) -> None:
+    events: list = []
+    output = OutputProcessor(frozenset({EOS}), max_context=1000)
+    seq = _sequence(tokenizer, events)
+    text = _ids(tokenizer, "The quick")
+    output.accept(seq, text + [EOS, 5, 6, 7], drafts=len(text) + 3)  # EOS is an accepted draft
+    chunk, final = events
+    assert chunk.token_ids == tuple(text + [EOS]) and chunk.draft_mask == (1 << (len(text) + 1)) - 1
+    assert chunk.cut_drafts == 2  # 5 and 6; 7 was the target's token
+    assert final.finish_reason is FinishReason.EOS
+
+
+def test_a_stop_found_while_a_pass_runs_holds_its_chunk_until_that_pass_is_counted(tokenizer) -> None:
+    events: list = []
+    output = OutputProcessor(frozenset({EOS}), max_context=1000)
+    seq = _sequence(tokenizer, events, stop=("fox",))
+    kept, after = _ids(tokenizer, "The quick brown fox"), _ids(tokenizer, " jumps")
+    output.accept(seq, kept + after, drafts=len(kept))  # the stop string's token is the last draft
+    output.flush(hold_finals=True)  # the next pass runs meanwhile
+    assert events == [] and seq.finished
+    seq.stats.record_pass(3, 2)  # that pass, as the scheduler counts it: 2 accepted drafts
+    output.cut(seq, 2)
+    output.deliver_held()
+    chunk, final = events
+    assert chunk.token_ids == tuple(kept) and chunk.text == "The quick brown "
+    assert chunk.draft_mask == (1 << len(kept)) - 1
+    assert chunk.cut_drafts == 2 + 0  # the pass's drafts; after the stop only the bonus token
+    assert final.finish_reason is FinishReason.STOP_SEQUENCE and seq.timing.first_token is not None
+
+
+def test_cut_drafts_after_the_last_chunk_get_a_chunk_of_their_own(tokenizer) -> None:
+    events: list = []
+    output = OutputProcessor(frozenset({EOS}), max_context=1000)
+    seq = _sequence(tokenizer, events)
+    output.accept(seq, _ids(tokenizer, "The quick"), drafts=1)
+    output.flush(hold_finals=True)
+    output.cut(seq, 3)  # e.g. the drafter failed while the pass ran: counted, not delivered
+    output.finish(seq, FinishReason.ERROR, "drafter failed")
+    chunk, cut_only, final = events
+    assert chunk.draft_mask == 1 and chunk.cut_drafts == 0
+    assert cut_only == TokenChunk("r", (), "", 0, 3)
+    assert final.finish_reason is FinishReason.ERROR and _accounted(events) == 4
+
+
+def test_tokens_a_failed_detokenizer_never_delivered_are_cut(tokenizer) -> None:
+    events: list = []
+    output = OutputProcessor(frozenset({EOS}), max_context=1000)
+    seq = _sequence(tokenizer, events)
+
+    def broken(token_id: int) -> bool:
+        raise ValueError("broken detokenizer")
+
+    seq.detok.add_token = broken
+    output.accept(seq, [5, 6, 7], drafts=2)
+    output.flush()
+    cut_only, final = events
+    assert cut_only == TokenChunk("r", (), "", 0, 2) and final.finish_reason is FinishReason.ERROR

@@ -153,18 +153,19 @@ def test_a_failure_recording_that_pass_ends_no_other_request(make_engine, loopy,
         original(self, proposed, accepted)
 
     monkeypatch.setattr(SpecDecodeStats, "record_pass", record_pass)
+    from service.engine.output import OutputProcessor
+
+    finish = OutputProcessor.finish
+
+    def finish_and_arm(self, seq, reason, *args, **kwargs) -> None:
+        if reason is FinishReason.STOP_SEQUENCE:
+            armed.append(True)  # the flush found the stop string while a pass runs
+        finish(self, seq, reason, *args, **kwargs)
+
+    monkeypatch.setattr(OutputProcessor, "finish", finish_and_arm)
     stopped = Outcome("s")
-
-    texts = [loopy.tokenizer.decode(plain.tokens[:n]) for n in range(len(plain.tokens) + 1)]
-    stop_at = next(n for n, text in enumerate(texts) if stop in text)  # tokens through the stop
-
-    def on_event(event) -> None:
-        stopped.on_event(event)
-        if type(event).__name__ == "TokenChunk" and len(stopped.tokens) >= stop_at:
-            armed.append(True)  # the chunk with the stop string, sent while a pass runs
-
     other = submit(engine, GenerationRequest("o", ids, max_tokens=40, method=Method.NONE))[0]
-    engine.submit(GenerationRequest("s", ids, max_tokens=40, method=Method.NONE, stop=(stop,)), on_event)
+    engine.submit(GenerationRequest("s", ids, max_tokens=40, method=Method.NONE, stop=(stop,)), stopped.on_event)
     assert stopped.done.wait(300), "the stopped request never got its FinalResult"
     assert stopped.final.finish_reason is FinishReason.STOP_SEQUENCE
     wait_checked(other)

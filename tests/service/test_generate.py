@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from specdec.v1 import generation_pb2, metrics_pb2
-from tests.support.metrics_invariants import assert_metrics_invariants
+from tests.support.metrics_invariants import assert_metrics_invariants, assert_stream_provenance
 
 NGRAM = metrics_pb2.SPECULATION_METHOD_NGRAM
 NONE = metrics_pb2.SPECULATION_METHOD_NONE
@@ -39,6 +39,7 @@ def collect(stub, req, timeout: float = 120):
             final = response.final
     assert final is not None, "the stream must end with a final message"
     assert len(request_ids) == 1
+    assert_stream_provenance(chunks, final.metrics)
     return chunks, final, request_ids.pop()
 
 

@@ -59,3 +59,34 @@ def assert_metrics_invariants(m: metrics_pb2.SpeculativeMetrics) -> None:
         assert k == 0
     if m.method != metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL:
         assert m.draft_model == ""
+
+
+def stream_draft_flags(chunks) -> tuple[list[bool], int]:
+    """(per streamed token: an accepted draft?, cut accepted drafts) from GenerateChunk
+    messages, decoded here from the documented wire form (bit i % 8 of byte i / 8, least
+    significant bit first), independently of the service's own packing code."""
+    flags: list[bool] = []
+    cut = 0
+    for chunk in chunks:
+        n = len(chunk.token_ids)
+        data = bytes(chunk.draft_mask)
+        assert len(data) == (n + 7) // 8, f"draft_mask of {len(data)} bytes for {n} tokens"
+        for i in range(n):
+            flags.append(bool(data[i // 8] >> (i % 8) & 1))
+        for i in range(n, 8 * len(data)):
+            assert not data[i // 8] >> (i % 8) & 1, "a draft_mask bit past the chunk's tokens"
+        cut += chunk.cut_accepted_drafts
+    return flags, cut
+
+
+def assert_stream_provenance(chunks, m: metrics_pb2.SpeculativeMetrics) -> tuple[list[bool], int]:
+    """A finished stream's provenance accounts for its accepted drafts exactly: the tokens
+    marked as accepted drafts plus the cut ones equal accepted_drafts. No token of a
+    request without drafts is marked, and the first token (the prefill's) never is."""
+    flags, cut = stream_draft_flags(chunks)
+    assert sum(flags) + cut == m.accepted_drafts, (sum(flags), cut, m.accepted_drafts)
+    if flags:
+        assert not flags[0], "the prefill's token is the target's own"
+    if m.num_draft_tokens == 0:
+        assert not any(flags) and cut == 0
+    return flags, cut

@@ -75,17 +75,23 @@ def make_model(
 
 
 def save_tiny_model(path: Path, seed: int = 0, layers: int = 2, with_eos: bool = True,
-                    max_position: int = 512) -> Path:
+                    max_position: int = 512, attention_scale: float = 1.0) -> Path:
     """A tiny model directory (weights, tokenizer with a chat template) for load_model().
 
     with_eos=False declares no end-of-sequence token anywhere (tokenizer, model config,
     generation config), so generation always runs to max_tokens: for tests that need a
-    request to stay in flight (cancellation, deadlines, draining).
+    request to stay in flight (cancellation, deadlines, draining). attention_scale below 1
+    shrinks every attention output, so the model barely looks back and its greedy output
+    falls into cycles that n-gram lookups find (accepted drafts).
     """
     tokenizer = make_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     loaded = make_model(tokenizer, seed=seed, name="tiny", vocab_size=len(tokenizer), layers=layers,
                         max_position=max_position)
+    if attention_scale != 1.0:
+        with torch.no_grad():
+            for layer in loaded.model.model.layers:
+                layer.self_attn.o_proj.weight.mul_(attention_scale)
     if not with_eos:
         tokenizer.eos_token = None
         loaded.model.config.eos_token_id = None

@@ -65,3 +65,52 @@ def test_dedupe_table_bounds_flags_and_variables():
     for argv in (["--max-sources", "0"], ["--max-source-bytes", "0"], ["--source-idle-seconds", "0"]):
         with pytest.raises(ConfigError, match=argv[0]):
             cfg(argv)
+
+
+def test_latency_buckets_resolve_a_tenth_of_a_millisecond_to_ten_seconds():
+    from telemetry.aggregation import SEMCONV_TPOT_BUCKETS, SEMCONV_TTFT_BUCKETS
+
+    c = cfg()
+    for bounds, semconv in ((c.ttft_buckets, SEMCONV_TTFT_BUCKETS), (c.tpot_buckets, SEMCONV_TPOT_BUCKETS)):
+        assert bounds[0] == 0.0001 and bounds[-1] == 10.0
+        assert list(bounds) == sorted(set(bounds))
+        assert set(semconv) <= set(bounds)  # a query on a recommended boundary still finds it
+    # GPU token times (1-10 ms) in steps of at most 25%.
+    band = [b for b in c.tpot_buckets if 0.001 <= b <= 0.01]
+    assert all(high / low <= 1.25 + 1e-9 for low, high in zip(band, band[1:]))
+
+
+def test_latency_buckets_flag_overrides_env():
+    env = {"SPECDEC_SIDECAR_TTFT_BUCKETS": "0.001, 0.01", "SPECDEC_SIDECAR_TPOT_BUCKETS": "0.002"}
+    c = cfg(**env)
+    assert c.ttft_buckets == (0.001, 0.01) and c.tpot_buckets == (0.002,)
+    c = cfg(["--ttft-buckets", "0.5,1", "--tpot-buckets", "1e-4,1e-3"], **env)
+    assert c.ttft_buckets == (0.5, 1.0) and c.tpot_buckets == (0.0001, 0.001)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0.01,0.001", "strictly increasing"),
+    ("0.001,0.001", "strictly increasing"),
+    ("0,0.1", "above 0"),
+    ("-1", "above 0"),
+    ("0.1,inf", "finite"),
+    ("0.1,nan", "finite"),
+    ("fast", "comma-separated numbers"),
+    ("", "comma-separated numbers"),
+    (",".join(str(i) for i in range(1, 66)), "1 to 64 boundaries"),
+])
+def test_bad_latency_buckets_are_refused_by_name(value, message):
+    for flag in ("--ttft-buckets", "--tpot-buckets"):
+        with pytest.raises(ConfigError, match=message) as info:
+            cfg([flag, value])
+        assert flag in str(info.value)
+
+
+def test_the_documented_latency_buckets_are_the_defaults():
+    from pathlib import Path
+
+    from telemetry.aggregation import TPOT_BUCKETS, TTFT_BUCKETS
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    for name, bounds in (("time to first token", TTFT_BUCKETS), ("time per output token", TPOT_BUCKETS)):
+        assert f"| {name} | {', '.join(f'{b:g}' for b in bounds)} |" in doc, name

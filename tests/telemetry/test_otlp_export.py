@@ -13,6 +13,8 @@ from service.reporting import MetricsReporter
 from telemetry.aggregation import (
     ACCEPT_RATE_BUCKETS,
     DURATION_BUCKETS,
+    SEMCONV_TPOT_BUCKETS,
+    SEMCONV_TTFT_BUCKETS,
     TPOT_BUCKETS,
     TTFT_BUCKETS,
     accept_length_buckets,
@@ -184,3 +186,56 @@ def test_final_export_on_stop(otlp_grpc_receiver, sidecar_thread_factory):
     assert sum(v for (n, _), v in got.items() if n == "specdec.requests") == 40
     wait_for(lambda: reporter.stats.acked == 40, 5, what="acks from the final export")
     reporter.stop(0.1)
+
+
+def _gpu_speed_record(rng: random.Random, ttft: float, tpot: float):
+    """A successful record whose tokens came at GPU speed: ttft, then one token per tpot."""
+    m = simulate_metrics(rng, identity=IDENTITIES[0], passes=10)
+    m.finish_reason = 1  # EOS: latency histograms take successful requests only
+    m.completion_tokens = 11
+    m.queue_time_seconds = ttft / 2
+    m.time_to_first_token_seconds = ttft
+    m.duration_seconds = ttft + 10 * tpot
+    return m
+
+
+@pytest.mark.parametrize("argv, env, ttft_bounds, tpot_bounds", [
+    ([], {}, TTFT_BUCKETS, TPOT_BUCKETS),
+    (["--tpot-buckets", "0.001,0.002,0.003,0.005,0.008"],
+     {"SPECDEC_SIDECAR_TTFT_BUCKETS": "0.0005,0.002,0.01,0.05"},
+     (0.0005, 0.002, 0.01, 0.05), (0.001, 0.002, 0.003, 0.005, 0.008)),
+])
+def test_latency_buckets_resolve_gpu_token_times(otlp_grpc_receiver, sidecar_thread_factory,
+                                                 argv, env, ttft_bounds, tpot_bounds):
+    """The conventions' recommended buckets would put all four times per output token in
+    their first bucket (and two of the times to first token); the sidecar's, default or
+    configured, separate them, through the SDK's Views and the real OTLP export."""
+    ttfts, tpots = (0.0003, 0.0012, 0.0035, 0.025), (0.0011, 0.0023, 0.0036, 0.0055)
+    assert max(tpots) < SEMCONV_TPOT_BUCKETS[0] and min(ttfts) < SEMCONV_TTFT_BUCKETS[0]
+    sc = sidecar_thread_factory(["--exporters", "otlp", *argv],
+                                env={**otlp_grpc_receiver.env(), **env,
+                                     "OTEL_METRIC_EXPORT_INTERVAL": "200"})
+    assert (sc.config.ttft_buckets, sc.config.tpot_buckets) == (ttft_bounds, tpot_bounds)
+    reporter = start_reporters(sc.address, n=1)[0]
+    rng = random.Random(7)
+    for ttft, tpot in zip(ttfts, tpots):
+        reporter.report(_gpu_speed_record(rng, ttft, tpot))
+    assert reporter.flush(30)
+    reporter.stop(1)
+    hists = otlp_grpc_receiver.store.histogram_totals()
+
+    def buckets_of(name: str, bounds: tuple) -> list[int]:
+        ((count, _, buckets, exported),) = [v for (n, _), v in hists.items() if n == name]
+        assert exported == bounds and count == 4
+        return buckets
+
+    for name, bounds, values in (("gen_ai.server.time_to_first_token", ttft_bounds, ttfts),
+                                 ("gen_ai.server.time_per_output_token", tpot_bounds, tpots)):
+        buckets = buckets_of(name, bounds)
+        # Each value in the bucket (lower, upper] the boundaries give it: four apart.
+        want = [0] * (len(bounds) + 1)
+        for v in values:
+            want[sum(1 for b in bounds if b < v)] += 1
+        assert buckets == want, (name, buckets)
+        assert max(buckets) == 1  # resolved: no two requests share a bucket
+    sc.stop()
