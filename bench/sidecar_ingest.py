@@ -55,7 +55,7 @@ def build_batches(n_records: int, batch_size: int, streams: int, seed: int = 0):
             recs = []
             for _ in range(min(batch_size, per_stream - seq)):
                 seq += 1
-                recs.append((seq, pool[rng.randrange(len(pool))], 0))
+                recs.append((seq, pool[rng.randrange(len(pool))], 0, b""))
             batches.append(encode_report_request(source, recs))
         out.append(batches)
     return out, per_stream * streams
