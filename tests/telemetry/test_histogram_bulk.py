@@ -117,7 +117,7 @@ def test_exemplars_on_or_missing_internals_fall_back_to_record(monkeypatch, capl
     _, on_readers, on_h = _provider(AlwaysOnExemplarFilter())
     with caplog.at_level(logging.WARNING):
         bulk = BulkHistograms(on_h)
-    assert not bulk.is_bulk(on_h[0]) and "exemplars are on" in caplog.text
+    assert not bulk.is_bulk(on_h[0]) and "exemplar filter AlwaysOnExemplarFilter" in caplog.text
     monkeypatch.setattr(histogram_bulk, "_hash_attributes", None)
     _, gone_readers, gone_h = _provider()
     bulk_gone = BulkHistograms(gone_h)
