@@ -176,7 +176,8 @@ class RequestSpans:
     def emit(self, m: metrics_pb2.SpeculativeMetrics, t: telemetry_pb2.RequestTrace
              ) -> Context | None:
         """Emit the span of valid record `m`; returns the context to record its measurements
-        in, or None when its trace context is malformed (ignored and counted)."""
+        in, or None when the sampler dropped the span or the trace context is malformed
+        (ignored and counted)."""
         reason = check_trace(t, m)
         if reason is None:
             try:
@@ -189,7 +190,8 @@ class RequestSpans:
         self._on_ignored(reason)
         return None
 
-    def _emit(self, m: metrics_pb2.SpeculativeMetrics, t: telemetry_pb2.RequestTrace) -> Context:
+    def _emit(self, m: metrics_pb2.SpeculativeMetrics, t: telemetry_pb2.RequestTrace
+              ) -> Context | None:
         trace_id = int.from_bytes(t.trace_id, "big")
         if t.parent_span_id:
             state = TraceState()
@@ -206,16 +208,20 @@ class RequestSpans:
         end_ns = m.end_time.ToNanoseconds() if m.HasField("end_time") else time.time_ns()
         start_ns = end_ns - _nanos(m.duration_seconds)
         self._ids.use(trace_id, int.from_bytes(t.span_id, "big"))
+        # The SDK's samplers decide on the trace id and the parent; the attributes are only
+        # built for a span that records.
         span = self._tracer(m.instance_id).start_span(
             f"{t.operation_name} {m.target_model}", context=context, kind=SpanKind.SERVER,
-            attributes=span_attributes(m, t), start_time=start_ns)
-        if span.is_recording():
-            span.add_event("admitted", timestamp=start_ns + _nanos(m.queue_time_seconds))
-            if m.HasField("time_to_first_token_seconds"):
-                span.add_event("first_token",
-                               timestamp=start_ns + _nanos(m.time_to_first_token_seconds))
-            if m.finish_reason == metrics_pb2.FINISH_REASON_ERROR:
-                span.set_status(Status(StatusCode.ERROR, "the request failed on the server"))
+            start_time=start_ns)
+        if not span.is_recording():
+            return None  # not sampled: no span, and no exemplar (the bulk path takes the values)
+        span.set_attributes(span_attributes(m, t))
+        span.add_event("admitted", timestamp=start_ns + _nanos(m.queue_time_seconds))
+        if m.HasField("time_to_first_token_seconds"):
+            span.add_event("first_token",
+                           timestamp=start_ns + _nanos(m.time_to_first_token_seconds))
+        if m.finish_reason == metrics_pb2.FINISH_REASON_ERROR:
+            span.set_status(Status(StatusCode.ERROR, "the request failed on the server"))
         span.end(end_time=end_ns)
         return set_span_in_context(span, Context())
 

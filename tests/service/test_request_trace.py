@@ -67,3 +67,21 @@ def test_tracestate_longer_than_the_w3c_limit_is_dropped() -> None:
     t = _decode(capture((("traceparent", TRACEPARENT), ("tracestate", members)),
                         generation_pb2.GenerateRequest(text="hi")))
     assert t.trace_id.hex() == TRACE_ID and t.trace_state == ""
+
+
+def test_request_log_line_names_the_trace_and_span() -> None:
+    from structlog.testing import capture_logs
+
+    from service.engine.api import FinalResult, FinishReason
+    from service.request_log import log_finished_request
+    from specdec.v1 import metrics_pb2
+
+    result = FinalResult("r-1", FinishReason.LENGTH, 3, 4,
+                         metrics_pb2.SpeculativeMetrics(request_id="r-1"))
+    traced = capture((("traceparent", TRACEPARENT),), generation_pb2.GenerateRequest(text="hi"))
+    with capture_logs() as logs:
+        log_finished_request(result, traced)
+        log_finished_request(result)
+    assert logs[0]["event"] == "request_finished"
+    assert (logs[0]["trace_id"], logs[0]["span_id"]) == (TRACE_ID, traced.span_id)
+    assert "trace_id" not in logs[1] and "span_id" not in logs[1]
