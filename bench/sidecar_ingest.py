@@ -11,9 +11,9 @@ as the sidecar acknowledges. Prints one JSON object.
         [--tracing] [--traced-fraction 0.0]
         [--profile]   # also run the in-process hot path under cProfile (no gRPC)
 
---traced-fraction: the share of records that carry a RequestTrace (a caller's sampled
-traceparent); --tracing: the sidecar emits their spans (OTLP/gRPC to an in-process receiver)
-and exemplars (docs/tracing.md).
+--traced-fraction: the share of records that carry a RequestTrace (a caller's traceparent;
+--sampled-fraction of them with the sampled flag); --tracing: the sidecar emits their spans
+(OTLP/gRPC to an in-process receiver) and exemplars (docs/tracing.md).
 
 Target (issue 5): >= 50,000 records/s on one core.
 """
@@ -47,16 +47,16 @@ from tests.telemetry.support import (  # noqa: E402
 )
 
 
-def _trace(rng: random.Random) -> bytes:
+def _trace(rng: random.Random, sampled: bool) -> bytes:
     return telemetry_pb2.RequestTrace(
         trace_id=rng.getrandbits(128).to_bytes(16, "big"),
         span_id=rng.getrandbits(64).to_bytes(8, "big"),
-        parent_span_id=rng.getrandbits(64).to_bytes(8, "big"), trace_flags=1,
+        parent_span_id=rng.getrandbits(64).to_bytes(8, "big"), trace_flags=int(sampled),
         operation_name="chat", max_tokens=256, temperature=0.7).SerializeToString()
 
 
 def build_batches(n_records: int, batch_size: int, streams: int, seed: int = 0,
-                  traced_fraction: float = 0.0):
+                  traced_fraction: float = 0.0, sampled_fraction: float = 1.0):
     rng = random.Random(seed)
     pool = [simulate_metrics(rng).SerializeToString() for _ in range(2000)]
     per_stream = n_records // streams
@@ -69,7 +69,8 @@ def build_batches(n_records: int, batch_size: int, streams: int, seed: int = 0,
             recs = []
             for _ in range(min(batch_size, per_stream - seq)):
                 seq += 1
-                trace = _trace(rng) if rng.random() < traced_fraction else b""
+                trace = (_trace(rng, rng.random() < sampled_fraction)
+                         if rng.random() < traced_fraction else b"")
                 recs.append((seq, pool[rng.randrange(len(pool))], 0, trace))
             batches.append(encode_report_request(source, recs))
         out.append(batches)
@@ -136,11 +137,14 @@ def main() -> None:
     ap.add_argument("--loadgen-cpu", default="0")
     ap.add_argument("--tracing", action="store_true")
     ap.add_argument("--traced-fraction", type=float, default=0.0)
+    ap.add_argument("--sampled-fraction", type=float, default=1.0,
+                    help="of the traced records, the share whose caller's flag says sampled")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
 
     batches, total = build_batches(args.records, args.batch_size, args.streams,
-                                   traced_fraction=args.traced_fraction)
+                                   traced_fraction=args.traced_fraction,
+                                   sampled_fraction=args.sampled_fraction)
     taskset = shutil.which("taskset")
     if taskset:
         os.sched_setaffinity(0, {int(args.loadgen_cpu)})
@@ -189,6 +193,7 @@ def main() -> None:
             "exporter": args.exporter,
             "tracing": args.tracing,
             "traced_fraction": args.traced_fraction,
+            "sampled_fraction": args.sampled_fraction,
             "pinned": bool(taskset),
             "elapsed_s": round(elapsed, 3),
             "records_per_s": round(total / elapsed),
