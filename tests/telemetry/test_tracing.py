@@ -6,7 +6,8 @@ real sidecar (OTel SDK, OTLP exporters) and a real OTLP/gRPC receiver:
   speculative metrics as specdec.* attributes, the reporting service as resource;
 - its histogram values carry an exemplar with that trace and span id and the request id,
   which never becomes a series attribute;
-- an unsampled caller, an untraced record: no span, no exemplar;
+- an unsampled caller, an untraced record, a duplicate, a rejected record: no span, no
+  exemplar;
 - a malformed trace context: ignored and counted by reason, the record still counted;
 - tracing off: no span, no exemplar, no trace self-metric, the bulk histogram path kept.
 """
@@ -237,3 +238,21 @@ def test_tracing_off_produces_no_span_and_no_exemplar(otlp_grpc_receiver, sideca
         assert not any(p.exemplars for p in _histogram_points(otlp_grpc_receiver.store, name))
     assert not any(k[0] == "specdec.sidecar.trace_contexts.ignored"
                    for k in _counters(otlp_grpc_receiver))
+
+
+def test_duplicates_and_rejected_records_get_no_span(otlp_grpc_receiver, sidecar_thread_factory):
+    sc = _sidecar(sidecar_thread_factory, otlp_grpc_receiver, tracing=True)
+    rng = random.Random(14)
+    good = _record(rng, IDENTITIES[0], "req-once")
+    bad = _record(rng, IDENTITIES[0], "req-rejected")
+    bad.accepted_drafts += 1  # breaks the contract's invariants: rejected
+    req = telemetry_pb2.ReportRequest(source_id="svc-7/1")
+    req.records.add(sequence=1, metrics=good, trace=_trace(7, parent=True))
+    req.records.add(sequence=2, metrics=bad, trace=_trace(8, parent=True))
+    first = sc.sidecar.ingestor.process(req)
+    again = sc.sidecar.ingestor.process(req)  # a resend: both are duplicates now
+    assert (first.accepted, first.rejected, again.duplicates) == (1, 1, 2)
+    wait_for(lambda: otlp_grpc_receiver.span_store.spans(), 10, what="a span")
+    time.sleep(0.3)
+    spans = otlp_grpc_receiver.span_store.spans()
+    assert [span_attrs(span)["specdec.request.id"] for _, span in spans] == ["req-once"]
