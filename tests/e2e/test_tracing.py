@@ -10,10 +10,13 @@ over OTLP/gRPC to a receiver built in the test.
 - The duration histogram's exemplars name these spans and their request ids.
 - A service with tracing off sends no trace context: no span, no exemplar, although the
   sidecar traces.
+- The trace context is captured on the event loop; the engine thread only hands the
+  captured bytes on with the record.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Iterator
 
@@ -152,3 +155,33 @@ def test_service_with_tracing_off_sends_no_trace_context(start_traced_service, o
     assert otlp_receiver.span_store.spans() == []
     assert not any(p.exemplars for _, _, kind, p in otlp_receiver.store.points()
                    if kind == "histogram")
+
+
+def test_trace_work_stays_off_the_engine_thread(start_traced_service, otlp_receiver,
+                                                monkeypatch):
+    import service.servicer as servicer_module
+
+    captured_on: list[str] = []
+    reported: list[tuple[str, bytes]] = []
+    real_capture = servicer_module.capture
+
+    def spy(metadata, request):
+        captured_on.append(threading.current_thread().name)
+        return real_capture(metadata, request)
+
+    monkeypatch.setattr(servicer_module, "capture", spy)
+    service = start_traced_service(tracing=True)
+    real_report = service.service.reporter.report
+
+    def report(metrics, trace=b""):
+        reported.append((threading.current_thread().name, trace))
+        real_report(metrics, trace)
+
+    service.service.reporter.report = report  # instance attribute: Service._on_final calls it
+    with grpc.insecure_channel(service.address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        _call(stub, "t-1", "a a a a a a a a", 6, NGRAM,
+              (("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),))
+    assert captured_on == ["service"]  # ServiceThread's event loop
+    (thread, trace), = reported
+    assert thread == "specdec-engine" and trace.startswith(b"\x0a\x10")  # the bytes, ready
