@@ -5,7 +5,10 @@ records of a batch are first summed in plain Python ints per identity (target mo
 draft model, k); then every counter gets one `.add()` per attribute set per batch, and every
 histogram gets its batch of values for an attribute set in one step (histogram_bulk.py: the
 SDK's per-value `record()` would cost more than everything else together). Attribute dicts
-are built once per identity and cached, never per record.
+are built once per identity and cached, never per record. The exception is a record with a
+sampled request span (tracing on, docs/tracing.md): its histogram values go through
+`record()` one by one, in the span's context and with the request id, so that they can become
+exemplars naming the trace, the span and the request.
 
 Names: `specdec.*` for the speculative-decoding series (no semantic convention exists), the
 GenAI semantic-convention names and bucket boundaries for latency, `specdec.sidecar.*` for the
