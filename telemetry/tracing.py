@@ -98,6 +98,10 @@ class _ServiceIds(IdGenerator):
         return self._next.span_id
 
 
+class _InvalidTraceState(ValueError):
+    """The record's tracestate is not a W3C list-member list."""
+
+
 def _nanos(seconds: float) -> int:
     return int(round(seconds * 1e9))
 
@@ -182,7 +186,7 @@ class RequestSpans:
         if reason is None:
             try:
                 return self._emit(m, t)
-            except ValueError:  # a tracestate that is not a W3C list
+            except _InvalidTraceState:
                 reason = "trace_state_invalid"
             except Exception:  # a bug here must cost the span, never the record
                 log.exception("span emission failed", request_id=m.request_id)
@@ -198,7 +202,7 @@ class RequestSpans:
             if t.trace_state:
                 state = TraceState.from_header([t.trace_state])
                 if not len(state) and t.trace_state.strip(" \t,"):
-                    raise ValueError("tracestate")
+                    raise _InvalidTraceState(t.trace_state)
             parent = SpanContext(trace_id, int.from_bytes(t.parent_span_id, "big"),
                                  is_remote=True, trace_flags=TraceFlags(t.trace_flags),
                                  trace_state=state)
