@@ -16,6 +16,12 @@ hold every request the "on" services finished, so reporting was really on.
     .venv/bin/python bench/service_reporting_overhead.py [--model tiny|smollm2-135m-instruct]
         [--clients 4] [--requests 250] [--max-tokens 32] [--rounds 8] [--method ngram|none]
         [--sidecar-exporter prometheus|otlp] [--reuse-services] [--aa-control]
+        [--compare reporting|tracing]
+
+--compare tracing: both services report; "on" also traces (`--tracing true`), "off" does not,
+every request carries a W3C traceparent, and the sidecar runs with `--tracing true`, exporting
+spans to an OTLP/gRPC receiver in this process (docs/tracing.md). At the end the receiver
+must hold one span per request the tracing service finished.
 
 --model tiny (default): the tests' tiny random Llama (2 layers, hidden 64; no EOS, so every
 request generates exactly --max-tokens), saved to a temporary directory. That makes the
@@ -78,7 +84,10 @@ def make_requests(n: int, max_tokens: int, method: str, k: int
     return out
 
 
-def run_round(address: str, requests: list, clients: int) -> dict:
+TRACEPARENT = (("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),)
+
+
+def run_round(address: str, requests: list, clients: int, metadata=()) -> dict:
     """`clients` threads, each with its own channel, take requests from a shared index until
     all are done. Returns wall time, requests/s, completion tokens/s."""
     lock = threading.Lock()
@@ -101,7 +110,7 @@ def run_round(address: str, requests: list, clients: int) -> dict:
                 return
             try:
                 final = None
-                for resp in stubs[t].Generate(requests[i], timeout=600):
+                for resp in stubs[t].Generate(requests[i], timeout=600, metadata=metadata):
                     if resp.HasField("final"):
                         final = resp.final
                 assert final is not None
@@ -135,13 +144,13 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_service(name: str, model: str, telemetry_target: str, args, log_dir: Path
-                  ) -> tuple[subprocess.Popen, str]:
+def start_service(name: str, model: str, telemetry_target: str, args, log_dir: Path,
+                  tracing: bool = False) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "service", "--listen", f"127.0.0.1:{port}", "--model", model,
            "--telemetry-target", telemetry_target, "--device", "cpu", "--dtype", "float32",
            "--instance-id", f"bench-{name}", "--max-batch-size", str(args.max_batch_size),
-           "--log-level", args.service_log_level]
+           "--log-level", args.service_log_level, "--tracing", str(tracing).lower()]
     log = open(log_dir / f"service-{name}.log", "wb")
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=log, stderr=subprocess.STDOUT)
@@ -182,6 +191,9 @@ def main() -> None:
     ap.add_argument("--service-log-level", default="INFO",
                     help="both services log one canonical line per request at INFO")
     ap.add_argument("--sidecar-exporter", choices=("prometheus", "otlp"), default="prometheus")
+    ap.add_argument("--compare", choices=("reporting", "tracing"), default="reporting",
+                    help="reporting: on reports, off does not; tracing: both report, on "
+                         "also traces")
     ap.add_argument("--reuse-services", action="store_true",
                     help="one on/off pair of services for all rounds (default: a fresh pair "
                          "per round, so that a speed difference between two processes, seen "
@@ -212,6 +224,14 @@ def main() -> None:
         sidecar_cmd[sidecar_cmd.index("prometheus")] = "otlp,prometheus"
         sidecar_cmd += ["--ack-mode", "export"]
         sidecar_env.update(receiver.env())
+    tracing = args.compare == "tracing"
+    if tracing:
+        from tests.telemetry.support import OtlpGrpcReceiver
+
+        receiver = receiver or OtlpGrpcReceiver()
+        sidecar_cmd += ["--tracing", "true"]
+        sidecar_env.update(receiver.traces_env())
+    metadata = TRACEPARENT if tracing else ()
     sidecar = subprocess.Popen(sidecar_cmd, cwd=REPO, env=sidecar_env,
                                stdout=open(tmp / "sidecar.log", "wb"), stderr=subprocess.STDOUT)
     procs = [sidecar]
@@ -219,7 +239,9 @@ def main() -> None:
     exit_codes: list[int | None] = []
     load_s: list[float] = []
     served_on = 0
+    served_off = 0
     on_target = "" if args.aa_control else f"127.0.0.1:{sidecar_port}"
+    off_target = f"127.0.0.1:{sidecar_port}" if tracing else ""
     requests = make_requests(args.requests, args.max_tokens, args.method, args.k)
     warm = make_requests(args.warmup_requests, args.max_tokens, args.method, args.k)
 
@@ -230,7 +252,8 @@ def main() -> None:
         t0 = time.monotonic()
         for name in names:
             proc, addr = start_service(f"{name}-{r}", model,
-                                       on_target if name == "on" else "", args, tmp)
+                                       on_target if name == "on" else off_target, args, tmp,
+                                       tracing=tracing and name == "on")
             procs.append(proc)
             pair[name] = (proc, addr)
         for proc, addr in pair.values():
@@ -240,7 +263,7 @@ def main() -> None:
                 raise RuntimeError(f"service exited; see {tmp}")
         load_s.append(round(time.monotonic() - t0, 1))
         for name in names:
-            run_round(pair[name][1], warm, args.clients)
+            run_round(pair[name][1], warm, args.clients, metadata)
         return pair
 
     try:
@@ -252,17 +275,19 @@ def main() -> None:
                     exit_codes += [stop(proc) for proc, _ in pair.values()]
                 pair = start_pair(r)
                 served_on += len(warm)
+                served_off += len(warm)
             order = ("off", "on") if r % 2 == 0 else ("on", "off")
             res = {}
             for mode in order:
                 proc, addr = pair[mode]
                 pids = {"service": proc.pid, "sidecar": sidecar.pid, "clients": os.getpid()}
                 before = {k: cpu_s(pid) for k, pid in pids.items()}
-                res[mode] = run_round(addr, requests, args.clients)
+                res[mode] = run_round(addr, requests, args.clients, metadata)
                 res[mode]["cpu_ms_per_request"] = {
                     k: round((cpu_s(pid) - before[k]) * 1e3 / res[mode]["requests"], 3)
                     for k, pid in pids.items()}
             served_on += res["on"]["requests"]
+            served_off += res["off"]["requests"]
             rounds.append({"order": list(order), **{
                 m: {k: round(v, 3) if isinstance(v, float) else v for k, v in res[m].items()}
                 for m in ("off", "on")},
@@ -278,8 +303,10 @@ def main() -> None:
     finally:
         for proc in reversed(procs):
             stop(proc)
+        spans = len(receiver.span_store.spans()) if receiver is not None else 0
         if receiver is not None:
             receiver.close()
+    reported = served_on + (served_off if tracing else 0)
 
     ratios_r = [r["ratio_requests_per_s"] for r in rounds]
     ratios_t = [r["ratio_tokens_per_s"] for r in rounds]
@@ -307,8 +334,10 @@ def main() -> None:
         "cpu_ms_per_request_median": {
             m: {k: round(statistics.median(r[m]["cpu_ms_per_request"][k] for r in rounds), 3)
                 for k in ("service", "sidecar", "clients")} for m in ("off", "on")},
+        "compare": args.compare,
         "sidecar_requests_total": exported, "on_service_requests_served": served_on,
-        "reporting_complete": exported == served_on,
+        "reporting_complete": exported == reported,
+        **({"spans_received": spans, "tracing_complete": spans == served_on} if tracing else {}),
         "aa_control": args.aa_control,
         "service_exit_codes": exit_codes,
         "target_ratio": 0.99,

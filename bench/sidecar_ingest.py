@@ -8,7 +8,12 @@ as the sidecar acknowledges. Prints one JSON object.
 
     .venv/bin/python bench/sidecar_ingest.py [--records 200000] [--batch-size 256]
         [--streams 4] [--exporter prometheus|otlp] [--sidecar-cpu 1] [--loadgen-cpu 0]
+        [--tracing] [--traced-fraction 0.0]
         [--profile]   # also run the in-process hot path under cProfile (no gRPC)
+
+--traced-fraction: the share of records that carry a RequestTrace (a caller's traceparent;
+--sampled-fraction of them with the sampled flag); --tracing: the sidecar emits their spans
+(OTLP/gRPC to an in-process receiver) and exemplars (docs/tracing.md).
 
 Target (issue 5): >= 50,000 records/s on one core.
 """
@@ -42,7 +47,16 @@ from tests.telemetry.support import (  # noqa: E402
 )
 
 
-def build_batches(n_records: int, batch_size: int, streams: int, seed: int = 0):
+def _trace(rng: random.Random, sampled: bool) -> bytes:
+    return telemetry_pb2.RequestTrace(
+        trace_id=rng.getrandbits(128).to_bytes(16, "big"),
+        span_id=rng.getrandbits(64).to_bytes(8, "big"),
+        parent_span_id=rng.getrandbits(64).to_bytes(8, "big"), trace_flags=int(sampled),
+        operation_name="chat", max_tokens=256, temperature=0.7).SerializeToString()
+
+
+def build_batches(n_records: int, batch_size: int, streams: int, seed: int = 0,
+                  traced_fraction: float = 0.0, sampled_fraction: float = 1.0):
     rng = random.Random(seed)
     pool = [simulate_metrics(rng).SerializeToString() for _ in range(2000)]
     per_stream = n_records // streams
@@ -55,7 +69,9 @@ def build_batches(n_records: int, batch_size: int, streams: int, seed: int = 0):
             recs = []
             for _ in range(min(batch_size, per_stream - seq)):
                 seq += 1
-                recs.append((seq, pool[rng.randrange(len(pool))], 0))
+                trace = (_trace(rng, rng.random() < sampled_fraction)
+                         if rng.random() < traced_fraction else b"")
+                recs.append((seq, pool[rng.randrange(len(pool))], 0, trace))
             batches.append(encode_report_request(source, recs))
         out.append(batches)
     return out, per_stream * streams
@@ -119,10 +135,16 @@ def main() -> None:
     ap.add_argument("--exporter", choices=("prometheus", "otlp"), default="prometheus")
     ap.add_argument("--sidecar-cpu", default="1")
     ap.add_argument("--loadgen-cpu", default="0")
+    ap.add_argument("--tracing", action="store_true")
+    ap.add_argument("--traced-fraction", type=float, default=0.0)
+    ap.add_argument("--sampled-fraction", type=float, default=1.0,
+                    help="of the traced records, the share whose caller's flag says sampled")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
 
-    batches, total = build_batches(args.records, args.batch_size, args.streams)
+    batches, total = build_batches(args.records, args.batch_size, args.streams,
+                                   traced_fraction=args.traced_fraction,
+                                   sampled_fraction=args.sampled_fraction)
     taskset = shutil.which("taskset")
     if taskset:
         os.sched_setaffinity(0, {int(args.loadgen_cpu)})
@@ -137,6 +159,10 @@ def main() -> None:
         cmd += ["--exporters", "otlp"]
     else:
         cmd += ["--exporters", "prometheus", "--prometheus-address", f"127.0.0.1:{free_port()}"]
+    if args.tracing:
+        receiver = receiver or OtlpGrpcReceiver()
+        env.update(receiver.traces_env())
+        cmd += ["--tracing", "true"]
     if taskset:
         cmd = [taskset, "-c", args.sidecar_cpu, *cmd]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env)
@@ -165,6 +191,9 @@ def main() -> None:
             "batch_size": args.batch_size,
             "streams": args.streams,
             "exporter": args.exporter,
+            "tracing": args.tracing,
+            "traced_fraction": args.traced_fraction,
+            "sampled_fraction": args.sampled_fraction,
             "pinned": bool(taskset),
             "elapsed_s": round(elapsed, 3),
             "records_per_s": round(total / elapsed),
@@ -179,7 +208,11 @@ def main() -> None:
         proc.terminate()
         proc.wait(30)
         if receiver:
+            # spans still buffered in the sidecar were flushed at its shutdown
+            out_spans = len(receiver.span_store.spans())
             receiver.close()
+    if args.tracing:
+        out["spans_received"] = out_spans
     if args.profile:
         out.update(profile_in_process(batches))
     print(json.dumps(out, indent=1))

@@ -110,6 +110,9 @@ OPTIONS: tuple[Option, ...] = (
            "file holding the bearer token sent to the sidecar (re-read on every reconnect)"),
     Option("telemetry_buffer_size", "SPECDEC_TELEMETRY_BUFFER_SIZE", _positive_int, 10000,
            "metrics messages buffered for the sidecar before the oldest are dropped"),
+    Option("tracing", "SPECDEC_TRACING", _bool, False,
+           "trace requests: capture the incoming W3C traceparent (or start a trace) and send it "
+           "with the request's metrics; the sidecar emits the span (docs/tracing.md)"),
     Option("instance_id", "SPECDEC_INSTANCE_ID", str, "",
            "service.instance.id of this replica (default: hostname plus a random suffix)"),
     Option("grace_period_s", "SPECDEC_GRACE_PERIOD_S", _non_negative_float, 30.0,
@@ -151,6 +154,7 @@ class ServiceConfig:
     telemetry_tls_key_file: str
     telemetry_auth_token_file: str
     telemetry_buffer_size: int
+    tracing: bool
     instance_id: str
     grace_period_s: float
     tls_cert_file: str
@@ -182,6 +186,8 @@ class ServiceConfig:
             parser.error(f"--num-draft-tokens must be in [0, {values['max_num_draft_tokens']}]")
         if values["method"] == "draft_model" and not values["draft_model"]:
             parser.error("--method draft_model needs --draft-model")
+        if values["tracing"] and not values["telemetry_target"]:
+            parser.error("--tracing needs --telemetry-target: the sidecar emits the spans")
         config = cls(**values)
         for problem in (config.server_security.problem(), config.telemetry_security.problem()):
             if problem:

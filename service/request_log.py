@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import structlog
 from service.engine.api import FinalResult
+from service.request_trace import CapturedTrace
 from service.metrics_format import metrics_to_dict
 
 log = structlog.get_logger("specdec.request")
 
 
-def log_finished_request(result: FinalResult) -> None:
+def log_finished_request(result: FinalResult, trace: CapturedTrace | None = None) -> None:
     metrics = metrics_to_dict(result.metrics)
     metrics.pop("request_id", None)
+    ids = {} if trace is None else {"trace_id": trace.trace_id, "span_id": trace.span_id}
     log.info(
         "request_finished",
         request_id=result.request_id,
@@ -20,4 +22,5 @@ def log_finished_request(result: FinalResult) -> None:
         completion_tokens=result.completion_tokens,
         error=result.error,
         metrics=metrics,
+        **ids,
     )

@@ -31,6 +31,7 @@ from service.engine.api import FinalResult, Method
 from service.grpc_handlers import add_servicer
 from service.request_log import log_finished_request
 from service.request_mapping import RequestLimits
+from service.request_trace import CapturedTrace
 from service.servicer import GenerationServicer, ServingState
 from specdec.v1 import generation_pb2
 from specdec_security import SecuredServer
@@ -159,7 +160,8 @@ class Service:
         telemetry_credentials = reporter_credentials(config)
         self.servicer = GenerationServicer(
             RequestLimits(config.max_request_bytes, config.max_tokens_limit, config.max_prompt_chars,
-                          config.max_prompt_bytes), self._on_final)
+                          config.max_prompt_bytes), self._on_final,
+            tracing=config.tracing)
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(interceptors=self.security.interceptors, options=[
             ("grpc.max_receive_message_length", GRPC_MAX_RECEIVE_BYTES),
@@ -179,10 +181,10 @@ class Service:
         self.engine: Any = None
         self._stopping = asyncio.Event()
 
-    def _on_final(self, result: FinalResult) -> None:  # engine thread
+    def _on_final(self, result: FinalResult, trace: CapturedTrace | None) -> None:  # engine thread
         if self.reporter is not None:
-            self.reporter.report(result.metrics)
-        log_finished_request(result)
+            self.reporter.report(result.metrics, trace.encoded if trace is not None else b"")
+        log_finished_request(result, trace)
 
     async def _set_health(self, status: int) -> None:
         for name in ("", GENERATION_SERVICE):

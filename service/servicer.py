@@ -30,6 +30,7 @@ from service.engine.api import (
     TokenChunk,
 )
 from service.request_mapping import RequestLimits, check_request_id, to_chunk, to_engine_request
+from service.request_trace import CapturedTrace, capture
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -41,18 +42,23 @@ class ServingState(enum.Enum):
     DRAINING = "draining"
 
 
+OnFinal = Callable[[FinalResult, "CapturedTrace | None"], None]
+
+
 class _EventBridge:
     """Engine-thread callback -> asyncio.Queue on the handler's loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_final: Callable[[FinalResult], None]):
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_final: OnFinal,
+                 trace: CapturedTrace | None = None):
         self._loop = loop
         self._on_final = on_final
+        self._trace = trace
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
 
     def __call__(self, event: Event) -> None:  # runs on the engine thread
         if isinstance(event, FinalResult):
             # Report and log even when the client has gone: the work was done.
-            self._on_final(event)
+            self._on_final(event, self._trace)
         try:
             self._loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:  # the loop is closed: the process is exiting
@@ -63,11 +69,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(
         self,
         limits: RequestLimits,
-        on_final: Callable[[FinalResult], None],
+        on_final: OnFinal,
         tokenize_workers: int = 2,
+        tracing: bool = False,
     ) -> None:
+        """on_final(result, trace) runs on the engine thread for every finished request;
+        trace is the request's captured trace context, None unless `tracing` is on."""
         self._limits = limits
         self._on_final = on_final
+        self._tracing = tracing
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=tokenize_workers, thread_name_prefix="tokenize")
         self.state = ServingState.LOADING
@@ -98,6 +108,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         request_id = request.request_id or uuid.uuid4().hex
         structlog.contextvars.bind_contextvars(request_id=request_id)
+        trace = None
+        if self._tracing:
+            trace = capture(context.invocation_metadata(), request)
+            structlog.contextvars.bind_contextvars(trace_id=trace.trace_id, span_id=trace.span_id)
         if self.state is not ServingState.SERVING:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"server is {self.state.value}; retry later (request_id={request_id})")
@@ -109,7 +123,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc} (request_id={request_id})")
 
-        bridge = _EventBridge(loop, self._on_final)
+        bridge = _EventBridge(loop, self._on_final, trace)
         try:
             handle = self.engine.submit(engine_request, bridge)
         except InvalidRequestError as exc:

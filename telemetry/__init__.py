@@ -5,6 +5,6 @@ validates and dedupes them, aggregates with the OpenTelemetry SDK and exports ov
 Modules, one job each: config (flags/env), validation (the invariants of
 docs/metrics-contract.md), dedupe (per-source watermarks), aggregation (instruments, Views,
 batch sums), windows (sliding-window gauges), export (MeterProvider, OTLP / Prometheus
-readers, acknowledgement on export), ingest (the TelemetryService stream), server (process
-lifecycle).
+readers, acknowledgement on export), tracing (request spans from records that carry a trace
+context, docs/tracing.md), ingest (the TelemetryService stream), server (process lifecycle).
 """

@@ -5,7 +5,10 @@ records of a batch are first summed in plain Python ints per identity (target mo
 draft model, k); then every counter gets one `.add()` per attribute set per batch, and every
 histogram gets its batch of values for an attribute set in one step (histogram_bulk.py: the
 SDK's per-value `record()` would cost more than everything else together). Attribute dicts
-are built once per identity and cached, never per record.
+are built once per identity and cached, never per record. The exception is a record with a
+sampled request span (tracing on, docs/tracing.md): its histogram values go through
+`record()` one by one, in the span's context and with the request id, so that they can become
+exemplars naming the trace, the span and the request.
 
 Names: `specdec.*` for the speculative-decoding series (no semantic convention exists), the
 GenAI semantic-convention names for latency (with finer buckets than the conventions
@@ -16,13 +19,14 @@ from __future__ import annotations
 
 from typing import Hashable, Sequence
 
+from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
 from specdec.v1 import metrics_pb2
 from telemetry.dedupe import EVICTION_CAUSES
 from telemetry.histogram_bulk import BulkHistograms
-from telemetry.validation import REASONS
+from telemetry.validation import REASONS, TRACE_REASONS
 from telemetry.windows import SlidingWindow
 
 # ---- names -------------------------------------------------------------------------------
@@ -52,6 +56,7 @@ RECORDS_DUPLICATE = "specdec.sidecar.records.duplicate"
 SERVICE_DROPPED = "specdec.sidecar.service_dropped_records"
 EXPORT_FAILURES = "specdec.sidecar.export.failures"
 SOURCES_EVICTED = "specdec.sidecar.sources.evicted"
+TRACE_CONTEXTS_IGNORED = "specdec.sidecar.trace_contexts.ignored"
 
 # ---- attribute names -------------------------------------------------------------------
 ATTR_MODEL = "gen_ai.request.model"  # semconv: the target model
@@ -63,6 +68,11 @@ ATTR_ACCEPTED = "accepted"  # docs/metrics-contract.md: accepted count j = 0..k
 ATTR_REASON = "reason"
 ATTR_EXPORTER = "exporter"
 ATTR_CAUSE = "cause"
+# The request id: on a traced record's histogram measurements only, where the Views drop it
+# from the series (it would explode their number) and the exemplar keeps it (its
+# filtered_attributes), beside the request's trace and span id.
+ATTR_REQUEST_ID = "specdec.request.id"
+IDENTITY_KEYS = frozenset({ATTR_MODEL, ATTR_METHOD, ATTR_DRAFT_MODEL, ATTR_K})
 
 METHOD_NAMES = {
     metrics_pb2.SPECULATION_METHOD_UNSPECIFIED: "unspecified",
@@ -105,7 +115,7 @@ def views(max_k: int, ttft_buckets: Sequence[float] = TTFT_BUCKETS,
           tpot_buckets: Sequence[float] = TPOT_BUCKETS) -> list[View]:
     """The SDK Views that give each histogram its explicit bucket boundaries."""
     def hist(name: str, bounds: Sequence[float]) -> View:
-        return View(instrument_name=name,
+        return View(instrument_name=name, attribute_keys=IDENTITY_KEYS,
                     aggregation=ExplicitBucketHistogramAggregation(boundaries=bounds))
 
     return [
@@ -127,7 +137,7 @@ class BatchSums:
     """Per-identity sums of one batch (plain Python ints and value lists)."""
 
     __slots__ = ("counts", "pos_proposed", "pos_accepted", "hist", "rates", "lengths",
-                 "ttfts", "tpots", "durations")
+                 "ttfts", "tpots", "durations", "traced")
 
     def __init__(self, k: int) -> None:
         # requests, prompt, completion, verify, draft passes, proposed, accepted
@@ -140,14 +150,18 @@ class BatchSums:
         self.ttfts: list[float] = []
         self.tpots: list[float] = []
         self.durations: list[float] = []
+        # traced records' histogram values, recorded one by one in their span's context:
+        # (context, request id, rate, length, ttft, tpot, duration), None where undefined
+        self.traced: list[tuple] = []
 
 
 def _add_lists(a: list[int], b) -> list[int]:
     return list(map(int.__add__, a, b))
 
 
-def accumulate(batch: dict[Hashable, BatchSums], m: metrics_pb2.SpeculativeMetrics) -> None:
-    """Add one *valid* record to the batch sums."""
+def accumulate(batch: dict[Hashable, BatchSums], m: metrics_pb2.SpeculativeMetrics,
+               context: Context | None = None) -> None:
+    """Add one *valid* record to the batch sums; `context`: its span's, when it has one."""
     k = m.num_draft_tokens
     key = (m.target_model, m.method, m.draft_model, k)
     s = batch.get(key)
@@ -168,24 +182,34 @@ def accumulate(batch: dict[Hashable, BatchSums], m: metrics_pb2.SpeculativeMetri
         s.pos_proposed = _add_lists(s.pos_proposed, m.proposed_per_position)
         s.pos_accepted = _add_lists(s.pos_accepted, m.accepted_per_position)
         s.hist = _add_lists(s.hist, m.accept_histogram)
+    duration = m.duration_seconds
+    ttft = tpot = None
+    if m.HasField("time_to_first_token_seconds") and m.finish_reason in _SUCCESS:
+        ttft = m.time_to_first_token_seconds
+        if completion >= 2:
+            tpot = max(0.0, duration - ttft) / (completion - 1)
+    if context is not None:
+        s.traced.append((context, m.request_id, m.accept_rate if proposed else None,
+                         m.accept_length if verify else None, ttft, tpot, duration))
+        return
+    if proposed:
         s.rates.append(m.accept_rate)
     if verify:
         s.lengths.append(m.accept_length)
-    duration = m.duration_seconds
     s.durations.append(duration)
-    if m.HasField("time_to_first_token_seconds") and m.finish_reason in _SUCCESS:
-        ttft = m.time_to_first_token_seconds
+    if ttft is not None:
         s.ttfts.append(ttft)
-        if completion >= 2:
-            s.tpots.append(max(0.0, duration - ttft) / (completion - 1))
+        if tpot is not None:
+            s.tpots.append(tpot)
 
 
 class Aggregator:
     """Owns the instruments; `commit` turns one batch's sums into SDK calls."""
 
     def __init__(self, meter: Meter, window: SlidingWindow, max_k: int,
-                 exporters: Sequence[str] = ()) -> None:
-        """exporters: the exporters whose failures are counted (`exporter` attribute)."""
+                 exporters: Sequence[str] = (), tracing: bool = False) -> None:
+        """exporters: the exporters whose failures are counted (`exporter` attribute);
+        tracing: whether the sidecar emits spans (ignored trace contexts are counted)."""
         self.window = window
         self.max_k = max_k
         self._attrs: dict[Hashable, dict] = {}
@@ -253,6 +277,11 @@ class Aggregator:
             description="Sources the duplicate filter forgot, by `cause` (idle, count, bytes): "
                         "records they resend are counted again")
         self._cause_attrs = {cause: {ATTR_CAUSE: cause} for cause in EVICTION_CAUSES}
+        self.trace_ignored = counter(
+            TRACE_CONTEXTS_IGNORED, unit="{record}",
+            description="Records whose trace context was malformed, by `reason`: counted, "
+                        "but without a span or exemplars")
+        self._trace_reason_attrs = {reason: {ATTR_REASON: reason} for reason in TRACE_REASONS}
         # Make every self-metric series exist (at 0) from the start, including one per
         # rejection reason and per failure-counting exporter: a series born at 1 is invisible
         # to increase()/rate() (they need two samples), so the first event would be missed.
@@ -264,6 +293,9 @@ class Aggregator:
             self.count_export_failure(exporter, 0)
         for cause in EVICTION_CAUSES:
             self.count_evicted(cause, 0)
+        if tracing:
+            for reason in TRACE_REASONS:
+                self.count_trace_ignored(reason, 0)
 
     # ---- attribute caches ------------------------------------------------------------
     def attrs(self, key: Hashable) -> dict:
@@ -315,6 +347,8 @@ class Aggregator:
             record_many(self.h_ttft, s.ttfts, a)
             record_many(self.h_tpot, s.tpots, a)
             record_many(self.h_duration, s.durations, a)
+            if s.traced:
+                self._record_traced(s.traced, a)
             self.window.add(key, c[5], c[6], c[3])
             self.aggregated.add(c[0])
 
@@ -333,6 +367,21 @@ class Aggregator:
 
     def count_evicted(self, cause: str, n: int = 1) -> None:
         self.sources_evicted.add(n, self._cause_attrs[cause])
+
+    def count_trace_ignored(self, reason: str, n: int = 1) -> None:
+        self.trace_ignored.add(n, self._trace_reason_attrs[reason])
+
+    def _record_traced(self, traced: list[tuple], attrs: dict) -> None:
+        """A traced record's values, each in its span's context (the exemplar filter takes
+        the trace and span id from there) and with its request id (the Views drop it from
+        the series; the exemplar keeps it)."""
+        for context, request_id, rate, length, ttft, tpot, duration in traced:
+            a = {**attrs, ATTR_REQUEST_ID: request_id}
+            for histogram, value in ((self.h_rate, rate), (self.h_length, length),
+                                     (self.h_ttft, ttft), (self.h_tpot, tpot),
+                                     (self.h_duration, duration)):
+                if value is not None:
+                    histogram.record(value, a, context=context)
 
     # ---- window gauges ---------------------------------------------------------------
     def _observe_rate(self, options: CallbackOptions):

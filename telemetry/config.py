@@ -27,6 +27,8 @@ DEFAULT_PROMETHEUS = "127.0.0.1:9464"
 DEFAULT_EXPORT_INTERVAL_MS = 5000.0
 DEFAULT_EXPORT_TIMEOUT_MS = 10000.0
 OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+DEFAULT_SPAN_SERVICE_NAME = "specdec"
 EXPORTER_NAMES = ("otlp", "prometheus", "none")
 ACK_MODES = ("auto", "export", "aggregate")
 MAX_BUCKETS = 64  # boundaries per latency histogram (each is a series per attribute set)
@@ -56,6 +58,9 @@ class SidecarConfig:
     shutdown_grace_s: float = 5.0
     log_level: str = "INFO"
     security: ServerSecurity = ServerSecurity()
+    tracing: bool = False
+    traces_protocol: str = "grpc"
+    span_service_name: str = DEFAULT_SPAN_SERVICE_NAME
 
     @property
     def otlp(self) -> bool:
@@ -77,8 +82,16 @@ class SidecarConfig:
         exporters = _resolve_exporters(args.exporters, env)
         protocol = (env.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
                     or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip()
-        if "otlp" in exporters and protocol not in ("grpc", "http/protobuf"):
+        if "otlp" in exporters and protocol not in OTLP_PROTOCOLS:
             raise ConfigError(f"OTLP protocol must be grpc or http/protobuf, not {protocol!r}")
+        traces_protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                           or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip()
+        tracing = _parse_bool(args.tracing, "--tracing")
+        if tracing and traces_protocol not in OTLP_PROTOCOLS:
+            raise ConfigError(f"OTLP traces protocol must be grpc or http/protobuf, not "
+                              f"{traces_protocol!r}")
+        if tracing and not args.span_service_name:
+            raise ConfigError("--span-service-name must not be empty")
         ack_mode = args.ack_mode
         if ack_mode not in ACK_MODES:
             raise ConfigError(f"--ack-mode must be one of {ACK_MODES}")
@@ -132,6 +145,9 @@ class SidecarConfig:
             shutdown_grace_s=args.shutdown_grace_seconds,
             log_level=args.log_level,
             security=security,
+            tracing=tracing,
+            traces_protocol=traces_protocol,
+            span_service_name=args.span_service_name,
         )
 
 
@@ -156,6 +172,17 @@ def parse_buckets(text: str, flag: str) -> tuple[float, ...]:
         if high <= low:
             raise ConfigError(f"{flag} must be strictly increasing: {high:g} follows {low:g}")
     return bounds
+
+
+def _parse_bool(value: str | bool, flag: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{flag} must be true or false, not {value!r}")
 
 
 def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
@@ -285,6 +312,17 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                    help="file of accepted bearer tokens, one per line, reloaded on SIGHUP; set: "
                         "every RPC but health needs one (empty: no token check) "
                         "[SPECDEC_SIDECAR_AUTH_TOKENS_FILE]")
+    p.add_argument("--tracing", default=e("TRACING", "false"),
+                   help="emit one span per request whose service sent its trace context "
+                        "(service --tracing), over OTLP (OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, "
+                        "_PROTOCOL, _HEADERS; OTEL_TRACES_SAMPLER; OTEL_BSP_*), and put "
+                        "exemplars with its trace id on the histograms (docs/tracing.md) "
+                        "[SPECDEC_SIDECAR_TRACING]")
+    p.add_argument("--span-service-name",
+                   default=e("SPAN_SERVICE_NAME", DEFAULT_SPAN_SERVICE_NAME),
+                   help="service.name of the request spans' resource (the inference "
+                        "service they describe; service.instance.id is the record's "
+                        "instance_id) [SPECDEC_SIDECAR_SPAN_SERVICE_NAME]")
     p.add_argument("--log-level", default=e("LOG_LEVEL", "INFO"),
                    help="log level [SPECDEC_SIDECAR_LOG_LEVEL]")
     return p

@@ -20,6 +20,7 @@ from typing import Callable
 import structlog
 from opentelemetry.sdk.metrics import (
     AlwaysOffExemplarFilter,
+    TraceBasedExemplarFilter,
     Counter,
     Histogram,
     MeterProvider,
@@ -239,9 +240,12 @@ class ExportSetup:
         if config.prometheus:
             self.prometheus = PrometheusEndpoint(config.prometheus_address)
             readers.append(self.prometheus.reader)
-        # Exemplars cost a context lookup per measurement and carry no trace here.
+        # Exemplars only carry something when the sidecar emits request spans: then a traced
+        # record's histogram values are recorded in its span's context (docs/tracing.md).
+        exemplar_filter = (TraceBasedExemplarFilter() if config.tracing
+                           else AlwaysOffExemplarFilter())
         self.provider = MeterProvider(metric_readers=readers, resource=self.resource,
-                                      views=views, exemplar_filter=AlwaysOffExemplarFilter())
+                                      views=views, exemplar_filter=exemplar_filter)
         self.meter = self.provider.get_meter("specdec.telemetry")
 
     def start(self) -> None:

@@ -13,10 +13,14 @@ temporalities and several readers).
 
 This reaches into SDK internals (`_measurement_consumer`, the reader storages, the
 view-instrument matches). They are checked once, when a `BulkHistograms` is built; if
-this SDK version does not have them, or exemplars are not switched off, every call falls
-back to the public per-value `record()` and a warning says so. Exemplars must be off
-(the sidecar's MeterProvider uses AlwaysOffExemplarFilter): values recorded in bulk are
-never offered to an exemplar reservoir.
+this SDK version does not have them, or the exemplar filter is neither always-off nor
+trace-based, every call falls back to the public per-value `record()` and a warning says so.
+Exemplars: the values of a batch share one context (the caller's), so the exemplar filter's
+verdict is taken once per batch with it, as the SDK takes it per value. With the sidecar's
+filters (always-off, or trace-based when tracing is on, where the ingest's context holds no
+span) that verdict is "no": values recorded in bulk are never offered to an exemplar
+reservoir. Traced records' values go through `record()` in their span's context instead
+(aggregation.py).
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ _log = logging.getLogger(__name__)
 try:  # SDK internals; absent or different in another version -> public API only
     from opentelemetry.attributes import _clean_attribute_value
     from opentelemetry.sdk.metrics._internal._view_instrument_match import _hash_attributes
-    from opentelemetry.sdk.metrics._internal.exemplar import AlwaysOffExemplarFilter
+    from opentelemetry.sdk.metrics._internal.exemplar import (
+        AlwaysOffExemplarFilter,
+        TraceBasedExemplarFilter,
+    )
     from opentelemetry.sdk.metrics._internal.measurement import Measurement
 except ImportError:  # pragma: no cover - depends on the installed SDK
     _hash_attributes = None
@@ -48,8 +55,9 @@ def _fast_path_problem(histogram: Histogram) -> str | None:
         consumer = histogram._measurement_consumer  # type: ignore[attr-defined]
         storages = consumer._reader_storages
         exemplar_filter = consumer._sdk_config.exemplar_filter
-        if not isinstance(exemplar_filter, AlwaysOffExemplarFilter):
-            return "exemplars are on"
+        if type(exemplar_filter) not in (AlwaysOffExemplarFilter, TraceBasedExemplarFilter):
+            # their verdict depends on the context alone; another filter's may not
+            return f"exemplar filter {type(exemplar_filter).__name__}"
         for storage in storages.values():
             for match in storage._get_or_init_view_instrument_match(histogram):
                 match._lock, match._view._attribute_keys  # noqa: B018 - presence check
@@ -94,6 +102,8 @@ class BulkHistograms:
         now, context = time_ns(), get_current()
         measurements = [Measurement(v, now, histogram, context, None) for v in good]
         consumer = histogram._measurement_consumer  # type: ignore[attr-defined]
+        # The filter's verdict depends on the context only (checked in _fast_path_problem).
+        sample = consumer._sdk_config.exemplar_filter.should_sample(good[0], now, attrs, context)
         for storage in consumer._reader_storages.values():
             for match in storage._get_or_init_view_instrument_match(histogram):
                 keys = match._view._attribute_keys
@@ -105,4 +115,4 @@ class BulkHistograms:
                     aggregation = match._get_or_create_aggregation(_hash_attributes(kept), kept)
                     aggregate = aggregation.aggregate
                     for m in measurements:
-                        aggregate(m, False)
+                        aggregate(m, sample)

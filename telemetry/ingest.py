@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError
 from specdec.v1 import telemetry_pb2
 from telemetry.aggregation import Aggregator, BatchSums, accumulate
 from telemetry.dedupe import SourceTable
+from telemetry.tracing import RequestSpans
 from telemetry.validation import MAX_COUNT, check
 
 log = structlog.get_logger(__name__)
@@ -65,7 +66,10 @@ class Ingestor:
     taken by the OTLP reader around collection)."""
 
     def __init__(self, aggregator: Aggregator, sources: SourceTable, lock: threading.Lock,
-                 *, max_k: int, ack_after_export: bool) -> None:
+                 *, max_k: int, ack_after_export: bool, spans: RequestSpans | None = None
+                 ) -> None:
+        """spans: emits the span of a traced record (None: tracing off, traces ignored)."""
+        self.spans = spans
         self.aggregator = aggregator
         self.sources = sources
         self.lock = lock
@@ -94,6 +98,7 @@ class Ingestor:
         n = len(records)
         sid = req.source_id
         max_k = self.max_k
+        spans = self.spans
         with self.lock:
             agg.received.add(n)
             if not sid:
@@ -127,7 +132,10 @@ class Ingestor:
                                 m = rec.metrics
                                 reason = check(m, max_k)
                                 if reason is None:
-                                    accumulate(batch, m)
+                                    if spans is not None and rec.HasField("trace"):
+                                        accumulate(batch, m, spans.emit(m, rec.trace))
+                                    else:
+                                        accumulate(batch, m)
                                     ok += 1
                                     continue
                             else:

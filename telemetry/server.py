@@ -27,6 +27,7 @@ from telemetry.config import SidecarConfig
 from telemetry.dedupe import SourceTable
 from telemetry.export import ExportSetup
 from telemetry.ingest import SERVICE_NAME, Ingestor, TelemetryIngest
+from telemetry.tracing import RequestSpans, build_otlp_span_exporter
 from telemetry.windows import SlidingWindow
 
 log = structlog.get_logger(__name__)
@@ -64,9 +65,16 @@ class Sidecar:
         # OTLP is the only exporter whose failures are counted (a scrape has no failure the
         # sidecar could count).
         self.aggregator = Aggregator(self.export.meter, self.window, config.max_k,
-                                     exporters=("otlp",) if config.otlp else ())
+                                     exporters=("otlp",) if config.otlp else (),
+                                     tracing=config.tracing)
+        self.spans: RequestSpans | None = None
+        if config.tracing:
+            self.spans = RequestSpans(exporter=build_otlp_span_exporter(config.traces_protocol),
+                                      span_service_name=config.span_service_name,
+                                      on_ignored=self.aggregator.count_trace_ignored)
         self.ingestor = Ingestor(self.aggregator, self.sources, self.lock,
-                                 max_k=config.max_k, ack_after_export=ack_after_export)
+                                 max_k=config.max_k, ack_after_export=ack_after_export,
+                                 spans=self.spans)
         self._ingest = TelemetryIngest(self.ingestor)
         self.health = health_aio.HealthServicer()
         self.security = SecuredServer(config.security, env_prefix="SPECDEC_SIDECAR_")
@@ -110,6 +118,7 @@ class Sidecar:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("sidecar started", listen=self.address, exporters=list(self.config.exporters),
                  prometheus=self.prometheus_address, ack_mode=self.config.ack_mode,
+                 tracing=self.config.tracing,
                  export_interval_ms=self.config.export_interval_ms,
                  instance_id=self.instance_id, **self.security.describe())
 
@@ -138,6 +147,8 @@ class Sidecar:
                 await self.server.stop(max(0.1, grace_s * 0.2))
         finally:
             await loop.run_in_executor(None, self.export.shutdown, 2000)
+            if self.spans is not None:
+                await loop.run_in_executor(None, self.spans.shutdown, 2000)
             log.info("sidecar stopped")
             self._stopped.set()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import operator
 
-from specdec.v1 import metrics_pb2
+from specdec.v1 import metrics_pb2, telemetry_pb2
 
 # Bounds that are not contract invariants but keep garbage from hurting the sidecar:
 DEFAULT_MAX_K = 64  # longest speculation the sidecar accepts (array lengths, label cardinality)
@@ -193,4 +193,53 @@ def check(m: metrics_pb2.SpeculativeMetrics, max_k: int = DEFAULT_MAX_K) -> str 
             return "timing_order"
     elif completion:
         return "time_to_first_token_missing"
+    return None
+
+
+# ---- the record's trace context (docs/tracing.md) ------------------------------------------
+# A malformed trace context costs the record its span and exemplars, never its metrics: it is
+# ignored and counted by reason (specdec.sidecar.trace_contexts.ignored).
+MAX_TRACE_STATE_CHARS = 512  # W3C trace context: longer tracestate values may be dropped
+MAX_REQUEST_ID_LEN = 128  # the service's own limit on request ids
+OPERATION_NAMES = frozenset({"chat", "text_completion"})
+_ZERO_TRACE_ID = bytes(16)
+_ZERO_SPAN_ID = bytes(8)
+
+TRACE_REASONS: tuple[str, ...] = (
+    "trace_id_invalid",  # not 16 bytes, or all zero
+    "span_id_invalid",  # not 8 bytes, or all zero
+    "parent_span_id_invalid",  # neither empty nor 8 bytes, or all zero
+    "trace_flags_invalid",  # above 0xff
+    "trace_state_too_long",  # above MAX_TRACE_STATE_CHARS
+    "trace_state_invalid",  # not printable ASCII, or not a W3C tracestate list
+    "operation_name_invalid",  # not one of OPERATION_NAMES
+    "identity_too_long",  # request_id or instance_id too long to name a span
+    "internal_error",  # a bug in the sidecar's span emission; never expected
+)
+
+
+def check_trace(t: telemetry_pb2.RequestTrace, m: metrics_pb2.SpeculativeMetrics) -> str | None:
+    """The reason code (a TRACE_REASONS member) why the trace context of a valid record `m`
+    cannot make a span, or None. The tracestate's list syntax is checked where it is parsed
+    (telemetry/tracing.py)."""
+    trace_id = t.trace_id
+    if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
+        return "trace_id_invalid"
+    span_id = t.span_id
+    if len(span_id) != 8 or span_id == _ZERO_SPAN_ID:
+        return "span_id_invalid"
+    parent = t.parent_span_id
+    if parent and (len(parent) != 8 or parent == _ZERO_SPAN_ID):
+        return "parent_span_id_invalid"
+    if t.trace_flags > 0xFF:
+        return "trace_flags_invalid"
+    state = t.trace_state
+    if len(state) > MAX_TRACE_STATE_CHARS:
+        return "trace_state_too_long"
+    if state and not (state.isascii() and state.isprintable()):
+        return "trace_state_invalid"
+    if t.operation_name not in OPERATION_NAMES:
+        return "operation_name_invalid"
+    if len(m.request_id) > MAX_REQUEST_ID_LEN or len(m.instance_id) > MAX_IDENTITY_LEN:
+        return "identity_too_long"
     return None

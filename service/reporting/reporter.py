@@ -93,19 +93,22 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-Record = tuple[int, bytes, int]  # (sequence, serialized SpeculativeMetrics, dropped_before)
+# (sequence, serialized SpeculativeMetrics, dropped_before, serialized RequestTrace or b"")
+Record = tuple[int, bytes, int, bytes]
 
 
 def encode_report_request(source_id: bytes, records: list[Record]) -> bytes:
     """Serialize a ReportRequest from already-serialized SpeculativeMetrics, without
     re-parsing them: field 1 source_id, field 2 MetricsRecord{1: sequence, 2: metrics,
-    3: dropped_before (omitted when 0)}. (Parses to the same message as building it with the
-    generated class; tests/telemetry/test_reporter.py checks.)"""
+    3: dropped_before (omitted when 0), 4: trace (omitted when empty)}. (Parses to the same
+    message as building it with the generated class; tests/telemetry/test_reporter.py checks.)"""
     parts = [b"\x0a", _varint(len(source_id)), source_id]
-    for seq, data, dropped_before in records:
+    for seq, data, dropped_before, trace in records:
         body = b"\x08" + _varint(seq) + b"\x12" + _varint(len(data)) + data
         if dropped_before:
             body += b"\x18" + _varint(dropped_before)
+        if trace:
+            body += b"\x22" + _varint(len(trace)) + trace
         parts.append(b"\x12")
         parts.append(_varint(len(body)))
         parts.append(body)
@@ -189,14 +192,15 @@ class MetricsReporter:
         self._drop_logged_at = 0.0
 
     # ---- the caller's side ----------------------------------------------------------------
-    def report(self, metrics: metrics_pb2.SpeculativeMetrics) -> None:
+    def report(self, metrics: metrics_pb2.SpeculativeMetrics, trace: bytes = b"") -> None:
         """Buffer one record; never blocks on I/O. Safe from any thread. Works before
-        start() (records wait in the buffer) and is a no-op after stop()."""
+        start() (records wait in the buffer) and is a no-op after stop(). `trace`: the
+        request's serialized RequestTrace (service/request_trace.py), b"" when not traced."""
         data = metrics.SerializeToString()
         with self._lock:
             if self._stopping:
                 return
-            if len(data) > self.max_batch_bytes:  # no batch can carry it: dropped, and counted
+            if len(data) + len(trace) > self.max_batch_bytes:  # no batch can carry it: dropped, and counted
                 self._dropped += 1
                 self._oversized += 1  # logged by the sender thread, with the other drops
                 self._carry_drops += 1  # on the next record reported, the one after this
@@ -206,7 +210,7 @@ class MetricsReporter:
             pending = self._pending
             if not pending:
                 self._oldest_pending_t = time.monotonic()
-            pending.append((seq, data, self._carry_drops))
+            pending.append((seq, data, self._carry_drops, trace))
             self._carry_drops = 0
             if len(pending) + len(self._in_flight) > self.buffer_size:
                 # drop the oldest never-sent record (possibly this one); its drop count and
@@ -214,8 +218,8 @@ class MetricsReporter:
                 carried = pending.popleft()[2] + 1
                 self._dropped += 1
                 if pending:
-                    nseq, ndata, ndrops = pending[0]
-                    pending[0] = (nseq, ndata, ndrops + carried)
+                    nseq, ndata, ndrops, ntrace = pending[0]
+                    pending[0] = (nseq, ndata, ndrops + carried, ntrace)
                 else:
                     self._carry_drops = carried
             if self._sender_waiting and len(pending) >= self.batch_size:
@@ -404,9 +408,9 @@ class MetricsReporter:
         """The next batch from the front of `records`: at most batch_size records and
         max_batch_bytes of metrics (at least one record; report() keeps larger ones out)."""
         batch = [records.popleft()]
-        size = len(batch[0][1])
+        size = len(batch[0][1]) + len(batch[0][3])
         while records and len(batch) < self.batch_size:
-            size += len(records[0][1])
+            size += len(records[0][1]) + len(records[0][3])
             if size > self.max_batch_bytes:
                 break
             batch.append(records.popleft())

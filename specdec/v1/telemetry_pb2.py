@@ -25,19 +25,21 @@ _sym_db = _symbol_database.Default()
 from specdec.v1 import metrics_pb2 as specdec_dot_v1_dot_metrics__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecdec/v1/telemetry.proto\x12\nspecdec.v1\x1a\x18specdec/v1/metrics.proto\"j\n\rMetricsRecord\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12/\n\x07metrics\x18\x02 \x01(\x0b\x32\x1e.specdec.v1.SpeculativeMetrics\x12\x16\n\x0e\x64ropped_before\x18\x03 \x01(\x04\"k\n\rReportRequest\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12*\n\x07records\x18\x02 \x03(\x0b\x32\x19.specdec.v1.MetricsRecordJ\x04\x08\x03\x10\x04R\x15\x64ropped_records_total\"o\n\x0eReportResponse\x12%\n\x1d\x61\x63knowledged_through_sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12\x10\n\x08rejected\x18\x04 \x01(\r2W\n\x10TelemetryService\x12\x43\n\x06Report\x12\x19.specdec.v1.ReportRequest\x1a\x1a.specdec.v1.ReportResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecdec/v1/telemetry.proto\x12\nspecdec.v1\x1a\x18specdec/v1/metrics.proto\"\x93\x01\n\rMetricsRecord\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12/\n\x07metrics\x18\x02 \x01(\x0b\x32\x1e.specdec.v1.SpeculativeMetrics\x12\x16\n\x0e\x64ropped_before\x18\x03 \x01(\x04\x12\'\n\x05trace\x18\x04 \x01(\x0b\x32\x18.specdec.v1.RequestTrace\"\xb5\x02\n\x0cRequestTrace\x12\x10\n\x08trace_id\x18\x01 \x01(\x0c\x12\x0f\n\x07span_id\x18\x02 \x01(\x0c\x12\x16\n\x0eparent_span_id\x18\x03 \x01(\x0c\x12\x13\n\x0btrace_flags\x18\x04 \x01(\r\x12\x13\n\x0btrace_state\x18\x05 \x01(\t\x12\x16\n\x0eoperation_name\x18\x06 \x01(\t\x12\x17\n\nmax_tokens\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\t \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\n \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x04\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"k\n\rReportRequest\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12*\n\x07records\x18\x02 \x03(\x0b\x32\x19.specdec.v1.MetricsRecordJ\x04\x08\x03\x10\x04R\x15\x64ropped_records_total\"o\n\x0eReportResponse\x12%\n\x1d\x61\x63knowledged_through_sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12\x10\n\x08rejected\x18\x04 \x01(\r2W\n\x10TelemetryService\x12\x43\n\x06Report\x12\x19.specdec.v1.ReportRequest\x1a\x1a.specdec.v1.ReportResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specdec.v1.telemetry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_METRICSRECORD']._serialized_start=68
-  _globals['_METRICSRECORD']._serialized_end=174
-  _globals['_REPORTREQUEST']._serialized_start=176
-  _globals['_REPORTREQUEST']._serialized_end=283
-  _globals['_REPORTRESPONSE']._serialized_start=285
-  _globals['_REPORTRESPONSE']._serialized_end=396
-  _globals['_TELEMETRYSERVICE']._serialized_start=398
-  _globals['_TELEMETRYSERVICE']._serialized_end=485
+  _globals['_METRICSRECORD']._serialized_start=69
+  _globals['_METRICSRECORD']._serialized_end=216
+  _globals['_REQUESTTRACE']._serialized_start=219
+  _globals['_REQUESTTRACE']._serialized_end=528
+  _globals['_REPORTREQUEST']._serialized_start=530
+  _globals['_REPORTREQUEST']._serialized_end=637
+  _globals['_REPORTRESPONSE']._serialized_start=639
+  _globals['_REPORTRESPONSE']._serialized_end=750
+  _globals['_TELEMETRYSERVICE']._serialized_start=752
+  _globals['_TELEMETRYSERVICE']._serialized_end=839
 # @@protoc_insertion_point(module_scope)

@@ -28,6 +28,7 @@ class MetricsRecord(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     DROPPED_BEFORE_FIELD_NUMBER: _builtins.int
+    TRACE_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Per-source sequence number, strictly increasing within a source, starting at 1;
     gaps are records the source dropped from its full buffer (see dropped_before, which
@@ -44,20 +45,124 @@ class MetricsRecord(_message.Message):
     def metrics(self) -> _metrics_pb2.SpeculativeMetrics:
         """The request's metrics."""
 
+    @_builtins.property
+    def trace(self) -> Global___RequestTrace:
+        """The request's trace context, when the service's tracing is on (docs/tracing.md); absent
+        otherwise. The sidecar emits the request's span from it and this record's metrics. A
+        malformed one is ignored and counted; the record's metrics are counted all the same.
+        """
+
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         metrics: _metrics_pb2.SpeculativeMetrics | None = ...,
         dropped_before: _builtins.int = ...,
+        trace: Global___RequestTrace | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "trace", b"trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_before", b"dropped_before", "metrics", b"metrics", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_before", b"dropped_before", "metrics", b"metrics", "sequence", b"sequence", "trace", b"trace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MetricsRecord: _TypeAlias = MetricsRecord  # noqa: Y015
+
+@_typing.final
+class RequestTrace(_message.Message):
+    """What the sidecar needs, beside the record's SpeculativeMetrics, to emit the request's span
+    (docs/tracing.md). The span's start and end come from the metrics: it ends at end_time and
+    lasted duration_seconds.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    SPAN_ID_FIELD_NUMBER: _builtins.int
+    PARENT_SPAN_ID_FIELD_NUMBER: _builtins.int
+    TRACE_FLAGS_FIELD_NUMBER: _builtins.int
+    TRACE_STATE_FIELD_NUMBER: _builtins.int
+    OPERATION_NAME_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    trace_id: _builtins.bytes
+    """16 bytes, not all zero: the W3C trace id (the caller's, from an incoming traceparent, or
+    one the service started for this request).
+    """
+    span_id: _builtins.bytes
+    """8 bytes, not all zero: the id of the request's span, chosen by the service (its log line
+    names it).
+    """
+    parent_span_id: _builtins.bytes
+    """8 bytes, not all zero: the caller's span id from the incoming traceparent; empty when the
+    request started its trace (the span is then a root span).
+    """
+    trace_flags: _builtins.int
+    """The incoming traceparent's trace-flags (bit 0: sampled); 0 when the request started its
+    trace. Only the low 8 bits exist in W3C trace context.
+    """
+    trace_state: _builtins.str
+    """The incoming tracestate header, as received; empty without one. At most 512 characters
+    (the service drops a longer one).
+    """
+    operation_name: _builtins.str
+    """gen_ai.operation.name: "chat" for a request with messages, "text_completion" for text or
+    token ids.
+    """
+    max_tokens: _builtins.int
+    """The request's max_tokens; absent when it left it to the server (gen_ai.request.max_tokens)."""
+    temperature: _builtins.float
+    """The request's temperature; absent when it left it to the server (gen_ai.request.temperature)."""
+    top_p: _builtins.float
+    """The request's top_p; absent when it left it to the server (gen_ai.request.top_p)."""
+    top_k: _builtins.int
+    """The request's top_k; absent when it left it to the server (gen_ai.request.top_k)."""
+    seed: _builtins.int
+    """The request's seed; absent when it set none (gen_ai.request.seed)."""
+    def __init__(
+        self,
+        *,
+        trace_id: _builtins.bytes = ...,
+        span_id: _builtins.bytes = ...,
+        parent_span_id: _builtins.bytes = ...,
+        trace_flags: _builtins.int = ...,
+        trace_state: _builtins.str = ...,
+        operation_name: _builtins.str = ...,
+        max_tokens: _builtins.int | None = ...,
+        temperature: _builtins.float | None = ...,
+        top_p: _builtins.float | None = ...,
+        top_k: _builtins.int | None = ...,
+        seed: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "operation_name", b"operation_name", "parent_span_id", b"parent_span_id", "seed", b"seed", "span_id", b"span_id", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "trace_flags", b"trace_flags", "trace_id", b"trace_id", "trace_state", b"trace_state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
+    _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    _WhichOneofReturnType__top_k: _TypeAlias = _typing.Literal["top_k"]  # noqa: Y015
+    _WhichOneofArgType__top_k: _TypeAlias = _typing.Literal["_top_k", b"_top_k"]  # noqa: Y015
+    _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
+    _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens) -> _WhichOneofReturnType__max_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_k) -> _WhichOneofReturnType__top_k | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
+
+Global___RequestTrace: _TypeAlias = RequestTrace  # noqa: Y015
 
 @_typing.final
 class ReportRequest(_message.Message):

@@ -60,9 +60,9 @@ class TimedReport:
         self.durations: list[float] = []
         reporter.report = self  # instance attribute shadows the method for Service._on_final
 
-    def __call__(self, metrics: metrics_pb2.SpeculativeMetrics) -> None:
+    def __call__(self, metrics: metrics_pb2.SpeculativeMetrics, trace: bytes = b"") -> None:
         t0 = time.perf_counter()
-        self.inner(metrics)
+        self.inner(metrics, trace)
         self.durations.append(time.perf_counter() - t0)
 
 

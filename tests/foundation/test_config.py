@@ -19,6 +19,13 @@ def test_defaults_work_without_environment() -> None:
     assert config.instance_id  # generated
 
 
+def test_tracing_is_off_by_default_and_set_by_flag_or_variable() -> None:
+    assert ServiceConfig.from_args([], environ={}).tracing is False
+    assert ServiceConfig.from_args([], environ={"SPECDEC_TRACING": "true"}).tracing is True
+    assert ServiceConfig.from_args(["--tracing", "false"],
+                                   environ={"SPECDEC_TRACING": "true"}).tracing is False
+
+
 def test_environment_sets_and_flag_overrides() -> None:
     env = {"SPECDEC_MAX_BATCH_SIZE": "3", "SPECDEC_METHOD": "none", "SPECDEC_INSTANCE_ID": "a"}
     assert ServiceConfig.from_args([], environ=env).max_batch_size == 3
@@ -31,6 +38,8 @@ def test_environment_sets_and_flag_overrides() -> None:
     (["--method", "medusa"], {}, "none, ngram or draft_model"),
     (["--num-draft-tokens", "9"], {}, "--num-draft-tokens"),
     (["--method", "draft_model"], {}, "--draft-model"),
+    (["--tracing", "maybe"], {}, "must be true or false"),
+    (["--tracing", "true", "--telemetry-target", ""], {}, "--tracing needs --telemetry-target"),
 ])
 def test_bad_settings_are_named(argv, env, message, capsys) -> None:
     with pytest.raises(SystemExit):

@@ -129,9 +129,9 @@ def test_deadline_frees_the_slot(run_service, make_stub) -> None:
 
 
 def _spy(original, sink):
-    def spy(result):
+    def spy(result, trace):
         sink.append(result)
-        original(result)
+        original(result, trace)
     return spy
 
 

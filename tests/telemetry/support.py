@@ -4,7 +4,8 @@
 - `expected_totals`: the exact sums the sidecar must export for a list of records;
 - `OtlpGrpcReceiver` / `OtlpHttpReceiver`: OTLP metrics receivers built from
   opentelemetry-proto's collector definitions; `ExportedMetrics`: what they received, with
-  counters summed over sidecar incarnations (start_time_unix_nano);
+  counters summed over sidecar incarnations (start_time_unix_nano); the gRPC one also
+  receives spans (`ExportedSpans`);
 - `SidecarThread`: an in-process sidecar on its own event loop; `SidecarProcess`: a real
   `python -m telemetry` subprocess on free ports (kill/terminate/restart);
 - `TcpProxy`: a loopback TCP proxy whose connections can be cut;
@@ -42,6 +43,7 @@ from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2,
     metrics_service_pb2_grpc,
 )
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from specdec.v1 import metrics_pb2
 
@@ -246,17 +248,58 @@ class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
+class ExportedSpans:
+    """Every span a receiver got: `spans()` -> [(resource attrs dict, span)]."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def add(self, req) -> None:
+        with self.lock:
+            self.requests.append(req)
+
+    def spans(self) -> list:
+        with self.lock:
+            reqs = list(self.requests)
+        return [(dict(_attrs(rs.resource.attributes)), span) for req in reqs
+                for rs in req.resource_spans for ss in rs.scope_spans for span in ss.spans]
+
+
+def span_attrs(span) -> dict:
+    """A span's (or exemplar's) attributes as a dict; arrays as tuples."""
+    out = {}
+    for kv in span.attributes if hasattr(span, "attributes") else span.filtered_attributes:
+        v = _any_value(kv.value)
+        if kv.value.WhichOneof("value") == "array_value":
+            v = tuple(_any_value(x) for x in v.values)
+        out[kv.key] = v
+    return out
+
+
+class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, store: ExportedSpans) -> None:
+        self.store = store
+
+    def Export(self, request, context):
+        self.store.add(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
 class OtlpGrpcReceiver:
-    """OTLP/gRPC metrics receiver on a free loopback port."""
+    """OTLP/gRPC metrics and traces receiver on a free loopback port."""
 
     protocol = "grpc"
 
     def __init__(self) -> None:
         self.store = ExportedMetrics()
+        self.span_store = ExportedSpans()
         self.failing = False
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(
             _MetricsService(self.store, lambda: self.failing), self.server)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
+            _TraceService(self.span_store), self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
 
@@ -267,6 +310,11 @@ class OtlpGrpcReceiver:
     def env(self) -> dict[str, str]:
         return {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": self.endpoint,
                 "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+
+    def traces_env(self) -> dict[str, str]:
+        """Spans to this receiver too, exported at once (no batching delay)."""
+        return {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": self.endpoint,
+                "OTEL_BSP_SCHEDULE_DELAY": "50"}
 
     def close(self) -> None:
         self.server.stop(0)

@@ -114,3 +114,21 @@ def test_the_documented_latency_buckets_are_the_defaults():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
     for name, bounds in (("time to first token", TTFT_BUCKETS), ("time per output token", TPOT_BUCKETS)):
         assert f"| {name} | {', '.join(f'{b:g}' for b in bounds)} |" in doc, name
+
+
+def test_tracing_flag_variable_and_traces_protocol():
+    c = cfg()
+    assert c.tracing is False
+    c = cfg(SPECDEC_SIDECAR_TRACING="true", OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf")
+    assert c.tracing is True and c.traces_protocol == "http/protobuf"
+    c = cfg(["--tracing", "false"], SPECDEC_SIDECAR_TRACING="true")
+    assert c.tracing is False
+    c = cfg(["--tracing", "true"], OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+            OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
+    assert c.traces_protocol == "grpc" and c.span_service_name == "specdec"
+    with pytest.raises(ConfigError, match="--tracing"):
+        cfg(["--tracing", "sometimes"])
+    with pytest.raises(ConfigError, match="traces protocol"):
+        cfg(["--tracing", "true"], OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/json")
+    with pytest.raises(ConfigError, match="--span-service-name"):
+        cfg(["--tracing", "true", "--span-service-name", ""])

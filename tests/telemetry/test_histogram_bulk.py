@@ -18,6 +18,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics._internal.exemplar import (
     AlwaysOffExemplarFilter,
     AlwaysOnExemplarFilter,
+    TraceBasedExemplarFilter,
 )
 from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
 
@@ -38,7 +39,8 @@ def _provider(exemplar_filter=None):
     return provider, readers, hists
 
 
-def _points(reader):
+def _points(reader, exemplars: list | None = None):
+    """One collection's points; their exemplars go to `exemplars` when given."""
     data = reader.get_metrics_data()
     out = {}
     if data is None:
@@ -47,6 +49,8 @@ def _points(reader):
         for sm in rm.scope_metrics:
             for metric in sm.metrics:
                 for p in metric.data.data_points:
+                    if exemplars is not None:
+                        exemplars.extend(p.exemplars)
                     key = (metric.name, tuple(sorted(p.attributes.items())))
                     out[key] = (p.count, p.sum, p.min, p.max, tuple(p.bucket_counts),
                                 tuple(p.explicit_bounds))
@@ -75,9 +79,12 @@ def _assert_close(a, b):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_bulk_equals_per_value_record_on_cumulative_and_delta_readers(seed):
-    _, ref_readers, ref_h = _provider()
-    _, bulk_readers, bulk_h = _provider()
+@pytest.mark.parametrize("exemplar_filter", [AlwaysOffExemplarFilter, TraceBasedExemplarFilter])
+def test_bulk_equals_per_value_record_on_cumulative_and_delta_readers(seed, exemplar_filter):
+    """Trace-based: the sidecar's filter with --tracing on; values recorded outside a span's
+    context get no exemplar either way."""
+    _, ref_readers, ref_h = _provider(exemplar_filter())
+    _, bulk_readers, bulk_h = _provider(exemplar_filter())
     bulk = BulkHistograms(bulk_h)
     assert all(bulk.is_bulk(h) for h in bulk_h)
     rng = random.Random(seed)
@@ -90,10 +97,12 @@ def test_bulk_equals_per_value_record_on_cumulative_and_delta_readers(seed):
         if i % 3 == 2:  # collect mid-stream: delta readers reset, cumulative ones carry on
             for r_ref, r_bulk in zip(ref_readers, bulk_readers):
                 _assert_close(_points(r_ref), _points(r_bulk))
+    exemplars: list = []
     for r_ref, r_bulk in zip(ref_readers, bulk_readers):
-        ref, got = _points(r_ref), _points(r_bulk)
+        ref, got = _points(r_ref, exemplars), _points(r_bulk, exemplars)
         assert ref, "the comparison must see data points"
         _assert_close(ref, got)
+    assert exemplars == []
 
 
 def test_invalid_values_are_dropped_as_the_sdk_drops_them(caplog):
@@ -117,7 +126,7 @@ def test_exemplars_on_or_missing_internals_fall_back_to_record(monkeypatch, capl
     _, on_readers, on_h = _provider(AlwaysOnExemplarFilter())
     with caplog.at_level(logging.WARNING):
         bulk = BulkHistograms(on_h)
-    assert not bulk.is_bulk(on_h[0]) and "exemplars are on" in caplog.text
+    assert not bulk.is_bulk(on_h[0]) and "exemplar filter AlwaysOnExemplarFilter" in caplog.text
     monkeypatch.setattr(histogram_bulk, "_hash_attributes", None)
     _, gone_readers, gone_h = _provider()
     bulk_gone = BulkHistograms(gone_h)

@@ -33,11 +33,18 @@ def test_hand_framed_request_equals_generated_message():
     rng = random.Random(1)
     recs = [simulate_metrics(rng) for _ in range(5)]
     drops = [0, 1, 0, 2**40 + 3, 127]
-    raw = encode_report_request(b"svc/1-abc", [(i + 300, m.SerializeToString(), drops[i])
-                                               for i, m in enumerate(recs)])
+    traces = [telemetry_pb2.RequestTrace(trace_id=bytes(range(1, 17)), span_id=bytes(range(8)),
+                                         operation_name="chat", top_k=i) if i % 2 else None
+              for i in range(5)]
+    raw = encode_report_request(b"svc/1-abc", [
+        (i + 300, m.SerializeToString(), drops[i],
+         traces[i].SerializeToString() if traces[i] else b"") for i, m in enumerate(recs)])
     expected = telemetry_pb2.ReportRequest(source_id="svc/1-abc")
     for i, m in enumerate(recs):
-        expected.records.add(sequence=i + 300, dropped_before=drops[i]).metrics.CopyFrom(m)
+        record = expected.records.add(sequence=i + 300, dropped_before=drops[i])
+        record.metrics.CopyFrom(m)
+        if traces[i]:
+            record.trace.CopyFrom(traces[i])
     assert telemetry_pb2.ReportRequest.FromString(raw) == expected
     assert telemetry_pb2.ReportRequest.FromString(encode_report_request(b"s", [])) == \
         telemetry_pb2.ReportRequest(source_id="s")
@@ -106,7 +113,7 @@ def test_buffer_overflow_drops_oldest_and_reports_the_count(otlp_grpc_receiver,
         reporter.report(m)
     assert reporter.stats.dropped == 150 and reporter.stats.pending == 100
     # the 150 drops ride on the oldest kept record (sequence 151, the first one after the gap)
-    assert [(seq, n) for seq, _, n in reporter._pending][:2] == [(151, 150), (152, 0)]
+    assert [(seq, n) for seq, _, n, _ in reporter._pending][:2] == [(151, 150), (152, 0)]
     reporter.start()
     assert reporter.flush(15)
     reporter.stop(1)
@@ -135,7 +142,7 @@ def test_drops_keep_in_flight_records(otlp_grpc_receiver, sidecar_thread_factory
     st = reporter.stats
     assert st.in_flight == 40 and st.pending == 50 and st.dropped == 20
     # sequences 41..60 were dropped: their count rides on 61, the oldest kept unsent record
-    assert [(seq, n) for seq, _, n in reporter._pending][:2] == [(61, 20), (62, 0)]
+    assert [(seq, n) for seq, _, n, _ in reporter._pending][:2] == [(61, 20), (62, 0)]
     reporter.stop(0.1)
 
 
@@ -164,7 +171,7 @@ def test_drops_with_nothing_unsent_ride_on_the_next_record(otlp_grpc_receiver,
     wait_for(lambda: reporter.stats.in_flight == 0, 15, what="acknowledgements")
     last = simulate_metrics(rng)
     reporter.report(last)  # sequence 28 carries the 7 drops (21..27)
-    assert [(seq, n) for seq, _, n in reporter._pending] == [(28, 7)]
+    assert [(seq, n) for seq, _, n, _ in reporter._pending] == [(28, 7)]
     assert reporter.flush(15)
     reporter.stop(1)
     got = counters(otlp_grpc_receiver)
@@ -190,9 +197,9 @@ def test_batches_stay_under_the_byte_cap_and_an_oversized_record_is_dropped(
         reporter.report(m)
     assert reporter.stats.dropped == 1 and reporter.stats.pending == 25
     # the oversized record got no sequence number: its drop rides on the record after it
-    assert [(seq, n) for seq, _, n in reporter._pending][19:21] == [(20, 0), (21, 1)]
+    assert [(seq, n) for seq, _, n, _ in reporter._pending][19:21] == [(20, 0), (21, 1)]
     batch = reporter._take(reporter._pending.copy())
-    assert len(batch) == 4 and sum(len(data) for _, data, _ in batch) <= reporter.max_batch_bytes
+    assert len(batch) == 4 and sum(len(data) for _, data, _, _ in batch) <= reporter.max_batch_bytes
 
     sc = sidecar_thread_factory(["--exporters", "otlp"],
                                 env={**otlp_grpc_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": "200"})
