@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -50,27 +51,44 @@ def run(cmd: list[str], env: dict[str, str], timeout: float, check: bool = True,
     return proc
 
 
+def _ephemeral_range() -> range:
+    """The kernel's ephemeral port range: a port in it that a stopped container released can
+    be taken by any process's next connection before the container starts again."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port_pair() -> int:
-    """A port p with p and p+1 both free on 127.0.0.1 (the service's range for two replicas)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
+    """A port p with p and p+1 both free on 127.0.0.1 (the service's range for two replicas),
+    outside the ephemeral range: the stack's ports are released and bound again when a
+    container restarts."""
+    return _free_ports(2)
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(1)
+
+
+def _free_ports(count: int) -> int:
+    ephemeral = _ephemeral_range()
+    candidates = [p for p in range(20000, 32000) if p not in ephemeral and p + count - 1 not in ephemeral]
+    random.SystemRandom().shuffle(candidates)
+    for port in candidates[:500]:
+        if all(_bindable(port + i) for i in range(count)):
+            return port
+    raise RuntimeError(f"no {count} consecutive free ports outside the ephemeral range")
 
 
 @dataclass
