@@ -29,6 +29,7 @@ from telemetry.config import SidecarConfig
 from telemetry.dedupe import SourceTable
 from telemetry.export import ExportSetup
 from telemetry.ingest import SERVICE_NAME, Ingestor, TelemetryIngest
+from telemetry.series_budget import SeriesBudget
 from telemetry.windows import SlidingWindow
 
 log = structlog.get_logger(__name__)
@@ -71,7 +72,10 @@ class Sidecar:
         self.aggregator = Aggregator(self.export.meter, self.window, config.max_k,
                                      exporters=("otlp",) if config.otlp else ())
         self.ingestor = Ingestor(self.aggregator, self.sources, self.lock,
-                                 max_k=config.max_k, ack_after_export=ack_after_export)
+                                 max_k=config.max_k, ack_after_export=ack_after_export,
+                                 max_sequence_jump=config.max_sequence_jump,
+                                 series=SeriesBudget(config.max_series,
+                                                     config.max_series_per_source))
         self._ingest = TelemetryIngest(self.ingestor)
         self.health = health_aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
