@@ -1,13 +1,16 @@
 """TelemetryService ingest: parse, dedupe, validate, aggregate, acknowledge.
 
-`Ingestor.process` is the synchronous core (one ReportRequest in, one ReportResponse out);
+`Ingestor.process` is the synchronous core (one ReportRequest in, one ReportResponse out),
+`Ingestor.steps` the same in slices of SLICE_RECORDS records;
 `TelemetryIngest` is the grpc.aio bidi-stream handler around it, which also pushes deferred
 acknowledgements (ack mode "export": a record is acknowledged only after an OTLP export that
 included it succeeded, see export.AckingPeriodicReader).
 
 The stream is registered with a raw-bytes request deserializer so that a malformed batch is
 counted (reason "malformed_batch") and answered with INVALID_ARGUMENT instead of disappearing
-inside the gRPC framework. Nothing a client sends can raise out of the handler.
+inside the gRPC framework (the refusal is logged once, by specdec_security.refusal_log).
+Nothing a client sends can raise out of the handler. docs/security.md ("The ingest") lists
+what a reporter that is let in can and cannot do to the aggregates.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ REPORT_METHOD = f"/{SERVICE_NAME}/Report"
 
 _ReportRequest = telemetry_pb2.ReportRequest
 _ReportResponse = telemetry_pb2.ReportResponse
-
 
 # Records processed per lock hold; the stream handler yields to the event loop between
 # slices, so one large batch (a 16 MiB message holds ~100k records) cannot hold up the
