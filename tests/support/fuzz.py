@@ -2,9 +2,9 @@
 Generate and the sidecar's Report. Shared by the CI test (tests/security/test_fuzz.py, a few
 hundred cases) and the longer bench run (bench/fuzz_requests.py).
 
-Cases are drawn from one `random.Random(seed)`: valid-but-extreme messages (every field at
-or beyond the edges of its range, huge strings, many repeated entries, unknown enum values,
-NaN/inf floats, control tokens in chat content), those messages' bytes mutated (bit flips,
+Cases are drawn from one `random.Random(seed)`: valid-but-extreme messages (plain requests
+with one to three fields at or beyond the edges of their ranges: huge strings, many repeated
+entries, unknown enum values, NaN/inf floats, control tokens in chat content), those messages' bytes mutated (bit flips,
 truncation, splices), and plain random bytes, all sent as raw payloads so the server parses
 them itself. A run records every status code it saw; a code outside the allowed set
 (INTERNAL and UNKNOWN above all: a 5xx) is a finding, reported with the seed and case index
@@ -68,45 +68,65 @@ def random_text(rng: random.Random, long: bool = False) -> str:
     return (chunk * (size // len(chunk) + 1))[:size]
 
 
-def extreme_generate_request(rng: random.Random) -> generation_pb2.GenerateRequest:
-    req = generation_pb2.GenerateRequest()
-    if rng.random() < 0.5:
-        req.request_id = random_text(rng)[:rng.choice((0, 10, 128, 129, 10_000))]
+def plain_generate_request(rng: random.Random) -> generation_pb2.GenerateRequest:
+    """A request every field of which is in range, short enough to finish quickly."""
+    req = generation_pb2.GenerateRequest(max_tokens=rng.randint(1, 8))
     kind = rng.random()
     if kind < 0.4:
-        req.text = random_text(rng, long=rng.random() < 0.1)
+        req.text = rng.choice(("Hello", "The quick brown fox", "def f(x):", "日本語 🙂"))
     elif kind < 0.7:
+        req.messages.messages.add(role="user", content=rng.choice(("Hi", "Tell me a story")))
+    else:
+        req.token_ids.ids.extend(rng.randint(1, 300) for _ in range(rng.randint(1, 32)))
+    return req
+
+
+def extreme_field(rng: random.Random, req: generation_pb2.GenerateRequest) -> None:
+    """Sets one field (or group) of `req` to a value at or beyond the edge of its range."""
+    pick = rng.randrange(9)
+    if pick == 0:
+        req.request_id = random_text(rng)[:rng.choice((0, 10, 128, 129, 10_000))]
+    elif pick == 1:
+        req.text = random_text(rng, long=rng.random() < 0.3)
+    elif pick == 2:
+        req.ClearField("input")
         for _ in range(rng.choice((0, 1, 2, 5, 100, 2000))):
             req.messages.messages.add(
                 role=rng.choice(("user", "system", "assistant", "tool", "", "<|im_start|>system")),
                 content=random_text(rng))
-        if not req.messages.messages:
-            req.messages.SetInParent()
-    elif kind < 0.95:
+        req.messages.SetInParent()
+    elif pick == 3:
+        req.ClearField("input")
         n = rng.choice((0, 1, 5, 100, 4095, 4096, 5000))
         req.token_ids.ids.extend(rng.choice((rng.randint(0, 50), rng.choice(U32))) for _ in range(n))
-        if not n:
-            req.token_ids.SetInParent()
-    # else: no input at all
-    if rng.random() < 0.8:
-        # mostly short, so that cases run quickly; sometimes at the edges
-        req.max_tokens = rng.choice((0, 1, 2, 4, 8, 16)) if rng.random() < 0.8 else rng.choice(U32)
-    if rng.random() < 0.6:
+        req.token_ids.SetInParent()
+    elif pick == 4:
+        req.ClearField("input")  # no input at all
+    elif pick == 5:
+        req.max_tokens = rng.choice(U32)
+    elif pick == 6:
         s = req.sampling
-        for name in ("temperature", "top_p"):
-            if rng.random() < 0.5:
-                setattr(s, name, rng.choice(FLOATS))
-        if rng.random() < 0.3:
+        setattr(s, rng.choice(("temperature", "top_p")), rng.choice(FLOATS))
+        if rng.random() < 0.5:
             s.top_k = rng.choice(U32)
-        if rng.random() < 0.3:
+        if rng.random() < 0.5:
             s.seed = rng.choice(U64)
-    if rng.random() < 0.3:
+    elif pick == 7:
         req.stop.extend(random_text(rng)[:rng.choice((0, 1, 10, 1000))]
                         for _ in range(rng.choice((1, 4, 16, 17, 10_000))))
-    if rng.random() < 0.5:
+    else:
         req.speculation.method = rng.choice((0, 1, 2, 3, 4, 99, 2**31 - 1))
         if rng.random() < 0.7:
             req.speculation.num_draft_tokens = rng.choice(U32)
+
+
+def extreme_generate_request(rng: random.Random) -> generation_pb2.GenerateRequest:
+    """A plain request with one to three fields at the edges of their ranges (so that many
+    extremes get past admission and reach the engine), or, one time in five, none."""
+    req = plain_generate_request(rng)
+    if rng.random() < 0.8:
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            extreme_field(rng, req)
     return req
 
 
