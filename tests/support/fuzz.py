@@ -4,8 +4,8 @@ hundred cases) and the longer bench run (bench/fuzz_requests.py).
 
 Cases are drawn from one `random.Random(seed)`: valid-but-extreme messages (plain requests
 with one to three fields at or beyond the edges of their ranges: huge strings, many repeated
-entries, unknown enum values, NaN/inf floats, control tokens in chat content), those messages' bytes mutated (bit flips,
-truncation, splices), and plain random bytes, all sent as raw payloads so the server parses
+entries, unknown enum values, NaN/inf floats, control tokens in chat content), those
+messages' bytes mutated (bit flips, truncation, splices), and plain random bytes, all sent as raw payloads so the server parses
 them itself. A run records every status code it saw; a code outside the allowed set
 (INTERNAL and UNKNOWN above all: a 5xx) is a finding, reported with the seed and case index
 that reproduce it.
