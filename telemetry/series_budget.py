@@ -25,8 +25,8 @@ from telemetry.dedupe import SourceState
 # The SDK's default cardinality limit per instrument (opentelemetry-sdk's
 # _DEFAULT_CARDINALITY_LIMIT); the last of its attribute sets is the overflow series.
 SDK_CARDINALITY_LIMIT = 2000
-# Each identity also costs the scrape about 100 lines (5 histograms of up to 20 buckets):
-# 500 keeps /metrics in the low megabytes.
+# Each identity also costs the Prometheus scrape about 75 lines (the 5 histograms' buckets),
+# each carrying the identity's labels: docs/metrics.md ("Label budget").
 DEFAULT_MAX_SERIES = 500
 DEFAULT_MAX_SERIES_PER_SOURCE = 200
 
