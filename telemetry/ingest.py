@@ -46,6 +46,8 @@ SLICE_RECORDS = 512
 # carries one): bounds what one stream can make the sidecar remember.
 MAX_SOURCES_PER_STREAM = 8
 LOG_ID_CHARS = 64  # source and request ids in log lines
+# Responses to batches a stream may have waiting to be written (see _Stream).
+MAX_UNSENT_RESPONSES = 64
 
 
 class MalformedBatch(Exception):
@@ -221,15 +223,30 @@ def _request_id(rec: telemetry_pb2.MetricsRecord) -> str:
 
 
 class _Stream:
-    __slots__ = ("queue", "sources", "peer")
+    __slots__ = ("queue", "credit", "sources", "peer")
 
     def __init__(self, peer: str) -> None:
+        # Items: ReportResponse objects, a MalformedBatch, or _END. A batch's response takes
+        # one credit, given back once it is written: a client that sends batches but never
+        # reads the responses stops being read after MAX_UNSENT_RESPONSES of them, instead
+        # of growing this queue without bound. (Pushed acknowledgements take none: at most
+        # one per source per export.)
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.credit = asyncio.Semaphore(MAX_UNSENT_RESPONSES)
         self.sources: set[str] = set()
         self.peer = peer
 
 
 _END = object()
+
+
+class _BatchResponse:
+    """The answer to one batch (it holds one of its stream's credits until written)."""
+
+    __slots__ = ("response",)
+
+    def __init__(self, response: telemetry_pb2.ReportResponse) -> None:
+        self.response = response
 
 
 class TelemetryIngest:
@@ -241,6 +258,12 @@ class TelemetryIngest:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.accepting = True
         self.open_streams = 0
+        self._open: set[_Stream] = set()
+
+    def queued_responses(self) -> int:
+        """Responses waiting to be written, over every open stream (bounded by
+        MAX_UNSENT_RESPONSES per stream, plus pushed acknowledgements)."""
+        return sum(stream.queue.qsize() for stream in self._open)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -277,6 +300,7 @@ class TelemetryIngest:
     async def report(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         stream = _Stream(context.peer())
         self.open_streams += 1
+        self._open.add(stream)
         reader = asyncio.ensure_future(self._read(request_iterator, stream))
         abort_message = None
         try:
@@ -287,9 +311,14 @@ class TelemetryIngest:
                 if isinstance(item, MalformedBatch):
                     abort_message = f"malformed ReportRequest: {item}"
                     break
-                await context.write(item)
+                if isinstance(item, _BatchResponse):
+                    await context.write(item.response)
+                    stream.credit.release()
+                else:
+                    await context.write(item)
         finally:
             self.open_streams -= 1
+            self._open.discard(stream)
             reader.cancel()
             for sid in stream.sources:
                 group = self._streams.get(sid)
@@ -306,6 +335,7 @@ class TelemetryIngest:
             async for raw in request_iterator:
                 if not self.accepting:
                     break  # shutting down: what is not acknowledged will be resent
+                await stream.credit.acquire()  # waits while the client reads no responses
                 try:
                     req = ingestor.parse(raw)
                     steps = ingestor.steps(req)
@@ -321,6 +351,7 @@ class TelemetryIngest:
                     return
                 except Exception:
                     log.exception("batch_processing_failed")
+                    stream.credit.release()
                     continue
                 sid = req.source_id
                 # register for pushed acknowledgements once the source is known
@@ -329,7 +360,7 @@ class TelemetryIngest:
                         and ingestor.sources.peek(sid) is not None:
                     stream.sources.add(sid)
                     self._streams.setdefault(sid, set()).add(stream)
-                stream.queue.put_nowait(resp)
+                stream.queue.put_nowait(_BatchResponse(resp))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the client went away, or the call was cancelled

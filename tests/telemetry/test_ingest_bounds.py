@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import random
 import threading
+import time
 
 import grpc
 import pytest
@@ -262,3 +263,36 @@ def test_one_stream_registers_a_bounded_number_of_sources_for_pushed_acks(
         outbox.put(None)
         list(call)
     assert 0 < len(registered) <= MAX_SOURCES_PER_STREAM
+
+
+def test_a_reporter_that_never_reads_its_responses_is_no_longer_read(sidecar):
+    """Found while hardening: the answers to a stream's batches waited in an unbounded queue
+    while the client did not read them, so a client sending empty batches without reading
+    grew the sidecar's memory without end (31,000 queued after 10 s). Now a stream stops
+    being read after MAX_UNSENT_RESPONSES unwritten answers; gRPC's flow control then holds
+    the client back."""
+    from telemetry.ingest import MAX_UNSENT_RESPONSES
+
+    raw = telemetry_pb2.ReportRequest(source_id="never-reads").SerializeToString()
+    sent = 0
+
+    def batches():
+        nonlocal sent
+        for _ in range(40_000):
+            sent += 1
+            yield raw
+
+    ingest = sidecar.sidecar._ingest
+    # no BDP probing: the client's receive window stays small, so the server's writes block
+    # early (as they would, later, with any window)
+    with grpc.insecure_channel(sidecar.address, options=[("grpc.http2.bdp_probe", 0)]) as ch:
+        call = ch.stream_stream("/specdec.v1.TelemetryService/Report", request_serializer=None,
+                                response_deserializer=None)(batches(), timeout=60)
+        peak = 0
+        wait_for(lambda: sent >= 40_000 or ingest.queued_responses() >= MAX_UNSENT_RESPONSES,
+                 60, what="the answers' queue to fill")
+        for _ in range(20):  # the client goes on sending meanwhile
+            peak = max(peak, ingest.queued_responses())
+            time.sleep(0.05)
+        call.cancel()
+    assert peak <= MAX_UNSENT_RESPONSES
