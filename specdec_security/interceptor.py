@@ -3,18 +3,19 @@
 
 A call without one is answered UNAUTHENTICATED before its handler runs (its request is not
 even parsed) and logged with the method, the peer and the reason, never the token. Refusals
-are logged at most LOG_BURST times per LOG_PERIOD_S per reason; the next line logged says
-how many were left out, so a flood of bad calls cannot flood the log.
+are logged at most LOG_BURST times per LOG_PERIOD_S per reason, within a byte budget, with
+the method clipped; the next line logged says how many were left out (`not_logged`), so a
+flood of bad calls cannot flood the log.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Awaitable, Callable
 
 import grpc
 import structlog
 
+from specdec_security.log_limit import LogLimiter, clip
 from specdec_security.tokens import TokenSet
 
 log = structlog.get_logger(__name__)
@@ -50,22 +51,12 @@ def bearer_token(metadata) -> tuple[str | None, str | None]:
 
 class _RefusalLog:
     def __init__(self) -> None:
-        self._windows: dict[str, list] = {}  # reason -> [start, logged, left out]
+        self._limiter = LogLimiter(LOG_PERIOD_S, LOG_BURST)
 
     def write(self, reason: str, method: str, peer: str) -> None:
-        now = time.monotonic()
-        window = self._windows.get(reason)
-        if window is None or now - window[0] >= LOG_PERIOD_S:
-            left_out = window[2] if window else 0
-            self._windows[reason] = window = [now, 0, 0]
-        else:
-            left_out = 0
-        if window[1] >= LOG_BURST:
-            window[2] += 1
-            return
-        window[1] += 1
-        log.warning("request_unauthenticated", method=method, peer=peer, reason=reason,
-                    **({"refusals_not_logged": left_out} if left_out else {}))
+        # the method of an unknown call is the caller's choice: clipped
+        self._limiter.log(log.warning, "request_unauthenticated", reason, method=clip(method),
+                          peer=clip(peer), reason=reason)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

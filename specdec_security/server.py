@@ -11,6 +11,7 @@ import grpc
 import structlog
 
 from specdec_security.interceptor import BearerTokenInterceptor
+from specdec_security.refusal_log import RefusalLogInterceptor
 from specdec_security.settings import flag_name, setting_name
 from specdec_security.tls import check_ca_bundle, check_certificate_and_key, server_credentials
 from specdec_security.tokens import TokenSet
@@ -69,7 +70,12 @@ class SecuredServer:
 
     @property
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [BearerTokenInterceptor(self.tokens)] if self.tokens is not None else []
+        """The token check (when tokens are on), then the refusal log: it sees only the
+        calls the token check let through (that one logs its own refusals)."""
+        refusals = RefusalLogInterceptor()
+        if self.tokens is None:
+            return [refusals]
+        return [BearerTokenInterceptor(self.tokens), refusals]
 
     def add_port(self, server: grpc.aio.Server, address: str) -> int:
         """The bound port (0 when the address cannot be bound)."""

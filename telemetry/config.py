@@ -18,7 +18,17 @@ from typing import Mapping, Sequence
 
 from specdec_security import ServerSecurity
 from telemetry.aggregation import TPOT_BUCKETS, TTFT_BUCKETS
-from telemetry.dedupe import DEFAULT_MAX_SOURCE_BYTES, DEFAULT_MAX_SOURCES, DEFAULT_SOURCE_IDLE_S
+from telemetry.dedupe import (
+    DEFAULT_MAX_SEQUENCE_JUMP,
+    DEFAULT_MAX_SOURCE_BYTES,
+    DEFAULT_MAX_SOURCES,
+    DEFAULT_SOURCE_IDLE_S,
+)
+from telemetry.series_budget import (
+    DEFAULT_MAX_SERIES,
+    DEFAULT_MAX_SERIES_PER_SOURCE,
+    SDK_CARDINALITY_LIMIT,
+)
 from telemetry.validation import DEFAULT_MAX_K
 
 ENV_PREFIX = "SPECDEC_SIDECAR_"
@@ -52,6 +62,9 @@ class SidecarConfig:
     max_sources: int = DEFAULT_MAX_SOURCES
     max_source_bytes: int = DEFAULT_MAX_SOURCE_BYTES
     source_idle_s: float = DEFAULT_SOURCE_IDLE_S
+    max_sequence_jump: int = DEFAULT_MAX_SEQUENCE_JUMP
+    max_series: int = DEFAULT_MAX_SERIES
+    max_series_per_source: int = DEFAULT_MAX_SERIES_PER_SOURCE
     instance_id: str = ""
     ttft_buckets: tuple[float, ...] = TTFT_BUCKETS
     tpot_buckets: tuple[float, ...] = TPOT_BUCKETS
@@ -118,6 +131,15 @@ class SidecarConfig:
                 f"--source-idle-seconds must be positive, not {args.source_idle_seconds}")
         ttft_buckets = parse_buckets(args.ttft_buckets, "--ttft-buckets")
         tpot_buckets = parse_buckets(args.tpot_buckets, "--tpot-buckets")
+        if args.max_sequence_jump < 0:
+            raise ConfigError(f"--max-sequence-jump must be >= 0, not {args.max_sequence_jump}")
+        if not 1 <= args.max_series < SDK_CARDINALITY_LIMIT:
+            raise ConfigError(f"--max-series must be in 1..{SDK_CARDINALITY_LIMIT - 1} (below "
+                              f"the OpenTelemetry SDK's {SDK_CARDINALITY_LIMIT} attribute sets "
+                              f"per instrument), not {args.max_series}")
+        if not 1 <= args.max_series_per_source <= args.max_series:
+            raise ConfigError(f"--max-series-per-source must be in 1..--max-series "
+                              f"({args.max_series}), not {args.max_series_per_source}")
         _split_address(args.listen, "--listen")
         if "prometheus" in exporters:
             _split_address(args.prometheus_address, "--prometheus-address")
@@ -139,6 +161,9 @@ class SidecarConfig:
             max_sources=args.max_sources,
             max_source_bytes=args.max_source_bytes,
             source_idle_s=args.source_idle_seconds,
+            max_sequence_jump=args.max_sequence_jump,
+            max_series=args.max_series,
+            max_series_per_source=args.max_series_per_source,
             instance_id=args.instance_id or "",
             ttft_buckets=ttft_buckets,
             tpot_buckets=tpot_buckets,
@@ -292,6 +317,23 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
                         "gen_ai.server.time_per_output_token; finer than the GenAI conventions' "
                         "recommendation on purpose (docs/metrics.md, Latency buckets) "
                         "[SPECDEC_SIDECAR_TPOT_BUCKETS]")
+    p.add_argument("--max-sequence-jump", type=int,
+                   default=int(e("MAX_SEQUENCE_JUMP", DEFAULT_MAX_SEQUENCE_JUMP)),
+                   help="a record of a known source may be at most this far ahead of the "
+                        "source's last processed sequence, beyond the records it says were "
+                        "dropped in between (dropped_before); a record further ahead is "
+                        "rejected (reason sequence_jump) and does not move the watermark "
+                        "[SPECDEC_SIDECAR_MAX_SEQUENCE_JUMP]")
+    p.add_argument("--max-series", type=int, default=int(e("MAX_SERIES", DEFAULT_MAX_SERIES)),
+                   help="label budget: a new identity (model, method, draft model, k) is "
+                        "aggregated only while the identities' k + 1 series summed stay "
+                        "within this (the SDK folds series beyond 2000 per instrument into "
+                        "an unlabelled overflow series); its records are rejected otherwise "
+                        "(reason series_limit) [SPECDEC_SIDECAR_MAX_SERIES]")
+    p.add_argument("--max-series-per-source", type=int,
+                   default=int(e("MAX_SERIES_PER_SOURCE", DEFAULT_MAX_SERIES_PER_SOURCE)),
+                   help="the part of --max-series one source may add (reason "
+                        "source_series_limit) [SPECDEC_SIDECAR_MAX_SERIES_PER_SOURCE]")
     p.add_argument("--instance-id", default=e("INSTANCE_ID", None),
                    help="the sidecar's service.instance.id resource attribute; default: "
                         "service.instance.id from OTEL_RESOURCE_ATTRIBUTES, else a random id "

@@ -28,13 +28,17 @@ from typing import Callable
 DEFAULT_MAX_SOURCES = 100_000
 DEFAULT_MAX_SOURCE_BYTES = 64 << 20
 DEFAULT_SOURCE_IDLE_S = 3600.0
+# How far a known source's sequence may run ahead of its watermark beyond the records it
+# declares dropped (the ingest's sequence_jump check): slack for records of the source that
+# another sidecar processed meanwhile (reporters behind a load balancer).
+DEFAULT_MAX_SEQUENCE_JUMP = 1_000_000
 # Approximate memory of one entry besides its id: the state object, the dict slot, the str header.
 ENTRY_OVERHEAD_BYTES = 200
 EVICTION_CAUSES = ("idle", "count", "bytes")
 
 
 class SourceState:
-    __slots__ = ("source_id", "processed", "durable", "last_seen", "size")
+    __slots__ = ("source_id", "processed", "durable", "last_seen", "size", "series")
 
     def __init__(self, source_id: str, now: float) -> None:
         self.source_id = source_id
@@ -42,6 +46,7 @@ class SourceState:
         self.durable = 0  # highest sequence included in a successful export
         self.last_seen = now  # clock() when a batch of this source was last processed
         self.size = len(source_id.encode("utf-8", "surrogatepass")) + ENTRY_OVERHEAD_BYTES
+        self.series = 0  # series this source added to the label budget (series_budget.py)
 
 
 class SourceTable:

@@ -1,31 +1,35 @@
 """TelemetryService ingest: parse, dedupe, validate, aggregate, acknowledge.
 
-`Ingestor.process` is the synchronous core (one ReportRequest in, one ReportResponse out);
+`Ingestor.process` is the synchronous core (one ReportRequest in, one ReportResponse out),
+`Ingestor.steps` the same in slices of SLICE_RECORDS records;
 `TelemetryIngest` is the grpc.aio bidi-stream handler around it, which also pushes deferred
 acknowledgements (ack mode "export": a record is acknowledged only after an OTLP export that
 included it succeeded, see export.AckingPeriodicReader).
 
 The stream is registered with a raw-bytes request deserializer so that a malformed batch is
 counted (reason "malformed_batch") and answered with INVALID_ARGUMENT instead of disappearing
-inside the gRPC framework. Nothing a client sends can raise out of the handler.
+inside the gRPC framework (the refusal is logged once, by specdec_security.refusal_log).
+Nothing a client sends can raise out of the handler. docs/security.md ("The ingest") lists
+what a reporter that is let in can and cannot do to the aggregates.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from typing import Hashable
+from typing import Generator, Hashable
 
 import grpc
 import structlog
 from google.protobuf.message import DecodeError
 
 from specdec.v1 import telemetry_pb2
+from specdec_security.log_limit import LogLimiter, clip
 from telemetry.aggregation import Aggregator, BatchSums, accumulate
-from telemetry.dedupe import SourceTable
+from telemetry.dedupe import DEFAULT_MAX_SEQUENCE_JUMP, SourceTable
+from telemetry.series_budget import SeriesBudget
 from telemetry.tracing import RequestSpans
-from telemetry.validation import MAX_COUNT, check
+from telemetry.validation import MAX_DROPPED_BEFORE, MAX_SOURCE_ID_LEN, check
 
 log = structlog.get_logger(__name__)
 
@@ -35,30 +39,20 @@ REPORT_METHOD = f"/{SERVICE_NAME}/Report"
 _ReportRequest = telemetry_pb2.ReportRequest
 _ReportResponse = telemetry_pb2.ReportResponse
 
+# Records processed per lock hold; the stream handler yields to the event loop between
+# slices, so one large batch (a 16 MiB message holds ~100k records) cannot hold up the
+# other streams until it is done.
+SLICE_RECORDS = 512
+# Sources a stream is registered under for pushed acknowledgements (a reporter's stream
+# carries one): bounds what one stream can make the sidecar remember.
+MAX_SOURCES_PER_STREAM = 8
+LOG_ID_CHARS = 64  # source and request ids in log lines
+# Responses to batches a stream may have waiting to be written (see _Stream).
+MAX_UNSENT_RESPONSES = 64
+
 
 class MalformedBatch(Exception):
     pass
-
-
-class RateLimitedLog:
-    """At most `burst` lines per `period_s` per key; the rest are summarised."""
-
-    def __init__(self, period_s: float = 10.0, burst: int = 5) -> None:
-        self.period_s, self.burst = period_s, burst
-        self._state: dict[str, list] = {}  # key -> [window_start, logged, suppressed]
-
-    def allow(self, key: str) -> tuple[bool, int]:
-        now = time.monotonic()
-        st = self._state.get(key)
-        if st is None or now - st[0] >= self.period_s:
-            suppressed = st[2] if st else 0
-            self._state[key] = [now, 1, 0]
-            return True, suppressed
-        if st[1] < self.burst:
-            st[1] += 1
-            return True, 0
-        st[2] += 1
-        return False, 0
 
 
 class Ingestor:
@@ -66,8 +60,11 @@ class Ingestor:
     taken by the OTLP reader around collection)."""
 
     def __init__(self, aggregator: Aggregator, sources: SourceTable, lock: threading.Lock,
-                 *, max_k: int, ack_after_export: bool, spans: RequestSpans | None = None
-                 ) -> None:
+                 *, max_k: int, ack_after_export: bool,
+                 max_sequence_jump: int = DEFAULT_MAX_SEQUENCE_JUMP,
+                 series: SeriesBudget | None = None,
+                 log_limiter: LogLimiter | None = None,
+                 spans: RequestSpans | None = None) -> None:
         """spans: emits the span of a traced record (None: tracing off, traces ignored)."""
         self.spans = spans
         self.aggregator = aggregator
@@ -75,73 +72,127 @@ class Ingestor:
         self.lock = lock
         self.max_k = max_k
         self.ack_after_export = ack_after_export
-        self._rejection_log = RateLimitedLog()
+        self.max_sequence_jump = max_sequence_jump
+        self.series = series if series is not None else SeriesBudget()
+        self._log = log_limiter if log_limiter is not None else LogLimiter()
 
     def snapshot(self) -> dict[str, int]:
         """Processed watermarks; the caller holds the lock."""
         return self.sources.processed_marks()
 
+    def parse(self, raw: bytes) -> telemetry_pb2.ReportRequest:
+        """A serialized ReportRequest; MalformedBatch (counted) when it does not parse."""
+        try:
+            return _ReportRequest.FromString(raw)
+        except (DecodeError, TypeError, ValueError) as exc:
+            # logged once, as the refused call (specdec_security.refusal_log)
+            self.aggregator.count_rejected("malformed_batch")
+            raise MalformedBatch(str(exc)) from None
+
     def process_bytes(self, raw: bytes) -> tuple[telemetry_pb2.ReportResponse, str]:
         """Parse and process one serialized ReportRequest: (response, source_id)."""
-        try:
-            req = _ReportRequest.FromString(raw)
-        except (DecodeError, TypeError, ValueError) as exc:
-            self.aggregator.received.add(0)
-            self.aggregator.count_rejected("malformed_batch")
-            self._log_rejection("malformed_batch", "", 0, error=str(exc))
-            raise MalformedBatch(str(exc)) from None
+        req = self.parse(raw)
         return self.process(req), req.source_id
 
     def process(self, req: telemetry_pb2.ReportRequest) -> telemetry_pb2.ReportResponse:
-        agg = self.aggregator
+        """Every slice of `req` at once."""
+        steps = self.steps(req)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def steps(self, req: telemetry_pb2.ReportRequest
+              ) -> Generator[None, None, telemetry_pb2.ReportResponse]:
+        """Process `req` SLICE_RECORDS records at a time, yielding between slices; returns the
+        response. Each slice runs under the lock and leaves the source's watermark and the
+        aggregates consistent with each other (an export between slices is exact)."""
         records = req.records
         n = len(records)
         sid = req.source_id
+        if not sid or len(sid) > MAX_SOURCE_ID_LEN:
+            reason = "missing_source_id" if not sid else "source_id_too_long"
+            with self.lock:
+                self.aggregator.received.add(n)
+                if n:
+                    self.aggregator.count_rejected(reason, n)
+            if n:
+                self._log_rejection(reason, sid, 0, records=n)
+            return _ReportResponse(rejected=n)
+        if not n:  # nothing to process: no table entry is made for it
+            with self.lock:
+                src = self.sources.peek(sid)
+                ack = 0 if src is None else (src.durable if self.ack_after_export
+                                             else src.processed)
+            return _ReportResponse(acknowledged_through_sequence=ack)
+        counts = [0, 0, 0]  # accepted, duplicates, rejected
+        ack = 0
+        for start in range(0, n, SLICE_RECORDS):
+            if start:
+                yield
+            ack = self._process_slice(sid, records, start, min(n, start + SLICE_RECORDS),
+                                      counts)
+        return _ReportResponse(acknowledged_through_sequence=ack, accepted=counts[0],
+                               duplicates=counts[1], rejected=counts[2])
+
+    def _process_slice(self, sid: str, records, start: int, stop: int, counts: list[int]) -> int:
+        agg = self.aggregator
         max_k = self.max_k
+        max_jump = self.max_sequence_jump
+        admit = self.series.admit
         spans = self.spans
         with self.lock:
-            agg.received.add(n)
-            if not sid:
-                if n:
-                    agg.count_rejected("missing_source_id", n)
-                    self._log_rejection("missing_source_id", "", 0, records=n)
-                return _ReportResponse(rejected=n)
+            agg.received.add(stop - start)
+            # looked up per slice: another stream may have made the table forget it meanwhile
             src = self.sources.get(sid)
             wm = src.processed
             batch: dict[Hashable, BatchSums] = {}
             ok = dup = rej = drops = 0
             reasons: dict[str, int] | None = None
-            for rec in records:
+            for i in range(start, stop):
+                rec = records[i]
                 seq = rec.sequence
                 if seq <= wm:
                     if seq:
                         dup += 1
                         continue
-                    reason = "invalid_sequence"  # not deduplicable: its drops are not counted
+                    reason = "invalid_sequence"  # not deduplicable
                 else:
-                    wm = seq
                     try:
                         dropped_before = rec.dropped_before
-                        if dropped_before > MAX_COUNT:  # garbage: neither it nor the record
+                        # A known source's sequence advances by one plus the records it
+                        # dropped in between (see dedupe.py); max_jump is the slack for
+                        # records processed by another sidecar meanwhile. A record beyond it,
+                        # or with an absurd drop count, does not move the watermark, so it
+                        # cannot blank out the source's later records.
+                        if dropped_before > MAX_DROPPED_BEFORE:
                             reason = "count_out_of_range"
+                        elif wm and seq - wm - 1 - dropped_before > max_jump:
+                            reason = "sequence_jump"
                         else:
-                            # The drops before a record are counted when the record is new,
-                            # whatever becomes of it (valid or rejected): they happened.
-                            drops += dropped_before
-                            if rec.HasField("metrics"):
+                            wm = seq
+                            if not rec.HasField("metrics"):
+                                reason = "missing_metrics"
+                            else:
                                 m = rec.metrics
                                 reason = check(m, max_k)
+                                if reason is None:
+                                    reason = admit((m.target_model, m.method, m.draft_model,
+                                                    m.num_draft_tokens), src)
                                 if reason is None:
                                     if spans is not None and rec.HasField("trace"):
                                         accumulate(batch, m, spans.emit(m, rec.trace))
                                     else:
                                         accumulate(batch, m)
+                                    # drops ride on valid records only: a rejected record's
+                                    # claim is not believed
+                                    drops += dropped_before
                                     ok += 1
                                     continue
-                            else:
-                                reason = "missing_metrics"
                     except Exception:
-                        log.exception("record processing failed", source_id=sid, sequence=seq)
+                        log.exception("record_processing_failed", source_id=clip(sid, LOG_ID_CHARS),
+                                      sequence=seq)
                         reason = "internal_error"
                 rej += 1
                 if reasons is None:
@@ -152,7 +203,7 @@ class Ingestor:
                 try:
                     agg.commit(batch)
                 except Exception:  # a bug, not the client's fault: never crash the stream
-                    log.exception("aggregation failed", source_id=sid)
+                    log.exception("aggregation_failed", source_id=clip(sid, LOG_ID_CHARS))
                     agg.count_rejected("internal_error", ok)
             src.processed = wm
             if dup:
@@ -162,34 +213,48 @@ class Ingestor:
                     agg.count_rejected(reason, count)
             if drops:
                 agg.service_dropped.add(drops)
-            ack = src.durable if self.ack_after_export else wm
-        return _ReportResponse(acknowledged_through_sequence=ack, accepted=ok, duplicates=dup,
-                               rejected=rej)
+            counts[0] += ok
+            counts[1] += dup
+            counts[2] += rej
+            return src.durable if self.ack_after_export else wm
 
-    def _log_rejection(self, reason: str, source_id: str, sequence: int, **kw) -> None:
-        allowed, suppressed = self._rejection_log.allow(reason)
-        if allowed:
-            log.warning("record rejected", reason=reason, source_id=source_id,
-                        sequence=sequence, suppressed_since_last=suppressed, **kw)
+    def _log_rejection(self, reason: str, source_id: str, sequence: int, **fields) -> None:
+        self._log.log(log.warning, "record_rejected", reason, reason=reason,
+                      source_id=clip(source_id, LOG_ID_CHARS), sequence=sequence, **fields)
 
 
 def _request_id(rec: telemetry_pb2.MetricsRecord) -> str:
     try:
-        return rec.metrics.request_id[:128]
+        return clip(rec.metrics.request_id, LOG_ID_CHARS)
     except Exception:
         return ""
 
 
 class _Stream:
-    __slots__ = ("queue", "sources", "peer")
+    __slots__ = ("queue", "credit", "sources", "peer")
 
     def __init__(self, peer: str) -> None:
+        # Items: ReportResponse objects, a MalformedBatch, or _END. A batch's response takes
+        # one credit, given back once it is written: a client that sends batches but never
+        # reads the responses stops being read after MAX_UNSENT_RESPONSES of them, instead
+        # of growing this queue without bound. (Pushed acknowledgements take none: at most
+        # one per source per export.)
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.credit = asyncio.Semaphore(MAX_UNSENT_RESPONSES)
         self.sources: set[str] = set()
         self.peer = peer
 
 
 _END = object()
+
+
+class _BatchResponse:
+    """The answer to one batch (it holds one of its stream's credits until written)."""
+
+    __slots__ = ("response",)
+
+    def __init__(self, response: telemetry_pb2.ReportResponse) -> None:
+        self.response = response
 
 
 class TelemetryIngest:
@@ -201,6 +266,12 @@ class TelemetryIngest:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.accepting = True
         self.open_streams = 0
+        self._open: set[_Stream] = set()
+
+    def queued_responses(self) -> int:
+        """Responses waiting to be written, over every open stream (bounded by
+        MAX_UNSENT_RESPONSES per stream, plus pushed acknowledgements)."""
+        return sum(stream.queue.qsize() for stream in self._open)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -237,6 +308,7 @@ class TelemetryIngest:
     async def report(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         stream = _Stream(context.peer())
         self.open_streams += 1
+        self._open.add(stream)
         reader = asyncio.ensure_future(self._read(request_iterator, stream))
         abort_message = None
         try:
@@ -247,9 +319,14 @@ class TelemetryIngest:
                 if isinstance(item, MalformedBatch):
                     abort_message = f"malformed ReportRequest: {item}"
                     break
-                await context.write(item)
+                if isinstance(item, _BatchResponse):
+                    await context.write(item.response)
+                    stream.credit.release()
+                else:
+                    await context.write(item)
         finally:
             self.open_streams -= 1
+            self._open.discard(stream)
             reader.cancel()
             for sid in stream.sources:
                 group = self._streams.get(sid)
@@ -261,28 +338,40 @@ class TelemetryIngest:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, abort_message)
 
     async def _read(self, request_iterator, stream: _Stream) -> None:
+        ingestor = self.ingestor
         try:
             async for raw in request_iterator:
                 if not self.accepting:
                     break  # shutting down: what is not acknowledged will be resent
+                await stream.credit.acquire()  # waits while the client reads no responses
                 try:
-                    resp, sid = self.ingestor.process_bytes(raw)
+                    req = ingestor.parse(raw)
+                    steps = ingestor.steps(req)
+                    while True:
+                        try:
+                            next(steps)
+                        except StopIteration as done:
+                            resp = done.value
+                            break
+                        await asyncio.sleep(0)  # let the other streams in between slices
                 except MalformedBatch as exc:
                     stream.queue.put_nowait(exc)
                     return
                 except Exception:
-                    log.exception("batch processing failed")
+                    log.exception("batch_processing_failed")
+                    stream.credit.release()
                     continue
+                sid = req.source_id
                 # register for pushed acknowledgements once the source is known
-                if self.ingestor.ack_after_export:
-                    if sid and sid not in stream.sources:
-                        stream.sources.add(sid)
-                        self._streams.setdefault(sid, set()).add(stream)
-                stream.queue.put_nowait(resp)
+                if ingestor.ack_after_export and sid and sid not in stream.sources \
+                        and len(stream.sources) < MAX_SOURCES_PER_STREAM \
+                        and ingestor.sources.peek(sid) is not None:
+                    stream.sources.add(sid)
+                    self._streams.setdefault(sid, set()).add(stream)
+                stream.queue.put_nowait(_BatchResponse(resp))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the client went away, or the call was cancelled
-            log.debug("report stream ended", peer=stream.peer, error=repr(exc))
+            log.debug("report_stream_ended", peer=stream.peer, error=repr(exc))
         finally:
             stream.queue.put_nowait(_END)
-

@@ -19,14 +19,17 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from specdec.v1 import telemetry_pb2
 from specdec_security import SecuredServer
+from specdec_security.reflection import reflection_pool
 from telemetry.aggregation import Aggregator, views
 from telemetry.config import SidecarConfig
 from telemetry.dedupe import SourceTable
 from telemetry.export import ExportSetup
 from telemetry.ingest import SERVICE_NAME, Ingestor, TelemetryIngest
+from telemetry.series_budget import SeriesBudget
 from telemetry.tracing import RequestSpans, build_otlp_span_exporter
 from telemetry.windows import SlidingWindow
 
@@ -45,6 +48,9 @@ SERVER_OPTIONS = [
 class Sidecar:
     def __init__(self, config: SidecarConfig) -> None:
         self.config = config
+        # First: it reads and checks the certificate and token files, and a bad one must stop
+        # the start before the export threads below exist.
+        self.security = SecuredServer(config.security, env_prefix="SPECDEC_SIDECAR_")
         self.lock = threading.Lock()
         self.sources = SourceTable(config.max_sources, config.max_source_bytes,
                                    config.source_idle_s,
@@ -74,10 +80,12 @@ class Sidecar:
                                       on_ignored=self.aggregator.count_trace_ignored)
         self.ingestor = Ingestor(self.aggregator, self.sources, self.lock,
                                  max_k=config.max_k, ack_after_export=ack_after_export,
-                                 spans=self.spans)
+                                 spans=self.spans,
+                                 max_sequence_jump=config.max_sequence_jump,
+                                 series=SeriesBudget(config.max_series,
+                                                     config.max_series_per_source))
         self._ingest = TelemetryIngest(self.ingestor)
         self.health = health_aio.HealthServicer()
-        self.security = SecuredServer(config.security, env_prefix="SPECDEC_SIDECAR_")
         self.server: grpc.aio.Server | None = None
         self.port: int = 0
         self._stopped: asyncio.Event | None = None  # created on the loop in start()
@@ -107,7 +115,9 @@ class Sidecar:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
+             reflection.SERVICE_NAME), server,
+            pool=reflection_pool(telemetry_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR,
+                                 reflection_pb2.DESCRIPTOR))
         self.port = self.security.add_port(server, self.config.listen)
         if not self.port:
             raise RuntimeError(f"cannot listen on {self.config.listen}")

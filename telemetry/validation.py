@@ -18,7 +18,12 @@ from specdec.v1 import metrics_pb2, telemetry_pb2
 # Bounds that are not contract invariants but keep garbage from hurting the sidecar:
 DEFAULT_MAX_K = 64  # longest speculation the sidecar accepts (array lengths, label cardinality)
 MAX_IDENTITY_LEN = 256  # target/draft model name length (they become attribute values)
+MAX_STRING_LEN = 256  # request_id (the service allows 128) and instance_id
+MAX_SOURCE_ID_LEN = 512  # ReportRequest.source_id: the reporter's is instance id + 22 characters
+MAX_SECONDS = 1e6  # any timing above this (11.6 days) is garbage; keeps histogram sums finite
 MAX_COUNT = 1 << 40  # any per-request counter above this is garbage (OTLP ints are int64)
+# MetricsRecord.dropped_before above this is garbage (25 days of drops at 2,000 records/s)
+MAX_DROPPED_BEFORE = 1 << 32
 RATIO_REL_TOL = 1e-6  # accept_rate / accept_length vs. the counters
 TIME_TOL_S = 1e-6  # ordering of the monotonic timings
 
@@ -37,11 +42,16 @@ REASONS: tuple[str, ...] = (
     "invalid_sequence",  # sequence 0 (sequences start at 1); set by the ingest, not by check()
     "missing_metrics",  # record without a SpeculativeMetrics; set by the ingest
     "missing_source_id",  # batch without source_id; set by the ingest
+    "source_id_too_long",  # source_id over MAX_SOURCE_ID_LEN characters; set by the ingest
+    # a known source's sequence ahead of its watermark by more than the records it says it
+    # dropped plus --max-sequence-jump; set by the ingest
+    "sequence_jump",
     "unknown_method",
     "unspecified_method",  # SPECULATION_METHOD_UNSPECIFIED: a service always names its drafter
     "unknown_finish_reason",
     "unspecified_finish_reason",  # FINISH_REASON_UNSPECIFIED
     "identity_too_long",
+    "string_too_long",  # request_id or instance_id over MAX_STRING_LEN characters
     "num_draft_tokens_too_large",
     "num_draft_tokens_without_speculation",  # method NONE needs k = 0
     "draft_model_without_draft_method",  # draft_model set but method is not DRAFT_MODEL
@@ -73,8 +83,13 @@ REASONS: tuple[str, ...] = (
     "accept_length_presence",  # present iff verify_passes > 0
     "accept_length_mismatch",
     "invalid_timing",  # negative or non-finite
+    "timing_out_of_range",  # above MAX_SECONDS
     "timing_order",  # queue_time <= time_to_first_token <= duration
     "time_to_first_token_missing",  # tokens were emitted but no first-token time
+    # a new identity (model, method, draft model, k) beyond --max-series or the source's
+    # --max-series-per-source; set by the ingest
+    "series_limit",
+    "source_series_limit",
     "malformed_batch",  # unparseable ReportRequest (counted per batch); set by the ingest
     "internal_error",  # a bug in the sidecar; set by the ingest, never expected
 )
@@ -94,6 +109,8 @@ def check(m: metrics_pb2.SpeculativeMetrics, max_k: int = DEFAULT_MAX_K) -> str 
         return "unspecified_finish_reason"
     if len(m.target_model) > MAX_IDENTITY_LEN or len(m.draft_model) > MAX_IDENTITY_LEN:
         return "identity_too_long"
+    if len(m.request_id) > MAX_STRING_LEN or len(m.instance_id) > MAX_STRING_LEN:
+        return "string_too_long"
     k = m.num_draft_tokens
     if k > max_k:
         return "num_draft_tokens_too_large"
@@ -183,6 +200,8 @@ def check(m: metrics_pb2.SpeculativeMetrics, max_k: int = DEFAULT_MAX_K) -> str 
     duration = m.duration_seconds
     if not (_isfinite(queue) and _isfinite(duration) and queue >= 0.0 and duration >= 0.0):
         return "invalid_timing"
+    if duration > MAX_SECONDS:  # queue <= ttft <= duration bounds the others
+        return "timing_out_of_range"
     if queue > duration + TIME_TOL_S:
         return "timing_order"
     if m.HasField("time_to_first_token_seconds"):

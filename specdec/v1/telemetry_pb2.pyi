@@ -38,8 +38,9 @@ class MetricsRecord(_message.Message):
     """Records this source dropped immediately before this one, i.e. since the previous record
     it kept: from its full buffer (the sequence gap before this record), or when reported,
     before getting a sequence number, as larger than a batch may be. The drop count
-    travels with the record, so it is counted exactly when the record is processed as new:
-    once per record, including when the record is rejected, and never for a duplicate.
+    travels with the record, so it is counted exactly when the record is processed as new
+    and valid: once per record, never for a duplicate, and not for a rejected record (whose
+    claim the sidecar does not believe). At most 2^32.
     """
     @_builtins.property
     def metrics(self) -> _metrics_pb2.SpeculativeMetrics:

@@ -219,3 +219,52 @@ def test_unusable_files_stop_the_start_naming_the_setting(certs, token_file, swa
         args[args.index(flag) + 1] = certs.path(name)
     assert main(["--listen", "127.0.0.1:0", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_bad_token_file_stops_the_sidecar_before_its_exporters_start(certs, tmp_path) -> None:
+    """The security files are checked before the export set-up: a refused start leaves no
+    Prometheus endpoint thread listening on the scrape port."""
+    import socket
+    import threading
+
+    from telemetry.server import Sidecar
+    from tests.telemetry.support import free_port
+
+    bad_tokens = tmp_path / "bad.tokens"
+    bad_tokens.write_text("short\n")  # below the 16-character minimum
+    port = free_port()
+    config = SidecarConfig.from_args(
+        ["--listen", "127.0.0.1:0", "--exporters", "prometheus",
+         "--prometheus-address", f"127.0.0.1:{port}", "--auth-tokens-file", str(bad_tokens)],
+        environ={})
+    threads_before = set(threading.enumerate())
+    with pytest.raises(SecuritySetupError, match="SPECDEC_SIDECAR_AUTH_TOKENS_FILE"):
+        Sidecar(config)
+    assert set(threading.enumerate()) <= threads_before
+    with socket.socket() as probe:  # nobody holds the scrape port
+        probe.bind(("127.0.0.1", port))
+
+
+def test_reflection_serves_the_ingest_api_only(sidecar_thread_factory) -> None:
+    """The process's default pool holds other .proto files (here generation.proto, and the
+    OTLP exporter's when OTLP is on); reflection serves telemetry.proto, its imports, health
+    and reflection only."""
+    from google.protobuf import descriptor_pool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    from specdec.v1 import generation_pb2
+
+    assert descriptor_pool.Default().FindFileByName(generation_pb2.DESCRIPTOR.name)
+    sidecar = sidecar_thread_factory(["--exporters", "none"])
+    with grpc.insecure_channel(sidecar.address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert database.FindFileContainingSymbol("specdec.v1.TelemetryService").name == \
+            "specdec/v1/telemetry.proto"
+        assert database.FindFileByName("specdec/v1/metrics.proto").name == "specdec/v1/metrics.proto"
+        assert database.FindFileContainingSymbol("grpc.health.v1.Health").name
+        for lookup, name in ((database.FindFileByName, "specdec/v1/generation.proto"),
+                             (database.FindFileContainingSymbol, "specdec.v1.GenerationService")):
+            with pytest.raises(KeyError):
+                lookup(name)

@@ -132,3 +132,20 @@ def test_tracing_flag_variable_and_traces_protocol():
         cfg(["--tracing", "true"], OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/json")
     with pytest.raises(ConfigError, match="--span-service-name"):
         cfg(["--tracing", "true", "--span-service-name", ""])
+
+
+def test_ingest_bounds_flags_and_variables():
+    c = cfg()
+    assert (c.max_sequence_jump, c.max_series, c.max_series_per_source) == (1_000_000, 500, 200)
+    env = {"SPECDEC_SIDECAR_MAX_SEQUENCE_JUMP": "50", "SPECDEC_SIDECAR_MAX_SERIES": "300",
+           "SPECDEC_SIDECAR_MAX_SERIES_PER_SOURCE": "30"}
+    c = cfg(**env)
+    assert (c.max_sequence_jump, c.max_series, c.max_series_per_source) == (50, 300, 30)
+    c = cfg(["--max-sequence-jump", "0", "--max-series", "100", "--max-series-per-source", "100"],
+            **env)
+    assert (c.max_sequence_jump, c.max_series, c.max_series_per_source) == (0, 100, 100)
+    for argv in (["--max-sequence-jump", "-1"], ["--max-series", "0"],
+                 ["--max-series", "2000"], ["--max-series-per-source", "0"],
+                 ["--max-series", "10", "--max-series-per-source", "11"]):
+        with pytest.raises(ConfigError, match=argv[-2]):
+            cfg(argv)

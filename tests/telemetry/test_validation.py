@@ -35,7 +35,9 @@ def test_each_broken_invariant_is_named(name):
     assert reason in REASONS
     assert check(m) == reason
     # Bounds of the sidecar's configuration, not contract invariants.
-    sidecar_only = {"identity_too_long", "count_out_of_range", "k_too_large", "huge_k"}
+    sidecar_only = {"identity_too_long", "count_out_of_range", "k_too_large", "huge_k",
+                    "draft_model_too_long", "request_id_too_long", "instance_id_too_long",
+                    "huge_duration", "duration_beyond_bound"}
     if name not in sidecar_only:
         # the independent oracle (tests/support) agrees the record is invalid
         with pytest.raises(AssertionError):
@@ -44,6 +46,7 @@ def test_each_broken_invariant_is_named(name):
 
 def test_every_check_reason_is_exercised():
     ingest_only = {"invalid_sequence", "missing_metrics", "missing_source_id",
+                   "source_id_too_long", "sequence_jump", "series_limit", "source_series_limit",
                    "malformed_batch", "internal_error",
                    # implied by earlier checks, unreachable alone (see mutations.py)
                    "accepted_exceeds_proposed", "proposed_exceeds_capacity",
