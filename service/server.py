@@ -19,8 +19,6 @@ from typing import Any, Callable
 
 import grpc
 import structlog
-from google.protobuf import descriptor_pb2, descriptor_pool
-from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
@@ -35,6 +33,7 @@ from service.request_trace import CapturedTrace
 from service.servicer import GenerationServicer, ServingState
 from specdec.v1 import generation_pb2
 from specdec_security import SecuredServer
+from specdec_security.reflection import reflection_pool
 
 log = structlog.get_logger(__name__)
 
@@ -89,27 +88,6 @@ def served_as(loaded: Any, spec: str) -> Any:
     if spec in REGISTRY or not path.exists():
         return loaded
     return dataclasses.replace(loaded, name=path.name)
-
-
-def reflection_pool(*files: FileDescriptor) -> descriptor_pool.DescriptorPool:
-    """A descriptor pool of `files` and their imports only. Reflection would otherwise serve
-    every .proto the process has loaded, the reporter's internal telemetry.proto included."""
-    pool = descriptor_pool.DescriptorPool()
-    added: set[str] = set()
-
-    def add(file: FileDescriptor) -> None:
-        if file.name in added:
-            return
-        for dependency in file.dependencies:
-            add(dependency)
-        proto = descriptor_pb2.FileDescriptorProto()
-        file.CopyToProto(proto)
-        pool.AddSerializedFile(proto.SerializeToString())
-        added.add(file.name)
-
-    for file in files:
-        add(file)
-    return pool
 
 
 def server_info(engine: Any, config: ServiceConfig) -> generation_pb2.GetServerInfoResponse:
