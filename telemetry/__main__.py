@@ -25,10 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return serve(config)
     except SecuritySetupError as exc:  # a TLS or token file that cannot be used
-        structlog.get_logger(__name__).error("sidecar failed", error=str(exc))
+        structlog.get_logger(__name__).error("sidecar_failed", error=str(exc))
         return 2
     except Exception:
-        structlog.get_logger(__name__).exception("sidecar failed")
+        structlog.get_logger(__name__).exception("sidecar_failed")
         return 1
 
 

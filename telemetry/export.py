@@ -126,7 +126,7 @@ class AckingPeriodicReader(MetricReader):
             try:
                 self.export_now()
             except Exception:  # never let the ticker die
-                log.exception("export tick failed")
+                log.exception("export_tick_failed")
 
     def export_now(self, timeout_ms: float | None = None) -> bool:
         """Collect, export and (on success) release the acknowledgements. Thread-safe."""
@@ -140,7 +140,7 @@ class AckingPeriodicReader(MetricReader):
                 marks = self._snapshot()
                 self.collect(timeout_millis=timeout_ms)  # -> _receive_metrics
             except Exception:
-                log.exception("metric collection failed")
+                log.exception("metric_collection_failed")
                 self._result = False
             finally:
                 if self._holding:
@@ -166,9 +166,9 @@ class AckingPeriodicReader(MetricReader):
             result = self._exporter.export(metrics_data, timeout_millis=timeout_millis)
             self._result = result is MetricExportResult.SUCCESS
             if not self._result:
-                log.warning("metric export failed", result=str(result))
+                log.warning("metric_export_failed", result=str(result))
         except Exception as exc:
-            log.warning("metric export raised", error=repr(exc))
+            log.warning("metric_export_raised", error=repr(exc))
             self._result = False
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
@@ -262,6 +262,6 @@ class ExportSetup:
         try:
             self.provider.shutdown(timeout_millis=timeout_ms)
         except Exception:
-            log.exception("meter provider shutdown failed")
+            log.exception("meter_provider_shutdown_failed")
         if self.prometheus is not None:
             self.prometheus.close()

@@ -126,7 +126,7 @@ class Sidecar:
         self.export.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("sidecar started", listen=self.address, exporters=list(self.config.exporters),
+        log.info("sidecar_started", listen=self.address, exporters=list(self.config.exporters),
                  prometheus=self.prometheus_address, ack_mode=self.config.ack_mode,
                  tracing=self.config.tracing,
                  export_interval_ms=self.config.export_interval_ms,
@@ -149,7 +149,7 @@ class Sidecar:
             ok = await loop.run_in_executor(
                 None, self.export.final_export, max(1.0, grace_s * 0.8) * 1000)
             if ok is not None:
-                log.info("final export", success=ok)
+                log.info("final_export", success=ok)
             # let the stream writers send the acknowledgements the final export released
             for _ in range(20):
                 await asyncio.sleep(0.01)
@@ -159,7 +159,7 @@ class Sidecar:
             await loop.run_in_executor(None, self.export.shutdown, 2000)
             if self.spans is not None:
                 await loop.run_in_executor(None, self.spans.shutdown, 2000)
-            log.info("sidecar stopped")
+            log.info("sidecar_stopped")
             self._stopped.set()
 
 
@@ -170,7 +170,7 @@ async def _run(config: SidecarConfig) -> int:
     stop_task: list[asyncio.Task] = []
 
     def on_signal(signame: str) -> None:
-        log.info("signal received, stopping", signal=signame)
+        log.info("signal_received_stopping", signal=signame)
         if not stop_task:
             stop_task.append(loop.create_task(sidecar.stop()))
 

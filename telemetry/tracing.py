@@ -189,7 +189,7 @@ class RequestSpans:
             except _InvalidTraceState:
                 reason = "trace_state_invalid"
             except Exception:  # a bug here must cost the span, never the record
-                log.exception("span emission failed", request_id=m.request_id)
+                log.exception("span_emission_failed", request_id=m.request_id)
                 reason = "internal_error"
         self._on_ignored(reason)
         return None
@@ -235,4 +235,4 @@ class RequestSpans:
             self._processor.force_flush(int(timeout_ms))
             self._processor.shutdown()
         except Exception:
-            log.exception("span processor shutdown failed")
+            log.exception("span_processor_shutdown_failed")

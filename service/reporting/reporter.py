@@ -271,7 +271,7 @@ class MetricsReporter:
         )
         self._thread = threading.Thread(target=self._run, name="metrics-reporter", daemon=True)
         self._thread.start()
-        log.info("metrics reporter started", target=self.target, source_id=self.source_id,
+        log.info("metrics_reporter_started", target=self.target, source_id=self.source_id,
                  buffer_size=self.buffer_size, batch_size=self.batch_size)
         return self
 
@@ -294,7 +294,7 @@ class MetricsReporter:
             self._channel.close()
         self._closed.set()
         st = self.stats
-        log.info("metrics reporter stopped", flushed=flushed, sent=st.sent, acked=st.acked,
+        log.info("metrics_reporter_stopped", flushed=flushed, sent=st.sent, acked=st.acked,
                  dropped=st.dropped, unacknowledged=st.pending, reconnects=st.reconnects)
         return flushed
 
@@ -326,7 +326,7 @@ class MetricsReporter:
                 error = f"{code}: {exc.details() if hasattr(exc, 'details') else exc}"
             except Exception as exc:  # a bug here must not kill reporting for good
                 error = repr(exc)
-                log.exception("metrics reporter stream failed")
+                log.exception("metrics_reporter_stream_failed")
             with self._cond:
                 stream.dead = True
                 self._connected = False
@@ -340,7 +340,7 @@ class MetricsReporter:
             delay = min(self.backoff_max_s, self.backoff_initial_s * (2 ** attempt))
             delay *= random.uniform(0.5, 1.0)  # jitter: reporters do not reconnect in lockstep
             attempt = min(attempt + 1, 30)
-            log.info("telemetry stream down, reconnecting", target=self.target, error=error,
+            log.info("telemetry_stream_down_reconnecting", target=self.target, error=error,
                      retry_in_s=round(delay, 3), unacknowledged=self.stats.pending)
             if self._stop_event.wait(delay):
                 return
@@ -422,8 +422,8 @@ class MetricsReporter:
         now = time.monotonic()
         if now - self._drop_logged_at < self.drop_log_interval_s and self._dropped_logged:
             return
-        log.warning("metrics reporter dropped records: the oldest unsent of a full buffer, or "
-                    "records larger than max_batch_bytes",
+        log.warning("metrics_reporter_dropped_records",
+                    note="the oldest unsent of a full buffer, or records larger than max_batch_bytes",
                     dropped_total=dropped, dropped_since_last_log=dropped - self._dropped_logged,
                     too_large_total=self._oversized, buffer_size=self.buffer_size,
                     max_batch_bytes=self.max_batch_bytes)
