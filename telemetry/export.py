@@ -14,7 +14,6 @@ those are the records the sidecar may now acknowledge.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Callable
 
 import structlog
@@ -111,9 +110,7 @@ class AckingPeriodicReader(MetricReader):
         self._result: bool | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.exports_ok = 0
         self.exports_failed = 0
-        self.last_export_duration_s = 0.0
 
     def start(self) -> None:
         if self._thread is None:
@@ -132,7 +129,6 @@ class AckingPeriodicReader(MetricReader):
         """Collect, export and (on success) release the acknowledgements. Thread-safe."""
         timeout_ms = self._timeout_ms if timeout_ms is None else timeout_ms
         with self._export_lock:
-            t0 = time.monotonic()
             self._result = None
             self._agg_lock.acquire()
             self._holding = True
@@ -147,9 +143,7 @@ class AckingPeriodicReader(MetricReader):
                     self._holding = False
                     self._agg_lock.release()
             ok = bool(self._result)
-            self.last_export_duration_s = time.monotonic() - t0
             if ok:
-                self.exports_ok += 1
                 self._on_exported(marks)
             else:
                 self.exports_failed += 1

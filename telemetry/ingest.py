@@ -76,10 +76,6 @@ class Ingestor:
         self.series = series if series is not None else SeriesBudget()
         self._log = log_limiter if log_limiter is not None else LogLimiter()
 
-    def snapshot(self) -> dict[str, int]:
-        """Processed watermarks; the caller holds the lock."""
-        return self.sources.processed_marks()
-
     def parse(self, raw: bytes) -> telemetry_pb2.ReportRequest:
         """A serialized ReportRequest; MalformedBatch (counted) when it does not parse."""
         try:
@@ -265,7 +261,6 @@ class TelemetryIngest:
         self._streams: dict[str, set[_Stream]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.accepting = True
-        self.open_streams = 0
         self._open: set[_Stream] = set()
 
     def queued_responses(self) -> int:
@@ -307,7 +302,6 @@ class TelemetryIngest:
     # ---- the stream ------------------------------------------------------------------------
     async def report(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         stream = _Stream(context.peer())
-        self.open_streams += 1
         self._open.add(stream)
         reader = asyncio.ensure_future(self._read(request_iterator, stream))
         abort_message = None
@@ -325,7 +319,6 @@ class TelemetryIngest:
                 else:
                     await context.write(item)
         finally:
-            self.open_streams -= 1
             self._open.discard(stream)
             reader.cancel()
             for sid in stream.sources:
