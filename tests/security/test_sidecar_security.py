@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -15,7 +17,7 @@ from service.reporting import MetricsReporter
 from specdec.v1 import telemetry_pb2
 from specdec_security import ClientSecurity, SecuritySetupError
 from telemetry.config import ConfigError, SidecarConfig
-from tests.security.conftest import TOKEN_A, TOKEN_B
+from tests.security.conftest import REPO, TOKEN_A, TOKEN_B
 from tests.telemetry.support import simulate_metrics, wait_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -268,3 +270,21 @@ def test_reflection_serves_the_ingest_api_only(sidecar_thread_factory) -> None:
                              (database.FindFileContainingSymbol, "specdec.v1.GenerationService")):
             with pytest.raises(KeyError):
                 lookup(name)
+
+
+def test_the_images_health_probe_speaks_mutual_tls(certs, token_file, sidecar_thread_factory) -> None:
+    """deploy/grpc_health_probe.py, as compose.secure.yml runs it: TLS with the CA and a
+    client certificate, no token (health stays open)."""
+    sidecar = sidecar_thread_factory(secure_args(certs, token_file(TOKEN_A)))
+    probe = [sys.executable, str(REPO / "deploy" / "grpc_health_probe.py"), "--addr", sidecar.address,
+             "--timeout", "5"]
+    mutual = ["--tls-ca-file", certs.ca, "--tls-cert-file", certs.client_cert,
+              "--tls-key-file", certs.client_key]
+    done = subprocess.run([*probe, *mutual], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "SERVING" in done.stdout, done
+    for args in ([], ["--tls-ca-file", certs.ca]):  # plaintext; TLS without a client certificate
+        done = subprocess.run([*probe, *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and "UNAVAILABLE" in done.stderr, done
+    done = subprocess.run([*probe, "--tls-cert-file", certs.client_cert], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "go together" in done.stderr, done

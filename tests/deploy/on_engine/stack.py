@@ -23,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 OVERRIDE = Path(__file__).with_name("compose.test.yml")
 PIP_CA = REPO / "deploy" / "compose.pip-ca.yml"
+SECURE = REPO / "deploy" / "compose.secure.yml"
 CLIENT = Path(sys.executable).with_name("specdec-client")
 # SPECDEC_GRACE_PERIOD_S of the test stack (the shipped default is 30 s).
 DRAIN_GRACE_S = 90

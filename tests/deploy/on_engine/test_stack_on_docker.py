@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.metrics_format import metrics_to_dict
 from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
 
-from tests.deploy.on_engine.stack import DRAIN_GRACE_S, PIP_CA, REPO, Stack, Totals, run
+from tests.deploy.on_engine.stack import CLIENT, DRAIN_GRACE_S, PIP_CA, REPO, SECURE, Stack, Totals, run
 
 if not os.environ.get("SPECDEC_DEPLOY_PYTHON_BASE"):
     pytest.skip("run by `make test-deploy` (needs its own Docker daemon and local base images)",
@@ -332,6 +332,40 @@ def test_restart_reuses_the_model_cache(stack, totals) -> None:
                            max_tokens=8)
     totals.add(results)
     stack.wait_counters(totals.values)  # Prometheus' data volume survived `down` too
+
+
+def test_secure_stack_serves_mutual_tls_and_tokens(stack, totals, tmp_path) -> None:
+    """deploy/compose.secure.yml as docs/operations.md runs it: certificates from
+    scripts/make_certs.sh, tokens, the containers' user owning the keys; the images' health
+    probe speaks mutual TLS (`--wait` needs both healthy); the reporter's stream to the
+    sidecar is mutual TLS with a token (the sidecar counts the requests)."""
+    certs = tmp_path / "certs"
+    run(["bash", str(REPO / "scripts" / "make_certs.sh"), str(certs), "service", "sidecar"],
+        stack.env, 60)
+    (certs / "client.token").write_text(os.urandom(32).hex() + "\n")
+    (certs / "reporter.token").write_text(os.urandom(32).hex() + "\n")
+    for name in ("server.key", "client.key", "client.token", "reporter.token"):
+        os.chown(certs / name, 10001, -1)  # the images' user `specdec`; mode stays 0600
+    stack.files.append(SECURE)
+    stack.env["SPECDEC_CERTS_DIR"] = str(certs)
+    stack.compose("up", "-d", *CPU_PROFILE, "--wait", "--wait-timeout", "400", timeout=450)
+    for name in ("sidecar", SERVICE):
+        logs = stack.logs(stack.container_running(name))
+        assert '"tls": true' in logs or "tls=True" in logs, logs[-2000:]
+    address = stack.service_address(SERVICE, 50051)
+    tls = {"SPECDEC_CLIENT_TLS_CA_FILE": str(certs / "ca.pem"),
+           "SPECDEC_CLIENT_TLS_CERT_FILE": str(certs / "client.pem"),
+           "SPECDEC_CLIENT_TLS_KEY_FILE": str(certs / "client.key")}
+    refused = run([str(CLIENT), "--target", address, "--max-tokens", "2", "hello"],
+                  {**stack.env, **tls}, 120, check=False)
+    assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
+    plaintext = run([str(CLIENT), "--target", address, "--max-tokens", "2", "--timeout", "10", "hello"],
+                    stack.env, 120, check=False)
+    assert plaintext.returncode == 2 and "UNAVAILABLE" in plaintext.stderr, plaintext.stderr
+    stack.env.update(tls, SPECDEC_CLIENT_AUTH_TOKEN_FILE=str(certs / "client.token"))
+    results = stack.client(address, requests=2, concurrency=2, max_tokens=8)
+    totals.add(results)
+    stack.wait_counters(totals.values)  # reported over mutual TLS with the reporter's token
 
 
 def test_down_leaves_nothing_running(stack) -> None:
