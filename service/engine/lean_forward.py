@@ -381,6 +381,7 @@ class LeanForward:
         keys: list[torch.Tensor],  # per layer [B, G, L, D] (views of the cache rows)
         values: list[torch.Tensor],  # per layer [B, G, L, D]
         last_only: bool = False,
+        last_at: torch.Tensor | None = None,  # [B] long: with last_only, each row's token (default T - 1)
     ) -> torch.Tensor:
         b, t = input_ids.shape
         kv_len = mask.shape[-1]
@@ -388,7 +389,7 @@ class LeanForward:
         x = F.embedding(input_ids, self.embed)  # [B, T, E]
         cos, sin = self.rotary(x, positions)  # [B, T, D] each
         if self.variant == "invariant":
-            return self._invariant_forward(x, cos, sin, write_pos, mask, keys, values, last_only)
+            return self._invariant_forward(x, cos, sin, write_pos, mask, keys, values, last_only, last_at)
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # [B, 1, T, D]
         if self.variant == "layer":
             with _compile_settings() if self.compiled else contextlib.nullcontext():
@@ -396,7 +397,7 @@ class LeanForward:
                     x = self.layer(x, cos, sin, write_pos, mask, k_cache, v_cache, layer.input_norm,
                                    layer.qkv_weight, layer.qkv_bias, layer.o_weight, layer.o_bias,
                                    layer.post_norm, layer.gate_up_weight, layer.down_weight)
-            return self._logits(x, last_only)
+            return self._logits(x, last_only, last_at)
         index = write_pos[:, None, :, None].expand(b, g, t, d)  # [B, G, T, D]
         for layer, k_cache, v_cache in zip(self.layers, keys, values):
             q, k, v = self.pre_attention(x, layer.input_norm, layer.qkv_weight, layer.qkv_bias,
@@ -408,11 +409,12 @@ class LeanForward:
                 scale=self.scale, enable_gqa=h != g)  # [B, H, T, D]
             x = self.post_attention(x, attn, layer.o_weight, layer.o_bias, layer.post_norm,
                                     layer.gate_up_weight, layer.down_weight, self.eps)
-        return self._logits(x, last_only)
+        return self._logits(x, last_only, last_at)
 
     def _invariant_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            write_pos: torch.Tensor, mask: torch.Tensor, keys: list[torch.Tensor],
-                           values: list[torch.Tensor], last_only: bool) -> torch.Tensor:
+                           values: list[torch.Tensor], last_only: bool,
+                           last_at: torch.Tensor | None) -> torch.Tensor:
         """The "invariant" variant: per layer seven row-invariant kernels (norm + QKV, rotary +
         cache write, attention over key chunks, combine, O + residual, norm + gate/up,
         SiLU product + down + residual)."""
@@ -428,14 +430,20 @@ class LeanForward:
             x = kernels.linear(attn, layer.o_weight, layer.o_bias, residual=x)
             gate_up = kernels.linear(x, layer.gate_up_weight, norm=layer.post_norm, eps=eps)  # [M, 2I]
             x = kernels.linear(gate_up, layer.down_weight, gated=True, residual=x)
-        x = x.view(b, t, e)
-        if last_only:
-            x = x[:, -1:]
+        x = _last_tokens(x.view(b, t, e), last_only, last_at)
         rows = x.reshape(-1, e)
         logits = kernels.linear(rows, self.lm_head, norm=self.final_norm, eps=eps, out_float32=True)
         return logits.view(b, -1, logits.shape[-1])  # [B, T', V] float32
 
-    def _logits(self, x: torch.Tensor, last_only: bool) -> torch.Tensor:
-        if last_only:
-            x = x[:, -1:]
+    def _logits(self, x: torch.Tensor, last_only: bool, last_at: torch.Tensor | None) -> torch.Tensor:
+        x = _last_tokens(x, last_only, last_at)
         return F.linear(rms_norm(x.float(), self.final_norm, self.eps), self.lm_head)  # [B, T', V] float32
+
+
+def _last_tokens(x: torch.Tensor, last_only: bool, last_at: torch.Tensor | None) -> torch.Tensor:
+    """x [B, T, E] -> [B, T', E]: every token, or with last_only one per row (last_at[b], or T - 1)."""
+    if not last_only:
+        return x
+    if last_at is None:
+        return x[:, -1:]
+    return x[torch.arange(x.shape[0], device=x.device), last_at][:, None]  # [B, 1, E]
