@@ -23,6 +23,8 @@ import torch._dynamo
 import torch.fx.experimental._config
 import torch.nn.functional as F
 
+from service.engine.device import to_device
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 VARIANTS = ("around_attention", "layer", "invariant")  # see LeanForward
 
@@ -303,7 +305,7 @@ class LeanForward:
     """
 
     def __init__(self, model: torch.nn.Module, compile: bool = False,
-                 variant: str = "around_attention") -> None:
+                 variant: str = "around_attention", dense_prefill: bool = True) -> None:
         if not supports(model, variant):
             raise ValueError(f"lean forward ({variant}) does not support this {model.config.model_type!r} model")
         if variant not in VARIANTS:
@@ -335,6 +337,16 @@ class LeanForward:
             self.pre_attention = torch.compile(pre_attention, dynamic=True)
             self.post_attention = torch.compile(post_attention, dynamic=True)
         self.rotary = decoder.rotary_emb
+        # Prefill passes (prefill()) of a half-precision model on a GPU with FlashAttention:
+        # cuBLAS and FlashAttention (service/engine/dense_prefill.py) instead of the invariant
+        # kernels, which are written for decode-sized passes. Only with the invariant variant,
+        # whose decode passes read a cache that any prefill may have written.
+        self._dense = None
+        if dense_prefill and variant == "invariant":
+            from service.engine import dense_prefill as dense
+
+            if dense.available(self.embed.device, self.embed.dtype, self.head_dim):
+                self._dense = dense
         self.layers: list[_Layer] = []
         for block in decoder.layers:
             attn, mlp = block.self_attn, block.mlp
@@ -410,6 +422,38 @@ class LeanForward:
             x = self.post_attention(x, attn, layer.o_weight, layer.o_bias, layer.post_norm,
                                     layer.gate_up_weight, layer.down_weight, self.eps)
         return self._logits(x, last_only, last_at)
+
+    @property
+    def dense_prefill(self) -> bool:
+        """True when prefill() runs on cuBLAS and FlashAttention (else it is __call__)."""
+        return self._dense is not None
+
+    def prefill(self, input_ids: torch.Tensor, starts: list[int], lengths: list[int],
+                keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        """A prefill pass: row b's tokens input_ids[b, :lengths[b]] ([B, T], the rest padding)
+        go to cache positions starts[b] .. starts[b] + lengths[b] - 1 and see the row's cache
+        below starts[b]. Returns float32 logits [B, 1, V] of each row's last real token.
+        Needs dense_prefill; padding tokens are neither computed nor written."""
+        dense = self._dense
+        if dense is None:
+            raise RuntimeError("prefill() needs the dense prefill (a half-precision model on a GPU with FlashAttention)")
+        b, t = input_ids.shape
+        h, g, d, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
+        cache_len = keys[0].shape[2]
+        packed = dense.pack(starts, lengths, t, cache_len, input_ids.device)
+        starts_t = to_device(starts, torch.long, input_ids.device)
+        positions = (starts_t[:, None] + torch.arange(t, device=input_ids.device)).view(-1)[packed.token_index]  # [N]
+        write_rows = packed.token_index // t  # [N]
+        write_pos = positions.clamp(max=cache_len - 1)
+        x = F.embedding(input_ids.view(-1)[packed.token_index], self.embed)  # [N, E]
+        cos, sin = self.rotary(x[None], positions[None])  # [1, N, D] each
+        cos, sin = cos[0, :, None].to(x.dtype), sin[0, :, None].to(x.dtype)  # [N, 1, D]
+        for layer, k_cache, v_cache in zip(self.layers, keys, values):
+            x = dense.layer(x, cos, sin, packed, write_rows, write_pos, k_cache, v_cache, layer,
+                            eps, h, g, d, self.scale)
+        rows = x[packed.last]  # [B, E]
+        logits = self._kernels.linear(rows, self.lm_head, norm=self.final_norm, eps=eps, out_float32=True)
+        return logits[:, None]  # [B, 1, V] float32
 
     def _invariant_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            write_pos: torch.Tensor, mask: torch.Tensor, keys: list[torch.Tensor],

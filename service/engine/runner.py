@@ -96,9 +96,13 @@ class ModelRunner:
         captured graph they are a view of the graphs' shared output buffer: valid until this
         runner's next forward (read them, or queue the kernels that do, before calling again).
         Positions past a row's real tokens (padding) write cache entries that the row's
-        length excludes; later writes overwrite them.
+        length excludes; later writes overwrite them (a dense prefill, LeanForward.prefill,
+        writes none).
         """
         width = input_ids.shape[1]
+        if last_only and self.lean is not None and self.lean.dense_prefill:  # a prefill: cuBLAS + FlashAttention
+            keys, values = self.cache.rows(lo, hi)
+            return self.lean.prefill(input_ids, starts, lengths or [width] * (hi - lo), keys, values)
         last_at = None  # [B] per row, the token whose logits last_only returns; None: the last
         if last_only and lengths is not None and min(lengths) < width:
             last_at = to_device([n - 1 for n in lengths], torch.long, self.device)
