@@ -9,8 +9,9 @@ prefill pass of a half-precision model runs as:
 
 - the rows' real tokens only, packed into one [N, E] matrix (padding tokens of the
   rectangular [B, T] batch are never computed nor written to the cache);
-- every linear through F.linear (cuBLAS), with the norms, rotary embedding, SiLU product and
-  residuals of lean_forward.py (the rounding points of transformers' bfloat16 Llama);
+- every linear through F.linear (cuBLAS); the norms, the rotary embedding with the cache
+  write, and the SiLU product as one Triton kernel each (service/engine/prefill_kernels.py),
+  rounding where transformers' bfloat16 Llama rounds;
 - attention through FlashAttention's variable-length kernel: row b's queries are its n_b new
   tokens, its keys the first starts[b] + n_b cache positions (its cached prefix and the keys
   this pass wrote), gathered packed; the kernel's causal mask is aligned to the end of
@@ -36,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from service.engine.device import to_device
-from service.engine.lean_forward import out_proj_and_mlp, rms_norm, rotate
 
 
 def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -107,13 +107,14 @@ def layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed: PackedR
           write_rows: torch.Tensor, write_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
           weights, eps: float, h: int, g: int, d: int, scale: float) -> torch.Tensor:
     """One decoder layer over packed tokens x [N, E]; writes their keys and values at
-    (write_rows, write_pos) [N] of k_cache, v_cache [B, G, L, D]. cos, sin: [N, 1, D]."""
+    (write_rows, write_pos) [N] of k_cache, v_cache [B, G, L, D]. cos, sin: [N, D]."""
+    from service.engine import prefill_kernels as kernels  # Triton: CUDA machines only
+
     n = x.shape[0]
-    qkv = F.linear(rms_norm(x, weights.input_norm, eps), weights.qkv_weight, weights.qkv_bias)  # [N, (H + 2G) D]
-    q, k, v = qkv.view(n, h + 2 * g, d).split((h, g, g), dim=1)
-    q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # [N, H, D], [N, G, D]
-    k_cache[write_rows, :, write_pos] = k
-    v_cache[write_rows, :, write_pos] = v
+    qkv = F.linear(kernels.rms_norm(x, weights.input_norm, eps), weights.qkv_weight, weights.qkv_bias)
+    kernels.rotary_and_write(qkv, cos, sin, write_rows, write_pos, k_cache, v_cache, h, g, d)
+    q = qkv.view(n, h + 2 * g, d)[:, :h]  # [N, H, D], rotated in place
     attn = attention(q, k_cache, v_cache, packed, scale)  # [N, H, D]
-    return out_proj_and_mlp(x, attn.reshape(n, h * d), weights.o_weight, weights.o_bias, weights.post_norm,
-                            weights.gate_up_weight, weights.down_weight, eps)
+    x = x + F.linear(attn.reshape(n, h * d), weights.o_weight, weights.o_bias)
+    gate_up = F.linear(kernels.rms_norm(x, weights.post_norm, eps), weights.gate_up_weight)  # [N, 2I]
+    return x + F.linear(kernels.silu_mul(gate_up), weights.down_weight)

@@ -437,7 +437,7 @@ class LeanForward:
         dense = self._dense
         if dense is None:
             raise RuntimeError("prefill() needs the dense prefill (a half-precision model on a GPU with FlashAttention)")
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         h, g, d, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
         cache_len = keys[0].shape[2]
         packed = dense.pack(starts, lengths, t, cache_len, input_ids.device)
@@ -445,9 +445,9 @@ class LeanForward:
         positions = (starts_t[:, None] + torch.arange(t, device=input_ids.device)).view(-1)[packed.token_index]  # [N]
         write_rows = packed.token_index // t  # [N]
         write_pos = positions.clamp(max=cache_len - 1)
-        x = F.embedding(input_ids.view(-1)[packed.token_index], self.embed)  # [N, E]
+        x = F.embedding(input_ids.reshape(-1)[packed.token_index], self.embed)  # [N, E]
         cos, sin = self.rotary(x[None], positions[None])  # [1, N, D] each
-        cos, sin = cos[0, :, None].to(x.dtype), sin[0, :, None].to(x.dtype)  # [N, 1, D]
+        cos, sin = cos[0].to(x.dtype).contiguous(), sin[0].to(x.dtype).contiguous()  # [N, D]
         for layer, k_cache, v_cache in zip(self.layers, keys, values):
             x = dense.layer(x, cos, sin, packed, write_rows, write_pos, k_cache, v_cache, layer,
                             eps, h, g, d, self.scale)

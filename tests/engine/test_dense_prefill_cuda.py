@@ -25,8 +25,8 @@ from service.engine.lean_forward import LeanForward
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 # Head dim 32; 160 positions: attention spans several of the invariant kernels' key chunks.
-SHAPE = dict(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+SHAPE = {"vocab_size": 300, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
 MAX_LEN = 160
 ERROR_FACTOR = 3.0
 
