@@ -113,7 +113,7 @@ def layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed: PackedR
     n = x.shape[0]
     qkv = F.linear(kernels.rms_norm(x, weights.input_norm, eps), weights.qkv_weight, weights.qkv_bias)
     kernels.rotary_and_write(qkv, cos, sin, write_rows, write_pos, k_cache, v_cache, h, g, d)
-    q = qkv.view(n, h + 2 * g, d)[:, :h]  # [N, H, D], rotated in place
+    q = qkv.view(n, h + 2 * g, d)[:, :h].contiguous()  # [N, H, D], rotated in place
     attn = attention(q, k_cache, v_cache, packed, scale)  # [N, H, D]
     x = x + F.linear(attn.reshape(n, h * d), weights.o_weight, weights.o_bias)
     gate_up = F.linear(kernels.rms_norm(x, weights.post_norm, eps), weights.gate_up_weight)  # [N, 2I]
