@@ -94,12 +94,32 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pac
     supports them (query head j reads kv head j // (H / G), as transformers' repeat_kv)."""
     keys = k_cache[packed.key_rows, :, packed.key_pos]  # [Kt, G, D]
     values = v_cache[packed.key_rows, :, packed.key_pos]
-    # The variable-length FlashAttention kernel behind torch's nested-tensor SDPA; its causal
-    # mask is aligned to the end of each row's keys (bottom-right) where a row has more
-    # keys than queries.
-    out = torch.ops.aten._flash_attention_forward(
+    if not q.is_cuda:
+        return reference_attention(q, keys, values, packed, scale)
+    # The variable-length FlashAttention kernel (torch's own, as its lower-right CausalBias
+    # calls it): with is_causal its mask is aligned to the end of each row's keys
+    # (bottom-right) where a row has more keys than queries.
+    return torch.ops.aten._flash_attention_forward(
         q, keys, values, packed.cu_tokens, packed.cu_keys, packed.max_tokens, packed.max_keys,
         0.0, True, False, scale=scale)[0]
+
+
+def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, packed: PackedRows,
+                        scale: float) -> torch.Tensor:
+    """What the FlashAttention call computes, row by row in plain torch (off CUDA: tests on
+    Triton's interpreter): q [N, H, D], keys and values packed [Kt, G, D]. Row b's query i
+    of n sees its keys 0 .. i + (k - n) of k."""
+    out = torch.empty_like(q)
+    repeat = q.shape[1] // keys.shape[1]
+    cu_tokens, cu_keys = packed.cu_tokens.tolist(), packed.cu_keys.tolist()
+    for b in range(len(cu_tokens) - 1):
+        q_b = q[cu_tokens[b]:cu_tokens[b + 1]].transpose(0, 1)  # [H, n, D]
+        k_b = keys[cu_keys[b]:cu_keys[b + 1]].transpose(0, 1).repeat_interleave(repeat, 0)  # [H, k, D]
+        v_b = values[cu_keys[b]:cu_keys[b + 1]].transpose(0, 1).repeat_interleave(repeat, 0)
+        n, k = q_b.shape[1], k_b.shape[1]
+        visible = torch.arange(k)[None, :] <= torch.arange(n)[:, None] + (k - n)  # [n, k]
+        scores = (q_b.float() @ k_b.float().transpose(1, 2) * scale).masked_fill(~visible, float("-inf"))
+        out[cu_tokens[b]:cu_tokens[b + 1]] = (scores.softmax(-1) @ v_b.float()).transpose(0, 1).to(q.dtype)
     return out
 
 

@@ -305,7 +305,7 @@ class LeanForward:
     """
 
     def __init__(self, model: torch.nn.Module, compile: bool = False,
-                 variant: str = "around_attention", dense_prefill: bool = True) -> None:
+                 variant: str = "around_attention", dense_prefill: str = "auto") -> None:
         if not supports(model, variant):
             raise ValueError(f"lean forward ({variant}) does not support this {model.config.model_type!r} model")
         if variant not in VARIANTS:
@@ -341,11 +341,15 @@ class LeanForward:
         # cuBLAS and FlashAttention (service/engine/dense_prefill.py) instead of the invariant
         # kernels, which are written for decode-sized passes. Only with the invariant variant,
         # whose decode passes read a cache that any prefill may have written.
+        # dense_prefill: "auto" (where available), "off", or "on" (forced: tests run it on
+        # Triton's interpreter, with the reference attention off CUDA).
+        if dense_prefill not in ("auto", "on", "off"):
+            raise ValueError(f"dense_prefill must be auto, on or off, not {dense_prefill!r}")
         self._dense = None
-        if dense_prefill and variant == "invariant":
+        if dense_prefill != "off" and variant == "invariant":
             from service.engine import dense_prefill as dense
 
-            if dense.available(self.embed.device, self.embed.dtype, self.head_dim):
+            if dense_prefill == "on" or dense.available(self.embed.device, self.embed.dtype, self.head_dim):
                 self._dense = dense
         self.layers: list[_Layer] = []
         for block in decoder.layers:
