@@ -11,7 +11,8 @@ matrix throughput it reaches (2 x matrix parameters x tokens + the attention's p
 over the time) and the floor (FLOPs over the measured bf16 matrix rate, weight bytes over
 the measured copy bandwidth, whichever is larger). Checks, printed and in the JSON: the two
 paths' last-token logits (relative difference, argmax agreement), a prompt prefilled whole
-against in two chunks, and one row alone against the same row in a padded batch.
+against in two chunks, one row alone against the same row in a padded batch, and both paths
+against the float32 forward of the same weights (transformers', loaded a second time).
 --profile prints the torch profiler's kernel table for one pass of each path.
 """
 
