@@ -14,8 +14,8 @@ accepted, and what the engine thread spent its time on:
 - gc: Python's cycle collections by generation (gc.callbacks, in any thread of the
   process), their total and longest pause: a full collection walks the whole heap and
   stops every thread;
-- turns: engine-loop turns (Engine._iterate), those that admitted requests (prefill),
-  and the longest turn;
+- turns: engine-loop turns (Engine._iterate), those that admitted or prefilled requests
+  (docs/prefill.md), and the longest turn;
 - with --breakdown, each decode pass's host time split by (batch bucket, cap, kv bucket):
   planning (drafters and policy), the target forward's call (a graph replay is only
   launched), verification (the argmax, the pass's one synchronisation: its wait is the GPU
@@ -83,7 +83,7 @@ class PassBreakdown:
                     meter._pass[name] = meter._pass.get(name, 0.0) + time.perf_counter() - t0
             return wrapper
 
-        def timed_forward(runner, lo, hi, input_ids, starts, last_only=False):
+        def timed_forward(runner, lo, hi, input_ids, starts, last_only=False, **kwargs):
             if not last_only and meter._key is None:  # the pass's target forward
                 width = input_ids.shape[1]
                 if runner.graphs is not None:
@@ -91,15 +91,16 @@ class PassBreakdown:
                 else:  # eager (CPU): no kv bucket
                     meter._key = (batch_bucket(hi), width, 0)
                 meter._key = (meter._key[0], width - 1, meter._key[2])
-            return timed("forward_call", forward)(runner, lo, hi, input_ids, starts, last_only)
+            return timed("forward_call", forward)(runner, lo, hi, input_ids, starts, last_only, **kwargs)
 
         def timed_step(scheduler):
             meter._pass, meter._key = {}, None
             methods = "+".join(sorted({seq.method.name.lower() for seq in scheduler.running.values()}))
+            prefills = scheduler.prefilling > 0  # the step runs a prefill pass first: not a decode pass's cost
             t0 = time.perf_counter()
             step(scheduler)
             total = time.perf_counter() - t0
-            if meter._key is None or "draft_and_verify" not in meter._pass:
+            if prefills or meter._key is None or "draft_and_verify" not in meter._pass:
                 return
             key = (methods, *meter._key)
             p = meter._pass
@@ -134,7 +135,7 @@ class EngineThreadMeter:
         iterate, admit = Engine._iterate, scheduler_module.Scheduler.admit
 
         def timed_iterate(engine, scheduler):
-            meter._admitted = False
+            meter._admitted = scheduler.prefilling > 0  # admitted earlier, still prefilling
             t0 = time.perf_counter()
             try:
                 return iterate(engine, scheduler)

@@ -364,7 +364,7 @@ def section_concurrency(result, engine, prompts, methods, args, budget, save) ->
     each method's row is its median round (every round's tokens/s kept in the row):
 
     - burst: N requests submitted at once, the round ends when the last one does; its
-      time includes N prefills in a row and the tail, where the slowest request runs alone;
+      time includes the N prompts' prefill passes and the tail, where the slowest request runs alone;
     - sustained: N clients, each sending its next request as soon as its last one finished
       (SUSTAINED_REQUESTS_PER_CLIENT each): N requests in flight, as a server under load
       sees them and as serving benchmarks define concurrency. The figure is the rate of

@@ -17,7 +17,7 @@ batch 8 of plain (Method.NONE), n-gram (fixed k) and adaptive n-gram requests.
 
 What is timed, per engine-loop turn (Engine._iterate, wrapped): its wall time with
 time.perf_counter, and the time spent inside ModelRunner.forward (wrapped too). Turns that
-admitted a request (prefill) are left out, so the figure is the steady state:
+admitted or prefilled a request (docs/prefill.md) are left out, so the figure is the steady state:
 
     host us per pass = (turn time - forward time) / decode passes
 
@@ -108,7 +108,8 @@ class Meter:
             return step(scheduler)
 
         def timed_iterate(engine, scheduler):
-            meter._forward_s, meter._admitted, meter._stepped = 0.0, False, False
+            # A turn that runs a prefill pass (admitting, or a prompt still in chunks) is not steady state.
+            meter._forward_s, meter._admitted, meter._stepped = 0.0, scheduler.prefilling > 0, False
             if meter.profile is not None:
                 meter.profile.enable()
             t0 = time.perf_counter()

@@ -83,6 +83,8 @@ OPTIONS: tuple[Option, ...] = (
            "requests decoded together in one pass"),
     Option("max_queue_size", "SPECDEC_MAX_QUEUE_SIZE", _positive_int, 64,
            "requests waiting for a batch slot before RESOURCE_EXHAUSTED"),
+    Option("max_prefill_tokens_per_pass", "SPECDEC_MAX_PREFILL_TOKENS_PER_PASS", _positive_int, 2048,
+           "prompt tokens prefilled at most between two decode passes (long prompts in chunks)"),
     Option("default_max_tokens", "SPECDEC_DEFAULT_MAX_TOKENS", _positive_int, 256,
            "max_tokens when a request sets none"),
     Option("max_tokens_limit", "SPECDEC_MAX_TOKENS_LIMIT", _positive_int, 4096,
@@ -140,6 +142,7 @@ class ServiceConfig:
     adaptive_draft_length: bool
     max_batch_size: int
     max_queue_size: int
+    max_prefill_tokens_per_pass: int
     default_max_tokens: int
     max_tokens_limit: int
     max_request_bytes: int

@@ -63,6 +63,7 @@ def build_engine(config: ServiceConfig) -> tuple[Any, Any]:
         EngineConfig(
             max_batch_size=config.max_batch_size,
             max_queue_size=config.max_queue_size,
+            max_prefill_tokens_per_pass=config.max_prefill_tokens_per_pass,
             default_method=METHOD_BY_NAME[config.method],
             default_num_draft_tokens=config.num_draft_tokens,
             max_num_draft_tokens=config.max_num_draft_tokens,

@@ -22,6 +22,12 @@ class EngineConfig:
     # Per-slot KV cache length allocated for the target (and the draft model): memory is
     # max_batch_size * kv_cache_tokens * layers * 2 * kv_heads * head_dim * dtype size.
     kv_cache_tokens: int = 4096
+    # Prompt tokens one prefill pass feeds at most (docs/prefill.md): new requests are
+    # prefilled together, long prompts in chunks, one prefill pass between two decode passes,
+    # so an admission stalls the running requests by at most this much prefill per pass. A
+    # cancelled request stops prefilling at the next chunk. The draft model's own prefill
+    # (its catch-up on the prompt) is chunked by the same budget.
+    max_prefill_tokens_per_pass: int = 2048
     ngram_max_n: int = 3
     ngram_min_n: int = 1
     instance_id: str = ""
@@ -66,6 +72,8 @@ class EngineConfig:
             raise ValueError("default_max_tokens must be >= 1")
         if self.max_context_tokens is not None and self.max_context_tokens < 2:
             raise ValueError("max_context_tokens must be >= 2")
+        if self.max_prefill_tokens_per_pass < 1:
+            raise ValueError("max_prefill_tokens_per_pass must be >= 1")
         if self.kv_cache_tokens < 2:
             raise ValueError("kv_cache_tokens must be >= 2")
         if not 1 <= self.ngram_min_n <= self.ngram_max_n:

@@ -16,6 +16,7 @@ import torch
 
 from service.engine.api import Method
 from service.engine.device import to_device
+from service.engine.prefill import allocate
 from service.engine.runner import ModelRunner
 from service.engine.sampling import BatchSampling, probs_from_logits, sample_from
 from service.engine.sequence import Sequence
@@ -31,6 +32,7 @@ class PassContext:
     u_draft: torch.Tensor  # [hi, K] uniforms for sampling drafts (K = the engine's max k)
     u_accept: torch.Tensor  # [hi, K] uniforms for the acceptance test
     u_bonus: torch.Tensor  # [hi] uniforms for the bonus/correction token
+    by_slot: list[Sequence | None]  # [hi] the decoding rows by slot (None: a free or prefilling slot)
 
 
 @dataclass
@@ -56,6 +58,11 @@ class Drafter(ABC):
     def prepare(self, seq: Sequence) -> None:
         """Before a pass in which this drafter proposes, for each of its rows: per-row work
         that may fail that row alone (the scheduler runs it guarded, before the pass)."""
+
+    def ready(self, seq: Sequence) -> bool:
+        """After prepare(): whether the row can propose in this pass (a draft model that has
+        not caught up with the row's tokens cannot)."""
+        return True
 
     def prepare_rows(self, rows: list[Sequence]) -> None:
         """Before prepare(): the part of the rows' preparation that pays batched (none by
@@ -207,8 +214,14 @@ class DraftModelDrafter(Drafter):
 
     method = Method.DRAFT_MODEL
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, catch_up_budget: int = 2048) -> None:
+        if catch_up_budget < 1:
+            raise ValueError(f"catch_up_budget must be >= 1, not {catch_up_budget}")
         self.runner = runner
+        # Tokens the catch-ups of one pass feed at most: the draft model's prefill of a long
+        # prompt goes in chunks, as the target's does (docs/prefill.md).
+        self.catch_up_budget = catch_up_budget
+        self._budget_left = catch_up_budget  # of the current pass (reset by prepare_rows)
 
     def start(self, seq: Sequence) -> None:
         # The draft's prefill waits for the row's first drafting pass (_catch_up): with the
@@ -219,16 +232,23 @@ class DraftModelDrafter(Drafter):
     def plan(self, seq: Sequence, limit: int) -> int:
         return limit
 
+    def ready(self, seq: Sequence) -> bool:
+        return len(seq.tokens) - 1 - seq.draft_len <= 1  # one or two unseen tokens: the pass feeds them
+
     def prepare(self, seq: Sequence) -> None:
         """Feeds the row's tokens the draft has not seen, all but the last (the pass feeds
         that one), in an eager pass of its own: the prompt the first time a row drafts, plus
-        whatever was generated while it did not. The scheduler calls it per row, guarded,
-        so a failure (out of memory on a long prompt) fails that request alone."""
+        whatever was generated while it did not; at most what is left of this pass's
+        catch-up budget (the rest in later passes: until then the row is not ready()). The
+        scheduler calls it per row, guarded, so a failure (out of memory on a long prompt)
+        fails that request alone."""
         behind = seq.tokens[seq.draft_len : -1]
-        if len(behind) > 1:  # one or two unseen tokens are a normal pass's business
+        if len(behind) > 1 and self._budget_left > 0:  # one or two unseen tokens are a normal pass's business
+            behind = behind[: self._budget_left]
             ids = to_device([behind], torch.long, self.runner.device)  # [1, L]
             self.runner.forward(seq.slot, seq.slot + 1, ids, [seq.draft_len], last_only=True)
             seq.draft_len += len(behind)
+            self._budget_left -= len(behind)
             self.catch_ups += 1
 
     def prepare_rows(self, rows: list[Sequence]) -> None:
@@ -245,13 +265,18 @@ class DraftModelDrafter(Drafter):
         drafts are. Groups are split while padding would more than double the tokens fed
         (one long prompt among short backlogs runs on its own).
         """
+        self._budget_left = self.catch_up_budget  # prepare_rows comes first in every pass that drafts
         served = {seq.slot: seq for seq in rows}
-        self._catch_up([seq for seq in rows if len(seq.tokens) - 1 - seq.draft_len > 1], served)
+        late = [seq for seq in rows if not self.ready(seq)]
+        chunks = allocate([len(seq.tokens) - 1 - seq.draft_len for seq in late], self.catch_up_budget)
+        self._catch_up([seq for seq, chunk in zip(late, chunks) if chunk],
+                       {seq.slot: chunk for seq, chunk in zip(late, chunks)}, served)
 
-    def _catch_up(self, late: list[Sequence], served: dict[int, Sequence]) -> None:
+    def _catch_up(self, late: list[Sequence], chunks: dict[int, int], served: dict[int, Sequence]) -> None:
+        """Feeds chunks[slot] backlog tokens of each late row, batched."""
         if len(late) < 2:
             return  # prepare() feeds a row alone
-        backlog = {seq.slot: len(seq.tokens) - 1 - seq.draft_len for seq in late}
+        backlog = {seq.slot: chunks[seq.slot] for seq in late}
         width = max(backlog.values())
         lo, hi = min(backlog), max(backlog) + 1
         if (hi - lo) * width > 2 * sum(backlog.values()) + 16 * (hi - lo):
@@ -260,8 +285,8 @@ class DraftModelDrafter(Drafter):
             if not short:  # similar backlogs in a sparse span: split the span
                 by_slot = sorted(late, key=lambda seq: seq.slot)
                 long, short = by_slot[: len(by_slot) // 2], by_slot[len(by_slot) // 2 :]
-            self._catch_up(long, served)
-            self._catch_up(short, served)
+            self._catch_up(long, chunks, served)
+            self._catch_up(short, chunks, served)
             return
         ids = [[0] * width for _ in range(hi - lo)]  # [hi - lo, L]
         starts = [0] * (hi - lo)
@@ -270,10 +295,11 @@ class DraftModelDrafter(Drafter):
             if seq is not None:
                 starts[r] = seq.draft_len
         for seq in late:
-            ids[seq.slot - lo][: backlog[seq.slot]] = seq.tokens[seq.draft_len : -1]
+            ids[seq.slot - lo][: backlog[seq.slot]] = seq.tokens[seq.draft_len : seq.draft_len + backlog[seq.slot]]
         self.runner.forward(lo, hi, to_device(ids, torch.long, self.runner.device), starts, last_only=True)
         for seq in late:
             seq.draft_len += backlog[seq.slot]
+            self._budget_left -= backlog[seq.slot]
         self.catch_ups += 1
 
     def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:
@@ -284,6 +310,10 @@ class DraftModelDrafter(Drafter):
         unseen = {s.slot: s.tokens[s.draft_len :] for s in rows}
         width = max(len(t) for t in unseen.values())
         ids, starts, last = [[0] * width for _ in range(hi - lo)], [0] * (hi - lo), [0] * (hi - lo)
+        for r in range(hi - lo):  # a row of the span that does not propose writes past its draft cache
+            other = ctx.by_slot[lo + r] if lo + r < len(ctx.by_slot) else None
+            if other is not None:
+                starts[r] = other.draft_len
         for seq in rows:
             r = seq.slot - lo
             ids[r][: len(unseen[seq.slot])] = unseen[seq.slot]

@@ -206,7 +206,7 @@ class Engine:
         runners = [target]
         if self._draft is not None:
             runners.append(ModelRunner(self._draft, self.config.max_batch_size, cache_len, max_width, **fast))
-            drafters[Method.DRAFT_MODEL] = DraftModelDrafter(runners[-1])
+            drafters[Method.DRAFT_MODEL] = DraftModelDrafter(runners[-1], self.config.max_prefill_tokens_per_pass)
         if self.config.capture_all_graphs:
             started = time.perf_counter()
             captured = sum(runner.capture_all_graphs() for runner in runners)
@@ -221,6 +221,7 @@ class Engine:
             self.config.max_num_draft_tokens,
             self._max_context,
             policy=self.draft_length_policy,
+            prefill_budget=self.config.max_prefill_tokens_per_pass,
         )
 
     def _run(self) -> None:

@@ -23,6 +23,8 @@ import torch._dynamo
 import torch.fx.experimental._config
 import torch.nn.functional as F
 
+from service.engine.device import to_device
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 VARIANTS = ("around_attention", "layer", "invariant")  # see LeanForward
 
@@ -303,7 +305,7 @@ class LeanForward:
     """
 
     def __init__(self, model: torch.nn.Module, compile: bool = False,
-                 variant: str = "around_attention") -> None:
+                 variant: str = "around_attention", dense_prefill: str = "auto") -> None:
         if not supports(model, variant):
             raise ValueError(f"lean forward ({variant}) does not support this {model.config.model_type!r} model")
         if variant not in VARIANTS:
@@ -335,6 +337,20 @@ class LeanForward:
             self.pre_attention = torch.compile(pre_attention, dynamic=True)
             self.post_attention = torch.compile(post_attention, dynamic=True)
         self.rotary = decoder.rotary_emb
+        # Prefill passes (prefill()) of a half-precision model on a GPU with FlashAttention:
+        # cuBLAS and FlashAttention (service/engine/dense_prefill.py) instead of the invariant
+        # kernels, which are written for decode-sized passes. Only with the invariant variant,
+        # whose decode passes read a cache that any prefill may have written.
+        # dense_prefill: "auto" (where available), "off", or "on" (forced: tests run it on
+        # Triton's interpreter, with the reference attention off CUDA).
+        if dense_prefill not in ("auto", "on", "off"):
+            raise ValueError(f"dense_prefill must be auto, on or off, not {dense_prefill!r}")
+        self._dense = None
+        if dense_prefill != "off" and variant == "invariant":
+            from service.engine import dense_prefill as dense
+
+            if dense_prefill == "on" or dense.available(self.embed.device, self.embed.dtype, self.head_dim):
+                self._dense = dense
         self.layers: list[_Layer] = []
         for block in decoder.layers:
             attn, mlp = block.self_attn, block.mlp
@@ -381,6 +397,7 @@ class LeanForward:
         keys: list[torch.Tensor],  # per layer [B, G, L, D] (views of the cache rows)
         values: list[torch.Tensor],  # per layer [B, G, L, D]
         last_only: bool = False,
+        last_at: torch.Tensor | None = None,  # [B] long: with last_only, each row's token (default T - 1)
     ) -> torch.Tensor:
         b, t = input_ids.shape
         kv_len = mask.shape[-1]
@@ -388,7 +405,7 @@ class LeanForward:
         x = F.embedding(input_ids, self.embed)  # [B, T, E]
         cos, sin = self.rotary(x, positions)  # [B, T, D] each
         if self.variant == "invariant":
-            return self._invariant_forward(x, cos, sin, write_pos, mask, keys, values, last_only)
+            return self._invariant_forward(x, cos, sin, write_pos, mask, keys, values, last_only, last_at)
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # [B, 1, T, D]
         if self.variant == "layer":
             with _compile_settings() if self.compiled else contextlib.nullcontext():
@@ -396,7 +413,7 @@ class LeanForward:
                     x = self.layer(x, cos, sin, write_pos, mask, k_cache, v_cache, layer.input_norm,
                                    layer.qkv_weight, layer.qkv_bias, layer.o_weight, layer.o_bias,
                                    layer.post_norm, layer.gate_up_weight, layer.down_weight)
-            return self._logits(x, last_only)
+            return self._logits(x, last_only, last_at)
         index = write_pos[:, None, :, None].expand(b, g, t, d)  # [B, G, T, D]
         for layer, k_cache, v_cache in zip(self.layers, keys, values):
             q, k, v = self.pre_attention(x, layer.input_norm, layer.qkv_weight, layer.qkv_bias,
@@ -408,11 +425,44 @@ class LeanForward:
                 scale=self.scale, enable_gqa=h != g)  # [B, H, T, D]
             x = self.post_attention(x, attn, layer.o_weight, layer.o_bias, layer.post_norm,
                                     layer.gate_up_weight, layer.down_weight, self.eps)
-        return self._logits(x, last_only)
+        return self._logits(x, last_only, last_at)
+
+    @property
+    def dense_prefill(self) -> bool:
+        """True when prefill() runs on cuBLAS and FlashAttention (else it is __call__)."""
+        return self._dense is not None
+
+    def prefill(self, input_ids: torch.Tensor, starts: list[int], lengths: list[int],
+                keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        """A prefill pass: row b's tokens input_ids[b, :lengths[b]] ([B, T], the rest padding)
+        go to cache positions starts[b] .. starts[b] + lengths[b] - 1 and see the row's cache
+        below starts[b]. Returns float32 logits [B, 1, V] of each row's last real token.
+        Needs dense_prefill; padding tokens are neither computed nor written."""
+        dense = self._dense
+        if dense is None:
+            raise RuntimeError("prefill() needs the dense prefill (a half-precision model on a GPU with FlashAttention)")
+        t = input_ids.shape[1]
+        h, g, d, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
+        cache_len = keys[0].shape[2]
+        packed = dense.pack(starts, lengths, t, cache_len, input_ids.device)
+        starts_t = to_device(starts, torch.long, input_ids.device)
+        positions = (starts_t[:, None] + torch.arange(t, device=input_ids.device)).view(-1)[packed.token_index]  # [N]
+        write_rows = packed.token_index // t  # [N]
+        write_pos = positions.clamp(max=cache_len - 1)
+        x = F.embedding(input_ids.reshape(-1)[packed.token_index], self.embed)  # [N, E]
+        cos, sin = self.rotary(x[None], positions[None])  # [1, N, D] each
+        cos, sin = cos[0].to(x.dtype).contiguous(), sin[0].to(x.dtype).contiguous()  # [N, D]
+        for layer, k_cache, v_cache in zip(self.layers, keys, values):
+            x = dense.layer(x, cos, sin, packed, write_rows, write_pos, k_cache, v_cache, layer,
+                            eps, h, g, d, self.scale)
+        rows = x[packed.last]  # [B, E]
+        logits = self._kernels.linear(rows, self.lm_head, norm=self.final_norm, eps=eps, out_float32=True)
+        return logits[:, None]  # [B, 1, V] float32
 
     def _invariant_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            write_pos: torch.Tensor, mask: torch.Tensor, keys: list[torch.Tensor],
-                           values: list[torch.Tensor], last_only: bool) -> torch.Tensor:
+                           values: list[torch.Tensor], last_only: bool,
+                           last_at: torch.Tensor | None) -> torch.Tensor:
         """The "invariant" variant: per layer seven row-invariant kernels (norm + QKV, rotary +
         cache write, attention over key chunks, combine, O + residual, norm + gate/up,
         SiLU product + down + residual)."""
@@ -428,14 +478,20 @@ class LeanForward:
             x = kernels.linear(attn, layer.o_weight, layer.o_bias, residual=x)
             gate_up = kernels.linear(x, layer.gate_up_weight, norm=layer.post_norm, eps=eps)  # [M, 2I]
             x = kernels.linear(gate_up, layer.down_weight, gated=True, residual=x)
-        x = x.view(b, t, e)
-        if last_only:
-            x = x[:, -1:]
+        x = _last_tokens(x.view(b, t, e), last_only, last_at)
         rows = x.reshape(-1, e)
         logits = kernels.linear(rows, self.lm_head, norm=self.final_norm, eps=eps, out_float32=True)
         return logits.view(b, -1, logits.shape[-1])  # [B, T', V] float32
 
-    def _logits(self, x: torch.Tensor, last_only: bool) -> torch.Tensor:
-        if last_only:
-            x = x[:, -1:]
+    def _logits(self, x: torch.Tensor, last_only: bool, last_at: torch.Tensor | None) -> torch.Tensor:
+        x = _last_tokens(x, last_only, last_at)
         return F.linear(rms_norm(x.float(), self.final_norm, self.eps), self.lm_head)  # [B, T', V] float32
+
+
+def _last_tokens(x: torch.Tensor, last_only: bool, last_at: torch.Tensor | None) -> torch.Tensor:
+    """x [B, T, E] -> [B, T', E]: every token, or with last_only one per row (last_at[b], or T - 1)."""
+    if not last_only:
+        return x
+    if last_at is None:
+        return x[:, -1:]
+    return x[torch.arange(x.shape[0], device=x.device), last_at][:, None]  # [B, 1, E]

@@ -85,17 +85,27 @@ class ModelRunner:
         return self.graphs.capture_all() if self.graphs is not None else 0
 
     @torch.inference_mode()
-    def forward(self, lo: int, hi: int, input_ids: torch.Tensor, starts: list[int], last_only: bool = False) -> torch.Tensor:
+    def forward(self, lo: int, hi: int, input_ids: torch.Tensor, starts: list[int], last_only: bool = False,
+                lengths: list[int] | None = None) -> torch.Tensor:
         """Runs slots [lo, hi) on input_ids [hi - lo, T]; row r's tokens go to positions
         starts[r] .. starts[r] + T - 1 and see the row's cache below starts[r].
 
-        Returns float32 logits [hi - lo, T, V] ([hi - lo, 1, V] with last_only). From a
+        Returns float32 logits [hi - lo, T, V] ([hi - lo, 1, V] with last_only: of each row's
+        last token, token lengths[r] - 1 of row r when given, for rows of different lengths
+        padded to T: a batched prefill). From a
         captured graph they are a view of the graphs' shared output buffer: valid until this
         runner's next forward (read them, or queue the kernels that do, before calling again).
         Positions past a row's real tokens (padding) write cache entries that the row's
-        length excludes; later writes overwrite them.
+        length excludes; later writes overwrite them (a dense prefill, LeanForward.prefill,
+        writes none).
         """
         width = input_ids.shape[1]
+        if last_only and self.lean is not None and self.lean.dense_prefill:  # a prefill: cuBLAS + FlashAttention
+            keys, values = self.cache.rows(lo, hi)
+            return self.lean.prefill(input_ids, starts, lengths or [width] * (hi - lo), keys, values)
+        last_at = None  # [B] per row, the token whose logits last_only returns; None: the last
+        if last_only and lengths is not None and min(lengths) < width:
+            last_at = to_device([n - 1 for n in lengths], torch.long, self.device)
         if self.graphs is not None and not last_only and self.graphs.fits(hi, width):
             return self.graphs(lo, hi, input_ids, starts)
         starts_t = to_device(starts, torch.long, self.device)  # [B], no sync
@@ -105,7 +115,8 @@ class ModelRunner:
         mask = causal_mask(starts_t, width, kv_len, self.loaded.dtype)  # [B, 1, T, kv_len]
         if self.lean is not None:
             keys, values = self.cache.rows(lo, hi)
-            return self.lean(input_ids, positions, write_pos, mask, keys, values, last_only=last_only)
+            return self.lean(input_ids, positions, write_pos, mask, keys, values, last_only=last_only,
+                             last_at=last_at)
         window = self.cache.window(lo, hi, write_pos, kv_len)
         out = self.model(
             input_ids=input_ids,
@@ -113,6 +124,9 @@ class ModelRunner:
             attention_mask=mask,
             past_key_values=window,
             use_cache=True,
-            logits_to_keep=1 if last_only else 0,
+            logits_to_keep=1 if last_only and last_at is None else 0,
         )
-        return out.logits.float()
+        logits = out.logits.float()
+        if last_at is not None:
+            logits = logits[torch.arange(hi - lo, device=self.device), last_at][:, None]  # [B, 1, V]
+        return logits

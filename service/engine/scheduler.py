@@ -1,8 +1,11 @@
-"""Continuous batching: slots, admission (prefill), decode passes, release.
+"""Continuous batching: slots, admission, prefill passes, decode passes, release.
 
 Runs on the engine thread only. Each running request owns one slot (a row of every KV
-cache); a decode pass runs all of them together, each row with its own length, drafts and
-verdict. Requests join (after their own prefill) and leave between passes.
+cache). An admitted request first prefills: every step runs one prefill pass over the rows
+still prefilling (at most a budget of prompt tokens, batched across requests, long prompts
+in chunks; docs/prefill.md), then one decode pass over the rows decoding, all of them
+together, each row with its own length, drafts and verdict. A row joins the decode passes
+once its prompt is in the cache; requests leave between passes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from service.engine.device import to_device
 from service.engine.detokenizer import IncrementalDetokenizer, TokenTexts
 from service.engine.drafters import Drafter, DraftModelDrafter, PassContext
 from service.engine.output import OutputProcessor
+from service.engine.prefill import allocate, forward_groups
 from service.engine.runner import ModelRunner
 from service.engine.sampling import GREEDY, BatchSampling, probs_from_logits, sample_from
 from service.engine.sequence import Sequence
@@ -107,8 +111,12 @@ class Scheduler:
         max_k: int,
         max_context: int,
         policy: DraftLengthPolicy | None = None,
+        prefill_budget: int = 2048,
     ) -> None:
+        if prefill_budget < 1:
+            raise ValueError(f"prefill_budget must be >= 1, not {prefill_budget}")
         self.target = target
+        self.prefill_budget = prefill_budget  # prompt tokens a prefill pass feeds at most
         self.drafters = drafters
         self.output = output
         self.tokenizer = tokenizer
@@ -116,7 +124,8 @@ class Scheduler:
         self.max_context = max_context
         self.device = target.device
         self.policy = policy
-        self.running: dict[int, Sequence] = {}
+        self.running: dict[int, Sequence] = {}  # by slot: every admitted request, prefilling or decoding
+        self._prefilling: list[Sequence] = []  # rows whose prompt is not all cached yet, by admission
         self._free = list(range(max_batch))  # a min-heap: low slots first keeps batches dense
         self._batch: _Batch | None = None  # the running requests' pass layout; None = rebuild
         self._texts = TokenTexts(tokenizer)  # decoding shared by every request's detokenizer
@@ -129,11 +138,19 @@ class Scheduler:
     def free_slots(self) -> int:
         return len(self._free)
 
+    @property
+    def prefilling(self) -> int:
+        """Admitted requests whose prompt is not all prefilled yet."""
+        return len(self._prefilling)
+
     def _release(self, seq: Sequence) -> None:
         if self.running.get(seq.slot) is seq:
             del self.running[seq.slot]
             heapq.heappush(self._free, seq.slot)
-            self._batch = None
+            if seq.decoding:
+                self._batch = None
+            else:
+                self._prefilling.remove(seq)
 
     def _fail(self, seq: Sequence, exc: Exception) -> None:
         log.exception("request_failed", request_id=seq.request_id)
@@ -163,38 +180,95 @@ class Scheduler:
     # ---- admission -------------------------------------------------------------------
 
     def admit(self, seq: Sequence) -> None:
-        """Takes a free slot, prefills the prompt (target and drafter) and emits token 1."""
+        """Takes a free slot; the prompt is prefilled by the coming steps' prefill passes."""
         seq.slot = heapq.heappop(self._free)
         self.running[seq.slot] = seq
-        self._batch = None
         seq.timing.admitted = time.monotonic()
-        first: list[int] = []
 
-        def prefill() -> None:
+        def start() -> None:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(seq.seed)
             seq.detok = IncrementalDetokenizer(self.tokenizer, seq.tokens, seq.request.stop, self._texts)
-            prompt = to_device([seq.tokens], torch.long, self.device)  # [1, P]
-            logits = self.target.forward(seq.slot, seq.slot + 1, prompt, [0], last_only=True)  # [1, 1, V]
-            seq.target_len = seq.prompt_len
-            if seq.sampling.greedy:
-                token = logits[0, 0].argmax()
-            else:
-                probs = probs_from_logits(logits, BatchSampling.build([seq.sampling], self.device))  # [1, 1, V]
-                u = torch.rand(1, generator=seq.generator, device=self.device)  # [1]
-                token = sample_from(probs[:, 0], u)[0]
-            self.drafters[seq.method].start(seq)
-            first.append(int(token.item()))  # the prefill's one device -> host transfer
 
-        self._guarded(seq, prefill)
-        if not seq.finished:
-            self._guarded(seq, lambda: self.output.emit(seq, first))
+        self._prefilling.append(seq)
+        self._guarded(seq, start)
+
+    # ---- one prefill pass ------------------------------------------------------------
+
+    def _prefill_pass(self) -> None:
+        """Feeds the prefilling rows' next prompt tokens, at most prefill_budget of them
+        (service.engine.prefill.allocate), in one forward per group of nearby slots, padded
+        to the group's longest chunk. A row whose prompt is then all cached samples its
+        first token (all such rows' tokens cross to the host in one transfer), starts its
+        drafter and joins the decode passes. A forward that fails fails its rows."""
+        rows = list(self._prefilling)
+        chunks = allocate([seq.prompt_len - seq.target_len for seq in rows], self.prefill_budget)
+        chunk_of = {seq.slot: chunk for seq, chunk in zip(rows, chunks) if chunk}
+        completed: list[tuple[Sequence, torch.Tensor]] = []  # (row, its last prompt token's logits [1, V])
+        for group in forward_groups(chunk_of):
+            lo, hi = group[0], group[-1] + 1
+            width = max(chunk_of[slot] for slot in group)
+            ids = [[0] * width for _ in range(hi - lo)]  # [hi - lo, width], zero padded
+            lengths = [1] * (hi - lo)
+            # Every slot of the span writes from its own cached length on: padding and the
+            # slots of other requests land past what their rows have cached.
+            starts = [0] * (hi - lo)
+            for r in range(hi - lo):
+                other = self.running.get(lo + r)
+                if other is not None:
+                    starts[r] = other.target_len
+            for slot in group:
+                seq, chunk = self.running[slot], chunk_of[slot]
+                ids[slot - lo][:chunk] = seq.tokens[seq.target_len : seq.target_len + chunk]
+                lengths[slot - lo] = chunk
+            try:
+                logits = self.target.forward(lo, hi, to_device(ids, torch.long, self.device), starts,
+                                             last_only=True, lengths=lengths)  # [hi - lo, 1, V]
+            except Exception as exc:  # noqa: BLE001 - a failed forward fails its rows, not the engine
+                log.exception("prefill_pass_failed", rows=len(group))
+                for slot in group:
+                    seq = self.running[slot]
+                    self.output.finish(seq, FinishReason.ERROR, f"prefill failed: {type(exc).__name__}: {exc}")
+                    self._release(seq)
+                continue
+            for slot in group:
+                seq = self.running[slot]
+                seq.target_len += chunk_of[slot]
+                if seq.target_len == seq.prompt_len:
+                    completed.append((seq, logits[slot - lo]))
+        first: list[tuple[Sequence, torch.Tensor]] = []
+        for seq, row_logits in completed:
+            self._guarded(seq, lambda seq=seq, row_logits=row_logits: first.append((seq, self._first_token(seq, row_logits))))
+        # While the device runs the prefill: the last decode pass's tokens, as a decode pass does.
+        self.output.flush()
+        for seq in list(self.running.values()):
+            if seq.finished:
+                self._release(seq)
+        first = [(seq, token) for seq, token in first if not seq.finished]
+        if not first:
+            return
+        tokens = torch.stack([token for _, token in first]).tolist()  # the pass's one device -> host transfer
+        for (seq, _), token in zip(first, tokens):
+            self._prefilling.remove(seq)
+            seq.decoding = True
+            self._batch = None
+            self._guarded(seq, lambda seq=seq: self.drafters[seq.method].start(seq))
+            if not seq.finished:
+                self._guarded(seq, lambda seq=seq, token=token: self.output.emit(seq, [token]))
+
+    def _first_token(self, seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
+        """The token after the prompt from its last token's logits [1, V] (a 0-dim device tensor)."""
+        if seq.sampling.greedy:
+            return logits[0].argmax()
+        probs = probs_from_logits(logits[None], BatchSampling.build([seq.sampling], self.device))  # [1, 1, V]
+        u = torch.rand(1, generator=seq.generator, device=self.device)  # [1]
+        return sample_from(probs[:, 0], u)[0]
 
     # ---- one decode pass -------------------------------------------------------------
 
     def _current_batch(self) -> _Batch:
         if self._batch is None:
-            rows = [self.running[s] for s in sorted(self.running)]
+            rows = [self.running[s] for s in sorted(self.running) if self.running[s].decoding]
             hi = rows[-1].slot + 1
             by_slot: list[Sequence | None] = [None] * hi
             for seq in rows:
@@ -205,7 +279,8 @@ class Scheduler:
             if sampling.all_greedy:
                 u = self._uniforms(by_slot, hi, True)
                 k = self.max_k
-                greedy_context = PassContext(hi, self.device, sampling, u[:, :k], u[:, k : 2 * k], u[:, 2 * k])
+                greedy_context = PassContext(hi, self.device, sampling, u[:, :k], u[:, k : 2 * k], u[:, 2 * k],
+                                             by_slot)
             device_groups = []
             for method, drafter in self.drafters.items():
                 group = [seq for seq in rows if seq.method is method and seq.k > 0]
@@ -245,11 +320,15 @@ class Scheduler:
             return batch.greedy_context
         u = self._uniforms(batch.by_slot, batch.hi, False)  # [hi, 2K + 1]
         k = self.max_k
-        return PassContext(batch.hi, self.device, batch.sampling, u[:, :k], u[:, k : 2 * k], u[:, 2 * k])
+        return PassContext(batch.hi, self.device, batch.sampling, u[:, :k], u[:, k : 2 * k], u[:, 2 * k],
+                           batch.by_slot)
 
     def step(self) -> None:
-        """One decode pass over every running request: draft, verify, accept, emit."""
-        if not self.running:
+        """One prefill pass over the rows prefilling, then one decode pass over every row
+        decoding: draft, verify, accept, emit."""
+        if self._prefilling:
+            self._prefill_pass()
+        if len(self.running) == len(self._prefilling):
             return
         batch = self._current_batch()
         rows = batch.rows
@@ -431,8 +510,9 @@ class Scheduler:
 
     def _prepare_drafters(self, batch: _Batch) -> bool:
         """Each proposing drafter's preparation (a draft model's backlog): batched where it
-        pays, then per row, guarded per row. False when a row failed: the batch changed, and
-        this pass is not run."""
+        pays, then per row, guarded per row. A row its drafter is not ready for yet (a
+        backlog longer than one pass's prefill budget) proposes nothing this pass. False
+        when a row failed: the batch changed, and this pass is not run."""
         ok = True
         for drafter, group in batch.device_groups:
             if max(seq.num_drafts for seq in group):
@@ -443,6 +523,8 @@ class Scheduler:
                 for seq in group:
                     self._guarded(seq, lambda seq=seq, drafter=drafter: drafter.prepare(seq))
                     ok = ok and not seq.finished
+                    if not drafter.ready(seq):
+                        seq.num_drafts = 0
         return ok
 
     def _while_device_runs(self, batch: _Batch) -> None:
@@ -479,6 +561,9 @@ class Scheduler:
         values = [0] * (hi * width)
         starts = [0] * hi
         host_drafts: list[list[int] | None] = []  # per row; None: made on the device
+        for seq in self._prefilling:  # a prefilling row in the span writes past what it has cached
+            if seq.slot < hi:
+                starts[seq.slot] = seq.target_len
         for seq, drafter in zip(rows, batch.drafters):
             at = seq.slot * width
             values[at] = seq.tokens[-1]
@@ -498,7 +583,8 @@ class Scheduler:
             values += [seq.num_drafts if seq is not None else 0 for seq in batch.by_slot]
         proposing = []  # (drafter, rows, m = the group's largest d_s)
         for drafter, group in batch.device_groups:
-            m = max(seq.num_drafts for seq in group)
+            group = [seq for seq in group if drafter.ready(seq)]
+            m = max((seq.num_drafts for seq in group), default=0)
             if m:
                 proposing.append((drafter, group, m))
                 mask = [0] * hi

@@ -49,7 +49,8 @@ class Sequence:
     detok: IncrementalDetokenizer | None = None  # built on the engine thread
     generator: torch.Generator | None = None  # built on the engine thread at admission
     slot: int = -1
-    target_len: int = 0  # tokens whose KV is valid in the target's cache
+    target_len: int = 0  # tokens whose KV is valid in the target's cache (while prefilling: the prompt's fed so far)
+    decoding: bool = False  # the prompt is all prefilled and its first token emitted: in the decode passes
     draft_len: int = 0  # tokens whose KV is valid in the draft model's cache
     completion_tokens: int = 0
     unflushed: int = 0  # the last tokens, accepted but not yet delivered (OutputProcessor.flush)

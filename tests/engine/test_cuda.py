@@ -60,10 +60,10 @@ def test_one_sync_per_decode_pass(gpu_models) -> None:
     ]
     scheduler = engine._build_scheduler()
     engine._state = "running"
-    for seq in list(engine._waiting):  # prefill outside the measurement
+    for seq in list(engine._waiting):
         scheduler.admit(seq)
     engine._waiting.clear()
-    scheduler.step()  # warm-up pass (first-use allocations)
+    scheduler.step()  # the prompts' prefill pass (below the budget), then a warm-up decode pass
     torch.cuda.synchronize()
     counts = []
     torch.cuda.set_sync_debug_mode("warn")
@@ -78,3 +78,34 @@ def test_one_sync_per_decode_pass(gpu_models) -> None:
     assert counts and all(c == 1 for c in counts), counts
     for out in outs:
         wait_checked(out, timeout=1)
+
+
+def test_prefill_chunks_do_not_synchronise(gpu_models) -> None:
+    """A prompt prefilled in chunks (docs/prefill.md): the steps that feed a chunk and
+    complete no prompt make no device -> host synchronisation (the step that feeds the last
+    chunk transfers the first token, then runs the first decode pass, which may capture a
+    graph: not counted here)."""
+    target, _ = gpu_models
+    tok = target.tokenizer
+    engine = Engine(target, EngineConfig(kv_cache_tokens=256, max_prefill_tokens_per_pass=8))
+    prompt = _ids(tok, "The quick brown fox jumps over the lazy dog. " * 3)
+    assert len(prompt) > 3 * 8
+    out = submit(engine, GenerationRequest("long", prompt, max_tokens=4, method=Method.NONE))[0]
+    scheduler = engine._build_scheduler()
+    engine._state = "running"
+    scheduler.admit(engine._waiting.popleft())
+    torch.cuda.synchronize()
+    counts = []
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        while scheduler.running:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                scheduler.step()
+            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    chunks = -(-len(prompt) // 8)
+    assert counts[: chunks - 1] == [0] * (chunks - 1), counts
+    assert counts[chunks - 1] >= 1, counts
+    wait_checked(out, timeout=1)

@@ -26,10 +26,10 @@ class TargetPasses:
     def install(self, monkeypatch) -> None:
         original = ModelRunner.forward
 
-        def counting(runner, lo, hi, input_ids, starts, last_only=False):
+        def counting(runner, lo, hi, input_ids, starts, last_only=False, **kwargs):
             if runner.loaded.name == self.model_name and not last_only:
                 self.drafts.append(input_ids.shape[1] - 1)
-            return original(runner, lo, hi, input_ids, starts, last_only)
+            return original(runner, lo, hi, input_ids, starts, last_only, **kwargs)
 
         monkeypatch.setattr(ModelRunner, "forward", counting)
 

@@ -317,3 +317,29 @@ def test_timings_start_when_the_server_receives_the_request(run_service, make_st
     assert m.time_to_first_token_seconds >= delay_s, m
     assert delay_s <= m.duration_seconds <= elapsed, (m, elapsed)
     assert_metrics_invariants(m)
+
+
+def test_a_long_prompt_whose_deadline_passes_stops_prefilling(run_service, make_stub) -> None:
+    """A prompt of 4,090 token ids with a short deadline, prefilled in chunks of 8 tokens: the
+    deadline cancels it between chunks, so it ends CANCELLED with no token (its prefill never
+    finished, and no decode ran for a client that was gone), and a short request sent after
+    it is served meanwhile, its prefill and decode passes interleaved with the long one's chunks."""
+    service = run_service(max_batch_size=2, max_prefill_tokens_per_pass=8)
+    stub = make_stub(service.address)
+    finals = []
+    service.service.servicer._on_final = _spy(service.service.servicer._on_final, finals)
+    long = generation_pb2.GenerateRequest(request_id="long", max_tokens=4)
+    long.token_ids.ids.extend(1 + i % 300 for i in range(4090))
+    with pytest.raises(grpc.RpcError) as info:
+        collect(stub, long, timeout=0.2)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _, final, _ = collect(stub, request(request_id="short", max_tokens=4), timeout=60)
+    assert final.finish_reason == metrics_pb2.FINISH_REASON_LENGTH and final.completion_tokens == 4
+    deadline = time.monotonic() + 30
+    while not any(f.request_id == "long" for f in finals) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (cancelled,) = [f for f in finals if f.request_id == "long"]
+    assert cancelled.finish_reason.name == "CANCELLED"
+    assert cancelled.completion_tokens == 0 and cancelled.metrics.verify_passes == 0
+    assert cancelled.prompt_tokens == 4090
+    assert_metrics_invariants(cancelled.metrics)
