@@ -201,6 +201,7 @@ class Ingestor:
                 except Exception:  # a bug, not the client's fault: never crash the stream
                     log.exception("aggregation_failed", source_id=clip(sid, LOG_ID_CHARS))
                     agg.count_rejected("internal_error", ok)
+                    rej, ok = rej + ok, 0  # the answer says what was counted
             src.processed = wm
             if dup:
                 agg.duplicates.add(dup)

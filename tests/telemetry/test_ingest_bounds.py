@@ -296,3 +296,18 @@ def test_a_reporter_that_never_reads_its_responses_is_no_longer_read(sidecar):
             time.sleep(0.05)
         call.cancel()
     assert peak <= MAX_UNSENT_RESPONSES
+
+
+def test_records_whose_aggregation_fails_are_answered_as_rejected(sidecar):
+    """A failure inside the aggregation (a bug, injected here) counts the batch's valid records
+    as internal_error, and the answer says rejected, not accepted."""
+    aggregator = sidecar.sidecar.aggregator
+
+    def broken_commit(batch) -> None:
+        raise RuntimeError("injected aggregation failure")
+
+    aggregator.commit = broken_commit
+    rng = random.Random(11)
+    responses = send(sidecar.address, [batch("broken/1", [simulate_metrics(rng) for _ in range(3)])])
+    assert (responses[-1].accepted, responses[-1].rejected) == (0, 3)
+    assert total(scrape(sidecar), REJECTED, reason="internal_error") == 3
