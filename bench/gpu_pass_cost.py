@@ -60,8 +60,9 @@ def random_model(shape: str, dtype: torch.dtype) -> LoadedModel:
     return LoadedModel(shape, model.eval(), None, torch.device("cuda"), dtype)
 
 
-def time_ms(fn, iters: int) -> float:
-    for _ in range(3):
+def time_ms(fn, iters: int, warmups: int = 3) -> float:
+    """Median milliseconds of fn() over iters calls after `warmups` untimed ones (CUDA events)."""
+    for _ in range(warmups):
         fn()
     times = []
     for _ in range(iters):

@@ -21,40 +21,24 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.gpu_pass_cost import time_ms
 from service.engine.kv_cache import StaticKVCache, causal_mask
 from service.engine.lean_forward import LeanForward
-
-
-def _timed(fn, repeats: int) -> float:
-    """Median milliseconds of fn() over repeats, after two warm-up calls (CUDA events)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _ceilings() -> dict[str, float]:
     """The device's bf16 matrix rate (8192^3 product) and copy bandwidth (read + write)."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = _timed(lambda: a @ b, 10)
+    ms = time_ms(lambda: a @ b, 10, warmups=2)
     src = torch.empty(1 << 30, device="cuda", dtype=torch.uint8).random_()
     dst = torch.empty_like(src)
-    copy_ms = _timed(lambda: dst.copy_(src), 10)
+    copy_ms = time_ms(lambda: dst.copy_(src), 10, warmups=2)
     return {"matmul_tflops": 2 * 8192 ** 3 / ms / 1e9, "copy_bytes_per_s": 2 * src.numel() / copy_ms * 1e3}
 
 
@@ -125,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             floor_ms = max(flops / ceilings["matmul_tflops"] / 1e9, weight_bytes / ceilings["copy_bytes_per_s"] * 1e3)
             row = {"rows": b, "tokens": t, "flops": flops, "floor_ms": floor_ms}
             for name, fn in (("invariant", run.invariant), ("dense", run.dense)):
-                ms = _timed(lambda fn=fn, ids=ids, starts=starts, lengths=lengths: fn(ids, starts, lengths), args.repeats)
+                ms = time_ms(lambda fn=fn, ids=ids, starts=starts, lengths=lengths: fn(ids, starts, lengths),
+                             args.repeats, warmups=2)
                 row[f"{name}_ms"] = ms
                 row[f"{name}_tflops"] = flops / ms / 1e9
             row.update(_compare(run.dense(ids, starts, lengths), run.invariant(ids, starts, lengths)))

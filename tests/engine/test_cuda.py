@@ -48,6 +48,23 @@ def test_greedy_lossless_and_batch_independent_on_cuda(make_engine, gpu_models) 
     assert alone["hot"].tokens == res["hot"].tokens
 
 
+def _synchronisations_per_step(scheduler) -> list[int]:
+    """Device -> host synchronisations of each scheduler step until no request runs
+    (torch.cuda.set_sync_debug_mode warns on each one)."""
+    torch.cuda.synchronize()
+    counts = []
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        while scheduler.running:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                scheduler.step()
+            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return counts
+
+
 def test_one_sync_per_decode_pass(gpu_models) -> None:
     """Drives the engine loop on this thread with CUDA's sync debug mode counting syncs."""
     target, draft = gpu_models
@@ -64,17 +81,7 @@ def test_one_sync_per_decode_pass(gpu_models) -> None:
         scheduler.admit(seq)
     engine._waiting.clear()
     scheduler.step()  # the prompts' prefill pass (below the budget), then a warm-up decode pass
-    torch.cuda.synchronize()
-    counts = []
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        while scheduler.running:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                scheduler.step()
-            counts.append(sum("synchroniz" in str(w.message) for w in caught))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    counts = _synchronisations_per_step(scheduler)
     assert counts and all(c == 1 for c in counts), counts
     for out in outs:
         wait_checked(out, timeout=1)
@@ -94,17 +101,7 @@ def test_prefill_chunks_do_not_synchronise(gpu_models) -> None:
     scheduler = engine._build_scheduler()
     engine._state = "running"
     scheduler.admit(engine._waiting.popleft())
-    torch.cuda.synchronize()
-    counts = []
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        while scheduler.running:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                scheduler.step()
-            counts.append(sum("synchroniz" in str(w.message) for w in caught))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    counts = _synchronisations_per_step(scheduler)
     chunks = -(-len(prompt) // 8)
     assert counts[: chunks - 1] == [0] * (chunks - 1), counts
     assert counts[chunks - 1] >= 1, counts

@@ -112,26 +112,16 @@ def test_the_service_logs_each_refused_request(run_service, make_stub) -> None:
 
 
 def test_the_service_logs_a_full_queue_refusal(run_service, make_stub) -> None:
-    import time
-
-    from tests.service.test_generate import collect, request
+    from tests.service.test_generate import collect, full_queue, request
 
     service = run_service(max_batch_size=1, max_queue_size=1)
     stub = make_stub(service.address)
-    with structlog.testing.capture_logs() as logs:
-        running = stub.Generate(request(max_tokens=4000, method=1), timeout=120)
-        next(running)  # holds the slot
-        queued = stub.Generate(request(max_tokens=2, method=1), timeout=120)
-        deadline = time.monotonic() + 30
-        while service.service.engine.queue_depth() < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+    with structlog.testing.capture_logs() as logs, full_queue(service, stub):
         with pytest.raises(grpc.RpcError) as info:
             collect(stub, request(max_tokens=2))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         wait_for(lambda: any(e["event"] == "request_refused" for e in logs), 10,
                  what="request_refused logged")
-        running.cancel()
-        assert [r for r in queued][-1].HasField("final")
     refused = [e for e in logs if e["event"] == "request_refused"]
     assert len(refused) == 1 and refused[0]["code"] == "RESOURCE_EXHAUSTED"
     assert "queue is full" in refused[0]["details"]

@@ -3,9 +3,11 @@ deadlines, errors, queue overflow, server info."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 import grpc
 import pytest
@@ -200,21 +202,29 @@ def test_invalid_fields_get_invalid_argument_naming_the_field(run_service, make_
     assert collect(stub, request(max_tokens=2))[1].completion_tokens > 0
 
 
-def test_full_queue_gives_resource_exhausted(run_service, make_stub) -> None:
-    service = run_service(max_batch_size=1, max_queue_size=1)
-    stub = make_stub(service.address)
+@contextlib.contextmanager
+def full_queue(service, stub) -> Iterator[None]:
+    """A service of max_batch_size=1, max_queue_size=1 with its slot held and its queue full;
+    on exit the holder is cancelled and the queued request must still be served."""
     running = stub.Generate(request(max_tokens=4000, method=NONE), timeout=120)
     next(running)  # holds the slot
     queued = stub.Generate(request(max_tokens=2, method=NONE), timeout=120)
     deadline = time.monotonic() + 30
     while service.service.engine.queue_depth() < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    with pytest.raises(grpc.RpcError) as info:
-        collect(stub, request(max_tokens=2))
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert info.value.details().count("queue is full") == 1, info.value.details()
+    yield
     running.cancel()
     assert [r for r in queued][-1].HasField("final")
+
+
+def test_full_queue_gives_resource_exhausted(run_service, make_stub) -> None:
+    service = run_service(max_batch_size=1, max_queue_size=1)
+    stub = make_stub(service.address)
+    with full_queue(service, stub):
+        with pytest.raises(grpc.RpcError) as info:
+            collect(stub, request(max_tokens=2))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.details().count("queue is full") == 1, info.value.details()
 
 
 def test_server_info(run_service, make_stub, tiny_model_dir) -> None:

@@ -267,6 +267,14 @@ class FuzzRun:
                 "codes": dict(sorted(self.codes.items())), "findings": self.findings}
 
 
+def _open_channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+    """A channel that may send the oversized payloads the cases hold (up to 64 MiB)."""
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    if credentials:
+        return grpc.secure_channel(address, credentials, options)
+    return grpc.insecure_channel(address, options)
+
+
 def fuzz_generate(address: str, seed: int, max_cases: int, budget_s: float,
                   deadline_s: float = 3.0, workers: int = 4,
                   credentials: grpc.ChannelCredentials | None = None, metadata=None) -> FuzzRun:
@@ -277,9 +285,7 @@ def fuzz_generate(address: str, seed: int, max_cases: int, budget_s: float,
     rng = random.Random(seed)
     cases = [generate_case(rng) for _ in range(max_cases)]
     stop_at = time.monotonic() + budget_s
-    options = [("grpc.max_send_message_length", 64 << 20)]
-    channel = (grpc.secure_channel(address, credentials, options) if credentials
-               else grpc.insecure_channel(address, options))
+    channel = _open_channel(address, credentials)
     call = channel.unary_stream(GENERATE, request_serializer=None,
                                 response_deserializer=generation_pb2.GenerateResponse.FromString)
 
@@ -313,9 +319,7 @@ def fuzz_report(address: str, seed: int, max_streams: int, budget_s: float,
     rng = random.Random(seed)
     next_sequence: dict[str, int] = {}
     stop_at = time.monotonic() + budget_s
-    options = [("grpc.max_send_message_length", 64 << 20)]
-    channel = (grpc.secure_channel(address, credentials, options) if credentials
-               else grpc.insecure_channel(address, options))
+    channel = _open_channel(address, credentials)
     call = channel.stream_stream(REPORT, request_serializer=None,
                                  response_deserializer=telemetry_pb2.ReportResponse.FromString)
     started = time.monotonic()
