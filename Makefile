@@ -18,11 +18,12 @@ else
 TORCH_REQ ?= torch>=2.11
 endif
 
-.PHONY: run test test-deploy install model system-deps proto clean help
+.PHONY: run test lint format test-deploy install model system-deps proto clean help
 
 help:
 	@echo "make run    install, fetch $(MODEL), start the sidecar and the service on 127.0.0.1"
-	@echo "make test   install and run the test suite"
+	@echo "make test   install, lint (ruff) and run the test suite"
+	@echo "make format apply ruff's formatter and its safe fixes"
 	@echo "make test-deploy  build and run the compose stack on a private Docker engine (root)"
 	@echo "make proto  regenerate specdec/ from proto/"
 
@@ -47,8 +48,17 @@ system-deps:
 run: $(STAMP) model
 	VENV=$(VENV) MODEL=$(MODEL) scripts/run_stack.sh
 
-test: $(STAMP) model system-deps
+test: lint model system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff: the linter and the formatter, configured in pyproject.toml (one line length, 110).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 # The compose stack built and run on a real Docker engine (scripts/test_deploy.sh says how);
 # needs root, and skips with a message elsewhere.

@@ -81,6 +81,7 @@ class PassBreakdown:
                     return fn(*args, **kwargs)
                 finally:
                     meter._pass[name] = meter._pass.get(name, 0.0) + time.perf_counter() - t0
+
             return wrapper
 
         def timed_forward(runner, lo, hi, input_ids, starts, last_only=False, **kwargs):
@@ -96,7 +97,9 @@ class PassBreakdown:
         def timed_step(scheduler):
             meter._pass, meter._key = {}, None
             methods = "+".join(sorted({seq.method.name.lower() for seq in scheduler.running.values()}))
-            prefills = scheduler.prefilling > 0  # the step runs a prefill pass first: not a decode pass's cost
+            prefills = (
+                scheduler.prefilling > 0
+            )  # the step runs a prefill pass first: not a decode pass's cost
             t0 = time.perf_counter()
             step(scheduler)
             total = time.perf_counter() - t0
@@ -118,10 +121,20 @@ class PassBreakdown:
         ModelRunner.forward = timed_forward
 
     def table(self) -> list[dict]:
-        return [{"methods": m, "batch": b, "cap": c, "kv": kv, "passes": self.counts[(m, b, c, kv)],
-                 **{f"{name}_us": round(1e6 * total / self.counts[(m, b, c, kv)], 1)
-                    for name, total in zip(self.PHASES, self.sums[(m, b, c, kv)])}}
-                for (m, b, c, kv) in sorted(self.sums)]
+        return [
+            {
+                "methods": m,
+                "batch": b,
+                "cap": c,
+                "kv": kv,
+                "passes": self.counts[(m, b, c, kv)],
+                **{
+                    f"{name}_us": round(1e6 * total / self.counts[(m, b, c, kv)], 1)
+                    for name, total in zip(self.PHASES, self.sums[(m, b, c, kv)])
+                },
+            }
+            for (m, b, c, kv) in sorted(self.sums)
+        ]
 
 
 class EngineThreadMeter:
@@ -171,24 +184,50 @@ class EngineThreadMeter:
         self.gc_longest_s = max(self.gc_longest_s, elapsed)
 
     def snapshot(self) -> dict:
-        return {"gc_collections": list(self.gc_count), "gc_ms": [round(s * 1e3, 2) for s in self.gc_seconds],
-                "gc_longest_ms": round(self.gc_longest_s * 1e3, 2), "turns": self.turns,
-                "admission_turns": self.admission_turns, "longest_turn_ms": round(self.longest_turn_s * 1e3, 2)}
+        return {
+            "gc_collections": list(self.gc_count),
+            "gc_ms": [round(s * 1e3, 2) for s in self.gc_seconds],
+            "gc_longest_ms": round(self.gc_longest_s * 1e3, 2),
+            "turns": self.turns,
+            "admission_turns": self.admission_turns,
+            "longest_turn_ms": round(self.longest_turn_s * 1e3, 2),
+        }
 
 
-def one_round(engine: Engine, meter: EngineThreadMeter, prompts: list[list[int]], method: Method,
-              concurrency: int, k: int, new_tokens: int, tag: str) -> dict:
-    requests = [GenerationRequest(f"{tag}-{i}", tuple(prompts[i % len(prompts)]), max_tokens=new_tokens,
-                                  method=method, num_draft_tokens=k) for i in range(concurrency)]
+def one_round(
+    engine: Engine,
+    meter: EngineThreadMeter,
+    prompts: list[list[int]],
+    method: Method,
+    concurrency: int,
+    k: int,
+    new_tokens: int,
+    tag: str,
+) -> dict:
+    requests = [
+        GenerationRequest(
+            f"{tag}-{i}",
+            tuple(prompts[i % len(prompts)]),
+            max_tokens=new_tokens,
+            method=method,
+            num_draft_tokens=k,
+        )
+        for i in range(concurrency)
+    ]
     meter.reset()
     run = run_engine(engine, requests)
     wall, outs = (run.wall, run.outs) if hasattr(run, "wall") else run  # older checkouts: a tuple
     metrics = [final.metrics for final, _ in outs]
     tokens = sum(len(t) for _, t in outs)
-    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-            "row_passes": sum(m.verify_passes for m in metrics),
-            "proposed": sum(m.proposed_drafts for m in metrics),
-            "accepted": sum(m.accepted_drafts for m in metrics), **meter.snapshot()}
+    return {
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "row_passes": sum(m.verify_passes for m in metrics),
+        "proposed": sum(m.proposed_drafts for m in metrics),
+        "accepted": sum(m.accepted_drafts for m in metrics),
+        **meter.snapshot(),
+    }
 
 
 def main() -> None:
@@ -201,18 +240,30 @@ def main() -> None:
     parser.add_argument("--kinds", default="open_chat,grounded")
     parser.add_argument("-k", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--lean-variant", default=None, help="EngineConfig.lean_variant (default: the engine's)")
-    parser.add_argument("--no-freeze-gc", action="store_true", help="EngineConfig.freeze_gc_after_start = False")
+    parser.add_argument(
+        "--lean-variant", default=None, help="EngineConfig.lean_variant (default: the engine's)"
+    )
+    parser.add_argument(
+        "--no-freeze-gc", action="store_true", help="EngineConfig.freeze_gc_after_start = False"
+    )
     parser.add_argument("--breakdown", action="store_true", help="time each decode pass's host phases")
     parser.add_argument("--json", type=Path, help="write every round here")
     args = parser.parse_args()
-    configure_logging(os.environ.get("SPECDEC_LOG_LEVEL", "INFO"))  # as the service: the per-request lines are DEBUG
+    configure_logging(
+        os.environ.get("SPECDEC_LOG_LEVEL", "INFO")
+    )  # as the service: the per-request lines are DEBUG
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     kinds = {kind: [chat_ids(loaded.tokenizer, p) for p in KINDS[kind]] for kind in args.kinds.split(",")}
-    options = dict(max_batch_size=args.concurrency, max_queue_size=4 * args.concurrency,
-                   max_num_draft_tokens=args.k, default_num_draft_tokens=args.k, kv_cache_tokens=1024,
-                   adaptive_draft_length=True, capture_all_graphs=True)
+    options = dict(
+        max_batch_size=args.concurrency,
+        max_queue_size=4 * args.concurrency,
+        max_num_draft_tokens=args.k,
+        default_num_draft_tokens=args.k,
+        kv_cache_tokens=1024,
+        adaptive_draft_length=True,
+        capture_all_graphs=True,
+    )
     fields = {f.name for f in dataclasses.fields(EngineConfig)}  # SPECDEC_REPO may be older code
     if args.lean_variant:
         options["lean_variant"] = args.lean_variant
@@ -227,60 +278,129 @@ def main() -> None:
     try:
         for kind, prompts in kinds.items():
             for name, method in METHODS.items():  # warm-up: first passes of each shape
-                one_round(engine, meter, prompts, method, args.concurrency, args.k, args.new_tokens, f"w-{kind}-{name}")
+                one_round(
+                    engine,
+                    meter,
+                    prompts,
+                    method,
+                    args.concurrency,
+                    args.k,
+                    args.new_tokens,
+                    f"w-{kind}-{name}",
+                )
         for rnd in range(args.rounds):
             for kind, prompts in kinds.items():
                 order = list(METHODS.items()) if rnd % 2 == 0 else list(METHODS.items())[::-1]
                 for name, method in order:
-                    row = {"round": rnd, "kind": kind, "method": name,
-                           **one_round(engine, meter, prompts, method, args.concurrency, args.k, args.new_tokens,
-                                       f"{rnd}-{kind}-{name}")}
+                    row = {
+                        "round": rnd,
+                        "kind": kind,
+                        "method": name,
+                        **one_round(
+                            engine,
+                            meter,
+                            prompts,
+                            method,
+                            args.concurrency,
+                            args.k,
+                            args.new_tokens,
+                            f"{rnd}-{kind}-{name}",
+                        ),
+                    }
                     rows.append(row)
-                    print(f"round {rnd} {kind:9s} {name:5s} {row['tokens_per_s']:8.0f} tok/s  tokens {row['tokens']}  "
-                          f"row-passes {row['row_passes']}  proposed {row['proposed']}  accepted {row['accepted']}  "
-                          f"gc {row['gc_collections']} {sum(row['gc_ms']):.1f} ms (longest {row['gc_longest_ms']} ms)  "
-                          f"turns {row['turns']} ({row['admission_turns']} admitting, longest "
-                          f"{row['longest_turn_ms']} ms)", flush=True)
+                    print(
+                        f"round {rnd} {kind:9s} {name:5s} {row['tokens_per_s']:8.0f} tok/s  tokens "
+                        f"{row['tokens']}  "
+                        f"row-passes {row['row_passes']}  proposed {row['proposed']}  accepted "
+                        f"{row['accepted']}  "
+                        f"gc {row['gc_collections']} {sum(row['gc_ms']):.1f} ms (longest "
+                        f"{row['gc_longest_ms']} ms)  "
+                        f"turns {row['turns']} ({row['admission_turns']} admitting, longest "
+                        f"{row['longest_turn_ms']} ms)",
+                        flush=True,
+                    )
     finally:
         engine.stop()
 
     summary = {}
     for kind in kinds:
-        rate = {name: [r["tokens_per_s"] for r in rows if r["kind"] == kind and r["method"] == name] for name in METHODS}
+        rate = {
+            name: [r["tokens_per_s"] for r in rows if r["kind"] == kind and r["method"] == name]
+            for name in METHODS
+        }
         ratios = [n / p for n, p in zip(rate["ngram"], rate["none"])]
-        summary[kind] = {"median_tok_s": {name: statistics.median(v) for name, v in rate.items()},
-                         "ngram_over_none_per_round": [round(x, 3) for x in ratios],
-                         "ngram_over_none_median": statistics.median(ratios)}
-        print(f"{kind}: median tok/s " + ", ".join(f"{n} {statistics.median(v):.0f}" for n, v in rate.items())
-              + f"; n-gram / plain per round {summary[kind]['ngram_over_none_per_round']}, "
-                f"median {summary[kind]['ngram_over_none_median']:.3f}")
+        summary[kind] = {
+            "median_tok_s": {name: statistics.median(v) for name, v in rate.items()},
+            "ngram_over_none_per_round": [round(x, 3) for x in ratios],
+            "ngram_over_none_median": statistics.median(ratios),
+        }
+        print(
+            f"{kind}: median tok/s "
+            + ", ".join(f"{n} {statistics.median(v):.0f}" for n, v in rate.items())
+            + f"; n-gram / plain per round {summary[kind]['ngram_over_none_per_round']}, "
+            f"median {summary[kind]['ngram_over_none_median']:.3f}"
+        )
     policy = engine.draft_length_policy
     choices = {f"batch {b} cap {c}": n for (b, c), n in sorted(policy.choices.items())}
-    costs = {f"batch {b} drafts {d}{' draft model' if m else ''}": round(s * 1e3, 3)
-             for (b, d, m), s in sorted(policy.costs().items())}
-    calibration = {bucket: round(c.factor, 3) for bucket, c in sorted(getattr(policy, "calibration", {}).items())}
-    pooled = {str(kind): round(e.rate, 3) for kind, e in getattr(getattr(policy, "pooled", None), "kinds", {}).items()}
+    costs = {
+        f"batch {b} drafts {d}{' draft model' if m else ''}": round(s * 1e3, 3)
+        for (b, d, m), s in sorted(policy.costs().items())
+    }
+    calibration = {
+        bucket: round(c.factor, 3) for bucket, c in sorted(getattr(policy, "calibration", {}).items())
+    }
+    pooled = {
+        str(kind): round(e.rate, 3)
+        for kind, e in getattr(getattr(policy, "pooled", None), "kinds", {}).items()
+    }
     print("choices (batch bucket, cap) -> passes:", choices)
     print("pass cost ms:", costs)
     planning = getattr(policy, "planning", None)
     skipped_plans = planning.skipped if planning is not None else None
-    print("calibration factor by batch bucket:", calibration, " pooled acceptance by kind:", pooled,
-          " passes without planning (backoff):", skipped_plans)
+    print(
+        "calibration factor by batch bucket:",
+        calibration,
+        " pooled acceptance by kind:",
+        pooled,
+        " passes without planning (backoff):",
+        skipped_plans,
+    )
     phases = breakdown.table() if breakdown is not None else None
     for row in phases or []:
         if row["passes"] >= 20:
             print("breakdown " + "  ".join(f"{key} {value}" for key, value in row.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "command": " ".join(sys.argv), "repo": REPO, "machine": torch.cuda.get_device_name()
-            if args.device == "cuda" else "cpu", "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
-            "concurrency": args.concurrency, "k": args.k, "new_tokens": args.new_tokens,
-            "config": {key: getattr(config, key) if not isinstance(getattr(config, key), Method)
-                       else getattr(config, key).name for key in sorted(fields)},
-            "rounds": rows, "summary": summary, "policy_choices": choices, "policy_costs_ms": costs,
-            "policy_calibration": calibration, "policy_pooled_acceptance": pooled,
-            "planning_backoff_skipped_passes": skipped_plans, "pass_breakdown": phases}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "command": " ".join(sys.argv),
+                    "repo": REPO,
+                    "machine": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                    "torch": torch.__version__,
+                    "model": args.model,
+                    "dtype": args.dtype,
+                    "concurrency": args.concurrency,
+                    "k": args.k,
+                    "new_tokens": args.new_tokens,
+                    "config": {
+                        key: getattr(config, key)
+                        if not isinstance(getattr(config, key), Method)
+                        else getattr(config, key).name
+                        for key in sorted(fields)
+                    },
+                    "rounds": rows,
+                    "summary": summary,
+                    "policy_choices": choices,
+                    "policy_costs_ms": costs,
+                    "policy_calibration": calibration,
+                    "policy_pooled_acceptance": pooled,
+                    "planning_backoff_skipped_passes": skipped_plans,
+                    "pass_breakdown": phases,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

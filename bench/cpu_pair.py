@@ -35,9 +35,12 @@ import torch  # noqa: E402
 from service.model_loading import LoadedModel, check_same_vocabulary, load_model  # noqa: E402
 
 PROMPTS = [
-    "Write a Python function `is_prime(n)` that returns True when n is a prime number, with a docstring and a few doctests.",
-    "Implement binary search over a sorted Python list: a function `binary_search(items, target)` that returns the index or -1. Explain it briefly.",
-    "Write a Python class `LRUCache` with `get(key)` and `put(key, value)` methods and a fixed capacity, using collections.OrderedDict.",
+    "Write a Python function `is_prime(n)` that returns True when n is a prime number, with a "
+    "docstring and a few doctests.",
+    "Implement binary search over a sorted Python list: a function `binary_search(items, target)` "
+    "that returns the index or -1. Explain it briefly.",
+    "Write a Python class `LRUCache` with `get(key)` and `put(key, value)` methods and a fixed "
+    "capacity, using collections.OrderedDict.",
 ]
 
 
@@ -76,7 +79,7 @@ def bench_transformers(target: LoadedModel, draft: LoadedModel, prompts: list[li
         with torch.inference_mode():
             out = target.model.generate(x, **kwargs)
         dt = time.perf_counter() - t0
-        new = out[0, len(ids):].tolist()
+        new = out[0, len(ids) :].tolist()
         return {"new_tokens": len(new), "seconds": dt, "tokens_per_s": len(new) / dt, "token_ids": new}
 
     log("transformers: warm-up")
@@ -88,8 +91,10 @@ def bench_transformers(target: LoadedModel, draft: LoadedModel, prompts: list[li
         log(f"transformers plain    prompt {i}: {p['new_tokens']} tokens, {p['tokens_per_s']:.2f} tok/s")
         a = run(ids, draft.model)
         a["same_tokens_as_plain"] = a["token_ids"] == p["token_ids"]
-        log(f"transformers assisted prompt {i}: {a['new_tokens']} tokens, {a['tokens_per_s']:.2f} tok/s, "
-            f"same output: {a['same_tokens_as_plain']}")
+        log(
+            f"transformers assisted prompt {i}: {a['new_tokens']} tokens, {a['tokens_per_s']:.2f} tok/s, "
+            f"same output: {a['same_tokens_as_plain']}"
+        )
         plain.append(p)
         assisted.append(a)
     ps, as_ = _summary(plain), _summary(assisted)
@@ -135,18 +140,33 @@ def bench_engine(target: LoadedModel, draft: LoadedModel, prompts: list[list[int
                 done.set()
 
         t0 = time.perf_counter()
-        engine.submit(GenerationRequest(rid, tuple(ids), max_tokens=n, method=method,
-                                        num_draft_tokens=None if method is Method.NONE else k), on_event)  # fmt: skip
+        draft_tokens = None if method is Method.NONE else k
+        engine.submit(
+            GenerationRequest(rid, tuple(ids), max_tokens=n, method=method, num_draft_tokens=draft_tokens),
+            on_event,
+        )
         done.wait()
         dt = time.perf_counter() - t0
         f = final[0]
-        res = {"new_tokens": len(tokens), "seconds": dt, "tokens_per_s": len(tokens) / dt, "token_ids": tokens,
-               "finish_reason": f.finish_reason.name}  # fmt: skip
+        res = {
+            "new_tokens": len(tokens),
+            "seconds": dt,
+            "tokens_per_s": len(tokens) / dt,
+            "token_ids": tokens,
+            "finish_reason": f.finish_reason.name,
+        }
         if f.error:
             res["error"] = f.error
         m = MessageToDict(f.metrics, preserving_proto_field_name=True)
-        res["metrics"] = {key: m.get(key) for key in ("verify_passes", "draft_passes", "proposed_drafts",
-                                                       "accepted_drafts", "accept_rate", "accept_length")}  # fmt: skip
+        keys = (
+            "verify_passes",
+            "draft_passes",
+            "proposed_drafts",
+            "accepted_drafts",
+            "accept_rate",
+            "accept_length",
+        )
+        res["metrics"] = {key: m.get(key) for key in keys}
         return res
 
     methods = [Method.NONE, Method.DRAFT_MODEL, Method.NGRAM]
@@ -161,14 +181,22 @@ def bench_engine(target: LoadedModel, draft: LoadedModel, prompts: list[list[int
                 if m is not Method.NONE:
                     r["same_tokens_as_plain"] = r["token_ids"] == runs["NONE"][i]["token_ids"]
                 runs[m.name].append(r)
-                log(f"engine {m.name:<11} prompt {i}: {r['new_tokens']} tokens, {r['tokens_per_s']:.2f} tok/s, "
-                    f"accept_rate {r['metrics'].get('accept_rate')}, same: {r.get('same_tokens_as_plain', '-')}")
+                log(
+                    f"engine {m.name:<11} prompt {i}: {r['new_tokens']} tokens, "
+                    f"{r['tokens_per_s']:.2f} tok/s, "
+                    f"accept_rate {r['metrics'].get('accept_rate')}, same: "
+                    f"{r.get('same_tokens_as_plain', '-')}"
+                )
     finally:
         engine.stop(drain_timeout_s=5)
     plain = _summary(runs["NONE"])
     for m in methods:
         s = _summary(runs[m.name])
-        out[m.name] = {**s, "speedup_vs_plain": s["tokens_per_s"] / plain["tokens_per_s"], "runs": runs[m.name]}
+        out[m.name] = {
+            **s,
+            "speedup_vs_plain": s["tokens_per_s"] / plain["tokens_per_s"],
+            "runs": runs[m.name],
+        }
         if m is not Method.NONE:
             out[m.name]["all_same_tokens"] = all(r["same_tokens_as_plain"] for r in runs[m.name])
     return out

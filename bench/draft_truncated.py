@@ -30,7 +30,9 @@ from service.model_loading import LoadedModel  # noqa: E402
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
     decoder = getattr(model, "model", None)
     if decoder is None or not hasattr(decoder, "layers") or not hasattr(decoder, "norm"):
-        raise ValueError(f"{type(model).__name__} has no `model.layers` / `model.norm`: not a Llama-style decoder")
+        raise ValueError(
+            f"{type(model).__name__} has no `model.layers` / `model.norm`: not a Llama-style decoder"
+        )
     return decoder
 
 
@@ -46,7 +48,9 @@ def truncated_draft(target: LoadedModel, num_layers: int) -> LoadedModel:
     layers = _decoder(model).layers
     total = len(layers)
     if not 1 <= num_layers < total:
-        raise ValueError(f"draft layers must be in [1, {total - 1}] for a target of {total} layers, got {num_layers}")
+        raise ValueError(
+            f"draft layers must be in [1, {total - 1}] for a target of {total} layers, got {num_layers}"
+        )
     # The layers beyond the cut map to themselves in the deepcopy memo: they are not copied,
     # and the copy's layer list drops them right after.
     memo = {id(layer): layer for layer in list(layers)[num_layers:]}
@@ -61,9 +65,16 @@ def truncated_draft(target: LoadedModel, num_layers: int) -> LoadedModel:
     for p in draft.parameters():
         p.requires_grad_(False)
     target_params = {id(p) for p in model.parameters()}
-    assert not any(id(p) in target_params for p in draft.parameters()), "draft shares a parameter with the target"
-    return LoadedModel(name=f"{target.name}[first {num_layers} of {total} layers]", model=draft,
-                       tokenizer=target.tokenizer, device=target.device, dtype=target.dtype)
+    assert not any(id(p) in target_params for p in draft.parameters()), (
+        "draft shares a parameter with the target"
+    )
+    return LoadedModel(
+        name=f"{target.name}[first {num_layers} of {total} layers]",
+        model=draft,
+        tokenizer=target.tokenizer,
+        device=target.device,
+        dtype=target.dtype,
+    )
 
 
 @torch.inference_mode()
@@ -77,8 +88,9 @@ def early_exit_agreement(target: LoadedModel, prompts: list[list[int]], new_toke
     count = 0
     for ids in prompts:
         input_ids = torch.tensor([ids], device=target.device)
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                             do_sample=False)
+        out = model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens, do_sample=False
+        )
         seq = out[:, :]
         hidden = model(seq, output_hidden_states=True).hidden_states  # total + 1 entries, [1, S, E]
         lo, hi = len(ids) - 1, seq.shape[1] - 1  # positions whose next token was generated
@@ -105,8 +117,13 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    result = {"model": args.model, "dtype": args.dtype, "device": args.device, "new_tokens": args.new_tokens,
-              "command": " ".join(sys.argv)}
+    result = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": args.device,
+        "new_tokens": args.new_tokens,
+        "command": " ".join(sys.argv),
+    }
     for kind, texts in KINDS.items():
         prompts = [chat_ids(loaded.tokenizer, p) for p in texts]
         result[kind] = early_exit_agreement(loaded, prompts, args.new_tokens)

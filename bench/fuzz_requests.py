@@ -18,7 +18,7 @@ import json
 import os
 import platform
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -32,8 +32,9 @@ from tests.telemetry.support import health_serving
 def serves(stack: Stack) -> bool:
     with grpc.insecure_channel(stack.service.address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        final = list(stub.Generate(generation_pb2.GenerateRequest(text="hello", max_tokens=2),
-                                   timeout=60))[-1]
+        final = list(stub.Generate(generation_pb2.GenerateRequest(text="hello", max_tokens=2), timeout=60))[
+            -1
+        ]
     return final.final.completion_tokens == 2 and health_serving(stack.sidecar.address, 5)
 
 
@@ -51,14 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     with Stack(args.workdir) as stack:
         before = stack.sample()
         for seed in args.seeds:
-            generate = fuzz_generate(stack.service.address, seed, args.generate_cases,
-                                     args.budget_seconds).summary()
+            generate = fuzz_generate(
+                stack.service.address, seed, args.generate_cases, args.budget_seconds
+            ).summary()
             generate["serving_after"] = serves(stack)
-            report = fuzz_report(stack.sidecar.address, seed, args.report_streams,
-                                 args.budget_seconds).summary()
+            report = fuzz_report(
+                stack.sidecar.address, seed, args.report_streams, args.budget_seconds
+            ).summary()
             report["serving_after"] = serves(stack)
-            runs.append({"seed": seed, "generate": generate, "report": report,
-                         "processes": stack.sample()})
+            runs.append({"seed": seed, "generate": generate, "report": report, "processes": stack.sample()})
             print(json.dumps(runs[-1]), flush=True)
         metrics = stack.sidecar_metrics()
         after = stack.sample()
@@ -66,16 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     serving = all(r[path]["serving_after"] for r in runs for path in ("generate", "report"))
     result = {
         "bench": "fuzz_requests",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cores": os.cpu_count()},
         "command": "python -m bench.fuzz_requests " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "cases": {"generate": sum(r["generate"]["cases"] for r in runs),
-                  "report_streams": sum(r["report"]["cases"] for r in runs)},
+        "cases": {
+            "generate": sum(r["generate"]["cases"] for r in runs),
+            "report_streams": sum(r["report"]["cases"] for r in runs),
+        },
         "findings": findings,
         "serving_after_every_phase": serving,
-        "processes_before": before, "processes_after": after,
-        "sidecar_records": {k: v for k, v in sorted(metrics.items())
-                            if k.startswith("specdec_sidecar_records_") and v},
+        "processes_before": before,
+        "processes_after": after,
+        "sidecar_records": {
+            k: v for k, v in sorted(metrics.items()) if k.startswith("specdec_sidecar_records_") and v
+        },
         "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,13 +35,36 @@ from service.engine.runner import ModelRunner  # noqa: E402
 from service.model_loading import LoadedModel, load_model  # noqa: E402
 
 SHAPES = {  # Llama 3.1 8B, Llama 3.2 1B, and SmolLM2-135M's shape (pass costs without its weights)
-    "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-    "llama1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                    num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, rms_norm_eps=1e-5,
-                         tie_word_embeddings=True),
+    "llama8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
+    "llama1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
 }
 LEAN_PATHS = ("lean_eager", "graph", "graph_compiled")  # the paths that run once per variant
 
@@ -75,9 +98,18 @@ def time_ms(fn, iters: int, warmups: int = 3) -> float:
     return statistics.median(times)
 
 
-def measure(loaded: LoadedModel, batches: list[int], widths: list[int], context: int, iters: int,
-            paths: list[str], variants: list[str], profile: bool = False,
-            setup: list[dict] | None = None, profiles: list[dict] | None = None) -> list[dict]:
+def measure(
+    loaded: LoadedModel,
+    batches: list[int],
+    widths: list[int],
+    context: int,
+    iters: int,
+    paths: list[str],
+    variants: list[str],
+    profile: bool = False,
+    setup: list[dict] | None = None,
+    profiles: list[dict] | None = None,
+) -> list[dict]:
     """Rows {path, variant, batch, width, context, ms, first_s}; first_s is the wall time of the
     first pass of that shape (for graphed paths: compile, warm-up and capture). Appends one
     {path, variant, seconds, ...} per runner to `setup` and, with `profile`, one kernel
@@ -87,15 +119,19 @@ def measure(loaded: LoadedModel, batches: list[int], widths: list[int], context:
     max_len = context + max_width + 1
     runners = {
         "transformers": lambda variant: ModelRunner(loaded, max_batch, max_len, max_width, use_lean=False),
-        "lean_eager": lambda variant: ModelRunner(loaded, max_batch, max_len, max_width, use_graphs=False,
-                                                  use_compile=False, lean_variant=variant),
-        "graph": lambda variant: ModelRunner(loaded, max_batch, max_len, max_width, use_compile=False,
-                                             lean_variant=variant),
-        "graph_compiled": lambda variant: ModelRunner(loaded, max_batch, max_len, max_width, lean_variant=variant),
+        "lean_eager": lambda variant: ModelRunner(
+            loaded, max_batch, max_len, max_width, use_graphs=False, use_compile=False, lean_variant=variant
+        ),
+        "graph": lambda variant: ModelRunner(
+            loaded, max_batch, max_len, max_width, use_compile=False, lean_variant=variant
+        ),
+        "graph_compiled": lambda variant: ModelRunner(
+            loaded, max_batch, max_len, max_width, lean_variant=variant
+        ),
     }
     vocab = loaded.vocab_size
     for path in paths:
-        for variant in (variants if path in LEAN_PATHS else [None]):
+        for variant in variants if path in LEAN_PATHS else [None]:
             label = path if variant is None else f"{path}[{variant}]"
             started = time.perf_counter()
             runner = runners[path](variant)
@@ -110,24 +146,44 @@ def measure(loaded: LoadedModel, batches: list[int], widths: list[int], context:
                         runner.forward(0, batch, ids, starts)
                         torch.cuda.synchronize()
                         first = time.perf_counter() - first
-                        ms = time_ms(lambda: runner.forward(0, batch, ids, starts), iters)
+                        ms = time_ms(lambda: runner.forward(0, batch, ids, starts), iters)  # noqa: B023
                     first_total += first
-                    rows.append({"path": path, "variant": variant, "batch": batch, "width": width,
-                                 "context": context, "ms": ms, "first_s": round(first, 3)})
-                    print(f"{loaded.name:24s} {label:34s} B={batch:3d} T={width} {ms:8.3f} ms"
-                          f"  (first pass {first:6.2f} s)", flush=True)
+                    rows.append(
+                        {
+                            "path": path,
+                            "variant": variant,
+                            "batch": batch,
+                            "width": width,
+                            "context": context,
+                            "ms": ms,
+                            "first_s": round(first, 3),
+                        }
+                    )
+                    print(
+                        f"{loaded.name:24s} {label:34s} B={batch:3d} T={width} {ms:8.3f} ms"
+                        f"  (first pass {first:6.2f} s)",
+                        flush=True,
+                    )
             lean = runner.lean
-            entry = {"path": path, "variant": variant, "seconds": round(time.perf_counter() - started, 2),
-                     "first_passes_s": round(first_total, 2), "graphs_captured": runner.captures,
-                     "compiled_layer_specialisations": lean.compiled_graphs() if lean is not None else 0}
-            print(f"{loaded.name:24s} {label:34s} setup {entry['seconds']:.1f} s, first passes "
-                  f"{first_total:.1f} s, {runner.captures} graphs, "
-                  f"{entry['compiled_layer_specialisations']} compiled layer specialisations", flush=True)
+            entry = {
+                "path": path,
+                "variant": variant,
+                "seconds": round(time.perf_counter() - started, 2),
+                "first_passes_s": round(first_total, 2),
+                "graphs_captured": runner.captures,
+                "compiled_layer_specialisations": lean.compiled_graphs() if lean is not None else 0,
+            }
+            print(
+                f"{loaded.name:24s} {label:34s} setup {entry['seconds']:.1f} s, first passes "
+                f"{first_total:.1f} s, {runner.captures} graphs, "
+                f"{entry['compiled_layer_specialisations']} compiled layer specialisations",
+                flush=True,
+            )
             if setup is not None:
                 setup.append(entry)
             if profile and runner.graphs is not None and profiles is not None:
                 profiles.append(profile_replay(runner, context, path, variant))
-            del runner
+            runner = None  # frees its buffers before the next path
             torch.cuda.empty_cache()
     return rows
 
@@ -153,17 +209,31 @@ def profile_replay(runner: ModelRunner, context: int, path: str, variant: str | 
     for e in kernels:
         by_name[e.name] += e.time_range.elapsed_us()
         calls[e.name] += 1
-    span_us = (max(e.time_range.end for e in events) - min(e.time_range.start for e in events)) if events else 0.0
+    span_us = (
+        (max(e.time_range.end for e in events) - min(e.time_range.start for e in events)) if events else 0.0
+    )
     result = {
-        "path": path, "variant": variant, "batch": 1, "width": 1, "context": context,
-        "kernels": len(kernels), "other_device_events": len(events) - len(kernels),
-        "kernel_us": round(sum(by_name.values()), 1), "span_us": round(span_us, 1),
-        "top": [{"name": name[:160], "us": round(us, 1), "calls": calls[name]}
-                for name, us in by_name.most_common(top)],
+        "path": path,
+        "variant": variant,
+        "batch": 1,
+        "width": 1,
+        "context": context,
+        "kernels": len(kernels),
+        "other_device_events": len(events) - len(kernels),
+        "kernel_us": round(sum(by_name.values()), 1),
+        "span_us": round(span_us, 1),
+        "top": [
+            {"name": name[:160], "us": round(us, 1), "calls": calls[name]}
+            for name, us in by_name.most_common(top)
+        ],
     }
     label = path if variant is None else f"{path}[{variant}]"
-    print(f"profile {label}: {result['kernels']} kernels ({result['other_device_events']} other device events), "
-          f"kernel time {result['kernel_us']:.0f} us, span {result['span_us']:.0f} us", flush=True)
+    print(
+        f"profile {label}: {result['kernels']} kernels ({result['other_device_events']} other device "
+        "events), "
+        f"kernel time {result['kernel_us']:.0f} us, span {result['span_us']:.0f} us",
+        flush=True,
+    )
     for item in result["top"][:8]:
         print(f"    {item['us']:8.1f} us {item['calls']:4d}x  {item['name'][:100]}", flush=True)
     if not kernels:
@@ -174,15 +244,23 @@ def profile_replay(runner: ModelRunner, context: int, path: str, variant: str | 
 def side_by_side(rows: list[dict], variants: list[str]) -> list[dict]:
     """ms per variant for each (path, batch, width) a lean path measured in several variants."""
     table = []
-    keys = sorted({(r["path"], r["batch"], r["width"]) for r in rows if r["variant"] is not None},
-                  key=lambda k: (LEAN_PATHS.index(k[0]), k[1], k[2]))
+    keys = sorted(
+        {(r["path"], r["batch"], r["width"]) for r in rows if r["variant"] is not None},
+        key=lambda k: (LEAN_PATHS.index(k[0]), k[1], k[2]),
+    )
     for path, batch, width in keys:
-        ms = {r["variant"]: r["ms"] for r in rows
-              if (r["path"], r["batch"], r["width"]) == (path, batch, width) and r["variant"] is not None}
+        ms = {
+            r["variant"]: r["ms"]
+            for r in rows
+            if (r["path"], r["batch"], r["width"]) == (path, batch, width) and r["variant"] is not None
+        }
         table.append({"path": path, "batch": batch, "width": width, "ms": ms})
     if len(variants) > 1 and table:
-        print(f"\n{'path':15s} {'B':>3s} {'T':>2s} " + " ".join(f"{v:>17s}" for v in variants)
-              + f"  {variants[-1]}/{variants[0]}")
+        print(
+            f"\n{'path':15s} {'B':>3s} {'T':>2s} "
+            + " ".join(f"{v:>17s}" for v in variants)
+            + f"  {variants[-1]}/{variants[0]}"
+        )
         for entry in table:
             cells = " ".join(f"{entry['ms'].get(v, float('nan')):14.3f} ms" for v in variants)
             ratio = entry["ms"].get(variants[-1], float("nan")) / entry["ms"].get(variants[0], float("nan"))
@@ -191,10 +269,16 @@ def side_by_side(rows: list[dict], variants: list[str]) -> list[dict]:
 
 
 def predicted_speedup(target_rows, draft_rows, batch: int, accept: float, k: int, variant: str) -> float:
-    cost = {(r["batch"], r["width"]): r["ms"] for r in target_rows
-            if r["path"] == "graph_compiled" and r["variant"] == variant}
-    draft = {(r["batch"], r["width"]): r["ms"] for r in draft_rows
-             if r["path"] == "graph_compiled" and r["variant"] == variant}
+    cost = {
+        (r["batch"], r["width"]): r["ms"]
+        for r in target_rows
+        if r["path"] == "graph_compiled" and r["variant"] == variant
+    }
+    draft = {
+        (r["batch"], r["width"]): r["ms"]
+        for r in draft_rows
+        if r["path"] == "graph_compiled" and r["variant"] == variant
+    }
     tokens = (1 - accept ** (k + 1)) / (1 - accept)
     return tokens * cost[(batch, 1)] / (cost[(batch, k + 1)] + k * draft[(batch, 1)])
 
@@ -210,11 +294,17 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--paths", default="transformers,lean_eager,graph,graph_compiled")
-    parser.add_argument("--variants", default="around_attention",
-                        help="comma-separated LeanForward variants for the lean paths "
-                             "(around_attention, layer); each runs in this process, side by side")
-    parser.add_argument("--profile", action="store_true",
-                        help="profile one replay of the B=1, T=1 graph per graphed path and variant")
+    parser.add_argument(
+        "--variants",
+        default="around_attention",
+        help="comma-separated LeanForward variants for the lean paths "
+        "(around_attention, layer); each runs in this process, side by side",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one replay of the B=1, T=1 graph per graphed path and variant",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from service.engine.lean_forward import VARIANTS
@@ -234,13 +324,21 @@ def main() -> None:
         sys.exit("gpu_pass_cost.py needs CUDA")
     if not (args.model or args.shape):
         parser.error("give --model or --shape")
-    loaded = load_model(args.model, dtype=dtype, device="cuda") if args.model else random_model(args.shape, dtype)
+    loaded = (
+        load_model(args.model, dtype=dtype, device="cuda") if args.model else random_model(args.shape, dtype)
+    )
     setup: list[dict] = []
     profiles: list[dict] = []
-    result = {"machine": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
-              "target": loaded.name, "variants": variants,
-              "rows": measure(loaded, batches, widths, args.context, args.iters, paths, variants,
-                              args.profile, setup, profiles)}
+    result = {
+        "machine": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "target": loaded.name,
+        "variants": variants,
+        "rows": measure(
+            loaded, batches, widths, args.context, args.iters, paths, variants, args.profile, setup, profiles
+        ),
+    }
     result["setup"] = setup
     result["side_by_side"] = side_by_side(result["rows"], variants)
     if args.profile:
@@ -250,20 +348,39 @@ def main() -> None:
         torch.cuda.empty_cache()
         draft = random_model(args.draft_shape, dtype)
         result["draft"] = draft.name
-        result["draft_rows"] = measure(draft, batches, [1], args.context, args.iters, ["graph_compiled"], variants)
+        result["draft_rows"] = measure(
+            draft, batches, [1], args.context, args.iters, ["graph_compiled"], variants
+        )
         table = []
         for variant in variants:
             for batch in batches:
                 for accept in (0.5, 0.6, 0.7, 0.8, 0.9):
-                    def speedup(k: int) -> float:
-                        return predicted_speedup(result["rows"], result["draft_rows"], batch, accept, k, variant)
+
+                    def speedup(k: int, batch=batch, accept=accept, variant=variant) -> float:
+                        return predicted_speedup(
+                            result["rows"],
+                            result["draft_rows"],
+                            batch,
+                            accept,
+                            k,
+                            variant,
+                        )
 
                     best = max(range(1, max(widths)), key=speedup)
                     speedups = {k: round(speedup(k), 3) for k in range(1, max(widths))}
-                    table.append({"variant": variant, "batch": batch, "accept_rate": accept, "best_k": best,
-                                  "speedup_by_k": speedups})
-                    print(f"predicted [{variant}] B={batch:3d} a={accept:.1f}: best k={best} "
-                          f"speedup {speedups[best]:.2f}x  {speedups}")
+                    table.append(
+                        {
+                            "variant": variant,
+                            "batch": batch,
+                            "accept_rate": accept,
+                            "best_k": best,
+                            "speedup_by_k": speedups,
+                        }
+                    )
+                    print(
+                        f"predicted [{variant}] B={batch:3d} a={accept:.1f}: best k={best} "
+                        f"speedup {speedups[best]:.2f}x  {speedups}"
+                    )
         result["predicted"] = table
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -162,8 +162,9 @@ def build_model(device: str, layers: int):
     return loaded
 
 
-def run_batch(engine: Engine, prompt: tuple[int, ...], batch: int, new_tokens: int, method: Method,
-              k: int, tag: str) -> tuple[int, float]:
+def run_batch(
+    engine: Engine, prompt: tuple[int, ...], batch: int, new_tokens: int, method: Method, k: int, tag: str
+) -> tuple[int, float]:
     """Submits `batch` requests at once and waits for all; (completion tokens, seconds)."""
     done = threading.Semaphore(0)
     finals: list[FinalResult] = []
@@ -175,8 +176,13 @@ def run_batch(engine: Engine, prompt: tuple[int, ...], batch: int, new_tokens: i
 
     t0 = time.perf_counter()
     for i in range(batch):
-        request = GenerationRequest(f"{tag}-{i}", prompt, max_tokens=new_tokens, method=method,
-                                    num_draft_tokens=k if method is not Method.NONE else None)
+        request = GenerationRequest(
+            f"{tag}-{i}",
+            prompt,
+            max_tokens=new_tokens,
+            method=method,
+            num_draft_tokens=k if method is not Method.NONE else None,
+        )
         engine.submit(request, on_event)
     for _ in range(batch):
         if not done.acquire(timeout=600):
@@ -214,21 +220,24 @@ def measure(loaded, meter: Meter, mode: str, batch: int, args) -> dict:
             profiling = args.profile and r == args.repeat
             meter.reset()
             meter.profile = cProfile.Profile() if profiling else None
-            tokens, elapsed = run_batch(engine, prompt, batch, args.new_tokens, spec["method"], args.k,
-                                        f"{mode}-{batch}-{r}")
+            tokens, elapsed = run_batch(
+                engine, prompt, batch, args.new_tokens, spec["method"], args.k, f"{mode}-{batch}-{r}"
+            )
             if profiling:
                 profile_text = top_functions(meter.profile, args.profile)
                 meter.profile = None
                 continue
             turns, fwd = sum(meter.turn_s), sum(meter.turn_forward_s)
-            runs.append(dict(
-                passes=meter.passes,
-                tokens=tokens,
-                pass_us=1e6 * turns / meter.passes,
-                forward_us=1e6 * fwd / meter.passes,
-                host_us=1e6 * (turns - fwd) / meter.passes,
-                wall_s=elapsed,
-            ))
+            runs.append(
+                dict(
+                    passes=meter.passes,
+                    tokens=tokens,
+                    pass_us=1e6 * turns / meter.passes,
+                    forward_us=1e6 * fwd / meter.passes,
+                    host_us=1e6 * (turns - fwd) / meter.passes,
+                    wall_s=elapsed,
+                )
+            )
     finally:
         engine.stop(drain_timeout_s=0)
     best = min(runs, key=lambda x: x["host_us"])
@@ -254,7 +263,7 @@ def top_functions(profile: cProfile.Profile, n: int) -> list[str]:
     stats = pstats.Stats(profile, stream=stream)
     stats.sort_stats("tottime")
     rows = []
-    for func, (cc, nc, tt, ct, _callers) in sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:n]:
+    for func, (_cc, nc, tt, ct, _callers) in sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:n]:
         filename, line, name = func
         where = f"{Path(filename).name}:{line}" if line else filename
         rows.append(f"{tt * 1e3:9.1f} ms tottime {ct * 1e3:9.1f} ms cumtime {nc:7d} calls  {name} ({where})")
@@ -274,12 +283,18 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, help="list the top N functions by tottime")
     parser.add_argument("--compile", action="store_true", help="CUDA: torch.compile the lean forward")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
-    parser.add_argument("--shape-dir", help="random weights in this model directory's shape (config.json, "
-                                            "tokenizer) instead of the tiny model, in --dtype")
+    parser.add_argument(
+        "--shape-dir",
+        help="random weights in this model directory's shape (config.json, "
+        "tokenizer) instead of the tiny model, in --dtype",
+    )
     parser.add_argument("--dtype", default="bfloat16", help="with --shape-dir")
-    parser.add_argument("--no-sync-forward", action="store_true",
-                        help="CUDA: leave the forward asynchronous (tokens/s as served; host_us then "
-                             "includes the wait for the GPU)")
+    parser.add_argument(
+        "--no-sync-forward",
+        action="store_true",
+        help="CUDA: leave the forward asynchronous (tokens/s as served; host_us then "
+        "includes the wait for the GPU)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     configure_logging("INFO")  # as the service does (stderr; the engine's debug lines are filtered)
@@ -289,19 +304,27 @@ def main() -> None:
         loaded = build_model(args.device, args.layers)
     meter = Meter(sync_forward=args.device == "cuda" and not args.no_sync_forward)
     meter.install()
-    results = [measure(loaded, meter, mode, int(b), args)
-               for mode in args.modes.split(",") for b in args.batches.split(",")]
-    print(json.dumps(dict(
-        repo=REPO,
-        device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-        model=args.shape_dir or f"tiny random Llama, {args.layers} layer(s)",
-        sync_forward=meter.sync_forward,
-        torch=torch.__version__,
-        new_tokens=args.new_tokens,
-        prompt_tokens=args.prompt_tokens,
-        k=args.k,
-        results=results,
-    ), indent=2))
+    results = [
+        measure(loaded, meter, mode, int(b), args)
+        for mode in args.modes.split(",")
+        for b in args.batches.split(",")
+    ]
+    print(
+        json.dumps(
+            dict(
+                repo=REPO,
+                device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+                model=args.shape_dir or f"tiny random Llama, {args.layers} layer(s)",
+                sync_forward=meter.sync_forward,
+                torch=torch.__version__,
+                new_tokens=args.new_tokens,
+                prompt_tokens=args.prompt_tokens,
+                k=args.k,
+                results=results,
+            ),
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from service.engine.api import EngineError, FinalResult, FinishReason, GenerationRequest
 from service.loadgen.runner import Pacing
@@ -21,8 +21,9 @@ from specdec.v1 import metrics_pb2
 EngineRequestFactory = Callable[[int], GenerationRequest]
 
 
-def run_inprocess(engine, make_request: EngineRequestFactory, pacing: Pacing, timeout_s: float
-                  ) -> tuple[float, list[RequestRecord]]:
+def run_inprocess(
+    engine, make_request: EngineRequestFactory, pacing: Pacing, timeout_s: float
+) -> tuple[float, list[RequestRecord]]:
     """Submits the run's requests; returns (the run's start time, the records in sending order).
 
     burst: `level` requests at once; sustained: `level` clients, each submitting its next
@@ -63,8 +64,10 @@ def run_inprocess(engine, make_request: EngineRequestFactory, pacing: Pacing, ti
         try:
             return ended.get(timeout=timeout_s)
         except queue.Empty:
-            raise TimeoutError(f"no request ended within {timeout_s} s "
-                               f"({sum(r.end is None for r in records)} of {len(records)} in flight)") from None
+            raise TimeoutError(
+                f"no request ended within {timeout_s} s "
+                f"({sum(r.end is None for r in records)} of {len(records)} in flight)"
+            ) from None
 
     run_start = time.perf_counter()
     clients = int(pacing.level)
@@ -78,8 +81,11 @@ def run_inprocess(engine, make_request: EngineRequestFactory, pacing: Pacing, ti
         record = next_end()
         in_flight -= 1
         client = record.client
-        more = pacing.mode == "sustained" and (pacing.requests is None or sent[client] < pacing.requests) \
+        more = (
+            pacing.mode == "sustained"
+            and (pacing.requests is None or sent[client] < pacing.requests)
             and (deadline is None or time.perf_counter() < deadline)
+        )
         if more:
             submit(client)
             sent[client] += 1

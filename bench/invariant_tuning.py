@@ -28,8 +28,18 @@ from service.engine import invariant_kernels as ik  # noqa: E402
 from service.engine.kv_cache import causal_mask  # noqa: E402
 from service.engine.runner import ModelRunner  # noqa: E402
 
-KNOBS = ("GEMV_MAX_ROWS", "GEMV_BLOCK_N", "GEMV_BLOCK_K", "GEMV_WARPS", "BLOCK_N", "BLOCK_K", "LINEAR_WARPS",
-         "LINEAR_STAGES", "ATTN_CHUNK", "ATTN_WARPS")
+KNOBS = (
+    "GEMV_MAX_ROWS",
+    "GEMV_BLOCK_N",
+    "GEMV_BLOCK_K",
+    "GEMV_WARPS",
+    "BLOCK_N",
+    "BLOCK_K",
+    "LINEAR_WARPS",
+    "LINEAR_STAGES",
+    "ATTN_CHUNK",
+    "ATTN_WARPS",
+)
 ALWAYS = 1 << 20  # GEMV_MAX_ROWS: every pass through the CUDA-core kernel
 CONFIGS = [  # the last rounds' candidates (earlier rounds: bench/RESULTS.md)
     (0, 4, 256, 4, 64, 64, 4, 3, 64, 4),  # tensor-core kernel only
@@ -56,7 +66,7 @@ def pass_costs(loaded, context: int, iters: int) -> tuple[list[dict], ModelRunne
         for width in (1, 9):
             ids = torch.randint(0, loaded.vocab_size, (batch, width), device="cuda")
             with torch.inference_mode():
-                ms = time_ms(lambda: runner.forward(0, batch, ids, [context] * batch), iters)
+                ms = time_ms(lambda: runner.forward(0, batch, ids, [context] * batch), iters)  # noqa: B023
             rows.append({"batch": batch, "width": width, "ms": round(ms, 4)})
     return rows, runner
 
@@ -88,9 +98,21 @@ def invariance(dtype: torch.dtype, dims: str = "smollm2") -> dict:
     k_cache = torch.randn(1, g, 512, d, device="cuda").to(dtype)
     v_cache = torch.randn(1, g, 512, d, device="cuda").to(dtype)
     starts = torch.tensor([length - 4], device="cuda")
-    together = ik.attention(qkv, cos, sin, k_cache, v_cache, causal_mask(starts, 9, 512, dtype), h, g, d, 0.125)
-    alone = ik.attention(qkv[4:5].contiguous(), cos[4:5].contiguous(), sin[4:5].contiguous(), k_cache, v_cache,
-                         causal_mask(torch.tensor([length], device="cuda"), 1, length + 1, dtype), h, g, d, 0.125)
+    together = ik.attention(
+        qkv, cos, sin, k_cache, v_cache, causal_mask(starts, 9, 512, dtype), h, g, d, 0.125
+    )
+    alone = ik.attention(
+        qkv[4:5].contiguous(),
+        cos[4:5].contiguous(),
+        sin[4:5].contiguous(),
+        k_cache,
+        v_cache,
+        causal_mask(torch.tensor([length], device="cuda"), 1, length + 1, dtype),
+        h,
+        g,
+        d,
+        0.125,
+    )
     out["attention"] = bool(torch.equal(together[4], alone[0]))
     # The same row alone under one block config and among 40 rows under another.
     saved = (ik.BLOCK_N, ik.LINEAR_WARPS, ik.GEMV_MAX_ROWS)
@@ -101,12 +123,16 @@ def invariance(dtype: torch.dtype, dims: str = "smollm2") -> dict:
         ik.BLOCK_N, ik.LINEAR_WARPS = bn_alone, warps
         alone_row = ik.linear(x[4:5], w, norm=norm, eps=1e-5, out_float32=True)[0]
         ik.BLOCK_N, ik.LINEAR_WARPS = bn_many, 4
-        out[f"tensor-core linear_norm BN {bn_alone}/{warps} warps vs {bn_many}/4"] = bool(torch.equal(
-            alone_row, ik.linear(many, w, norm=norm, eps=1e-5, out_float32=True)[4]))
+        out[f"tensor-core linear_norm BN {bn_alone}/{warps} warps vs {bn_many}/4"] = bool(
+            torch.equal(alone_row, ik.linear(many, w, norm=norm, eps=1e-5, out_float32=True)[4])
+        )
     ik.GEMV_MAX_ROWS = saved[2]
-    out["linear_norm 1 row (CUDA cores) vs 40 rows (tensor cores)"] = bool(torch.equal(
-        ik.linear(x[4:5], w, norm=norm, eps=1e-5, out_float32=True)[0],
-        ik.linear(many, w, norm=norm, eps=1e-5, out_float32=True)[4]))
+    out["linear_norm 1 row (CUDA cores) vs 40 rows (tensor cores)"] = bool(
+        torch.equal(
+            ik.linear(x[4:5], w, norm=norm, eps=1e-5, out_float32=True)[0],
+            ik.linear(many, w, norm=norm, eps=1e-5, out_float32=True)[4],
+        )
+    )
     ik.BLOCK_N, ik.LINEAR_WARPS, ik.GEMV_MAX_ROWS = saved
     return out
 
@@ -122,9 +148,22 @@ def forward_diff(dtype: torch.dtype) -> list[str]:
     from service.engine.lean_forward import LeanForward
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                         initializer_range=0.2)).eval().to("cuda", dtype)
+    model = (
+        LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=300,
+                hidden_size=64,
+                intermediate_size=160,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+                initializer_range=0.2,
+            )
+        )
+        .eval()
+        .to("cuda", dtype)
+    )
     lean = LeanForward(model, variant="invariant")
     cache = StaticKVCache(max_batch=1, max_len=96, device=torch.device("cuda"), dtype=dtype)
     cache.allocate(lean.num_layers, lean.num_kv_heads, lean.head_dim)
@@ -138,6 +177,7 @@ def forward_diff(dtype: torch.dtype) -> list[str]:
             out = fn(*args, **kwargs)
             log.append((name, out[0].clone()))
             return out
+
         return call
 
     def recorded_rotary(x, positions):
@@ -159,7 +199,10 @@ def forward_diff(dtype: torch.dtype) -> list[str]:
     logs = []
     for piece in (tokens[:, :1], tokens):
         log.clear()
-        ik.linear, ik.attention = recorded("linear", originals["linear"]), recorded("attention", originals["attention"])
+        ik.linear, ik.attention = (
+            recorded("linear", originals["linear"]),
+            recorded("attention", originals["attention"]),
+        )
         lean.rotary = recorded_rotary
         run(piece, 60)
         logs.append(list(log))
@@ -169,15 +212,22 @@ def forward_diff(dtype: torch.dtype) -> list[str]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--configs", default="all", help="comma-separated indices into CONFIGS, or all")
     parser.add_argument("--out", type=Path, default=Path("bench/out/invariant_tuning.json"))
     args = parser.parse_args(argv)
     picked = CONFIGS if args.configs == "all" else [CONFIGS[int(j)] for j in args.configs.split(",")]
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
-              "invariance": {}, "configs": []}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "invariance": {},
+        "configs": [],
+    }
     defaults = {name: getattr(ik, name) for name in KNOBS}
     for dims in DIMS:
         for dtype in (torch.float32, torch.bfloat16):
@@ -196,8 +246,12 @@ def main(argv=None) -> None:
         entry = {"knobs": knobs, "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
         result["configs"].append(entry)
         b1 = rows[0]["ms"]
-        print(" ".join(f"{k}={v}" for k, v in knobs.items()), " ".join(f"B{r['batch']}T{r['width']}={r['ms']:.3f}"
-                                                                      for r in rows), f"({entry['seconds']} s)", flush=True)
+        print(
+            " ".join(f"{k}={v}" for k, v in knobs.items()),
+            " ".join(f"B{r['batch']}T{r['width']}={r['ms']:.3f}" for r in rows),
+            f"({entry['seconds']} s)",
+            flush=True,
+        )
         if b1 < best_ms:
             best, best_ms = config, b1
         args.out.parent.mkdir(parents=True, exist_ok=True)

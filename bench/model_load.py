@@ -38,13 +38,14 @@ print("RESULT " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1}))
 
 def _one_load(name: str, dtype: str, cache: Path) -> dict:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", CHILD, name, dtype, str(cache)], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, name, dtype, str(cache)], cwd=ROOT, capture_output=True, text=True
+    )
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         raise SystemExit(f"load of {name} failed:\n{proc.stderr[-3000:]}")
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return {**json.loads(line[len("RESULT "):]), "process_wall_s": wall}
+    line = next(out for out in proc.stdout.splitlines() if out.startswith("RESULT "))
+    return {**json.loads(line[len("RESULT ") :]), "process_wall_s": wall}
 
 
 def main() -> int:
@@ -59,9 +60,13 @@ def main() -> int:
     import torch
 
     results = {
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "dtype": args.dtype,
         "models": {},
     }
@@ -84,9 +89,13 @@ def main() -> int:
             "load_speedup": first["load_s"] / second["load_s"],
             "process_speedup": first["process_wall_s"] / second["process_wall_s"],
         }
-        print(f"{name}: first {first['load_s']:.1f} s, second {second['load_s']:.1f} s "
-              f"(x{first['load_s'] / second['load_s']:.1f}; process wall {first['process_wall_s']:.1f} "
-              f"vs {second['process_wall_s']:.1f} s)", file=sys.stderr, flush=True)
+        print(
+            f"{name}: first {first['load_s']:.1f} s, second {second['load_s']:.1f} s "
+            f"(x{first['load_s'] / second['load_s']:.1f}; process wall {first['process_wall_s']:.1f} "
+            f"vs {second['process_wall_s']:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

@@ -39,7 +39,7 @@ def _ceilings() -> dict[str, float]:
     src = torch.empty(1 << 30, device="cuda", dtype=torch.uint8).random_()
     dst = torch.empty_like(src)
     copy_ms = time_ms(lambda: dst.copy_(src), 10, warmups=2)
-    return {"matmul_tflops": 2 * 8192 ** 3 / ms / 1e9, "copy_bytes_per_s": 2 * src.numel() / copy_ms * 1e3}
+    return {"matmul_tflops": 2 * 8192**3 / ms / 1e9, "copy_bytes_per_s": 2 * src.numel() / copy_ms * 1e3}
 
 
 class Prefill:
@@ -66,12 +66,16 @@ class Prefill:
 
 def _compare(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     a, b = a.double().flatten(1), b.double().flatten(1)
-    return {"relative_difference": float((a - b).norm() / b.norm()),
-            "argmax_agreement": float((a.argmax(-1) == b.argmax(-1)).double().mean())}
+    return {
+        "relative_difference": float((a - b).norm() / b.norm()),
+        "argmax_agreement": float((a.argmax(-1) == b.argmax(-1)).double().mean()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="model directory (e.g. written by bench.random_model)")
     parser.add_argument("--shapes", default="1x170,1x2048,12x170,32x64", help="B x T prefill shapes")
     parser.add_argument("--repeats", type=int, default=5)
@@ -89,16 +93,29 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     max_batch = max(b for b, _ in shapes)
     run = Prefill(lean, max_batch, max(t for _, t in shapes) + 320)
-    matrix_params = sum(w.numel() for layer in lean.layers
-                        for w in (layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight))
+    matrix_params = sum(
+        w.numel()
+        for layer in lean.layers
+        for w in (layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight)
+    )
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ceilings = _ceilings()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    result = {"machine": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-              "model": args.model, "matrix_parameters": matrix_params, "weight_bytes": weight_bytes,
-              **ceilings, "shapes": [], "checks": {}}
-    print(f"{result['machine']}: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, "
-          f"copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s")
+    result = {
+        "machine": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "model": args.model,
+        "matrix_parameters": matrix_params,
+        "weight_bytes": weight_bytes,
+        **ceilings,
+        "shapes": [],
+        "checks": {},
+    }
+    print(
+        f"{result['machine']}: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, "
+        f"copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s"
+    )
     heads, layers, head_dim = config.num_attention_heads, config.num_hidden_layers, lean.head_dim
     with torch.inference_mode():
         for b, t in shapes:
@@ -106,18 +123,28 @@ def main(argv: list[str] | None = None) -> int:
             starts, lengths = [0] * b, [t] * b
             # 2 x params per token; causal attention: QK^T and PV, half the square on average.
             flops = 2 * matrix_params * b * t + 2 * 2 * layers * heads * head_dim * b * t * (t + 1) / 2
-            floor_ms = max(flops / ceilings["matmul_tflops"] / 1e9, weight_bytes / ceilings["copy_bytes_per_s"] * 1e3)
+            floor_ms = max(
+                flops / ceilings["matmul_tflops"] / 1e9, weight_bytes / ceilings["copy_bytes_per_s"] * 1e3
+            )
             row = {"rows": b, "tokens": t, "flops": flops, "floor_ms": floor_ms}
             for name, fn in (("invariant", run.invariant), ("dense", run.dense)):
-                ms = time_ms(lambda fn=fn, ids=ids, starts=starts, lengths=lengths: fn(ids, starts, lengths),
-                             args.repeats, warmups=2)
+                ms = time_ms(
+                    lambda fn=fn, ids=ids, starts=starts, lengths=lengths: fn(ids, starts, lengths),
+                    args.repeats,
+                    warmups=2,
+                )
                 row[f"{name}_ms"] = ms
                 row[f"{name}_tflops"] = flops / ms / 1e9
             row.update(_compare(run.dense(ids, starts, lengths), run.invariant(ids, starts, lengths)))
             result["shapes"].append(row)
-            print(f"{b:>3} x {t:<5} invariant {row['invariant_ms']:8.2f} ms ({row['invariant_tflops']:5.0f} TFLOP/s)"
-                  f"  dense {row['dense_ms']:7.2f} ms ({row['dense_tflops']:5.0f} TFLOP/s)  floor {floor_ms:6.2f} ms"
-                  f"  logits rel diff {row['relative_difference']:.2e}, argmax agree {row['argmax_agreement']:.2f}")
+            print(
+                f"{b:>3} x {t:<5} invariant {row['invariant_ms']:8.2f} ms "
+                f"({row['invariant_tflops']:5.0f} TFLOP/s)"
+                f"  dense {row['dense_ms']:7.2f} ms ({row['dense_tflops']:5.0f} TFLOP/s)  floor "
+                f"{floor_ms:6.2f} ms"
+                f"  logits rel diff {row['relative_difference']:.2e}, argmax agree "
+                f"{row['argmax_agreement']:.2f}"
+            )
 
         # Chunks: a 300-token prompt whole, then as 180 + 120 (the second chunk reads the
         # first's keys from the cache); one row alone against the same row padded in a batch.
@@ -129,11 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         others = torch.randint(0, config.vocab_size, (3, 300), device="cuda", generator=gen)
         batch = torch.cat([others[:1], ids, others[1:]])
         batched = run.dense(batch, [0, 0, 0, 0], [300, 300, 57, 211])[1:2]
-        result["checks"] = {"chunked_vs_whole": _compare(chunked, whole),
-                            "whole_vs_invariant": _compare(whole, invariant_whole),
-                            "batched_vs_alone": _compare(batched, whole)}
+        result["checks"] = {
+            "chunked_vs_whole": _compare(chunked, whole),
+            "whole_vs_invariant": _compare(whole, invariant_whole),
+            "batched_vs_alone": _compare(batched, whole),
+        }
         for name, check in result["checks"].items():
-            print(f"{name}: rel diff {check['relative_difference']:.2e}, argmax agree {check['argmax_agreement']:.2f}")
+            print(
+                f"{name}: rel diff {check['relative_difference']:.2e}, argmax agree "
+                f"{check['argmax_agreement']:.2f}"
+            )
 
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
@@ -146,25 +178,33 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                     fn(ids, [0] * b, [t] * b)
                     torch.cuda.synchronize()
-                table = prof.key_averages().table(sort_by="device_time_total", row_limit=12, max_name_column_width=70)
+                table = prof.key_averages().table(
+                    sort_by="device_time_total", row_limit=12, max_name_column_width=70
+                )
                 result[f"profile_{name}"] = table
                 print(f"--- {name}, {b} x {t}\n{table}")
         # Both paths against the float32 forward of the same weights (transformers'), on the
         # 300-token prompt of the checks: how far each bfloat16 prefill lands from exact.
         del run
         torch.cuda.empty_cache()
-        reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, device_map="cuda").eval()
+        reference = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=torch.float32, device_map="cuda"
+        ).eval()
         exact = reference(ids_300).logits[:, -1].double()  # [1, V]
         for name, got in (("dense", whole), ("invariant", invariant_whole)):
             error = (got[:, 0].double() - exact).abs()
             result["checks"][f"{name}_vs_float32"] = {
-                "max_abs_error": float(error.max()), "max_abs_logit": float(exact.abs().max()),
+                "max_abs_error": float(error.max()),
+                "max_abs_logit": float(exact.abs().max()),
                 "relative_difference": float((got[:, 0].double() - exact).norm() / exact.norm()),
-                "argmax_agreement": float((got[:, 0].argmax(-1) == exact.argmax(-1)).double().mean())}
+                "argmax_agreement": float((got[:, 0].argmax(-1) == exact.argmax(-1)).double().mean()),
+            }
             check = result["checks"][f"{name}_vs_float32"]
-            print(f"{name} vs float32: max |error| {check['max_abs_error']:.3g} (max |logit| "
-                  f"{check['max_abs_logit']:.3g}), rel diff {check['relative_difference']:.2e}, "
-                  f"argmax agree {check['argmax_agreement']:.2f}")
+            print(
+                f"{name} vs float32: max |error| {check['max_abs_error']:.3g} (max |logit| "
+                f"{check['max_abs_logit']:.3g}), rel diff {check['relative_difference']:.2e}, "
+                f"argmax agree {check['argmax_agreement']:.2f}"
+            )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

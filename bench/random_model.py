@@ -44,23 +44,59 @@ from service.model_loading import gguf_tokenizer  # noqa: E402
 # Llama 3.1 / 3.2's rope scaling ("llama3"), as their published configs have it.
 # Given in the long-standing form (rope_theta, rope_scaling), which every transformers 5
 # release converts to its own.
-_LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 SHAPES: dict[str, dict[str, Any]] = {
-    "llama-3.1-8b": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
-                         intermediate_size=14336, tie_word_embeddings=False, max_position_embeddings=131072,
-                         rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}),
-    "llama-3.2-1b": dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
-                         intermediate_size=8192, tie_word_embeddings=True, max_position_embeddings=131072,
-                         rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}),
+    "llama-3.1-8b": dict(
+        num_hidden_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={**_LLAMA3_ROPE, "factor": 8.0},
+    ),
+    "llama-3.2-1b": dict(
+        num_hidden_layers=16,
+        hidden_size=2048,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        tie_word_embeddings=True,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={**_LLAMA3_ROPE, "factor": 32.0},
+    ),
     # Head dim 32 (a power of two, as the engine's invariant CUDA kernels need).
-    "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=256, tie_word_embeddings=False, max_position_embeddings=16384,
-                 rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}),
-    "tiny-draft": dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
-                       intermediate_size=128, tie_word_embeddings=True, max_position_embeddings=16384,
-                       rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}),
+    "tiny": dict(
+        num_hidden_layers=2,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        tie_word_embeddings=False,
+        max_position_embeddings=16384,
+        rope_theta=500000.0,
+        rope_scaling={**_LLAMA3_ROPE, "factor": 8.0},
+    ),
+    "tiny-draft": dict(
+        num_hidden_layers=1,
+        hidden_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=128,
+        tie_word_embeddings=True,
+        max_position_embeddings=16384,
+        rope_theta=500000.0,
+        rope_scaling={**_LLAMA3_ROPE, "factor": 8.0},
+    ),
 }
 MARKER = "specdec-random-model.json"  # what wrote the directory, and how
 TOKENIZER_MODEL = "smollm2-135m-instruct"
@@ -72,9 +108,15 @@ def llama_config(shape: str, tokenizer: Any, dtype: torch.dtype = torch.bfloat16
 
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         rms_norm_eps=1e-5, initializer_range=0.02, **SHAPES[shape])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rms_norm_eps=1e-5,
+        initializer_range=0.02,
+        **SHAPES[shape],
+    )
     config.dtype = dtype
     config.architectures = ["LlamaForCausalLM"]
     return config
@@ -90,8 +132,9 @@ def parameter_shapes(config) -> dict[str, torch.Size]:
     return {name: p.shape for name, p in model.named_parameters()}  # shared parameters listed once
 
 
-def random_tensor(shape: torch.Size, std: float, dtype: torch.dtype, device: torch.device,
-                  generator: torch.Generator) -> torch.Tensor:
+def random_tensor(
+    shape: torch.Size, std: float, dtype: torch.dtype, device: torch.device, generator: torch.Generator
+) -> torch.Tensor:
     """A norm weight (1-D): ones; a matrix: normal(0, std), drawn in float32, then cast."""
     if len(shape) == 1:
         return torch.ones(shape, dtype=dtype)
@@ -99,9 +142,17 @@ def random_tensor(shape: torch.Size, std: float, dtype: torch.dtype, device: tor
     return values.to(dtype).cpu()
 
 
-def write_random_model(out: Path, shape: str, tokenizer: Any, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                       device: str | torch.device = "cpu", max_shard_size: str | int = "4GB",
-                       log=lambda message: None) -> Path:
+def write_random_model(
+    out: Path,
+    shape: str,
+    tokenizer: Any,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    max_shard_size: str | int = "4GB",
+    log=lambda message: None,
+) -> Path:
     """Writes the model directory `out` (replaced atomically if it exists); returns it."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -113,7 +164,8 @@ def write_random_model(out: Path, shape: str, tokenizer: Any, *, seed: int = 0, 
     # The split reads only each tensor's size: meta tensors of the right dtype stand in.
     plan = split_torch_state_dict_into_shards(
         {name: torch.empty(s, dtype=dtype, device="meta") for name, s in shapes.items()},
-        max_shard_size=max_shard_size)
+        max_shard_size=max_shard_size,
+    )
     generator = torch.Generator(device=device).manual_seed(seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -122,26 +174,44 @@ def write_random_model(out: Path, shape: str, tokenizer: Any, *, seed: int = 0, 
     try:
         total = 0
         for filename, names in plan.filename_to_tensors.items():
-            shard = {name: random_tensor(shapes[name], config.initializer_range, dtype, device, generator)
-                     for name in names}
+            shard = {
+                name: random_tensor(shapes[name], config.initializer_range, dtype, device, generator)
+                for name in names
+            }
             save_file(shard, tmp / filename, metadata={"format": "pt"})
             size = sum(t.numel() * t.element_size() for t in shard.values())
             total += size
             del shard
             log(f"{filename}: {len(names)} tensors, {size / 1e9:.2f} GB ({time.monotonic() - started:.0f} s)")
         if plan.is_sharded:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(plan.tensor_to_filename.items()))}
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": dict(sorted(plan.tensor_to_filename.items())),
+            }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
         config.save_pretrained(tmp)
-        GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                         pad_token_id=config.pad_token_id).save_pretrained(tmp)
+        GenerationConfig(
+            bos_token_id=config.bos_token_id,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
+        ).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / MARKER).write_text(json.dumps({
-            "shape": shape, "seed": seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-            "parameters": sum(s.numel() for s in shapes.values()), "weight_bytes": total,
-            "init": f"matrices normal(0, {config.initializer_range}), norms 1",
-            "tokenizer": f"{TOKENIZER_MODEL} (its GGUF file)",
-        }, indent=1) + "\n")
+        (tmp / MARKER).write_text(
+            json.dumps(
+                {
+                    "shape": shape,
+                    "seed": seed,
+                    "device": str(device),
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "parameters": sum(s.numel() for s in shapes.values()),
+                    "weight_bytes": total,
+                    "init": f"matrices normal(0, {config.initializer_range}), norms 1",
+                    "tokenizer": f"{TOKENIZER_MODEL} (its GGUF file)",
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         if out.exists():
             shutil.rmtree(out)
@@ -159,19 +229,34 @@ def smollm2_tokenizer(cache_dir: str | None = None):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.random_model", description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", required=True, action="append", choices=list(SHAPES),
-                        help="model shape (repeat the flag for several; --out is then a parent directory)")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="model directory to write (with several shapes: OUT/<shape>)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.random_model",
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--shape",
+        required=True,
+        action="append",
+        choices=list(SHAPES),
+        help="model shape (repeat the flag for several; --out is then a parent directory)",
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="model directory to write (with several shapes: OUT/<shape>)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the random values are drawn [default: cuda when present, else cpu]")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the random values are drawn [default: cuda when present, else cpu]",
+    )
     parser.add_argument("--max-shard-size", default="4GB", help="largest safetensors file [default 4GB]")
-    parser.add_argument("--cache-dir", default=os.environ.get("SPECDEC_CACHE_DIR") or None,
-                        help="model cache holding the tokenizer's GGUF file [env SPECDEC_CACHE_DIR]")
+    parser.add_argument(
+        "--cache-dir",
+        default=os.environ.get("SPECDEC_CACHE_DIR") or None,
+        help="model cache holding the tokenizer's GGUF file [env SPECDEC_CACHE_DIR]",
+    )
     args = parser.parse_args(argv)
 
     def log(message: str) -> None:
@@ -180,8 +265,15 @@ def main(argv=None) -> int:
     tokenizer = smollm2_tokenizer(args.cache_dir)
     for shape in args.shape:
         out = args.out if len(args.shape) == 1 else args.out / shape
-        write_random_model(out, shape, tokenizer, seed=args.seed, device=args.device,
-                           max_shard_size=args.max_shard_size, log=log)
+        write_random_model(
+            out,
+            shape,
+            tokenizer,
+            seed=args.seed,
+            device=args.device,
+            max_shard_size=args.max_shard_size,
+            log=log,
+        )
         print(out, flush=True)
     return 0
 

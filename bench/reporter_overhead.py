@@ -60,9 +60,22 @@ def main() -> None:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "telemetry", "--listen", f"127.0.0.1:{port}", "--exporters",
-         "prometheus", "--prometheus-address", f"127.0.0.1:{free_port()}", "--log-level",
-         "WARNING"], cwd=REPO, env=env)
+        [
+            sys.executable,
+            "-m",
+            "telemetry",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--exporters",
+            "prometheus",
+            "--prometheus-address",
+            f"127.0.0.1:{free_port()}",
+            "--log-level",
+            "WARNING",
+        ],
+        cwd=REPO,
+        env=env,
+    )
     try:
         wait_for(lambda: health_serving(f"127.0.0.1:{port}"), 30, 0.1, "sidecar")
         reporter = MetricsReporter(f"127.0.0.1:{port}", instance_id="bench").start()
@@ -93,8 +106,12 @@ def main() -> None:
             "max": round(lat_all[-1] * 1e6, 1),
         },
         "flushed": flushed,
-        "reporter_stats": {"sent": stats.sent, "acked": stats.acked, "dropped": stats.dropped,
-                           "reconnects": stats.reconnects},
+        "reporter_stats": {
+            "sent": stats.sent,
+            "acked": stats.acked,
+            "dropped": stats.dropped,
+            "reconnects": stats.reconnects,
+        },
         "target_ratio": 0.99,
     }
     print(json.dumps(out, indent=1))

@@ -28,9 +28,11 @@ from service.request_trace import capture  # noqa: E402
 from specdec.v1 import generation_pb2  # noqa: E402
 from tests.telemetry.support import simulate_metrics  # noqa: E402
 
-METADATA = (("user-agent", "grpc-python/1.85"),
-            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-            ("tracestate", "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"))
+METADATA = (
+    ("user-agent", "grpc-python/1.85"),
+    ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    ("tracestate", "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"),
+)
 
 
 def per_call_us(fn, calls: int) -> float:
@@ -49,8 +51,10 @@ def main() -> None:
     args = ap.parse_args()
 
     req = generation_pb2.GenerateRequest(
-        request_id="bench-1", max_tokens=256,
-        messages={"messages": [{"role": "user", "content": "Write one sentence about the sea."}]})
+        request_id="bench-1",
+        max_tokens=256,
+        messages={"messages": [{"role": "user", "content": "Write one sentence about the sea."}]},
+    )
     req.sampling.temperature = 0.7
     raw_request = req.SerializeToString()
     record = simulate_metrics(random.Random(0), passes=24)
@@ -59,25 +63,36 @@ def main() -> None:
         generation_pb2.GenerateRequest.FromString(raw_request)
         record.SerializeToString()
 
-    cases = {"baseline_parse_request_and_serialize_record": baseline,
-             "capture_with_traceparent": lambda: capture(METADATA, req),
-             "capture_without_traceparent": lambda: capture(METADATA[:1], req)}
+    cases = {
+        "baseline_parse_request_and_serialize_record": baseline,
+        "capture_with_traceparent": lambda: capture(METADATA, req),
+        "capture_without_traceparent": lambda: capture(METADATA[:1], req),
+    }
     runs: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.repeats):  # interleaved, so drift hits every case alike
         for name, fn in cases.items():
             runs[name].append(per_call_us(fn, args.calls))
     medians = {name: round(statistics.median(v), 3) for name, v in runs.items()}
     base = medians["baseline_parse_request_and_serialize_record"]
-    print(json.dumps({
-        "bench": "request_trace_capture",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+    print(
+        json.dumps(
+            {
+                "bench": "request_trace_capture",
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
                     "python": platform.python_version(),
-                    "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
-        "calls": args.calls, "repeats": args.repeats,
-        "us_per_call_runs": {k: [round(x, 3) for x in v] for k, v in runs.items()},
-        "us_per_call_median": medians,
-        "ratio_to_baseline": {k: round(v / base, 2) for k, v in medians.items()},
-    }, indent=1))
+                    "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+                },
+                "calls": args.calls,
+                "repeats": args.repeats,
+                "us_per_call_runs": {k: [round(x, 3) for x in v] for k, v in runs.items()},
+                "us_per_call_median": medians,
+                "ratio_to_baseline": {k: round(v / base, 2) for k, v in medians.items()},
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,14 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> dict
         if device.type == "cuda":
             torch.cuda.empty_cache()
     best = min(seconds)
-    return {"bytes_copied": nbytes, "repeats": repeats, "best_seconds": best,
-            "median_seconds": sorted(seconds)[len(seconds) // 2], "bytes_per_s": 2 * nbytes / best,
-            "method": "device-to-device copy, read + write counted, best of the repeats"}
+    return {
+        "bytes_copied": nbytes,
+        "repeats": repeats,
+        "best_seconds": best,
+        "median_seconds": sorted(seconds)[len(seconds) // 2],
+        "bytes_per_s": 2 * nbytes / best,
+        "method": "device-to-device copy, read + write counted, best of the repeats",
+    }
 
 
 def checkpoint_weight_bytes(model_dir: Path) -> int:
@@ -71,8 +76,20 @@ def checkpoint_weight_bytes(model_dir: Path) -> int:
     return total
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def roofline_tokens_per_s(weight_bytes: int, bandwidth_bytes_per_s: float) -> float:

@@ -12,8 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import grpc
 
@@ -53,13 +53,18 @@ class ServerProcess:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "service", *self.server_args, "--listen", self.address]
 
-    def start(self, timeout_s: float) -> "ServerProcess":
+    def start(self, timeout_s: float) -> ServerProcess:
         """Starts the server and waits until it serves (at most `timeout_s`)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                            cwd=Path(__file__).resolve().parent.parent, env=os.environ.copy())
+            self.process = subprocess.Popen(
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parent.parent,
+                env=os.environ.copy(),
+            )
         try:
             self.info = asyncio.run(self._wait_ready(timeout_s))
         except BaseException:
@@ -74,15 +79,19 @@ class ServerProcess:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
             while True:
                 if self.process.poll() is not None:
-                    raise ServerStartError(f"the server exited with status {self.process.returncode} before "
-                                           f"serving; its log ({self.log_path}) ends:\n{_tail(self.log_path)}")
+                    raise ServerStartError(
+                        f"the server exited with status {self.process.returncode} before "
+                        f"serving; its log ({self.log_path}) ends:\n{_tail(self.log_path)}"
+                    )
                 try:
                     return await server_info(stub, min(5.0, max(0.1, deadline - time.monotonic())))
                 except grpc.aio.AioRpcError as exc:
                     if time.monotonic() >= deadline:
-                        raise ServerStartError(f"the server did not serve within {timeout_s:.0f} s "
-                                               f"({exc.code().name}); its log ({self.log_path}) ends:\n"
-                                               f"{_tail(self.log_path)}") from None
+                        raise ServerStartError(
+                            f"the server did not serve within {timeout_s:.0f} s "
+                            f"({exc.code().name}); its log ({self.log_path}) ends:\n"
+                            f"{_tail(self.log_path)}"
+                        ) from None
 
     def stop(self, timeout_s: float = 60.0) -> int | None:
         """SIGTERM, then SIGKILL after `timeout_s`; returns the exit status."""
@@ -95,7 +104,7 @@ class ServerProcess:
             self.process.kill()
             return self.process.wait()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:

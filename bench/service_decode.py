@@ -54,9 +54,10 @@ import platform
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 _T0 = time.perf_counter()  # before the heavy imports: the logged times include them
 
@@ -91,8 +92,9 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------- the plan
 
 
-def blocks(args: argparse.Namespace, prompt_sets: dict[str, list[Prompt]], methods: list[str]
-           ) -> list[tuple[str, str, str, Pacing]]:
+def blocks(
+    args: argparse.Namespace, prompt_sets: dict[str, list[Prompt]], methods: list[str]
+) -> list[tuple[str, str, str, Pacing]]:
     """(prompt set, method, mode, pacing) of every measurement of one path, in running order:
     per prompt set and pacing point, the methods one after the other (so that their ratios
     compare runs minutes apart at most)."""
@@ -115,14 +117,34 @@ def blocks(args: argparse.Namespace, prompt_sets: dict[str, list[Prompt]], metho
 def server_args(args: argparse.Namespace, target: Path, draft: Path | None) -> list[str]:
     """The service's arguments, shared by both paths."""
     largest = max(args.concurrency) if set(args.modes) & {"burst", "sustained"} else 1
-    out = ["--model", str(target), "--dtype", args.dtype, "--device", args.device,
-           "--num-draft-tokens", str(args.k), "--max-num-draft-tokens", str(max(args.k, 8)),
-           "--max-batch-size", str(args.max_batch_size or largest),
-           "--max-queue-size", str(max(64, 2 * largest)),
-           "--default-max-tokens", str(args.new_tokens), "--max-tokens-limit", str(max(4096, args.new_tokens)),
-           "--adaptive-draft-length", "false" if args.fixed_k else "true",
-           "--telemetry-target", args.telemetry_target, "--instance-id", "bench-service-decode",
-           "--log-level", args.server_log_level]
+    out = [
+        "--model",
+        str(target),
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--num-draft-tokens",
+        str(args.k),
+        "--max-num-draft-tokens",
+        str(max(args.k, 8)),
+        "--max-batch-size",
+        str(args.max_batch_size or largest),
+        "--max-queue-size",
+        str(max(64, 2 * largest)),
+        "--default-max-tokens",
+        str(args.new_tokens),
+        "--max-tokens-limit",
+        str(max(4096, args.new_tokens)),
+        "--adaptive-draft-length",
+        "false" if args.fixed_k else "true",
+        "--telemetry-target",
+        args.telemetry_target,
+        "--instance-id",
+        "bench-service-decode",
+        "--log-level",
+        args.server_log_level,
+    ]
     if draft is not None:
         out += ["--draft-model", str(draft)]
     return out
@@ -136,20 +158,37 @@ def request_settings(max_tokens: int) -> SimpleNamespace:
 # ---------------------------------------------------------------------------- a row
 
 
-def row_of(size: str, path: str, spec: str, method: str, mode: str, pacing: Pacing, report: dict,
-           roofline: float | None) -> dict:
+def row_of(
+    size: str,
+    path: str,
+    spec: str,
+    method: str,
+    mode: str,
+    pacing: Pacing,
+    report: dict,
+    roofline: float | None,
+) -> dict:
     latency, throughput = report["latency_s"], report["throughput"]
     tokens_per_s = throughput["request_tokens_per_s"] if mode == "batch1" else throughput["tokens_per_s"]
 
     def ms(value):
         return None if value is None else value * 1e3
 
-    row = {"size": size, "path": path, "prompts": spec, "method": method, "mode": mode, "level": int(pacing.level),
-           "tokens_per_s": tokens_per_s,
-           "ttft_p50_ms": ms(latency["ttft"]["p50"]), "ttft_p99_ms": ms(latency["ttft"]["p99"]),
-           "itl_p50_ms": ms(latency["itl"]["p50"]), "itl_p99_ms": ms(latency["itl"]["p99"]),
-           "accept_rate": report["server_metrics"]["accept_rate"],
-           "requests_failed": report["requests"]["failed"]}
+    row = {
+        "size": size,
+        "path": path,
+        "prompts": spec,
+        "method": method,
+        "mode": mode,
+        "level": int(pacing.level),
+        "tokens_per_s": tokens_per_s,
+        "ttft_p50_ms": ms(latency["ttft"]["p50"]),
+        "ttft_p99_ms": ms(latency["ttft"]["p99"]),
+        "itl_p50_ms": ms(latency["itl"]["p50"]),
+        "itl_p99_ms": ms(latency["itl"]["p99"]),
+        "accept_rate": report["server_metrics"]["accept_rate"],
+        "requests_failed": report["requests"]["failed"],
+    }
     if pacing.level == 1:
         row["roofline_tokens_per_s"] = roofline
         row["fraction_of_roofline"] = tokens_per_s / roofline if roofline and tokens_per_s else None
@@ -184,6 +223,7 @@ def measure_inprocess(args, size, config_args, plan, prompt_sets, roofline, add_
                 proto = build_request(settings, prompts[key[1]], method, prefix, index)
                 templates[key] = to_engine_request(proto, proto.request_id, tokenizer, limits)
             return dataclasses.replace(templates[key], request_id=f"{prefix}-{index}")
+
         return make
 
     try:
@@ -194,15 +234,30 @@ def measure_inprocess(args, size, config_args, plan, prompt_sets, roofline, add_
                 continue
             if (spec, method) not in warmed and args.warmup:
                 warmed.add((spec, method))
-                run_inprocess(engine, factory(spec, method, f"warm-{method}", WARMUP_MAX_TOKENS),
-                              Pacing("burst", args.warmup), args.timeout_s)
-            run_start, records = run_inprocess(engine, factory(spec, method, f"{mode}-{method}", args.new_tokens),
-                                               pacing, args.timeout_s)
-            add_row(row_of(size, "inprocess", spec, method, mode, pacing,
-                           summarize(pacing.mode, pacing.level, records, run_start), roofline))
+                run_inprocess(
+                    engine,
+                    factory(spec, method, f"warm-{method}", WARMUP_MAX_TOKENS),
+                    Pacing("burst", args.warmup),
+                    args.timeout_s,
+                )
+            run_start, records = run_inprocess(
+                engine, factory(spec, method, f"{mode}-{method}", args.new_tokens), pacing, args.timeout_s
+            )
+            add_row(
+                row_of(
+                    size,
+                    "inprocess",
+                    spec,
+                    method,
+                    mode,
+                    pacing,
+                    summarize(pacing.mode, pacing.level, records, run_start),
+                    roofline,
+                )
+            )
     finally:
         engine.stop()
-        del engine, tokenizer
+        engine = tokenizer = None  # frees the model before the gRPC path
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -233,16 +288,33 @@ async def _grpc_blocks(args, size, address, plan, prompt_sets, roofline, add_row
 
             def factory(prefix: str, max_tokens: int, method: str = method, prompts=prompts):
                 settings = request_settings(max_tokens)
-                return lambda i: build_request(settings, prompts[i % len(prompts)], method, f"{prefix}-{i}", i)
+                return lambda i: build_request(
+                    settings, prompts[i % len(prompts)], method, f"{prefix}-{i}", i
+                )
 
             if (spec, method) not in warmed and args.warmup:
                 warmed.add((spec, method))
-                await run_load(stub, factory(f"warm-{method}", WARMUP_MAX_TOKENS), Pacing("burst", args.warmup),
-                               args.timeout_s)
-            run_start, records = await run_load(stub, factory(f"{mode}-{method}", args.new_tokens), pacing,
-                                                args.timeout_s)
-            add_row(row_of(size, "grpc", spec, method, mode, pacing,
-                           summarize(pacing.mode, pacing.level, records, run_start), roofline))
+                await run_load(
+                    stub,
+                    factory(f"warm-{method}", WARMUP_MAX_TOKENS),
+                    Pacing("burst", args.warmup),
+                    args.timeout_s,
+                )
+            run_start, records = await run_load(
+                stub, factory(f"{mode}-{method}", args.new_tokens), pacing, args.timeout_s
+            )
+            add_row(
+                row_of(
+                    size,
+                    "grpc",
+                    spec,
+                    method,
+                    mode,
+                    pacing,
+                    summarize(pacing.mode, pacing.level, records, run_start),
+                    roofline,
+                )
+            )
 
 
 MEASURE = {"inprocess": measure_inprocess, "grpc": measure_grpc}
@@ -252,18 +324,23 @@ MEASURE = {"inprocess": measure_inprocess, "grpc": measure_grpc}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.service_decode", description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.service_decode",
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
     def names(choices):
         def parse(text: str) -> list[str]:
             items = [x for x in text.split(",") if x]
             unknown = [x for x in items if x not in choices]
             if unknown or not items:
-                raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}, "
-                                                 f"got {text!r}")
+                raise argparse.ArgumentTypeError(
+                    f"expected a comma-separated subset of {', '.join(choices)}, got {text!r}"
+                )
             return items
+
         return parse
 
     def levels(text: str) -> list[int]:
@@ -275,37 +352,73 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
         return values
 
-    parser.add_argument("--sizes", type=names(tuple(SIZES)), default=["8b"], help=f"subset of {', '.join(SIZES)}")
-    parser.add_argument("--models-dir", type=Path, default=Path("bench/out/models"),
-                        help="where bench.random_model wrote the shapes (<dir>/<shape>)")
-    parser.add_argument("--write-missing", action="store_true",
-                        help="write a missing model directory first (bench.random_model, on --device)")
-    parser.add_argument("--paths", type=names(PATHS), default=list(PATHS), help="inprocess, grpc (run in this order)")
-    parser.add_argument("--methods", type=names(METHODS), default=list(METHODS),
-                        help="none, ngram, draft_model (draft_model needs a size with a draft model)")
+    parser.add_argument(
+        "--sizes", type=names(tuple(SIZES)), default=["8b"], help=f"subset of {', '.join(SIZES)}"
+    )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=Path("bench/out/models"),
+        help="where bench.random_model wrote the shapes (<dir>/<shape>)",
+    )
+    parser.add_argument(
+        "--write-missing",
+        action="store_true",
+        help="write a missing model directory first (bench.random_model, on --device)",
+    )
+    parser.add_argument(
+        "--paths", type=names(PATHS), default=list(PATHS), help="inprocess, grpc (run in this order)"
+    )
+    parser.add_argument(
+        "--methods",
+        type=names(METHODS),
+        default=list(METHODS),
+        help="none, ngram, draft_model (draft_model needs a size with a draft model)",
+    )
     parser.add_argument("--modes", type=names(MODES), default=list(MODES), help="batch1, burst, sustained")
-    parser.add_argument("--concurrency", type=levels, default=[1, 4, 16, 32, 64], help="levels of burst and sustained")
-    parser.add_argument("--prompts", type=lambda s: [x for x in s.split(",") if x],
-                        default=["builtin:grounded", "builtin:open_chat"],
-                        help="comma-separated specdec-bench prompt sets (builtin:... or JSONL files)")
+    parser.add_argument(
+        "--concurrency", type=levels, default=[1, 4, 16, 32, 64], help="levels of burst and sustained"
+    )
+    parser.add_argument(
+        "--prompts",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["builtin:grounded", "builtin:open_chat"],
+        help="comma-separated specdec-bench prompt sets (builtin:... or JSONL files)",
+    )
     parser.add_argument("--new-tokens", type=int, default=128, help="max_tokens of every timed request")
-    parser.add_argument("-k", type=int, default=8, help="the server's draft length (the adaptive policy's cap)")
+    parser.add_argument(
+        "-k", type=int, default=8, help="the server's draft length (the adaptive policy's cap)"
+    )
     parser.add_argument("--fixed-k", action="store_true", help="turn the adaptive draft length off")
     parser.add_argument("--batch1-repeats", type=int, default=2, help="batch1: runs of every prompt")
     parser.add_argument("--requests-per-client", type=int, default=4, help="sustained: requests per client")
-    parser.add_argument("--warmup", type=int, default=4,
-                        help=f"untimed requests ({WARMUP_MAX_TOKENS} tokens) at once per prompt set and method")
-    parser.add_argument("--max-batch-size", type=int, default=None,
-                        help="the server's --max-batch-size [default: the largest --concurrency level]")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=4,
+        help=f"untimed requests ({WARMUP_MAX_TOKENS} tokens) at once per prompt set and method",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="the server's --max-batch-size [default: the largest --concurrency level]",
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--telemetry-target", default="", help="the server's sidecar address [default: none]")
     parser.add_argument("--server-log-level", default="WARNING")
     parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the bandwidth test's copy")
-    parser.add_argument("--timeout-s", type=float, default=300.0, help="per request (a stuck run fails, not hangs)")
+    parser.add_argument(
+        "--timeout-s", type=float, default=300.0, help="per request (a stuck run fails, not hangs)"
+    )
     parser.add_argument("--server-start-timeout-s", type=float, default=600.0)
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="skip every block that would start after this many seconds")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="skip every block that would start after this many seconds",
+    )
     parser.add_argument("--append", action="store_true", help="merge into an existing --out file")
     parser.add_argument("--out", type=Path, default=Path("bench/out/service_decode.json"))
     args = parser.parse_args(argv)
@@ -331,10 +444,15 @@ def model_dirs(args: argparse.Namespace, size: str) -> tuple[Path, Path | None]:
         path = args.models_dir / shape
         if not (path / "config.json").is_file():
             if not args.write_missing:
-                raise SystemExit(f"no model at {path}: write it with `python -m bench.random_model --shape {shape} "
-                                 f"--out {path}` (or pass --write-missing)")
+                raise SystemExit(
+                    f"no model at {path}: write it with `python -m bench.random_model --shape {shape} "
+                    f"--out {path}` (or pass --write-missing)"
+                )
             from bench.random_model import smollm2_tokenizer, write_random_model
-            device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+            device = (
+                args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+            )
             write_random_model(path, shape, smollm2_tokenizer(), device=device, log=log)
         dirs.append(path)
     return dirs[0], dirs[1]
@@ -346,19 +464,30 @@ def main(argv=None) -> int:
     # and the JSON keeps every block measured so far.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     prompt_sets = {spec: load_prompts(spec) for spec in args.prompts}
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     result: dict[str, Any] = {}
     if args.append and args.out.exists():
         result = json.loads(args.out.read_text())
     import transformers
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU {platform.machine()} ({os.cpu_count()} cores)"
-    run = {"command": " ".join([sys.executable, "-m", "bench.service_decode", *(argv or sys.argv[1:])]),
-           "machine": machine, "torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(),
-           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU {platform.machine()} ({os.cpu_count()} cores)"
+    )
+    run = {
+        "command": " ".join([sys.executable, "-m", "bench.service_decode", *(argv or sys.argv[1:])]),
+        "machine": machine,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
     result.setdefault("runs", []).append(run)
     rows: list[dict] = result.setdefault("rows", [])
     budget = Budget(args.budget_s, _T0, log)
@@ -366,8 +495,11 @@ def main(argv=None) -> int:
     def save() -> None:
         run["skipped"] = budget.skipped
         run["elapsed_seconds"] = time.perf_counter() - _T0
-        result["summary"] = {f"run {i}": summary_table([r for r in rows if r["run"] == i])
-                             for i in range(len(result["runs"])) if any(r["run"] == i for r in rows)}
+        result["summary"] = {
+            f"run {i}": summary_table([r for r in rows if r["run"] == i])
+            for i in range(len(result["runs"]))
+            if any(r["run"] == i for r in rows)
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
@@ -389,19 +521,38 @@ def main(argv=None) -> int:
         weight_bytes = checkpoint_weight_bytes(target)
         roofline = roofline_tokens_per_s(weight_bytes, run["bandwidth"]["bytes_per_s"])
         config_args = server_args(args, target, draft)
-        info = run.setdefault("sizes", {}).setdefault(size, {
-            "target": str(target), "draft": None if draft is None else str(draft),
-            "target_weight_bytes": weight_bytes,
-            "draft_weight_bytes": None if draft is None else checkpoint_weight_bytes(draft),
-            "roofline_tokens_per_s": roofline, "server_args": config_args, "methods": methods, "paths": {}})
-        log(f"{size}: target {target} ({weight_bytes / 1e9:.2f} GB, roofline {roofline:.1f} tok/s), "
-            f"draft {draft}")
+        info = run.setdefault("sizes", {}).setdefault(
+            size,
+            {
+                "target": str(target),
+                "draft": None if draft is None else str(draft),
+                "target_weight_bytes": weight_bytes,
+                "draft_weight_bytes": None if draft is None else checkpoint_weight_bytes(draft),
+                "roofline_tokens_per_s": roofline,
+                "server_args": config_args,
+                "methods": methods,
+                "paths": {},
+            },
+        )
+        log(
+            f"{size}: target {target} ({weight_bytes / 1e9:.2f} GB, roofline {roofline:.1f} tok/s), "
+            f"draft {draft}"
+        )
         plan = blocks(args, prompt_sets, methods)
         for path in args.paths:
             if not budget.allows(f"{size} {path} start"):
                 continue
-            MEASURE[path](args, size, config_args, plan, prompt_sets, roofline, add_row, budget,
-                          info["paths"].setdefault(path, {}))
+            MEASURE[path](
+                args,
+                size,
+                config_args,
+                plan,
+                prompt_sets,
+                roofline,
+                add_row,
+                budget,
+                info["paths"].setdefault(path, {}),
+            )
             save()
     save()
     print(format_table([r for r in rows if r["run"] == len(result["runs"]) - 1]), flush=True)
@@ -422,18 +573,33 @@ def _fmt(value, spec: str) -> str:
 def line_of(row: dict) -> str:
     roof = ""
     if "roofline_tokens_per_s" in row:
-        roof = f"  roofline {_fmt(row['roofline_tokens_per_s'], '.0f')} ({_fmt(row['fraction_of_roofline'], '.0%')})"
-    return (f"{row['size']} {row['path']:9s} {row['prompts']:18s} {row['method']:11s} {row['mode']:9s} "
-            f"{row['level']:3d}: {_fmt(row['tokens_per_s'], '8.1f')} tok/s  ttft p50/p99 "
-            f"{_fmt(row['ttft_p50_ms'], '.1f')}/{_fmt(row['ttft_p99_ms'], '.1f')} ms  itl p50/p99 "
-            f"{_fmt(row['itl_p50_ms'], '.1f')}/{_fmt(row['itl_p99_ms'], '.1f')} ms  accept "
-            f"{_fmt(row['accept_rate'], '.2f')}{roof}"
-            + (f"  FAILED {row['requests_failed']}" if row["requests_failed"] else ""))
+        fraction = _fmt(row["fraction_of_roofline"], ".0%")
+        roof = f"  roofline {_fmt(row['roofline_tokens_per_s'], '.0f')} ({fraction})"
+    return (
+        f"{row['size']} {row['path']:9s} {row['prompts']:18s} {row['method']:11s} {row['mode']:9s} "
+        f"{row['level']:3d}: {_fmt(row['tokens_per_s'], '8.1f')} tok/s  ttft p50/p99 "
+        f"{_fmt(row['ttft_p50_ms'], '.1f')}/{_fmt(row['ttft_p99_ms'], '.1f')} ms  itl p50/p99 "
+        f"{_fmt(row['itl_p50_ms'], '.1f')}/{_fmt(row['itl_p99_ms'], '.1f')} ms  accept "
+        f"{_fmt(row['accept_rate'], '.2f')}{roof}"
+        + (f"  FAILED {row['requests_failed']}" if row["requests_failed"] else "")
+    )
 
 
 def format_table(rows: list[dict]) -> str:
-    return "\n".join(line_of(r) for r in sorted(rows, key=lambda r: (r["size"], r["prompts"], MODES.index(r["mode"]),
-                                                                     r["level"], r["method"], r["path"])))
+    return "\n".join(
+        line_of(r)
+        for r in sorted(
+            rows,
+            key=lambda r: (
+                r["size"],
+                r["prompts"],
+                MODES.index(r["mode"]),
+                r["level"],
+                r["method"],
+                r["path"],
+            ),
+        )
+    )
 
 
 def summary_table(rows: list[dict]) -> dict[str, float | None]:
@@ -449,7 +615,9 @@ def summary_table(rows: list[dict]) -> dict[str, float | None]:
             table[f"{name} grpc/inprocess"] = r["tokens_per_s"] / other["tokens_per_s"]
         plain = by_key.get((size, path, spec, "none", mode, level))
         if method != "none" and plain and plain["tokens_per_s"] and r["tokens_per_s"]:
-            table[f"{size} {spec} {mode} {level} {path} {method}/plain"] = r["tokens_per_s"] / plain["tokens_per_s"]
+            table[f"{size} {spec} {mode} {level} {path} {method}/plain"] = (
+                r["tokens_per_s"] / plain["tokens_per_s"]
+            )
     return table
 
 

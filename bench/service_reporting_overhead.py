@@ -66,16 +66,13 @@ PROMPTS = [
     "a a a a a a a a",
     "Write one sentence about the sea.",
 ]
-METHODS = {"ngram": metrics_pb2.SPECULATION_METHOD_NGRAM,
-           "none": metrics_pb2.SPECULATION_METHOD_NONE}
+METHODS = {"ngram": metrics_pb2.SPECULATION_METHOD_NGRAM, "none": metrics_pb2.SPECULATION_METHOD_NONE}
 
 
-def make_requests(n: int, max_tokens: int, method: str, k: int
-                  ) -> list[generation_pb2.GenerateRequest]:
+def make_requests(n: int, max_tokens: int, method: str, k: int) -> list[generation_pb2.GenerateRequest]:
     out = []
     for i in range(n):
-        req = generation_pb2.GenerateRequest(text=PROMPTS[i % len(PROMPTS)],
-                                             max_tokens=max_tokens)
+        req = generation_pb2.GenerateRequest(text=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens)
         req.sampling.temperature = 0.0
         req.speculation.method = METHODS[method]
         if method == "ngram":
@@ -132,9 +129,13 @@ def run_round(address: str, requests: list, clients: int, metadata=()) -> dict:
         ch.close()
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed: {errors[0]!r}")
-    return {"wall_s": wall, "requests_per_s": sum(done) / wall,
-            "tokens_per_s": sum(tokens) / wall, "requests": sum(done),
-            "completion_tokens": sum(tokens)}
+    return {
+        "wall_s": wall,
+        "requests_per_s": sum(done) / wall,
+        "tokens_per_s": sum(tokens) / wall,
+        "requests": sum(done),
+        "completion_tokens": sum(tokens),
+    }
 
 
 def cpu_s(pid: int) -> float:
@@ -144,24 +145,46 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_service(name: str, model: str, telemetry_target: str, args, log_dir: Path,
-                  tracing: bool = False) -> tuple[subprocess.Popen, str]:
+def start_service(
+    name: str, model: str, telemetry_target: str, args, log_dir: Path, tracing: bool = False
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "service", "--listen", f"127.0.0.1:{port}", "--model", model,
-           "--telemetry-target", telemetry_target, "--device", "cpu", "--dtype", "float32",
-           "--instance-id", f"bench-{name}", "--max-batch-size", str(args.max_batch_size),
-           "--log-level", args.service_log_level, "--tracing", str(tracing).lower()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--model",
+        model,
+        "--telemetry-target",
+        telemetry_target,
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--instance-id",
+        f"bench-{name}",
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--log-level",
+        args.service_log_level,
+        "--tracing",
+        str(tracing).lower(),
+    ]
     log = open(log_dir / f"service-{name}.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT
+    )
     return proc, f"127.0.0.1:{port}"
 
 
 def scrape_requests_total(prom_address: str) -> int:
     with urllib.request.urlopen(f"http://{prom_address}/metrics", timeout=5) as r:
         text = r.read().decode()
-    return int(sum(float(m.group(1)) for m in
-                   re.finditer(r"^specdec_requests_total\{[^}]*\} (\S+)$", text, re.M)))
+    return int(
+        sum(float(m.group(1)) for m in re.finditer(r"^specdec_requests_total\{[^}]*\} (\S+)$", text, re.M))
+    )
 
 
 def stop(proc: subprocess.Popen) -> int | None:
@@ -177,9 +200,11 @@ def stop(proc: subprocess.Popen) -> int | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny",
-                    help="tiny (the tests' tiny random model) or a model spec for load_model, "
-                         "e.g. smollm2-135m-instruct")
+    ap.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny (the tests' tiny random model) or a model spec for load_model, e.g. smollm2-135m-instruct",
+    )
     ap.add_argument("--clients", type=int, default=4, help="requests in flight")
     ap.add_argument("--requests", type=int, default=250, help="requests per round and mode")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -188,19 +213,29 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--warmup-requests", type=int, default=40)
     ap.add_argument("--max-batch-size", type=int, default=8)
-    ap.add_argument("--service-log-level", default="INFO",
-                    help="both services log one canonical line per request at INFO")
+    ap.add_argument(
+        "--service-log-level", default="INFO", help="both services log one canonical line per request at INFO"
+    )
     ap.add_argument("--sidecar-exporter", choices=("prometheus", "otlp"), default="prometheus")
-    ap.add_argument("--compare", choices=("reporting", "tracing"), default="reporting",
-                    help="reporting: on reports, off does not; tracing: both report, on "
-                         "also traces")
-    ap.add_argument("--reuse-services", action="store_true",
-                    help="one on/off pair of services for all rounds (default: a fresh pair "
-                         "per round, so that a speed difference between two processes, seen "
-                         "in A/A runs, does not bias the ratio)")
-    ap.add_argument("--aa-control", action="store_true",
-                    help="A/A control: the 'on' service does not report either, so the ratio "
-                         "shows the noise floor and any bias between the two processes")
+    ap.add_argument(
+        "--compare",
+        choices=("reporting", "tracing"),
+        default="reporting",
+        help="reporting: on reports, off does not; tracing: both report, on also traces",
+    )
+    ap.add_argument(
+        "--reuse-services",
+        action="store_true",
+        help="one on/off pair of services for all rounds (default: a fresh pair "
+        "per round, so that a speed difference between two processes, seen "
+        "in A/A runs, does not bias the ratio)",
+    )
+    ap.add_argument(
+        "--aa-control",
+        action="store_true",
+        help="A/A control: the 'on' service does not report either, so the ratio "
+        "shows the noise floor and any bias between the two processes",
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-reporting-"))
@@ -212,9 +247,21 @@ def main() -> None:
         model = args.model
 
     sidecar_port, prom_port = free_port(), free_port()
-    sidecar_cmd = [sys.executable, "-m", "telemetry", "--listen", f"127.0.0.1:{sidecar_port}",
-                   "--instance-id", "bench-sidecar", "--log-level", "WARNING",
-                   "--exporters", "prometheus", "--prometheus-address", f"127.0.0.1:{prom_port}"]
+    sidecar_cmd = [
+        sys.executable,
+        "-m",
+        "telemetry",
+        "--listen",
+        f"127.0.0.1:{sidecar_port}",
+        "--instance-id",
+        "bench-sidecar",
+        "--log-level",
+        "WARNING",
+        "--exporters",
+        "prometheus",
+        "--prometheus-address",
+        f"127.0.0.1:{prom_port}",
+    ]
     sidecar_env = {**os.environ, "PYTHONPATH": str(REPO)}
     receiver = None
     if args.sidecar_exporter == "otlp":
@@ -232,8 +279,13 @@ def main() -> None:
         sidecar_cmd += ["--tracing", "true"]
         sidecar_env.update(receiver.traces_env())
     metadata = TRACEPARENT if tracing else ()
-    sidecar = subprocess.Popen(sidecar_cmd, cwd=REPO, env=sidecar_env,
-                               stdout=open(tmp / "sidecar.log", "wb"), stderr=subprocess.STDOUT)
+    sidecar = subprocess.Popen(
+        sidecar_cmd,
+        cwd=REPO,
+        env=sidecar_env,
+        stdout=open(tmp / "sidecar.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
     procs = [sidecar]
     rounds: list[dict] = []
     exit_codes: list[int | None] = []
@@ -251,14 +303,18 @@ def main() -> None:
         pair = {}
         t0 = time.monotonic()
         for name in names:
-            proc, addr = start_service(f"{name}-{r}", model,
-                                       on_target if name == "on" else off_target, args, tmp,
-                                       tracing=tracing and name == "on")
+            proc, addr = start_service(
+                f"{name}-{r}",
+                model,
+                on_target if name == "on" else off_target,
+                args,
+                tmp,
+                tracing=tracing and name == "on",
+            )
             procs.append(proc)
             pair[name] = (proc, addr)
         for proc, addr in pair.values():
-            wait_for(lambda: proc.poll() is not None or health_serving(addr), 600, 0.2,
-                     f"service {addr}")
+            wait_for(lambda: proc.poll() is not None or health_serving(addr), 600, 0.2, f"service {addr}")  # noqa: B023
             if proc.poll() is not None:
                 raise RuntimeError(f"service exited; see {tmp}")
         load_s.append(round(time.monotonic() - t0, 1))
@@ -285,16 +341,23 @@ def main() -> None:
                 res[mode] = run_round(addr, requests, args.clients, metadata)
                 res[mode]["cpu_ms_per_request"] = {
                     k: round((cpu_s(pid) - before[k]) * 1e3 / res[mode]["requests"], 3)
-                    for k, pid in pids.items()}
+                    for k, pid in pids.items()
+                }
             served_on += res["on"]["requests"]
             served_off += res["off"]["requests"]
-            rounds.append({"order": list(order), **{
-                m: {k: round(v, 3) if isinstance(v, float) else v for k, v in res[m].items()}
-                for m in ("off", "on")},
-                "ratio_requests_per_s": round(res["on"]["requests_per_s"]
-                                              / res["off"]["requests_per_s"], 4),
-                "ratio_tokens_per_s": round(res["on"]["tokens_per_s"]
-                                            / res["off"]["tokens_per_s"], 4)})
+            rounds.append(
+                {
+                    "order": list(order),
+                    **{
+                        m: {k: round(v, 3) if isinstance(v, float) else v for k, v in res[m].items()}
+                        for m in ("off", "on")
+                    },
+                    "ratio_requests_per_s": round(
+                        res["on"]["requests_per_s"] / res["off"]["requests_per_s"], 4
+                    ),
+                    "ratio_tokens_per_s": round(res["on"]["tokens_per_s"] / res["off"]["tokens_per_s"], 4),
+                }
+            )
         # reporting was really on: the sidecar counted every request the "on" services
         # served (a service flushes its reporter on SIGTERM before it exits; the Prometheus
         # view needs no export)
@@ -315,13 +378,22 @@ def main() -> None:
     out = {
         "bench": "service_reporting_overhead",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "device": "cpu",
-                    "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
-        "model": args.model, "clients": args.clients, "requests_per_round": args.requests,
-        "max_tokens": args.max_tokens, "method": args.method,
-        "k": args.k if args.method == "ngram" else 0, "rounds": args.rounds,
-        "sidecar_exporter": args.sidecar_exporter, "service_pair_load_s": load_s,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "device": "cpu",
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        },
+        "model": args.model,
+        "clients": args.clients,
+        "requests_per_round": args.requests,
+        "max_tokens": args.max_tokens,
+        "method": args.method,
+        "k": args.k if args.method == "ngram" else 0,
+        "rounds": args.rounds,
+        "sidecar_exporter": args.sidecar_exporter,
+        "service_pair_load_s": load_s,
         "fresh_services_per_round": not args.reuse_services,
         "per_round": rounds,
         "off_requests_per_s": [round(x, 2) for x in off_rps],
@@ -329,13 +401,17 @@ def main() -> None:
         "ratio_requests_per_s_per_round": ratios_r,
         "ratio_on_over_off_median": round(statistics.median(ratios_r), 4),
         "ratio_tokens_per_s_median": round(statistics.median(ratios_t), 4),
-        "ratio_of_medians_requests_per_s": round(statistics.median(on_rps)
-                                                 / statistics.median(off_rps), 4),
+        "ratio_of_medians_requests_per_s": round(statistics.median(on_rps) / statistics.median(off_rps), 4),
         "cpu_ms_per_request_median": {
-            m: {k: round(statistics.median(r[m]["cpu_ms_per_request"][k] for r in rounds), 3)
-                for k in ("service", "sidecar", "clients")} for m in ("off", "on")},
+            m: {
+                k: round(statistics.median(r[m]["cpu_ms_per_request"][k] for r in rounds), 3)
+                for k in ("service", "sidecar", "clients")
+            }
+            for m in ("off", "on")
+        },
         "compare": args.compare,
-        "sidecar_requests_total": exported, "on_service_requests_served": served_on,
+        "sidecar_requests_total": exported,
+        "on_service_requests_served": served_on,
         "reporting_complete": exported == reported,
         **({"spans_received": spans, "tracing_complete": spans == served_on} if tracing else {}),
         "aa_control": args.aa_control,

@@ -51,12 +51,22 @@ def _trace(rng: random.Random, sampled: bool) -> bytes:
     return telemetry_pb2.RequestTrace(
         trace_id=rng.getrandbits(128).to_bytes(16, "big"),
         span_id=rng.getrandbits(64).to_bytes(8, "big"),
-        parent_span_id=rng.getrandbits(64).to_bytes(8, "big"), trace_flags=int(sampled),
-        operation_name="chat", max_tokens=256, temperature=0.7).SerializeToString()
+        parent_span_id=rng.getrandbits(64).to_bytes(8, "big"),
+        trace_flags=int(sampled),
+        operation_name="chat",
+        max_tokens=256,
+        temperature=0.7,
+    ).SerializeToString()
 
 
-def build_batches(n_records: int, batch_size: int, streams: int, seed: int = 0,
-                  traced_fraction: float = 0.0, sampled_fraction: float = 1.0):
+def build_batches(
+    n_records: int,
+    batch_size: int,
+    streams: int,
+    seed: int = 0,
+    traced_fraction: float = 0.0,
+    sampled_fraction: float = 1.0,
+):
     rng = random.Random(seed)
     pool = [simulate_metrics(rng).SerializeToString() for _ in range(2000)]
     per_stream = n_records // streams
@@ -69,8 +79,9 @@ def build_batches(n_records: int, batch_size: int, streams: int, seed: int = 0,
             recs = []
             for _ in range(min(batch_size, per_stream - seq)):
                 seq += 1
-                trace = (_trace(rng, rng.random() < sampled_fraction)
-                         if rng.random() < traced_fraction else b"")
+                trace = (
+                    _trace(rng, rng.random() < sampled_fraction) if rng.random() < traced_fraction else b""
+                )
                 recs.append((seq, pool[rng.randrange(len(pool))], 0, trace))
             batches.append(encode_report_request(source, recs))
         out.append(batches)
@@ -78,8 +89,9 @@ def build_batches(n_records: int, batch_size: int, streams: int, seed: int = 0,
 
 
 def run_stream(channel: grpc.Channel, batches: list[bytes], result: dict) -> None:
-    call = channel.stream_stream(REPORT_METHOD, request_serializer=None,
-                                 response_deserializer=telemetry_pb2.ReportResponse.FromString)
+    call = channel.stream_stream(
+        REPORT_METHOD, request_serializer=None, response_deserializer=telemetry_pb2.ReportResponse.FromString
+    )
     accepted = rejected = 0
     for resp in call(iter(batches)):
         accepted += resp.accepted
@@ -97,11 +109,11 @@ def profile_in_process(batches: list[list[bytes]]) -> dict:
     from telemetry.config import SidecarConfig
     from telemetry.server import Sidecar
 
-    cfg = SidecarConfig.from_args(["--exporters", "prometheus", "--prometheus-address",
-                                   f"127.0.0.1:{free_port()}"], environ={})
+    cfg = SidecarConfig.from_args(
+        ["--exporters", "prometheus", "--prometheus-address", f"127.0.0.1:{free_port()}"], environ={}
+    )
     sc = Sidecar(cfg)
     flat = [b for bs in batches for b in bs]
-    n = sum(len(telemetry_pb2.ReportRequest.FromString(b).records) for b in flat[:5])
     t0 = time.perf_counter()
     for b in flat:
         sc.ingestor.process_bytes(b)
@@ -112,8 +124,11 @@ def profile_in_process(batches: list[list[bytes]]) -> dict:
         telemetry_pb2.ReportRequest.FromString(b)
     parse = time.perf_counter() - t0
     prof = cProfile.Profile()
-    sc2 = Sidecar(SidecarConfig.from_args(["--exporters", "prometheus", "--prometheus-address",
-                                           f"127.0.0.1:{free_port()}"], environ={}))
+    sc2 = Sidecar(
+        SidecarConfig.from_args(
+            ["--exporters", "prometheus", "--prometheus-address", f"127.0.0.1:{free_port()}"], environ={}
+        )
+    )
     prof.enable()
     for b in flat[: max(1, len(flat) // 4)]:
         sc2.ingestor.process_bytes(b)
@@ -123,8 +138,11 @@ def profile_in_process(batches: list[list[bytes]]) -> dict:
     total = sum(len(telemetry_pb2.ReportRequest.FromString(b).records) for b in flat)
     sc.export.shutdown()
     sc2.export.shutdown()
-    return {"in_process_records_per_s": round(total / plain), "parse_only_records_per_s":
-            round(total / parse), "profile_top": s.getvalue().splitlines()[:40]}
+    return {
+        "in_process_records_per_s": round(total / plain),
+        "parse_only_records_per_s": round(total / parse),
+        "profile_top": s.getvalue().splitlines()[:40],
+    }
 
 
 def main() -> None:
@@ -137,22 +155,29 @@ def main() -> None:
     ap.add_argument("--loadgen-cpu", default="0")
     ap.add_argument("--tracing", action="store_true")
     ap.add_argument("--traced-fraction", type=float, default=0.0)
-    ap.add_argument("--sampled-fraction", type=float, default=1.0,
-                    help="of the traced records, the share whose caller's flag says sampled")
+    ap.add_argument(
+        "--sampled-fraction",
+        type=float,
+        default=1.0,
+        help="of the traced records, the share whose caller's flag says sampled",
+    )
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
 
-    batches, total = build_batches(args.records, args.batch_size, args.streams,
-                                   traced_fraction=args.traced_fraction,
-                                   sampled_fraction=args.sampled_fraction)
+    batches, total = build_batches(
+        args.records,
+        args.batch_size,
+        args.streams,
+        traced_fraction=args.traced_fraction,
+        sampled_fraction=args.sampled_fraction,
+    )
     taskset = shutil.which("taskset")
     if taskset:
         os.sched_setaffinity(0, {int(args.loadgen_cpu)})
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "SPECDEC_LOG_FORMAT": "json"}
     receiver = None
-    cmd = [sys.executable, "-m", "telemetry", "--listen", f"127.0.0.1:{port}",
-           "--log-level", "WARNING"]
+    cmd = [sys.executable, "-m", "telemetry", "--listen", f"127.0.0.1:{port}", "--log-level", "WARNING"]
     if args.exporter == "otlp":
         receiver = OtlpGrpcReceiver()
         env.update(receiver.env())
@@ -169,14 +194,12 @@ def main() -> None:
     try:
         address = f"127.0.0.1:{port}"
         wait_for(lambda: health_serving(address), 30, 0.1, "sidecar")
-        channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", 64 << 20)])
+        channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
         # warm-up (attribute caches, SDK storages): one small stream, not timed
         warm, _ = build_batches(2 * args.batch_size, args.batch_size, 1, seed=99)
         run_stream(channel, warm[0], {})
         result: dict = {}
-        threads = [threading.Thread(target=run_stream, args=(channel, b, result))
-                   for b in batches]
+        threads = [threading.Thread(target=run_stream, args=(channel, b, result)) for b in batches]
         cpu0 = _proc_cpu(proc.pid)
         t0 = time.perf_counter()
         for t in threads:

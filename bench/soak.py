@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -49,7 +49,8 @@ def make_request(rng: random.Random) -> tuple[str, generation_pb2.GenerateReques
     if pick < 0.5:
         return "text", generation_pb2.GenerateRequest(
             text=rng.choice(("The quick brown fox", "def add(x, y):", "Speculative decoding")),
-            max_tokens=max_tokens)
+            max_tokens=max_tokens,
+        )
     if pick < 0.7:
         req = generation_pb2.GenerateRequest(max_tokens=max_tokens)
         req.messages.messages.add(role="user", content="Tell me about foxes. " * rng.randint(1, 5))
@@ -68,8 +69,13 @@ def percentiles(values: list[float]) -> dict:
     if not values:
         return {}
     qs = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
-    return {"n": len(values), "p50": round(qs[49], 4), "p90": round(qs[89], 4),
-            "p99": round(qs[98], 4), "max": round(max(values), 4)}
+    return {
+        "n": len(values),
+        "p50": round(qs[49], 4),
+        "p90": round(qs[89], 4),
+        "p99": round(qs[98], 4),
+        "max": round(max(values), 4),
+    }
 
 
 class Load:
@@ -92,7 +98,7 @@ class Load:
                 call = stub.Generate(req, timeout=120)
                 code = "OK"
                 try:
-                    for response in call:
+                    for _response in call:
                         if first is None:
                             first = time.perf_counter() - started
                             if kind == "cancel":
@@ -125,8 +131,12 @@ def drift(samples: list[dict], process: str, key: str) -> dict:
     values = [s[process][key] for s in samples]
     q = max(1, len(values) // 4)
     first, last = statistics.mean(values[:q]), statistics.mean(values[-q:])
-    return {"first_quarter": round(first, 1), "last_quarter": round(last, 1),
-            "max": max(values), "growth": round(last - first, 1)}
+    return {
+        "first_quarter": round(first, 1),
+        "last_quarter": round(last, 1),
+        "max": max(values),
+        "growth": round(last - first, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,8 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8, help="concurrent client threads")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--sample-seconds", type=float, default=5.0)
-    p.add_argument("--settle-seconds", type=float, default=60.0,
-                   help="at most this long after the load for the sidecar's count to settle")
+    p.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=60.0,
+        help="at most this long after the load for the sidecar's count to settle",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="model and logs (default: a temp dir)")
     p.add_argument("--out", type=Path, required=True, help="JSON result file")
     args = p.parse_args(argv)
@@ -164,16 +178,24 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "bench": "soak",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-                    "cores": os.cpu_count()},
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+        },
         "command": "python -m bench.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "seconds": round(load_seconds, 1), "clients": args.clients, "seed": args.seed,
+        "seconds": round(load_seconds, 1),
+        "clients": args.clients,
+        "seed": args.seed,
         "outcomes": {f"{kind}/{code}": n for (kind, code), n in sorted(load.outcomes.items())},
         "served": load.served,
-        "sidecar": {name: metrics.get(name, 0.0) for name in sorted(metrics)
-                    if name.startswith(("specdec_requests_total", "specdec_sidecar_records_"))
-                    and (not name.endswith("}") or metrics[name])},
+        "sidecar": {
+            name: metrics.get(name, 0.0)
+            for name in sorted(metrics)
+            if name.startswith(("specdec_requests_total", "specdec_sidecar_records_"))
+            and (not name.endswith("}") or metrics[name])
+        },
         "counts_equal": metrics.get("specdec_requests_total", 0.0) == load.served,
         "latency_s": percentiles(load.latency),
         "first_chunk_s": percentiles(load.first_chunk),

@@ -52,27 +52,40 @@ def main() -> None:
     os.environ["OTEL_BSP_MAX_QUEUE_SIZE"] = str(args.records + 1)
     rng = random.Random(0)
     records = [simulate_metrics(rng, instance_id="svc", passes=24) for _ in range(args.records)]
-    traces = [telemetry_pb2.RequestTrace(
-        trace_id=rng.getrandbits(128).to_bytes(16, "big") or b"\1" * 16,
-        span_id=rng.getrandbits(64).to_bytes(8, "big") or b"\1" * 8,
-        parent_span_id=rng.getrandbits(64).to_bytes(8, "big") or b"\1" * 8, trace_flags=1,
-        operation_name="chat", max_tokens=256, temperature=0.7) for _ in records]
-    out: dict = {"bench": "span_emit_cost", "records": args.records,
-                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                             "python": platform.python_version()}}
+    traces = [
+        telemetry_pb2.RequestTrace(
+            trace_id=rng.getrandbits(128).to_bytes(16, "big") or b"\1" * 16,
+            span_id=rng.getrandbits(64).to_bytes(8, "big") or b"\1" * 8,
+            parent_span_id=rng.getrandbits(64).to_bytes(8, "big") or b"\1" * 8,
+            trace_flags=1,
+            operation_name="chat",
+            max_tokens=256,
+            temperature=0.7,
+        )
+        for _ in records
+    ]
+    out: dict = {
+        "bench": "span_emit_cost",
+        "records": args.records,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+    }
     for name, encode in (("span_only", False), ("span_and_otlp_encoding", True)):
         exporter = _Exporter(encode)
-        spans = RequestSpans(exporter=exporter, span_service_name="specdec",
-                             on_ignored=lambda reason: None)
+        spans = RequestSpans(exporter=exporter, span_service_name="specdec", on_ignored=lambda reason: None)
         c0 = time.process_time()
         for m, t in zip(records, traces):
             spans.emit(m, t)
         spans.shutdown(60_000)  # exports what is queued: counted in the CPU time
         cpu = time.process_time() - c0
         assert exporter.spans == args.records, exporter.spans
-        out[name] = {"cpu_us_per_record": round(cpu / args.records * 1e6, 1),
-                     "otlp_bytes_per_span": round(exporter.bytes / args.records) if encode
-                     else None}
+        out[name] = {
+            "cpu_us_per_record": round(cpu / args.records * 1e6, 1),
+            "otlp_bytes_per_span": round(exporter.bytes / args.records) if encode else None,
+        }
     out["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(out, indent=1))
 

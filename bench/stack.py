@@ -47,25 +47,43 @@ def scrape(address: str) -> dict[str, float]:
 class Stack:
     """Start with `with Stack(workdir) as stack:`; both processes are stopped on exit."""
 
-    def __init__(self, workdir: Path | None = None, max_batch_size: int = 8,
-                 sidecar_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, workdir: Path | None = None, max_batch_size: int = 8, sidecar_args: tuple[str, ...] = ()
+    ) -> None:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="specdec-stack-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.max_batch_size = max_batch_size
         self.sidecar = SidecarProcess(
             extra_args=["--exporters", "prometheus", "--ack-mode", "aggregate", *sidecar_args],
-            prometheus_port=free_loopback_port(), log_path=self.workdir / "sidecar.log")
+            prometheus_port=free_loopback_port(),
+            log_path=self.workdir / "sidecar.log",
+        )
         self.service: ServerProcess | None = None
 
-    def __enter__(self) -> "Stack":
-        model = save_tiny_model(self.workdir / "tiny-model", seed=0, layers=2, with_eos=False,
-                                max_position=4096)
+    def __enter__(self) -> Stack:
+        model = save_tiny_model(
+            self.workdir / "tiny-model", seed=0, layers=2, with_eos=False, max_position=4096
+        )
         self.sidecar.start(timeout_s=60)
         self.service = ServerProcess(
-            ["--model", str(model), "--dtype", "float32", "--device", "cpu",
-             "--telemetry-target", self.sidecar.address, "--instance-id", "soak",
-             "--max-batch-size", str(self.max_batch_size), "--grace-period-s", "10"],
-            self.workdir / "service.log").start(timeout_s=300)
+            [
+                "--model",
+                str(model),
+                "--dtype",
+                "float32",
+                "--device",
+                "cpu",
+                "--telemetry-target",
+                self.sidecar.address,
+                "--instance-id",
+                "soak",
+                "--max-batch-size",
+                str(self.max_batch_size),
+                "--grace-period-s",
+                "10",
+            ],
+            self.workdir / "service.log",
+        ).start(timeout_s=300)
         return self
 
     def __exit__(self, *exc) -> None:

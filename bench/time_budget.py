@@ -4,7 +4,7 @@ skipped and listed, so that a run under a hard time limit still ends with its JS
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 class Budget:

@@ -39,8 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="grpc-health-probe", description=__doc__.split("\n")[0])
     parser.add_argument("--addr", help="HOST:PORT to probe")
     parser.add_argument("--addr-env", help="environment variable holding the listen address")
-    parser.add_argument("--default-addr", default="127.0.0.1:50051",
-                        help="address when --addr is absent and the variable is unset")
+    parser.add_argument(
+        "--default-addr",
+        default="127.0.0.1:50051",
+        help="address when --addr is absent and the variable is unset",
+    )
     parser.add_argument("--service", default="", help="service name ('' = the whole server)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds")
     parser.add_argument("--tls-ca-file", default="", help="PEM CA of the server's certificate: TLS")
@@ -48,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-key-file", default="", help="private key of --tls-cert-file")
     args = parser.parse_args(argv)
     if bool(args.tls_cert_file) != bool(args.tls_key_file) or (args.tls_cert_file and not args.tls_ca_file):
-        print("grpc-health-probe: --tls-cert-file and --tls-key-file go together, with --tls-ca-file",
-              file=sys.stderr)
+        print(
+            "grpc-health-probe: --tls-cert-file and --tls-key-file go together, with --tls-ca-file",
+            file=sys.stderr,
+        )
         return 2
-    raw = args.addr or (os.environ.get(args.addr_env, "") if args.addr_env else "") \
-        or args.default_addr
+    raw = args.addr or (os.environ.get(args.addr_env, "") if args.addr_env else "") or args.default_addr
     try:
         address = probe_address(raw)
     except ValueError as exc:
@@ -65,22 +69,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         credentials = None
         if args.tls_ca_file:
+
             def read(path: str) -> bytes | None:
                 if not path:
                     return None
                 with open(path, "rb") as f:
                     return f.read()
 
-            credentials = grpc.ssl_channel_credentials(read(args.tls_ca_file), read(args.tls_key_file),
-                                                       read(args.tls_cert_file))
+            credentials = grpc.ssl_channel_credentials(
+                read(args.tls_ca_file), read(args.tls_key_file), read(args.tls_cert_file)
+            )
     except OSError as exc:
         print(f"grpc-health-probe: {exc}", file=sys.stderr)
         return 2
     try:
-        with (grpc.secure_channel(address, credentials) if credentials is not None
-              else grpc.insecure_channel(address)) as channel:
+        with (
+            grpc.secure_channel(address, credentials)
+            if credentials is not None
+            else grpc.insecure_channel(address)
+        ) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
     except grpc.RpcError as exc:
         print(f"grpc-health-probe: {address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

@@ -1,9 +1,9 @@
 """`specdec-client`: stream a generation to the terminal, then show its metrics.
 
-    specdec-client "Write a haiku about GPUs"
-    specdec-client --chat "Rewrite: the cat sat on the mat." --json
-    specdec-client --concurrency 16 --requests 64 "Summarize: ..."   # quick load check
-    specdec-client --show-drafts "Repeat: one two three, one two three"  # which tokens were drafts
+specdec-client "Write a haiku about GPUs"
+specdec-client --chat "Rewrite: the cat sat on the mat." --json
+specdec-client --concurrency 16 --requests 64 "Summarize: ..."   # quick load check
+specdec-client --show-drafts "Repeat: one two three, one two three"  # which tokens were drafts
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import grpc
 from google.protobuf import json_format
@@ -52,6 +52,7 @@ def build_request(args: argparse.Namespace, index: int = 0) -> generation_pb2.Ge
 
 def _bounded_int(low: int, high: int, what: str):
     """An argparse type: an integer in [low, high] (the proto field's range), named in the error."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -60,6 +61,7 @@ def _bounded_int(low: int, high: int, what: str):
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{value} is not {what}")
         return value
+
     return parse
 
 
@@ -71,8 +73,11 @@ POSITIVE = _bounded_int(1, 2**31 - 1, ">= 1")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="specdec-client", description=__doc__.splitlines()[0])
     parser.add_argument("prompt", help="the prompt (raw text, or the user turn with --chat)")
-    parser.add_argument("--target", default=os.environ.get("SPECDEC_TARGET", "127.0.0.1:50051"),
-                        help="service address [env SPECDEC_TARGET, default 127.0.0.1:50051]")
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("SPECDEC_TARGET", "127.0.0.1:50051"),
+        help="service address [env SPECDEC_TARGET, default 127.0.0.1:50051]",
+    )
     parser.add_argument("--chat", action="store_true", help="send as a chat message (chat template)")
     parser.add_argument("--max-tokens", type=UINT32)
     parser.add_argument("--temperature", type=float)
@@ -86,12 +91,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     parser.add_argument("--json", action="store_true", help="print one JSON object per request")
     parser.add_argument("--concurrency", type=POSITIVE, default=1, help="requests in flight at once")
-    parser.add_argument("--requests", type=POSITIVE, default=None,
-                        help="total requests (default: --concurrency)")
+    parser.add_argument(
+        "--requests", type=POSITIVE, default=None, help="total requests (default: --concurrency)"
+    )
     parser.add_argument("--info", action="store_true", help="print GetServerInfo first")
-    parser.add_argument("--show-drafts", action="store_true",
-                        help="after the text, show each token's provenance per chunk: D an accepted "
-                             "draft (green on a terminal), t a token of the target's own")
+    parser.add_argument(
+        "--show-drafts",
+        action="store_true",
+        help="after the text, show each token's provenance per chunk: D an accepted "
+        "draft (green on a terminal), t a token of the target's own",
+    )
     add_security_arguments(parser)
     args = parser.parse_args(argv)
     problem = security_of(args).problem()
@@ -100,8 +109,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     total = total_requests(args)
     longest = args.request_id + (f"-{total - 1}" if args.request_id and total > 1 else "")
     if len(longest) > MAX_REQUEST_ID_CHARS:
-        parser.error(f"argument --request-id: {longest!r} is longer than the server's limit of "
-                     f"{MAX_REQUEST_ID_CHARS} characters")
+        parser.error(
+            f"argument --request-id: {longest!r} is longer than the server's limit of "
+            f"{MAX_REQUEST_ID_CHARS} characters"
+        )
     return args
 
 
@@ -129,7 +140,8 @@ async def run_one(stub, request, timeout: float, stream_to: object | None, metad
         "request_id": request_id,
         "text": "".join(text),
         "finish_reason": generation_pb2.GenerateFinal.DESCRIPTOR.fields_by_name["finish_reason"]
-        .enum_type.values_by_number[final.finish_reason].name,
+        .enum_type.values_by_number[final.finish_reason]
+        .name,
         "prompt_tokens": final.prompt_tokens,
         "completion_tokens": final.completion_tokens,
         "client_seconds": round(elapsed, 4),
@@ -151,9 +163,11 @@ def describe_drafts(result: dict, color: bool) -> str:
     """The per-token provenance line of --show-drafts."""
     p = result["provenance"]
     letters = p["letters"].replace("D", f"{GREEN}D{RESET}") if color else p["letters"]
-    return (f"drafts: {letters}\n{p['streamed_drafts']} of {len(p['draft_flags'])} streamed tokens were "
-            f"accepted drafts, {p['cut_drafts']} more were cut by a stop condition "
-            f"(accepted_drafts {result['metrics'].get('accepted_drafts', 0)})")
+    return (
+        f"drafts: {letters}\n{p['streamed_drafts']} of {len(p['draft_flags'])} streamed tokens were "
+        f"accepted drafts, {p['cut_drafts']} more were cut by a stop condition "
+        f"(accepted_drafts {result['metrics'].get('accepted_drafts', 0)})"
+    )
 
 
 def describe(result: dict) -> str:
@@ -184,13 +198,16 @@ async def amain(args: argparse.Namespace) -> int:
     async with open_channel(args.target, security) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         if args.info:
-            info = await stub.GetServerInfo(generation_pb2.GetServerInfoRequest(), timeout=10,
-                                            metadata=metadata)
-            print(json.dumps(json_format.MessageToDict(info, preserving_proto_field_name=True)),
-                  file=sys.stderr)
+            info = await stub.GetServerInfo(
+                generation_pb2.GetServerInfoRequest(), timeout=10, metadata=metadata
+            )
+            print(
+                json.dumps(json_format.MessageToDict(info, preserving_proto_field_name=True)), file=sys.stderr
+            )
         if total == 1:
-            result = await run_one(stub, build_request(args), args.timeout,
-                                   None if args.json else sys.stdout, metadata)
+            result = await run_one(
+                stub, build_request(args), args.timeout, None if args.json else sys.stdout, metadata
+            )
             if args.json:
                 print(json.dumps(result))
             else:
@@ -217,8 +234,11 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
     tokens = sum(r["completion_tokens"] for r in ok)
     summary = {
-        "requests": total, "succeeded": len(ok), "failed": len(errors),
-        "wall_seconds": round(wall, 3), "completion_tokens": tokens,
+        "requests": total,
+        "succeeded": len(ok),
+        "failed": len(errors),
+        "wall_seconds": round(wall, 3),
+        "completion_tokens": tokens,
         "tokens_per_second": round(tokens / wall, 2) if wall > 0 else None,
         "median_client_seconds": statistics.median(r["client_seconds"] for r in ok) if ok else None,
     }

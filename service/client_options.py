@@ -34,13 +34,19 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
     its SPECDEC_CLIENT_* variable."""
     for field, what in _SECURITY_FLAGS:
         env = CLIENT_ENV_PREFIX + field.upper()
-        parser.add_argument("--" + field.replace("_", "-"), default=os.environ.get(env, ""),
-                            help=f"{what} [env {env}]")
+        parser.add_argument(
+            "--" + field.replace("_", "-"), default=os.environ.get(env, ""), help=f"{what} [env {env}]"
+        )
 
 
 def security_of(args: argparse.Namespace) -> ClientSecurity:
-    return ClientSecurity(args.tls_ca_file, args.tls_cert_file, args.tls_key_file,
-                          args.auth_token_file, env_prefix=CLIENT_ENV_PREFIX)
+    return ClientSecurity(
+        args.tls_ca_file,
+        args.tls_cert_file,
+        args.tls_key_file,
+        args.auth_token_file,
+        env_prefix=CLIENT_ENV_PREFIX,
+    )
 
 
 def open_channel(target: str, security: ClientSecurity) -> grpc.aio.Channel:

@@ -10,8 +10,9 @@ import argparse
 import os
 import socket
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from specdec_security import ClientSecurity, ServerSecurity
 
@@ -66,67 +67,184 @@ def _non_negative_float(value: str) -> float:
 
 OPTIONS: tuple[Option, ...] = (
     Option("listen", "SPECDEC_LISTEN", str, "127.0.0.1:50051", "gRPC listen address (host:port)"),
-    Option("model", "SPECDEC_MODEL", str, "smollm2-135m-instruct",
-           "target model: known name, GGUF file, local directory or hub id"),
-    Option("draft_model", "SPECDEC_DRAFT_MODEL", str, "",
-           "draft model (same vocabulary as the target); empty: none"),
-    Option("method", "SPECDEC_METHOD", _method, "ngram",
-           "default drafter: none, ngram or draft_model"),
-    Option("num_draft_tokens", "SPECDEC_NUM_DRAFT_TOKENS", int, 4,
-           "default k, draft tokens per pass"),
-    Option("max_num_draft_tokens", "SPECDEC_MAX_NUM_DRAFT_TOKENS", _positive_int, 8,
-           "largest k a request may ask for"),
-    Option("adaptive_draft_length", "SPECDEC_ADAPTIVE_DRAFT_LENGTH", _bool, True,
-           "shorten drafts pass by pass from measured acceptance and pass cost (greedy and "
-           "unseeded requests)"),
-    Option("max_batch_size", "SPECDEC_MAX_BATCH_SIZE", _positive_int, 8,
-           "requests decoded together in one pass"),
-    Option("max_queue_size", "SPECDEC_MAX_QUEUE_SIZE", _positive_int, 64,
-           "requests waiting for a batch slot before RESOURCE_EXHAUSTED"),
-    Option("max_prefill_tokens_per_pass", "SPECDEC_MAX_PREFILL_TOKENS_PER_PASS", _positive_int, 2048,
-           "prompt tokens prefilled at most between two decode passes (long prompts in chunks)"),
-    Option("default_max_tokens", "SPECDEC_DEFAULT_MAX_TOKENS", _positive_int, 256,
-           "max_tokens when a request sets none"),
-    Option("max_tokens_limit", "SPECDEC_MAX_TOKENS_LIMIT", _positive_int, 4096,
-           "largest max_tokens a request may ask for"),
-    Option("max_request_bytes", "SPECDEC_MAX_REQUEST_BYTES", _positive_int, 1 << 20,
-           "largest serialized GenerateRequest accepted (INVALID_ARGUMENT above)"),
-    Option("max_prompt_chars", "SPECDEC_MAX_PROMPT_CHARS", _positive_int, DEFAULT_MAX_PROMPT_CHARS,
-           "largest prompt in characters (text, or all messages), checked before tokenization"),
-    Option("max_prompt_bytes", "SPECDEC_MAX_PROMPT_BYTES", _positive_int, DEFAULT_MAX_PROMPT_BYTES,
-           "largest prompt in UTF-8 bytes (text, or all messages), checked before tokenization"),
-    Option("dtype", "SPECDEC_DTYPE", str, "auto",
-           "model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"),
+    Option(
+        "model",
+        "SPECDEC_MODEL",
+        str,
+        "smollm2-135m-instruct",
+        "target model: known name, GGUF file, local directory or hub id",
+    ),
+    Option(
+        "draft_model",
+        "SPECDEC_DRAFT_MODEL",
+        str,
+        "",
+        "draft model (same vocabulary as the target); empty: none",
+    ),
+    Option("method", "SPECDEC_METHOD", _method, "ngram", "default drafter: none, ngram or draft_model"),
+    Option("num_draft_tokens", "SPECDEC_NUM_DRAFT_TOKENS", int, 4, "default k, draft tokens per pass"),
+    Option(
+        "max_num_draft_tokens",
+        "SPECDEC_MAX_NUM_DRAFT_TOKENS",
+        _positive_int,
+        8,
+        "largest k a request may ask for",
+    ),
+    Option(
+        "adaptive_draft_length",
+        "SPECDEC_ADAPTIVE_DRAFT_LENGTH",
+        _bool,
+        True,
+        "shorten drafts pass by pass from measured acceptance and pass cost (greedy and unseeded requests)",
+    ),
+    Option(
+        "max_batch_size", "SPECDEC_MAX_BATCH_SIZE", _positive_int, 8, "requests decoded together in one pass"
+    ),
+    Option(
+        "max_queue_size",
+        "SPECDEC_MAX_QUEUE_SIZE",
+        _positive_int,
+        64,
+        "requests waiting for a batch slot before RESOURCE_EXHAUSTED",
+    ),
+    Option(
+        "max_prefill_tokens_per_pass",
+        "SPECDEC_MAX_PREFILL_TOKENS_PER_PASS",
+        _positive_int,
+        2048,
+        "prompt tokens prefilled at most between two decode passes (long prompts in chunks)",
+    ),
+    Option(
+        "default_max_tokens",
+        "SPECDEC_DEFAULT_MAX_TOKENS",
+        _positive_int,
+        256,
+        "max_tokens when a request sets none",
+    ),
+    Option(
+        "max_tokens_limit",
+        "SPECDEC_MAX_TOKENS_LIMIT",
+        _positive_int,
+        4096,
+        "largest max_tokens a request may ask for",
+    ),
+    Option(
+        "max_request_bytes",
+        "SPECDEC_MAX_REQUEST_BYTES",
+        _positive_int,
+        1 << 20,
+        "largest serialized GenerateRequest accepted (INVALID_ARGUMENT above)",
+    ),
+    Option(
+        "max_prompt_chars",
+        "SPECDEC_MAX_PROMPT_CHARS",
+        _positive_int,
+        DEFAULT_MAX_PROMPT_CHARS,
+        "largest prompt in characters (text, or all messages), checked before tokenization",
+    ),
+    Option(
+        "max_prompt_bytes",
+        "SPECDEC_MAX_PROMPT_BYTES",
+        _positive_int,
+        DEFAULT_MAX_PROMPT_BYTES,
+        "largest prompt in UTF-8 bytes (text, or all messages), checked before tokenization",
+    ),
+    Option(
+        "dtype",
+        "SPECDEC_DTYPE",
+        str,
+        "auto",
+        "model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16",
+    ),
     Option("device", "SPECDEC_DEVICE", str, "auto", "device: auto (CUDA when present), cpu, cuda:N"),
-    Option("cache_dir", "SPECDEC_CACHE_DIR", str, "",
-           "model cache directory (default ~/.cache/specdec)"),
-    Option("telemetry_target", "SPECDEC_TELEMETRY_TARGET", str, "127.0.0.1:50052",
-           "sidecar ingest address; empty disables reporting"),
-    Option("telemetry_tls_ca_file", "SPECDEC_TELEMETRY_TLS_CA_FILE", str, "",
-           "PEM CA bundle that signed the sidecar's certificate; set: TLS to the sidecar"),
-    Option("telemetry_tls_cert_file", "SPECDEC_TELEMETRY_TLS_CERT_FILE", str, "",
-           "PEM client certificate sent to the sidecar (mutual TLS); needs the key file"),
-    Option("telemetry_tls_key_file", "SPECDEC_TELEMETRY_TLS_KEY_FILE", str, "",
-           "private key of --telemetry-tls-cert-file"),
-    Option("telemetry_auth_token_file", "SPECDEC_TELEMETRY_AUTH_TOKEN_FILE", str, "",
-           "file holding the bearer token sent to the sidecar (re-read on every reconnect)"),
-    Option("telemetry_buffer_size", "SPECDEC_TELEMETRY_BUFFER_SIZE", _positive_int, 10000,
-           "metrics messages buffered for the sidecar before the oldest are dropped"),
-    Option("tracing", "SPECDEC_TRACING", _bool, False,
-           "trace requests: capture the incoming W3C traceparent (or start a trace) and send it "
-           "with the request's metrics; the sidecar emits the span (docs/tracing.md)"),
-    Option("instance_id", "SPECDEC_INSTANCE_ID", str, "",
-           "service.instance.id of this replica (default: hostname plus a random suffix)"),
-    Option("grace_period_s", "SPECDEC_GRACE_PERIOD_S", _non_negative_float, 30.0,
-           "seconds running requests may take to finish on SIGTERM (queued ones get UNAVAILABLE at once)"),
-    Option("tls_cert_file", "SPECDEC_TLS_CERT_FILE", str, "",
-           "PEM certificate chain of this server; with --tls-key-file: TLS (empty: plaintext)"),
+    Option("cache_dir", "SPECDEC_CACHE_DIR", str, "", "model cache directory (default ~/.cache/specdec)"),
+    Option(
+        "telemetry_target",
+        "SPECDEC_TELEMETRY_TARGET",
+        str,
+        "127.0.0.1:50052",
+        "sidecar ingest address; empty disables reporting",
+    ),
+    Option(
+        "telemetry_tls_ca_file",
+        "SPECDEC_TELEMETRY_TLS_CA_FILE",
+        str,
+        "",
+        "PEM CA bundle that signed the sidecar's certificate; set: TLS to the sidecar",
+    ),
+    Option(
+        "telemetry_tls_cert_file",
+        "SPECDEC_TELEMETRY_TLS_CERT_FILE",
+        str,
+        "",
+        "PEM client certificate sent to the sidecar (mutual TLS); needs the key file",
+    ),
+    Option(
+        "telemetry_tls_key_file",
+        "SPECDEC_TELEMETRY_TLS_KEY_FILE",
+        str,
+        "",
+        "private key of --telemetry-tls-cert-file",
+    ),
+    Option(
+        "telemetry_auth_token_file",
+        "SPECDEC_TELEMETRY_AUTH_TOKEN_FILE",
+        str,
+        "",
+        "file holding the bearer token sent to the sidecar (re-read on every reconnect)",
+    ),
+    Option(
+        "telemetry_buffer_size",
+        "SPECDEC_TELEMETRY_BUFFER_SIZE",
+        _positive_int,
+        10000,
+        "metrics messages buffered for the sidecar before the oldest are dropped",
+    ),
+    Option(
+        "tracing",
+        "SPECDEC_TRACING",
+        _bool,
+        False,
+        "trace requests: capture the incoming W3C traceparent (or start a trace) and send it "
+        "with the request's metrics; the sidecar emits the span (docs/tracing.md)",
+    ),
+    Option(
+        "instance_id",
+        "SPECDEC_INSTANCE_ID",
+        str,
+        "",
+        "service.instance.id of this replica (default: hostname plus a random suffix)",
+    ),
+    Option(
+        "grace_period_s",
+        "SPECDEC_GRACE_PERIOD_S",
+        _non_negative_float,
+        30.0,
+        "seconds running requests may take to finish on SIGTERM (queued ones get UNAVAILABLE at once)",
+    ),
+    Option(
+        "tls_cert_file",
+        "SPECDEC_TLS_CERT_FILE",
+        str,
+        "",
+        "PEM certificate chain of this server; with --tls-key-file: TLS (empty: plaintext)",
+    ),
     Option("tls_key_file", "SPECDEC_TLS_KEY_FILE", str, "", "private key of --tls-cert-file"),
-    Option("tls_client_ca_file", "SPECDEC_TLS_CLIENT_CA_FILE", str, "",
-           "PEM CA bundle; set: mutual TLS, clients must present a certificate it signed"),
-    Option("auth_tokens_file", "SPECDEC_AUTH_TOKENS_FILE", str, "",
-           "file of accepted bearer tokens, one per line, reloaded on SIGHUP; set: every RPC "
-           "but health needs one (empty: no token check)"),
+    Option(
+        "tls_client_ca_file",
+        "SPECDEC_TLS_CLIENT_CA_FILE",
+        str,
+        "",
+        "PEM CA bundle; set: mutual TLS, clients must present a certificate it signed",
+    ),
+    Option(
+        "auth_tokens_file",
+        "SPECDEC_AUTH_TOKENS_FILE",
+        str,
+        "",
+        "file of accepted bearer tokens, one per line, reloaded on SIGHUP; set: every RPC "
+        "but health needs one (empty: no token check)",
+    ),
     Option("log_level", "SPECDEC_LOG_LEVEL", str, "INFO", "log level"),
 )
 
@@ -168,18 +286,25 @@ class ServiceConfig:
 
     @property
     def server_security(self) -> ServerSecurity:
-        return ServerSecurity(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file,
-                              self.auth_tokens_file)
+        return ServerSecurity(
+            self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file, self.auth_tokens_file
+        )
 
     @property
     def telemetry_security(self) -> ClientSecurity:
-        return ClientSecurity(self.telemetry_tls_ca_file, self.telemetry_tls_cert_file,
-                              self.telemetry_tls_key_file, self.telemetry_auth_token_file,
-                              flag_prefix="--telemetry-", env_prefix="SPECDEC_TELEMETRY_")
+        return ClientSecurity(
+            self.telemetry_tls_ca_file,
+            self.telemetry_tls_cert_file,
+            self.telemetry_tls_key_file,
+            self.telemetry_auth_token_file,
+            flag_prefix="--telemetry-",
+            env_prefix="SPECDEC_TELEMETRY_",
+        )
 
     @classmethod
-    def from_args(cls, argv: Sequence[str] | None = None, environ: dict[str, str] | None = None
-                  ) -> "ServiceConfig":
+    def from_args(
+        cls, argv: Sequence[str] | None = None, environ: dict[str, str] | None = None
+    ) -> ServiceConfig:
         environ = os.environ if environ is None else environ
         parser = build_parser(environ)
         values = vars(parser.parse_args(argv))
@@ -212,6 +337,11 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
             default = option.type(raw) if raw is not None else option.default
         except (ValueError, argparse.ArgumentTypeError) as exc:
             parser.error(f"{option.env}={raw!r}: {exc}")
-        parser.add_argument(option.flag, dest=option.name, type=option.type, default=default,
-                            help=f"{option.help} [env {option.env}, default {option.default!r}]")
+        parser.add_argument(
+            option.flag,
+            dest=option.name,
+            type=option.type,
+            default=default,
+            help=f"{option.help} [env {option.env}, default {option.default!r}]",
+        )
     return parser

@@ -11,7 +11,8 @@ and the parser's reason; the servicer's method is never called with it.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from google.protobuf import message as protobuf_message
@@ -77,7 +78,10 @@ def add_servicer(servicer: Any, server: grpc.aio.Server, service: ServiceDescrip
             make_handler, handler = grpc.unary_stream_rpc_method_handler, _unary_stream(implementation)
         else:
             make_handler, handler = grpc.unary_unary_rpc_method_handler, _unary_unary(implementation)
-        handlers[method.name] = make_handler(handler, request_deserializer=_parser(request_class),
-                                             response_serializer=response_class.SerializeToString)
+        handlers[method.name] = make_handler(
+            handler,
+            request_deserializer=_parser(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)

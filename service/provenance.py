@@ -20,8 +20,7 @@ def unpack_draft_mask(data: bytes, tokens: int) -> list[bool]:
     """Per token, whether it is an accepted draft. Raises ValueError when `data` is not the
     ceil(tokens / 8) bytes GenerateChunk.draft_mask must be, or sets a bit past the tokens."""
     if len(data) != (tokens + 7) // 8:
-        raise ValueError(f"draft_mask has {len(data)} bytes for {tokens} tokens, "
-                         f"not {(tokens + 7) // 8}")
+        raise ValueError(f"draft_mask has {len(data)} bytes for {tokens} tokens, not {(tokens + 7) // 8}")
     mask = int.from_bytes(data, "little")
     if mask >> tokens:
         raise ValueError(f"draft_mask sets bits past its {tokens} tokens")
@@ -60,6 +59,6 @@ class StreamProvenance:
         out, at = [], 0
         for size in self.chunk_sizes:
             if size:
-                out.append("".join("D" if f else "t" for f in self.draft_flags[at:at + size]))
+                out.append("".join("D" if f else "t" for f in self.draft_flags[at : at + size]))
             at += size
         return " ".join(out)

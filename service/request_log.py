@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import structlog
+
 from service.engine.api import FinalResult
-from service.request_trace import CapturedTrace
 from service.metrics_format import metrics_to_dict
+from service.request_trace import CapturedTrace
 
 log = structlog.get_logger("specdec.request")
 

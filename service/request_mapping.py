@@ -52,7 +52,8 @@ def check_request_id(request_id: str) -> None:
     the server picks one). Raises InvalidRequestError; the message does not echo the id."""
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequestError(
-            "request_id", f"{len(request_id)} characters is longer than the limit of {MAX_REQUEST_ID_CHARS}")
+            "request_id", f"{len(request_id)} characters is longer than the limit of {MAX_REQUEST_ID_CHARS}"
+        )
     if not request_id.isprintable():
         raise InvalidRequestError("request_id", "must contain only printable characters")
 
@@ -69,7 +70,8 @@ def to_engine_request(
     size = request.ByteSize()
     if size > limits.max_request_bytes:
         raise InvalidRequestError(
-            "request", f"{size} bytes is larger than the limit of {limits.max_request_bytes} bytes")
+            "request", f"{size} bytes is larger than the limit of {limits.max_request_bytes} bytes"
+        )
     check_prompt_size(request, limits)
     prompt = _prompt_token_ids(request, tokenizer)
 
@@ -79,8 +81,7 @@ def to_engine_request(
         if max_tokens < 1:
             raise InvalidRequestError("max_tokens", f"must be >= 1, got {max_tokens}")
         if max_tokens > limits.max_tokens_limit:
-            raise InvalidRequestError(
-                "max_tokens", f"must be <= {limits.max_tokens_limit}, got {max_tokens}")
+            raise InvalidRequestError("max_tokens", f"must be <= {limits.max_tokens_limit}, got {max_tokens}")
 
     if len(request.stop) > MAX_STOP_STRINGS:
         raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} strings, got {len(request.stop)}")
@@ -97,8 +98,9 @@ def to_engine_request(
         sampling=_sampling(request.sampling),
         stop=tuple(request.stop),
         method=_method(request.speculation.method),
-        num_draft_tokens=(request.speculation.num_draft_tokens
-                          if request.speculation.HasField("num_draft_tokens") else None),
+        num_draft_tokens=(
+            request.speculation.num_draft_tokens if request.speculation.HasField("num_draft_tokens") else None
+        ),
         received_at=received_at,
     )
 
@@ -117,11 +119,13 @@ def check_prompt_size(request: generation_pb2.GenerateRequest, limits: RequestLi
     chars = sum(map(len, pieces))
     if chars > limits.max_prompt_chars:
         raise InvalidRequestError(
-            field, f"{chars} characters is more than the limit of {limits.max_prompt_chars}")
+            field, f"{chars} characters is more than the limit of {limits.max_prompt_chars}"
+        )
     size = sum(len(piece.encode("utf-8")) for piece in pieces)
     if size > limits.max_prompt_bytes:
         raise InvalidRequestError(
-            field, f"{size} bytes of UTF-8 is more than the limit of {limits.max_prompt_bytes}")
+            field, f"{size} bytes of UTF-8 is more than the limit of {limits.max_prompt_bytes}"
+        )
 
 
 def _prompt_token_ids(request: generation_pb2.GenerateRequest, tokenizer: Any) -> list[int]:
@@ -145,7 +149,8 @@ def _prompt_token_ids(request: generation_pb2.GenerateRequest, tokenizer: Any) -
         if not ROLE_PATTERN.fullmatch(message.role):
             raise InvalidRequestError(
                 f"messages.messages[{index}].role",
-                "must be a name of letters, digits, '_' and '-' (at most 32, starting with a letter)")
+                "must be a name of letters, digits, '_' and '-' (at most 32, starting with a letter)",
+            )
     if getattr(tokenizer, "chat_template", None) is None:
         raise InvalidRequestError("messages", "the target model has no chat template; send text")
     conversation = [{"role": m.role, "content": m.content} for m in messages]
@@ -174,9 +179,15 @@ def chat_token_ids(tokenizer: Any, conversation: list[dict[str, str]], sanitize:
         _refuse_control_tokens(tokenizer, conversation)
     try:
         if sanitize:
-            return list(tokenizer.apply_chat_template(
-                conversation, tokenize=True, add_generation_prompt=True,
-                sanitize_control_tokens=True, return_dict=False))
+            return list(
+                tokenizer.apply_chat_template(
+                    conversation,
+                    tokenize=True,
+                    add_generation_prompt=True,
+                    sanitize_control_tokens=True,
+                    return_dict=False,
+                )
+            )
         text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # the template rejected the conversation (e.g. role order)
         raise InvalidRequestError("messages", f"the chat template rejected it: {exc}") from exc
@@ -192,7 +203,8 @@ def _refuse_control_tokens(tokenizer: Any, conversation: list[dict[str, str]]) -
             if token in message["content"]:
                 raise InvalidRequestError(
                     f"messages.messages[{index}].content",
-                    f"contains the control token {token!r}, which this server cannot encode as text")
+                    f"contains the control token {token!r}, which this server cannot encode as text",
+                )
 
 
 def _sampling(params: generation_pb2.SamplingParams) -> SamplingParams:
@@ -222,4 +234,3 @@ def to_chunk(event: TokenChunk) -> generation_pb2.GenerateChunk:
         draft_mask=pack_draft_mask(event.draft_mask, len(event.token_ids)),
         cut_accepted_drafts=event.cut_drafts,
     )
-

@@ -11,8 +11,8 @@ hands the bytes on with the record.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import get_current_span
@@ -63,14 +63,16 @@ def _carrier(metadata: Iterable[tuple[str, object]] | None) -> dict[str, str]:
     return carrier
 
 
-def capture(metadata: Iterable[tuple[str, object]] | None,
-            request: generation_pb2.GenerateRequest) -> CapturedTrace:
+def capture(
+    metadata: Iterable[tuple[str, object]] | None, request: generation_pb2.GenerateRequest
+) -> CapturedTrace:
     """The request's trace context, from the call's metadata (an invalid traceparent is
     ignored: the request starts a trace of its own)."""
     carrier = _carrier(metadata)
     parent = get_current_span(_PROPAGATOR.extract(carrier)).get_span_context() if carrier else None
     trace = telemetry_pb2.RequestTrace(
-        operation_name=OPERATION_CHAT if request.HasField("messages") else OPERATION_TEXT_COMPLETION)
+        operation_name=OPERATION_CHAT if request.HasField("messages") else OPERATION_TEXT_COMPLETION
+    )
     if parent is not None and parent.is_valid:
         trace_id = parent.trace_id
         trace.parent_span_id = parent.span_id.to_bytes(8, "big")
@@ -90,5 +92,8 @@ def capture(metadata: Iterable[tuple[str, object]] | None,
         if sampling.HasField(name):
             setattr(trace, name, getattr(sampling, name))
     return CapturedTrace(
-        trace_id=f"{trace_id:032x}", span_id=f"{span_id:016x}",
-        parent_span_id=trace.parent_span_id.hex(), encoded=trace.SerializeToString())
+        trace_id=f"{trace_id:032x}",
+        span_id=f"{span_id:016x}",
+        parent_span_id=trace.parent_span_id.hex(),
+        encoded=trace.SerializeToString(),
+    )

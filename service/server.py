@@ -14,8 +14,9 @@ import asyncio
 import dataclasses
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 import structlog
@@ -51,8 +52,12 @@ def build_engine(config: ServiceConfig) -> tuple[Any, Any]:
     from service.model_loading import check_same_vocabulary, load_model
 
     def load(spec: str):
-        return load_model(spec, dtype=config.dtype, device=None if config.device == "auto" else config.device,
-                          cache_dir=config.cache_dir or None)
+        return load_model(
+            spec,
+            dtype=config.dtype,
+            device=None if config.device == "auto" else config.device,
+            cache_dir=config.cache_dir or None,
+        )
 
     target = served_as(load(config.model), config.model)
     draft = served_as(load(config.draft_model), config.draft_model) if config.draft_model else None
@@ -122,9 +127,13 @@ def make_reporter(config: ServiceConfig, credentials: grpc.ChannelCredentials | 
         return None
     from service.reporting import MetricsReporter
 
-    reporter = MetricsReporter(config.telemetry_target, buffer_size=config.telemetry_buffer_size,
-                               instance_id=config.instance_id, channel_credentials=credentials,
-                               call_metadata=config.telemetry_security.call_metadata)
+    reporter = MetricsReporter(
+        config.telemetry_target,
+        buffer_size=config.telemetry_buffer_size,
+        instance_id=config.instance_id,
+        channel_credentials=credentials,
+        call_metadata=config.telemetry_security.call_metadata,
+    )
     reporter.start()
     return reporter
 
@@ -138,25 +147,40 @@ class Service:
         self.security = SecuredServer(config.server_security, env_prefix="SPECDEC_")
         telemetry_credentials = reporter_credentials(config)
         self.servicer = GenerationServicer(
-            RequestLimits(config.max_request_bytes, config.max_tokens_limit, config.max_prompt_chars,
-                          config.max_prompt_bytes), self._on_final,
-            tracing=config.tracing)
+            RequestLimits(
+                config.max_request_bytes,
+                config.max_tokens_limit,
+                config.max_prompt_chars,
+                config.max_prompt_bytes,
+            ),
+            self._on_final,
+            tracing=config.tracing,
+        )
         self.health = health_aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=self.security.interceptors, options=[
-            ("grpc.max_receive_message_length", GRPC_MAX_RECEIVE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ])
+        self.server = grpc.aio.server(
+            interceptors=self.security.interceptors,
+            options=[
+                ("grpc.max_receive_message_length", GRPC_MAX_RECEIVE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
         add_servicer(self.servicer, self.server, GENERATION_SERVICE_DESCRIPTOR)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (GENERATION_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), self.server,
-            pool=reflection_pool(generation_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR,
-                                 reflection_pb2.DESCRIPTOR))
+            (
+                GENERATION_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+            pool=reflection_pool(generation_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR),
+        )
         self.port = self.security.add_port(self.server, config.listen)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {config.listen}")
-        self.reporter = make_reporter(config, telemetry_credentials)  # after the port: nothing to stop if binding failed
+        self.reporter = make_reporter(
+            config, telemetry_credentials
+        )  # after the port: nothing to stop if binding failed
         self.engine: Any = None
         self._stopping = asyncio.Event()
 
@@ -172,14 +196,23 @@ class Service:
     async def start(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
-        log.info("listening", address=self.config.listen, port=self.port, state="loading",
-                 **self.security.describe())
-        self.engine, tokenizer = await _result_or_abandon(build_engine, self.config,
-                                                          abandoned=_stop_abandoned_engine)
+        log.info(
+            "listening",
+            address=self.config.listen,
+            port=self.port,
+            state="loading",
+            **self.security.describe(),
+        )
+        self.engine, tokenizer = await _result_or_abandon(
+            build_engine, self.config, abandoned=_stop_abandoned_engine
+        )
         self.servicer.attach(self.engine, tokenizer, server_info(self.engine, self.config))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", address=self.config.listen, **{
-            k: v for k, v in _info_fields(self.servicer.server_info).items() if k != "version"})
+        log.info(
+            "serving",
+            address=self.config.listen,
+            **{k: v for k, v in _info_fields(self.servicer.server_info).items() if k != "version"},
+        )
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -221,12 +254,15 @@ async def _result_or_abandon(work: Callable[..., Any], *args: Any, abandoned: Ca
         return await loading
     except asyncio.CancelledError:
         if loading.done() and not loading.cancelled() and loading.exception() is None:
-            threading.Thread(target=abandoned, args=(loading.result(),), name="abandoned-load", daemon=True).start()
+            threading.Thread(
+                target=abandoned, args=(loading.result(),), name="abandoned-load", daemon=True
+            ).start()
         raise
 
 
-def _on_daemon_thread(work: Callable[..., Any], *args: Any, abandoned: Callable[[Any], None]
-                      ) -> asyncio.Future:
+def _on_daemon_thread(
+    work: Callable[..., Any], *args: Any, abandoned: Callable[[Any], None]
+) -> asyncio.Future:
     """Runs `work(*args)` on a daemon thread; the returned future gets its outcome.
 
     For model loading, which cannot be interrupted: on the loop's default executor,

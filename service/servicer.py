@@ -13,7 +13,8 @@ import concurrent.futures
 import enum
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 import structlog
@@ -48,8 +49,9 @@ OnFinal = Callable[[FinalResult, "CapturedTrace | None"], None]
 class _EventBridge:
     """Engine-thread callback -> asyncio.Queue on the handler's loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_final: OnFinal,
-                 trace: CapturedTrace | None = None):
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, on_final: OnFinal, trace: CapturedTrace | None = None
+    ):
         self._loop = loop
         self._on_final = on_final
         self._trace = trace
@@ -79,14 +81,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self._on_final = on_final
         self._tracing = tracing
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=tokenize_workers, thread_name_prefix="tokenize")
+            max_workers=tokenize_workers, thread_name_prefix="tokenize"
+        )
         self.state = ServingState.LOADING
         self.engine: Any = None  # service.engine.Engine once loaded
         self.tokenizer: Any = None
         self.server_info = generation_pb2.GetServerInfoResponse(version=__version__)
 
-    def attach(self, engine: Any, tokenizer: Any, server_info: generation_pb2.GetServerInfoResponse
-               ) -> None:
+    def attach(self, engine: Any, tokenizer: Any, server_info: generation_pb2.GetServerInfoResponse) -> None:
         self.engine, self.tokenizer, self.server_info = engine, tokenizer, server_info
         self.state = ServingState.SERVING
 
@@ -113,13 +115,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             trace = capture(context.invocation_metadata(), request)
             structlog.contextvars.bind_contextvars(trace_id=trace.trace_id, span_id=trace.span_id)
         if self.state is not ServingState.SERVING:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"server is {self.state.value}; retry later (request_id={request_id})")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"server is {self.state.value}; retry later (request_id={request_id})",
+            )
         loop = asyncio.get_running_loop()
         try:
             engine_request: GenerationRequest = await loop.run_in_executor(
-                self._tokenize_pool, to_engine_request, request, request_id, self.tokenizer,
-                self._limits, received_at)
+                self._tokenize_pool,
+                to_engine_request,
+                request,
+                request_id,
+                self.tokenizer,
+                self._limits,
+                received_at,
+            )
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc} (request_id={request_id})")
 
@@ -129,11 +139,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc} (request_id={request_id})")
         except QueueFullError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"{exc}; retry later (request_id={request_id})")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later (request_id={request_id})"
+            )
         except EngineStoppedError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"{exc} (request_id={request_id})")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc} (request_id={request_id})")
 
         finished = False
         try:
@@ -145,13 +155,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 finished = True
                 if event.finish_reason is FinishReason.ERROR:
                     # An unexpected failure of this request alone; the engine keeps serving.
-                    await context.abort(grpc.StatusCode.INTERNAL,
-                                        f"request {request_id} failed: {event.error}")
+                    await context.abort(
+                        grpc.StatusCode.INTERNAL, f"request {request_id} failed: {event.error}"
+                    )
                 if event.finish_reason is FinishReason.CANCELLED:
                     # Only the server cancels a request whose client is still there: the
                     # drain grace period ran out. Retryable elsewhere.
-                    await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                        f"server shut down before request {request_id} finished")
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, f"server shut down before request {request_id} finished"
+                    )
                 yield generation_pb2.GenerateResponse(
                     request_id=request_id,
                     final=generation_pb2.GenerateFinal(

@@ -11,7 +11,7 @@ torch) and the service use one implementation.
 """
 
 from specdec_security.client import ClientSecurity
-from specdec_security.server import ServerSecurity, SecuredServer
+from specdec_security.server import SecuredServer, ServerSecurity
 from specdec_security.tokens import SecuritySetupError, TokenSet
 
 __all__ = ["ClientSecurity", "SecuredServer", "SecuritySetupError", "ServerSecurity", "TokenSet"]

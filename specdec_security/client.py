@@ -36,6 +36,7 @@ class ClientSecurity:
 
     def problem(self) -> str | None:
         """A combination that cannot work, with its flags named; None when consistent."""
+
         def flag(field: str) -> str:
             return flag_name(field, self.flag_prefix)
 
@@ -50,15 +51,18 @@ class ClientSecurity:
         would travel readable and replayable); raises SecuritySetupError for a bad file."""
         if not self.tls_ca_file:
             if self.auth_token_file:
-                log.warning("auth_token_over_plaintext", setting=self._name("auth_token_file"),
-                            note=f"the bearer token is sent unencrypted; set {self._name('tls_ca_file')}")
+                log.warning(
+                    "auth_token_over_plaintext",
+                    setting=self._name("auth_token_file"),
+                    note=f"the bearer token is sent unencrypted; set {self._name('tls_ca_file')}",
+                )
             return None
         ca = check_ca_bundle(self.tls_ca_file, self._name("tls_ca_file"))
         chain = key = None
         if self.tls_cert_file:
-            chain, key = check_certificate_and_key(self.tls_cert_file, self.tls_key_file,
-                                                   self._name("tls_cert_file"),
-                                                   self._name("tls_key_file"))
+            chain, key = check_certificate_and_key(
+                self.tls_cert_file, self.tls_key_file, self._name("tls_cert_file"), self._name("tls_key_file")
+            )
         return channel_credentials(ca, chain, key)
 
     def call_metadata(self) -> Metadata:

@@ -10,7 +10,7 @@ flood of bad calls cannot flood the log.
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 import structlog
@@ -44,9 +44,9 @@ def bearer_token(metadata) -> tuple[str | None, str | None]:
     if len(values) > 1 or not isinstance(values[0], str):
         return None, MALFORMED
     value = values[0]
-    if value[:len(BEARER)].lower() != BEARER or not value[len(BEARER):].strip():
+    if value[: len(BEARER)].lower() != BEARER or not value[len(BEARER) :].strip():
         return None, MALFORMED
-    return value[len(BEARER):].strip(), None
+    return value[len(BEARER) :].strip(), None
 
 
 class _RefusalLog:
@@ -55,8 +55,14 @@ class _RefusalLog:
 
     def write(self, reason: str, method: str, peer: str) -> None:
         # the method of an unknown call is the caller's choice: clipped
-        self._limiter.log(log.warning, "request_unauthenticated", reason, method=clip(method),
-                          peer=clip(peer), reason=reason)
+        self._limiter.log(
+            log.warning,
+            "request_unauthenticated",
+            reason,
+            method=clip(method),
+            peer=clip(peer),
+            reason=reason,
+        )
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -81,8 +87,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         return self._refusal(handler, method, reason)
 
-    def _refusal(self, handler: grpc.RpcMethodHandler | None, method: str, reason: str
-                 ) -> grpc.RpcMethodHandler:
+    def _refusal(
+        self, handler: grpc.RpcMethodHandler | None, method: str, reason: str
+    ) -> grpc.RpcMethodHandler:
         """A handler of the same kind as `handler` that refuses the call unread."""
         refusals = self._refusals
 

@@ -10,7 +10,7 @@ the caller sent, and the byte budget is a real bound.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 DEFAULT_PERIOD_S = 10.0
 DEFAULT_BURST = 10  # lines per key per period
@@ -34,9 +34,13 @@ def line_bytes(event: str, fields: dict) -> int:
 class LogLimiter:
     """Not thread-safe; each server uses one from its event loop."""
 
-    def __init__(self, period_s: float = DEFAULT_PERIOD_S, burst: int = DEFAULT_BURST,
-                 max_bytes: int = DEFAULT_MAX_BYTES,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        period_s: float = DEFAULT_PERIOD_S,
+        burst: int = DEFAULT_BURST,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.period_s, self.burst, self.max_bytes = period_s, burst, max_bytes
         self._clock = clock
         self._start = clock()

@@ -12,7 +12,7 @@ logged.
 from __future__ import annotations
 
 import inspect
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 import structlog
@@ -21,11 +21,15 @@ from specdec_security.log_limit import LogLimiter, clip
 
 log = structlog.get_logger(__name__)
 
-REFUSAL_CODES = frozenset({
-    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE,
-    grpc.StatusCode.PERMISSION_DENIED,
-})
+REFUSAL_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
 DETAILS_CHARS = 200
 
 
@@ -37,9 +41,16 @@ class RefusalLogInterceptor(grpc.aio.ServerInterceptor):
         def done(ctx) -> None:
             code = ctx.code()
             if code in REFUSAL_CODES:
-                self.limiter.log(log.warning, "request_refused", code.name, method=clip(method),
-                                 peer=clip(ctx.peer()), code=code.name,
-                                 details=clip(ctx.details() or "", DETAILS_CHARS))
+                self.limiter.log(
+                    log.warning,
+                    "request_refused",
+                    code.name,
+                    method=clip(method),
+                    peer=clip(ctx.peer()),
+                    code=code.name,
+                    details=clip(ctx.details() or "", DETAILS_CHARS),
+                )
+
         context.add_done_callback(done)
 
     async def intercept_service(
@@ -52,25 +63,32 @@ class RefusalLogInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
         watch = self._watch
-        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
-                 ("unary_stream", grpc.unary_stream_rpc_method_handler),
-                 ("stream_unary", grpc.stream_unary_rpc_method_handler),
-                 ("stream_stream", grpc.stream_stream_rpc_method_handler))
+        kinds = (
+            ("unary_unary", grpc.unary_unary_rpc_method_handler),
+            ("unary_stream", grpc.unary_stream_rpc_method_handler),
+            ("stream_unary", grpc.stream_unary_rpc_method_handler),
+            ("stream_stream", grpc.stream_stream_rpc_method_handler),
+        )
         for attribute, make in kinds:
             behavior = getattr(handler, attribute)
             if behavior is None:
                 continue
             if inspect.isasyncgenfunction(behavior):
+
                 async def watched(request, context, behavior=behavior):
                     watch(method, context)
                     async for response in behavior(request, context):
                         yield response
             elif inspect.iscoroutinefunction(behavior):
+
                 async def watched(request, context, behavior=behavior):
                     watch(method, context)
                     return await behavior(request, context)
             else:  # a synchronous handler (none here): its context has no done callbacks
                 return handler
-            return make(watched, request_deserializer=handler.request_deserializer,
-                        response_serializer=handler.response_serializer)
+            return make(
+                watched,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         return handler

@@ -34,14 +34,17 @@ class ServerSecurity:
 
     def problem(self, flag_prefix: str = "--") -> str | None:
         """A combination that cannot work, with its flags named; None when consistent."""
+
         def flag(field: str) -> str:
             return flag_name(field, flag_prefix)
 
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             return f"{flag('tls_cert_file')} and {flag('tls_key_file')} go together (TLS needs both)"
         if self.tls_client_ca_file and not self.tls_cert_file:
-            return (f"{flag('tls_client_ca_file')} (mutual TLS) needs {flag('tls_cert_file')} "
-                    f"and {flag('tls_key_file')}")
+            return (
+                f"{flag('tls_client_ca_file')} (mutual TLS) needs {flag('tls_cert_file')} "
+                f"and {flag('tls_key_file')}"
+            )
         return None
 
 
@@ -54,19 +57,28 @@ class SecuredServer:
             return setting_name(field, flag_prefix, env_prefix)
 
         self.security = security
-        self.tokens = (TokenSet(security.auth_tokens_file, name("auth_tokens_file"))
-                       if security.auth_tokens_file else None)
+        self.tokens = (
+            TokenSet(security.auth_tokens_file, name("auth_tokens_file"))
+            if security.auth_tokens_file
+            else None
+        )
         self.credentials: grpc.ServerCredentials | None = None
         if security.tls:
-            chain, key = check_certificate_and_key(security.tls_cert_file, security.tls_key_file,
-                                                   name("tls_cert_file"), name("tls_key_file"))
-            client_ca = (check_ca_bundle(security.tls_client_ca_file, name("tls_client_ca_file"))
-                         if security.tls_client_ca_file else None)
+            chain, key = check_certificate_and_key(
+                security.tls_cert_file, security.tls_key_file, name("tls_cert_file"), name("tls_key_file")
+            )
+            client_ca = (
+                check_ca_bundle(security.tls_client_ca_file, name("tls_client_ca_file"))
+                if security.tls_client_ca_file
+                else None
+            )
             self.credentials = server_credentials(chain, key, client_ca)
         if self.tokens is not None and self.credentials is None:
-            log.warning("auth_tokens_over_plaintext",
-                        note="bearer tokens are sent unencrypted: anyone on the network path can "
-                             "read and replay them; set --tls-cert-file and --tls-key-file")
+            log.warning(
+                "auth_tokens_over_plaintext",
+                note="bearer tokens are sent unencrypted: anyone on the network path can "
+                "read and replay them; set --tls-cert-file and --tls-key-file",
+            )
 
     @property
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
@@ -92,6 +104,8 @@ class SecuredServer:
 
     def describe(self) -> dict[str, Any]:
         """Fields for the start-up log line (no secrets)."""
-        return {"tls": self.credentials is not None,
-                "mutual_tls": bool(self.security.tls_client_ca_file),
-                "auth_tokens": len(self.tokens) if self.tokens is not None else 0}
+        return {
+            "tls": self.credentials is not None,
+            "mutual_tls": bool(self.security.tls_client_ca_file),
+            "auth_tokens": len(self.tokens) if self.tokens is not None else 0,
+        }

@@ -22,8 +22,9 @@ def _ssl_reason(exc: ssl.SSLError) -> str:
     return exc.reason or exc.strerror or str(exc)
 
 
-def check_certificate_and_key(cert_file: str, key_file: str, cert_setting: str, key_setting: str
-                              ) -> tuple[bytes, bytes]:
+def check_certificate_and_key(
+    cert_file: str, key_file: str, cert_setting: str, key_setting: str
+) -> tuple[bytes, bytes]:
     """(chain, key) PEM bytes after checking that the key is the certificate's."""
     chain, key = _read(cert_file, cert_setting), _read(key_file, key_setting)
     try:
@@ -31,7 +32,8 @@ def check_certificate_and_key(cert_file: str, key_file: str, cert_setting: str, 
     except ssl.SSLError as exc:
         raise SecuritySetupError(
             f"{cert_setting} / {key_setting}: {cert_file!r} and {key_file!r} are not a PEM "
-            f"certificate chain and its private key ({_ssl_reason(exc)})") from None
+            f"certificate chain and its private key ({_ssl_reason(exc)})"
+        ) from None
     return chain, key
 
 
@@ -42,17 +44,19 @@ def check_ca_bundle(ca_file: str, setting: str) -> bytes:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=ca_file)
     except ssl.SSLError as exc:
         raise SecuritySetupError(
-            f"{setting}: {ca_file!r} is not a PEM CA certificate bundle ({_ssl_reason(exc)})") from None
+            f"{setting}: {ca_file!r} is not a PEM CA certificate bundle ({_ssl_reason(exc)})"
+        ) from None
     return data
 
 
 def server_credentials(chain: bytes, key: bytes, client_ca: bytes | None) -> grpc.ServerCredentials:
     """TLS; with `client_ca`, mutual TLS: a client must present a certificate it signed."""
-    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
-def channel_credentials(ca: bytes, chain: bytes | None = None, key: bytes | None = None
-                        ) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                        certificate_chain=chain)
+def channel_credentials(
+    ca: bytes, chain: bytes | None = None, key: bytes | None = None
+) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=chain)

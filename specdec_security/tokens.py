@@ -46,11 +46,13 @@ def read_tokens(path: str, setting: str) -> tuple[str, ...]:
         if not _is_header_safe(token):
             raise SecuritySetupError(
                 f"{setting}: line {number} of {path!r} is not a token: printable ASCII "
-                "without spaces, one token per line")
+                "without spaces, one token per line"
+            )
         if len(token) < MIN_TOKEN_CHARS:
             raise SecuritySetupError(
                 f"{setting}: the token on line {number} of {path!r} is shorter than "
-                f"{MIN_TOKEN_CHARS} characters (make one with `openssl rand -hex 32`)")
+                f"{MIN_TOKEN_CHARS} characters (make one with `openssl rand -hex 32`)"
+            )
         tokens.append(token)
     if not tokens:
         raise SecuritySetupError(f"{setting}: {path!r} holds no token")
@@ -62,7 +64,8 @@ def read_single_token(path: str, setting: str) -> str:
     tokens = read_tokens(path, setting)
     if len(tokens) != 1:
         raise SecuritySetupError(
-            f"{setting}: {path!r} holds {len(tokens)} tokens; a client sends exactly one")
+            f"{setting}: {path!r} holds {len(tokens)} tokens; a client sends exactly one"
+        )
     return tokens[0]
 
 

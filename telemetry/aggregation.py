@@ -12,12 +12,13 @@ exemplars naming the trace, the span and the request.
 
 Names: `specdec.*` for the speculative-decoding series (no semantic convention exists), the
 GenAI semantic-convention names for latency (with finer buckets than the conventions
-recommend, see TTFT_BUCKETS), `specdec.sidecar.*` for the pipeline's self-metrics. docs/metrics.md documents every series.
+recommend, see TTFT_BUCKETS), `specdec.sidecar.*` for the pipeline's self-metrics.
+docs/metrics.md documents every series.
 """
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -84,8 +85,24 @@ METHOD_NAMES = {
 # ---- bucket boundaries -----------------------------------------------------------------
 ACCEPT_RATE_BUCKETS: tuple[float, ...] = tuple(round(i * 0.05, 2) for i in range(21))  # 0..1
 # The GenAI conventions' recommended boundaries (ExplicitBucketBoundaries advice), seconds.
-SEMCONV_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                        2.5, 5.0, 7.5, 10.0)
+SEMCONV_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
 SEMCONV_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 # The sidecar's defaults depart from them on purpose (docs/metrics.md, "Latency buckets"): a
 # GPU yields a token every 1-6 ms, below the recommended first TPOT bound of 10 ms, so every
@@ -93,30 +110,118 @@ SEMCONV_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
 # steps of at most 25% from 1 to 10 ms, time to first token in steps of at most 50% from
 # 0.5 to 100 ms) and contain every recommended boundary, so a query on one of those still
 # finds its bucket. --ttft-buckets / --tpot-buckets replace them.
-TTFT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005,
-                0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                2.5, 5.0, 7.5, 10.0)
-TPOT_BUCKETS = (0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.00125, 0.0015, 0.00175,
-                0.002, 0.0025, 0.003, 0.0035, 0.004, 0.005, 0.006, 0.007, 0.008, 0.01, 0.015,
-                0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
-DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
-                    20.48, 40.96, 81.92)
+TTFT_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.004,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+TPOT_BUCKETS = (
+    0.0001,
+    0.0002,
+    0.0003,
+    0.0005,
+    0.00075,
+    0.001,
+    0.00125,
+    0.0015,
+    0.00175,
+    0.002,
+    0.0025,
+    0.003,
+    0.0035,
+    0.004,
+    0.005,
+    0.006,
+    0.007,
+    0.008,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 
 
 def accept_length_buckets(max_k: int) -> tuple[float, ...]:
     """1 .. max_k + 1: quarter steps to 3, half steps to 5, integers to 9, then doubling."""
     top = max_k + 1
-    steps = (1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0,
-             8.0, 9.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0)
+    steps = (
+        1.0,
+        1.25,
+        1.5,
+        1.75,
+        2.0,
+        2.25,
+        2.5,
+        2.75,
+        3.0,
+        3.5,
+        4.0,
+        4.5,
+        5.0,
+        6.0,
+        7.0,
+        8.0,
+        9.0,
+        12.0,
+        16.0,
+        24.0,
+        32.0,
+        48.0,
+        64.0,
+        96.0,
+        128.0,
+    )
     return tuple(x for x in steps if x < top) + (float(top),)
 
 
-def views(max_k: int, ttft_buckets: Sequence[float] = TTFT_BUCKETS,
-          tpot_buckets: Sequence[float] = TPOT_BUCKETS) -> list[View]:
+def views(
+    max_k: int, ttft_buckets: Sequence[float] = TTFT_BUCKETS, tpot_buckets: Sequence[float] = TPOT_BUCKETS
+) -> list[View]:
     """The SDK Views that give each histogram its explicit bucket boundaries."""
+
     def hist(name: str, bounds: Sequence[float]) -> View:
-        return View(instrument_name=name, attribute_keys=IDENTITY_KEYS,
-                    aggregation=ExplicitBucketHistogramAggregation(boundaries=bounds))
+        return View(
+            instrument_name=name,
+            attribute_keys=IDENTITY_KEYS,
+            aggregation=ExplicitBucketHistogramAggregation(boundaries=bounds),
+        )
 
     return [
         hist(REQUEST_ACCEPT_RATE, ACCEPT_RATE_BUCKETS),
@@ -129,15 +234,26 @@ def views(max_k: int, ttft_buckets: Sequence[float] = TTFT_BUCKETS,
 
 Identity = tuple  # (target_model, method, draft_model, k)
 
-_SUCCESS = frozenset({metrics_pb2.FINISH_REASON_EOS, metrics_pb2.FINISH_REASON_STOP_SEQUENCE,
-                      metrics_pb2.FINISH_REASON_LENGTH})
+_SUCCESS = frozenset(
+    {metrics_pb2.FINISH_REASON_EOS, metrics_pb2.FINISH_REASON_STOP_SEQUENCE, metrics_pb2.FINISH_REASON_LENGTH}
+)
 
 
 class BatchSums:
     """Per-identity sums of one batch (plain Python ints and value lists)."""
 
-    __slots__ = ("counts", "pos_proposed", "pos_accepted", "hist", "rates", "lengths",
-                 "ttfts", "tpots", "durations", "traced")
+    __slots__ = (
+        "counts",
+        "pos_proposed",
+        "pos_accepted",
+        "hist",
+        "rates",
+        "lengths",
+        "ttfts",
+        "tpots",
+        "durations",
+        "traced",
+    )
 
     def __init__(self, k: int) -> None:
         # requests, prompt, completion, verify, draft passes, proposed, accepted
@@ -159,8 +275,9 @@ def _add_lists(a: list[int], b) -> list[int]:
     return list(map(int.__add__, a, b))
 
 
-def accumulate(batch: dict[Hashable, BatchSums], m: metrics_pb2.SpeculativeMetrics,
-               context: Context | None = None) -> None:
+def accumulate(
+    batch: dict[Hashable, BatchSums], m: metrics_pb2.SpeculativeMetrics, context: Context | None = None
+) -> None:
     """Add one *valid* record to the batch sums; `context`: its span's, when it has one."""
     k = m.num_draft_tokens
     key = (m.target_model, m.method, m.draft_model, k)
@@ -189,8 +306,17 @@ def accumulate(batch: dict[Hashable, BatchSums], m: metrics_pb2.SpeculativeMetri
         if completion >= 2:
             tpot = max(0.0, duration - ttft) / (completion - 1)
     if context is not None:
-        s.traced.append((context, m.request_id, m.accept_rate if proposed else None,
-                         m.accept_length if verify else None, ttft, tpot, duration))
+        s.traced.append(
+            (
+                context,
+                m.request_id,
+                m.accept_rate if proposed else None,
+                m.accept_length if verify else None,
+                ttft,
+                tpot,
+                duration,
+            )
+        )
         return
     if proposed:
         s.rates.append(m.accept_rate)
@@ -206,8 +332,14 @@ def accumulate(batch: dict[Hashable, BatchSums], m: metrics_pb2.SpeculativeMetri
 class Aggregator:
     """Owns the instruments; `commit` turns one batch's sums into SDK calls."""
 
-    def __init__(self, meter: Meter, window: SlidingWindow, max_k: int,
-                 exporters: Sequence[str] = (), tracing: bool = False) -> None:
+    def __init__(
+        self,
+        meter: Meter,
+        window: SlidingWindow,
+        max_k: int,
+        exporters: Sequence[str] = (),
+        tracing: bool = False,
+    ) -> None:
         """exporters: the exporters whose failures are counted (`exporter` attribute);
         tracing: whether the sidecar emits spans (ignored trace contexts are counted)."""
         self.window = window
@@ -218,69 +350,105 @@ class Aggregator:
         self._reason_attrs: dict[str, dict] = {}
         self._exporter_attrs: dict[str, dict] = {}
         counter = meter.create_counter
-        self.requests = counter(REQUESTS, unit="{request}",
-                                description="Requests finished (any finish reason)")
-        self.prompt_tokens = counter(PROMPT_TOKENS, unit="{token}",
-                                     description="Prompt tokens (after the chat template)")
-        self.completion_tokens = counter(COMPLETION_TOKENS, unit="{token}",
-                                         description="Tokens emitted to clients")
-        self.verify_passes = counter(VERIFY_PASSES, unit="{pass}",
-                                     description="Decode-phase target forward passes")
-        self.draft_passes = counter(DRAFT_PASSES, unit="{pass}",
-                                    description="Decode passes that proposed at least one draft")
-        self.proposed = counter(PROPOSED_DRAFTS, unit="{token}",
-                                description="Draft tokens proposed (counted, not derived from k)")
-        self.accepted = counter(ACCEPTED_DRAFTS, unit="{token}",
-                                description="Draft tokens accepted (bonus token excluded)")
-        self.pos_proposed = counter(POSITION_PROPOSED, unit="{pass}",
-                                    description="Passes that proposed a draft at `position`")
-        self.pos_accepted = counter(POSITION_ACCEPTED, unit="{pass}",
-                                    description="Passes whose draft at `position` was accepted")
+        self.requests = counter(
+            REQUESTS, unit="{request}", description="Requests finished (any finish reason)"
+        )
+        self.prompt_tokens = counter(
+            PROMPT_TOKENS, unit="{token}", description="Prompt tokens (after the chat template)"
+        )
+        self.completion_tokens = counter(
+            COMPLETION_TOKENS, unit="{token}", description="Tokens emitted to clients"
+        )
+        self.verify_passes = counter(
+            VERIFY_PASSES, unit="{pass}", description="Decode-phase target forward passes"
+        )
+        self.draft_passes = counter(
+            DRAFT_PASSES, unit="{pass}", description="Decode passes that proposed at least one draft"
+        )
+        self.proposed = counter(
+            PROPOSED_DRAFTS, unit="{token}", description="Draft tokens proposed (counted, not derived from k)"
+        )
+        self.accepted = counter(
+            ACCEPTED_DRAFTS, unit="{token}", description="Draft tokens accepted (bonus token excluded)"
+        )
+        self.pos_proposed = counter(
+            POSITION_PROPOSED, unit="{pass}", description="Passes that proposed a draft at `position`"
+        )
+        self.pos_accepted = counter(
+            POSITION_ACCEPTED, unit="{pass}", description="Passes whose draft at `position` was accepted"
+        )
         self.passes_by_accepted = counter(
-            PASSES_BY_ACCEPTED, unit="{pass}",
-            description="Draft passes that accepted exactly `accepted` drafts")
+            PASSES_BY_ACCEPTED,
+            unit="{pass}",
+            description="Draft passes that accepted exactly `accepted` drafts",
+        )
         hist = meter.create_histogram
-        self.h_rate = hist(REQUEST_ACCEPT_RATE, unit="1",
-                           description="Per-request accept rate (requests that proposed drafts)")
-        self.h_length = hist(REQUEST_ACCEPT_LENGTH, unit="{token}",
-                             description="Per-request accept length: tokens per target pass")
+        self.h_rate = hist(
+            REQUEST_ACCEPT_RATE,
+            unit="1",
+            description="Per-request accept rate (requests that proposed drafts)",
+        )
+        self.h_length = hist(
+            REQUEST_ACCEPT_LENGTH,
+            unit="{token}",
+            description="Per-request accept length: tokens per target pass",
+        )
         self.h_ttft = hist(TTFT, unit="s", description="Time to generate first token")
-        self.h_tpot = hist(TPOT, unit="s",
-                           description="Time per output token generated after the first token")
-        self.h_duration = hist(REQUEST_DURATION, unit="s",
-                               description="Generative AI server request duration")
+        self.h_tpot = hist(
+            TPOT, unit="s", description="Time per output token generated after the first token"
+        )
+        self.h_duration = hist(
+            REQUEST_DURATION, unit="s", description="Generative AI server request duration"
+        )
         self._histograms = BulkHistograms(
-            (self.h_rate, self.h_length, self.h_ttft, self.h_tpot, self.h_duration))
+            (self.h_rate, self.h_length, self.h_ttft, self.h_tpot, self.h_duration)
+        )
         meter.create_observable_gauge(
-            WINDOW_ACCEPT_RATE, callbacks=[self._observe_rate], unit="1",
-            description=f"accepted/proposed drafts over the last {window.window_s:g} s")
+            WINDOW_ACCEPT_RATE,
+            callbacks=[self._observe_rate],
+            unit="1",
+            description=f"accepted/proposed drafts over the last {window.window_s:g} s",
+        )
         meter.create_observable_gauge(
-            WINDOW_ACCEPT_LENGTH, callbacks=[self._observe_length], unit="{token}",
-            description=f"(accepted + verify passes)/verify passes over the last "
-                        f"{window.window_s:g} s")
+            WINDOW_ACCEPT_LENGTH,
+            callbacks=[self._observe_length],
+            unit="{token}",
+            description=f"(accepted + verify passes)/verify passes over the last {window.window_s:g} s",
+        )
         # self-metrics
-        self.received = counter(RECORDS_RECEIVED, unit="{record}",
-                                description="Records received (before dedupe and validation)")
-        self.aggregated = counter(RECORDS_AGGREGATED, unit="{record}",
-                                  description="Records that passed validation and were counted")
-        self.rejected = counter(RECORDS_REJECTED, unit="{record}",
-                                description="Records rejected, by broken invariant (`reason`)")
-        self.duplicates = counter(RECORDS_DUPLICATE, unit="{record}",
-                                  description="Resent records dropped as duplicates")
+        self.received = counter(
+            RECORDS_RECEIVED, unit="{record}", description="Records received (before dedupe and validation)"
+        )
+        self.aggregated = counter(
+            RECORDS_AGGREGATED, unit="{record}", description="Records that passed validation and were counted"
+        )
+        self.rejected = counter(
+            RECORDS_REJECTED, unit="{record}", description="Records rejected, by broken invariant (`reason`)"
+        )
+        self.duplicates = counter(
+            RECORDS_DUPLICATE, unit="{record}", description="Resent records dropped as duplicates"
+        )
         self.service_dropped = counter(
-            SERVICE_DROPPED, unit="{record}",
-            description="Records the reporting services dropped from their full buffers")
-        self.export_failures = counter(EXPORT_FAILURES, unit="{export}",
-                                       description="Failed metric exports, by `exporter`")
+            SERVICE_DROPPED,
+            unit="{record}",
+            description="Records the reporting services dropped from their full buffers",
+        )
+        self.export_failures = counter(
+            EXPORT_FAILURES, unit="{export}", description="Failed metric exports, by `exporter`"
+        )
         self.sources_evicted = counter(
-            SOURCES_EVICTED, unit="{source}",
+            SOURCES_EVICTED,
+            unit="{source}",
             description="Sources the duplicate filter forgot, by `cause` (idle, count, bytes): "
-                        "records they resend are counted again")
+            "records they resend are counted again",
+        )
         self._cause_attrs = {cause: {ATTR_CAUSE: cause} for cause in EVICTION_CAUSES}
         self.trace_ignored = counter(
-            TRACE_CONTEXTS_IGNORED, unit="{record}",
+            TRACE_CONTEXTS_IGNORED,
+            unit="{record}",
             description="Records whose trace context was malformed, by `reason`: counted, "
-                        "but without a span or exemplars")
+            "but without a span or exemplars",
+        )
         self._trace_reason_attrs = {reason: {ATTR_REASON: reason} for reason in TRACE_REASONS}
         # Make every self-metric series exist (at 0) from the start, including one per
         # rejection reason and per failure-counting exporter: a series born at 1 is invisible
@@ -310,8 +478,9 @@ class Aggregator:
             }
         return a
 
-    def _positional(self, key: Hashable, n: int, name: str,
-                    cache: dict[Hashable, tuple[dict, ...]]) -> tuple[dict, ...]:
+    def _positional(
+        self, key: Hashable, n: int, name: str, cache: dict[Hashable, tuple[dict, ...]]
+    ) -> tuple[dict, ...]:
         t = cache.get(key)
         if t is None:
             base = self.attrs(key)
@@ -377,9 +546,13 @@ class Aggregator:
         the series; the exemplar keeps it)."""
         for context, request_id, rate, length, ttft, tpot, duration in traced:
             a = {**attrs, ATTR_REQUEST_ID: request_id}
-            for histogram, value in ((self.h_rate, rate), (self.h_length, length),
-                                     (self.h_ttft, ttft), (self.h_tpot, tpot),
-                                     (self.h_duration, duration)):
+            for histogram, value in (
+                (self.h_rate, rate),
+                (self.h_length, length),
+                (self.h_ttft, ttft),
+                (self.h_tpot, tpot),
+                (self.h_duration, duration),
+            ):
                 if value is not None:
                     histogram.record(value, a, context=context)
 

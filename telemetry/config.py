@@ -13,8 +13,8 @@ import argparse
 import math
 import os
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from specdec_security import ServerSecurity
 from telemetry.aggregation import TPOT_BUCKETS, TTFT_BUCKETS
@@ -84,25 +84,27 @@ class SidecarConfig:
         return "prometheus" in self.exporters
 
     @classmethod
-    def from_args(cls, argv: Sequence[str] | None = None,
-                  environ: Mapping[str, str] | None = None) -> "SidecarConfig":
+    def from_args(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> SidecarConfig:
         env = os.environ if environ is None else environ
         args = build_parser(env).parse_args(argv)
         return cls.resolve(args, env)
 
     @classmethod
-    def resolve(cls, args: argparse.Namespace, env: Mapping[str, str]) -> "SidecarConfig":
+    def resolve(cls, args: argparse.Namespace, env: Mapping[str, str]) -> SidecarConfig:
         exporters = _resolve_exporters(args.exporters, env)
-        protocol = (env.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
-                    or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip()
+        protocol = (
+            env.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+        ).strip()
         if "otlp" in exporters and protocol not in OTLP_PROTOCOLS:
             raise ConfigError(f"OTLP protocol must be grpc or http/protobuf, not {protocol!r}")
-        traces_protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                           or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip()
+        traces_protocol = (
+            env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+        ).strip()
         tracing = _parse_bool(args.tracing, "--tracing")
         if tracing and traces_protocol not in OTLP_PROTOCOLS:
-            raise ConfigError(f"OTLP traces protocol must be grpc or http/protobuf, not "
-                              f"{traces_protocol!r}")
+            raise ConfigError(f"OTLP traces protocol must be grpc or http/protobuf, not {traces_protocol!r}")
         if tracing and not args.span_service_name:
             raise ConfigError("--span-service-name must not be empty")
         ack_mode = args.ack_mode
@@ -127,24 +129,28 @@ class SidecarConfig:
         if args.max_source_bytes < 1:
             raise ConfigError(f"--max-source-bytes must be >= 1, not {args.max_source_bytes}")
         if not args.source_idle_seconds > 0:
-            raise ConfigError(
-                f"--source-idle-seconds must be positive, not {args.source_idle_seconds}")
+            raise ConfigError(f"--source-idle-seconds must be positive, not {args.source_idle_seconds}")
         ttft_buckets = parse_buckets(args.ttft_buckets, "--ttft-buckets")
         tpot_buckets = parse_buckets(args.tpot_buckets, "--tpot-buckets")
         if args.max_sequence_jump < 0:
             raise ConfigError(f"--max-sequence-jump must be >= 0, not {args.max_sequence_jump}")
         if not 1 <= args.max_series < SDK_CARDINALITY_LIMIT:
-            raise ConfigError(f"--max-series must be in 1..{SDK_CARDINALITY_LIMIT - 1} (below "
-                              f"the OpenTelemetry SDK's {SDK_CARDINALITY_LIMIT} attribute sets "
-                              f"per instrument), not {args.max_series}")
+            raise ConfigError(
+                f"--max-series must be in 1..{SDK_CARDINALITY_LIMIT - 1} (below "
+                f"the OpenTelemetry SDK's {SDK_CARDINALITY_LIMIT} attribute sets "
+                f"per instrument), not {args.max_series}"
+            )
         if not 1 <= args.max_series_per_source <= args.max_series:
-            raise ConfigError(f"--max-series-per-source must be in 1..--max-series "
-                              f"({args.max_series}), not {args.max_series_per_source}")
+            raise ConfigError(
+                f"--max-series-per-source must be in 1..--max-series "
+                f"({args.max_series}), not {args.max_series_per_source}"
+            )
         _split_address(args.listen, "--listen")
         if "prometheus" in exporters:
             _split_address(args.prometheus_address, "--prometheus-address")
-        security = ServerSecurity(args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file,
-                                  args.auth_tokens_file)
+        security = ServerSecurity(
+            args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file, args.auth_tokens_file
+        )
         problem = security.problem()
         if problem:
             raise ConfigError(problem)
@@ -192,7 +198,9 @@ def parse_buckets(text: str, flag: str) -> tuple[float, ...]:
         raise ConfigError(f"{flag} must have 1 to {MAX_BUCKETS} boundaries, not {len(bounds)}")
     bad = [b for b in bounds if not (math.isfinite(b) and b > 0)]
     if bad:
-        raise ConfigError(f"{flag}: every boundary must be a finite number of seconds above 0, not {bad[0]!r}")
+        raise ConfigError(
+            f"{flag}: every boundary must be a finite number of seconds above 0, not {bad[0]!r}"
+        )
     for low, high in zip(bounds, bounds[1:]):
         if high <= low:
             raise ConfigError(f"{flag} must be strictly increasing: {high:g} follows {low:g}")
@@ -230,8 +238,9 @@ def _resolve_exporters(value: str, env: Mapping[str, str]) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
     bad = [n for n in names if n not in EXPORTER_NAMES]
     if bad or not names:
-        raise ConfigError(f"unknown exporter(s) {bad or value!r}; use a comma-separated subset "
-                          f"of {EXPORTER_NAMES} or auto")
+        raise ConfigError(
+            f"unknown exporter(s) {bad or value!r}; use a comma-separated subset of {EXPORTER_NAMES} or auto"
+        )
     return tuple(n for n in names if n != "none")
 
 
@@ -259,112 +268,183 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     p = argparse.ArgumentParser(
         prog="specdec-sidecar",
         description="Telemetry sidecar: ingests SpeculativeMetrics over gRPC "
-                    "(specdec.v1.TelemetryService), validates and dedupes them, aggregates "
-                    "with the OpenTelemetry SDK and exports over OTLP and/or a Prometheus "
-                    "scrape endpoint. Every flag overrides the SPECDEC_SIDECAR_* variable "
-                    "named in its help. OTLP itself is configured by the standard OTEL_* "
-                    "variables (OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT, _PROTOCOL "
-                    "grpc|http/protobuf, _HEADERS, _TIMEOUT, OTEL_METRIC_EXPORT_INTERVAL, "
-                    "OTEL_METRIC_EXPORT_TIMEOUT, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES).",
+        "(specdec.v1.TelemetryService), validates and dedupes them, aggregates "
+        "with the OpenTelemetry SDK and exports over OTLP and/or a Prometheus "
+        "scrape endpoint. Every flag overrides the SPECDEC_SIDECAR_* variable "
+        "named in its help. OTLP itself is configured by the standard OTEL_* "
+        "variables (OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT, _PROTOCOL "
+        "grpc|http/protobuf, _HEADERS, _TIMEOUT, OTEL_METRIC_EXPORT_INTERVAL, "
+        "OTEL_METRIC_EXPORT_TIMEOUT, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--listen", default=e("LISTEN", DEFAULT_LISTEN),
-                   help="ingest gRPC address HOST:PORT (port 0 picks one) "
-                        "[SPECDEC_SIDECAR_LISTEN]")
-    p.add_argument("--exporters", default=e("EXPORTERS", "auto"),
-                   help="comma-separated subset of otlp,prometheus,none, or auto: "
-                        "$OTEL_METRICS_EXPORTER if set, else otlp when "
-                        "OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT is set, else prometheus "
-                        "[SPECDEC_SIDECAR_EXPORTERS]")
-    p.add_argument("--prometheus-address", default=e("PROMETHEUS_ADDRESS", DEFAULT_PROMETHEUS),
-                   help="Prometheus scrape endpoint HOST:PORT (when the prometheus exporter "
-                        "is on) [SPECDEC_SIDECAR_PROMETHEUS_ADDRESS]")
+    p.add_argument(
+        "--listen",
+        default=e("LISTEN", DEFAULT_LISTEN),
+        help="ingest gRPC address HOST:PORT (port 0 picks one) [SPECDEC_SIDECAR_LISTEN]",
+    )
+    p.add_argument(
+        "--exporters",
+        default=e("EXPORTERS", "auto"),
+        help="comma-separated subset of otlp,prometheus,none, or auto: "
+        "$OTEL_METRICS_EXPORTER if set, else otlp when "
+        "OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT is set, else prometheus "
+        "[SPECDEC_SIDECAR_EXPORTERS]",
+    )
+    p.add_argument(
+        "--prometheus-address",
+        default=e("PROMETHEUS_ADDRESS", DEFAULT_PROMETHEUS),
+        help="Prometheus scrape endpoint HOST:PORT (when the prometheus exporter "
+        "is on) [SPECDEC_SIDECAR_PROMETHEUS_ADDRESS]",
+    )
     interval = e("EXPORT_INTERVAL_MS", None)
-    p.add_argument("--export-interval-ms", type=float,
-                   default=float(interval) if interval else None,
-                   help="OTLP export interval in ms; default $OTEL_METRIC_EXPORT_INTERVAL or "
-                        f"{DEFAULT_EXPORT_INTERVAL_MS:g} [SPECDEC_SIDECAR_EXPORT_INTERVAL_MS]")
-    p.add_argument("--ack-mode", default=e("ACK_MODE", "auto"), choices=ACK_MODES,
-                   help="when records are acknowledged to the reporter: export = after the "
-                        "OTLP export that included them succeeded (nothing lost on a crash); "
-                        "aggregate = once aggregated in memory; auto = export if OTLP is on "
-                        "[SPECDEC_SIDECAR_ACK_MODE]")
-    p.add_argument("--window-seconds", type=float, default=float(e("WINDOW_SECONDS", 60)),
-                   help="sliding window of the acceptance-rate/length gauges "
-                        "[SPECDEC_SIDECAR_WINDOW_SECONDS]")
-    p.add_argument("--max-k", type=int, default=int(e("MAX_K", DEFAULT_MAX_K)),
-                   help="largest num_draft_tokens accepted; larger records are rejected "
-                        "[SPECDEC_SIDECAR_MAX_K]")
-    p.add_argument("--max-sources", type=int, default=int(e("MAX_SOURCES", DEFAULT_MAX_SOURCES)),
-                   help="sources whose dedupe watermark is remembered (the least recently "
-                        "active are forgotten first) [SPECDEC_SIDECAR_MAX_SOURCES]")
-    p.add_argument("--max-source-bytes", type=int,
-                   default=int(e("MAX_SOURCE_BYTES", DEFAULT_MAX_SOURCE_BYTES)),
-                   help="approximate memory of the dedupe table (source ids plus 200 bytes "
-                        "per source); beyond it the least recently active sources are "
-                        "forgotten [SPECDEC_SIDECAR_MAX_SOURCE_BYTES]")
-    p.add_argument("--source-idle-seconds", type=float,
-                   default=float(e("SOURCE_IDLE_SECONDS", DEFAULT_SOURCE_IDLE_S)),
-                   help="a source that sent nothing for this long is forgotten; records it "
-                        "resends later are counted again [SPECDEC_SIDECAR_SOURCE_IDLE_SECONDS]")
-    p.add_argument("--ttft-buckets", default=e("TTFT_BUCKETS", format_buckets(TTFT_BUCKETS)),
-                   help="bucket boundaries (seconds, comma-separated, increasing) of "
-                        "gen_ai.server.time_to_first_token; finer than the GenAI conventions' "
-                        "recommendation on purpose (docs/metrics.md, Latency buckets) "
-                        "[SPECDEC_SIDECAR_TTFT_BUCKETS]")
-    p.add_argument("--tpot-buckets", default=e("TPOT_BUCKETS", format_buckets(TPOT_BUCKETS)),
-                   help="bucket boundaries (seconds, comma-separated, increasing) of "
-                        "gen_ai.server.time_per_output_token; finer than the GenAI conventions' "
-                        "recommendation on purpose (docs/metrics.md, Latency buckets) "
-                        "[SPECDEC_SIDECAR_TPOT_BUCKETS]")
-    p.add_argument("--max-sequence-jump", type=int,
-                   default=int(e("MAX_SEQUENCE_JUMP", DEFAULT_MAX_SEQUENCE_JUMP)),
-                   help="a record of a known source may be at most this far ahead of the "
-                        "source's last processed sequence, beyond the records it says were "
-                        "dropped in between (dropped_before); a record further ahead is "
-                        "rejected (reason sequence_jump) and does not move the watermark "
-                        "[SPECDEC_SIDECAR_MAX_SEQUENCE_JUMP]")
-    p.add_argument("--max-series", type=int, default=int(e("MAX_SERIES", DEFAULT_MAX_SERIES)),
-                   help="label budget: a new identity (model, method, draft model, k) is "
-                        "aggregated only while the identities' k + 1 series summed stay "
-                        "within this (the SDK folds series beyond 2000 per instrument into "
-                        "an unlabelled overflow series); its records are rejected otherwise "
-                        "(reason series_limit) [SPECDEC_SIDECAR_MAX_SERIES]")
-    p.add_argument("--max-series-per-source", type=int,
-                   default=int(e("MAX_SERIES_PER_SOURCE", DEFAULT_MAX_SERIES_PER_SOURCE)),
-                   help="the part of --max-series one source may add (reason "
-                        "source_series_limit) [SPECDEC_SIDECAR_MAX_SERIES_PER_SOURCE]")
-    p.add_argument("--instance-id", default=e("INSTANCE_ID", None),
-                   help="the sidecar's service.instance.id resource attribute; default: "
-                        "service.instance.id from OTEL_RESOURCE_ATTRIBUTES, else a random id "
-                        "[SPECDEC_SIDECAR_INSTANCE_ID]")
-    p.add_argument("--shutdown-grace-seconds", type=float,
-                   default=float(e("SHUTDOWN_GRACE_SECONDS", 5.0)),
-                   help="on SIGTERM/SIGINT: time for the final export and open streams "
-                        "[SPECDEC_SIDECAR_SHUTDOWN_GRACE_SECONDS]")
-    p.add_argument("--tls-cert-file", default=e("TLS_CERT_FILE", ""),
-                   help="PEM certificate chain of the ingest server; with --tls-key-file: TLS "
-                        "(empty: plaintext) [SPECDEC_SIDECAR_TLS_CERT_FILE]")
-    p.add_argument("--tls-key-file", default=e("TLS_KEY_FILE", ""),
-                   help="private key of --tls-cert-file [SPECDEC_SIDECAR_TLS_KEY_FILE]")
-    p.add_argument("--tls-client-ca-file", default=e("TLS_CLIENT_CA_FILE", ""),
-                   help="PEM CA bundle; set: mutual TLS, reporters must present a certificate "
-                        "it signed [SPECDEC_SIDECAR_TLS_CLIENT_CA_FILE]")
-    p.add_argument("--auth-tokens-file", default=e("AUTH_TOKENS_FILE", ""),
-                   help="file of accepted bearer tokens, one per line, reloaded on SIGHUP; set: "
-                        "every RPC but health needs one (empty: no token check) "
-                        "[SPECDEC_SIDECAR_AUTH_TOKENS_FILE]")
-    p.add_argument("--tracing", default=e("TRACING", "false"),
-                   help="emit one span per request whose service sent its trace context "
-                        "(service --tracing), over OTLP (OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, "
-                        "_PROTOCOL, _HEADERS; OTEL_TRACES_SAMPLER; OTEL_BSP_*), and put "
-                        "exemplars with its trace id on the histograms (docs/tracing.md) "
-                        "[SPECDEC_SIDECAR_TRACING]")
-    p.add_argument("--span-service-name",
-                   default=e("SPAN_SERVICE_NAME", DEFAULT_SPAN_SERVICE_NAME),
-                   help="service.name of the request spans' resource (the inference "
-                        "service they describe; service.instance.id is the record's "
-                        "instance_id) [SPECDEC_SIDECAR_SPAN_SERVICE_NAME]")
-    p.add_argument("--log-level", default=e("LOG_LEVEL", "INFO"),
-                   help="log level [SPECDEC_SIDECAR_LOG_LEVEL]")
+    p.add_argument(
+        "--export-interval-ms",
+        type=float,
+        default=float(interval) if interval else None,
+        help="OTLP export interval in ms; default $OTEL_METRIC_EXPORT_INTERVAL or "
+        f"{DEFAULT_EXPORT_INTERVAL_MS:g} [SPECDEC_SIDECAR_EXPORT_INTERVAL_MS]",
+    )
+    p.add_argument(
+        "--ack-mode",
+        default=e("ACK_MODE", "auto"),
+        choices=ACK_MODES,
+        help="when records are acknowledged to the reporter: export = after the "
+        "OTLP export that included them succeeded (nothing lost on a crash); "
+        "aggregate = once aggregated in memory; auto = export if OTLP is on "
+        "[SPECDEC_SIDECAR_ACK_MODE]",
+    )
+    p.add_argument(
+        "--window-seconds",
+        type=float,
+        default=float(e("WINDOW_SECONDS", 60)),
+        help="sliding window of the acceptance-rate/length gauges [SPECDEC_SIDECAR_WINDOW_SECONDS]",
+    )
+    p.add_argument(
+        "--max-k",
+        type=int,
+        default=int(e("MAX_K", DEFAULT_MAX_K)),
+        help="largest num_draft_tokens accepted; larger records are rejected [SPECDEC_SIDECAR_MAX_K]",
+    )
+    p.add_argument(
+        "--max-sources",
+        type=int,
+        default=int(e("MAX_SOURCES", DEFAULT_MAX_SOURCES)),
+        help="sources whose dedupe watermark is remembered (the least recently "
+        "active are forgotten first) [SPECDEC_SIDECAR_MAX_SOURCES]",
+    )
+    p.add_argument(
+        "--max-source-bytes",
+        type=int,
+        default=int(e("MAX_SOURCE_BYTES", DEFAULT_MAX_SOURCE_BYTES)),
+        help="approximate memory of the dedupe table (source ids plus 200 bytes "
+        "per source); beyond it the least recently active sources are "
+        "forgotten [SPECDEC_SIDECAR_MAX_SOURCE_BYTES]",
+    )
+    p.add_argument(
+        "--source-idle-seconds",
+        type=float,
+        default=float(e("SOURCE_IDLE_SECONDS", DEFAULT_SOURCE_IDLE_S)),
+        help="a source that sent nothing for this long is forgotten; records it "
+        "resends later are counted again [SPECDEC_SIDECAR_SOURCE_IDLE_SECONDS]",
+    )
+    p.add_argument(
+        "--ttft-buckets",
+        default=e("TTFT_BUCKETS", format_buckets(TTFT_BUCKETS)),
+        help="bucket boundaries (seconds, comma-separated, increasing) of "
+        "gen_ai.server.time_to_first_token; finer than the GenAI conventions' "
+        "recommendation on purpose (docs/metrics.md, Latency buckets) "
+        "[SPECDEC_SIDECAR_TTFT_BUCKETS]",
+    )
+    p.add_argument(
+        "--tpot-buckets",
+        default=e("TPOT_BUCKETS", format_buckets(TPOT_BUCKETS)),
+        help="bucket boundaries (seconds, comma-separated, increasing) of "
+        "gen_ai.server.time_per_output_token; finer than the GenAI conventions' "
+        "recommendation on purpose (docs/metrics.md, Latency buckets) "
+        "[SPECDEC_SIDECAR_TPOT_BUCKETS]",
+    )
+    p.add_argument(
+        "--max-sequence-jump",
+        type=int,
+        default=int(e("MAX_SEQUENCE_JUMP", DEFAULT_MAX_SEQUENCE_JUMP)),
+        help="a record of a known source may be at most this far ahead of the "
+        "source's last processed sequence, beyond the records it says were "
+        "dropped in between (dropped_before); a record further ahead is "
+        "rejected (reason sequence_jump) and does not move the watermark "
+        "[SPECDEC_SIDECAR_MAX_SEQUENCE_JUMP]",
+    )
+    p.add_argument(
+        "--max-series",
+        type=int,
+        default=int(e("MAX_SERIES", DEFAULT_MAX_SERIES)),
+        help="label budget: a new identity (model, method, draft model, k) is "
+        "aggregated only while the identities' k + 1 series summed stay "
+        "within this (the SDK folds series beyond 2000 per instrument into "
+        "an unlabelled overflow series); its records are rejected otherwise "
+        "(reason series_limit) [SPECDEC_SIDECAR_MAX_SERIES]",
+    )
+    p.add_argument(
+        "--max-series-per-source",
+        type=int,
+        default=int(e("MAX_SERIES_PER_SOURCE", DEFAULT_MAX_SERIES_PER_SOURCE)),
+        help="the part of --max-series one source may add (reason "
+        "source_series_limit) [SPECDEC_SIDECAR_MAX_SERIES_PER_SOURCE]",
+    )
+    p.add_argument(
+        "--instance-id",
+        default=e("INSTANCE_ID", None),
+        help="the sidecar's service.instance.id resource attribute; default: "
+        "service.instance.id from OTEL_RESOURCE_ATTRIBUTES, else a random id "
+        "[SPECDEC_SIDECAR_INSTANCE_ID]",
+    )
+    p.add_argument(
+        "--shutdown-grace-seconds",
+        type=float,
+        default=float(e("SHUTDOWN_GRACE_SECONDS", 5.0)),
+        help="on SIGTERM/SIGINT: time for the final export and open streams "
+        "[SPECDEC_SIDECAR_SHUTDOWN_GRACE_SECONDS]",
+    )
+    p.add_argument(
+        "--tls-cert-file",
+        default=e("TLS_CERT_FILE", ""),
+        help="PEM certificate chain of the ingest server; with --tls-key-file: TLS "
+        "(empty: plaintext) [SPECDEC_SIDECAR_TLS_CERT_FILE]",
+    )
+    p.add_argument(
+        "--tls-key-file",
+        default=e("TLS_KEY_FILE", ""),
+        help="private key of --tls-cert-file [SPECDEC_SIDECAR_TLS_KEY_FILE]",
+    )
+    p.add_argument(
+        "--tls-client-ca-file",
+        default=e("TLS_CLIENT_CA_FILE", ""),
+        help="PEM CA bundle; set: mutual TLS, reporters must present a certificate "
+        "it signed [SPECDEC_SIDECAR_TLS_CLIENT_CA_FILE]",
+    )
+    p.add_argument(
+        "--auth-tokens-file",
+        default=e("AUTH_TOKENS_FILE", ""),
+        help="file of accepted bearer tokens, one per line, reloaded on SIGHUP; set: "
+        "every RPC but health needs one (empty: no token check) "
+        "[SPECDEC_SIDECAR_AUTH_TOKENS_FILE]",
+    )
+    p.add_argument(
+        "--tracing",
+        default=e("TRACING", "false"),
+        help="emit one span per request whose service sent its trace context "
+        "(service --tracing), over OTLP (OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, "
+        "_PROTOCOL, _HEADERS; OTEL_TRACES_SAMPLER; OTEL_BSP_*), and put "
+        "exemplars with its trace id on the histograms (docs/tracing.md) "
+        "[SPECDEC_SIDECAR_TRACING]",
+    )
+    p.add_argument(
+        "--span-service-name",
+        default=e("SPAN_SERVICE_NAME", DEFAULT_SPAN_SERVICE_NAME),
+        help="service.name of the request spans' resource (the inference "
+        "service they describe; service.instance.id is the record's "
+        "instance_id) [SPECDEC_SIDECAR_SPAN_SERVICE_NAME]",
+    )
+    p.add_argument(
+        "--log-level", default=e("LOG_LEVEL", "INFO"), help="log level [SPECDEC_SIDECAR_LOG_LEVEL]"
+    )
     return p

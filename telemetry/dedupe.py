@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 DEFAULT_MAX_SOURCES = 100_000
 DEFAULT_MAX_SOURCE_BYTES = 64 << 20
@@ -53,11 +53,14 @@ class SourceTable:
     """Not thread-safe: owned by the ingest event loop (snapshots are taken under the
     aggregation lock, which the ingest also holds while it advances `processed`)."""
 
-    def __init__(self, max_sources: int = DEFAULT_MAX_SOURCES,
-                 max_bytes: int = DEFAULT_MAX_SOURCE_BYTES,
-                 idle_s: float = DEFAULT_SOURCE_IDLE_S,
-                 on_evict: Callable[[str], None] = lambda cause: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_sources: int = DEFAULT_MAX_SOURCES,
+        max_bytes: int = DEFAULT_MAX_SOURCE_BYTES,
+        idle_s: float = DEFAULT_SOURCE_IDLE_S,
+        on_evict: Callable[[str], None] = lambda cause: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._sources: OrderedDict[str, SourceState] = OrderedDict()  # least recently active first
         self._max = max_sources
         self._max_bytes = max_bytes
@@ -77,8 +80,9 @@ class SourceTable:
             self._bytes += state.size
             # The newest entry stays even when it alone exceeds max_bytes (one message's
             # size bounds it).
-            while len(self._sources) > 1 and (len(self._sources) > self._max
-                                              or self._bytes > self._max_bytes):
+            while len(self._sources) > 1 and (
+                len(self._sources) > self._max or self._bytes > self._max_bytes
+            ):
                 self._evict("count" if len(self._sources) > self._max else "bytes")
         else:
             state.last_seen = now

@@ -14,18 +14,18 @@ those are the records the sidecar may now acknowledge.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import structlog
 from opentelemetry.sdk.metrics import (
     AlwaysOffExemplarFilter,
-    TraceBasedExemplarFilter,
     Counter,
     Histogram,
     MeterProvider,
     ObservableCounter,
     ObservableGauge,
     ObservableUpDownCounter,
+    TraceBasedExemplarFilter,
     UpDownCounter,
 )
 from opentelemetry.sdk.metrics.export import (
@@ -43,8 +43,14 @@ log = structlog.get_logger(__name__)
 
 CUMULATIVE = {
     kind: AggregationTemporality.CUMULATIVE
-    for kind in (Counter, UpDownCounter, Histogram, ObservableCounter, ObservableUpDownCounter,
-                 ObservableGauge)
+    for kind in (
+        Counter,
+        UpDownCounter,
+        Histogram,
+        ObservableCounter,
+        ObservableUpDownCounter,
+        ObservableGauge,
+    )
 }
 DEFAULT_SERVICE_NAME = "specdec-sidecar"
 
@@ -114,8 +120,7 @@ class AckingPeriodicReader(MetricReader):
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._ticker, name="sidecar-otlp-export",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._ticker, name="sidecar-otlp-export", daemon=True)
             self._thread.start()
 
     def _ticker(self) -> None:
@@ -150,8 +155,7 @@ class AckingPeriodicReader(MetricReader):
                 self._on_failure()
             return ok
 
-    def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
-                         **kwargs) -> None:
+    def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs) -> None:
         # The SDK state is collected: let ingest continue while the export is on the wire.
         if self._holding:
             self._holding = False
@@ -189,8 +193,7 @@ class PrometheusEndpoint:
         host, port = split_address(address)
         self.registry = CollectorRegistry(auto_describe=False)
         self.reader = PrometheusMetricReader(registry=self.registry)
-        self._httpd, self._thread = start_http_server(port, addr=host or "127.0.0.1",
-                                                      registry=self.registry)
+        self._httpd, self._thread = start_http_server(port, addr=host or "127.0.0.1", registry=self.registry)
         self.host = host or "127.0.0.1"
         self.port = self._httpd.server_address[1]
 
@@ -236,10 +239,10 @@ class ExportSetup:
             readers.append(self.prometheus.reader)
         # Exemplars only carry something when the sidecar emits request spans: then a traced
         # record's histogram values are recorded in its span's context (docs/tracing.md).
-        exemplar_filter = (TraceBasedExemplarFilter() if config.tracing
-                           else AlwaysOffExemplarFilter())
-        self.provider = MeterProvider(metric_readers=readers, resource=self.resource,
-                                      views=views, exemplar_filter=exemplar_filter)
+        exemplar_filter = TraceBasedExemplarFilter() if config.tracing else AlwaysOffExemplarFilter()
+        self.provider = MeterProvider(
+            metric_readers=readers, resource=self.resource, views=views, exemplar_filter=exemplar_filter
+        )
         self.meter = self.provider.get_meter("specdec.telemetry")
 
     def start(self) -> None:

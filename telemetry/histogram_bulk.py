@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Mapping
 from time import time_ns
-from typing import Iterable, Mapping
 
 from opentelemetry.context import get_current
 from opentelemetry.metrics import Histogram
@@ -61,7 +61,7 @@ def _fast_path_problem(histogram: Histogram) -> str | None:
         for storage in storages.values():
             for match in storage._get_or_init_view_instrument_match(histogram):
                 match._lock, match._view._attribute_keys  # noqa: B018 - presence check
-                match._get_or_create_aggregation
+                match._get_or_create_aggregation  # noqa: B018 - presence check
         histogram._is_enabled  # type: ignore[attr-defined]  # noqa: B018
     except AttributeError as e:
         return f"opentelemetry-sdk internals differ ({e})"
@@ -81,8 +81,9 @@ class BulkHistograms:
     def is_bulk(self, histogram: Histogram) -> bool:
         return histogram.name in self._bulk
 
-    def record_many(self, histogram: Histogram, values: list[float],
-                    attributes: Mapping[str, object]) -> None:
+    def record_many(
+        self, histogram: Histogram, values: list[float], attributes: Mapping[str, object]
+    ) -> None:
         """The same as `for v in values: histogram.record(v, attributes)`."""
         if not values:
             return

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Generator, Hashable
+from collections.abc import Generator, Hashable
 
 import grpc
 import structlog
@@ -59,12 +59,19 @@ class Ingestor:
     """Synchronous batch processing. Thread-safe through `lock` (the aggregation lock, also
     taken by the OTLP reader around collection)."""
 
-    def __init__(self, aggregator: Aggregator, sources: SourceTable, lock: threading.Lock,
-                 *, max_k: int, ack_after_export: bool,
-                 max_sequence_jump: int = DEFAULT_MAX_SEQUENCE_JUMP,
-                 series: SeriesBudget | None = None,
-                 log_limiter: LogLimiter | None = None,
-                 spans: RequestSpans | None = None) -> None:
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        sources: SourceTable,
+        lock: threading.Lock,
+        *,
+        max_k: int,
+        ack_after_export: bool,
+        max_sequence_jump: int = DEFAULT_MAX_SEQUENCE_JUMP,
+        series: SeriesBudget | None = None,
+        log_limiter: LogLimiter | None = None,
+        spans: RequestSpans | None = None,
+    ) -> None:
         """spans: emits the span of a traced record (None: tracing off, traces ignored)."""
         self.spans = spans
         self.aggregator = aggregator
@@ -99,8 +106,7 @@ class Ingestor:
             except StopIteration as done:
                 return done.value
 
-    def steps(self, req: telemetry_pb2.ReportRequest
-              ) -> Generator[None, None, telemetry_pb2.ReportResponse]:
+    def steps(self, req: telemetry_pb2.ReportRequest) -> Generator[None, None, telemetry_pb2.ReportResponse]:
         """Process `req` SLICE_RECORDS records at a time, yielding between slices; returns the
         response. Each slice runs under the lock and leaves the source's watermark and the
         aggregates consistent with each other (an export between slices is exact)."""
@@ -119,18 +125,17 @@ class Ingestor:
         if not n:  # nothing to process: no table entry is made for it
             with self.lock:
                 src = self.sources.peek(sid)
-                ack = 0 if src is None else (src.durable if self.ack_after_export
-                                             else src.processed)
+                ack = 0 if src is None else (src.durable if self.ack_after_export else src.processed)
             return _ReportResponse(acknowledged_through_sequence=ack)
         counts = [0, 0, 0]  # accepted, duplicates, rejected
         ack = 0
         for start in range(0, n, SLICE_RECORDS):
             if start:
                 yield
-            ack = self._process_slice(sid, records, start, min(n, start + SLICE_RECORDS),
-                                      counts)
-        return _ReportResponse(acknowledged_through_sequence=ack, accepted=counts[0],
-                               duplicates=counts[1], rejected=counts[2])
+            ack = self._process_slice(sid, records, start, min(n, start + SLICE_RECORDS), counts)
+        return _ReportResponse(
+            acknowledged_through_sequence=ack, accepted=counts[0], duplicates=counts[1], rejected=counts[2]
+        )
 
     def _process_slice(self, sid: str, records, start: int, stop: int, counts: list[int]) -> int:
         agg = self.aggregator
@@ -174,8 +179,9 @@ class Ingestor:
                                 m = rec.metrics
                                 reason = check(m, max_k)
                                 if reason is None:
-                                    reason = admit((m.target_model, m.method, m.draft_model,
-                                                    m.num_draft_tokens), src)
+                                    reason = admit(
+                                        (m.target_model, m.method, m.draft_model, m.num_draft_tokens), src
+                                    )
                                 if reason is None:
                                     if spans is not None and rec.HasField("trace"):
                                         accumulate(batch, m, spans.emit(m, rec.trace))
@@ -187,8 +193,9 @@ class Ingestor:
                                     ok += 1
                                     continue
                     except Exception:
-                        log.exception("record_processing_failed", source_id=clip(sid, LOG_ID_CHARS),
-                                      sequence=seq)
+                        log.exception(
+                            "record_processing_failed", source_id=clip(sid, LOG_ID_CHARS), sequence=seq
+                        )
                         reason = "internal_error"
                 rej += 1
                 if reasons is None:
@@ -216,8 +223,15 @@ class Ingestor:
             return src.durable if self.ack_after_export else wm
 
     def _log_rejection(self, reason: str, source_id: str, sequence: int, **fields) -> None:
-        self._log.log(log.warning, "record_rejected", reason, reason=reason,
-                      source_id=clip(source_id, LOG_ID_CHARS), sequence=sequence, **fields)
+        self._log.log(
+            log.warning,
+            "record_rejected",
+            reason,
+            reason=reason,
+            source_id=clip(source_id, LOG_ID_CHARS),
+            sequence=sequence,
+            **fields,
+        )
 
 
 def _request_id(rec: telemetry_pb2.MetricsRecord) -> str:
@@ -273,13 +287,16 @@ class TelemetryIngest:
         self._loop = loop
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            "Report": grpc.stream_stream_rpc_method_handler(
-                self.report,
-                request_deserializer=None,  # raw bytes: we parse (and count failures) ourselves
-                response_serializer=_ReportResponse.SerializeToString,
-            ),
-        })
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Report": grpc.stream_stream_rpc_method_handler(
+                    self.report,
+                    request_deserializer=None,  # raw bytes: we parse (and count failures) ourselves
+                    response_serializer=_ReportResponse.SerializeToString,
+                ),
+            },
+        )
 
     # ---- acknowledgements after export (called from the exporter thread) ------------------
     def on_exported(self, marks: dict[str, int]) -> None:
@@ -357,9 +374,13 @@ class TelemetryIngest:
                     continue
                 sid = req.source_id
                 # register for pushed acknowledgements once the source is known
-                if ingestor.ack_after_export and sid and sid not in stream.sources \
-                        and len(stream.sources) < MAX_SOURCES_PER_STREAM \
-                        and ingestor.sources.peek(sid) is not None:
+                if (
+                    ingestor.ack_after_export
+                    and sid
+                    and sid not in stream.sources
+                    and len(stream.sources) < MAX_SOURCES_PER_STREAM
+                    and ingestor.sources.peek(sid) is not None
+                ):
                     stream.sources.add(sid)
                     self._streams.setdefault(sid, set()).add(stream)
                 stream.queue.put_nowait(_BatchResponse(resp))

@@ -18,7 +18,7 @@ rejected with reason `series_limit` or `source_series_limit`.
 
 from __future__ import annotations
 
-from typing import Hashable
+from collections.abc import Hashable
 
 from telemetry.dedupe import SourceState
 
@@ -39,8 +39,9 @@ def series_of(identity: Hashable) -> int:
 class SeriesBudget:
     """Not thread-safe: used under the aggregation lock."""
 
-    def __init__(self, max_series: int = DEFAULT_MAX_SERIES,
-                 max_series_per_source: int = DEFAULT_MAX_SERIES_PER_SOURCE) -> None:
+    def __init__(
+        self, max_series: int = DEFAULT_MAX_SERIES, max_series_per_source: int = DEFAULT_MAX_SERIES_PER_SOURCE
+    ) -> None:
         self.max_series = max_series
         self.max_series_per_source = max_series_per_source
         self._admitted: set[Hashable] = set()

@@ -52,9 +52,12 @@ class Sidecar:
         # the start before the export threads below exist.
         self.security = SecuredServer(config.security, env_prefix="SPECDEC_SIDECAR_")
         self.lock = threading.Lock()
-        self.sources = SourceTable(config.max_sources, config.max_source_bytes,
-                                   config.source_idle_s,
-                                   on_evict=lambda cause: self.aggregator.count_evicted(cause))
+        self.sources = SourceTable(
+            config.max_sources,
+            config.max_source_bytes,
+            config.source_idle_s,
+            on_evict=lambda cause: self.aggregator.count_evicted(cause),
+        )
         self.window = SlidingWindow(config.window_s)
         self._ingest: TelemetryIngest | None = None
         ack_after_export = config.ack_mode == "export"
@@ -70,20 +73,30 @@ class Sidecar:
         )
         # OTLP is the only exporter whose failures are counted (a scrape has no failure the
         # sidecar could count).
-        self.aggregator = Aggregator(self.export.meter, self.window, config.max_k,
-                                     exporters=("otlp",) if config.otlp else (),
-                                     tracing=config.tracing)
+        self.aggregator = Aggregator(
+            self.export.meter,
+            self.window,
+            config.max_k,
+            exporters=("otlp",) if config.otlp else (),
+            tracing=config.tracing,
+        )
         self.spans: RequestSpans | None = None
         if config.tracing:
-            self.spans = RequestSpans(exporter=build_otlp_span_exporter(config.traces_protocol),
-                                      span_service_name=config.span_service_name,
-                                      on_ignored=self.aggregator.count_trace_ignored)
-        self.ingestor = Ingestor(self.aggregator, self.sources, self.lock,
-                                 max_k=config.max_k, ack_after_export=ack_after_export,
-                                 spans=self.spans,
-                                 max_sequence_jump=config.max_sequence_jump,
-                                 series=SeriesBudget(config.max_series,
-                                                     config.max_series_per_source))
+            self.spans = RequestSpans(
+                exporter=build_otlp_span_exporter(config.traces_protocol),
+                span_service_name=config.span_service_name,
+                on_ignored=self.aggregator.count_trace_ignored,
+            )
+        self.ingestor = Ingestor(
+            self.aggregator,
+            self.sources,
+            self.lock,
+            max_k=config.max_k,
+            ack_after_export=ack_after_export,
+            spans=self.spans,
+            max_sequence_jump=config.max_sequence_jump,
+            series=SeriesBudget(config.max_series, config.max_series_per_source),
+        )
         self._ingest = TelemetryIngest(self.ingestor)
         self.health = health_aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -114,10 +127,14 @@ class Sidecar:
         server.add_generic_rpc_handlers((self._ingest.rpc_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server,
-            pool=reflection_pool(telemetry_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR,
-                                 reflection_pb2.DESCRIPTOR))
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+            pool=reflection_pool(telemetry_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR),
+        )
         self.port = self.security.add_port(server, self.config.listen)
         if not self.port:
             raise RuntimeError(f"cannot listen on {self.config.listen}")
@@ -126,11 +143,17 @@ class Sidecar:
         self.export.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("sidecar_started", listen=self.address, exporters=list(self.config.exporters),
-                 prometheus=self.prometheus_address, ack_mode=self.config.ack_mode,
-                 tracing=self.config.tracing,
-                 export_interval_ms=self.config.export_interval_ms,
-                 instance_id=self.instance_id, **self.security.describe())
+        log.info(
+            "sidecar_started",
+            listen=self.address,
+            exporters=list(self.config.exporters),
+            prometheus=self.prometheus_address,
+            ack_mode=self.config.ack_mode,
+            tracing=self.config.tracing,
+            export_interval_ms=self.config.export_interval_ms,
+            instance_id=self.instance_id,
+            **self.security.describe(),
+        )
 
     async def wait(self) -> None:
         assert self._stopped is not None
@@ -146,8 +169,7 @@ class Sidecar:
         try:
             await self.health.enter_graceful_shutdown()
             self._ingest.accepting = False
-            ok = await loop.run_in_executor(
-                None, self.export.final_export, max(1.0, grace_s * 0.8) * 1000)
+            ok = await loop.run_in_executor(None, self.export.final_export, max(1.0, grace_s * 0.8) * 1000)
             if ok is not None:
                 log.info("final_export", success=ok)
             # let the stream writers send the acknowledgements the final export released

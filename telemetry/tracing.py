@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import structlog
 from opentelemetry.context import Context
@@ -42,8 +42,8 @@ from opentelemetry.trace import (
     Status,
     StatusCode,
     TraceFlags,
-    TraceState,
     Tracer,
+    TraceState,
     set_span_in_context,
 )
 
@@ -118,11 +118,13 @@ def span_attributes(m: metrics_pb2.SpeculativeMetrics, t: telemetry_pb2.RequestT
         "gen_ai.usage.output_tokens": m.completion_tokens,
         "gen_ai.request.stream": True,
     }
-    for field, name in (("max_tokens", "gen_ai.request.max_tokens"),
-                        ("temperature", "gen_ai.request.temperature"),
-                        ("top_p", "gen_ai.request.top_p"),
-                        ("top_k", "gen_ai.request.top_k"),
-                        ("seed", "gen_ai.request.seed")):
+    for field, name in (
+        ("max_tokens", "gen_ai.request.max_tokens"),
+        ("temperature", "gen_ai.request.temperature"),
+        ("top_p", "gen_ai.request.top_p"),
+        ("top_k", "gen_ai.request.top_k"),
+        ("seed", "gen_ai.request.seed"),
+    ):
         if t.HasField(field):
             a[name] = getattr(t, field)
     if m.HasField("time_to_first_token_seconds"):
@@ -152,8 +154,9 @@ def span_attributes(m: metrics_pb2.SpeculativeMetrics, t: telemetry_pb2.RequestT
 class RequestSpans:
     """Emits the span of each traced record; `emit` is called under the aggregation lock."""
 
-    def __init__(self, *, exporter: SpanExporter, span_service_name: str,
-                 on_ignored: Callable[[str], None]) -> None:
+    def __init__(
+        self, *, exporter: SpanExporter, span_service_name: str, on_ignored: Callable[[str], None]
+    ) -> None:
         self._processor = SynchronousMultiSpanProcessor()
         self._processor.add_span_processor(BatchSpanProcessor(exporter))
         self._ids = _ServiceIds()
@@ -170,15 +173,17 @@ class RequestSpans:
             return tracer
         provider = TracerProvider(
             resource=self._base_resource.merge(Resource({SERVICE_INSTANCE_ID: instance_id})),
-            shutdown_on_exit=False, active_span_processor=self._processor,
-            id_generator=self._ids, span_limits=self._limits)
+            shutdown_on_exit=False,
+            active_span_processor=self._processor,
+            id_generator=self._ids,
+            span_limits=self._limits,
+        )
         tracer = self._tracers[instance_id] = provider.get_tracer(SCOPE)
         if len(self._tracers) > MAX_INSTANCES:
             self._tracers.popitem(last=False)
         return tracer
 
-    def emit(self, m: metrics_pb2.SpeculativeMetrics, t: telemetry_pb2.RequestTrace
-             ) -> Context | None:
+    def emit(self, m: metrics_pb2.SpeculativeMetrics, t: telemetry_pb2.RequestTrace) -> Context | None:
         """Emit the span of valid record `m`; returns the context to record its measurements
         in, or None when the sampler dropped the span or the trace context is malformed
         (ignored and counted)."""
@@ -194,8 +199,7 @@ class RequestSpans:
         self._on_ignored(reason)
         return None
 
-    def _emit(self, m: metrics_pb2.SpeculativeMetrics, t: telemetry_pb2.RequestTrace
-              ) -> Context | None:
+    def _emit(self, m: metrics_pb2.SpeculativeMetrics, t: telemetry_pb2.RequestTrace) -> Context | None:
         trace_id = int.from_bytes(t.trace_id, "big")
         if t.parent_span_id:
             state = TraceState()
@@ -203,9 +207,13 @@ class RequestSpans:
                 state = TraceState.from_header([t.trace_state])
                 if not len(state) and t.trace_state.strip(" \t,"):
                     raise _InvalidTraceState(t.trace_state)
-            parent = SpanContext(trace_id, int.from_bytes(t.parent_span_id, "big"),
-                                 is_remote=True, trace_flags=TraceFlags(t.trace_flags),
-                                 trace_state=state)
+            parent = SpanContext(
+                trace_id,
+                int.from_bytes(t.parent_span_id, "big"),
+                is_remote=True,
+                trace_flags=TraceFlags(t.trace_flags),
+                trace_state=state,
+            )
             context = set_span_in_context(NonRecordingSpan(parent), Context())
         else:
             context = Context()  # a root span: never the ambient context
@@ -215,15 +223,14 @@ class RequestSpans:
         # The SDK's samplers decide on the trace id and the parent; the attributes are only
         # built for a span that records.
         span = self._tracer(m.instance_id).start_span(
-            f"{t.operation_name} {m.target_model}", context=context, kind=SpanKind.SERVER,
-            start_time=start_ns)
+            f"{t.operation_name} {m.target_model}", context=context, kind=SpanKind.SERVER, start_time=start_ns
+        )
         if not span.is_recording():
             return None  # not sampled: no span, and no exemplar (the bulk path takes the values)
         span.set_attributes(span_attributes(m, t))
         span.add_event("admitted", timestamp=start_ns + _nanos(m.queue_time_seconds))
         if m.HasField("time_to_first_token_seconds"):
-            span.add_event("first_token",
-                           timestamp=start_ns + _nanos(m.time_to_first_token_seconds))
+            span.add_event("first_token", timestamp=start_ns + _nanos(m.time_to_first_token_seconds))
         if m.finish_reason == metrics_pb2.FINISH_REASON_ERROR:
             span.set_status(Status(StatusCode.ERROR, "the request failed on the server"))
         span.end(end_time=end_ns)

@@ -132,12 +132,7 @@ def check(m: metrics_pb2.SpeculativeMetrics, max_k: int = DEFAULT_MAX_K) -> str 
     proposed = m.proposed_drafts
     accepted = m.accepted_drafts
     completion = m.completion_tokens
-    if (
-        verify > MAX_COUNT
-        or proposed > MAX_COUNT
-        or completion > MAX_COUNT
-        or m.prompt_tokens > MAX_COUNT
-    ):
+    if verify > MAX_COUNT or proposed > MAX_COUNT or completion > MAX_COUNT or m.prompt_tokens > MAX_COUNT:
         # draft_passes <= verify_passes and accepted <= proposed bound the others.
         return "count_out_of_range"
     if not k and (drafts or proposed or accepted):

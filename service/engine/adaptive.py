@@ -218,7 +218,9 @@ class PlanningBackoff:
         if per_row is None or not plain_pass:
             self.limit = 0
         else:
-            self.limit = max(0, min(MAX_SKIPPED_PLANS, int(per_row * lookups / plain_pass / PLANNING_SHARE) - 1))
+            self.limit = max(
+                0, min(MAX_SKIPPED_PLANS, int(per_row * lookups / plain_pass / PLANNING_SHARE) - 1)
+            )
 
     def due(self, row: RowPlanning) -> bool:
         """True when the row looks up its proposal this pass (counts a skip otherwise). A
@@ -236,8 +238,11 @@ class PlanningBackoff:
             return
         bucket, per_row = batch_bucket(rows), seconds / planned
         previous = self.seconds.get(bucket)
-        self.seconds[bucket] = per_row if previous is None else (
-            PLANNING_COST_DECAY * previous + (1 - PLANNING_COST_DECAY) * per_row)
+        self.seconds[bucket] = (
+            per_row
+            if previous is None
+            else (PLANNING_COST_DECAY * previous + (1 - PLANNING_COST_DECAY) * per_row)
+        )
 
     def planned(self, row: RowPlanning, drafted: bool) -> None:
         """The row planned this pass, and drafts in it (or not)."""
@@ -270,7 +275,9 @@ class DraftLengthPolicy:
         """The measured steady-state pass costs, seconds by (batch bucket, drafts, draft model)."""
         return {key: cost.seconds for key, cost in self._costs.items() if cost.seen >= 2}
 
-    def observe(self, rows: int, drafts: int, draft_model: bool, seconds: float, tokens: int | None = None) -> None:
+    def observe(
+        self, rows: int, drafts: int, draft_model: bool, seconds: float, tokens: int | None = None
+    ) -> None:
         """A pass over `rows` rows that verified up to `drafts` drafts took `seconds` and
         emitted `tokens` (None: not known; the calibration then learns nothing)."""
         bucket = batch_bucket(rows)
@@ -296,7 +303,9 @@ class DraftLengthPolicy:
             # A shape turned steady: rebuild its bucket's view, in the order the shapes were
             # first seen (which _estimate's tie-breaking between equally near widths follows).
             self._steady[(bucket, draft_model)] = {
-                n: c.seconds for (b, n, dm), c in self._costs.items() if b == bucket and dm == draft_model and c.seen >= 2
+                n: c.seconds
+                for (b, n, dm), c in self._costs.items()
+                if b == bucket and dm == draft_model and c.seen >= 2
             }
             return
         cost.seconds = COST_DECAY * cost.seconds + (1 - COST_DECAY) * seconds
@@ -319,8 +328,9 @@ class DraftLengthPolicy:
         nearest = min(measured, key=lambda n: abs(n - drafts))
         return measured[nearest] * (1.0 + EXTRAPOLATION_PER_DRAFT * (drafts - nearest))
 
-    def choose(self, rows: int, available: list[int], rates: list[float], floor: int,
-               draft_model: bool) -> int:
+    def choose(
+        self, rows: int, available: list[int], rates: list[float], floor: int, draft_model: bool
+    ) -> int:
         """The cap n on drafts per row for the coming pass.
 
         available[r]: drafts row r could propose (L_r); rates[r]: its acceptance estimate;
@@ -333,13 +343,15 @@ class DraftLengthPolicy:
         self._promised = (bucket, cap, rate) if cap > 0 and rate > 0 else None
         return cap
 
-    def best_cap(self, rows: int, available: list[int], rates: list[float], floor: int,
-                 draft_model: bool) -> int:
+    def best_cap(
+        self, rows: int, available: list[int], rates: list[float], floor: int, draft_model: bool
+    ) -> int:
         """What choose() would answer, without counting it as a choice."""
         return self._best(rows, available, rates, floor, draft_model)[0]
 
-    def _best(self, rows: int, available: list[int], rates: list[float], floor: int,
-              draft_model: bool) -> tuple[int, float]:
+    def _best(
+        self, rows: int, available: list[int], rates: list[float], floor: int, draft_model: bool
+    ) -> tuple[int, float]:
         """The best cap (by calibrated prediction) and the model's own prediction of its
         tokens per second, before calibration (0.0: no prediction, when nothing is measured
         for the bucket yet or no cap above the floor is possible)."""

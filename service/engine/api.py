@@ -8,8 +8,9 @@ so callbacks must be quick and non-blocking (e.g. `loop.call_soon_threadsafe`).
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Union
+from typing import Protocol
 
 from specdec.v1 import metrics_pb2
 
@@ -92,7 +93,7 @@ class FinalResult:
     error: str | None = None  # set when finish_reason is ERROR
 
 
-Event = Union[TokenChunk, FinalResult]
+Event = TokenChunk | FinalResult
 EventCallback = Callable[[Event], None]
 
 

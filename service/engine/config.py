@@ -79,4 +79,6 @@ class EngineConfig:
         if not 1 <= self.ngram_min_n <= self.ngram_max_n:
             raise ValueError("need 1 <= ngram_min_n <= ngram_max_n")
         if self.lean_variant not in LEAN_VARIANTS:
-            raise ValueError(f"lean_variant must be one of {', '.join(LEAN_VARIANTS)}, not {self.lean_variant!r}")
+            raise ValueError(
+                f"lean_variant must be one of {', '.join(LEAN_VARIANTS)}, not {self.lean_variant!r}"
+            )

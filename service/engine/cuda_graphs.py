@@ -31,8 +31,15 @@ def _pow2_at_least(n: int) -> int:
 
 
 class GraphedDecoder:
-    def __init__(self, lean: LeanForward, cache: StaticKVCache, max_batch: int, max_width: int,
-                 max_len: int, scratch_start: int) -> None:
+    def __init__(
+        self,
+        lean: LeanForward,
+        cache: StaticKVCache,
+        max_batch: int,
+        max_width: int,
+        max_len: int,
+        scratch_start: int,
+    ) -> None:
         self.lean = lean
         self.cache = cache
         self.max_batch = max_batch
@@ -43,7 +50,9 @@ class GraphedDecoder:
         self.ids = torch.zeros((max_batch, max_width), dtype=torch.long, device=device)  # [Bmax, Tmax]
         self.starts = torch.full((max_batch,), scratch_start, dtype=torch.long, device=device)  # [Bmax]
         vocab = lean.lm_head.shape[0]
-        self.out = torch.empty((max_batch, max_width, vocab), dtype=torch.float32, device=device)  # [Bmax, Tmax, V]
+        self.out = torch.empty(
+            (max_batch, max_width, vocab), dtype=torch.float32, device=device
+        )  # [Bmax, Tmax, V]
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
         self.captures = 0  # graphs captured so far (a pass that captured is not steady-state)

@@ -42,10 +42,17 @@ from service.engine.device import to_device
 def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """True where FlashAttention runs: a CUDA GPU of compute capability 8.0 or more, half
     precision, a head dim it supports."""
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or head_dim > 256 or head_dim % 8:
+    if (
+        device.type != "cuda"
+        or dtype not in (torch.bfloat16, torch.float16)
+        or head_dim > 256
+        or head_dim % 8
+    ):
         return False
-    return (torch.backends.cuda.is_flash_attention_available()
-            and torch.cuda.get_device_capability(device)[0] >= 8)
+    return (
+        torch.backends.cuda.is_flash_attention_available()
+        and torch.cuda.get_device_capability(device)[0] >= 8
+    )
 
 
 @dataclass
@@ -62,7 +69,9 @@ class PackedRows:
     last: torch.Tensor  # [B] long: packed index of each row's last real token
 
 
-def pack(starts: list[int], lengths: list[int], width: int, cache_len: int, device: torch.device) -> PackedRows:
+def pack(
+    starts: list[int], lengths: list[int], width: int, cache_len: int, device: torch.device
+) -> PackedRows:
     """The packing of rows with `lengths[b]` real tokens (1 .. width) written from position
     starts[b]. Built from host lists with no device synchronisation. Key positions are
     clamped to the cache: only a row whose tokens are not used (a slot of the span that
@@ -78,17 +87,21 @@ def pack(starts: list[int], lengths: list[int], width: int, cache_len: int, devi
     n, k, token0, key0 = meta
     cu = to_device([cu_tokens, cu_keys], torch.int32, device)  # [2, B + 1]
     rows = torch.arange(b, device=device)
-    token_index = (torch.repeat_interleave(rows * width - token0, n, output_size=total_tokens)
-                   + torch.arange(total_tokens, device=device))
+    token_index = torch.repeat_interleave(rows * width - token0, n, output_size=total_tokens) + torch.arange(
+        total_tokens, device=device
+    )
     key_rows = torch.repeat_interleave(rows, k, output_size=total_keys)
-    key_pos = (torch.arange(total_keys, device=device)
-               - torch.repeat_interleave(key0, k, output_size=total_keys)).clamp_(max=cache_len - 1)
-    return PackedRows(token_index, key_rows, key_pos, cu[0], cu[1], max(lengths), max(keys),
-                      (cu[0, 1:] - 1).long())
+    key_pos = (
+        torch.arange(total_keys, device=device) - torch.repeat_interleave(key0, k, output_size=total_keys)
+    ).clamp_(max=cache_len - 1)
+    return PackedRows(
+        token_index, key_rows, key_pos, cu[0], cu[1], max(lengths), max(keys), (cu[0, 1:] - 1).long()
+    )
 
 
-def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, packed: PackedRows,
-              scale: float) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, packed: PackedRows, scale: float
+) -> torch.Tensor:
     """q [N, H, D] (rotated) over each row's keys in k_cache, v_cache [B, G, L, D]
     (this pass's keys already written): [N, H, D]. Grouped-query heads as the kernel
     supports them (query head j reads kv head j // (H / G), as transformers' repeat_kv)."""
@@ -100,12 +113,23 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pac
     # calls it): with is_causal its mask is aligned to the end of each row's keys
     # (bottom-right) where a row has more keys than queries.
     return torch.ops.aten._flash_attention_forward(
-        q, keys, values, packed.cu_tokens, packed.cu_keys, packed.max_tokens, packed.max_keys,
-        0.0, True, False, scale=scale)[0]
+        q,
+        keys,
+        values,
+        packed.cu_tokens,
+        packed.cu_keys,
+        packed.max_tokens,
+        packed.max_keys,
+        0.0,
+        True,
+        False,
+        scale=scale,
+    )[0]
 
 
-def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, packed: PackedRows,
-                        scale: float) -> torch.Tensor:
+def reference_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, packed: PackedRows, scale: float
+) -> torch.Tensor:
     """What the FlashAttention call computes, row by row in plain torch (off CUDA: tests on
     Triton's interpreter): q [N, H, D], keys and values packed [Kt, G, D]. Row b's query i
     of n sees its keys 0 .. i + (k - n) of k."""
@@ -113,19 +137,32 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     repeat = q.shape[1] // keys.shape[1]
     cu_tokens, cu_keys = packed.cu_tokens.tolist(), packed.cu_keys.tolist()
     for b in range(len(cu_tokens) - 1):
-        q_b = q[cu_tokens[b]:cu_tokens[b + 1]].transpose(0, 1)  # [H, n, D]
-        k_b = keys[cu_keys[b]:cu_keys[b + 1]].transpose(0, 1).repeat_interleave(repeat, 0)  # [H, k, D]
-        v_b = values[cu_keys[b]:cu_keys[b + 1]].transpose(0, 1).repeat_interleave(repeat, 0)
+        q_b = q[cu_tokens[b] : cu_tokens[b + 1]].transpose(0, 1)  # [H, n, D]
+        k_b = keys[cu_keys[b] : cu_keys[b + 1]].transpose(0, 1).repeat_interleave(repeat, 0)  # [H, k, D]
+        v_b = values[cu_keys[b] : cu_keys[b + 1]].transpose(0, 1).repeat_interleave(repeat, 0)
         n, k = q_b.shape[1], k_b.shape[1]
         visible = torch.arange(k)[None, :] <= torch.arange(n)[:, None] + (k - n)  # [n, k]
         scores = (q_b.float() @ k_b.float().transpose(1, 2) * scale).masked_fill(~visible, float("-inf"))
-        out[cu_tokens[b]:cu_tokens[b + 1]] = (scores.softmax(-1) @ v_b.float()).transpose(0, 1).to(q.dtype)
+        out[cu_tokens[b] : cu_tokens[b + 1]] = (scores.softmax(-1) @ v_b.float()).transpose(0, 1).to(q.dtype)
     return out
 
 
-def layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed: PackedRows,
-          write_rows: torch.Tensor, write_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-          weights, eps: float, h: int, g: int, d: int, scale: float) -> torch.Tensor:
+def layer(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    packed: PackedRows,
+    write_rows: torch.Tensor,
+    write_pos: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    weights,
+    eps: float,
+    h: int,
+    g: int,
+    d: int,
+    scale: float,
+) -> torch.Tensor:
     """One decoder layer over packed tokens x [N, E]; writes their keys and values at
     (write_rows, write_pos) [N] of k_cache, v_cache [B, G, L, D]. cos, sin: [N, D]."""
     from service.engine import prefill_kernels as kernels  # Triton: CUDA machines only

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 REPLACEMENT_CHAR = "\ufffd"
 _PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded before the first output token
@@ -33,8 +34,10 @@ def _backend_decoder(tokenizer: Any) -> Callable[[list[int]], str] | None:
     if not isinstance(backend, Tokenizer) or type(tokenizer).decode is not PreTrainedTokenizerBase.decode:
         return None
     forwarding = []  # the base classes' _decode: backend decode, then no clean-up when asked for none
-    for module, name in (("transformers.tokenization_utils_tokenizers", "TokenizersBackend"),  # transformers 5
-                         ("transformers.tokenization_utils_fast", "PreTrainedTokenizerFast")):  # transformers 4
+    for module, name in (
+        ("transformers.tokenization_utils_tokenizers", "TokenizersBackend"),  # transformers 5
+        ("transformers.tokenization_utils_fast", "PreTrainedTokenizerFast"),
+    ):  # transformers 4
         try:
             forwarding.append(getattr(importlib.import_module(module), name)._decode)
         except (ImportError, AttributeError):
@@ -51,8 +54,10 @@ class TokenTexts:
     def __init__(self, tokenizer: Any) -> None:
         fast = _backend_decoder(tokenizer)
         if fast is None:
+
             def fast(ids: list[int]) -> str:
                 return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
         self.decode: Callable[[list[int]], str] = fast
         self._single: dict[int, str] = {}
 
@@ -68,8 +73,13 @@ class TokenTexts:
 class IncrementalDetokenizer:
     """Feeds tokens one at a time; tells the caller when a stop string appeared."""
 
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int] | tuple[int, ...], stop: tuple[str, ...],
-                 texts: TokenTexts | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_token_ids: list[int] | tuple[int, ...],
+        stop: tuple[str, ...],
+        texts: TokenTexts | None = None,
+    ) -> None:
         self._texts = texts if texts is not None else TokenTexts(tokenizer)
         self._ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         self._prefix_offset = 0

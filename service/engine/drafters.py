@@ -48,14 +48,14 @@ class Drafter(ABC):
     drafts_on_host: bool = False
     catch_ups: int = 0  # eager passes prepare() ran; such passes are not steady-state costs
 
-    def start(self, seq: Sequence) -> None:
+    def start(self, seq: Sequence) -> None:  # noqa: B027
         """Called once the target has prefilled the prompt (and sampled the first token)."""
 
     @abstractmethod
     def plan(self, seq: Sequence, limit: int) -> int:
         """Host side: how many drafts (d_s <= limit) this row proposes in the coming pass."""
 
-    def prepare(self, seq: Sequence) -> None:
+    def prepare(self, seq: Sequence) -> None:  # noqa: B027
         """Before a pass in which this drafter proposes, for each of its rows: per-row work
         that may fail that row alone (the scheduler runs it guarded, before the pass)."""
 
@@ -64,7 +64,7 @@ class Drafter(ABC):
         not caught up with the row's tokens cannot)."""
         return True
 
-    def prepare_rows(self, rows: list[Sequence]) -> None:
+    def prepare_rows(self, rows: list[Sequence]) -> None:  # noqa: B027
         """Before prepare(): the part of the rows' preparation that pays batched (none by
         default). The scheduler then runs prepare() row by row, guarded, whether this
         succeeded or raised, so prepare() must leave a row already prepared as it is."""
@@ -77,10 +77,10 @@ class Drafter(ABC):
         """The row's d_s drafts (drafts_on_host drafters only)."""
         raise NotImplementedError
 
-    def commit(self, seq: Sequence, accepted: int) -> None:
+    def commit(self, seq: Sequence, accepted: int) -> None:  # noqa: B027
         """After verification: `accepted` drafts of this row were accepted."""
 
-    def while_device_runs(self, seq: Sequence) -> None:
+    def while_device_runs(self, seq: Sequence) -> None:  # noqa: B027
         """Host work for later passes, done while the device runs this one (after the
         target's launch, before the pass's synchronisation), off the pass's critical path."""
 
@@ -269,8 +269,11 @@ class DraftModelDrafter(Drafter):
         served = {seq.slot: seq for seq in rows}
         late = [seq for seq in rows if not self.ready(seq)]
         chunks = allocate([len(seq.tokens) - 1 - seq.draft_len for seq in late], self.catch_up_budget)
-        self._catch_up([seq for seq, chunk in zip(late, chunks) if chunk],
-                       {seq.slot: chunk for seq, chunk in zip(late, chunks)}, served)
+        self._catch_up(
+            [seq for seq, chunk in zip(late, chunks) if chunk],
+            {seq.slot: chunk for seq, chunk in zip(late, chunks)},
+            served,
+        )
 
     def _catch_up(self, late: list[Sequence], chunks: dict[int, int], served: dict[int, Sequence]) -> None:
         """Feeds chunks[slot] backlog tokens of each late row, batched."""
@@ -295,7 +298,9 @@ class DraftModelDrafter(Drafter):
             if seq is not None:
                 starts[r] = seq.draft_len
         for seq in late:
-            ids[seq.slot - lo][: backlog[seq.slot]] = seq.tokens[seq.draft_len : seq.draft_len + backlog[seq.slot]]
+            ids[seq.slot - lo][: backlog[seq.slot]] = seq.tokens[
+                seq.draft_len : seq.draft_len + backlog[seq.slot]
+            ]
         self.runner.forward(lo, hi, to_device(ids, torch.long, self.runner.device), starts, last_only=True)
         for seq in late:
             seq.draft_len += backlog[seq.slot]
@@ -352,4 +357,3 @@ class DraftModelDrafter(Drafter):
         if seq.draft_steps > 0:
             seq.draft_len = len(seq.tokens) + min(accepted, seq.draft_steps - 1)
         seq.draft_steps = 0
-

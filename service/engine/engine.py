@@ -8,6 +8,7 @@ from collections import deque
 
 import structlog
 
+from service.engine import heap_freeze
 from service.engine.adaptive import DraftLengthPolicy
 from service.engine.api import (
     EngineInfo,
@@ -21,8 +22,7 @@ from service.engine.api import (
     QueueFullError,
 )
 from service.engine.config import EngineConfig
-from service.engine import heap_freeze
-from service.engine.drafters import DraftModelDrafter, Drafter, NgramDrafter, NoDrafter
+from service.engine.drafters import Drafter, DraftModelDrafter, NgramDrafter, NoDrafter
 from service.engine.output import OutputProcessor
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler
@@ -61,7 +61,9 @@ def _arrival(received_at: float | None) -> float:
 class Engine:
     """Speculative-decoding engine. See service/engine/api.py for the threading contract."""
 
-    def __init__(self, target: LoadedModel, config: EngineConfig | None = None, draft: LoadedModel | None = None) -> None:
+    def __init__(
+        self, target: LoadedModel, config: EngineConfig | None = None, draft: LoadedModel | None = None
+    ) -> None:
         config = config or EngineConfig()
         config.validate()
         if draft is not None and draft.vocab_size != target.vocab_size:
@@ -73,8 +75,12 @@ class Engine:
             raise ValueError("default_method is DRAFT_MODEL but no draft model was given")
         self.config = config
         self._target, self._draft = target, draft
-        max_position = min(target.max_context_tokens, draft.max_context_tokens if draft else target.max_context_tokens)
-        self._max_context = min(config.max_context_tokens or max_position, max_position, config.kv_cache_tokens)
+        max_position = min(
+            target.max_context_tokens, draft.max_context_tokens if draft else target.max_context_tokens
+        )
+        self._max_context = min(
+            config.max_context_tokens or max_position, max_position, config.kv_cache_tokens
+        )
         methods = (Method.NONE, Method.NGRAM) + ((Method.DRAFT_MODEL,) if draft is not None else ())
         self.info = EngineInfo(
             target_model=target.name,
@@ -176,12 +182,17 @@ class Engine:
             done = threading.Event()
             results: list[FinalResult] = []
 
-            def on_event(event: Event, results: list[FinalResult] = results, done: threading.Event = done) -> None:
+            def on_event(
+                event: Event, results: list[FinalResult] = results, done: threading.Event = done
+            ) -> None:
                 if isinstance(event, FinalResult):
                     results.append(event)
                     done.set()
 
-            self.submit(GenerationRequest(f"warmup-{method.name.lower()}", prompt, max_tokens=8, method=method), on_event)
+            self.submit(
+                GenerationRequest(f"warmup-{method.name.lower()}", prompt, max_tokens=8, method=method),
+                on_event,
+            )
             if not done.wait(timeout_s):
                 raise TimeoutError(f"warmup with {method.name} did not finish in {timeout_s} s")
             if results[0].finish_reason is FinishReason.ERROR:
@@ -196,8 +207,11 @@ class Engine:
     def _build_scheduler(self) -> Scheduler:
         cache_len = self._max_context + self.config.max_num_draft_tokens + 1  # room for padded draft slots
         max_width = self.config.max_num_draft_tokens + 1  # a verify pass: pending token + k drafts
-        fast = dict(use_graphs=self.config.cuda_graphs, use_compile=self.config.compile,
-                    lean_variant=self.config.lean_variant)
+        fast = dict(
+            use_graphs=self.config.cuda_graphs,
+            use_compile=self.config.compile,
+            lean_variant=self.config.lean_variant,
+        )
         target = ModelRunner(self._target, self.config.max_batch_size, cache_len, max_width, **fast)
         drafters: dict[Method, Drafter] = {
             Method.NONE: NoDrafter(),
@@ -206,7 +220,9 @@ class Engine:
         runners = [target]
         if self._draft is not None:
             runners.append(ModelRunner(self._draft, self.config.max_batch_size, cache_len, max_width, **fast))
-            drafters[Method.DRAFT_MODEL] = DraftModelDrafter(runners[-1], self.config.max_prefill_tokens_per_pass)
+            drafters[Method.DRAFT_MODEL] = DraftModelDrafter(
+                runners[-1], self.config.max_prefill_tokens_per_pass
+            )
         if self.config.capture_all_graphs:
             started = time.perf_counter()
             captured = sum(runner.capture_all_graphs() for runner in runners)
@@ -284,7 +300,9 @@ class Engine:
                     or (draining and not self._waiting)
                 ):
                     break
-                timeout = None if self._deadline is None or not draining else self._deadline - time.monotonic()
+                timeout = (
+                    None if self._deadline is None or not draining else self._deadline - time.monotonic()
+                )
                 self._cond.wait(timeout)
             for seq in cancelled:
                 self._waiting.remove(seq)
@@ -293,7 +311,9 @@ class Engine:
                 self._waiting.clear()
             else:
                 leftovers = []
-                admit = [self._waiting.popleft() for _ in range(min(scheduler.free_slots, len(self._waiting)))]
+                admit = [
+                    self._waiting.popleft() for _ in range(min(scheduler.free_slots, len(self._waiting)))
+                ]
             done = draining and not self._waiting and not admit and not scheduler.running
             self._in_batch = len(scheduler.running) + len(admit)
         for seq in cancelled + leftovers:

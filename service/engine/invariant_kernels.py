@@ -72,11 +72,30 @@ PROLOGUE_NONE, PROLOGUE_NORM, PROLOGUE_GATED = 0, 1, 2
 
 
 @triton.jit(do_not_specialize=["M"])
-def _linear_kernel(x_ptr, w_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, M, eps,
-                   stride_xm, stride_wn, stride_rm, stride_om,
-                   N: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   HAS_RES: tl.constexpr, OUT_F32: tl.constexpr, IEEE: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _linear_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    norm_ptr,
+    res_ptr,
+    out_ptr,
+    M,
+    eps,
+    stride_xm,
+    stride_wn,
+    stride_rm,
+    stride_om,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    PROLOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    OUT_F32: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """out[M, N] = prologue(x) @ w[N, K]^T (+ bias) (+ res).
 
     PROLOGUE_NORM: rms_norm(x) * norm, as transformers' LlamaRMSNorm (x [M, K]).
@@ -94,7 +113,9 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, M, eps,
         squares = tl.zeros([BM], dtype=tl.float32)
         for k0 in tl.static_range(0, K, BK):
             ks = k0 + steps
-            xv = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0).to(tl.float32)
+            xv = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0).to(
+                tl.float32
+            )
             squares += tl.sum(xv * xv, axis=1)
         inv_rms = 1.0 / tl.sqrt(squares / K + eps)  # [BM]
     acc = tl.zeros([BM, BN], dtype=tl.float32)
@@ -134,10 +155,27 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, M, eps,
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, eps,
-                 stride_xm, stride_wn, stride_rm, stride_om,
-                 N: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_RES: tl.constexpr, OUT_F32: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    norm_ptr,
+    res_ptr,
+    out_ptr,
+    eps,
+    stride_xm,
+    stride_wn,
+    stride_rm,
+    stride_om,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    PROLOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    OUT_F32: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """_linear_kernel's function for few rows, without tensor cores: grid (N / BN, M), BN
     outputs of one row per program, each a float32 sum of BK-wide products (tl.sum over a
     [BN, BK] tile), then over the BK chunks in order. Many small programs and no shared
@@ -189,9 +227,16 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_ptr, res_ptr, out_ptr, eps,
         tl.store(out_ptrs, out, mask=col_ok)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           norm: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
-           residual: torch.Tensor | None = None, out_float32: bool = False) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    norm: torch.Tensor | None = None,
+    eps: float = 0.0,
+    gated: bool = False,
+    residual: torch.Tensor | None = None,
+    out_float32: bool = False,
+) -> torch.Tensor:
     """Row-invariant F.linear on x [M, K] (weight [N, K]): see _linear_kernel.
 
     norm: of rms_norm(x) * norm instead of x. gated: of silu(x[:, :K]) * x[:, K:] (x [M, 2K]).
@@ -207,18 +252,46 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError("residual rows must be contiguous")
     prologue = PROLOGUE_GATED if gated else PROLOGUE_NONE if norm is None else PROLOGUE_NORM
     # The two kernels take the same tensors, strides and prologue/epilogue flags.
-    tensors = (x, weight, bias if bias is not None else x, norm if norm is not None else x,
-               residual if residual is not None else x, out)
-    strides = (x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0))
-    flags = dict(N=n, K=k, PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-                 OUT_F32=out_float32)
+    tensors = (
+        x,
+        weight,
+        bias if bias is not None else x,
+        norm if norm is not None else x,
+        residual if residual is not None else x,
+        out,
+    )
+    strides = (
+        x.stride(0),
+        weight.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+    )
+    flags = dict(
+        N=n,
+        K=k,
+        PROLOGUE=prologue,
+        HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
+        OUT_F32=out_float32,
+    )
     if m <= GEMV_MAX_ROWS:
         _gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N), m)](
-            *tensors, float(eps), *strides, **flags, BN=GEMV_BLOCK_N, BK=GEMV_BLOCK_K, num_warps=GEMV_WARPS)
+            *tensors, float(eps), *strides, **flags, BN=GEMV_BLOCK_N, BK=GEMV_BLOCK_K, num_warps=GEMV_WARPS
+        )
     else:
         _linear_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))](
-            *tensors, m, float(eps), *strides, **flags, IEEE=x.dtype == torch.float32,
-            BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=LINEAR_WARPS, num_stages=LINEAR_STAGES)
+            *tensors,
+            m,
+            float(eps),
+            *strides,
+            **flags,
+            IEEE=x.dtype == torch.float32,
+            BM=BLOCK_M,
+            BN=BLOCK_N,
+            BK=BLOCK_K,
+            num_warps=LINEAR_WARPS,
+            num_stages=LINEAR_STAGES,
+        )
     return out
 
 
@@ -235,9 +308,23 @@ def _rotate(x_ptr, offsets, cos, sin, D: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["T"])
-def _write_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, T,
-                     stride_qkv, stride_cs, stride_cb, stride_cg, stride_cl,
-                     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+def _write_kv_kernel(
+    qkv_ptr,
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    k_ptr,
+    v_ptr,
+    T,
+    stride_qkv,
+    stride_cs,
+    stride_cb,
+    stride_cg,
+    stride_cl,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+):
     """Rotates token row m's keys (kv head g) and writes keys and values into the cache
     at the row's write position. Grid (M, G)."""
     m, g = tl.program_id(0), tl.program_id(1)
@@ -255,12 +342,35 @@ def _write_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, T,
 # The mask's strides change with the pass's width and kv length: unspecialised, so that their
 # divisibility cannot change the kernel's layouts (and with them a reduction's order).
 @triton.jit(do_not_specialize=["T", "t0", "tn", "kv_len", "stride_mb", "stride_mt"])
-def _attention_chunk_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr,
-                            part_max_ptr, part_sum_ptr, part_acc_ptr,
-                            T, t0, tn, kv_len, scale,
-                            stride_qkv, stride_cs, stride_cb, stride_cg, stride_cl, stride_mb, stride_mt,
-                            H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
-                            CHUNK: tl.constexpr, IEEE: tl.constexpr):
+def _attention_chunk_kernel(
+    qkv_ptr,
+    cos_ptr,
+    sin_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    part_acc_ptr,
+    T,
+    t0,
+    tn,
+    kv_len,
+    scale,
+    stride_qkv,
+    stride_cs,
+    stride_cb,
+    stride_cg,
+    stride_cl,
+    stride_mb,
+    stride_mt,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    ROWS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """Partial attention of one chunk of keys for up to ROWS query rows of one kv head.
 
     Grid (B * G, row tiles, chunks). Query rows of (b, g) are r = t * R + j for tokens
@@ -283,8 +393,9 @@ def _attention_chunk_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr,
     sin = tl.load(sin_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
     q_off = m[:, None] * stride_qkv + h[:, None] * D + d[None, :]  # [ROWS, D]
     q = tl.load(qkv_ptr + q_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    q_partner = tl.load(qkv_ptr + q_off - d[None, :] + ((d + D // 2) % D)[None, :],
-                        mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q_partner = tl.load(
+        qkv_ptr + q_off - d[None, :] + ((d + D // 2) % D)[None, :], mask=row_ok[:, None], other=0.0
+    ).to(tl.float32)
     q_rotated = tl.where(d[None, :] < D // 2, -q_partner, q_partner)
     q = ((q * cos).to(dtype).to(tl.float32) + (q_rotated * sin).to(dtype).to(tl.float32)).to(dtype)
     keys_at = chunk * CHUNK + tl.arange(0, CHUNK)  # [CHUNK] absolute positions
@@ -295,8 +406,11 @@ def _attention_chunk_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr,
         scores = tl.dot(q, tl.trans(keys), input_precision="ieee")  # [ROWS, CHUNK]
     else:
         scores = tl.dot(q, tl.trans(keys))
-    bias = tl.load(mask_ptr + b * stride_mb + t[:, None] * stride_mt + keys_at[None, :],
-                   mask=row_ok[:, None] & key_ok[None, :], other=float("-inf")).to(tl.float32)
+    bias = tl.load(
+        mask_ptr + b * stride_mb + t[:, None] * stride_mt + keys_at[None, :],
+        mask=row_ok[:, None] & key_ok[None, :],
+        other=float("-inf"),
+    ).to(tl.float32)
     visible = bias > -1e30  # the mask's minimum (or -inf) hides a key
     scores = tl.where(visible, scores * scale + bias, float("-inf"))
     top = tl.max(scores, axis=1)  # [ROWS]
@@ -316,8 +430,20 @@ def _attention_chunk_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr,
 
 
 @triton.jit(do_not_specialize=["T", "t0", "tn", "chunks"])
-def _attention_combine_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, T, t0, tn, chunks, stride_out,
-                              H: tl.constexpr, D: tl.constexpr, PADDED: tl.constexpr):
+def _attention_combine_kernel(
+    part_max_ptr,
+    part_sum_ptr,
+    part_acc_ptr,
+    out_ptr,
+    T,
+    t0,
+    tn,
+    chunks,
+    stride_out,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    PADDED: tl.constexpr,
+):
     """Combines the chunks of one query row in a fixed order, grid (B * tn, H): the chunk
     axis is padded to PADDED, a constant of the cache, whatever the pass's kv length, and
     chunks past the kv length or with no visible key weigh exactly 0."""
@@ -330,7 +456,9 @@ def _attention_combine_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr,
     d = tl.arange(0, D)
     tops = tl.load(part_max_ptr + part, mask=c_ok, other=float("-inf"))
     totals = tl.load(part_sum_ptr + part, mask=c_ok, other=0.0)
-    accs = tl.load(part_acc_ptr + part[:, None] * D + d[None, :], mask=c_ok[:, None], other=0.0)  # [PADDED, D]
+    accs = tl.load(
+        part_acc_ptr + part[:, None] * D + d[None, :], mask=c_ok[:, None], other=0.0
+    )  # [PADDED, D]
     top = tl.max(tops, axis=0)
     weights = tl.where(tops == float("-inf"), 0.0, tl.exp(tops - top))  # [PADDED]
     total = tl.sum(weights * totals, axis=0)
@@ -338,20 +466,54 @@ def _attention_combine_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr,
     tl.store(out_ptr + m * stride_out + h * D + d, out.to(dtype))
 
 
-def write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_pos: torch.Tensor,
-             k_cache: torch.Tensor, v_cache: torch.Tensor, tokens: int, h: int, g: int, d: int) -> None:
+def write_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    write_pos: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tokens: int,
+    h: int,
+    g: int,
+    d: int,
+) -> None:
     """Rotates the keys of qkv [M, (H + 2G) * D] and writes keys and values into k_cache,
     v_cache [B, G, L, D] at write_pos [B, T] (M = B * T, tokens = T); cos, sin [M, D]."""
     if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
         raise ValueError("key and value caches need one layout with contiguous head vectors")
     _write_kv_kernel[(qkv.shape[0], g)](
-        qkv, cos, sin, write_pos.contiguous(), k_cache, v_cache, tokens,
-        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        H=h, G=g, D=d, num_warps=1)
+        qkv,
+        cos,
+        sin,
+        write_pos.contiguous(),
+        k_cache,
+        v_cache,
+        tokens,
+        qkv.stride(0),
+        cos.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        H=h,
+        G=g,
+        D=d,
+        num_warps=1,
+    )
 
 
-def attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-              v_cache: torch.Tensor, mask: torch.Tensor, h: int, g: int, d: int, scale: float) -> torch.Tensor:
+def attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    mask: torch.Tensor,
+    h: int,
+    g: int,
+    d: int,
+    scale: float,
+) -> torch.Tensor:
     """Grouped-query attention of the (rotated) queries in qkv [M, (H + 2G) * D] over the
     cache k_cache, v_cache [B, G, L, D], positions 0 .. K - 1, with the additive mask
     [B, 1, T, K]. Returns [M, H * D] in the model dtype."""
@@ -370,12 +532,48 @@ def attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: 
         part_acc = torch.empty((parts, d), device=qkv.device, dtype=torch.float32)
         grid = (b * g, triton.cdiv(tn * (h // g), ATTN_ROWS), chunks)
         _attention_chunk_kernel[grid](
-            qkv, cos, sin, k_cache, v_cache, mask, part_max, part_sum, part_acc,
-            t, t0, tn, kv_len, float(scale),
-            qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            mask.stride(0), mask.stride(2),
-            H=h, G=g, D=d, ROWS=ATTN_ROWS, CHUNK=ATTN_CHUNK, IEEE=qkv.dtype == torch.float32, num_warps=ATTN_WARPS)
+            qkv,
+            cos,
+            sin,
+            k_cache,
+            v_cache,
+            mask,
+            part_max,
+            part_sum,
+            part_acc,
+            t,
+            t0,
+            tn,
+            kv_len,
+            float(scale),
+            qkv.stride(0),
+            cos.stride(0),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            mask.stride(0),
+            mask.stride(2),
+            H=h,
+            G=g,
+            D=d,
+            ROWS=ATTN_ROWS,
+            CHUNK=ATTN_CHUNK,
+            IEEE=qkv.dtype == torch.float32,
+            num_warps=ATTN_WARPS,
+        )
         _attention_combine_kernel[(b * tn, h)](
-            part_max, part_sum, part_acc, out, t, t0, tn, chunks, out.stride(0),
-            H=h, D=d, PADDED=padded, num_warps=2)
+            part_max,
+            part_sum,
+            part_acc,
+            out,
+            t,
+            t0,
+            tn,
+            chunks,
+            out.stride(0),
+            H=h,
+            D=d,
+            PADDED=padded,
+            num_warps=2,
+        )
     return out

@@ -49,7 +49,7 @@ class StaticKVCache:
         n = len(self.keys)
         return ([self.keys[i][lo:hi] for i in range(n)], [self.values[i][lo:hi] for i in range(n)])
 
-    def window(self, lo: int, hi: int, write_pos: torch.Tensor, kv_len: int) -> "CacheWindow":
+    def window(self, lo: int, hi: int, write_pos: torch.Tensor, kv_len: int) -> CacheWindow:
         """A cache view for one forward over slots [lo, hi).
 
         write_pos: [hi - lo, T] long, the cache position of every new token of every row.
@@ -70,7 +70,12 @@ class CacheWindow:
         self._kv_len = kv_len
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: object,
+        **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states, value_states: [B, kv_heads, T, head_dim]
         keys, values = self._cache._buffers(layer_idx, key_states)

@@ -65,15 +65,20 @@ def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
     has_bias = [lin.bias is not None for lin in linears]
     bias = None
     if any(has_bias):
-        bias = torch.cat([lin.bias.detach() if lin.bias is not None
-                          else torch.zeros(lin.out_features, dtype=weight.dtype, device=weight.device)
-                          for lin in linears])
+        bias = torch.cat(
+            [
+                lin.bias.detach()
+                if lin.bias is not None
+                else torch.zeros(lin.out_features, dtype=weight.dtype, device=weight.device)
+                for lin in linears
+            ]
+        )
     row = 0
     for lin in linears:
         rows = lin.out_features
-        lin.weight = torch.nn.Parameter(weight[row:row + rows], requires_grad=False)
+        lin.weight = torch.nn.Parameter(weight[row : row + rows], requires_grad=False)
         if lin.bias is not None:
-            lin.bias = torch.nn.Parameter(bias[row:row + rows], requires_grad=False)
+            lin.bias = torch.nn.Parameter(bias[row : row + rows], requires_grad=False)
         row += rows
     return weight, bias
 
@@ -92,10 +97,19 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
-def pre_attention(x: torch.Tensor, norm: torch.Tensor, qkv_weight: torch.Tensor,
-                  qkv_bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                  eps: float, h: int, g: int, d: int, gemv: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pre_attention(
+    x: torch.Tensor,
+    norm: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    h: int,
+    g: int,
+    d: int,
+    gemv: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [B, T, E] -> rotated q [B, H, T, D], rotated k [B, G, T, D], v [B, G, T, D].
     gemv: the QKV projection as gemv_linear (B = T = 1, compiled)."""
     b, t, _ = x.shape
@@ -107,18 +121,34 @@ def pre_attention(x: torch.Tensor, norm: torch.Tensor, qkv_weight: torch.Tensor,
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
-def post_attention(x: torch.Tensor, attn: torch.Tensor, o_weight: torch.Tensor,
-                   o_bias: torch.Tensor | None, norm: torch.Tensor, gate_up_weight: torch.Tensor,
-                   down_weight: torch.Tensor, eps: float) -> torch.Tensor:
+def post_attention(
+    x: torch.Tensor,
+    attn: torch.Tensor,
+    o_weight: torch.Tensor,
+    o_bias: torch.Tensor | None,
+    norm: torch.Tensor,
+    gate_up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
     """Residual stream x [B, T, E] after attention output attn [B, H, T, D] and the MLP."""
     b, _, t, _ = attn.shape
-    return out_proj_and_mlp(x, attn.transpose(1, 2).reshape(b, t, -1), o_weight, o_bias, norm,
-                            gate_up_weight, down_weight, eps)
+    return out_proj_and_mlp(
+        x, attn.transpose(1, 2).reshape(b, t, -1), o_weight, o_bias, norm, gate_up_weight, down_weight, eps
+    )
 
 
-def out_proj_and_mlp(x: torch.Tensor, attn: torch.Tensor, o_weight: torch.Tensor,
-                     o_bias: torch.Tensor | None, norm: torch.Tensor, gate_up_weight: torch.Tensor,
-                     down_weight: torch.Tensor, eps: float, gemv: bool = False) -> torch.Tensor:
+def out_proj_and_mlp(
+    x: torch.Tensor,
+    attn: torch.Tensor,
+    o_weight: torch.Tensor,
+    o_bias: torch.Tensor | None,
+    norm: torch.Tensor,
+    gate_up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    eps: float,
+    gemv: bool = False,
+) -> torch.Tensor:
     """Residual stream x [B, T, E] after attention output attn [B, T, H * D] and the MLP.
     gemv: the projections as gemv_linear (B = T = 1, compiled), gate and up as two
     reductions over one index space, so that inductor fuses both and the SiLU product."""
@@ -132,8 +162,13 @@ def out_proj_and_mlp(x: torch.Tensor, attn: torch.Tensor, o_weight: torch.Tensor
     return x + gemv_linear(F.silu(gate) * up, down_weight, None)
 
 
-def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+def gemv_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    norm: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> torch.Tensor:
     """F.linear(x, weight, bias) for one row x [1, 1, E] as a product and a float32 sum, which
     inductor generates as a Triton reduction (fusable with what surrounds it) instead of an
     extern cuBLAS GEMV. The output is rounded to x's dtype, as F.linear's is.
@@ -152,8 +187,9 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.to(x.dtype)
 
 
-def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                  scale: float) -> torch.Tensor:
+def gqa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Grouped-query attention as plain matmuls and a softmax, without repeating k and v.
 
     q [B, H, T, D]; k, v [B, G, K, D]; mask [B, 1, T, K] additive. Returns [B, T, H * D].
@@ -172,12 +208,28 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return out.view(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
 
 
-def decoder_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_pos: torch.Tensor,
-                  mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  input_norm: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
-                  o_weight: torch.Tensor, o_bias: torch.Tensor | None, post_norm: torch.Tensor,
-                  gate_up_weight: torch.Tensor, down_weight: torch.Tensor,
-                  eps: float, h: int, g: int, d: int, scale: float) -> torch.Tensor:
+def decoder_layer(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    write_pos: torch.Tensor,
+    mask: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    input_norm: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    o_weight: torch.Tensor,
+    o_bias: torch.Tensor | None,
+    post_norm: torch.Tensor,
+    gate_up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    eps: float,
+    h: int,
+    g: int,
+    d: int,
+    scale: float,
+) -> torch.Tensor:
     """One whole decoder layer: x [B, T, E] -> x [B, T, E], writing this layer's new keys and
     values into k_cache, v_cache [B, G, L, D] (in place) at positions write_pos [B, T] and
     attending over the first K = mask.shape[-1] cached positions (mask [B, 1, T, K]).
@@ -214,8 +266,11 @@ def decoder_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_p
     if b != 1 and t != 1:
         attn = gqa_attention(q, keys, values, mask, scale)  # [B, T, H * D]
     else:
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
-                                              enable_gqa=h != g).transpose(1, 2).reshape(b, t, h * d)
+        attn = (
+            F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=h != g)
+            .transpose(1, 2)
+            .reshape(b, t, h * d)
+        )
     return out_proj_and_mlp(x, attn, o_weight, o_bias, post_norm, gate_up_weight, down_weight, eps, gemv)
 
 
@@ -228,17 +283,49 @@ def _bind_layer(eps: float, h: int, g: int, d: int, scale: float) -> Callable[..
     to Dynamo: _compile_settings makes it specialise on them.)
     """
 
-    def layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_pos: torch.Tensor,
-              mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              input_norm: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
-              o_weight: torch.Tensor, o_bias: torch.Tensor | None, post_norm: torch.Tensor,
-              gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
-        return decoder_layer(x, cos, sin, write_pos, mask, k_cache, v_cache, input_norm, qkv_weight,
-                             qkv_bias, o_weight, o_bias, post_norm, gate_up_weight, down_weight,
-                             eps, h, g, d, scale)
+    def layer(
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        write_pos: torch.Tensor,
+        mask: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        input_norm: torch.Tensor,
+        qkv_weight: torch.Tensor,
+        qkv_bias: torch.Tensor | None,
+        o_weight: torch.Tensor,
+        o_bias: torch.Tensor | None,
+        post_norm: torch.Tensor,
+        gate_up_weight: torch.Tensor,
+        down_weight: torch.Tensor,
+    ) -> torch.Tensor:
+        return decoder_layer(
+            x,
+            cos,
+            sin,
+            write_pos,
+            mask,
+            k_cache,
+            v_cache,
+            input_norm,
+            qkv_weight,
+            qkv_bias,
+            o_weight,
+            o_bias,
+            post_norm,
+            gate_up_weight,
+            down_weight,
+            eps,
+            h,
+            g,
+            d,
+            scale,
+        )
 
-    return types.FunctionType(layer.__code__.replace(), layer.__globals__, layer.__name__,
-                              layer.__defaults__, layer.__closure__)
+    return types.FunctionType(
+        layer.__code__.replace(), layer.__globals__, layer.__name__, layer.__defaults__, layer.__closure__
+    )
 
 
 # Specialisations of one compiled layer function: B == 1 or >= 2, T == 1 or >= 2, and the
@@ -261,11 +348,13 @@ def _compile_settings() -> Iterator[None]:
     - A hard error, not a silent eager fallback, when the recompile limit is hit.
     """
     fx_config, dynamo_config = torch.fx.experimental._config, torch._dynamo.config
-    settings = ((fx_config, "use_duck_shape", False),
-                (dynamo_config, "specialize_int", True),
-                (dynamo_config, "specialize_float", True),
-                (dynamo_config, "recompile_limit", _RECOMPILE_LIMIT),
-                (dynamo_config, "fail_on_recompile_limit_hit", True))
+    settings = (
+        (fx_config, "use_duck_shape", False),
+        (dynamo_config, "specialize_int", True),
+        (dynamo_config, "specialize_float", True),
+        (dynamo_config, "recompile_limit", _RECOMPILE_LIMIT),
+        (dynamo_config, "fail_on_recompile_limit_hit", True),
+    )
     saved = [getattr(module, name) for module, name, _ in settings]
     for module, name, value in settings:
         setattr(module, name, value)
@@ -304,10 +393,17 @@ class LeanForward:
     every pass.
     """
 
-    def __init__(self, model: torch.nn.Module, compile: bool = False,
-                 variant: str = "around_attention", dense_prefill: str = "auto") -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        compile: bool = False,
+        variant: str = "around_attention",
+        dense_prefill: str = "auto",
+    ) -> None:
         if not supports(model, variant):
-            raise ValueError(f"lean forward ({variant}) does not support this {model.config.model_type!r} model")
+            raise ValueError(
+                f"lean forward ({variant}) does not support this {model.config.model_type!r} model"
+            )
         if variant not in VARIANTS:
             raise ValueError(f"unknown lean forward variant {variant!r} (one of {', '.join(VARIANTS)})")
         self.variant = variant
@@ -318,7 +414,7 @@ class LeanForward:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.eps = config.rms_norm_eps
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.embed = decoder.embed_tokens.weight  # [V, E]
         head = model.lm_head.weight  # [V, E] (tied to embed when the model ties them)
         if variant == "invariant":
@@ -356,13 +452,18 @@ class LeanForward:
             attn, mlp = block.self_attn, block.mlp
             qkv_weight, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
             gate_up_weight, _ = _fuse([mlp.gate_proj, mlp.up_proj])
-            self.layers.append(_Layer(
-                input_norm=block.input_layernorm.weight,
-                qkv_weight=qkv_weight, qkv_bias=qkv_bias,
-                o_weight=attn.o_proj.weight, o_bias=attn.o_proj.bias,
-                post_norm=block.post_attention_layernorm.weight,
-                gate_up_weight=gate_up_weight, down_weight=mlp.down_proj.weight,
-            ))
+            self.layers.append(
+                _Layer(
+                    input_norm=block.input_layernorm.weight,
+                    qkv_weight=qkv_weight,
+                    qkv_bias=qkv_bias,
+                    o_weight=attn.o_proj.weight,
+                    o_bias=attn.o_proj.bias,
+                    post_norm=block.post_attention_layernorm.weight,
+                    gate_up_weight=gate_up_weight,
+                    down_weight=mlp.down_proj.weight,
+                )
+            )
         if variant == "layer":
             layer = _bind_layer(self.eps, self.num_heads, self.num_kv_heads, self.head_dim, self.scale)
             self.layer = layer
@@ -410,21 +511,49 @@ class LeanForward:
         if self.variant == "layer":
             with _compile_settings() if self.compiled else contextlib.nullcontext():
                 for layer, k_cache, v_cache in zip(self.layers, keys, values):
-                    x = self.layer(x, cos, sin, write_pos, mask, k_cache, v_cache, layer.input_norm,
-                                   layer.qkv_weight, layer.qkv_bias, layer.o_weight, layer.o_bias,
-                                   layer.post_norm, layer.gate_up_weight, layer.down_weight)
+                    x = self.layer(
+                        x,
+                        cos,
+                        sin,
+                        write_pos,
+                        mask,
+                        k_cache,
+                        v_cache,
+                        layer.input_norm,
+                        layer.qkv_weight,
+                        layer.qkv_bias,
+                        layer.o_weight,
+                        layer.o_bias,
+                        layer.post_norm,
+                        layer.gate_up_weight,
+                        layer.down_weight,
+                    )
             return self._logits(x, last_only, last_at)
         index = write_pos[:, None, :, None].expand(b, g, t, d)  # [B, G, T, D]
         for layer, k_cache, v_cache in zip(self.layers, keys, values):
-            q, k, v = self.pre_attention(x, layer.input_norm, layer.qkv_weight, layer.qkv_bias,
-                                         cos, sin, self.eps, h, g, d)
+            q, k, v = self.pre_attention(
+                x, layer.input_norm, layer.qkv_weight, layer.qkv_bias, cos, sin, self.eps, h, g, d
+            )
             k_cache.scatter_(2, index, k)
             v_cache.scatter_(2, index, v)
             attn = F.scaled_dot_product_attention(
-                q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask,
-                scale=self.scale, enable_gqa=h != g)  # [B, H, T, D]
-            x = self.post_attention(x, attn, layer.o_weight, layer.o_bias, layer.post_norm,
-                                    layer.gate_up_weight, layer.down_weight, self.eps)
+                q,
+                k_cache[:, :, :kv_len],
+                v_cache[:, :, :kv_len],
+                attn_mask=mask,
+                scale=self.scale,
+                enable_gqa=h != g,
+            )  # [B, H, T, D]
+            x = self.post_attention(
+                x,
+                attn,
+                layer.o_weight,
+                layer.o_bias,
+                layer.post_norm,
+                layer.gate_up_weight,
+                layer.down_weight,
+                self.eps,
+            )
         return self._logits(x, last_only, last_at)
 
     @property
@@ -432,37 +561,56 @@ class LeanForward:
         """True when prefill() runs on cuBLAS and FlashAttention (else it is __call__)."""
         return self._dense is not None
 
-    def prefill(self, input_ids: torch.Tensor, starts: list[int], lengths: list[int],
-                keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        starts: list[int],
+        lengths: list[int],
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> torch.Tensor:
         """A prefill pass: row b's tokens input_ids[b, :lengths[b]] ([B, T], the rest padding)
         go to cache positions starts[b] .. starts[b] + lengths[b] - 1 and see the row's cache
         below starts[b]. Returns float32 logits [B, 1, V] of each row's last real token.
         Needs dense_prefill; padding tokens are neither computed nor written."""
         dense = self._dense
         if dense is None:
-            raise RuntimeError("prefill() needs the dense prefill (a half-precision model on a GPU with FlashAttention)")
+            raise RuntimeError(
+                "prefill() needs the dense prefill (a half-precision model on a GPU with FlashAttention)"
+            )
         t = input_ids.shape[1]
         h, g, d, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
         cache_len = keys[0].shape[2]
         packed = dense.pack(starts, lengths, t, cache_len, input_ids.device)
         starts_t = to_device(starts, torch.long, input_ids.device)
-        positions = (starts_t[:, None] + torch.arange(t, device=input_ids.device)).view(-1)[packed.token_index]  # [N]
+        positions = (starts_t[:, None] + torch.arange(t, device=input_ids.device)).view(-1)[
+            packed.token_index
+        ]  # [N]
         write_rows = packed.token_index // t  # [N]
         write_pos = positions.clamp(max=cache_len - 1)
         x = F.embedding(input_ids.reshape(-1)[packed.token_index], self.embed)  # [N, E]
         cos, sin = self.rotary(x[None], positions[None])  # [1, N, D] each
         cos, sin = cos[0].to(x.dtype).contiguous(), sin[0].to(x.dtype).contiguous()  # [N, D]
         for layer, k_cache, v_cache in zip(self.layers, keys, values):
-            x = dense.layer(x, cos, sin, packed, write_rows, write_pos, k_cache, v_cache, layer,
-                            eps, h, g, d, self.scale)
+            x = dense.layer(
+                x, cos, sin, packed, write_rows, write_pos, k_cache, v_cache, layer, eps, h, g, d, self.scale
+            )
         rows = x[packed.last]  # [B, E]
         logits = self._kernels.linear(rows, self.lm_head, norm=self.final_norm, eps=eps, out_float32=True)
         return logits[:, None]  # [B, 1, V] float32
 
-    def _invariant_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                           write_pos: torch.Tensor, mask: torch.Tensor, keys: list[torch.Tensor],
-                           values: list[torch.Tensor], last_only: bool,
-                           last_at: torch.Tensor | None) -> torch.Tensor:
+    def _invariant_forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        write_pos: torch.Tensor,
+        mask: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        last_only: bool,
+        last_at: torch.Tensor | None,
+    ) -> torch.Tensor:
         """The "invariant" variant: per layer seven row-invariant kernels (norm + QKV, rotary +
         cache write, attention over key chunks, combine, O + residual, norm + gate/up,
         SiLU product + down + residual)."""

@@ -171,7 +171,9 @@ class OutputProcessor:
                 # No flush: the callback that failed gets nothing more but the FinalResult.
                 self.finish(seq, FinishReason.ERROR, f"event callback failed: {exc!r}", flush=False)
 
-    def finish(self, seq: Sequence, reason: FinishReason, error: str | None = None, flush: bool = True) -> None:
+    def finish(
+        self, seq: Sequence, reason: FinishReason, error: str | None = None, flush: bool = True
+    ) -> None:
         """Ends a request (once) and delivers its FinalResult with the work done so far.
 
         Its unflushed tokens go out first, with every character held back; a stop string
@@ -216,4 +218,6 @@ class OutputProcessor:
             accepted_drafts=seq.stats.accepted_drafts,
             error=error,
         )
-        self.send(seq, FinalResult(seq.request_id, reason, seq.prompt_len, seq.completion_tokens, metrics, error))
+        self.send(
+            seq, FinalResult(seq.request_id, reason, seq.prompt_len, seq.completion_tokens, metrics, error)
+        )

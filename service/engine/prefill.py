@@ -51,5 +51,4 @@ def forward_groups(widths: dict[int, int]) -> list[list[int]]:
     narrow = [s for s in slots if 2 * widths[s] <= width]
     if not narrow:  # similar widths in a sparse span: split the span
         wide, narrow = slots[: len(slots) // 2], slots[len(slots) // 2 :]
-    return (forward_groups({s: widths[s] for s in wide})
-            + forward_groups({s: widths[s] for s in narrow}))
+    return forward_groups({s: widths[s] for s in wide}) + forward_groups({s: widths[s] for s in narrow})

@@ -17,8 +17,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, eps,
-                     E: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, eps, E: tl.constexpr, BLOCK: tl.constexpr):
     """One row: x * rsqrt(mean(x^2) + eps) in float32, rounded, times the weight, rounded."""
     dtype = x_ptr.dtype.element_ty
     row = tl.program_id(0)
@@ -32,9 +31,23 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, eps,
 
 
 @triton.jit
-def _rotary_write_kernel(qkv_ptr, cos_ptr, sin_ptr, rows_ptr, pos_ptr, k_ptr, v_ptr,
-                         stride_qkv, stride_cs, stride_cb, stride_cg, stride_cl,
-                         H: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+def _rotary_write_kernel(
+    qkv_ptr,
+    cos_ptr,
+    sin_ptr,
+    rows_ptr,
+    pos_ptr,
+    k_ptr,
+    v_ptr,
+    stride_qkv,
+    stride_cs,
+    stride_cb,
+    stride_cg,
+    stride_cl,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+):
     """Grid (N, H + G). Head h < H: rotates token n's query head in place. Head H + g:
     rotates its key head g and writes it, and value head g, to cache row rows[n] at
     position pos[n]."""
@@ -58,7 +71,7 @@ def _rotary_write_kernel(qkv_ptr, cos_ptr, sin_ptr, rows_ptr, pos_ptr, k_ptr, v_
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, stride_gu, stride_o, I: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_up_ptr, out_ptr, stride_gu, stride_o, I: tl.constexpr, BLOCK: tl.constexpr):  # noqa: E741 - I as in the legend
     """silu(gate) * up for one row's block of the fused [gate | up] output, as F.silu(gate) * up."""
     dtype = gate_up_ptr.dtype.element_ty
     row = tl.program_id(0)
@@ -75,22 +88,54 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n, e = x.shape
     out = torch.empty_like(x)
     block = triton.next_power_of_2(e)
-    _rms_norm_kernel[(n,)](x, weight, out, x.stride(0), out.stride(0), float(eps), E=e, BLOCK=block,
-                           num_warps=min(16, max(1, block // 256)))
+    _rms_norm_kernel[(n,)](
+        x,
+        weight,
+        out,
+        x.stride(0),
+        out.stride(0),
+        float(eps),
+        E=e,
+        BLOCK=block,
+        num_warps=min(16, max(1, block // 256)),
+    )
     return out
 
 
-def rotary_and_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
-                     positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     h: int, g: int, d: int) -> None:
+def rotary_and_write(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    h: int,
+    g: int,
+    d: int,
+) -> None:
     """Rotates the queries of qkv [N, (H + 2G) * D] in place and writes rotated keys and the
     values to k_cache, v_cache [B, G, L, D] at (rows[n], positions[n]); cos, sin [N, D]."""
     if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1 or qkv.stride(1) != 1:
         raise ValueError("rotary_and_write wants contiguous head vectors and one cache layout")
     _rotary_write_kernel[(qkv.shape[0], h + g)](
-        qkv, cos, sin, rows, positions, k_cache, v_cache,
-        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        H=h, G=g, D=d, num_warps=1)
+        qkv,
+        cos,
+        sin,
+        rows,
+        positions,
+        k_cache,
+        v_cache,
+        qkv.stride(0),
+        cos.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        H=h,
+        G=g,
+        D=d,
+        num_warps=1,
+    )
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -98,6 +143,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     n, i = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty((n, i), device=gate_up.device, dtype=gate_up.dtype)
     block = 1024
-    _silu_mul_kernel[(n, triton.cdiv(i, block))](gate_up, out, gate_up.stride(0), out.stride(0), I=i, BLOCK=block,
-                                                 num_warps=4)
+    _silu_mul_kernel[(n, triton.cdiv(i, block))](
+        gate_up, out, gate_up.stride(0), out.stride(0), I=i, BLOCK=block, num_warps=4
+    )
     return out

@@ -44,9 +44,17 @@ class ModelRunner:
     row's keys live.
     """
 
-    def __init__(self, loaded: LoadedModel, max_batch: int, max_len: int, max_width: int = 1,
-                 use_lean: bool = True, use_graphs: bool = True, use_compile: bool = True,
-                 lean_variant: str = "around_attention") -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_batch: int,
+        max_len: int,
+        max_width: int = 1,
+        use_lean: bool = True,
+        use_graphs: bool = True,
+        use_compile: bool = True,
+        lean_variant: str = "around_attention",
+    ) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = torch.device(loaded.device)
@@ -71,8 +79,9 @@ class ModelRunner:
                 torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
                 torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
             if use_graphs and self.device.type == "cuda":
-                self.graphs = GraphedDecoder(self.lean, self.cache, max_batch, max_width, max_len,
-                                             self.scratch_start)
+                self.graphs = GraphedDecoder(
+                    self.lean, self.cache, max_batch, max_width, max_len, self.scratch_start
+                )
 
     @property
     def captures(self) -> int:
@@ -85,8 +94,15 @@ class ModelRunner:
         return self.graphs.capture_all() if self.graphs is not None else 0
 
     @torch.inference_mode()
-    def forward(self, lo: int, hi: int, input_ids: torch.Tensor, starts: list[int], last_only: bool = False,
-                lengths: list[int] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        lo: int,
+        hi: int,
+        input_ids: torch.Tensor,
+        starts: list[int],
+        last_only: bool = False,
+        lengths: list[int] | None = None,
+    ) -> torch.Tensor:
         """Runs slots [lo, hi) on input_ids [hi - lo, T]; row r's tokens go to positions
         starts[r] .. starts[r] + T - 1 and see the row's cache below starts[r].
 
@@ -100,7 +116,9 @@ class ModelRunner:
         writes none).
         """
         width = input_ids.shape[1]
-        if last_only and self.lean is not None and self.lean.dense_prefill:  # a prefill: cuBLAS + FlashAttention
+        if (
+            last_only and self.lean is not None and self.lean.dense_prefill
+        ):  # a prefill: cuBLAS + FlashAttention
             keys, values = self.cache.rows(lo, hi)
             return self.lean.prefill(input_ids, starts, lengths or [width] * (hi - lo), keys, values)
         last_at = None  # [B] per row, the token whose logits last_only returns; None: the last
@@ -115,8 +133,9 @@ class ModelRunner:
         mask = causal_mask(starts_t, width, kv_len, self.loaded.dtype)  # [B, 1, T, kv_len]
         if self.lean is not None:
             keys, values = self.cache.rows(lo, hi)
-            return self.lean(input_ids, positions, write_pos, mask, keys, values, last_only=last_only,
-                             last_at=last_at)
+            return self.lean(
+                input_ids, positions, write_pos, mask, keys, values, last_only=last_only, last_at=last_at
+            )
         window = self.cache.window(lo, hi, write_pos, kv_len)
         out = self.model(
             input_ids=input_ids,

@@ -44,18 +44,20 @@ class BatchSampling:
     all_greedy: bool
 
     @staticmethod
-    def build(rows: list[RowSampling], device: torch.device) -> "BatchSampling":
+    def build(rows: list[RowSampling], device: torch.device) -> BatchSampling:
         greedy = [r.greedy for r in rows]
         return BatchSampling(
             greedy=to_device(greedy, torch.bool, device),
-            temperature=to_device([1.0 if g else r.temperature for r, g in zip(rows, greedy)], torch.float32, device),
+            temperature=to_device(
+                [1.0 if g else r.temperature for r, g in zip(rows, greedy)], torch.float32, device
+            ),
             top_p=to_device([r.top_p for r in rows], torch.float32, device),
             top_k=to_device([r.top_k for r in rows], torch.long, device),
             any_filter=any((r.top_k > 0 or r.top_p < 1.0) and not r.greedy for r in rows),
             all_greedy=all(greedy),
         )
 
-    def slice(self, lo: int, hi: int) -> "BatchSampling":
+    def slice(self, lo: int, hi: int) -> BatchSampling:
         """Rows [lo, hi); the host-side flags stay conservative (those of the whole batch)."""
         return BatchSampling(
             greedy=self.greedy[lo:hi],

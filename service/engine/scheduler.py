@@ -13,16 +13,16 @@ from __future__ import annotations
 import functools
 import heapq
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import structlog
 import torch
 
 from service.engine.adaptive import DraftLengthPolicy
 from service.engine.api import FinishReason, Method
-from service.engine.device import to_device
 from service.engine.detokenizer import IncrementalDetokenizer, TokenTexts
+from service.engine.device import to_device
 from service.engine.drafters import Drafter, DraftModelDrafter, PassContext
 from service.engine.output import OutputProcessor
 from service.engine.prefill import allocate, forward_groups
@@ -222,13 +222,16 @@ class Scheduler:
                 ids[slot - lo][:chunk] = seq.tokens[seq.target_len : seq.target_len + chunk]
                 lengths[slot - lo] = chunk
             try:
-                logits = self.target.forward(lo, hi, to_device(ids, torch.long, self.device), starts,
-                                             last_only=True, lengths=lengths)  # [hi - lo, 1, V]
+                logits = self.target.forward(
+                    lo, hi, to_device(ids, torch.long, self.device), starts, last_only=True, lengths=lengths
+                )  # [hi - lo, 1, V]
             except Exception as exc:  # noqa: BLE001 - a failed forward fails its rows, not the engine
                 log.exception("prefill_pass_failed", rows=len(group))
                 for slot in group:
                     seq = self.running[slot]
-                    self.output.finish(seq, FinishReason.ERROR, f"prefill failed: {type(exc).__name__}: {exc}")
+                    self.output.finish(
+                        seq, FinishReason.ERROR, f"prefill failed: {type(exc).__name__}: {exc}"
+                    )
                     self._release(seq)
                 continue
             for slot in group:
@@ -238,7 +241,12 @@ class Scheduler:
                     completed.append((seq, logits[slot - lo]))
         first: list[tuple[Sequence, torch.Tensor]] = []
         for seq, row_logits in completed:
-            self._guarded(seq, lambda seq=seq, row_logits=row_logits: first.append((seq, self._first_token(seq, row_logits))))
+            self._guarded(
+                seq,
+                lambda seq=seq, row_logits=row_logits: first.append(
+                    (seq, self._first_token(seq, row_logits))
+                ),
+            )
         # While the device runs the prefill: the last decode pass's tokens, as a decode pass does.
         self.output.flush()
         for seq in list(self.running.values()):
@@ -273,14 +281,16 @@ class Scheduler:
             by_slot: list[Sequence | None] = [None] * hi
             for seq in rows:
                 by_slot[seq.slot] = seq
-            sampling = BatchSampling.build([seq.sampling if seq is not None else GREEDY for seq in by_slot],
-                                           self.device)
+            sampling = BatchSampling.build(
+                [seq.sampling if seq is not None else GREEDY for seq in by_slot], self.device
+            )
             greedy_context = None
             if sampling.all_greedy:
                 u = self._uniforms(by_slot, hi, True)
                 k = self.max_k
-                greedy_context = PassContext(hi, self.device, sampling, u[:, :k], u[:, k : 2 * k], u[:, 2 * k],
-                                             by_slot)
+                greedy_context = PassContext(
+                    hi, self.device, sampling, u[:, :k], u[:, k : 2 * k], u[:, 2 * k], by_slot
+                )
             device_groups = []
             for method, drafter in self.drafters.items():
                 group = [seq for seq in rows if seq.method is method and seq.k > 0]
@@ -320,8 +330,9 @@ class Scheduler:
             return batch.greedy_context
         u = self._uniforms(batch.by_slot, batch.hi, False)  # [hi, 2K + 1]
         k = self.max_k
-        return PassContext(batch.hi, self.device, batch.sampling, u[:, :k], u[:, k : 2 * k], u[:, 2 * k],
-                           batch.by_slot)
+        return PassContext(
+            batch.hi, self.device, batch.sampling, u[:, :k], u[:, k : 2 * k], u[:, 2 * k], batch.by_slot
+        )
 
     def step(self) -> None:
         """One prefill pass over the rows prefilling, then one decode pass over every row
@@ -343,7 +354,9 @@ class Scheduler:
             self._release_staging()
             self.output.deliver_held()  # rows that ended in the flush: the pass gave no verdict
             for seq in rows:
-                self.output.finish(seq, FinishReason.ERROR, f"decode pass failed: {type(exc).__name__}: {exc}")
+                self.output.finish(
+                    seq, FinishReason.ERROR, f"decode pass failed: {type(exc).__name__}: {exc}"
+                )
                 self._release(seq)
             return
         if verdicts is None:  # a row failed before the pass; the others go on next step
@@ -414,8 +427,9 @@ class Scheduler:
     def _captures(self) -> int:
         """Graph captures plus draft-model catch-ups so far: passes that did one are not
         steady-state passes."""
-        return (sum(runner.captures for runner in self._runners)
-                + sum(drafter.catch_ups for drafter in self.drafters.values()))
+        return sum(runner.captures for runner in self._runners) + sum(
+            drafter.catch_ups for drafter in self.drafters.values()
+        )
 
     def _release_staging(self) -> None:
         """After a failed pass: wait for the stream, so the pinned upload buffer is free again
@@ -437,8 +451,13 @@ class Scheduler:
         """Caps d_s by the adaptive policy."""
         rows = batch.rows
         fixed = [seq.num_drafts for seq, adapts in zip(rows, batch.adapts) if not adapts]
-        cap = self.policy.choose(batch.hi, [seq.num_drafts for seq in rows], rates, max(fixed, default=0),
-                                 self._drafts_with_model(rows))
+        cap = self.policy.choose(
+            batch.hi,
+            [seq.num_drafts for seq in rows],
+            rates,
+            max(fixed, default=0),
+            self._drafts_with_model(rows),
+        )
         for seq, adapts in zip(rows, batch.adapts):
             if adapts:
                 seq.num_drafts = min(seq.num_drafts, cap)
@@ -451,10 +470,14 @@ class Scheduler:
         rows, policy = batch.rows, self.policy
         # Before the lookups, each row's own evidence with the best prior any of its
         # drafter's kinds of proposal has: an upper bound on what planning could show.
-        best_prior = {drafter: max(map(policy.pooled.rate, drafter.proposal_kinds()), default=0.0)
-                      for drafter in self.drafters.values()}
-        bounds = [seq.acceptance.rate_with(best_prior[drafter]) if limit else 0.0
-                  for seq, drafter, limit in zip(rows, batch.drafters, limits)]
+        best_prior = {
+            drafter: max(map(policy.pooled.rate, drafter.proposal_kinds()), default=0.0)
+            for drafter in self.drafters.values()
+        }
+        bounds = [
+            seq.acceptance.rate_with(best_prior[drafter]) if limit else 0.0
+            for seq, drafter, limit in zip(rows, batch.drafters, limits)
+        ]
         draft_model = any(seq.method is Method.DRAFT_MODEL and limit for seq, limit in zip(rows, limits))
         return policy.best_cap(batch.hi, limits, bounds, 0, draft_model) == 0
 
@@ -479,14 +502,19 @@ class Scheduler:
             limits.append(max(0, min(seq.k, remaining - 1, room - 1)))
         backoff = policy.planning if policy is not None else None
         if backoff is not None:
-            backoff.start_pass(batch.hi, sum(1 for limit, b in zip(limits, batch.backs_off) if limit and b),
-                               policy.plain_cost(batch.hi))
+            backoff.start_pass(
+                batch.hi,
+                sum(1 for limit, b in zip(limits, batch.backs_off) if limit and b),
+                policy.plain_cost(batch.hi),
+            )
             for i, (seq, backs_off) in enumerate(zip(rows, batch.backs_off)):
                 if limits[i] and backs_off and not backoff.due(seq.planning):
                     limits[i] = 0  # its lookups keep drafting nothing: not this pass
         # Rows whose drafts are fixed (seeded sampling) always plan; the others only when
         # drafting could pay at all.
-        if not any(limits) or (policy is not None and all(batch.adapts) and self._drafting_cannot_pay(batch, limits)):
+        if not any(limits) or (
+            policy is not None and all(batch.adapts) and self._drafting_cannot_pay(batch, limits)
+        ):
             self._plan_plain(batch)
             return
         looked_up: list[Sequence] = []  # rows whose lookup the backoff may skip, planning now
@@ -500,8 +528,12 @@ class Scheduler:
             return
         backoff.measured(batch.hi, time.perf_counter() - started, len(looked_up))
         if any(seq.num_drafts for seq in rows):
-            rates = [seq.acceptance.rate_with(policy.pooled.rate(drafter.proposal_kind(seq)))
-                     if seq.num_drafts else 0.0 for seq, drafter in zip(rows, batch.drafters)]
+            rates = [
+                seq.acceptance.rate_with(policy.pooled.rate(drafter.proposal_kind(seq)))
+                if seq.num_drafts
+                else 0.0
+                for seq, drafter in zip(rows, batch.drafters)
+            ]
             self._shorten_drafts(batch, rates)
         else:
             policy.choose(batch.hi, [], [], 0, False)  # nothing proposed (the usual pass on open chat)
@@ -573,7 +605,9 @@ class Scheduler:
                 host_drafts.append([])
             elif drafter.drafts_on_host:
                 row_drafts = drafter.host_drafts(seq)
-                assert len(row_drafts) == d, "a drafter returned other than d_s drafts"  # would shift every later row
+                assert len(row_drafts) == d, (
+                    "a drafter returned other than d_s drafts"
+                )  # would shift every later row
                 values[at + 1 : at + 1 + d] = row_drafts
                 host_drafts.append(row_drafts)
             else:
@@ -592,7 +626,9 @@ class Scheduler:
                     mask[seq.slot] = 1
                 values += mask
         staged = self._staging.upload(values)
-        input_ids = (staged if len(values) == hi * width else staged[: hi * width]).view(hi, width)  # [hi, n + 1]
+        input_ids = (staged if len(values) == hi * width else staged[: hi * width]).view(
+            hi, width
+        )  # [hi, n + 1]
 
         q_parts: list[tuple[torch.Tensor, int, torch.Tensor]] = []
         masks_at = hi * (width + 1) if sampled else hi * width  # where the row masks start
@@ -630,9 +666,13 @@ class Scheduler:
         return verdicts
 
     @staticmethod
-    def _verify_greedy_on_host(rows: list[Sequence], logits: torch.Tensor, input_ids: torch.Tensor,
-                               host_drafts: list[list[int] | None],
-                               while_device_runs: Callable[[], None]) -> list[tuple[int, list[int]]]:
+    def _verify_greedy_on_host(
+        rows: list[Sequence],
+        logits: torch.Tensor,
+        input_ids: torch.Tensor,
+        host_drafts: list[list[int] | None],
+        while_device_runs: Callable[[], None],
+    ) -> list[tuple[int, list[int]]]:
         """Greedy verification (service.engine.verify.verify_greedy), compared on the host.
 
         Only the target's argmaxes cross to the host (with the input ids when some drafts

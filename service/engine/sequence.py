@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -49,7 +50,9 @@ class Sequence:
     detok: IncrementalDetokenizer | None = None  # built on the engine thread
     generator: torch.Generator | None = None  # built on the engine thread at admission
     slot: int = -1
-    target_len: int = 0  # tokens whose KV is valid in the target's cache (while prefilling: the prompt's fed so far)
+    target_len: int = (
+        0  # tokens whose KV is valid in the target's cache (while prefilling: the prompt's fed so far)
+    )
     decoding: bool = False  # the prompt is all prefilled and its first token emitted: in the decode passes
     draft_len: int = 0  # tokens whose KV is valid in the draft model's cache
     completion_tokens: int = 0

@@ -109,7 +109,9 @@ def to_proto(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         finish_reason=finish_reason.value,
-        queue_time_seconds=max(0.0, (timing.admitted if timing.admitted is not None else finished) - timing.arrival),
+        queue_time_seconds=max(
+            0.0, (timing.admitted if timing.admitted is not None else finished) - timing.arrival
+        ),
         duration_seconds=max(0.0, finished - timing.arrival),
     )
     if stats.accept_rate is not None:

@@ -33,7 +33,9 @@ def resolve(request: GenerationRequest, config: EngineConfig, info: EngineInfo) 
         raise InvalidRequestError("input", "the prompt is empty")
     bad = [t for t in prompt if not isinstance(t, int) or t < 0 or t >= info.vocab_size]
     if bad:
-        raise InvalidRequestError("input", f"token id {bad[0]!r} is outside the vocabulary [0, {info.vocab_size})")
+        raise InvalidRequestError(
+            "input", f"token id {bad[0]!r} is outside the vocabulary [0, {info.vocab_size})"
+        )
     if len(prompt) >= info.max_context_tokens:
         raise InvalidRequestError(
             "input",
@@ -47,7 +49,9 @@ def resolve(request: GenerationRequest, config: EngineConfig, info: EngineInfo) 
 
     s = request.sampling
     if not (math.isfinite(s.temperature) and s.temperature >= 0.0):
-        raise InvalidRequestError("sampling.temperature", f"must be a finite number >= 0, got {s.temperature}")
+        raise InvalidRequestError(
+            "sampling.temperature", f"must be a finite number >= 0, got {s.temperature}"
+        )
     if not (0.0 < s.top_p <= 1.0):  # also rejects NaN
         raise InvalidRequestError("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
     if s.top_k < 0:
@@ -57,7 +61,9 @@ def resolve(request: GenerationRequest, config: EngineConfig, info: EngineInfo) 
 
     method = request.method or config.default_method
     if method not in info.methods:
-        raise InvalidRequestError("speculation.method", f"{method.name} is not available on this server (no draft model)")
+        raise InvalidRequestError(
+            "speculation.method", f"{method.name} is not available on this server (no draft model)"
+        )
     k = config.default_num_draft_tokens if request.num_draft_tokens is None else request.num_draft_tokens
     if not 0 <= k <= config.max_num_draft_tokens:
         raise InvalidRequestError(

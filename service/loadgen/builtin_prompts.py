@@ -11,7 +11,7 @@ PASSAGE = (
     "The telescope was launched on 25 December 2021 on an Ariane 5 rocket from Kourou, French Guiana, "
     "and arrived at the Sun-Earth L2 Lagrange point in January 2022."
 )
-CODE = '''def total_price(items, tax_rate):
+CODE = """def total_price(items, tax_rate):
     total = 0
     for item in items:
         total = total + item["price"] * item["quantity"]
@@ -25,7 +25,7 @@ def cheapest(items):
         if best is None or item["price"] < best["price"]:
             best = item
     return best
-'''
+"""
 
 GROUNDED = [
     f"Summarize the following text in three sentences, reusing its wording.\n\n{PASSAGE}",

@@ -47,8 +47,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -75,6 +76,7 @@ DEFAULT_RATE_REQUESTS = 32
 
 def _list_of(parse, what: str):
     """An argparse type: a comma-separated list of `what`, each checked by `parse`."""
+
     def parse_list(text: str) -> list:
         items = [item.strip() for item in text.split(",") if item.strip()]
         if not items:
@@ -82,8 +84,11 @@ def _list_of(parse, what: str):
         try:
             values = [parse(item) for item in items]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {what}, got {text!r}"
+            ) from None
         return values
+
     return parse_list
 
 
@@ -93,6 +98,7 @@ def _positive(cast):
         if not value > 0:
             raise ValueError(text)
         return value
+
     return parse
 
 
@@ -101,55 +107,118 @@ def _choice(choices: Sequence[str]):
         if text not in choices:
             raise ValueError(text)
         return text
+
     return parse
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="specdec-bench", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default=os.environ.get("SPECDEC_TARGET", "127.0.0.1:50051"),
-                        help="server address [env SPECDEC_TARGET, default 127.0.0.1:50051]")
-    parser.add_argument("--prompts", default="builtin:all",
-                        help="builtin:grounded|open_chat|all or a JSONL file [default builtin:all]")
-    parser.add_argument("--methods", type=_list_of(_choice(tuple(METHODS)), "of " + ", ".join(METHODS)),
-                        default=["default"], help="drafters to run, each a run of its own: "
-                        "default (the server's), none, ngram, draft_model [default: default]")
-    parser.add_argument("--modes", type=_list_of(_choice(MODES), "of " + ", ".join(MODES)),
-                        default=["sustained"], help="burst, sustained, rate [default sustained]")
-    parser.add_argument("--concurrency", type=_list_of(_positive(int), "positive integers"), default=[1],
-                        help="levels for burst and sustained, e.g. 1,8,32 [default 1]")
-    parser.add_argument("--rate", type=_list_of(_positive(float), "positive numbers"), default=None,
-                        help="requests/s levels for the rate mode, e.g. 2,5")
-    parser.add_argument("--requests-per-client", type=_positive(int), default=None,
-                        help=f"sustained: requests per client [default {DEFAULT_REQUESTS_PER_CLIENT} "
-                        "unless --duration-s]")
-    parser.add_argument("--requests", type=_positive(int), default=None,
-                        help=f"rate: requests in all [default {DEFAULT_RATE_REQUESTS} unless --duration-s]")
-    parser.add_argument("--duration-s", type=_positive(float), default=None,
-                        help="sustained and rate: stop sending new requests after this many seconds")
-    parser.add_argument("--warmup", type=int, default=0,
-                        help="untimed requests sent at once before each run [default 0]")
-    parser.add_argument("--max-tokens", type=_positive(int), default=None,
-                        help="max_tokens of prompts that do not set their own [default: the server's]")
-    parser.add_argument("-k", "--num-draft-tokens", dest="k", type=int, default=None,
-                        help="k per request [default: the server's]")
+    parser = argparse.ArgumentParser(
+        prog="specdec-bench",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("SPECDEC_TARGET", "127.0.0.1:50051"),
+        help="server address [env SPECDEC_TARGET, default 127.0.0.1:50051]",
+    )
+    parser.add_argument(
+        "--prompts",
+        default="builtin:all",
+        help="builtin:grounded|open_chat|all or a JSONL file [default builtin:all]",
+    )
+    parser.add_argument(
+        "--methods",
+        type=_list_of(_choice(tuple(METHODS)), "of " + ", ".join(METHODS)),
+        default=["default"],
+        help="drafters to run, each a run of its own: "
+        "default (the server's), none, ngram, draft_model [default: default]",
+    )
+    parser.add_argument(
+        "--modes",
+        type=_list_of(_choice(MODES), "of " + ", ".join(MODES)),
+        default=["sustained"],
+        help="burst, sustained, rate [default sustained]",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_list_of(_positive(int), "positive integers"),
+        default=[1],
+        help="levels for burst and sustained, e.g. 1,8,32 [default 1]",
+    )
+    parser.add_argument(
+        "--rate",
+        type=_list_of(_positive(float), "positive numbers"),
+        default=None,
+        help="requests/s levels for the rate mode, e.g. 2,5",
+    )
+    parser.add_argument(
+        "--requests-per-client",
+        type=_positive(int),
+        default=None,
+        help=f"sustained: requests per client [default {DEFAULT_REQUESTS_PER_CLIENT} unless --duration-s]",
+    )
+    parser.add_argument(
+        "--requests",
+        type=_positive(int),
+        default=None,
+        help=f"rate: requests in all [default {DEFAULT_RATE_REQUESTS} unless --duration-s]",
+    )
+    parser.add_argument(
+        "--duration-s",
+        type=_positive(float),
+        default=None,
+        help="sustained and rate: stop sending new requests after this many seconds",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=0, help="untimed requests sent at once before each run [default 0]"
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=_positive(int),
+        default=None,
+        help="max_tokens of prompts that do not set their own [default: the server's]",
+    )
+    parser.add_argument(
+        "-k",
+        "--num-draft-tokens",
+        dest="k",
+        type=int,
+        default=None,
+        help="k per request [default: the server's]",
+    )
     parser.add_argument("--temperature", type=float, default=None, help="0 or absent: greedy")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None,
-                        help="sampling seed of request i is SEED + i (reproducible sampled runs)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="sampling seed of request i is SEED + i (reproducible sampled runs)",
+    )
     parser.add_argument("--arrival-seed", type=int, default=0, help="rate: seed of the arrival times")
     parser.add_argument("--timeout-s", type=_positive(float), default=300.0, help="deadline per request")
-    parser.add_argument("--connect-timeout-s", type=_positive(float), default=60.0,
-                        help="how long to wait for the server to answer GetServerInfo (it may be loading)")
-    parser.add_argument("--request-id-prefix", default="bench",
-                        help="request ids are PREFIX-METHOD-MODE-LEVEL-INDEX (shown in the server's logs)")
+    parser.add_argument(
+        "--connect-timeout-s",
+        type=_positive(float),
+        default=60.0,
+        help="how long to wait for the server to answer GetServerInfo (it may be loading)",
+    )
+    parser.add_argument(
+        "--request-id-prefix",
+        default="bench",
+        help="request ids are PREFIX-METHOD-MODE-LEVEL-INDEX (shown in the server's logs)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
-    parser.add_argument("--per-request", action="store_true",
-                        help="include every request's timings and server metrics in the JSON")
-    parser.add_argument("--plot", type=Path, default=None,
-                        help="write a PNG plot here (needs matplotlib: the bench extra)")
+    parser.add_argument(
+        "--per-request",
+        action="store_true",
+        help="include every request's timings and server metrics in the JSON",
+    )
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="write a PNG plot here (needs matplotlib: the bench extra)"
+    )
     add_security_arguments(parser)
     args = parser.parse_args(argv)
     problem = security_of(args).problem()
@@ -161,8 +230,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("argument --warmup: must be >= 0")
     longest = f"{args.request_id_prefix}-draft_model-sustained-{max(args.concurrency)}-{10**9}"
     if len(longest) > MAX_REQUEST_ID_CHARS:
-        parser.error(f"argument --request-id-prefix: request ids would be longer than the server's limit "
-                     f"of {MAX_REQUEST_ID_CHARS} characters")
+        parser.error(
+            f"argument --request-id-prefix: request ids would be longer than the server's limit "
+            f"of {MAX_REQUEST_ID_CHARS} characters"
+        )
     if args.plot is not None:
         try:
             report.require_matplotlib()
@@ -171,8 +242,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def build_request(args: argparse.Namespace, prompt: Prompt, method: str, request_id: str,
-                  index: int) -> generation_pb2.GenerateRequest:
+def build_request(
+    args: argparse.Namespace, prompt: Prompt, method: str, request_id: str, index: int
+) -> generation_pb2.GenerateRequest:
     request = generation_pb2.GenerateRequest(request_id=request_id)
     if prompt.text is not None:
         request.text = prompt.text
@@ -207,35 +279,59 @@ def plan(args: argparse.Namespace) -> list[tuple[str, Pacing]]:
                 levels = args.rate
             else:
                 requests = args.requests_per_client or (
-                    None if args.duration_s else DEFAULT_REQUESTS_PER_CLIENT)
+                    None if args.duration_s else DEFAULT_REQUESTS_PER_CLIENT
+                )
                 levels = args.concurrency
             for level in levels:
-                runs.append((method, Pacing(mode, level, requests if mode != "burst" else None,
-                                            args.duration_s if mode != "burst" else None,
-                                            args.arrival_seed)))
+                runs.append(
+                    (
+                        method,
+                        Pacing(
+                            mode,
+                            level,
+                            requests if mode != "burst" else None,
+                            args.duration_s if mode != "burst" else None,
+                            args.arrival_seed,
+                        ),
+                    )
+                )
     return runs
 
 
 def per_request(records: Sequence[RequestRecord], run_start: float) -> list[dict[str, Any]]:
-    return [{
-        "index": r.index, "client": r.client, "status": r.status, "error": r.error or None,
-        "start_s": r.start - run_start, "end_s": None if r.end is None else r.end - run_start,
-        "ttft_s": r.ttft, "chunks": len(r.chunk_times), "streamed_tokens": sum(r.chunk_tokens),
-        "finish_reason": r.finish_reason or None, "prompt_tokens": r.prompt_tokens,
-        "completion_tokens": r.completion_tokens,
-        "metrics": None if r.metrics is None else metrics_to_dict(r.metrics),
-    } for r in records]
+    return [
+        {
+            "index": r.index,
+            "client": r.client,
+            "status": r.status,
+            "error": r.error or None,
+            "start_s": r.start - run_start,
+            "end_s": None if r.end is None else r.end - run_start,
+            "ttft_s": r.ttft,
+            "chunks": len(r.chunk_times),
+            "streamed_tokens": sum(r.chunk_tokens),
+            "finish_reason": r.finish_reason or None,
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "metrics": None if r.metrics is None else metrics_to_dict(r.metrics),
+        }
+        for r in records
+    ]
 
 
-async def server_info(stub: generation_pb2_grpc.GenerationServiceStub, timeout_s: float,
-                      metadata: Metadata = ()) -> generation_pb2.GetServerInfoResponse:
+async def server_info(
+    stub: generation_pb2_grpc.GenerationServiceStub, timeout_s: float, metadata: Metadata = ()
+) -> generation_pb2.GetServerInfoResponse:
     """GetServerInfo, retried while the server is unreachable or still loading its models."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return await stub.GetServerInfo(generation_pb2.GetServerInfoRequest(),
-                                            timeout=max(0.1, min(10.0, deadline - time.monotonic())),
-                                            wait_for_ready=True, metadata=metadata)
+            return await stub.GetServerInfo(
+                generation_pb2.GetServerInfoRequest(),
+                timeout=max(0.1, min(10.0, deadline - time.monotonic())),
+                wait_for_ready=True,
+                metadata=metadata,
+            )
         except grpc.aio.AioRpcError as exc:
             retryable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             if not retryable or time.monotonic() >= deadline:
@@ -245,13 +341,30 @@ async def server_info(stub: generation_pb2_grpc.GenerationServiceStub, timeout_s
 
 async def amain(args: argparse.Namespace, prompts: list[Prompt]) -> dict[str, Any]:
     result: dict[str, Any] = {
-        "tool": "specdec-bench", "version": __version__,
-        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": ["specdec-bench", *args.argv], "client_host": platform.node(),
-        "target": args.target, "prompts": {"spec": args.prompts, "count": len(prompts)},
-        "settings": {name: getattr(args, name) for name in (
-            "max_tokens", "k", "temperature", "top_p", "top_k", "seed", "warmup", "timeout_s",
-            "requests_per_client", "requests", "duration_s", "arrival_seed")},
+        "tool": "specdec-bench",
+        "version": __version__,
+        "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": ["specdec-bench", *args.argv],
+        "client_host": platform.node(),
+        "target": args.target,
+        "prompts": {"spec": args.prompts, "count": len(prompts)},
+        "settings": {
+            name: getattr(args, name)
+            for name in (
+                "max_tokens",
+                "k",
+                "temperature",
+                "top_p",
+                "top_k",
+                "seed",
+                "warmup",
+                "timeout_s",
+                "requests_per_client",
+                "requests",
+                "duration_s",
+                "arrival_seed",
+            )
+        },
         "runs": [],
     }
     security = security_of(args)
@@ -264,14 +377,26 @@ async def amain(args: argparse.Namespace, prompts: list[Prompt]) -> dict[str, An
             level = f"{pacing.level:g}"
             prefix = f"{args.request_id_prefix}-{method}-{pacing.mode}-{level}"
 
-            def make(index: int, prefix: str = prefix, method: str = method) -> generation_pb2.GenerateRequest:
+            def make(
+                index: int, prefix: str = prefix, method: str = method
+            ) -> generation_pb2.GenerateRequest:
                 return build_request(args, prompts[index % len(prompts)], method, f"{prefix}-{index}", index)
 
             if args.warmup:
                 warm = Pacing("burst", args.warmup)
-                await run_load(stub, lambda i: build_request(
-                    args, prompts[i % len(prompts)], method, f"{prefix}-warmup-{i}", i), warm, args.timeout_s,
-                    metadata)
+                await run_load(
+                    stub,
+                    lambda i, method=method, prefix=prefix: build_request(
+                        args,
+                        prompts[i % len(prompts)],
+                        method,
+                        f"{prefix}-warmup-{i}",
+                        i,
+                    ),
+                    warm,
+                    args.timeout_s,
+                    metadata,
+                )
             run_start, records = await run_load(stub, make, pacing, args.timeout_s, metadata)
             run = {"method": method, **summarize(pacing.mode, pacing.level, records, run_start)}
             if args.per_request:
@@ -312,9 +437,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result, indent=1))
     if args.plot is not None:
         info = result.get("server_info", {})
-        report.plot(result["runs"], args.plot,
-                    f"specdec-bench: {info.get('target_model', '?')} on {info.get('device', '?')} "
-                    f"({args.prompts}, max_tokens {args.max_tokens or 'server default'})")
+        report.plot(
+            result["runs"],
+            args.plot,
+            f"specdec-bench: {info.get('target_model', '?')} on {info.get('device', '?')} "
+            f"({args.prompts}, max_tokens {args.max_tokens or 'server default'})",
+        )
     succeeded = sum(run["requests"]["succeeded"] for run in result["runs"])
     return 0 if succeeded else 1
 

@@ -38,18 +38,21 @@ def load_prompts(spec: str) -> list[Prompt]:
     """`builtin:<name>` (sent as one user chat message each, as the in-process benchmarks
     do) or the path of a JSONL file."""
     if spec.startswith(BUILTIN_PREFIX):
-        name = spec[len(BUILTIN_PREFIX):]
+        name = spec[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_SETS:
-            raise PromptSetError(f"unknown built-in prompt set {name!r}; choose one of "
-                                 + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_SETS))
+            raise PromptSetError(
+                f"unknown built-in prompt set {name!r}; choose one of "
+                + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_SETS)
+            )
         return [Prompt(messages=(("user", text),)) for text in BUILTIN_SETS[name]]
     path = Path(spec)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise PromptSetError(f"cannot read prompt file {spec}: {exc}") from exc
-    prompts = [_parse_line(line, f"{spec}:{number}")
-               for number, line in enumerate(lines, start=1) if line.strip()]
+    prompts = [
+        _parse_line(line, f"{spec}:{number}") for number, line in enumerate(lines, start=1) if line.strip()
+    ]
     if not prompts:
         raise PromptSetError(f"prompt file {spec} holds no prompts")
     return prompts
@@ -64,8 +67,10 @@ def _parse_line(line: str, where: str) -> Prompt:
         raise PromptSetError(f"{where}: expected a JSON object with 'text' or 'messages'")
     unknown = set(item) - {"text", "messages", "max_tokens"}
     if unknown:
-        raise PromptSetError(f"{where}: unknown field(s) {sorted(unknown)}; "
-                             "expected 'text' or 'messages', and optionally 'max_tokens'")
+        raise PromptSetError(
+            f"{where}: unknown field(s) {sorted(unknown)}; "
+            "expected 'text' or 'messages', and optionally 'max_tokens'"
+        )
     max_tokens = item.get("max_tokens")
     if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
         raise PromptSetError(f"{where}: max_tokens must be an integer >= 1, got {max_tokens!r}")
@@ -80,9 +85,13 @@ def _parse_line(line: str, where: str) -> Prompt:
         raise PromptSetError(f"{where}: messages must be a non-empty list")
     pairs = []
     for index, message in enumerate(messages):
-        if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
-                or not isinstance(message.get("content"), str)):
-            raise PromptSetError(f"{where}: messages[{index}] must be an object with string "
-                                 "'role' and 'content'")
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
+            raise PromptSetError(
+                f"{where}: messages[{index}] must be an object with string 'role' and 'content'"
+            )
         pairs.append((message["role"], message["content"]))
     return Prompt(messages=tuple(pairs), max_tokens=max_tokens)

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 class PlotUnavailableError(RuntimeError):
@@ -17,7 +18,8 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise PlotUnavailableError(
-            "--plot needs matplotlib: install the bench extra (pip install 'specdec[bench]')") from None
+            "--plot needs matplotlib: install the bench extra (pip install 'specdec[bench]')"
+        ) from None
 
 
 def _ms(stats: dict[str, Any]) -> str:
@@ -31,8 +33,10 @@ def _num(value: float | None, pattern: str) -> str:
 
 
 def table(runs: Sequence[dict[str, Any]]) -> str:
-    header = (f"{'method':<11} {'mode':<9} {'level':>6} {'ok/sent':>9} {'tok/s':>8} {'req/s':>7} "
-              f"{'TTFT ms p50/90/99':>20} {'ITL ms p50/90/99':>18} {'accept':>7} {'acc.len':>7}  errors")
+    header = (
+        f"{'method':<11} {'mode':<9} {'level':>6} {'ok/sent':>9} {'tok/s':>8} {'req/s':>7} "
+        f"{'TTFT ms p50/90/99':>20} {'ITL ms p50/90/99':>18} {'accept':>7} {'acc.len':>7}  errors"
+    )
     lines = [header]
     for run in runs:
         req, thr, lat, srv = run["requests"], run["throughput"], run["latency_s"], run["server_metrics"]
@@ -41,7 +45,8 @@ def table(runs: Sequence[dict[str, Any]]) -> str:
             f"{run['method']:<11} {run['mode']:<9} {run['level']:>6g} "
             f"{req['succeeded']:>4}/{req['sent']:<4} {_num(thr['tokens_per_s'], '.1f'):>8} "
             f"{_num(thr['requests_per_s'], '.2f'):>7} {_ms(lat['ttft']):>20} {_ms(lat['itl']):>18} "
-            f"{_num(srv['accept_rate'], '.3f'):>7} {_num(srv['accept_length'], '.2f'):>7}  {errors}")
+            f"{_num(srv['accept_rate'], '.3f'):>7} {_num(srv['accept_length'], '.2f'):>7}  {errors}"
+        )
     return "\n".join(lines)
 
 
@@ -62,14 +67,22 @@ def plot(runs: Sequence[dict[str, Any]], path: Path, title: str) -> None:
         points = sorted(points, key=lambda r: r["level"])
         levels = [p["level"] for p in points]
         label = f"{method} {mode}"
-        line, = axes[0].plot(levels, [p["throughput"]["tokens_per_s"] or 0 for p in points], "o-", label=label)
+        (line,) = axes[0].plot(
+            levels, [p["throughput"]["tokens_per_s"] or 0 for p in points], "o-", label=label
+        )
         for axis, key in ((axes[1], "ttft"), (axes[2], "itl")):
             for q, style in ((50, "o-"), (99, "x--")):
                 values = [p["latency_s"][key][f"p{q}"] for p in points]
-                axis.plot(levels, [v * 1e3 if v is not None else float("nan") for v in values], style,
-                          color=line.get_color(), label=f"{label} p{q}")
-    for axis, ylabel in zip(axes, ("tokens/s (steady window)", "time to first token (ms)",
-                                   "inter-chunk latency (ms)")):
+                axis.plot(
+                    levels,
+                    [v * 1e3 if v is not None else float("nan") for v in values],
+                    style,
+                    color=line.get_color(),
+                    label=f"{label} p{q}",
+                )
+    for axis, ylabel in zip(
+        axes, ("tokens/s (steady window)", "time to first token (ms)", "inter-chunk latency (ms)")
+    ):
         axis.set_xlabel("level (concurrent requests, or requests/s for rate)")
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)

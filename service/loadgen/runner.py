@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import grpc
 
@@ -39,8 +39,13 @@ class Pacing:
     arrival_seed: int = 0  # rate: the arrival times' random seed
 
 
-async def send_one(stub: generation_pb2_grpc.GenerationServiceStub, request: generation_pb2.GenerateRequest,
-                   record: RequestRecord, timeout_s: float, metadata: Metadata = ()) -> RequestRecord:
+async def send_one(
+    stub: generation_pb2_grpc.GenerationServiceStub,
+    request: generation_pb2.GenerateRequest,
+    record: RequestRecord,
+    timeout_s: float,
+    metadata: Metadata = (),
+) -> RequestRecord:
     """Streams one request into `record` (which holds its start time); `metadata` carries the
     bearer token when one is set."""
     final = None
@@ -63,9 +68,13 @@ async def send_one(stub: generation_pb2_grpc.GenerationServiceStub, request: gen
     return record
 
 
-async def run_load(stub: generation_pb2_grpc.GenerationServiceStub, make_request: RequestFactory,
-                   pacing: Pacing, timeout_s: float, metadata: Metadata = ()
-                   ) -> tuple[float, list[RequestRecord]]:
+async def run_load(
+    stub: generation_pb2_grpc.GenerationServiceStub,
+    make_request: RequestFactory,
+    pacing: Pacing,
+    timeout_s: float,
+    metadata: Metadata = (),
+) -> tuple[float, list[RequestRecord]]:
     """Sends the run's requests; returns (the run's start time, the records in sending order)."""
     records: list[RequestRecord] = []
 
@@ -79,14 +88,17 @@ async def run_load(stub: generation_pb2_grpc.GenerationServiceStub, make_request
     run_start = time.perf_counter()
     if pacing.mode == "burst":
         pairs = [start(client) for client in range(int(pacing.level))]
-        await asyncio.gather(*(send_one(stub, request, record, timeout_s, metadata) for request, record in pairs))
+        await asyncio.gather(
+            *(send_one(stub, request, record, timeout_s, metadata) for request, record in pairs)
+        )
     elif pacing.mode == "sustained":
         deadline = None if pacing.duration_s is None else run_start + pacing.duration_s
 
         async def client_loop(client: int) -> None:
             sent = 0
-            while (pacing.requests is None or sent < pacing.requests) and \
-                    (deadline is None or time.perf_counter() < deadline):
+            while (pacing.requests is None or sent < pacing.requests) and (
+                deadline is None or time.perf_counter() < deadline
+            ):
                 await send_one(stub, *start(client), timeout_s, metadata)
                 sent += 1
 

@@ -13,8 +13,9 @@ All times are the client's time.perf_counter() seconds. Definitions:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy
 
@@ -23,8 +24,14 @@ from specdec.v1 import metrics_pb2
 PERCENTILES = (50, 90, 99)
 OK = "OK"
 # Summed from every successful request's SpeculativeMetrics.
-SUMMED_COUNTERS = ("prompt_tokens", "completion_tokens", "verify_passes", "draft_passes",
-                   "proposed_drafts", "accepted_drafts")
+SUMMED_COUNTERS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "verify_passes",
+    "draft_passes",
+    "proposed_drafts",
+    "accepted_drafts",
+)
 
 
 @dataclass
@@ -71,8 +78,11 @@ def percentiles(values: Iterable[float]) -> dict[str, Any]:
     if data.size == 0:
         return {"count": 0, "mean": None, **{f"p{q}": None for q in PERCENTILES}}
     points = numpy.percentile(data, PERCENTILES)
-    return {"count": int(data.size), "mean": float(data.mean()),
-            **{f"p{q}": float(v) for q, v in zip(PERCENTILES, points)}}
+    return {
+        "count": int(data.size),
+        "mean": float(data.mean()),
+        **{f"p{q}": float(v) for q, v in zip(PERCENTILES, points)},
+    }
 
 
 @dataclass(frozen=True)
@@ -116,8 +126,9 @@ def steady_window(mode: str, records: Sequence[RequestRecord], run_start: float)
 
 def tokens_in(records: Sequence[RequestRecord], window: Window) -> int:
     """Tokens whose chunk arrived in (start, end] (a burst's window starts before any chunk)."""
-    return sum(n for r in records for t, n in zip(r.chunk_times, r.chunk_tokens)
-               if window.start < t <= window.end)
+    return sum(
+        n for r in records for t, n in zip(r.chunk_times, r.chunk_tokens) if window.start < t <= window.end
+    )
 
 
 def summarize(mode: str, level: float, records: Sequence[RequestRecord], run_start: float) -> dict[str, Any]:
@@ -139,13 +150,19 @@ def summarize(mode: str, level: float, records: Sequence[RequestRecord], run_sta
         "mode": mode,
         "level": level,
         "requests": {
-            "sent": len(records), "succeeded": len(ok), "failed": len(records) - len(ok),
+            "sent": len(records),
+            "succeeded": len(ok),
+            "failed": len(records) - len(ok),
             "errors_by_code": dict(sorted(errors.items())),
             # Requests whose streamed tokens differ in number from the final's completion_tokens.
             "token_count_mismatches": sum(1 for r in ok if sum(r.chunk_tokens) != r.completion_tokens),
         },
-        "window": {"kind": window.kind, "seconds": window.seconds,
-                   "tokens": window_tokens, "completed_requests": completed_in_window},
+        "window": {
+            "kind": window.kind,
+            "seconds": window.seconds,
+            "tokens": window_tokens,
+            "completed_requests": completed_in_window,
+        },
         "throughput": {
             "tokens_per_s": window_tokens / window.seconds if window.seconds > 0 else None,
             "requests_per_s": completed_in_window / window.seconds if window.seconds > 0 else None,
@@ -162,11 +179,14 @@ def summarize(mode: str, level: float, records: Sequence[RequestRecord], run_sta
             "itl": percentiles(g for r in in_window for g in r.chunk_gaps),
             "tpot": percentiles(r.tpot for r in in_window if r.tpot is not None),
             "end_to_end": percentiles(r.end - r.start for r in in_window),
-            "server_ttft": percentiles(r.metrics.time_to_first_token_seconds for r in in_window
-                                       if r.metrics is not None
-                                       and r.metrics.HasField("time_to_first_token_seconds")),
-            "server_queue": percentiles(r.metrics.queue_time_seconds for r in in_window
-                                        if r.metrics is not None),
+            "server_ttft": percentiles(
+                r.metrics.time_to_first_token_seconds
+                for r in in_window
+                if r.metrics is not None and r.metrics.HasField("time_to_first_token_seconds")
+            ),
+            "server_queue": percentiles(
+                r.metrics.queue_time_seconds for r in in_window if r.metrics is not None
+            ),
         },
         "server_metrics": server_sums(ok),
     }

@@ -42,8 +42,8 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import grpc
 import structlog
@@ -235,8 +235,9 @@ class MetricsReporter:
             try:
                 while True:
                     if self._acked_through >= target or (
-                            (not self._in_flight or self._in_flight[0][0] > target)
-                            and (not self._pending or self._pending[0][0] > target)):
+                        (not self._in_flight or self._in_flight[0][0] > target)
+                        and (not self._pending or self._pending[0][0] > target)
+                    ):
                         return True  # acknowledged (or dropped from a full buffer)
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or self._closed.is_set():
@@ -249,19 +250,23 @@ class MetricsReporter:
     def stats(self) -> ReporterStats:
         with self._lock:
             return ReporterStats(
-                sent=self._sent, acked=self._acked, dropped=self._dropped,
+                sent=self._sent,
+                acked=self._acked,
+                dropped=self._dropped,
                 reconnects=self._reconnects,
                 pending=len(self._pending) + len(self._in_flight),
-                in_flight=len(self._in_flight), acknowledged_through=self._acked_through,
-                last_sequence=self._last_seq, connected=self._connected)
+                in_flight=len(self._in_flight),
+                acknowledged_through=self._acked_through,
+                last_sequence=self._last_seq,
+                connected=self._connected,
+            )
 
     # ---- lifecycle ---------------------------------------------------------------------
-    def start(self) -> "MetricsReporter":
+    def start(self) -> MetricsReporter:
         if self._thread is not None:
             return self
         if self._credentials is not None:
-            self._channel = grpc.secure_channel(self.target, self._credentials,
-                                                options=self._channel_options)
+            self._channel = grpc.secure_channel(self.target, self._credentials, options=self._channel_options)
         else:
             self._channel = grpc.insecure_channel(self.target, options=self._channel_options)
         self._report = self._channel.stream_stream(
@@ -271,8 +276,13 @@ class MetricsReporter:
         )
         self._thread = threading.Thread(target=self._run, name="metrics-reporter", daemon=True)
         self._thread.start()
-        log.info("metrics_reporter_started", target=self.target, source_id=self.source_id,
-                 buffer_size=self.buffer_size, batch_size=self.batch_size)
+        log.info(
+            "metrics_reporter_started",
+            target=self.target,
+            source_id=self.source_id,
+            buffer_size=self.buffer_size,
+            batch_size=self.batch_size,
+        )
         return self
 
     def stop(self, timeout_s: float = 10.0) -> bool:
@@ -294,8 +304,15 @@ class MetricsReporter:
             self._channel.close()
         self._closed.set()
         st = self.stats
-        log.info("metrics_reporter_stopped", flushed=flushed, sent=st.sent, acked=st.acked,
-                 dropped=st.dropped, unacknowledged=st.pending, reconnects=st.reconnects)
+        log.info(
+            "metrics_reporter_stopped",
+            flushed=flushed,
+            sent=st.sent,
+            acked=st.acked,
+            dropped=st.dropped,
+            unacknowledged=st.pending,
+            reconnects=st.reconnects,
+        )
         return flushed
 
     # ---- the sender thread -------------------------------------------------------------
@@ -337,11 +354,16 @@ class MetricsReporter:
                 self._reconnects += 1
                 if stream.received_ack:
                     attempt = 0
-            delay = min(self.backoff_max_s, self.backoff_initial_s * (2 ** attempt))
+            delay = min(self.backoff_max_s, self.backoff_initial_s * (2**attempt))
             delay *= random.uniform(0.5, 1.0)  # jitter: reporters do not reconnect in lockstep
             attempt = min(attempt + 1, 30)
-            log.info("telemetry_stream_down_reconnecting", target=self.target, error=error,
-                     retry_in_s=round(delay, 3), unacknowledged=self.stats.pending)
+            log.info(
+                "telemetry_stream_down_reconnecting",
+                target=self.target,
+                error=error,
+                retry_in_s=round(delay, 3),
+                unacknowledged=self.stats.pending,
+            )
             if self._stop_event.wait(delay):
                 return
             with self._lock:
@@ -388,8 +410,7 @@ class MetricsReporter:
             pending = self._pending
             if pending:
                 waited = time.monotonic() - self._oldest_pending_t
-                if (len(pending) >= self.batch_size or waited >= self.linger_s
-                        or self._flush_requested):
+                if len(pending) >= self.batch_size or waited >= self.linger_s or self._flush_requested:
                     batch = self._take(pending)
                     self._in_flight.extend(batch)
                     if pending:
@@ -422,10 +443,14 @@ class MetricsReporter:
         now = time.monotonic()
         if now - self._drop_logged_at < self.drop_log_interval_s and self._dropped_logged:
             return
-        log.warning("metrics_reporter_dropped_records",
-                    note="the oldest unsent of a full buffer, or records larger than max_batch_bytes",
-                    dropped_total=dropped, dropped_since_last_log=dropped - self._dropped_logged,
-                    too_large_total=self._oversized, buffer_size=self.buffer_size,
-                    max_batch_bytes=self.max_batch_bytes)
+        log.warning(
+            "metrics_reporter_dropped_records",
+            note="the oldest unsent of a full buffer, or records larger than max_batch_bytes",
+            dropped_total=dropped,
+            dropped_since_last_log=dropped - self._dropped_logged,
+            too_large_total=self._oversized,
+            buffer_size=self.buffer_size,
+            max_batch_bytes=self.max_batch_bytes,
+        )
         self._dropped_logged = dropped
         self._drop_logged_at = now

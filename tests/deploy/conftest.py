@@ -29,8 +29,10 @@ def interpolate(value: str, env: dict[str, str] | None = None) -> str:
             return default or ""
         return value or ""
 
-    pattern = (r"\$\$|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}"
-               r"|\$(?P<plain>[A-Za-z_][A-Za-z0-9_]*)")
+    pattern = (
+        r"\$\$|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}"
+        r"|\$(?P<plain>[A-Za-z_][A-Za-z0-9_]*)"
+    )
     return re.sub(pattern, repl, value)
 
 

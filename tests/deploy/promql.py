@@ -37,11 +37,37 @@ GRAFANA_TEST_VALUES = {
 }
 
 KEYWORDS = {
-    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
-    "unless", "offset", "inf", "nan", "atan2", "start", "end",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+    "atan2",
+    "start",
+    "end",
     # aggregation operators (may be followed by `by (...)` before their parenthesis)
-    "sum", "avg", "min", "max", "count", "stddev", "stdvar", "topk", "bottomk", "quantile",
-    "count_values", "group", "limitk", "limit_ratio",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "count",
+    "stddev",
+    "stdvar",
+    "topk",
+    "bottomk",
+    "quantile",
+    "count_values",
+    "group",
+    "limitk",
+    "limit_ratio",
 }
 AGGREGATION_OR_FUNCTION = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\s*\(")
 
@@ -72,8 +98,13 @@ def dashboard_expressions(dashboard: dict | None = None) -> list[Expression]:
     out = []
     for panel in iter_panels(dashboard.get("panels", [])):
         for target in panel.get("targets", []):
-            out.append(Expression(f"dashboard panel {panel.get('title')!r} target "
-                                  f"{target.get('refId')}", target["expr"], "panel"))
+            out.append(
+                Expression(
+                    f"dashboard panel {panel.get('title')!r} target {target.get('refId')}",
+                    target["expr"],
+                    "panel",
+                )
+            )
     return out
 
 
@@ -107,6 +138,7 @@ def recording_rules(rules: dict | None = None) -> dict[str, str]:
 
 # ---- parsing --------------------------------------------------------------------------------
 
+
 def _blank(match: re.Match) -> str:
     return " " * len(match.group(0))
 
@@ -118,8 +150,11 @@ def strip_non_selectors(expr: str) -> str:
     s = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', _blank, s)
     s = re.sub(r"\{[^{}]*\}", _blank, s)
     s = re.sub(r"\[[^\[\]]*\]", _blank, s)
-    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)",
-               lambda m: m.group(1) + " " * (len(m.group(0)) - len(m.group(1))), s)
+    s = re.sub(
+        r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)",
+        lambda m: m.group(1) + " " * (len(m.group(0)) - len(m.group(1))),
+        s,
+    )
     assert len(s) == len(expr)
     return s
 
@@ -127,8 +162,7 @@ def strip_non_selectors(expr: str) -> str:
 def metric_names(expr: str) -> set[str]:
     """Metric names (and recording-rule names) selected by a PromQL expression. Grafana's
     label_values(metric, label) selects `metric`."""
-    m = re.fullmatch(r"\s*label_values\(\s*([^,()]+?)\s*(?:,\s*[a-zA-Z_][a-zA-Z0-9_]*\s*)?\)\s*",
-                     expr)
+    m = re.fullmatch(r"\s*label_values\(\s*([^,()]+?)\s*(?:,\s*[a-zA-Z_][a-zA-Z0-9_]*\s*)?\)\s*", expr)
     if m:
         return metric_names(m.group(1))
     s = strip_non_selectors(expr)
@@ -139,7 +173,7 @@ def metric_names(expr: str) -> set[str]:
             continue
         if AGGREGATION_OR_FUNCTION.match(s, token.start()):
             continue  # a function or aggregation: name(
-        before = s[:token.start()]
+        before = s[: token.start()]
         if re.search(r"[0-9.]$", before):  # part of a number like 1e3 or a duration
             continue
         names.add(name)
@@ -163,8 +197,11 @@ def expand_recording_rules(expr: str, rules: dict[str, str], depth: int = 0) -> 
     assert depth < 10, "recording rules refer to each other in a cycle"
     names = sorted(metric_names(expr) & rules.keys(), key=len, reverse=True)
     for name in names:
-        expr = re.sub(rf"(?<![a-zA-Z0-9_:]){re.escape(name)}(?![a-zA-Z0-9_:])",
-                      lambda _: f"({rules[name].strip()})", expr)
+        expr = re.sub(
+            rf"(?<![a-zA-Z0-9_:]){re.escape(name)}(?![a-zA-Z0-9_:])",
+            lambda _: f"({rules[name].strip()})",  # noqa: B023
+            expr,
+        )
     if metric_names(expr) & rules.keys():
         return expand_recording_rules(expr, rules, depth + 1)
     return expr
@@ -176,7 +213,7 @@ def comparisons_to_bool(expr: str) -> str:
     masked = strip_non_selectors(expr)
     out, last = [], 0
     for m in re.finditer(r"(==|!=|>=|<=|>|<)(?!\s*bool\b)", masked):
-        out.append(expr[last:m.end()])
+        out.append(expr[last : m.end()])
         out.append(" bool")
         last = m.end()
     out.append(expr[last:])

@@ -62,8 +62,12 @@ def test_prometheus_exporter_port_is_the_scraped_one() -> None:
     host, port = exporter["endpoint"].rsplit(":", 1)
     assert host == "0.0.0.0"
     prometheus = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
-    targets = {t for job in prometheus["scrape_configs"]
-               for sc in job.get("static_configs", []) for t in sc["targets"]}
+    targets = {
+        t
+        for job in prometheus["scrape_configs"]
+        for sc in job.get("static_configs", [])
+        for t in sc["targets"]
+    }
     assert f"otel-collector:{port}" in targets
     # Names must match the sidecar's own endpoint: suffixes on, resource attributes not
     # copied onto every series (they are target_info / job / instance).

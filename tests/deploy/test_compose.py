@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+import jsonschema  # dev extra
 import pytest
 import yaml
 
 from tests.deploy.conftest import COMPOSE_FILE, REPO, interpolate_tree
-
-import jsonschema  # dev extra
 
 SCHEMA = REPO / "deploy" / "schema" / "compose-spec.json"
 COLLECTOR = REPO / "deploy" / "otel-collector.yaml"
@@ -54,7 +53,7 @@ def _host_path(compose: dict, service: str, container_path: str) -> Path | None:
         if container_path == target:
             return (REPO / source).resolve()
         if container_path.startswith(target.rstrip("/") + "/"):
-            return (REPO / source / container_path[len(target.rstrip("/")) + 1:]).resolve()
+            return (REPO / source / container_path[len(target.rstrip("/")) + 1 :]).resolve()
     return None
 
 
@@ -72,6 +71,7 @@ def _published(service: dict) -> dict[int, str]:
 
 
 # ---- the schema --------------------------------------------------------------------------
+
 
 def test_schema_is_the_registry_copy() -> None:
     readme = (SCHEMA.parent / "README.md").read_text()
@@ -105,9 +105,11 @@ def test_schema_validation_catches_mistakes(compose_raw) -> None:
 
 # ---- variables -----------------------------------------------------------------------------
 
+
 def test_every_variable_has_a_default() -> None:
-    text = "\n".join(line for line in COMPOSE_FILE.read_text().splitlines()
-                     if not line.lstrip().startswith("#"))
+    text = "\n".join(
+        line for line in COMPOSE_FILE.read_text().splitlines() if not line.lstrip().startswith("#")
+    )
     refs = re.findall(r"\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*", text)
     assert refs, "configuration is by environment variables"
     bare = [r for r in refs if not re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-[^}]*\}", r)]
@@ -125,8 +127,9 @@ def test_service_variables_are_the_services_own(compose) -> None:
 
 
 def test_sidecar_variables_are_the_sidecars_own(compose) -> None:
-    help_text = subprocess.run([sys.executable, "-m", "telemetry", "--help"], cwd=REPO,
-                               capture_output=True, text=True, timeout=60).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "telemetry", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+    ).stdout
     known = set(re.findall(r"SPECDEC_SIDECAR_[A-Z0-9_]+", help_text))
     assert known, "python -m telemetry --help lists no SPECDEC_SIDECAR_* variables"
     env = compose["services"]["sidecar"]["environment"]
@@ -136,14 +139,13 @@ def test_sidecar_variables_are_the_sidecars_own(compose) -> None:
 
 # ---- services, dependencies, health --------------------------------------------------------
 
+
 def test_expected_services_and_profiles(compose) -> None:
     services = compose["services"]
-    assert {"service", "service-cpu", "sidecar", "otel-collector", "prometheus",
-            "grafana"} <= services.keys()
+    assert {"service", "service-cpu", "sidecar", "otel-collector", "prometheus", "grafana"} <= services.keys()
     gpu = services["service"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])
-               for d in devices), devices
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices), devices
     assert "profiles" not in gpu, "the GPU service is the default"
     cpu = services["service-cpu"]
     assert cpu.get("profiles") == ["cpu"]
@@ -161,12 +163,14 @@ def test_depends_on_targets_exist_and_healthy_ones_have_healthchecks(compose) ->
             depends = {d: {"condition": "service_started"} for d in depends}
         for target, spec in depends.items():
             assert target in services, f"{name} depends on unknown service {target}"
-            assert not services[target].get("profiles") or service.get("profiles"), \
+            assert not services[target].get("profiles") or service.get("profiles"), (
                 f"{name} (always on) depends on {target}, which only runs in a profile"
+            )
             if spec["condition"] == "service_healthy":
                 check = services[target].get("healthcheck")
-                assert check and not check.get("disable") and check.get("test"), \
+                assert check and not check.get("disable") and check.get("test"), (
                     f"{name} waits for {target} to be healthy, but it has no healthcheck"
+                )
     # The startup order the issue asks for.
     assert services["service"]["depends_on"]["sidecar"]["condition"] == "service_healthy"
     assert services["service-cpu"]["depends_on"]["sidecar"]["condition"] == "service_healthy"
@@ -175,8 +179,11 @@ def test_depends_on_targets_exist_and_healthy_ones_have_healthchecks(compose) ->
 
 def test_healthchecks_probe_the_ports_the_processes_listen_on(compose) -> None:
     services = compose["services"]
-    for name, listen_var in (("service", "SPECDEC_LISTEN"), ("service-cpu", "SPECDEC_LISTEN"),
-                             ("sidecar", "SPECDEC_SIDECAR_LISTEN")):
+    for name, listen_var in (
+        ("service", "SPECDEC_LISTEN"),
+        ("service-cpu", "SPECDEC_LISTEN"),
+        ("sidecar", "SPECDEC_SIDECAR_LISTEN"),
+    ):
         service = services[name]
         listen = service["environment"][listen_var]
         assert listen.startswith("0.0.0.0:"), f"{name} must listen on all interfaces"
@@ -185,13 +192,15 @@ def test_healthchecks_probe_the_ports_the_processes_listen_on(compose) -> None:
         addr = test[test.index("--addr") + 1]
         assert _port(addr) == _port(listen), (name, addr, listen)
         assert _port(listen) in _published(service), f"{name} publishes its port"
-    prom_port = int(_flags(services["prometheus"]["command"]).get(
-        "web.listen-address", ":9090").rsplit(":", 1)[1])
+    prom_port = int(
+        _flags(services["prometheus"]["command"]).get("web.listen-address", ":9090").rsplit(":", 1)[1]
+    )
     assert f"127.0.0.1:{prom_port}/" in " ".join(services["prometheus"]["healthcheck"]["test"])
     assert "127.0.0.1:3000/api/health" in " ".join(services["grafana"]["healthcheck"]["test"])
 
 
 # ---- addresses between services ------------------------------------------------------------
+
 
 def test_service_reports_to_the_sidecar(compose) -> None:
     services = compose["services"]
@@ -233,10 +242,12 @@ def test_sidecar_exports_to_the_collectors_otlp_receiver(compose) -> None:
 def test_prometheus_scrapes_the_collectors_exporter(compose) -> None:
     config = yaml.safe_load(PROMETHEUS.read_text())
     collector = yaml.safe_load(COLLECTOR.read_text())
-    exporter_ports = {_port(e["endpoint"]) for n, e in collector["exporters"].items()
-                      if n.split("/")[0] == "prometheus"}
-    targets = [t for job in config["scrape_configs"]
-               for sc in job.get("static_configs", []) for t in sc["targets"]]
+    exporter_ports = {
+        _port(e["endpoint"]) for n, e in collector["exporters"].items() if n.split("/")[0] == "prometheus"
+    }
+    targets = [
+        t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]
+    ]
     for target in targets:
         host, port = _host_port(target)
         if host == "localhost":
@@ -249,8 +260,7 @@ def test_prometheus_scrapes_the_collectors_exporter(compose) -> None:
 
 
 def test_grafana_datasource_points_at_the_prometheus_service(compose) -> None:
-    sources = [ds for f in DATASOURCES.glob("*.yml")
-               for ds in yaml.safe_load(f.read_text())["datasources"]]
+    sources = [ds for f in DATASOURCES.glob("*.yml") for ds in yaml.safe_load(f.read_text())["datasources"]]
     assert len(sources) == 1
     ds = sources[0]
     host, port = _host_port(ds["url"])
@@ -261,11 +271,12 @@ def test_grafana_datasource_points_at_the_prometheus_service(compose) -> None:
 
 # ---- volumes and mounted files -------------------------------------------------------------
 
+
 def test_volumes_are_declared_and_mounted_files_exist(compose) -> None:
     declared = set(compose.get("volumes") or {})
     used = set()
     for name, service in compose["services"].items():
-        for source, target, bind in _mounts(service):
+        for source, _target, bind in _mounts(service):
             if bind:
                 path = (REPO / source).resolve()
                 assert path.exists(), f"{name}: mounted {source} does not exist"
@@ -287,13 +298,14 @@ def test_mounted_configs_are_where_the_processes_read_them(compose) -> None:
     config_path = flags["config.file"]
     assert _host_path(compose, "prometheus", config_path) == PROMETHEUS.resolve()
     for rule_file in yaml.safe_load(PROMETHEUS.read_text())["rule_files"]:
-        in_container = rule_file if rule_file.startswith("/") else \
-            str(Path(config_path).parent / rule_file)
+        in_container = rule_file if rule_file.startswith("/") else str(Path(config_path).parent / rule_file)
         host = _host_path(compose, "prometheus", in_container)
         assert host and host.exists(), f"rule file {in_container} is not mounted"
     # grafana: provisioning dir, the dashboards path of the provider, the home dashboard
-    assert _host_path(compose, "grafana", "/etc/grafana/provisioning") == \
-        (REPO / "deploy" / "grafana" / "provisioning").resolve()
+    assert (
+        _host_path(compose, "grafana", "/etc/grafana/provisioning")
+        == (REPO / "deploy" / "grafana" / "provisioning").resolve()
+    )
     for f in DASHBOARD_PROVIDERS.glob("*.yml"):
         for provider in yaml.safe_load(f.read_text())["providers"]:
             host = _host_path(compose, "grafana", provider["options"]["path"])
@@ -307,8 +319,9 @@ def test_images_are_pinned_and_builds_exist(compose) -> None:
     for name, service in compose["services"].items():
         image = service["image"]
         repo, _, tag = image.rpartition(":")
-        assert repo and tag and tag != "latest" and re.search(r"\d", tag), \
+        assert repo and tag and tag != "latest" and re.search(r"\d", tag), (
             f"{name}: image {image} is not pinned to a version"
+        )
         build = service.get("build")
         if build:
             assert (REPO / build["context"] / build["dockerfile"]).exists()

@@ -50,15 +50,18 @@ def test_multi_stage_with_pinned_base(name) -> None:
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_runs_as_non_root_with_a_grpc_health_check(name) -> None:
     ins = instructions(DOCKERFILES[name])
-    last_stage = ins[max(i for i, (op, _) in enumerate(ins) if op == "FROM"):]
+    last_stage = ins[max(i for i, (op, _) in enumerate(ins) if op == "FROM") :]
     users = [rest for op, rest in last_stage if op == "USER"]
     assert users and users[-1] not in ("root", "0", "0:0")
     checks = [rest for op, rest in last_stage if op == "HEALTHCHECK"]
     assert len(checks) == 1 and "grpc-health-probe" in checks[0]
     listen_var = "SPECDEC_LISTEN" if name == "service" else "SPECDEC_SIDECAR_LISTEN"
     assert listen_var in checks[0]
-    assert any("deploy/grpc_health_probe.py /usr/local/bin/grpc-health-probe" in rest
-               for op, rest in last_stage if op == "COPY")
+    assert any(
+        "deploy/grpc_health_probe.py /usr/local/bin/grpc-health-probe" in rest
+        for op, rest in last_stage
+        if op == "COPY"
+    )
     for op, rest in ins:  # nothing downloaded but through pip
         if op == "RUN":
             assert not re.search(r"\b(curl|wget|ADD)\b", rest), rest
@@ -81,22 +84,23 @@ def test_copied_files_exist_and_requirements_are_pinned(name) -> None:
         for source in sources:
             assert (REPO / source).exists(), f"COPY {source}: missing"
     ignore = DOCKERFILES[name].with_name(DOCKERFILES[name].name + ".dockerignore")
-    allowed = [l[1:].rstrip("/") for l in ignore.read_text().splitlines() if l.startswith("!")]
+    allowed = [entry[1:].rstrip("/") for entry in ignore.read_text().splitlines() if entry.startswith("!")]
     assert "*" in ignore.read_text().splitlines(), "allowlist build context (no .venv)"
     for op, rest in instructions(DOCKERFILES[name]):
         if op == "COPY" and "--from=" not in rest:
             for source in [a for a in rest.split() if not a.startswith("--")][:-1]:
-                assert any(source == a or source.startswith(a + "/") for a in allowed), \
+                assert any(source == a or source.startswith(a + "/") for a in allowed), (
                     f"COPY {source} is excluded by {ignore.name}"
+                )
     lock = REPO / "deploy" / "requirements" / f"{name}.txt"
-    lines = [l for l in lock.read_text().splitlines() if l and not l.startswith("#")]
-    assert lines and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.+\-]+", l) for l in lines)
-    names = {l.split("==")[0].lower().replace("_", "-") for l in lines}
-    assert {"grpcio", "grpcio-health-checking", "protobuf", "opentelemetry-sdk",
-            "structlog"} <= names
+    lines = [pin for pin in lock.read_text().splitlines() if pin and not pin.startswith("#")]
+    assert lines and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.+\-]+", pin) for pin in lines)
+    names = {pin.split("==")[0].lower().replace("_", "-") for pin in lines}
+    assert {"grpcio", "grpcio-health-checking", "protobuf", "opentelemetry-sdk", "structlog"} <= names
     if name == "service":
-        assert "torch" not in names and not any(n.startswith("nvidia-") for n in names), \
+        assert "torch" not in names and not any(n.startswith("nvidia-") for n in names), (
             "torch comes from the CUDA base image"
+        )
         assert {"transformers", "accelerate", "gguf"} <= names
     else:
         assert not names & {"torch", "transformers", "numpy"}, "the sidecar image stays slim"
@@ -107,8 +111,7 @@ def test_copied_files_exist_and_requirements_are_pinned(name) -> None:
 def test_grpc_health_probe_maps_wildcards_to_loopback() -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        "probe", REPO / "deploy" / "grpc_health_probe.py")
+    spec = importlib.util.spec_from_file_location("probe", REPO / "deploy" / "grpc_health_probe.py")
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     assert probe.probe_address("0.0.0.0:50051") == "127.0.0.1:50051"

@@ -14,8 +14,9 @@ UID = "specdec-prometheus"
 
 
 def test_every_panel_and_target_uses_the_provisioned_datasource_uid() -> None:
-    ds = yaml.safe_load((REPO / "deploy" / "grafana" / "provisioning" / "datasources"
-                         / "prometheus.yml").read_text())["datasources"][0]
+    ds = yaml.safe_load(
+        (REPO / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )["datasources"][0]
     assert ds["uid"] == UID
     dashboard = promql.load_dashboard()
     panels = [p for p in promql.iter_panels(dashboard["panels"]) if p["type"] != "row"]
@@ -55,8 +56,9 @@ def test_the_issues_panels_are_there() -> None:
         return "\n".join(found)
 
     rate_panel = panel("'Acceptance rate'")
-    assert re.search(r"rate\(specdec_accepted_drafts_total.*\n/\n.*rate\(specdec_proposed_drafts_total",
-                     rate_panel, re.S)
+    assert re.search(
+        r"rate\(specdec_accepted_drafts_total.*\n/\n.*rate\(specdec_proposed_drafts_total", rate_panel, re.S
+    )
     length = panel("Acceptance length")
     assert "specdec_verify_passes_total" in length and "specdec_accepted_drafts_total" in length
     assert re.search(r"by \([^)]*\bposition\)", panel("Per-position acceptance"))
@@ -64,21 +66,29 @@ def test_the_issues_panels_are_there() -> None:
     # Per-position views (issue 21): the conditional per-position acceptance, and the
     # acceptance-length distribution as shares of each (method, k)'s draft passes.
     conditional = panel("Per-position acceptance (conditional")
-    assert re.search(r"specdec_position_accepted_total.*\n/\n.*specdec_position_proposed_total", conditional, re.S)
+    assert re.search(
+        r"specdec_position_accepted_total.*\n/\n.*specdec_position_proposed_total", conditional, re.S
+    )
     shares = panel("Acceptance-length distribution by draft length k")
-    assert re.search(r"by \(specdec_method, specdec_num_draft_tokens, accepted\) \(increase\("
-                     r"specdec_draft_passes_by_accepted_total.*\n/ on \(specdec_method, specdec_num_draft_tokens\) "
-                     r"group_left\nsum by \(specdec_method, specdec_num_draft_tokens\) \(increase\("
-                     r"specdec_draft_passes_by_accepted_total", shares, re.S)
+    assert re.search(
+        r"by \(specdec_method, specdec_num_draft_tokens, accepted\) \(increase\("
+        r"specdec_draft_passes_by_accepted_total.*\n/ on \(specdec_method, specdec_num_draft_tokens\) "
+        r"group_left\nsum by \(specdec_method, specdec_num_draft_tokens\) \(increase\("
+        r"specdec_draft_passes_by_accepted_total",
+        shares,
+        re.S,
+    )
     assert "specdec_request_accept_length_bucket" in panel("Per-request acceptance length by draft length k")
     assert "specdec_request_accept_rate_bucket" in panel("Per-request acceptance rate (distribution")
     assert "specdec_completion_tokens_total" in panel("Tokens per second")
     assert "gen_ai_server_time_to_first_token_seconds_bucket" in panel("Time to first token")
     assert "gen_ai_server_request_duration_seconds_bucket" in panel("Request duration")
     assert "gen_ai_server_time_per_output_token_seconds_bucket" in panel("Time per output token")
-    for name in ("specdec_sidecar_service_dropped_records_total",
-                 "specdec_sidecar_records_rejected_total",
-                 "specdec_sidecar_export_failures_total"):
+    for name in (
+        "specdec_sidecar_service_dropped_records_total",
+        "specdec_sidecar_records_rejected_total",
+        "specdec_sidecar_export_failures_total",
+    ):
         assert name in text
     # Never an average of per-request ratios, never a ratio gauge.
     assert not re.search(r"avg(_over_time)?\s*(by\s*\([^)]*\))?\s*\(\s*[a-z_]*accept_rate", text)
@@ -87,25 +97,39 @@ def test_the_issues_panels_are_there() -> None:
 
 
 def test_promql_parser_finds_every_name() -> None:
-    expr = ('sum by (gen_ai_request_model, le) (rate(foo_total{a="x",b=~"y|z"}[$__rate_interval]))\n'
-            '/ on (le) group_left max without (instance) (bar_seconds_bucket offset 5m) '
-            '> bool 1e3 and absent(baz) or histogram_quantile(0.9, qux_bucket[5m:1m]) '
-            'unless rec:ord:rate5m')
-    assert promql.metric_names(expr) == {"foo_total", "bar_seconds_bucket", "baz", "qux_bucket",
-                                        "rec:ord:rate5m"}
-    assert promql.metric_names("label_values(specdec_requests_total, specdec_method)") == \
-        {"specdec_requests_total"}
-    assert promql.grafana_substitute('rate(x{m=~"$model"}[$__rate_interval]) ${method}') == \
-        'rate(x{m=~".*"}[30s]) .*'
-    assert promql.comparisons_to_bool('a{b!="c"} < 0.3 and d > bool 1 or e == 2') == \
-        'a{b!="c"} < bool 0.3 and d > bool 1 or e == bool 2'
+    expr = (
+        'sum by (gen_ai_request_model, le) (rate(foo_total{a="x",b=~"y|z"}[$__rate_interval]))\n'
+        "/ on (le) group_left max without (instance) (bar_seconds_bucket offset 5m) "
+        "> bool 1e3 and absent(baz) or histogram_quantile(0.9, qux_bucket[5m:1m]) "
+        "unless rec:ord:rate5m"
+    )
+    assert promql.metric_names(expr) == {
+        "foo_total",
+        "bar_seconds_bucket",
+        "baz",
+        "qux_bucket",
+        "rec:ord:rate5m",
+    }
+    assert promql.metric_names("label_values(specdec_requests_total, specdec_method)") == {
+        "specdec_requests_total"
+    }
+    assert (
+        promql.grafana_substitute('rate(x{m=~"$model"}[$__rate_interval]) ${method}')
+        == 'rate(x{m=~".*"}[30s]) .*'
+    )
+    assert (
+        promql.comparisons_to_bool('a{b!="c"} < 0.3 and d > bool 1 or e == 2')
+        == 'a{b!="c"} < bool 0.3 and d > bool 1 or e == bool 2'
+    )
     assert promql.expand_recording_rules("x:y < 1", {"x:y": "a / b"}) == "(a / b) < 1"
 
 
 # Series whose ratios (or distributions of ratios) depend on the drafter and the draft length.
-ACCEPTANCE_SERIES = re.compile(r"specdec_(accepted_drafts|proposed_drafts|verify_passes|draft_passes"
-                               r"|position_accepted|position_proposed|draft_passes_by_accepted"
-                               r"|request_accept_rate_bucket|request_accept_length_bucket)")
+ACCEPTANCE_SERIES = re.compile(
+    r"specdec_(accepted_drafts|proposed_drafts|verify_passes|draft_passes"
+    r"|position_accepted|position_proposed|draft_passes_by_accepted"
+    r"|request_accept_rate_bucket|request_accept_length_bucket)"
+)
 # The one panel that shows a pooled distribution over requests, and says so in its description.
 POOLED = "Per-request acceptance rate (distribution of requests)"
 
@@ -118,9 +142,11 @@ def test_acceptance_ratios_are_kept_apart_per_method_and_draft_length() -> None:
     dashboard = promql.load_dashboard()
     pooled = [p for p in promql.iter_panels(dashboard["panels"]) if p.get("title") == POOLED]
     assert pooled and "pick one method and one k" in pooled[0]["description"]
-    exprs = [e for e in promql.dashboard_expressions() + promql.rule_expressions()
-             if e.kind in ("panel", "record") and ACCEPTANCE_SERIES.search(e.expr)
-             and POOLED not in e.where]
+    exprs = [
+        e
+        for e in promql.dashboard_expressions() + promql.rule_expressions()
+        if e.kind in ("panel", "record") and ACCEPTANCE_SERIES.search(e.expr) and POOLED not in e.where
+    ]
     assert len(exprs) >= 10, [e.where for e in exprs]
     failures = []
     for e in exprs:

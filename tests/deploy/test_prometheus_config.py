@@ -24,8 +24,10 @@ def promtool() -> str:
         ensure_prometheus_binary()
         path = shutil.which("promtool")
     if path is None:
-        pytest.fail("promtool is missing and `apt-get install -y prometheus` failed "
-                    "(`make test` installs it via the system-deps target)")
+        pytest.fail(
+            "promtool is missing and `apt-get install -y prometheus` failed "
+            "(`make test` installs it via the system-deps target)"
+        )
     return path
 
 

@@ -31,7 +31,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -75,8 +74,7 @@ def _wait_serving(address: str, timeout: float, stack: subprocess.Popen, log: Pa
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if stack.poll() is not None:
-                raise AssertionError(f"run_stack.sh exited {stack.returncode}:\n"
-                                     + log.read_text()[-4000:])
+                raise AssertionError(f"run_stack.sh exited {stack.returncode}:\n" + log.read_text()[-4000:])
             try:
                 status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
@@ -93,8 +91,7 @@ class Stack:
     def __init__(self, workdir: Path) -> None:
         support = _support()
         self.model_dir = save_tiny_model(workdir / "tiny-model", seed=0, layers=2)
-        self.port, self.sidecar_port, self.prom_port, self.dead_port = (
-            support.free_port() for _ in range(4))
+        self.port, self.sidecar_port, self.prom_port, self.dead_port = (support.free_port() for _ in range(4))
         self.address = f"127.0.0.1:{self.port}"
         self.sidecar_address = f"127.0.0.1:{self.sidecar_port}"
         self.metrics_address = f"127.0.0.1:{self.prom_port}"
@@ -129,9 +126,14 @@ class Stack:
             env.pop(name, None)
         self.log_path = workdir / "stack.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([str(REPO / "scripts" / "run_stack.sh")], cwd=REPO,
-                                     env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(REPO / "scripts" / "run_stack.sh")],
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             _wait_serving(self.address, 240, self.proc, self.log_path)
         except BaseException:
@@ -141,10 +143,16 @@ class Stack:
     def generate(self, method: str, prompt: str, max_tokens: int = 24):
         with grpc.insecure_channel(self.address) as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
-            responses = list(stub.Generate(generation_pb2.GenerateRequest(
-                text=prompt, max_tokens=max_tokens,
-                speculation=generation_pb2.SpeculationParams(method=METHODS[method])),
-                timeout=120))
+            responses = list(
+                stub.Generate(
+                    generation_pb2.GenerateRequest(
+                        text=prompt,
+                        max_tokens=max_tokens,
+                        speculation=generation_pb2.SpeculationParams(method=METHODS[method]),
+                    ),
+                    timeout=120,
+                )
+            )
         final = responses[-1]
         assert final.HasField("final"), final
         return final.final
@@ -171,12 +179,13 @@ def _send_invalid_record(sidecar_address: str) -> None:
     from specdec.v1 import telemetry_pb2, telemetry_pb2_grpc
     from tests.telemetry.support import simulate_metrics
 
-    record = simulate_metrics(random.Random(6), ("deploy-test-model", METHODS["ngram"], "", 4),
-                              instance_id="deploy-test", passes=6)
+    record = simulate_metrics(
+        random.Random(6), ("deploy-test-model", METHODS["ngram"], "", 4), instance_id="deploy-test", passes=6
+    )
     record.accepted_drafts = record.proposed_drafts + 1
     request = telemetry_pb2.ReportRequest(
-        source_id="deploy-test-invalid",
-        records=[telemetry_pb2.MetricsRecord(sequence=1, metrics=record)])
+        source_id="deploy-test-invalid", records=[telemetry_pb2.MetricsRecord(sequence=1, metrics=record)]
+    )
     with grpc.insecure_channel(sidecar_address) as channel:
         stub = telemetry_pb2_grpc.TelemetryServiceStub(channel)
         responses = stub.Report(iter([request]), timeout=10)
@@ -214,8 +223,10 @@ def scraped(tmp_path_factory):
     support = _support()
     binary = support.ensure_prometheus_binary()
     if binary is None:
-        pytest.fail("the prometheus binary is missing and could not be installed "
-                    "(apt-get install -y prometheus; `make test` does it via system-deps)")
+        pytest.fail(
+            "the prometheus binary is missing and could not be installed "
+            "(apt-get install -y prometheus; `make test` does it via system-deps)"
+        )
     workdir = tmp_path_factory.mktemp("deploy-stack")
     stack = Stack(workdir)
     prometheus = None
@@ -223,7 +234,7 @@ def scraped(tmp_path_factory):
         (workdir / "prometheus").mkdir()
         prometheus = support.PrometheusServer(binary, workdir / "prometheus")
         prometheus.set_targets([stack.metrics_address])
-        support.wait_for(lambda: prometheus.query('up == 1'), 30, 0.5, "first scrape")
+        support.wait_for(lambda: prometheus.query("up == 1"), 30, 0.5, "first scrape")
         sent = 0
         finals = []
         for wave in range(2):  # two waves, scrapes in between: non-zero rates
@@ -232,17 +243,26 @@ def scraped(tmp_path_factory):
                 sent += 1
             if wave == 0:
                 support.wait_for(
-                    lambda: (prometheus.scalar("sum(specdec_requests_total)") or 0) >= sent,
-                    60, 0.5, "first wave in Prometheus")
+                    lambda: (prometheus.scalar("sum(specdec_requests_total)") or 0) >= sent,  # noqa: B023
+                    60,
+                    0.5,
+                    "first wave in Prometheus",
+                )
                 time.sleep(2.5)
-        assert any(f.metrics.proposed_drafts > 0 for f in finals), \
+        assert any(f.metrics.proposed_drafts > 0 for f in finals), (
             "no request proposed a draft: the acceptance panels would have nothing to show"
+        )
         _send_invalid_record(stack.sidecar_address)
         support.wait_for(
-            lambda: (prometheus.scalar("sum(specdec_requests_total)") or 0) >= sent
-            and prometheus.query("specdec_sidecar_records_rejected_total")
-            and prometheus.query("specdec_sidecar_export_failures_total"),
-            60, 0.5, "all requests, a rejected record and an export failure in Prometheus")
+            lambda: (
+                (prometheus.scalar("sum(specdec_requests_total)") or 0) >= sent
+                and prometheus.query("specdec_sidecar_records_rejected_total")
+                and prometheus.query("specdec_sidecar_export_failures_total")
+            ),
+            60,
+            0.5,
+            "all requests, a rejected record and an export failure in Prometheus",
+        )
         time.sleep(3)  # a few more scrapes after the last change
         yield stack, prometheus, sent
     finally:
@@ -262,8 +282,7 @@ def _values(result: list[dict]) -> list[float]:
 
 
 def _all_expressions() -> list[promql.Expression]:
-    return (promql.dashboard_expressions() + promql.dashboard_variable_queries()
-            + promql.rule_expressions())
+    return promql.dashboard_expressions() + promql.dashboard_variable_queries() + promql.rule_expressions()
 
 
 def test_every_metric_used_is_exported_by_the_sidecar(scraped) -> None:
@@ -279,7 +298,8 @@ def test_every_metric_used_is_exported_by_the_sidecar(scraped) -> None:
     missing = {n: w for n, w in used.items() if n not in samples}
     assert not missing, (
         f"expressions use metrics the sidecar does not export: {missing}\n"
-        f"exported: {sorted(s for s in samples if s.startswith(('specdec', 'gen_ai')))}")
+        f"exported: {sorted(s for s in samples if s.startswith(('specdec', 'gen_ai')))}"
+    )
     foreign = {n: w for n, w in used.items() if not n.startswith(("specdec_", "gen_ai_"))}
     assert not foreign, f"only the sidecar's own series reach the compose Prometheus: {foreign}"
     for name, where in used.items():
@@ -287,7 +307,8 @@ def test_every_metric_used_is_exported_by_the_sidecar(scraped) -> None:
         assert kind in ("counter", "histogram"), (
             f"{name} ({where}) is a {kind}: only counters and histograms have the same name "
             "on the sidecar's endpoint and behind the collector (a gauge with unit 1 gets "
-            "a _ratio suffix there)")
+            "a _ratio suffix there)"
+        )
 
 
 def test_every_metric_used_is_documented(scraped) -> None:
@@ -302,8 +323,7 @@ def test_every_metric_used_is_documented(scraped) -> None:
         for name in promql.metric_names(promql.expand_recording_rules(e.expr, records)):
             base = re.sub(r"_(bucket|sum|count)$", "", name)
             # exact name, or a histogram's base written as `base_*` / `base_{bucket,...}`
-            if not re.search(rf"(?<![a-zA-Z0-9_]){re.escape(base)}(?![a-zA-Z0-9]|_[a-zA-Z0-9])",
-                             docs):
+            if not re.search(rf"(?<![a-zA-Z0-9_]){re.escape(base)}(?![a-zA-Z0-9]|_[a-zA-Z0-9])", docs):
                 undocumented.add(name)
     assert not undocumented, f"not in docs/metrics.md: {sorted(undocumented)}"
 
@@ -329,8 +349,7 @@ def test_dashboard_and_recording_rule_expressions_return_data(scraped, kind) -> 
             continue
         finite = [v for v in _values(result) if math.isfinite(v)]
         if not result or not finite:
-            failures.append(f"{e.where}: {'no data' if not result else 'no finite value'}"
-                            f" ({result})\n{expr}")
+            failures.append(f"{e.where}: {'no data' if not result else 'no finite value'} ({result})\n{expr}")
     assert not failures, "\n\n".join(failures)
 
 
@@ -355,8 +374,7 @@ def test_alert_expressions_have_data_and_matching_labels(scraped) -> None:
 
 def test_pipeline_alerts_fire_on_real_rejects_and_export_failures(scraped) -> None:
     _, prometheus, _ = scraped
-    alerts = {e.where.split(":", 1)[1]: e.expr for e in promql.rule_expressions()
-              if e.kind == "alert"}
+    alerts = {e.where.split(":", 1)[1]: e.expr for e in promql.rule_expressions() if e.kind == "alert"}
     rejected = prometheus.query(alerts["SpecDecSidecarRejectingRecords"])
     assert rejected and all(s["metric"].get("reason") for s in rejected), rejected
     failing = prometheus.query(alerts["SpecDecSidecarExportFailing"])
@@ -369,10 +387,12 @@ def test_fleet_acceptance_rate_is_the_ratio_of_summed_counters(scraped) -> None:
     """The dashboard's fleet line equals accepted/proposed summed over the run's requests
     (both waves are in the rate window only partly, so compare the counters themselves)."""
     _, prometheus, sent = scraped
-    accepted = prometheus.scalar('sum(specdec_accepted_drafts_total'
-                                 '{gen_ai_request_model!="deploy-test-model"})')
-    proposed = prometheus.scalar('sum(specdec_proposed_drafts_total'
-                                 '{gen_ai_request_model!="deploy-test-model"})')
+    accepted = prometheus.scalar(
+        'sum(specdec_accepted_drafts_total{gen_ai_request_model!="deploy-test-model"})'
+    )
+    proposed = prometheus.scalar(
+        'sum(specdec_proposed_drafts_total{gen_ai_request_model!="deploy-test-model"})'
+    )
     assert prometheus.scalar("sum(specdec_requests_total)") == sent
     assert proposed and proposed > 0 and 0 <= accepted <= proposed
 
@@ -381,14 +401,18 @@ def test_health_probe_shipped_in_the_images(scraped) -> None:
     stack, _, _ = scraped
     probe = [sys.executable, str(REPO / "deploy" / "grpc_health_probe.py")]
     for address in (stack.address, stack.sidecar_address):
-        done = subprocess.run([*probe, "--addr", address], capture_output=True, text=True,
-                              timeout=30)
+        done = subprocess.run([*probe, "--addr", address], capture_output=True, text=True, timeout=30)
         assert done.returncode == 0 and "SERVING" in done.stdout, done
     # --addr-env with a wildcard listen address, as in the images
     env = {**os.environ, "SPECDEC_LISTEN": f"0.0.0.0:{stack.port}"}
-    done = subprocess.run([*probe, "--addr-env", "SPECDEC_LISTEN"], capture_output=True,
-                          text=True, timeout=30, env=env)
+    done = subprocess.run(
+        [*probe, "--addr-env", "SPECDEC_LISTEN"], capture_output=True, text=True, timeout=30, env=env
+    )
     assert done.returncode == 0, done
-    done = subprocess.run([*probe, "--addr", f"127.0.0.1:{stack.dead_port}", "--timeout", "1"],
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [*probe, "--addr", f"127.0.0.1:{stack.dead_port}", "--timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 1, done

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -27,8 +28,7 @@ NONE = metrics_pb2.SPECULATION_METHOD_NONE
 @pytest.fixture(scope="session")
 def e2e_model_dir(tmp_path_factory) -> Path:
     # No EOS: every generation runs to max_tokens (the client chooses the work per request).
-    return save_tiny_model(tmp_path_factory.mktemp("e2e-tiny-model"), seed=0, layers=2,
-                           with_eos=False)
+    return save_tiny_model(tmp_path_factory.mktemp("e2e-tiny-model"), seed=0, layers=2, with_eos=False)
 
 
 @pytest.fixture
@@ -46,7 +46,8 @@ def sidecar(otlp_receiver, tmp_path) -> Iterator[SidecarProcess]:
     p = SidecarProcess(
         extra_args=["--exporters", "otlp", "--ack-mode", "export", "--log-level", "WARNING"],
         env={**otlp_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": str(EXPORT_INTERVAL_MS)},
-        log_path=tmp_path / "sidecar.log")
+        log_path=tmp_path / "sidecar.log",
+    )
     yield p
     p.kill()
 
@@ -109,9 +110,8 @@ def make_request(i: int, rng_choice: Callable[[list], Any]) -> generation_pb2.Ge
     prompts, greedy."""
     method = rng_choice([NGRAM, NGRAM, NONE])
     req = generation_pb2.GenerateRequest(
-        request_id=f"e2e-{i}",
-        text=rng_choice(PROMPTS) + f" #{i}",
-        max_tokens=rng_choice([4, 8, 12, 16, 24]))
+        request_id=f"e2e-{i}", text=rng_choice(PROMPTS) + f" #{i}", max_tokens=rng_choice([4, 8, 12, 16, 24])
+    )
     req.sampling.temperature = 0.0
     req.speculation.method = method
     if method == NGRAM:
@@ -128,8 +128,9 @@ PROMPTS = [
 ]
 
 
-def generate(stub: generation_pb2_grpc.GenerationServiceStub,
-             req: generation_pb2.GenerateRequest, timeout: float = 60) -> Served:
+def generate(
+    stub: generation_pb2_grpc.GenerationServiceStub, req: generation_pb2.GenerateRequest, timeout: float = 60
+) -> Served:
     start = time.monotonic()
     final = None
     chunks = []
@@ -158,8 +159,9 @@ class Clients:
         self._stop = threading.Event()
         self._counter = iter(range(10**9))
         self._rngs = [random.Random(seed * 1000 + t) for t in range(n)]
-        self._threads = [threading.Thread(target=self._run, args=(t,), name=f"client-{t}",
-                                          daemon=True) for t in range(n)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(t,), name=f"client-{t}", daemon=True) for t in range(n)
+        ]
 
     def _run(self, t: int) -> None:
         rng = self._rngs[t]
@@ -177,7 +179,7 @@ class Clients:
                 with self._lock:
                     self.served.append(served)
 
-    def start(self) -> "Clients":
+    def start(self) -> Clients:
         for t in self._threads:
             t.start()
         return self

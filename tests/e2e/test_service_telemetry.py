@@ -34,6 +34,7 @@ SELF_PREFIX = "specdec.sidecar."
 
 # ---- helpers ------------------------------------------------------------------------------
 
+
 def kill_between_exports(sidecar, reporter, delay_s: float = 0.1) -> float:
     """SIGKILL the sidecar ~delay_s after an acknowledgement arrived (so well before its next
     export: EXPORT_INTERVAL_MS is 300), at a moment when the reporter has records in flight
@@ -49,7 +50,7 @@ def kill_between_exports(sidecar, reporter, delay_s: float = 0.1) -> float:
     must be resent to the next incarnation and counted exactly once."""
     for _ in range(50):
         acked = reporter.stats.acked
-        wait_for(lambda: reporter.stats.acked > acked, 10, 0.002, "an acknowledgement")
+        wait_for(lambda: reporter.stats.acked > acked, 10, 0.002, "an acknowledgement")  # noqa: B023
         time.sleep(delay_s)
         if reporter.stats.in_flight > 0:
             sidecar.kill()
@@ -60,13 +61,15 @@ def kill_between_exports(sidecar, reporter, delay_s: float = 0.1) -> float:
 def request_counter_totals(store) -> dict:
     """Exported counters of the request series (self-metrics excluded), summed over sidecar
     incarnations."""
-    return {k: v for k, v in store.counter_totals().items()
-            if k[0].startswith(REQUEST_SERIES) and not k[0].startswith(SELF_PREFIX)}
+    return {
+        k: v
+        for k, v in store.counter_totals().items()
+        if k[0].startswith(REQUEST_SERIES) and not k[0].startswith(SELF_PREFIX)
+    }
 
 
 def expected_counters(served: list[Served]) -> dict:
-    return {k: v for k, v in expected_totals([s.final.metrics for s in served]).items()
-            if "#" not in k[0]}
+    return {k: v for k, v in expected_totals([s.final.metrics for s in served]).items() if "#" not in k[0]}
 
 
 def diff(got: dict, exp: dict) -> dict:
@@ -78,12 +81,17 @@ def diff(got: dict, exp: dict) -> dict:
 def wait_for_exact_counters(store, served: list[Served], timeout_s: float = 15.0) -> None:
     exp = expected_counters(served)
     try:
-        wait_for(lambda: not diff(request_counter_totals(store), exp), timeout_s, 0.1,
-                 "exported counters to equal the sums over the served requests")
+        wait_for(
+            lambda: not diff(request_counter_totals(store), exp),
+            timeout_s,
+            0.1,
+            "exported counters to equal the sums over the served requests",
+        )
     except AssertionError:
         bad = diff(request_counter_totals(store), exp)
-        raise AssertionError(f"{len(bad)} series differ (got, expected): "
-                             f"{dict(sorted(bad.items(), key=str)[:20])}") from None
+        raise AssertionError(
+            f"{len(bad)} series differ (got, expected): {dict(sorted(bad.items(), key=str)[:20])}"
+        ) from None
 
 
 def check_sidecar_self_metrics(store, n: int) -> None:
@@ -96,13 +104,10 @@ def check_sidecar_self_metrics(store, n: int) -> None:
 
 def check_duration_histogram(store, served: list[Served]) -> None:
     hist = store.histogram_totals()
-    count = sum(c for (name, _), (c, *_r) in hist.items()
-                if name == "gen_ai.server.request.duration")
-    total = sum(s for (name, _), (_c, s, *_r) in hist.items()
-                if name == "gen_ai.server.request.duration")
+    count = sum(c for (name, _), (c, *_r) in hist.items() if name == "gen_ai.server.request.duration")
+    total = sum(s for (name, _), (_c, s, *_r) in hist.items() if name == "gen_ai.server.request.duration")
     assert count == len(served)
-    assert math.isclose(total, sum(s.final.metrics.duration_seconds for s in served),
-                        rel_tol=1e-9)
+    assert math.isclose(total, sum(s.final.metrics.duration_seconds for s in served), rel_tol=1e-9)
 
 
 def sidecar_ids(store) -> set[str]:
@@ -116,18 +121,20 @@ def keep_serving(clients, min_s: float, min_requests: int, timeout_s: float = 60
     (a time-only wait would make the counts below depend on how busy the shared CPU is)."""
     start = clients.count()
     time.sleep(min_s)
-    wait_for(lambda: clients.count() - start >= min_requests or clients.errors, timeout_s, 0.02,
-             f"{min_requests} more requests served")
+    wait_for(
+        lambda: clients.count() - start >= min_requests or clients.errors,
+        timeout_s,
+        0.02,
+        f"{min_requests} more requests served",
+    )
 
 
 def within(served: list[Served], start: float, end: float) -> list[Served]:
     return [s for s in served if s.start >= start and s.end <= end]
 
 
-def outside(served: list[Served], windows: list[tuple[float, float]], after: float
-            ) -> list[Served]:
-    return [s for s in served if s.start >= after
-            and all(s.end < a or s.start > b for a, b in windows)]
+def outside(served: list[Served], windows: list[tuple[float, float]], after: float) -> list[Served]:
+    return [s for s in served if s.start >= after and all(s.end < a or s.start > b for a, b in windows)]
 
 
 def p(values: list[float], q: float) -> float:
@@ -136,6 +143,7 @@ def p(values: list[float], q: float) -> float:
 
 
 # ---- a. SIGKILL + restart while serving -----------------------------------------------------
+
 
 def test_sigkill_restart_of_the_sidecar_while_serving(start_service, sidecar, otlp_receiver):
     sidecar.start()
@@ -160,8 +168,12 @@ def test_sigkill_restart_of_the_sidecar_while_serving(start_service, sidecar, ot
             began = time.monotonic()
             dead.append((killed, began))
             sidecar.start()
-            wait_for(lambda: reporter.stats.acked > st_dead.acked, 20, 0.01,
-                     "acknowledgements from the restarted sidecar")
+            wait_for(
+                lambda: reporter.stats.acked > st_dead.acked,  # noqa: B023
+                20,
+                0.01,
+                "acknowledgements from the restarted sidecar",
+            )
             time.sleep(0.3)
             restarting.append((began, time.monotonic()))
         keep_serving(clients, 1.0, 30)
@@ -190,11 +202,13 @@ def test_sigkill_restart_of_the_sidecar_while_serving(start_service, sidecar, ot
     up = [s.latency for s in outside(served, dead + restarting, after=warm)]
     down = [s.latency for a, b in dead for s in within(served, a, b)]
     assert len(up) >= 20 and len(down) >= 20, (len(up), len(down))
-    print(f"\n{n} requests; latency up: median {statistics.median(up) * 1e3:.1f} ms, "
-          f"p99 {p(up, 0.99) * 1e3:.1f} ms, max {max(up) * 1e3:.1f} ms ({len(up)}); "
-          f"sidecar dead: median {statistics.median(down) * 1e3:.1f} ms, "
-          f"p99 {p(down, 0.99) * 1e3:.1f} ms, max {max(down) * 1e3:.1f} ms ({len(down)}); "
-          f"report() max {max(service.timed.durations) * 1e6:.0f} us")
+    print(
+        f"\n{n} requests; latency up: median {statistics.median(up) * 1e3:.1f} ms, "
+        f"p99 {p(up, 0.99) * 1e3:.1f} ms, max {max(up) * 1e3:.1f} ms ({len(up)}); "
+        f"sidecar dead: median {statistics.median(down) * 1e3:.1f} ms, "
+        f"p99 {p(down, 0.99) * 1e3:.1f} ms, max {max(down) * 1e3:.1f} ms ({len(down)}); "
+        f"report() max {max(service.timed.durations) * 1e6:.0f} us"
+    )
     # The reporter's reconnect backoff (0.1 s .. 5 s) or a gRPC connect attempt would show up
     # as whole seconds; 2 shared CPU cores make a few tens of ms of noise.
     assert statistics.median(down) <= 2 * statistics.median(up) + 0.05
@@ -204,6 +218,7 @@ def test_sigkill_restart_of_the_sidecar_while_serving(start_service, sidecar, ot
 
 
 # ---- b. sidecar absent at service start ----------------------------------------------------
+
 
 def test_sidecar_absent_at_service_start(start_service, sidecar, otlp_receiver):
     service = start_service()  # the sidecar is not running
@@ -227,11 +242,13 @@ def test_sidecar_absent_at_service_start(start_service, sidecar, otlp_receiver):
     assert not clients.errors, clients.errors[:3]
     latencies = [s.latency for s in absent]
     up = [s.latency for s in served if s.start >= acked_at]
-    print(f"\n{len(absent)} requests served with no sidecar (median "
-          f"{statistics.median(latencies) * 1e3:.1f} ms, max {max(latencies) * 1e3:.1f} ms); "
-          f"with the sidecar up: median {statistics.median(up) * 1e3:.1f} ms, "
-          f"max {max(up) * 1e3:.1f} ms; first acknowledgement {first_ack_s:.2f} s after the "
-          f"sidecar was up; {len(served)} requests in all")
+    print(
+        f"\n{len(absent)} requests served with no sidecar (median "
+        f"{statistics.median(latencies) * 1e3:.1f} ms, max {max(latencies) * 1e3:.1f} ms); "
+        f"with the sidecar up: median {statistics.median(up) * 1e3:.1f} ms, "
+        f"max {max(up) * 1e3:.1f} ms; first acknowledgement {first_ack_s:.2f} s after the "
+        f"sidecar was up; {len(served)} requests in all"
+    )
     assert len(absent) >= 30 and len(up) >= 20
     assert statistics.median(latencies) <= 2 * statistics.median(up) + 0.05
     assert max(latencies) <= max(3 * p(up, 0.99), 1.0)
@@ -261,8 +278,7 @@ IDENTITY = {"target_model", "method", "draft_model", "num_draft_tokens"}  # the 
 
 
 def one_request(stub, text: str, max_tokens: int, method: int, k: int | None = None):
-    req = generation_pb2.GenerateRequest(request_id=f"one-{method}-{k}", text=text,
-                                         max_tokens=max_tokens)
+    req = generation_pb2.GenerateRequest(request_id=f"one-{method}-{k}", text=text, max_tokens=max_tokens)
     req.sampling.temperature = 0.0
     req.speculation.method = method
     if k is not None:
@@ -293,20 +309,24 @@ def test_final_metrics_equal_what_the_sidecar_aggregated(start_service, sidecar,
         attrs = dict(a)
         seen: set[str] = set()
         # identity -> the point attributes of every series
-        assert attrs == {"gen_ai.request.model": m.target_model,
-                         "specdec.method": {NGRAM: "ngram", NONE: "none"}[m.method],
-                         "specdec.draft_model": m.draft_model,
-                         "specdec.num_draft_tokens": m.num_draft_tokens}
+        assert attrs == {
+            "gen_ai.request.model": m.target_model,
+            "specdec.method": {NGRAM: "ngram", NONE: "none"}[m.method],
+            "specdec.draft_model": m.draft_model,
+            "specdec.num_draft_tokens": m.num_draft_tokens,
+        }
         assert m.target_model == Path(service.config.model).name  # served by name, never by path
         seen |= IDENTITY
         # scalar counters
         assert counters[("specdec.requests", a)] == 1
-        for field, series in (("prompt_tokens", "specdec.prompt_tokens"),
-                              ("completion_tokens", "specdec.completion_tokens"),
-                              ("verify_passes", "specdec.verify_passes"),
-                              ("draft_passes", "specdec.draft_passes"),
-                              ("proposed_drafts", "specdec.proposed_drafts"),
-                              ("accepted_drafts", "specdec.accepted_drafts")):
+        for field, series in (
+            ("prompt_tokens", "specdec.prompt_tokens"),
+            ("completion_tokens", "specdec.completion_tokens"),
+            ("verify_passes", "specdec.verify_passes"),
+            ("draft_passes", "specdec.draft_passes"),
+            ("proposed_drafts", "specdec.proposed_drafts"),
+            ("accepted_drafts", "specdec.accepted_drafts"),
+        ):
             assert counters[(series, a)] == getattr(m, field), (field, m)
             seen.add(field)
         assert m.prompt_tokens == final.prompt_tokens
@@ -314,21 +334,28 @@ def test_final_metrics_equal_what_the_sidecar_aggregated(start_service, sidecar,
         assert m.finish_reason == final.finish_reason == metrics_pb2.FINISH_REASON_LENGTH
         # per-position counters and passes by accepted count
         k = m.num_draft_tokens
-        assert [counters[("specdec.position.proposed", a | {("position", i)})]
-                for i in range(k)] == list(m.proposed_per_position)
-        assert [counters[("specdec.position.accepted", a | {("position", i)})]
-                for i in range(k)] == list(m.accepted_per_position)
+        assert [counters[("specdec.position.proposed", a | {("position", i)})] for i in range(k)] == list(
+            m.proposed_per_position
+        )
+        assert [counters[("specdec.position.accepted", a | {("position", i)})] for i in range(k)] == list(
+            m.accepted_per_position
+        )
         if k:
-            assert [counters[("specdec.draft_passes_by_accepted", a | {("accepted", j)})]
-                    for j in range(k + 1)] == list(m.accept_histogram)
+            assert [
+                counters[("specdec.draft_passes_by_accepted", a | {("accepted", j)})] for j in range(k + 1)
+            ] == list(m.accept_histogram)
         else:  # k = 0: no passes-by-accepted series (histogram is [0] by the contract)
             assert list(m.accept_histogram) == [0]
-            assert not [key for key in counters if key[0] == "specdec.draft_passes_by_accepted"
-                        and ("specdec.num_draft_tokens", 0) in key[1]]
+            assert not [
+                key
+                for key in counters
+                if key[0] == "specdec.draft_passes_by_accepted" and ("specdec.num_draft_tokens", 0) in key[1]
+            ]
         seen |= {"proposed_per_position", "accepted_per_position", "accept_histogram"}
+
         # per-request ratio and latency histograms: one value each, exactly the record's
         def one(name: str):
-            count, total, *_ = hists[(name, a)]
+            count, total, *_ = hists[(name, a)]  # noqa: B023
             assert count == 1, name
             return total
 
@@ -339,18 +366,17 @@ def test_final_metrics_equal_what_the_sidecar_aggregated(start_service, sidecar,
             assert ("specdec.request.accept_rate", a) not in hists
             assert ("specdec.window.accept_rate", a) not in gauges
         assert one("specdec.request.accept_length") == m.accept_length
-        assert math.isclose(gauges[("specdec.window.accept_length", a)], m.accept_length,
-                            rel_tol=1e-12)
+        assert math.isclose(gauges[("specdec.window.accept_length", a)], m.accept_length, rel_tol=1e-12)
         assert one("gen_ai.server.request.duration") == m.duration_seconds
         assert one("gen_ai.server.time_to_first_token") == m.time_to_first_token_seconds
-        assert math.isclose(one("gen_ai.server.time_per_output_token"),
-                            (m.duration_seconds - m.time_to_first_token_seconds)
-                            / (m.completion_tokens - 1), rel_tol=1e-12)
-        seen |= {"accept_rate", "accept_length", "duration_seconds",
-                 "time_to_first_token_seconds"}
+        assert math.isclose(
+            one("gen_ai.server.time_per_output_token"),
+            (m.duration_seconds - m.time_to_first_token_seconds) / (m.completion_tokens - 1),
+            rel_tol=1e-12,
+        )
+        seen |= {"accept_rate", "accept_length", "duration_seconds", "time_to_first_token_seconds"}
         fields = {f.name for f in metrics_pb2.SpeculativeMetrics.DESCRIPTOR.fields}
         assert fields == seen | set(NOT_EXPORTED), fields ^ (seen | set(NOT_EXPORTED))
 
     # nothing else was exported for these requests
-    assert {key for key in request_counter_totals(store)} <= set(
-        expected_counters([spec, plain]))
+    assert {key for key in request_counter_totals(store)} <= set(expected_counters([spec, plain]))

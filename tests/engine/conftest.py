@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -37,7 +37,13 @@ def close_draft(target) -> LoadedModel:
 @pytest.fixture(scope="session")
 def same_draft(target) -> LoadedModel:
     """The target itself as draft: acceptance is ~100% (the long-acceptance path)."""
-    return LoadedModel(name="tiny-same", model=target.model, tokenizer=target.tokenizer, device=target.device, dtype=target.dtype)
+    return LoadedModel(
+        name="tiny-same",
+        model=target.model,
+        tokenizer=target.tokenizer,
+        device=target.device,
+        dtype=target.dtype,
+    )
 
 
 @pytest.fixture
@@ -45,7 +51,9 @@ def make_engine() -> Iterator:
     """Factory: make_engine(target, draft=None, **config) -> started Engine, stopped at teardown."""
     engines: list[Engine] = []
 
-    def factory(target: LoadedModel, draft: LoadedModel | None = None, start: bool = True, **config) -> Engine:
+    def factory(
+        target: LoadedModel, draft: LoadedModel | None = None, start: bool = True, **config
+    ) -> Engine:
         config.setdefault("kv_cache_tokens", 512)
         config.setdefault("instance_id", "test-instance")
         engine = Engine(target, EngineConfig(**config), draft=draft)

@@ -48,7 +48,9 @@ def graphed_and_reference_runners(tokenizer, lean_variant: str, max_len: int):
 
     target = to_cuda(make_model(tokenizer, seed=0, name="g", vocab_size=len(tokenizer)))
     graphed = ModelRunner(target, max_batch=4, max_len=max_len, max_width=4, lean_variant=lean_variant)
-    reference = ModelRunner(target, max_batch=4, max_len=max_len, max_width=4, use_graphs=False, use_compile=False)
+    reference = ModelRunner(
+        target, max_batch=4, max_len=max_len, max_width=4, use_graphs=False, use_compile=False
+    )
     assert graphed.graphs is not None and graphed.lean.variant == lean_variant
     return target, graphed, reference
 
@@ -116,7 +118,10 @@ def wait_checked(out: Outcome, timeout: float = 300.0) -> Outcome:
     # Provenance: every accepted draft is either a delivered token marked as one, or cut.
     assert all(c.draft_mask >= 0 and c.draft_mask >> len(c.token_ids) == 0 for c in out.chunks)
     assert out.streamed_drafts + out.cut_drafts == final.metrics.accepted_drafts, (
-        out.streamed_drafts, out.cut_drafts, final.metrics.accepted_drafts)
+        out.streamed_drafts,
+        out.cut_drafts,
+        final.metrics.accepted_drafts,
+    )
     return out
 
 

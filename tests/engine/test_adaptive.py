@@ -28,8 +28,9 @@ def expected_tokens(rate: float, drafts: int) -> float:
     return (1.0 - rate ** (drafts + 1)) / (1.0 - rate)
 
 
-def best_cap_by_brute_force(policy: DraftLengthPolicy, rows: int, available: list[int], rates: list[float],
-                            floor: int) -> int:
+def best_cap_by_brute_force(
+    policy: DraftLengthPolicy, rows: int, available: list[int], rates: list[float], floor: int
+) -> int:
     """The policy's rule written out: the cap with the most expected tokens per second."""
     best, best_rate = None, -1.0
     for cap in range(floor, max(available) + 1):
@@ -44,15 +45,22 @@ def best_cap_by_brute_force(policy: DraftLengthPolicy, rows: int, available: lis
 def test_the_chosen_cap_has_the_most_expected_tokens_per_second(seed: int) -> None:
     rng = random.Random(seed)
     policy = DraftLengthPolicy()
-    _measured(policy, 32, {n: (1.9 + rng.uniform(0.0, 0.2) * n + (0.5 if n else 0.0)) * 1e-3
-                           for n in rng.sample(range(9), rng.randint(1, 9))})
+    _measured(
+        policy,
+        32,
+        {
+            n: (1.9 + rng.uniform(0.0, 0.2) * n + (0.5 if n else 0.0)) * 1e-3
+            for n in rng.sample(range(9), rng.randint(1, 9))
+        },
+    )
     available = [rng.choice([0, 0, rng.randint(1, 8)]) for _ in range(32)]
     rates = [rng.random() if rng.random() < 0.9 else 1.0 for _ in range(32)]
     floor = rng.choice([0, 0, 0, 1, 2])
     if max(available) <= floor:
         available[0] = floor + 1
     assert policy.best_cap(32, available, rates, floor, False) == best_cap_by_brute_force(
-        policy, 32, available, rates, floor)
+        policy, 32, available, rates, floor
+    )
 
 
 def test_the_floor_leaves_the_gains_below_it_counted() -> None:
@@ -136,7 +144,9 @@ def test_a_row_with_a_pooled_prior_stops_and_tries_again() -> None:
     assert all(30 <= gap <= 100 for gap in gaps[1:]) and len(gaps) >= 4  # stops, and comes back
 
 
-def _measured(policy: DraftLengthPolicy, rows: int, costs: dict[int, float], draft_model: bool = False) -> None:
+def _measured(
+    policy: DraftLengthPolicy, rows: int, costs: dict[int, float], draft_model: bool = False
+) -> None:
     for drafts, seconds in costs.items():
         for _ in range(3):  # the first observation of a shape is discarded
             policy.observe(rows, drafts, draft_model, seconds)
@@ -173,16 +183,29 @@ def test_explores_unmeasured_batches_and_respects_the_floor() -> None:
 
 
 def test_outputs_stay_lossless_with_the_policy_on(make_engine, target, close_draft, tokenizer) -> None:
-    engine = make_engine(target, draft=close_draft, max_batch_size=4, adaptive_draft_length=True,
-                         max_num_draft_tokens=5)
+    engine = make_engine(
+        target, draft=close_draft, max_batch_size=4, adaptive_draft_length=True, max_num_draft_tokens=5
+    )
     ids = tuple(tokenizer.encode("The quick brown fox jumps over the lazy dog. The quick brown"))
     plain = run(engine, [GenerationRequest("plain", ids, max_tokens=40, method=Method.NONE)])["plain"].tokens
-    requests = [GenerationRequest(f"{m.name}{i}", ids, max_tokens=40, method=m, num_draft_tokens=5)
-                for i in range(3) for m in (Method.NGRAM, Method.DRAFT_MODEL)]
+    requests = [
+        GenerationRequest(f"{m.name}{i}", ids, max_tokens=40, method=m, num_draft_tokens=5)
+        for i in range(3)
+        for m in (Method.NGRAM, Method.DRAFT_MODEL)
+    ]
     for name, out in run(engine, requests).items():
         assert out.tokens == plain, name  # run() also checks every contract invariant
-    seeded = [GenerationRequest(f"s{i}", ids, max_tokens=20, method=Method.DRAFT_MODEL, num_draft_tokens=3,
-                                sampling=SamplingParams(temperature=1.0, seed=7)) for i in range(2)]
+    seeded = [
+        GenerationRequest(
+            f"s{i}",
+            ids,
+            max_tokens=20,
+            method=Method.DRAFT_MODEL,
+            num_draft_tokens=3,
+            sampling=SamplingParams(temperature=1.0, seed=7),
+        )
+        for i in range(2)
+    ]
     outs = run(engine, seeded)
     assert outs["s0"].tokens == outs["s1"].tokens  # same seed, same output, policy or not
 
@@ -203,9 +226,13 @@ def test_planning_is_skipped_when_drafting_cannot_pay(make_engine, target, token
     _keep_costs_as_told(engine.draft_length_policy, monkeypatch)
     plans = []
     original = NgramDrafter.plan
-    monkeypatch.setattr(NgramDrafter, "plan", lambda self, seq, limit: plans.append(limit) or original(self, seq, limit))
+    monkeypatch.setattr(
+        NgramDrafter, "plan", lambda self, seq, limit: plans.append(limit) or original(self, seq, limit)
+    )
     ids = tuple(tokenizer.encode("the fox the fox the fox the fox the fox"))
-    out = run(engine, [GenerationRequest("g", ids, max_tokens=12, method=Method.NGRAM, num_draft_tokens=4)])["g"]
+    out = run(engine, [GenerationRequest("g", ids, max_tokens=12, method=Method.NGRAM, num_draft_tokens=4)])[
+        "g"
+    ]
     assert out.metrics.proposed_drafts == 0 and out.metrics.verify_passes == 11
     assert plans == [], "the n-gram lookups should have been skipped"
 
@@ -245,19 +272,30 @@ def test_a_rows_prior_is_its_kinds_pooled_rate() -> None:
     assert policy.best_cap(32, [4] * 8 + [0] * 24, [good] * 8 + [0.0] * 24, 0, False) > 0
 
 
-def test_the_engine_pools_every_proposed_draft_by_match_length(make_engine, target, tokenizer, monkeypatch) -> None:
+def test_the_engine_pools_every_proposed_draft_by_match_length(
+    make_engine, target, tokenizer, monkeypatch
+) -> None:
     # Every pass plans: on the CPU a lookup is several percent of the tiny model's pass, and
     # the planning backoff (tested on its own below) would skip most of these short requests.
     monkeypatch.setattr(adaptive, "MAX_SKIPPED_PLANS", 0)
     recorded = []
     original = PooledAcceptance.record
-    monkeypatch.setattr(PooledAcceptance, "record",
-                        lambda self, kind, proposed, accepted: recorded.append((kind, proposed, accepted))
-                        or original(self, kind, proposed, accepted))
+    monkeypatch.setattr(
+        PooledAcceptance,
+        "record",
+        lambda self, kind, proposed, accepted: (
+            recorded.append((kind, proposed, accepted)) or original(self, kind, proposed, accepted)
+        ),
+    )
     engine = make_engine(target, max_batch_size=2, adaptive_draft_length=True)
     ids = tuple(tokenizer.encode("the fox the fox the fox the fox the fox"))
-    outs = run(engine, [GenerationRequest(f"g{i}", ids, max_tokens=24, method=Method.NGRAM, num_draft_tokens=4)
-                        for i in range(2)])
+    outs = run(
+        engine,
+        [
+            GenerationRequest(f"g{i}", ids, max_tokens=24, method=Method.NGRAM, num_draft_tokens=4)
+            for i in range(2)
+        ],
+    )
     assert {kind for kind, _, _ in recorded} <= {(Method.NGRAM, n) for n in (1, 2, 3)}
     assert sum(p for _, p, _ in recorded) == sum(o.metrics.proposed_drafts for o in outs.values()) > 0
     assert sum(a for _, _, a in recorded) == sum(o.metrics.accepted_drafts for o in outs.values())
@@ -295,8 +333,9 @@ def test_a_model_that_keeps_its_promise_keeps_speculating() -> None:
     assert policy.calibration[32].factor == pytest.approx(1.0, abs=0.01)
 
 
-def _plans_in(backoff: PlanningBackoff, passes: int, per_row: float, plain_pass: float | None,
-              drafts: bool = False) -> list[int]:
+def _plans_in(
+    backoff: PlanningBackoff, passes: int, per_row: float, plain_pass: float | None, drafts: bool = False
+) -> list[int]:
     """Which of `passes` batch-32 passes one row looks up its proposal in, every row's
     lookup taking `per_row` seconds and the row drafting (or not) when it looks up."""
     row, planned = RowPlanning(), []
@@ -318,7 +357,9 @@ def test_a_row_backs_off_while_its_lookups_draft_nothing_and_resumes_when_one_dr
     assert set(gaps[4:]) == {9}  # ... up to one lookup in ten passes: ~1% of the time lost
     assert backoff.skipped == 60 - len(planned)
     backoff = PlanningBackoff()
-    assert _plans_in(backoff, 20, per_row=6.25e-6, plain_pass=2e-3, drafts=True) == list(range(20))  # drafts: every pass
+    assert _plans_in(backoff, 20, per_row=6.25e-6, plain_pass=2e-3, drafts=True) == list(
+        range(20)
+    )  # drafts: every pass
     # Lookups as dear as passes: skips are bounded, a row that starts repeating waits at most that long.
     backoff = PlanningBackoff()
     planned = _plans_in(backoff, 200, per_row=2e-3 / 32, plain_pass=1e-4)
@@ -334,7 +375,9 @@ def test_planning_never_backs_off_where_it_is_cheap_or_unmeasured() -> None:
         assert backoff.due(row)
         backoff.measured(1, 5e-6, 1)
         backoff.planned(row, False)
-    assert _plans_in(PlanningBackoff(), 50, per_row=1e-4, plain_pass=None) == list(range(50))  # no plain pass measured
+    assert _plans_in(PlanningBackoff(), 50, per_row=1e-4, plain_pass=None) == list(
+        range(50)
+    )  # no plain pass measured
 
 
 def test_a_skip_earned_in_a_large_batch_ends_where_lookups_are_cheap() -> None:
@@ -346,8 +389,9 @@ def test_a_skip_earned_in_a_large_batch_ends_where_lookups_are_cheap() -> None:
     assert backoff.limit == 0 and backoff.due(row) and row.skipping == 0
 
 
-def test_the_engine_skips_lookups_that_keep_finding_nothing_worth_drafting(make_engine, target, tokenizer,
-                                                                           monkeypatch) -> None:
+def test_the_engine_skips_lookups_that_keep_finding_nothing_worth_drafting(
+    make_engine, target, tokenizer, monkeypatch
+) -> None:
     from service.engine.drafters import NgramDrafter
 
     engine = make_engine(target, max_batch_size=1, adaptive_draft_length=True)
@@ -379,7 +423,9 @@ def test_the_engine_skips_lookups_that_keep_finding_nothing_worth_drafting(make_
         policy.pooled.record((Method.NGRAM, 3), proposed=4, accepted=4)
         policy.pooled.end_pass()
     ids = tuple(tokenizer.encode("the fox the fox the fox"))
-    out = run(engine, [GenerationRequest("g", ids, max_tokens=40, method=Method.NGRAM, num_draft_tokens=4)])["g"]
+    out = run(engine, [GenerationRequest("g", ids, max_tokens=40, method=Method.NGRAM, num_draft_tokens=4)])[
+        "g"
+    ]
     assert out.metrics.proposed_drafts == 0 and out.metrics.verify_passes == 39
     # Lookups as dear as a pass, declined each time: planned passes 0, 2, 5, 10, 19, 35 (gaps of
     # 1, 2, 4, 8, then MAX_SKIPPED_PLANS), against all 39 without the backoff.

@@ -32,15 +32,24 @@ def test_greedy_lossless_and_batch_independent_on_cuda(make_engine, gpu_models) 
     target, draft = gpu_models
     tok = target.tokenizer
     prompts = ["The quick brown fox jumps", "def add(x, y):\n", "café 日本"]
-    reqs = [GenerationRequest(f"p{i}", _ids(tok, p), max_tokens=40, method=Method.NONE) for i, p in enumerate(prompts)]
+    reqs = [
+        GenerationRequest(f"p{i}", _ids(tok, p), max_tokens=40, method=Method.NONE)
+        for i, p in enumerate(prompts)
+    ]
     for method in (Method.NGRAM, Method.DRAFT_MODEL):
         for k in (1, 3, 5):
             reqs += [
-                GenerationRequest(f"{method.name}{k}-{i}", _ids(tok, p), max_tokens=40, method=method, num_draft_tokens=k)
+                GenerationRequest(
+                    f"{method.name}{k}-{i}", _ids(tok, p), max_tokens=40, method=method, num_draft_tokens=k
+                )
                 for i, p in enumerate(prompts)
             ]
     hot = SamplingParams(temperature=0.9, top_p=0.9, seed=5)
-    reqs.append(GenerationRequest("hot", _ids(tok, prompts[0]), max_tokens=30, method=Method.DRAFT_MODEL, sampling=hot))
+    reqs.append(
+        GenerationRequest(
+            "hot", _ids(tok, prompts[0]), max_tokens=30, method=Method.DRAFT_MODEL, sampling=hot
+        )
+    )
     res = run(make_engine(target, draft=draft, max_num_draft_tokens=5), reqs)
     for r in reqs[len(prompts) : -1]:
         assert res[r.request_id].tokens == res[f"p{r.request_id.split('-')[-1]}"].tokens, r.request_id
@@ -71,8 +80,16 @@ def test_one_sync_per_decode_pass(gpu_models) -> None:
     tok = target.tokenizer
     engine = Engine(target, EngineConfig(kv_cache_tokens=256, max_num_draft_tokens=5), draft=draft)
     outs = [
-        submit(engine, GenerationRequest(f"r{m.name}", _ids(tok, "The quick brown fox"), max_tokens=20, method=m,
-                                         sampling=SamplingParams(temperature=0.0 if m is Method.NGRAM else 1.0, seed=1)))[0]
+        submit(
+            engine,
+            GenerationRequest(
+                f"r{m.name}",
+                _ids(tok, "The quick brown fox"),
+                max_tokens=20,
+                method=m,
+                sampling=SamplingParams(temperature=0.0 if m is Method.NGRAM else 1.0, seed=1),
+            ),
+        )[0]
         for m in Method
     ]
     scheduler = engine._build_scheduler()

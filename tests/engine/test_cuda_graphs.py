@@ -25,7 +25,7 @@ def test_graph_replay_matches_eager(tokenizer) -> None:
     lengths = [20, 13, 17]
     for runner in (graphed, eager):  # ragged prefill, eager in both
         for row, n in enumerate(lengths):
-            runner.forward(row, row + 1, prompts[row:row + 1, :n], [0], last_only=True)
+            runner.forward(row, row + 1, prompts[row : row + 1, :n], [0], last_only=True)
     for width in (1, 4, 2, 1, 3):
         ids = torch.randint(1, target.vocab_size, (3, width), generator=gen).cuda()
         got = graphed.forward(0, 3, ids, lengths)
@@ -34,7 +34,9 @@ def test_graph_replay_matches_eager(tokenizer) -> None:
         lengths = [n + width for n in lengths]
     # Rows [lo, hi) with lo > 0 (a draft model's group) go through the same graphs.
     ids = torch.randint(1, target.vocab_size, (2, 1), generator=gen).cuda()
-    assert_close_up_to_rounding(graphed.forward(1, 3, ids, lengths[1:]), eager.forward(1, 3, ids, lengths[1:]))
+    assert_close_up_to_rounding(
+        graphed.forward(1, 3, ids, lengths[1:]), eager.forward(1, 3, ids, lengths[1:])
+    )
     assert len(graphed.graphs.graphs) == 4  # (4, T, 64) for T in 1, 2, 3, 4
 
 
@@ -50,25 +52,42 @@ def smollm2_fp32_cuda():
 
 def test_float32_speculative_equals_plain_on_cuda(smollm2_fp32_cuda) -> None:
     tok = smollm2_fp32_cuda.tokenizer
-    passage = ("The quick brown fox jumps over the lazy dog near the river bank, where the old mill "
-               "stands. Every morning the miller opens the doors and the fox runs away.")
-    prompt = tok.apply_chat_template([{"role": "user", "content": f"Repeat this text exactly:\n{passage}"}],
-                                     tokenize=False, add_generation_prompt=True)
+    passage = (
+        "The quick brown fox jumps over the lazy dog near the river bank, where the old mill "
+        "stands. Every morning the miller opens the doors and the fox runs away."
+    )
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": f"Repeat this text exactly:\n{passage}"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     ids = tuple(tok(prompt, add_special_tokens=False)["input_ids"])
     engine = Engine(smollm2_fp32_cuda, EngineConfig(max_batch_size=4, kv_cache_tokens=512, instance_id="t"))
     engine.start()
     try:
-        requests = [GenerationRequest(f"{m.name}-{k}", ids, max_tokens=64, method=m, num_draft_tokens=k)
-                    for m, k in [(Method.NONE, 0), (Method.NGRAM, 3), (Method.NGRAM, 5)]]
+        requests = [
+            GenerationRequest(f"{m.name}-{k}", ids, max_tokens=64, method=m, num_draft_tokens=k)
+            for m, k in [(Method.NONE, 0), (Method.NGRAM, 3), (Method.NGRAM, 5)]
+        ]
         outs = run(engine, requests)
         plain = outs["NONE-0"].tokens
         for name in ("NGRAM-3", "NGRAM-5"):
             assert outs[name].tokens == plain, name
             assert outs[name].metrics.accepted_drafts > 0
         # And all three together in one batch.
-        together = run(engine, [GenerationRequest(r.request_id + "-b", r.prompt_token_ids, max_tokens=64,
-                                                  method=r.method, num_draft_tokens=r.num_draft_tokens)
-                                for r in requests])
+        together = run(
+            engine,
+            [
+                GenerationRequest(
+                    r.request_id + "-b",
+                    r.prompt_token_ids,
+                    max_tokens=64,
+                    method=r.method,
+                    num_draft_tokens=r.num_draft_tokens,
+                )
+                for r in requests
+            ],
+        )
         assert all(o.tokens == plain for o in together.values())
     finally:
         engine.stop()
@@ -88,7 +107,9 @@ def test_capture_all_covers_every_shape_a_pass_can_take(tokenizer) -> None:
     lengths = [30, 5, 61, 12]
     for runner in (graphed, eager):
         for row, n in enumerate(lengths):
-            prompt = torch.randint(1, target.vocab_size, (1, n), generator=torch.Generator().manual_seed(row)).cuda()
+            prompt = torch.randint(
+                1, target.vocab_size, (1, n), generator=torch.Generator().manual_seed(row)
+            ).cuda()
             runner.forward(row, row + 1, prompt, [0], last_only=True)
     for rows, width in ((1, 1), (4, 3), (2, 2), (3, 1), (4, 1), (1, 3), (2, 3)):
         ids = torch.randint(1, target.vocab_size, (rows, width), generator=gen).cuda()

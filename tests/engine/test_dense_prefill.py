@@ -43,11 +43,16 @@ def test_not_available_off_cuda_or_in_float32() -> None:
     assert not available(torch.device("cuda"), torch.float32, 64)
 
 
-INTERPRETED = (os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
-               and not torch.cuda.is_available())
+INTERPRETED = (
+    os.environ.get("TRITON_INTERPRET") == "1"
+    and importlib.util.find_spec("triton") is not None
+    and not torch.cuda.is_available()
+)
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="needs Triton's interpreter (TRITON_INTERPRET=1, Triton installed, no GPU)")
+@pytest.mark.skipif(
+    not INTERPRETED, reason="needs Triton's interpreter (TRITON_INTERPRET=1, Triton installed, no GPU)"
+)
 @torch.inference_mode()
 def test_dense_prefill_matches_transformers_on_the_interpreter() -> None:
     """LeanForward.prefill in float32 on the CPU (the Triton kernels interpreted, the reference
@@ -59,8 +64,15 @@ def test_dense_prefill_matches_transformers_on_the_interpreter() -> None:
     from service.engine.lean_forward import LeanForward
 
     torch.manual_seed(0)
-    shape = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 3,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+    shape = {
+        "vocab_size": 300,
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+    }
     model = LlamaForCausalLM(LlamaConfig(**shape, initializer_range=0.2)).eval()
     lean = LeanForward(model, variant="invariant", dense_prefill="on")
     assert lean.dense_prefill
@@ -78,6 +90,7 @@ def test_dense_prefill_matches_transformers_on_the_interpreter() -> None:
     assert_close_up_to_rounding(got[1], want[1, 45], what="second chunk, padded")
     starts = torch.tensor([100, 46])
     step = ids[:2, [99, 46]].diagonal()[:, None]  # token 99 of row 0, 46 of row 1: [2, 1]
-    decoded = lean(step, starts[:, None], starts[:, None], causal_mask(starts, 1, 128, torch.float32),
-                   *cache.rows(0, 2))[:, 0]
+    decoded = lean(
+        step, starts[:, None], starts[:, None], causal_mask(starts, 1, 128, torch.float32), *cache.rows(0, 2)
+    )[:, 0]
     assert_close_up_to_rounding(decoded[1], model(ids[1:2, :47]).logits[0, -1], what="decode after prefill")

@@ -26,8 +26,15 @@ from service.engine.lean_forward import LeanForward
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 # Head dim 32; 160 positions: attention spans several of the invariant kernels' key chunks.
-SHAPE = {"vocab_size": 300, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+SHAPE = {
+    "vocab_size": 300,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
 MAX_LEN = 160
 ERROR_FACTOR = 3.0
 
@@ -45,14 +52,18 @@ class _Rows:
 
     def __init__(self, lean: LeanForward) -> None:
         self.lean = lean
-        self.cache = StaticKVCache(max_batch=4, max_len=MAX_LEN, device=torch.device("cuda"), dtype=torch.bfloat16)
+        self.cache = StaticKVCache(
+            max_batch=4, max_len=MAX_LEN, device=torch.device("cuda"), dtype=torch.bfloat16
+        )
         self.cache.allocate(lean.num_layers, lean.num_kv_heads, lean.head_dim)
 
     def dense(self, lo: int, ids: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
         keys, values = self.cache.rows(lo, lo + ids.shape[0])
         return self.lean.prefill(ids, starts, lengths, keys, values)[:, 0]  # [B, V]
 
-    def invariant(self, lo: int, ids: torch.Tensor, starts: list[int], kv_len: int | None = None) -> torch.Tensor:
+    def invariant(
+        self, lo: int, ids: torch.Tensor, starts: list[int], kv_len: int | None = None
+    ) -> torch.Tensor:
         b, t = ids.shape
         keys, values = self.cache.rows(lo, lo + b)
         starts_t = torch.tensor(starts, device="cuda")
@@ -77,7 +88,9 @@ def test_dense_prefill_is_as_close_to_float32_as_the_invariant_kernels(models) -
 
     invariant = _Rows(LeanForward(bf16, variant="invariant", dense_prefill="off"))
     assert not invariant.lean.dense_prefill
-    inv_last = torch.stack([invariant.invariant(r, ids[r:r + 1, :n], [0])[0, -1] for r, n in enumerate(lengths)])
+    inv_last = torch.stack(
+        [invariant.invariant(r, ids[r : r + 1, :n], [0])[0, -1] for r, n in enumerate(lengths)]
+    )
     inv_error = max(_error(inv_last[r], want[r, n - 1]) for r, n in enumerate(lengths))
     assert inv_error > 0  # bfloat16 rounds: the bound below is not zero
 
@@ -97,12 +110,12 @@ def test_dense_prefill_is_as_close_to_float32_as_the_invariant_kernels(models) -
     # Decode passes (the invariant kernels) over what each prefill wrote: 2 then 1 tokens a row.
     starts = lengths[:]
     for width in (2, 1):
-        step = torch.stack([ids[r, n:n + width] for r, n in enumerate(starts)])
+        step = torch.stack([ids[r, n : n + width] for r, n in enumerate(starts)])
         got = rows.invariant(0, step, starts, kv_len=MAX_LEN)
         ref = invariant.invariant(0, step, starts, kv_len=MAX_LEN)
         for r, n in enumerate(starts):
-            bound = ERROR_FACTOR * max(_error(ref[r], want[r, n:n + width]), inv_error)
-            assert _error(got[r], want[r, n:n + width]) <= bound, (width, r)
+            bound = ERROR_FACTOR * max(_error(ref[r], want[r, n : n + width]), inv_error)
+            assert _error(got[r], want[r, n : n + width]) <= bound, (width, r)
         starts = [n + width for n in starts]
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from service.engine.detokenizer import IncrementalDetokenizer
 
 
-def _feed(tokenizer, text: str, stop: tuple[str, ...] = (), prompt: str = "Say: ") -> tuple[list[str], bool, str]:
+def _feed(
+    tokenizer, text: str, stop: tuple[str, ...] = (), prompt: str = "Say: "
+) -> tuple[list[str], bool, str]:
     """Feeds the tokens of `text` one by one; returns (released pieces, stopped, final piece)."""
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
     detok = IncrementalDetokenizer(tokenizer, prompt_ids, stop)
@@ -46,7 +48,9 @@ def test_stop_string_prefix_that_diverges_is_released(tokenizer) -> None:
     assert "".join(pieces) + final == "The dog sleeps."
     released = ["".join(pieces[: i + 1]) for i in range(len(pieces))]
     # While the text ended in "dog" (a prefix of the stop string) it was held back ...
-    assert "The " in released and not any(r.startswith("The dog") and not r.startswith("The dog s") for r in released)
+    assert "The " in released and not any(
+        r.startswith("The dog") and not r.startswith("The dog s") for r in released
+    )
 
 
 def test_earliest_of_several_stop_strings_wins(tokenizer) -> None:

@@ -23,10 +23,18 @@ def _ids(tokenizer, text: str) -> tuple[int, ...]:
 def _plain_and_spec(tokenizer, method: Method, max_tokens: int = 48) -> list[GenerationRequest]:
     reqs = []
     for i, text in enumerate(PROMPTS):
-        reqs.append(GenerationRequest(f"plain-{i}", _ids(tokenizer, text), max_tokens=max_tokens, method=Method.NONE))
+        reqs.append(
+            GenerationRequest(f"plain-{i}", _ids(tokenizer, text), max_tokens=max_tokens, method=Method.NONE)
+        )
         for k in KS:
             reqs.append(
-                GenerationRequest(f"spec-{i}-k{k}", _ids(tokenizer, text), max_tokens=max_tokens, method=method, num_draft_tokens=k)
+                GenerationRequest(
+                    f"spec-{i}-k{k}",
+                    _ids(tokenizer, text),
+                    max_tokens=max_tokens,
+                    method=method,
+                    num_draft_tokens=k,
+                )
             )
     return reqs
 
@@ -49,11 +57,19 @@ def _assert_lossless(results) -> tuple[int, int]:
 def test_plain_decoding_matches_transformers_generate(make_engine, target, loopy) -> None:
     for model in (target, loopy):
         engine = make_engine(model, max_batch_size=3)
-        results = run(engine, [GenerationRequest(f"p{i}", _ids(model.tokenizer, t), max_tokens=40, method=Method.NONE) for i, t in enumerate(PROMPTS)])
+        results = run(
+            engine,
+            [
+                GenerationRequest(f"p{i}", _ids(model.tokenizer, t), max_tokens=40, method=Method.NONE)
+                for i, t in enumerate(PROMPTS)
+            ],
+        )
         for i, text in enumerate(PROMPTS):
             prompt = torch.tensor([_ids(model.tokenizer, text)])
             with torch.inference_mode():
-                ref = model.model.generate(prompt, max_new_tokens=40, do_sample=False, pad_token_id=0)[0, prompt.shape[1] :]
+                ref = model.model.generate(prompt, max_new_tokens=40, do_sample=False, pad_token_id=0)[
+                    0, prompt.shape[1] :
+                ]
             assert results[f"p{i}"].tokens == ref.tolist()
 
 
@@ -77,7 +93,9 @@ def test_draft_model_greedy_is_lossless(request, make_engine, target_name, draft
 def test_ngram_greedy_is_lossless(request, make_engine, target_name, min_rate) -> None:
     target = request.getfixturevalue(target_name)
     engine = make_engine(target, max_batch_size=8, max_num_draft_tokens=5)
-    accepted, proposed = _assert_lossless(run(engine, _plain_and_spec(target.tokenizer, Method.NGRAM, max_tokens=64)))
+    accepted, proposed = _assert_lossless(
+        run(engine, _plain_and_spec(target.tokenizer, Method.NGRAM, max_tokens=64))
+    )
     assert proposed > 0 and accepted / proposed >= min_rate, (accepted, proposed)
 
 
@@ -90,9 +108,20 @@ def _mixed_requests(tokenizer) -> list[GenerationRequest]:
         GenerationRequest("c", ids("Hi"), max_tokens=33, method=Method.NONE),
         GenerationRequest("d", ids(PROMPTS[2]), max_tokens=45, method=Method.DRAFT_MODEL, num_draft_tokens=1),
         GenerationRequest("e", ids(PROMPTS[0] * 3), max_tokens=50, method=Method.NGRAM, num_draft_tokens=4),
-        GenerationRequest("f", ids(PROMPTS[1]), max_tokens=40, method=Method.DRAFT_MODEL, num_draft_tokens=3, sampling=hot),
-        GenerationRequest("g", ids(PROMPTS[0]), max_tokens=40, method=Method.NGRAM, num_draft_tokens=3, sampling=SamplingParams(temperature=1.0, seed=3)),
-        GenerationRequest("h", ids(PROMPTS[2]), max_tokens=25, method=Method.NONE, sampling=greedy, stop=("e",)),
+        GenerationRequest(
+            "f", ids(PROMPTS[1]), max_tokens=40, method=Method.DRAFT_MODEL, num_draft_tokens=3, sampling=hot
+        ),
+        GenerationRequest(
+            "g",
+            ids(PROMPTS[0]),
+            max_tokens=40,
+            method=Method.NGRAM,
+            num_draft_tokens=3,
+            sampling=SamplingParams(temperature=1.0, seed=3),
+        ),
+        GenerationRequest(
+            "h", ids(PROMPTS[2]), max_tokens=25, method=Method.NONE, sampling=greedy, stop=("e",)
+        ),
         GenerationRequest("i", ids("x"), max_tokens=1, method=Method.DRAFT_MODEL, num_draft_tokens=4),
     ]
 

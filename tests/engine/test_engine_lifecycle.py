@@ -67,9 +67,20 @@ def test_vocabulary_mismatch_is_a_startup_error(target, tokenizer) -> None:
 
 
 def test_info(make_engine, target, close_draft) -> None:
-    info = make_engine(target, draft=close_draft, start=False, max_context_tokens=100, default_num_draft_tokens=3).info
-    assert (info.target_model, info.draft_model, info.device, info.dtype) == ("tiny-target", "tiny-close", "cpu", "float32")
-    assert info.max_context_tokens == 100 and info.default_num_draft_tokens == 3 and info.max_num_draft_tokens == 8
+    info = make_engine(
+        target, draft=close_draft, start=False, max_context_tokens=100, default_num_draft_tokens=3
+    ).info
+    assert (info.target_model, info.draft_model, info.device, info.dtype) == (
+        "tiny-target",
+        "tiny-close",
+        "cpu",
+        "float32",
+    )
+    assert (
+        info.max_context_tokens == 100
+        and info.default_num_draft_tokens == 3
+        and info.max_num_draft_tokens == 8
+    )
     assert info.default_method is Method.NGRAM and info.max_batch_size == 8 and info.vocab_size == 320
     assert set(info.methods) == {Method.NONE, Method.NGRAM, Method.DRAFT_MODEL}
     assert make_engine(target, start=False, kv_cache_tokens=64).info.max_context_tokens == 64
@@ -86,7 +97,9 @@ def test_cancel_mid_generation_frees_the_slot(make_engine, target) -> None:
     out, handle = submit(engine, long_req)
     holder["handle"] = handle
     # queued behind it (one slot): a second request, and a third we cancel while queued
-    nxt, _ = submit(engine, GenerationRequest("next", _ids(target.tokenizer), max_tokens=5, method=Method.NONE))
+    nxt, _ = submit(
+        engine, GenerationRequest("next", _ids(target.tokenizer), max_tokens=5, method=Method.NONE)
+    )
     queued, queued_handle = submit(engine, GenerationRequest("queued", _ids(target.tokenizer), max_tokens=5))
     queued_handle.cancel()
     handle.cancel()  # may land before or during generation: both must free the slot
@@ -112,7 +125,11 @@ def test_cancel_from_the_token_callback(make_engine, target) -> None:
         if len(out.chunks) == 3:
             handle_box[0].cancel()
 
-    handle_box.append(engine.submit(GenerationRequest("c", _ids(target.tokenizer), max_tokens=400, method=Method.NONE), on_event))
+    handle_box.append(
+        engine.submit(
+            GenerationRequest("c", _ids(target.tokenizer), max_tokens=400, method=Method.NONE), on_event
+        )
+    )
     wait_checked(out)
     assert out.final.finish_reason is FinishReason.CANCELLED
     assert out.final.completion_tokens == 4 and out.metrics.verify_passes == 3
@@ -123,7 +140,9 @@ def test_cancel_from_the_token_callback(make_engine, target) -> None:
 
 def test_queue_full_is_refused(make_engine, target) -> None:
     engine = make_engine(target, start=False, max_batch_size=1, max_queue_size=2)
-    pending = [submit(engine, GenerationRequest(f"r{i}", _ids(target.tokenizer), max_tokens=3))[0] for i in range(3)]
+    pending = [
+        submit(engine, GenerationRequest(f"r{i}", _ids(target.tokenizer), max_tokens=3))[0] for i in range(3)
+    ]
     with pytest.raises(QueueFullError):
         engine.submit(GenerationRequest("r3", _ids(target.tokenizer), max_tokens=3), lambda e: None)
     engine.start()
@@ -137,6 +156,7 @@ def test_stop_cancels_queued_requests_at_once_and_drains_running_ones(make_engin
     release = threading.Event()
     running = [Outcome(f"run{i}") for i in range(2)]
     for out in running:
+
         def on_event(event, out=out) -> None:
             out.on_event(event)
             if all(o.chunks for o in running):  # both hold a batch slot: hold the engine thread
@@ -168,7 +188,10 @@ def test_stop_cancels_queued_requests_at_once_and_drains_running_ones(make_engin
 
 def test_stop_timeout_cancels_the_rest(make_engine, target) -> None:
     engine = make_engine(target, max_batch_size=1)
-    pending = [submit(engine, GenerationRequest(f"r{i}", _ids(target.tokenizer), max_tokens=400))[0] for i in range(3)]
+    pending = [
+        submit(engine, GenerationRequest(f"r{i}", _ids(target.tokenizer), max_tokens=400))[0]
+        for i in range(3)
+    ]
     engine.stop(drain_timeout_s=0.0)
     reasons = [wait_checked(out, timeout=1).final.finish_reason for out in pending]
     assert reasons.count(FinishReason.CANCELLED) >= 2  # nothing lost: every request got its final
@@ -204,7 +227,9 @@ def test_failed_forward_fails_its_batch_and_engine_continues(make_engine, target
 
     monkeypatch.setattr(ModelRunner, "forward", flaky)
     pending = [
-        submit(engine, GenerationRequest(f"f{i}", _ids(target.tokenizer), max_tokens=20, method=Method.NONE))[0]
+        submit(engine, GenerationRequest(f"f{i}", _ids(target.tokenizer), max_tokens=20, method=Method.NONE))[
+            0
+        ]
         for i in range(2)
     ]
     engine.start()
@@ -218,13 +243,21 @@ def test_failed_forward_fails_its_batch_and_engine_continues(make_engine, target
 
 
 def test_eos_ends_the_request_without_text(make_engine, target) -> None:
-    plain = run(make_engine(target), [GenerationRequest("p", _ids(target.tokenizer), max_tokens=12, method=Method.NONE)])["p"]
+    plain = run(
+        make_engine(target),
+        [GenerationRequest("p", _ids(target.tokenizer), max_tokens=12, method=Method.NONE)],
+    )["p"]
     eos = plain.tokens[5]
-    eos_model = make_model(target.tokenizer, seed=0, name="tiny-eos", vocab_size=target.vocab_size)  # = target
+    eos_model = make_model(
+        target.tokenizer, seed=0, name="tiny-eos", vocab_size=target.vocab_size
+    )  # = target
     eos_model.model.generation_config.eos_token_id = [0, eos]  # the engine reads the generation config
     engine = make_engine(eos_model)
     for method in (Method.NONE, Method.NGRAM):
-        out = run(engine, [GenerationRequest(f"e{method.name}", _ids(target.tokenizer), max_tokens=12, method=method)])
+        out = run(
+            engine,
+            [GenerationRequest(f"e{method.name}", _ids(target.tokenizer), max_tokens=12, method=method)],
+        )
         out = out[f"e{method.name}"]
         first = plain.tokens.index(eos)
         assert out.final.finish_reason is FinishReason.EOS
@@ -234,12 +267,25 @@ def test_eos_ends_the_request_without_text(make_engine, target) -> None:
 
 def test_stop_string_cuts_text_for_every_method(make_engine, target, close_draft) -> None:
     engine = make_engine(target, draft=close_draft)
-    plain = run(engine, [GenerationRequest("p", _ids(target.tokenizer), max_tokens=40, method=Method.NONE)])["p"]
+    plain = run(engine, [GenerationRequest("p", _ids(target.tokenizer), max_tokens=40, method=Method.NONE)])[
+        "p"
+    ]
     text = plain.text
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     cut = text[: text.index(stop)]
     for method in Method:
-        out = run(engine, [GenerationRequest(f"s{method.name}", _ids(target.tokenizer), max_tokens=40, method=method, stop=(stop, "\x00never"))])
+        out = run(
+            engine,
+            [
+                GenerationRequest(
+                    f"s{method.name}",
+                    _ids(target.tokenizer),
+                    max_tokens=40,
+                    method=method,
+                    stop=(stop, "\x00never"),
+                )
+            ],
+        )
         out = out[f"s{method.name}"]
         assert out.final.finish_reason is FinishReason.STOP_SEQUENCE
         assert out.text == cut
@@ -249,7 +295,13 @@ def test_stop_string_cuts_text_for_every_method(make_engine, target, close_draft
 
 def test_text_equals_full_decode(make_engine, target) -> None:
     engine = make_engine(target)
-    outs = run(engine, [GenerationRequest(f"t{i}", _ids(target.tokenizer, p), max_tokens=60) for i, p in enumerate(["café 日本", "🙂🚀", "x"])])
+    outs = run(
+        engine,
+        [
+            GenerationRequest(f"t{i}", _ids(target.tokenizer, p), max_tokens=60)
+            for i, p in enumerate(["café 日本", "🙂🚀", "x"])
+        ],
+    )
     for out in outs.values():
         assert out.text == target.tokenizer.decode(out.tokens, skip_special_tokens=True)
 
@@ -258,12 +310,17 @@ def test_context_limit_and_budget(make_engine, target, same_draft) -> None:
     engine = make_engine(target, draft=same_draft, max_context_tokens=40, max_num_draft_tokens=5)
     prompt = _ids(target.tokenizer, "The quick brown fox jumps over the lazy dog.")
     for method in Method:
-        out = run(engine, [GenerationRequest(f"c{method.name}", prompt, max_tokens=100, method=method, num_draft_tokens=5)])
+        out = run(
+            engine,
+            [GenerationRequest(f"c{method.name}", prompt, max_tokens=100, method=method, num_draft_tokens=5)],
+        )
         out = out[f"c{method.name}"]
         assert out.final.finish_reason is FinishReason.LENGTH
         assert len(prompt) + len(out.tokens) == 40
     # the budget caps proposals: 3 tokens = the prefill token + one pass of at most 1 draft + bonus
-    out = run(engine, [GenerationRequest("b", prompt, max_tokens=3, method=Method.DRAFT_MODEL, num_draft_tokens=5)])["b"]
+    out = run(
+        engine, [GenerationRequest("b", prompt, max_tokens=3, method=Method.DRAFT_MODEL, num_draft_tokens=5)]
+    )["b"]
     m = out.metrics
     assert (len(out.tokens), m.verify_passes, m.proposed_drafts, m.accepted_drafts) == (3, 1, 1, 1)
     assert list(m.accept_histogram) == [0, 1, 0, 0, 0, 0]
@@ -271,7 +328,14 @@ def test_context_limit_and_budget(make_engine, target, same_draft) -> None:
 
 def test_ngram_misses_give_zero_drafts(make_engine, target) -> None:
     engine = make_engine(target, ngram_min_n=3, ngram_max_n=3)
-    out = run(engine, [GenerationRequest("m", _ids(target.tokenizer, "abc"), max_tokens=30, method=Method.NGRAM, num_draft_tokens=4)])["m"]
+    out = run(
+        engine,
+        [
+            GenerationRequest(
+                "m", _ids(target.tokenizer, "abc"), max_tokens=30, method=Method.NGRAM, num_draft_tokens=4
+            )
+        ],
+    )["m"]
     m = out.metrics
     assert m.verify_passes > m.draft_passes  # passes with d_s = 0 count as verify passes only
     assert m.proposed_drafts < 4 * m.verify_passes
@@ -282,7 +346,10 @@ def test_concurrent_submitters(make_engine, target) -> None:
     results: dict = {}
 
     def worker(n: int) -> None:
-        reqs = [GenerationRequest(f"w{n}-{i}", _ids(target.tokenizer), max_tokens=8, method=Method(1 + i % 2)) for i in range(5)]
+        reqs = [
+            GenerationRequest(f"w{n}-{i}", _ids(target.tokenizer), max_tokens=8, method=Method(1 + i % 2))
+            for i in range(5)
+        ]
         results.update(run(engine, reqs))
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
@@ -309,13 +376,22 @@ def test_failed_draft_backlog_fails_only_its_request(make_engine, target, close_
             raise RuntimeError("draft out of memory")
         return original(self, lo, hi, input_ids, starts, last_only, **kwargs)
 
-    alone = run(make_engine(target, close_draft), [
-        GenerationRequest("ok-alone", _ids(target.tokenizer), max_tokens=16, method=Method.DRAFT_MODEL)])["ok-alone"]
+    alone = run(
+        make_engine(target, close_draft),
+        [GenerationRequest("ok-alone", _ids(target.tokenizer), max_tokens=16, method=Method.DRAFT_MODEL)],
+    )["ok-alone"]
     monkeypatch.setattr(ModelRunner, "forward", failing)
     engine = make_engine(target, close_draft, max_batch_size=4)
-    bad, _ = submit(engine, GenerationRequest("bad", tuple(long_prompt), max_tokens=16, method=Method.DRAFT_MODEL))
-    good = run(engine, [GenerationRequest("ok", _ids(target.tokenizer), max_tokens=16, method=Method.DRAFT_MODEL),
-                        GenerationRequest("plain", _ids(target.tokenizer), max_tokens=16, method=Method.NONE)])
+    bad, _ = submit(
+        engine, GenerationRequest("bad", tuple(long_prompt), max_tokens=16, method=Method.DRAFT_MODEL)
+    )
+    good = run(
+        engine,
+        [
+            GenerationRequest("ok", _ids(target.tokenizer), max_tokens=16, method=Method.DRAFT_MODEL),
+            GenerationRequest("plain", _ids(target.tokenizer), max_tokens=16, method=Method.NONE),
+        ],
+    )
     wait_checked(bad)
     assert bad.final.finish_reason is FinishReason.ERROR and "draft out of memory" in bad.final.error
     assert good["ok"].final.finish_reason is FinishReason.LENGTH
@@ -337,11 +413,16 @@ def test_rows_behind_catch_up_in_one_draft_forward(make_engine, target, close_dr
             catch_up_widths.append((hi - lo, input_ids.shape[1]))
         return original(self, lo, hi, input_ids, starts, last_only, **kwargs)
 
-    prompts = [_ids(target.tokenizer, "The quick brown fox"), _ids(target.tokenizer),
-               _ids(target.tokenizer, "A longer prompt for the draft model to catch up on, token by token.")]
-    requests = [GenerationRequest("d0", prompts[0], max_tokens=20, method=Method.DRAFT_MODEL, num_draft_tokens=3),
-                GenerationRequest("p1", prompts[1], max_tokens=20, method=Method.NONE),
-                GenerationRequest("d2", prompts[2], max_tokens=20, method=Method.DRAFT_MODEL, num_draft_tokens=3)]
+    prompts = [
+        _ids(target.tokenizer, "The quick brown fox"),
+        _ids(target.tokenizer),
+        _ids(target.tokenizer, "A longer prompt for the draft model to catch up on, token by token."),
+    ]
+    requests = [
+        GenerationRequest("d0", prompts[0], max_tokens=20, method=Method.DRAFT_MODEL, num_draft_tokens=3),
+        GenerationRequest("p1", prompts[1], max_tokens=20, method=Method.NONE),
+        GenerationRequest("d2", prompts[2], max_tokens=20, method=Method.DRAFT_MODEL, num_draft_tokens=3),
+    ]
     alone_engine = make_engine(target, close_draft, max_batch_size=1)
     alone = {r.request_id: run(alone_engine, [r])[r.request_id] for r in requests}
     monkeypatch.setattr(ModelRunner, "forward", spy)
@@ -355,7 +436,9 @@ def test_rows_behind_catch_up_in_one_draft_forward(make_engine, target, close_dr
     for request_id, out in outs.items():
         assert out.tokens == alone[request_id].tokens, request_id
         got, want = out.metrics, alone[request_id].metrics
-        assert (got.proposed_drafts, got.accepted_drafts) == (want.proposed_drafts, want.accepted_drafts), request_id
+        assert (got.proposed_drafts, got.accepted_drafts) == (want.proposed_drafts, want.accepted_drafts), (
+            request_id
+        )
 
 
 def test_the_heap_alive_at_start_is_frozen_while_the_engine_runs(make_engine, target) -> None:
@@ -384,13 +467,17 @@ def test_freezing_the_heap_can_be_turned_off(make_engine, target) -> None:
     assert gc.get_freeze_count() == 0
 
 
-def test_a_drafter_failing_while_the_device_runs_fails_only_its_request(make_engine, target, monkeypatch) -> None:
+def test_a_drafter_failing_while_the_device_runs_fails_only_its_request(
+    make_engine, target, monkeypatch
+) -> None:
     """The n-gram drafter indexes new tokens while the device runs a pass: if that fails for
     one row, that request fails once the pass is over, and the others carry on unchanged."""
     from service.engine.drafters import NgramDrafter
 
     ids = _ids(target.tokenizer)
-    alone = run(make_engine(target), [GenerationRequest("alone", ids, max_tokens=16, method=Method.NGRAM)])["alone"]
+    alone = run(make_engine(target), [GenerationRequest("alone", ids, max_tokens=16, method=Method.NGRAM)])[
+        "alone"
+    ]
     original = NgramDrafter.while_device_runs
 
     def failing(self, seq):
@@ -399,9 +486,13 @@ def test_a_drafter_failing_while_the_device_runs_fails_only_its_request(make_eng
         original(self, seq)
 
     monkeypatch.setattr(NgramDrafter, "while_device_runs", failing)
-    outs = run(make_engine(target, max_batch_size=4), [
-        GenerationRequest("bad", ids, max_tokens=16, method=Method.NGRAM),
-        GenerationRequest("ok", ids, max_tokens=16, method=Method.NGRAM)])
+    outs = run(
+        make_engine(target, max_batch_size=4),
+        [
+            GenerationRequest("bad", ids, max_tokens=16, method=Method.NGRAM),
+            GenerationRequest("ok", ids, max_tokens=16, method=Method.NGRAM),
+        ],
+    )
     assert outs["bad"].final.finish_reason is FinishReason.ERROR and "index broke" in outs["bad"].final.error
     assert 4 <= len(outs["bad"].tokens) < 16
     assert outs["ok"].final.finish_reason is FinishReason.LENGTH and outs["ok"].tokens == alone.tokens

@@ -72,7 +72,9 @@ def _pvalue(observed: torch.Tensor, expected_probs: torch.Tensor, strict: bool =
 
 
 def _sample(make_engine, target, draft, method: Method, seeds: range) -> torch.Tensor:
-    engine = make_engine(target, draft=draft, max_batch_size=8, max_queue_size=SAMPLES, max_num_draft_tokens=4)
+    engine = make_engine(
+        target, draft=draft, max_batch_size=8, max_queue_size=SAMPLES, max_num_draft_tokens=4
+    )
     s = SAMPLING
     reqs = [
         GenerationRequest(
@@ -116,7 +118,9 @@ def test_same_seed_same_output(make_engine, target, close_draft) -> None:
 
     def req(rid: str, seed: int, method: Method) -> GenerationRequest:
         sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=seed)
-        return GenerationRequest(rid, prompt, max_tokens=30, method=method, num_draft_tokens=3, sampling=sampling)
+        return GenerationRequest(
+            rid, prompt, max_tokens=30, method=method, num_draft_tokens=3, sampling=sampling
+        )
 
     for method in (Method.DRAFT_MODEL, Method.NGRAM, Method.NONE):
         first = run(engine, [req("a", 42, method)])["a"].tokens

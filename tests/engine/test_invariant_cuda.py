@@ -22,7 +22,9 @@ def test_invariant_graphs_match_the_reference_variant(tokenizer) -> None:
     lengths = [70, 13, 66]  # prompts across the 64-position key chunks
     for runner in (graphed, reference):
         for row, n in enumerate(lengths):
-            prompt = torch.randint(1, target.vocab_size, (1, n), generator=torch.Generator().manual_seed(row)).cuda()
+            prompt = torch.randint(
+                1, target.vocab_size, (1, n), generator=torch.Generator().manual_seed(row)
+            ).cuda()
             runner.forward(row, row + 1, prompt, [0], last_only=True)
     for rows, width in ((3, 1), (3, 4), (1, 2), (2, 3), (3, 1)):
         ids = torch.randint(1, target.vocab_size, (rows, width), generator=gen).cuda()
@@ -44,9 +46,9 @@ def smollm2_bf16_cuda():
 
 PROMPTS = {
     "grounded": "Repeat this text exactly:\nThe quick brown fox jumps over the lazy dog near the river "
-                "bank, where the old mill stands. Every morning the miller opens the doors and the fox runs away.",
+    "bank, where the old mill stands. Every morning the miller opens the doors and the fox runs away.",
     "rewrite": "Rewrite this function with a docstring:\ndef area(w, h):\n    return w * h\n\n"
-               "def perimeter(w, h):\n    return 2 * (w + h)",
+    "def perimeter(w, h):\n    return 2 * (w + h)",
     "chat": "What should I pack for a week of hiking in the mountains in autumn?",
     "story": "Tell me a short story about a lighthouse keeper and a storm.",
 }
@@ -61,19 +63,25 @@ def test_bfloat16_speculative_equals_plain_on_cuda(smollm2_bf16_cuda) -> None:
     tok = smollm2_bf16_cuda.tokenizer
 
     def ids(text: str) -> tuple[int, ...]:
-        chat = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                       add_generation_prompt=True)
+        chat = tok.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
         return tuple(tok(chat, add_special_tokens=False)["input_ids"])
 
-    engine = Engine(smollm2_bf16_cuda, EngineConfig(max_batch_size=1, kv_cache_tokens=512, instance_id="t",
-                                                    adaptive_draft_length=True),
-                    draft=smollm2_bf16_cuda)
+    engine = Engine(
+        smollm2_bf16_cuda,
+        EngineConfig(max_batch_size=1, kv_cache_tokens=512, instance_id="t", adaptive_draft_length=True),
+        draft=smollm2_bf16_cuda,
+    )
     assert engine.config.lean_variant == "invariant"
     engine.start()
     try:
         setups = [(Method.NONE, 0), (Method.NGRAM, 3), (Method.NGRAM, 8), (Method.DRAFT_MODEL, 4)]
-        requests = [GenerationRequest(f"{kind}-{m.name}-{k}", ids(text), max_tokens=96, method=m, num_draft_tokens=k)
-                    for kind, text in PROMPTS.items() for m, k in setups]
+        requests = [
+            GenerationRequest(f"{kind}-{m.name}-{k}", ids(text), max_tokens=96, method=m, num_draft_tokens=k)
+            for kind, text in PROMPTS.items()
+            for m, k in setups
+        ]
         alone = {}
         for request in requests:  # batch 1
             alone.update(run(engine, [request]))

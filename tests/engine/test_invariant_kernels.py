@@ -21,16 +21,27 @@ from service.engine.lean_forward import LeanForward, supports
 from tests.support.float_compare import assert_close_up_to_rounding
 
 ON_CUDA = torch.cuda.is_available()
-INTERPRETED = (not ON_CUDA and os.environ.get("TRITON_INTERPRET") == "1"
-               and importlib.util.find_spec("triton") is not None)
-pytestmark = pytest.mark.skipif(not (ON_CUDA or INTERPRETED),
-                                reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)")
+INTERPRETED = (
+    not ON_CUDA
+    and os.environ.get("TRITON_INTERPRET") == "1"
+    and importlib.util.find_spec("triton") is not None
+)
+pytestmark = pytest.mark.skipif(
+    not (ON_CUDA or INTERPRETED), reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)"
+)
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 DTYPES = [torch.float32, torch.bfloat16] if ON_CUDA else [torch.float32]
 
 # Head dim 16 (the kernels' smallest), and 96 positions: attention spans two key chunks.
-SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+SHAPE = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 MAX_LEN = 96
 
 
@@ -55,32 +66,42 @@ class _Rows:
         self.cache = StaticKVCache(max_batch=4, max_len=MAX_LEN, device=DEVICE, dtype=dtype)
         self.cache.allocate(lean.num_layers, lean.num_kv_heads, lean.head_dim)
 
-    def __call__(self, lo: int, tokens: torch.Tensor, starts: list[int], kv_len: int | None = None) -> torch.Tensor:
+    def __call__(
+        self, lo: int, tokens: torch.Tensor, starts: list[int], kv_len: int | None = None
+    ) -> torch.Tensor:
         b, t = tokens.shape
         keys, values = self.cache.rows(lo, lo + b)
         starts_t = torch.tensor(starts, device=DEVICE)
         positions = starts_t[:, None] + torch.arange(t, device=DEVICE)
         kv_len = kv_len or max(starts) + t
-        return self.lean(tokens.to(DEVICE), positions, positions, causal_mask(starts_t, t, kv_len, self.dtype),
-                         keys, values)
+        return self.lean(
+            tokens.to(DEVICE),
+            positions,
+            positions,
+            causal_mask(starts_t, t, kv_len, self.dtype),
+            keys,
+            values,
+        )
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @torch.inference_mode()
 def test_matches_transformers(kind: str) -> None:
     model = _model(kind)
-    ids = torch.randint(0, SHAPE["vocab_size"], (3, 80), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ids = torch.randint(0, SHAPE["vocab_size"], (3, 80), generator=torch.Generator().manual_seed(1)).to(
+        DEVICE
+    )
     reference = model(ids).logits  # [3, 80, V], the full causal forward
     rows = _Rows(LeanForward(model, variant="invariant"), torch.float32)
     lengths = [70, 41, 66]  # ragged prefills, one row at a time, then 1 to 4 tokens a pass
     for r, n in enumerate(lengths):
-        out = rows(r, ids[r:r + 1, :n], [0])
+        out = rows(r, ids[r : r + 1, :n], [0])
         assert_close_up_to_rounding(out[0], reference[r, :n])
     for width in (1, 4, 1, 2):
-        chunk = torch.stack([ids[r, n:n + width] for r, n in enumerate(lengths)])
+        chunk = torch.stack([ids[r, n : n + width] for r, n in enumerate(lengths)])
         out = rows(0, chunk, lengths, kv_len=MAX_LEN)
         for r, n in enumerate(lengths):
-            assert_close_up_to_rounding(out[r], reference[r, n:n + width])
+            assert_close_up_to_rounding(out[r], reference[r, n : n + width])
         lengths = [n + width for n in lengths]
 
 
@@ -97,7 +118,7 @@ def test_a_rows_logits_do_not_depend_on_the_rest_of_the_pass(dtype: torch.dtype)
     prompt = torch.randint(0, SHAPE["vocab_size"], (1, 60), generator=gen)
     tokens = torch.randint(0, SHAPE["vocab_size"], (1, 8), generator=gen)
     rows(0, prompt, [0])
-    one_by_one = torch.cat([rows(0, tokens[:, i:i + 1], [60 + i]) for i in range(8)], dim=1)  # [1, 8, V]
+    one_by_one = torch.cat([rows(0, tokens[:, i : i + 1], [60 + i]) for i in range(8)], dim=1)  # [1, 8, V]
     keys = [k[0].clone() for k in rows.cache.keys.values()]
     for k in rows.cache.keys.values():
         k[0, :, 60:].zero_()
@@ -121,4 +142,6 @@ def test_a_rows_logits_do_not_depend_on_the_rest_of_the_pass(dtype: torch.dtype)
 def test_supports_only_what_the_tiles_cover() -> None:
     assert supports(LlamaForCausalLM(LlamaConfig(**SHAPE)), "invariant")
     odd = dict(SHAPE, hidden_size=96, num_attention_heads=4)  # head dim 24
-    assert supports(LlamaForCausalLM(LlamaConfig(**odd))) and not supports(LlamaForCausalLM(LlamaConfig(**odd)), "invariant")
+    assert supports(LlamaForCausalLM(LlamaConfig(**odd))) and not supports(
+        LlamaForCausalLM(LlamaConfig(**odd)), "invariant"
+    )

@@ -6,15 +6,28 @@ import copy
 
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from service.engine.kv_cache import StaticKVCache, causal_mask
 from service.engine.lean_forward import LeanForward, supports
 from tests.support.float_compare import FORWARD_BUDGET, assert_close_up_to_rounding
 
-SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+SHAPE = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def _model(kind: str, tie: bool) -> torch.nn.Module:
@@ -84,20 +97,28 @@ def _check_against_transformers(kind: str, tie: bool, variant: str, compile: boo
         starts_t = torch.tensor(starts)
         positions = starts_t[:, None] + torch.arange(tokens.shape[1])
         kv_len = max(starts) + tokens.shape[1]
-        return lean(tokens, positions, positions, causal_mask(starts_t, tokens.shape[1], kv_len, torch.float32),
-                    keys, values)
+        return lean(
+            tokens,
+            positions,
+            positions,
+            causal_mask(starts_t, tokens.shape[1], kv_len, torch.float32),
+            keys,
+            values,
+        )
 
     # Rows prefill different lengths (ragged), then decode 1 and 3 tokens at a time.
     lengths = [5, 8, 6]
-    out = run(torch.stack([torch.cat([ids[r, :lengths[r]], ids[r, :8 - lengths[r]]]) for r in range(3)]),
-              [0, 0, 0])
+    out = run(
+        torch.stack([torch.cat([ids[r, : lengths[r]], ids[r, : 8 - lengths[r]]]) for r in range(3)]),
+        [0, 0, 0],
+    )
     for r, n in enumerate(lengths):
         assert_close_up_to_rounding(out[r, :n], reference[r, :n], what=f"prefill row {r}")
     for width in (1, 3, 1, 2):
-        chunk = torch.stack([ids[r, lengths[r]:lengths[r] + width] for r in range(3)])
+        chunk = torch.stack([ids[r, lengths[r] : lengths[r] + width] for r in range(3)])
         out = run(chunk, lengths)
         for r, n in enumerate(lengths):
-            assert_close_up_to_rounding(out[r], reference[r, n:n + width], what=f"width {width} row {r}")
+            assert_close_up_to_rounding(out[r], reference[r, n : n + width], what=f"width {width} row {r}")
         lengths = [n + width for n in lengths]
     return lean
 
@@ -109,8 +130,10 @@ def test_fused_weights_are_views_not_copies() -> None:
     layer, attn = lean.layers[0], model.model.layers[0].self_attn
     assert attn.q_proj.weight.data_ptr() == layer.qkv_weight.data_ptr()
     assert attn.k_proj.weight.untyped_storage().data_ptr() == layer.qkv_weight.untyped_storage().data_ptr()
-    assert model.model.layers[0].mlp.up_proj.weight.untyped_storage().data_ptr() == \
-        layer.gate_up_weight.untyped_storage().data_ptr()
+    assert (
+        model.model.layers[0].mlp.up_proj.weight.untyped_storage().data_ptr()
+        == layer.gate_up_weight.untyped_storage().data_ptr()
+    )
     assert sum(p.numel() for p in model.parameters()) == before
 
 
@@ -121,14 +144,21 @@ def test_other_families_fall_back() -> None:
         LeanForward(gpt2)
 
 
-def _lean_pass(lean: LeanForward, cache: StaticKVCache, lo: int, tokens: torch.Tensor,
-               starts: list[int], kv_len: int) -> torch.Tensor:
+def _lean_pass(
+    lean: LeanForward, cache: StaticKVCache, lo: int, tokens: torch.Tensor, starts: list[int], kv_len: int
+) -> torch.Tensor:
     """One pass over cache rows [lo, lo + B) as the runner makes it."""
     keys, values = cache.rows(lo, lo + tokens.shape[0])
     starts_t = torch.tensor(starts)
     positions = starts_t[:, None] + torch.arange(tokens.shape[1])
-    return lean(tokens, positions, positions, causal_mask(starts_t, tokens.shape[1], kv_len, torch.float32),
-                keys, values)
+    return lean(
+        tokens,
+        positions,
+        positions,
+        causal_mask(starts_t, tokens.shape[1], kv_len, torch.float32),
+        keys,
+        values,
+    )
 
 
 def _cache(lean: LeanForward) -> StaticKVCache:
@@ -149,8 +179,13 @@ def test_layer_variant_writes_the_cache_in_place_like_the_reference_variant(comp
     caches = _cache(reference), _cache(lean)
     gen = torch.Generator().manual_seed(1)
     passes = [  # (lo, rows, width, starts): prefill rows 1..3 then row 0, then decode and verify passes
-        (1, 3, 6, [0, 0, 0]), (0, 1, 5, [0]), (0, 4, 1, [5, 6, 6, 6]), (2, 1, 1, [7]), (1, 2, 3, [7, 8]),
-        (0, 1, 2, [6]), (0, 4, 4, [8, 10, 8, 6]),
+        (1, 3, 6, [0, 0, 0]),
+        (0, 1, 5, [0]),
+        (0, 4, 1, [5, 6, 6, 6]),
+        (2, 1, 1, [7]),
+        (1, 2, 3, [7, 8]),
+        (0, 1, 2, [6]),
+        (0, 4, 4, [8, 10, 8, 6]),
     ]
     for lo, rows, width, starts in passes:
         tokens = torch.randint(0, SHAPE["vocab_size"], (rows, width), generator=gen)
@@ -159,9 +194,12 @@ def test_layer_variant_writes_the_cache_in_place_like_the_reference_variant(comp
         got = _lean_pass(lean, caches[1], lo, tokens, starts, kv_len)
         assert_close_up_to_rounding(got, want, what=f"logits of pass {lo, rows, width}")
         for layer in range(lean.num_layers):
-            assert_close_up_to_rounding(caches[1].keys[layer], caches[0].keys[layer], what=f"keys of layer {layer}")
-            assert_close_up_to_rounding(caches[1].values[layer], caches[0].values[layer],
-                                        what=f"values of layer {layer}")
+            assert_close_up_to_rounding(
+                caches[1].keys[layer], caches[0].keys[layer], what=f"keys of layer {layer}"
+            )
+            assert_close_up_to_rounding(
+                caches[1].values[layer], caches[0].values[layer], what=f"values of layer {layer}"
+            )
     assert caches[1].keys[0].abs().sum() > 0
     if compile:
         # One specialisation per (B == 1 or not, T == 1 or not) met, and per rows' storage
@@ -196,7 +234,9 @@ def test_runner_keeps_around_attention_off_cuda() -> None:
     from service.model_loading import LoadedModel
 
     loaded = LoadedModel("tiny", _model("llama", tie=False), None, torch.device("cpu"), torch.float32)
-    runners = [ModelRunner(loaded, max_batch=2, max_len=32, max_width=3, lean_variant=variant)
-               for variant in ("around_attention", "layer", "invariant")]
+    runners = [
+        ModelRunner(loaded, max_batch=2, max_len=32, max_width=3, lean_variant=variant)
+        for variant in ("around_attention", "layer", "invariant")
+    ]
     assert [r.lean.variant for r in runners] == ["around_attention"] * 3
     assert not any(r.lean.compiled for r in runners) and all(r.graphs is None for r in runners)

@@ -21,14 +21,16 @@ def test_layer_variant_graphs_match_the_reference_variant(tokenizer) -> None:
     lengths = [20, 13, 17]
     for runner in (layer, reference):  # ragged prefill, one row at a time, rows at offsets 0 and > 0
         for row, n in enumerate(lengths):
-            runner.forward(row, row + 1, prompts[row:row + 1, :n], [0], last_only=True)
+            runner.forward(row, row + 1, prompts[row : row + 1, :n], [0], last_only=True)
     for width in (1, 4, 2, 1, 3):
         ids = torch.randint(1, target.vocab_size, (3, width), generator=gen).cuda()
         assert_close_up_to_rounding(layer.forward(0, 3, ids, lengths), reference.forward(0, 3, ids, lengths))
         lengths = [n + width for n in lengths]
     # Rows [lo, hi) with lo > 0 (a draft model's group) and a single row (the B = 1 graphs).
     ids = torch.randint(1, target.vocab_size, (2, 1), generator=gen).cuda()
-    assert_close_up_to_rounding(layer.forward(1, 3, ids, lengths[1:]), reference.forward(1, 3, ids, lengths[1:]))
+    assert_close_up_to_rounding(
+        layer.forward(1, 3, ids, lengths[1:]), reference.forward(1, 3, ids, lengths[1:])
+    )
     lengths[1:] = [n + 1 for n in lengths[1:]]
     for width in (1, 2):
         ids = torch.randint(1, target.vocab_size, (1, width), generator=gen).cuda()

@@ -19,11 +19,19 @@ def _sequence(tokenizer, events: list, stop: tuple[str, ...] = (), max_tokens: i
     prompt = tuple(tokenizer.encode("Say: ", add_special_tokens=False))
     request = GenerationRequest("r", prompt, max_tokens=max_tokens, stop=stop, method=Method.NGRAM)
     seq = Sequence(
-        request=request, on_event=events.append, handle=Handle("r", lambda: None), method=Method.NGRAM, k=4,
-        max_tokens=max_tokens, sampling=GREEDY, seed=0,
+        request=request,
+        on_event=events.append,
+        handle=Handle("r", lambda: None),
+        method=Method.NGRAM,
+        k=4,
+        max_tokens=max_tokens,
+        sampling=GREEDY,
+        seed=0,
         identity=RequestIdentity("r", "tiny", Method.NGRAM, "", ""),
-        timing=RequestTiming(arrival=time.monotonic()), stats=SpecDecodeStats(4),
-        tokens=list(prompt), prompt_len=len(prompt),
+        timing=RequestTiming(arrival=time.monotonic()),
+        stats=SpecDecodeStats(4),
+        tokens=list(prompt),
+        prompt_len=len(prompt),
     )
     seq.detok = IncrementalDetokenizer(tokenizer, prompt, stop)
     return seq
@@ -39,7 +47,7 @@ def test_accepted_tokens_are_delivered_by_the_next_flush(tokenizer) -> None:
     seq = _sequence(tokenizer, events)
     first, second = _ids(tokenizer, "The quick"), _ids(tokenizer, " brown fox")
     output.accept(seq, first)
-    assert events == [] and seq.tokens[-len(first):] == first and seq.completion_tokens == len(first)
+    assert events == [] and seq.tokens[-len(first) :] == first and seq.completion_tokens == len(first)
     output.accept(seq, second)  # a flush was delayed: both passes go out in one chunk
     output.flush()
     assert events == [TokenChunk("r", tuple(first + second), "The quick brown fox")]
@@ -85,7 +93,9 @@ def test_eos_and_length_end_the_request_at_once_and_a_stop_string_before_them_wi
     output.accept(seq, text + [EOS])  # the stop string came first: it ended the request
     chunk, final = events
     assert chunk.token_ids == tuple(_ids(tokenizer, "The quick")) and chunk.text == "The "
-    assert final.finish_reason is FinishReason.STOP_SEQUENCE and final.completion_tokens == len(chunk.token_ids)
+    assert final.finish_reason is FinishReason.STOP_SEQUENCE and final.completion_tokens == len(
+        chunk.token_ids
+    )
 
 
 def test_finish_delivers_unflushed_tokens_before_the_final_result(tokenizer) -> None:
@@ -96,7 +106,10 @@ def test_finish_delivers_unflushed_tokens_before_the_final_result(tokenizer) -> 
     output.finish(seq, FinishReason.CANCELLED)  # e.g. cancelled before the next pass
     chunk, final = events
     # Everything accepted goes out, the text held back as a possible stop string included.
-    assert chunk.token_ids == tuple(_ids(tokenizer, "The quick brown fox")) and chunk.text == "The quick brown fox"
+    assert (
+        chunk.token_ids == tuple(_ids(tokenizer, "The quick brown fox"))
+        and chunk.text == "The quick brown fox"
+    )
     assert final.finish_reason is FinishReason.CANCELLED and final.completion_tokens == len(chunk.token_ids)
     output.flush()
     assert len(events) == 2
@@ -117,9 +130,14 @@ def test_a_failing_detokenizer_fails_its_request_alone(tokenizer) -> None:
     output.flush()
     assert [type(e) for e in bad_events] == [FinalResult]
     assert bad_events[0].finish_reason is FinishReason.ERROR and "broken detokenizer" in bad_events[0].error
-    assert bad_events[0].completion_tokens == 0 == bad.completion_tokens  # what was not delivered is not counted
+    assert (
+        bad_events[0].completion_tokens == 0 == bad.completion_tokens
+    )  # what was not delivered is not counted
     assert bad.tokens == list(bad.request.prompt_token_ids)
-    assert good_events == [TokenChunk("r", tuple(_ids(tokenizer, "The quick")), "The quick")] and not good.finished
+    assert (
+        good_events == [TokenChunk("r", tuple(_ids(tokenizer, "The quick")), "The quick")]
+        and not good.finished
+    )
 
 
 def test_a_failing_callback_gets_the_final_result_and_nothing_else(tokenizer) -> None:
@@ -141,6 +159,7 @@ def test_a_failing_callback_gets_the_final_result_and_nothing_else(tokenizer) ->
 
 
 # ---- provenance: which delivered tokens were accepted drafts ---------------------------
+
 
 def _accounted(events: list) -> int:
     """Accepted drafts the events account for: set mask bits plus cut drafts."""

@@ -62,8 +62,9 @@ def _engine(make_engine, loopy, loopy_draft):
 
 
 @pytest.mark.parametrize("method", [Method.NONE, Method.NGRAM, Method.DRAFT_MODEL])
-def test_the_pass_running_when_a_stop_string_is_found_is_counted(make_engine, loopy, loopy_draft, method,
-                                                                monkeypatch) -> None:
+def test_the_pass_running_when_a_stop_string_is_found_is_counted(
+    make_engine, loopy, loopy_draft, method, monkeypatch
+) -> None:
     engine = _engine(make_engine, loopy, loopy_draft)
     ids = _ids(loopy.tokenizer)
     plain = run(engine, [GenerationRequest("p", ids, max_tokens=40, method=Method.NONE)])["p"]
@@ -81,8 +82,9 @@ def test_the_pass_running_when_a_stop_string_is_found_is_counted(make_engine, lo
 
 
 @pytest.mark.parametrize("method", [Method.NONE, Method.NGRAM, Method.DRAFT_MODEL])
-def test_the_pass_running_when_a_request_fails_in_the_flush_is_counted(make_engine, loopy, loopy_draft, method,
-                                                                      monkeypatch) -> None:
+def test_the_pass_running_when_a_request_fails_in_the_flush_is_counted(
+    make_engine, loopy, loopy_draft, method, monkeypatch
+) -> None:
     engine = _engine(make_engine, loopy, loopy_draft)
     passes = TargetPasses(loopy.name)
     passes.install(monkeypatch)
@@ -102,7 +104,9 @@ def test_the_pass_running_when_a_request_fails_in_the_flush_is_counted(make_engi
     passes.assert_counted_in(out)
 
 
-def test_the_pass_running_when_a_drafter_fails_is_counted(make_engine, loopy, loopy_draft, monkeypatch) -> None:
+def test_the_pass_running_when_a_drafter_fails_is_counted(
+    make_engine, loopy, loopy_draft, monkeypatch
+) -> None:
     from service.engine.drafters import NgramDrafter
 
     engine = _engine(make_engine, loopy, loopy_draft)
@@ -116,25 +120,30 @@ def test_the_pass_running_when_a_drafter_fails_is_counted(make_engine, loopy, lo
         original(self, seq)
 
     monkeypatch.setattr(NgramDrafter, "while_device_runs", failing)
-    out = run(engine, [GenerationRequest("d", _ids(loopy.tokenizer), max_tokens=40, method=Method.NGRAM)])["d"]
+    out = run(engine, [GenerationRequest("d", _ids(loopy.tokenizer), max_tokens=40, method=Method.NGRAM)])[
+        "d"
+    ]
     assert out.final.finish_reason is FinishReason.ERROR and "index broke" in out.final.error
     passes.assert_counted_in(out)
 
 
-def test_a_lone_request_to_its_length_limit_counts_every_pass(make_engine, loopy, loopy_draft, monkeypatch) -> None:
+def test_a_lone_request_to_its_length_limit_counts_every_pass(
+    make_engine, loopy, loopy_draft, monkeypatch
+) -> None:
     """The reference case: no stop string, nothing cut; every decode forward is a counted pass."""
     engine = _engine(make_engine, loopy, loopy_draft)
     passes = TargetPasses(loopy.name)
     passes.install(monkeypatch)
-    out = wait_checked(submit(engine, GenerationRequest("l", _ids(loopy.tokenizer), max_tokens=30,
-                                                        method=Method.NGRAM))[0])
+    out = wait_checked(
+        submit(engine, GenerationRequest("l", _ids(loopy.tokenizer), max_tokens=30, method=Method.NGRAM))[0]
+    )
     assert out.final.finish_reason is FinishReason.LENGTH
     passes.assert_counted_in(out)
 
 
-
-def test_a_failure_recording_that_pass_ends_no_other_request(make_engine, loopy, loopy_draft,
-                                                            monkeypatch) -> None:
+def test_a_failure_recording_that_pass_ends_no_other_request(
+    make_engine, loopy, loopy_draft, monkeypatch
+) -> None:
     """The ended row's FinalResult waits for its last pass's bookkeeping: if that fails, the
     request still gets its FinalResult and the rows batched with it carry on."""
     from service.engine.stats import SpecDecodeStats
@@ -165,7 +174,9 @@ def test_a_failure_recording_that_pass_ends_no_other_request(make_engine, loopy,
     monkeypatch.setattr(OutputProcessor, "finish", finish_and_arm)
     stopped = Outcome("s")
     other = submit(engine, GenerationRequest("o", ids, max_tokens=40, method=Method.NONE))[0]
-    engine.submit(GenerationRequest("s", ids, max_tokens=40, method=Method.NONE, stop=(stop,)), stopped.on_event)
+    engine.submit(
+        GenerationRequest("s", ids, max_tokens=40, method=Method.NONE, stop=(stop,)), stopped.on_event
+    )
     assert stopped.done.wait(300), "the stopped request never got its FinalResult"
     assert stopped.final.finish_reason is FinishReason.STOP_SEQUENCE
     wait_checked(other)

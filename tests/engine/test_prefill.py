@@ -99,10 +99,12 @@ def assert_same_greedy_output(got: list[int], want: list[int], model, prompt: tu
     bound = 2 * rounding_bound(logits, FORWARD_BUDGET)
     assert (top[0] - top[1]).item() <= bound, (
         f"outputs differ at token {first} where the reference's top two logits are "
-        f"{(top[0] - top[1]).item():.3g} apart, beyond rounding ({bound:.3g})")
+        f"{(top[0] - top[1]).item():.3g} apart, beyond rounding ({bound:.3g})"
+    )
 
 
 # ---- the planner -----------------------------------------------------------------------
+
 
 def test_allocation_stays_within_the_budget_and_serves_short_prompts_whole() -> None:
     for remaining in ([4095, 200, 200], [10, 20, 30], [1] * 40, [5000], [3, 4000, 4000, 7], []):
@@ -136,6 +138,7 @@ def test_forward_groups_split_where_padding_would_dominate() -> None:
 
 # ---- the runner: chunks and ragged rows --------------------------------------------------
 
+
 def test_a_chunked_prompt_caches_what_an_unchunked_one_does(target) -> None:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(1, target.vocab_size, (1, 50), generator=gen)
@@ -163,7 +166,9 @@ def test_ragged_rows_in_one_forward_equal_each_row_alone(target) -> None:
     ids = torch.zeros((3, 21), dtype=torch.long)
     for r, chunk in enumerate(chunks):
         ids[r, : len(chunk)] = chunk
-    got = batched.forward(0, 3, ids, [12, 0, 0], last_only=True, lengths=[len(c) for c in chunks])  # [3, 1, V]
+    got = batched.forward(
+        0, 3, ids, [12, 0, 0], last_only=True, lengths=[len(c) for c in chunks]
+    )  # [3, 1, V]
     for r in range(3):
         assert_close_up_to_rounding(got[r], want[r], what=f"row {r}")
     assert_same_cache(batched, alone, [30, 9, 21])
@@ -171,15 +176,24 @@ def test_ragged_rows_in_one_forward_equal_each_row_alone(target) -> None:
 
 # ---- the engine ------------------------------------------------------------------------
 
+
 def _requests(tokenizer) -> list[GenerationRequest]:
     methods = [Method.NONE, Method.NGRAM, Method.DRAFT_MODEL]
-    return [GenerationRequest(f"r{i}", _ids(tokenizer, text), max_tokens=24, method=methods[i % 3],
-                              num_draft_tokens=0 if methods[i % 3] is Method.NONE else 3)
-            for i, text in enumerate(TEXTS)]
+    return [
+        GenerationRequest(
+            f"r{i}",
+            _ids(tokenizer, text),
+            max_tokens=24,
+            method=methods[i % 3],
+            num_draft_tokens=0 if methods[i % 3] is Method.NONE else 3,
+        )
+        for i, text in enumerate(TEXTS)
+    ]
 
 
-def test_batched_and_chunked_prefill_gives_each_request_its_output_alone(make_engine, target, close_draft,
-                                                                         monkeypatch) -> None:
+def test_batched_and_chunked_prefill_gives_each_request_its_output_alone(
+    make_engine, target, close_draft, monkeypatch
+) -> None:
     """Six requests, prompts of 3 to 60 tokens, a budget of 7 prompt tokens a pass and four
     slots: prompts are prefilled together, in chunks, while other requests decode (and the
     draft model catches up on prompts in chunks too). Each request's greedy output, and its
@@ -192,8 +206,14 @@ def test_batched_and_chunked_prefill_gives_each_request_its_output_alone(make_en
     forwards, draft_forwards = Forwards(target.name), Forwards(close_draft.name)
     forwards.install(monkeypatch)
     draft_forwards.install(monkeypatch)
-    engine = make_engine(target, close_draft, max_batch_size=4, max_prefill_tokens_per_pass=7,
-                         adaptive_draft_length=False, start=False)
+    engine = make_engine(
+        target,
+        close_draft,
+        max_batch_size=4,
+        max_prefill_tokens_per_pass=7,
+        adaptive_draft_length=False,
+        start=False,
+    )
     pending = [submit(engine, r)[0] for r in requests]
     engine.start()
     outs = {o.request_id: wait_checked(o) for o in pending}  # the metrics invariants too
@@ -223,15 +243,20 @@ def test_the_budget_bounds_the_prefill_between_two_decode_passes(make_engine, ta
     forwards = Forwards(target.name)
     forwards.install(monkeypatch)
     engine = make_engine(target, max_batch_size=6, max_prefill_tokens_per_pass=budget)
-    running, _ = submit(engine, GenerationRequest("running", _ids(target.tokenizer, "Hi"), max_tokens=120,
-                                                  method=Method.NONE))
+    running, _ = submit(
+        engine, GenerationRequest("running", _ids(target.tokenizer, "Hi"), max_tokens=120, method=Method.NONE)
+    )
     for _ in range(200):
         if running.chunks:
             break
         threading.Event().wait(0.01)
     assert running.chunks, "the running request never started"
-    burst = [GenerationRequest(f"b{i}", _ids(target.tokenizer, TEXTS[i % 2] + TEXTS[4]), max_tokens=4,
-                               method=Method.NONE) for i in range(5)]
+    burst = [
+        GenerationRequest(
+            f"b{i}", _ids(target.tokenizer, TEXTS[i % 2] + TEXTS[4]), max_tokens=4, method=Method.NONE
+        )
+        for i in range(5)
+    ]
     prompt_tokens = sum(len(r.prompt_token_ids) for r in burst)
     outs = run(engine, burst)
     wait_checked(running)
@@ -259,9 +284,12 @@ def test_a_cancelled_long_prefill_frees_its_slot_within_one_chunk(make_engine, t
     forwards.after_prefill = cancel_after_second_chunk
     forwards.install(monkeypatch)
     engine = make_engine(target, max_batch_size=1, max_prefill_tokens_per_pass=4, start=False)
-    long_out, holder["handle"] = submit(engine, GenerationRequest("long", prompt, max_tokens=8, method=Method.NONE))
-    next_out, _ = submit(engine, GenerationRequest("next", _ids(target.tokenizer, "Hi"), max_tokens=3,
-                                                   method=Method.NONE))
+    long_out, holder["handle"] = submit(
+        engine, GenerationRequest("long", prompt, max_tokens=8, method=Method.NONE)
+    )
+    next_out, _ = submit(
+        engine, GenerationRequest("next", _ids(target.tokenizer, "Hi"), max_tokens=3, method=Method.NONE)
+    )
     engine.start()
     wait_checked(long_out)
     wait_checked(next_out)
@@ -275,8 +303,9 @@ def test_a_cancelled_long_prefill_frees_its_slot_within_one_chunk(make_engine, t
     assert prefills == [4, 4, len(_ids(target.tokenizer, "Hi"))]
 
 
-def test_a_cancel_from_another_thread_stops_a_long_prefill_within_one_chunk(make_engine, target,
-                                                                              monkeypatch) -> None:
+def test_a_cancel_from_another_thread_stops_a_long_prefill_within_one_chunk(
+    make_engine, target, monkeypatch
+) -> None:
     """As a client that leaves (or whose deadline passes; the service cancels the request
     then): cancelled from another thread while chunks run, at most one more chunk runs."""
     forwards = Forwards(target.name)
@@ -321,8 +350,15 @@ def test_a_draft_row_that_does_not_propose_keeps_its_draft_cache(close_draft) ->
     rows[1].draft_len = 6  # behind: only its first 6 tokens count as cached
     kept = [(k[1, :, :6].clone(), v[1, :, :6].clone()) for k, v in zip(*runner.cache.rows(0, 3))]
     zeros = torch.zeros((3, 8))
-    ctx = PassContext(3, torch.device("cpu"), BatchSampling.build([GREEDY] * 3, torch.device("cpu")),
-                      zeros, zeros, zeros[:, 0], rows)
+    ctx = PassContext(
+        3,
+        torch.device("cpu"),
+        BatchSampling.build([GREEDY] * 3, torch.device("cpu")),
+        zeros,
+        zeros,
+        zeros[:, 0],
+        rows,
+    )
     DraftModelDrafter(runner).propose(ctx, [rows[0], rows[2]], 3)
     for (k, v), (k_kept, v_kept) in zip(zip(*runner.cache.rows(0, 3)), kept):
         assert torch.equal(k[1, :, :6], k_kept) and torch.equal(v[1, :, :6], v_kept)
@@ -345,5 +381,7 @@ def test_a_failing_prefill_forward_fails_its_rows_only(make_engine, target, monk
     wait_checked(bad)
     assert bad.final.finish_reason is FinishReason.ERROR and "prefill out of memory" in bad.final.error
     assert bad.final.completion_tokens == 0
-    ok = run(engine, [GenerationRequest("ok", _ids(target.tokenizer, "Hi"), max_tokens=4, method=Method.NONE)])["ok"]
+    ok = run(
+        engine, [GenerationRequest("ok", _ids(target.tokenizer, "Hi"), max_tokens=4, method=Method.NONE)]
+    )["ok"]
     assert ok.final.finish_reason is FinishReason.LENGTH and len(ok.tokens) == 4

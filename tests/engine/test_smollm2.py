@@ -45,7 +45,10 @@ def plain(smollm2, prompts) -> list[list[int]]:
     engine = Engine(smollm2, EngineConfig(kv_cache_tokens=512, instance_id="t"))
     engine.start()
     try:
-        reqs = [GenerationRequest(f"p{i}", p, max_tokens=MAX_TOKENS, method=Method.NONE) for i, p in enumerate(prompts)]
+        reqs = [
+            GenerationRequest(f"p{i}", p, max_tokens=MAX_TOKENS, method=Method.NONE)
+            for i, p in enumerate(prompts)
+        ]
         results = run(engine, reqs)
     finally:
         engine.stop()
@@ -81,8 +84,12 @@ def test_mixed_batch_equals_alone(make_engine, smollm2, prompts, plain) -> None:
         GenerationRequest("a", prompts[0], max_tokens=MAX_TOKENS, method=Method.NGRAM, num_draft_tokens=5),
         GenerationRequest("b", prompts[1], max_tokens=20, method=Method.DRAFT_MODEL, num_draft_tokens=2),
         GenerationRequest("c", prompts[1], max_tokens=MAX_TOKENS, method=Method.NONE),
-        GenerationRequest("d", prompts[0], max_tokens=24, method=Method.DRAFT_MODEL, num_draft_tokens=4, sampling=hot),
-        GenerationRequest("e", prompts[0][:20], max_tokens=16, method=Method.NGRAM, num_draft_tokens=3, stop=("\n",)),
+        GenerationRequest(
+            "d", prompts[0], max_tokens=24, method=Method.DRAFT_MODEL, num_draft_tokens=4, sampling=hot
+        ),
+        GenerationRequest(
+            "e", prompts[0][:20], max_tokens=16, method=Method.NGRAM, num_draft_tokens=3, stop=("\n",)
+        ),
     ]
     batched = run(make_engine(smollm2, draft=smollm2, max_batch_size=3), reqs)
     assert batched["a"].tokens == plain[0]

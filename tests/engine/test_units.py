@@ -27,7 +27,9 @@ def _probs(logits: list[float], row: RowSampling) -> torch.Tensor:
 
 def _assert_probs(got: torch.Tensor, want: torch.Tensor | list[float]) -> None:
     """Probabilities of the sampler against a softmax computed here: another code path."""
-    assert_close_up_to_rounding(got, torch.as_tensor(want, dtype=torch.float32), SHALLOW_BUDGET, what="probabilities")
+    assert_close_up_to_rounding(
+        got, torch.as_tensor(want, dtype=torch.float32), SHALLOW_BUDGET, what="probabilities"
+    )
 
 
 def test_temperature_top_k_top_p() -> None:
@@ -89,10 +91,11 @@ def ngram_lookup(tokens: list[int], limit: int, max_n: int, min_n: int) -> list[
     return []
 
 
-
 @pytest.mark.parametrize("max_n,min_n", [(3, 1), (4, 2), (1, 1)])
 @pytest.mark.parametrize("seed", range(20))
-def test_ngram_index_answers_as_the_reference_while_the_sequence_grows(seed: int, max_n: int, min_n: int) -> None:
+def test_ngram_index_answers_as_the_reference_while_the_sequence_grows(
+    seed: int, max_n: int, min_n: int
+) -> None:
     rng = random.Random(seed)
     # Small alphabets (many repeats and many hits) of ids anywhere below 2**32: the index packs
     # n ids into one key, and ids that share low or high bits must not collide.
@@ -224,7 +227,7 @@ def test_batched_rows_of_different_lengths_match_full_forward(target) -> None:
     # roll back to len - 2 (keep one real token), then the true continuation overwrites
     ids = torch.tensor([[1, 1]] + [s[-2:] for s in seqs])
     logits = runner.forward(0, 4, ids, [0] + [len(s) - 2 for s in seqs])  # [4, 2, V]
-    for i, s in enumerate(seqs):
+    for i in range(len(seqs)):
         assert_close_up_to_rounding(logits[i + 1], full[i][-2:], what=f"row {i + 1}")
 
 
@@ -238,9 +241,12 @@ def test_draft_catch_up_batches_similar_backlogs_and_leaves_outliers_to_prepare(
     from service.engine.drafters import DraftModelDrafter
 
     calls = []
-    runner = SimpleNamespace(device=torch.device("cpu"),
-                             forward=lambda lo, hi, ids, starts, last_only=False: calls.append(
-                                 (lo, hi, tuple(ids.shape), list(starts), ids.tolist())))
+    runner = SimpleNamespace(
+        device=torch.device("cpu"),
+        forward=lambda lo, hi, ids, starts, last_only=False: calls.append(
+            (lo, hi, tuple(ids.shape), list(starts), ids.tolist())
+        ),
+    )
     drafter = DraftModelDrafter(runner)
 
     def row(slot: int, behind: int, draft_len: int = 10) -> SimpleNamespace:
@@ -251,7 +257,9 @@ def test_draft_catch_up_batches_similar_backlogs_and_leaves_outliers_to_prepare(
     drafter.prepare_rows(rows)
     # Slots 0, 1 and 3 in one forward of width 5; slot 2 (200 behind) left to prepare(), and it
     # and slot 4 (not behind) get padding written from their own draft_len.
-    assert [(lo, hi, shape, starts) for lo, hi, shape, starts, _ in calls] == [(0, 4, (4, 5), [10, 10, 10, 10])]
+    assert [(lo, hi, shape, starts) for lo, hi, shape, starts, _ in calls] == [
+        (0, 4, (4, 5), [10, 10, 10, 10])
+    ]
     ids = calls[0][4]
     assert ids[0] == [10, 11, 12, 0, 0] and ids[3] == [10, 11, 12, 13, 14] and ids[2] == [0] * 5
     assert [seq.draft_len for seq in rows] == [13, 14, 10, 15, 7]
@@ -263,8 +271,9 @@ def test_draft_catch_up_batches_similar_backlogs_and_leaves_outliers_to_prepare(
     assert calls == [] and far[0].draft_len == 10
 
 
-@pytest.mark.parametrize("temperature, greedy", [(0.0, True), (1e-38, True), (9.99e-6, True),
-                                                 (1e-5, False), (0.7, False)])
+@pytest.mark.parametrize(
+    "temperature, greedy", [(0.0, True), (1e-38, True), (9.99e-6, True), (1e-5, False), (0.7, False)]
+)
 def test_temperatures_below_the_floor_resolve_to_greedy(temperature: float, greedy: bool) -> None:
     """Below 1e-5, logits / temperature can overflow float32 (NaN probabilities): such a
     request decodes greedily, its limit; from 1e-5 up it samples at its own temperature."""
@@ -272,7 +281,9 @@ def test_temperatures_below_the_floor_resolve_to_greedy(temperature: float, gree
     from service.engine.config import EngineConfig
     from service.engine.validation import resolve
 
-    info = EngineInfo("t", "", "cpu", "float32", 4, Method.NGRAM, 4, 8, 64, (Method.NONE, Method.NGRAM), 100, "i")
+    info = EngineInfo(
+        "t", "", "cpu", "float32", 4, Method.NGRAM, 4, 8, 64, (Method.NONE, Method.NGRAM), 100, "i"
+    )
     request = GenerationRequest("r", (1, 2, 3), sampling=SamplingParams(temperature=temperature, seed=1))
     sampling = resolve(request, EngineConfig(), info).sampling
     assert sampling.greedy is greedy
@@ -295,6 +306,7 @@ def test_cpu_float32_verify_and_plain_passes_agree_up_to_rounding(target) -> Non
 
     verify = runner().forward(0, 1, following, [20]).clone()  # [1, 5, V]
     plain_runner = runner()
-    plain = torch.cat([plain_runner.forward(0, 1, following[:, i : i + 1], [20 + i]).clone()
-                       for i in range(5)], dim=1)
+    plain = torch.cat(
+        [plain_runner.forward(0, 1, following[:, i : i + 1], [20 + i]).clone() for i in range(5)], dim=1
+    )
     assert_close_up_to_rounding(verify, plain, what="verify pass against plain passes")

@@ -59,10 +59,14 @@ def _run(verify, one_hot_draft: bool, seed: int = 1234):
         # n-gram: the drafts are fixed before verification (here: guesses that favour likely
         # tokens, drawn independently of the verifier's uniforms); q is one-hot on them.
         guess = p[:N] ** 2
-        drafts = torch.stack([torch.multinomial(guess[i], ROWS, replacement=True, generator=gen) for i in range(N)], 1)
+        drafts = torch.stack(
+            [torch.multinomial(guess[i], ROWS, replacement=True, generator=gen) for i in range(N)], 1
+        )
         q_rows = torch.nn.functional.one_hot(drafts, V).float()  # [R, N, V]
     else:
-        drafts = torch.stack([torch.multinomial(q[i], ROWS, replacement=True, generator=gen) for i in range(N)], 1)
+        drafts = torch.stack(
+            [torch.multinomial(q[i], ROWS, replacement=True, generator=gen) for i in range(N)], 1
+        )
         q_rows = q[None].expand(ROWS, N, V).clone()
     num_drafts = torch.randint(0, N + 1, (ROWS,), generator=gen)  # d_s varies per row, 0 included
     q_rows *= (torch.arange(N)[None, :] < num_drafts[:, None])[..., None]  # zero past d_s (contract)
@@ -139,7 +143,9 @@ def test_host_greedy_rule_equals_the_device_one() -> None:
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(200, 6, 10, generator=gen)
     best = logits.argmax(-1)  # [200, 6]
-    drafts = torch.where(torch.rand(200, 5, generator=gen) < 0.8, best[:, :5], torch.randint(0, 10, (200, 5), generator=gen))
+    drafts = torch.where(
+        torch.rand(200, 5, generator=gen) < 0.8, best[:, :5], torch.randint(0, 10, (200, 5), generator=gen)
+    )
     num = torch.randint(0, 6, (200,), generator=gen)
     accepted, _ = verify_greedy(logits, drafts, num)
     host = [greedy_accepted(drafts[r, : num[r]].tolist(), best[r].tolist()) for r in range(200)]
@@ -150,12 +156,18 @@ def test_host_greedy_rule_equals_the_device_one() -> None:
 def test_rejection_rule_with_one_hot_target_is_greedy() -> None:
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 4, 10, generator=gen)
-    drafts = torch.where(torch.rand(64, 3, generator=gen) < 0.7, logits[:, :3].argmax(-1), torch.randint(0, 10, (64, 3), generator=gen))
+    drafts = torch.where(
+        torch.rand(64, 3, generator=gen) < 0.7,
+        logits[:, :3].argmax(-1),
+        torch.randint(0, 10, (64, 3), generator=gen),
+    )
     num = torch.randint(0, 4, (64,), generator=gen)
     p = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     q = torch.nn.functional.one_hot(drafts, 10).float() * (torch.arange(3)[None] < num[:, None])[..., None]
     a1, t1 = verify_greedy(logits, drafts, num)
-    a2, t2 = verify_rejection(p, q, drafts, num, torch.rand(64, 3, generator=gen), torch.rand(64, generator=gen))
+    a2, t2 = verify_rejection(
+        p, q, drafts, num, torch.rand(64, 3, generator=gen), torch.rand(64, generator=gen)
+    )
     assert torch.equal(a1, a2)
     for r in range(64):
         assert t1[r, : a1[r] + 1].tolist() == t2[r, : a2[r] + 1].tolist()

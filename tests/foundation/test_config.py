@@ -22,8 +22,9 @@ def test_defaults_work_without_environment() -> None:
 def test_tracing_is_off_by_default_and_set_by_flag_or_variable() -> None:
     assert ServiceConfig.from_args([], environ={}).tracing is False
     assert ServiceConfig.from_args([], environ={"SPECDEC_TRACING": "true"}).tracing is True
-    assert ServiceConfig.from_args(["--tracing", "false"],
-                                   environ={"SPECDEC_TRACING": "true"}).tracing is False
+    assert (
+        ServiceConfig.from_args(["--tracing", "false"], environ={"SPECDEC_TRACING": "true"}).tracing is False
+    )
 
 
 def test_environment_sets_and_flag_overrides() -> None:
@@ -33,14 +34,17 @@ def test_environment_sets_and_flag_overrides() -> None:
     assert (config.max_batch_size, config.method, config.instance_id) == (5, "none", "a")
 
 
-@pytest.mark.parametrize("argv, env, message", [
-    ([], {"SPECDEC_MAX_BATCH_SIZE": "zero"}, "SPECDEC_MAX_BATCH_SIZE"),
-    (["--method", "medusa"], {}, "none, ngram or draft_model"),
-    (["--num-draft-tokens", "9"], {}, "--num-draft-tokens"),
-    (["--method", "draft_model"], {}, "--draft-model"),
-    (["--tracing", "maybe"], {}, "must be true or false"),
-    (["--tracing", "true", "--telemetry-target", ""], {}, "--tracing needs --telemetry-target"),
-])
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        ([], {"SPECDEC_MAX_BATCH_SIZE": "zero"}, "SPECDEC_MAX_BATCH_SIZE"),
+        (["--method", "medusa"], {}, "none, ngram or draft_model"),
+        (["--num-draft-tokens", "9"], {}, "--num-draft-tokens"),
+        (["--method", "draft_model"], {}, "--draft-model"),
+        (["--tracing", "maybe"], {}, "must be true or false"),
+        (["--tracing", "true", "--telemetry-target", ""], {}, "--tracing needs --telemetry-target"),
+    ],
+)
 def test_bad_settings_are_named(argv, env, message, capsys) -> None:
     with pytest.raises(SystemExit):
         ServiceConfig.from_args(argv, environ=env)

@@ -11,8 +11,9 @@ CONTRACT = "docs/metrics-contract.md"
 
 
 def tracked_text_files() -> list[Path]:
-    names = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
+    names = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     files = []
     for name in names:
         path = REPO / name
@@ -31,9 +32,12 @@ def test_the_contract_is_linked_from_the_readme_the_protos_and_the_metrics_page(
 
 def test_no_file_refers_to_documents_outside_the_repository() -> None:
     outside = re.compile(r"\.\./shared|\bMETRICS\.md\b|\bDESIGN\.md\b")
-    offenders = [f"{p.relative_to(REPO)}:{n}" for p in tracked_text_files()
-                 for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
-                 if outside.search(line)]
+    offenders = [
+        f"{p.relative_to(REPO)}:{n}"
+        for p in tracked_text_files()
+        for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+        if outside.search(line)
+    ]
     assert not offenders, offenders
 
 

@@ -13,11 +13,11 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 def test_cpu_float32_equality_is_claimed_only_up_to_ties_within_rounding() -> None:
     text = README.read_text()
-    exactness = text[text.index("### Exactness"):]
+    exactness = text[text.index("### Exactness") :]
     exactness = exactness[: exactness.index("\n## ", 1) if "\n## " in exactness[1:] else None]
     assert re.search(r"CPU, float32.*up to ties within rounding", exactness, re.S), exactness
     assert re.search(r"GPU, invariant kernels.*token for token", exactness, re.S), exactness
     # Every other "token for token" in the README is about a GPU run or a measured run.
     for match in re.finditer(r"token for token", text):
-        sentence = text[max(0, match.start() - 300): match.end() + 120]
+        sentence = text[max(0, match.start() - 300) : match.end() + 120]
         assert re.search(r"bfloat16|GPU|invariant|on those prompts|Exactness", sentence), sentence

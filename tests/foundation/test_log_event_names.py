@@ -17,8 +17,11 @@ def _is_structlog(receiver: ast.expr) -> bool:
     """`log` (the module's structlog logger) or `structlog.get_logger(...)` itself."""
     if isinstance(receiver, ast.Name):
         return receiver.id == "log"
-    return (isinstance(receiver, ast.Call) and isinstance(receiver.func, ast.Attribute)
-            and receiver.func.attr == "get_logger")
+    return (
+        isinstance(receiver, ast.Call)
+        and isinstance(receiver.func, ast.Attribute)
+        and receiver.func.attr == "get_logger"
+    )
 
 
 def structlog_events() -> list[tuple[str, int, str]]:
@@ -28,9 +31,15 @@ def structlog_events() -> list[tuple[str, int, str]]:
     for package in PACKAGES:
         for path in sorted((REPO / package).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                        and node.func.attr in LEVELS and _is_structlog(node.func.value) and node.args
-                        and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in LEVELS
+                    and _is_structlog(node.func.value)
+                    and node.args
+                    and isinstance(node.args[0], ast.Constant)
+                    and isinstance(node.args[0].value, str)
+                ):
                     found.append((str(path.relative_to(REPO)), node.lineno, node.args[0].value))
     return found
 

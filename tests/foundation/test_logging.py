@@ -23,8 +23,14 @@ def run(env_extra: dict[str, str]) -> list[str]:
 
     env = {**os.environ, **env_extra}
     env.pop("SPECDEC_LOG_FORMAT", None) if "SPECDEC_LOG_FORMAT" not in env_extra else None
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                         env=env, check=True, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
     return [line for line in out.stderr.splitlines() if line.strip()]
 
 

@@ -15,11 +15,26 @@ REPO = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO / "proto"
 
 METRICS_FIELDS = {  # docs/metrics-contract.md, "The per-request record"
-    "verify_passes", "draft_passes", "proposed_drafts", "accepted_drafts", "accept_rate",
-    "accept_length", "accept_histogram", "proposed_per_position", "accepted_per_position",
-    "prompt_tokens", "completion_tokens", "queue_time_seconds", "time_to_first_token_seconds",
-    "duration_seconds", "request_id", "target_model", "method", "draft_model",
-    "num_draft_tokens", "instance_id",
+    "verify_passes",
+    "draft_passes",
+    "proposed_drafts",
+    "accepted_drafts",
+    "accept_rate",
+    "accept_length",
+    "accept_histogram",
+    "proposed_per_position",
+    "accepted_per_position",
+    "prompt_tokens",
+    "completion_tokens",
+    "queue_time_seconds",
+    "time_to_first_token_seconds",
+    "duration_seconds",
+    "request_id",
+    "target_model",
+    "method",
+    "draft_model",
+    "num_draft_tokens",
+    "instance_id",
 }
 
 
@@ -30,8 +45,19 @@ def descriptor_set(tmp_path_factory) -> descriptor_pb2.FileDescriptorSet:
     out = tmp_path_factory.mktemp("desc") / "set.pb"
     include = Path(protoc.__file__).parent / "_proto"
     files = [str(p.relative_to(PROTO_ROOT)) for p in sorted(PROTO_ROOT.rglob("*.proto"))]
-    assert protoc.main(["protoc", f"-I{PROTO_ROOT}", f"-I{include}", "--include_source_info",
-                        f"--descriptor_set_out={out}", *files]) == 0
+    assert (
+        protoc.main(
+            [
+                "protoc",
+                f"-I{PROTO_ROOT}",
+                f"-I{include}",
+                "--include_source_info",
+                f"--descriptor_set_out={out}",
+                *files,
+            ]
+        )
+        == 0
+    )
     fds = descriptor_pb2.FileDescriptorSet()
     fds.ParseFromString(out.read_bytes())
     return fds
@@ -74,18 +100,28 @@ def test_required_message_fields(descriptor_set) -> None:
     messages = by_name(descriptor_set, "message_type")
     fields = lambda name: {f.name: f for f in messages[name].field}  # noqa: E731
     request = fields("GenerateRequest")
-    assert {"request_id", "text", "messages", "token_ids", "max_tokens", "sampling", "stop",
-            "speculation"} <= request.keys()
+    assert {
+        "request_id",
+        "text",
+        "messages",
+        "token_ids",
+        "max_tokens",
+        "sampling",
+        "stop",
+        "speculation",
+    } <= request.keys()
     oneof = messages["GenerateRequest"].oneof_decl[request["text"].oneof_index].name
     assert oneof == "input"
     assert {request[n].oneof_index for n in ("text", "messages", "token_ids")} == {
-        request["text"].oneof_index}
+        request["text"].oneof_index
+    }
     assert {"temperature", "top_p", "top_k", "seed"} <= fields("SamplingParams").keys()
     assert {"method", "num_draft_tokens"} <= fields("SpeculationParams").keys()
     response = fields("GenerateResponse")
     assert response["chunk"].oneof_index == response["final"].oneof_index
     assert {"finish_reason", "prompt_tokens", "completion_tokens", "metrics"} <= fields(
-        "GenerateFinal").keys()
+        "GenerateFinal"
+    ).keys()
     metrics = fields("SpeculativeMetrics")
     assert METRICS_FIELDS <= metrics.keys(), METRICS_FIELDS - metrics.keys()
     # Ratios that may be undefined have explicit presence.
@@ -97,8 +133,9 @@ def test_speculation_method_enum(descriptor_set) -> None:
     enums = by_name(descriptor_set, "enum_type")
     names = [v.name for v in enums["SpeculationMethod"].value]
     assert names[0] == "SPECULATION_METHOD_UNSPECIFIED"
-    assert {"SPECULATION_METHOD_NONE", "SPECULATION_METHOD_NGRAM",
-            "SPECULATION_METHOD_DRAFT_MODEL"} <= set(names)
+    assert {"SPECULATION_METHOD_NONE", "SPECULATION_METHOD_NGRAM", "SPECULATION_METHOD_DRAFT_MODEL"} <= set(
+        names
+    )
 
 
 def test_buf_style(descriptor_set) -> None:
@@ -106,12 +143,11 @@ def test_buf_style(descriptor_set) -> None:
     has a leading doc comment."""
     problems = []
     for f in descriptor_set.file:
-        comments = {tuple(loc.path): loc.leading_comments.strip()
-                    for loc in f.source_code_info.location}
+        comments = {tuple(loc.path): loc.leading_comments.strip() for loc in f.source_code_info.location}
 
         def need(path: tuple, what: str) -> None:
-            if not comments.get(path):
-                problems.append(f"{f.name}: {what} has no doc comment")
+            if not comments.get(path):  # noqa: B023
+                problems.append(f"{f.name}: {what} has no doc comment")  # noqa: B023
 
         for mi, message in enumerate(f.message_type):
             need((4, mi), f"message {message.name}")
@@ -130,7 +166,7 @@ def test_buf_style(descriptor_set) -> None:
     assert not problems, "\n".join(problems)
 
 
-CLIENT = textwrap.dedent('''
+CLIENT = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
     from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
@@ -148,7 +184,7 @@ CLIENT = textwrap.dedent('''
     assert req.WhichOneof("input") == "token_ids"
     assert hasattr(generation_pb2_grpc, "GenerationServiceStub")
     sys.stdout.buffer.write(req.SerializeToString())
-''')
+""")
 
 
 def test_client_from_proto_files_alone(tmp_path: Path) -> None:
@@ -159,15 +195,30 @@ def test_client_from_proto_files_alone(tmp_path: Path) -> None:
 
     include = Path(protoc.__file__).parent / "_proto"
     files = [str(p.relative_to(PROTO_ROOT)) for p in sorted(PROTO_ROOT.rglob("*.proto"))]
-    assert protoc.main(["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={tmp_path}",
-                        f"--grpc_python_out={tmp_path}", *files]) == 0
+    assert (
+        protoc.main(
+            [
+                "protoc",
+                f"-I{PROTO_ROOT}",
+                f"-I{include}",
+                f"--python_out={tmp_path}",
+                f"--grpc_python_out={tmp_path}",
+                *files,
+            ]
+        )
+        == 0
+    )
     for package in (tmp_path / "specdec", tmp_path / "specdec" / "v1"):
         (package / "__init__.py").touch()
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
-    wire = subprocess.run([sys.executable, "-S", str(script), str(tmp_path)], check=False,
-                          capture_output=True, cwd=tmp_path,
-                          env={"PYTHONPATH": ":".join(p for p in sys.path if "site-packages" in p)})
+    wire = subprocess.run(
+        [sys.executable, "-S", str(script), str(tmp_path)],
+        check=False,
+        capture_output=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": ":".join(p for p in sys.path if "site-packages" in p)},
+    )
     assert wire.returncode == 0, wire.stderr.decode()
 
     from specdec.v1 import generation_pb2, metrics_pb2

@@ -13,14 +13,20 @@ import gen_proto  # noqa: E402
 
 def committed_generated_files() -> dict[Path, bytes]:
     root = REPO / "specdec"
-    return {p.relative_to(REPO): p.read_bytes() for p in root.rglob("*")
-            if p.is_file() and gen_proto.is_generated(p)}
+    return {
+        p.relative_to(REPO): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and gen_proto.is_generated(p)
+    }
 
 
 def test_generated_code_matches_proto_sources(tmp_path: Path) -> None:
     # Run the real script, as a developer would, into a temporary root.
-    subprocess.run([sys.executable, str(REPO / "scripts" / "gen_proto.py"), "--out", str(tmp_path)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gen_proto.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     fresh = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     committed = committed_generated_files()
     assert fresh, "the generator produced nothing"
@@ -29,7 +35,8 @@ def test_generated_code_matches_proto_sources(tmp_path: Path) -> None:
     differing = sorted(str(p) for p in fresh.keys() & committed.keys() if fresh[p] != committed[p])
     assert not (missing or stale or differing), (
         "generated code is out of date; run `make proto` (python scripts/gen_proto.py) and commit.\n"
-        f"missing: {missing}\nstale: {stale}\ndiffering: {differing}")
+        f"missing: {missing}\nstale: {stale}\ndiffering: {differing}"
+    )
 
 
 def test_every_proto_has_generated_modules() -> None:

@@ -18,7 +18,9 @@ def build_wheel(dest: Path, package: str, version: str, members: dict[str, bytes
     info = f"{dist}-{version}.dist-info"
     files = dict(members)
     files[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n".encode()
-    files[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    files[f"{info}/WHEEL"] = (
+        b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
     files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"]).encode()
     path = dest / f"{dist}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as zf:
@@ -33,7 +35,9 @@ def build_sdist(dest: Path, package: str, version: str, members: dict[str, bytes
     root = f"{dist}-{version}"
     files = dict(members)
     files["PKG-INFO"] = f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n".encode()
-    files["setup.py"] = f"from setuptools import setup\nsetup(name={package!r}, version={version!r})\n".encode()
+    files["setup.py"] = (
+        f"from setuptools import setup\nsetup(name={package!r}, version={version!r})\n".encode()
+    )
     path = dest / f"{root}.tar.gz"
     with tarfile.open(path, "w:gz") as tf:
         for name, data in files.items():

@@ -106,7 +106,9 @@ def test_smollm2_eos_and_chat_template(smol_first):
     eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     assert eos == [2]
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
-    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -116,7 +118,7 @@ def test_smollm2_greedy_answer_is_sensible(smol_first):
     ids = _chat_ids(m)
     with torch.no_grad():
         out = m.model.generate(ids, max_new_tokens=10, do_sample=False)
-    new = out[0, ids.shape[1]:].tolist()
+    new = out[0, ids.shape[1] :].tolist()
     assert m.tokenizer.decode(new[0]).strip() == "The"
     assert "Paris" in m.tokenizer.decode(new)
     assert new[-1] == m.tokenizer.eos_token_id  # "The capital of France is Paris.<|im_end|>"
@@ -180,7 +182,9 @@ def test_vocabulary_size_mismatch_names_models_and_sizes():
 
 
 def test_output_size_mismatch_with_same_tokenizer_is_an_error():
-    with pytest.raises(ValueError, match="output layers have different sizes.*output size 64.*output size 96"):
+    with pytest.raises(
+        ValueError, match="output layers have different sizes.*output size 64.*output size 96"
+    ):
         check_same_vocabulary(_loaded("t", 61), _loaded("d", 61, vocab_size=96))
 
 

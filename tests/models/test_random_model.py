@@ -23,8 +23,10 @@ def tokenizer():
 def written(tmp_path_factory, tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("random-models")
     # A shard limit below the tiny target's 25 MB: the sharded layout (index file) is exercised.
-    return {"tiny": write_random_model(root / "tiny", "tiny", tokenizer, seed=1, max_shard_size="10MB"),
-            "tiny-draft": write_random_model(root / "tiny-draft", "tiny-draft", tokenizer, seed=1)}
+    return {
+        "tiny": write_random_model(root / "tiny", "tiny", tokenizer, seed=1, max_shard_size="10MB"),
+        "tiny-draft": write_random_model(root / "tiny-draft", "tiny-draft", tokenizer, seed=1),
+    }
 
 
 def test_real_shapes_have_the_published_dimensions(tokenizer):
@@ -44,7 +46,10 @@ def test_real_shapes_have_the_published_dimensions(tokenizer):
     per_layer = 2 * 2048 * 2048 + 2 * 512 * 2048 + 3 * 2048 * 8192 + 2 * 2048
     assert sum(s.numel() for s in small.values()) == 49152 * 2048 + 16 * per_layer + 2048  # 1.07 B
     config = llama_config("llama-3.1-8b", tokenizer)
-    rope = getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta, **config.rope_scaling}
+    rope = getattr(config, "rope_parameters", None) or {
+        "rope_theta": config.rope_theta,
+        **config.rope_scaling,
+    }
     assert rope["rope_theta"] == 500000.0 and rope["rope_type"] == "llama3"
     assert config.max_position_embeddings >= 8192
 
@@ -67,7 +72,9 @@ def test_writes_sharded_bf16_safetensors_with_the_tokenizer(written, tokenizer):
     expected = parameter_shapes(llama_config("tiny", tokenizer))
     assert {n: t.shape for n, t in seen.items()} == expected
     assert all(t.dtype == torch.bfloat16 for t in seen.values())
-    assert torch.equal(seen["model.norm.weight"], torch.ones(SHAPES["tiny"]["hidden_size"], dtype=torch.bfloat16))
+    assert torch.equal(
+        seen["model.norm.weight"], torch.ones(SHAPES["tiny"]["hidden_size"], dtype=torch.bfloat16)
+    )
     q = seen["model.layers.0.self_attn.q_proj.weight"].float()
     assert abs(q.std().item() - 0.02) < 0.002 and abs(q.mean().item()) < 0.002
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"):
@@ -83,8 +90,9 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path, tokenizer, wr
     other = write_random_model(tmp_path / "other", "tiny-draft", tokenizer, seed=2)
     a = load_file(written["tiny-draft"] / "model.safetensors")
     assert all(torch.equal(a[n], t) for n, t in load_file(again / "model.safetensors").items())
-    assert not torch.equal(a["model.embed_tokens.weight"], load_file(other / "model.safetensors")[
-        "model.embed_tokens.weight"])
+    assert not torch.equal(
+        a["model.embed_tokens.weight"], load_file(other / "model.safetensors")["model.embed_tokens.weight"]
+    )
 
 
 def test_transformers_loads_it_and_its_logits_are_finite(written):
@@ -94,8 +102,12 @@ def test_transformers_loads_it_and_its_logits_are_finite(written):
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(d)
     assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 2
-    ids = tok.apply_chat_template([{"role": "user", "content": "Hello there"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello there"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     assert tok.decode(ids[0]).startswith("<|im_start|>")  # SmolLM2's chat template
     with torch.no_grad():
         logits = model(ids).logits

@@ -4,9 +4,9 @@ and the service/sidecar fixtures of the service and telemetry test packages."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -50,8 +50,7 @@ class Certs:
 
 
 def make_certs(out: Path) -> Certs:
-    subprocess.run([str(REPO / "scripts" / "make_certs.sh"), str(out)], check=True,
-                   capture_output=True)
+    subprocess.run([str(REPO / "scripts" / "make_certs.sh"), str(out)], check=True, capture_output=True)
     return Certs(out)
 
 

@@ -18,8 +18,11 @@ CLIENT_FIELDS = ("tls_ca_file", "tls_cert_file", "tls_key_file", "auth_token_fil
 def known_variables() -> set[str]:
     sidecar = set(re.findall(r"\[(SPECDEC_SIDECAR_[A-Z_]+)\]", build_parser({}).format_help()))
     client = {CLIENT_ENV_PREFIX + field.upper() for field in CLIENT_FIELDS}
-    compose = {name for path in [REPO / "docker-compose.yml", *(REPO / "deploy").glob("compose.*.yml")]
-               for name in re.findall(r"\$\{(SPECDEC_[A-Z_]+)", path.read_text())}
+    compose = {
+        name
+        for path in [REPO / "docker-compose.yml", *(REPO / "deploy").glob("compose.*.yml")]
+        for name in re.findall(r"\$\{(SPECDEC_[A-Z_]+)", path.read_text())
+    }
     return {option.env for option in OPTIONS} | sidecar | client | compose
 
 

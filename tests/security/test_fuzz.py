@@ -52,8 +52,9 @@ def self_metrics(address: str) -> dict[str, float]:
 
 @pytest.fixture
 def sidecar():
-    s = SidecarThread(["--listen", "127.0.0.1:0", "--exporters", "prometheus",
-                       "--prometheus-address", "127.0.0.1:0"])
+    s = SidecarThread(
+        ["--listen", "127.0.0.1:0", "--exporters", "prometheus", "--prometheus-address", "127.0.0.1:0"]
+    )
     yield s
     s.stop()
 
@@ -73,9 +74,11 @@ def test_report_survives_hostile_batches(sidecar) -> None:
     after = send(sidecar.address, [batch("after-fuzz", [base_record()])])[0]
     assert after.accepted + after.rejected == 1 and after.acknowledged_through_sequence == 1
     m = self_metrics(sidecar.sidecar.prometheus_address)
-    assert m["specdec_sidecar_records_received_total"] == \
-        m["specdec_sidecar_records_aggregated_total"] + \
-        m["specdec_sidecar_records_rejected_total"] + \
-        m["specdec_sidecar_records_duplicate_total"], m
+    assert (
+        m["specdec_sidecar_records_received_total"]
+        == m["specdec_sidecar_records_aggregated_total"]
+        + m["specdec_sidecar_records_rejected_total"]
+        + m["specdec_sidecar_records_duplicate_total"]
+    ), m
     assert sidecar.sidecar.sources.approximate_bytes <= sidecar.config.max_source_bytes
     assert rss_bytes() - rss_before < MEMORY_GROWTH_LIMIT, summary

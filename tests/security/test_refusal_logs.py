@@ -51,14 +51,14 @@ def test_clip_keeps_the_head_and_names_the_length() -> None:
 
 
 def raw_report(channel: grpc.Channel, payloads: list[bytes]):
-    call = channel.stream_stream(REPORT, request_serializer=None,
-                                 response_deserializer=telemetry_pb2.ReportResponse.FromString)
+    call = channel.stream_stream(
+        REPORT, request_serializer=None, response_deserializer=telemetry_pb2.ReportResponse.FromString
+    )
     return list(call(iter(payloads), timeout=30))
 
 
 def test_the_sidecar_logs_a_refused_batch_once_and_never_a_whole_id(sidecar_process_factory) -> None:
-    sidecar = sidecar_process_factory(["--exporters", "prometheus", "--prometheus-address",
-                                       "127.0.0.1:0"])
+    sidecar = sidecar_process_factory(["--exporters", "prometheus", "--prometheus-address", "127.0.0.1:0"])
     with grpc.insecure_channel(sidecar.address) as channel:
         with pytest.raises(grpc.RpcError) as info:
             raw_report(channel, [b"\xff\xff garbage"])
@@ -88,15 +88,16 @@ def test_the_service_logs_each_refused_request(run_service, make_stub) -> None:
     with structlog.testing.capture_logs() as logs:
         with grpc.insecure_channel(service.address) as channel:
             generate = channel.unary_stream(
-                GENERATE, request_serializer=None,
-                response_deserializer=generation_pb2.GenerateResponse.FromString)
+                GENERATE,
+                request_serializer=None,
+                response_deserializer=generation_pb2.GenerateResponse.FromString,
+            )
             with pytest.raises(grpc.RpcError) as info:
                 list(generate(b"\x12\x10abc", timeout=30))  # truncated: does not parse
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         stub = make_stub(service.address)
         with pytest.raises(grpc.RpcError) as info:
-            list(stub.Generate(generation_pb2.GenerateRequest(text="hi", request_id="x" * 200),
-                               timeout=30))
+            list(stub.Generate(generation_pb2.GenerateRequest(text="hi", request_id="x" * 200), timeout=30))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
         def refused_lines():
@@ -120,8 +121,9 @@ def test_the_service_logs_a_full_queue_refusal(run_service, make_stub) -> None:
         with pytest.raises(grpc.RpcError) as info:
             collect(stub, request(max_tokens=2))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        wait_for(lambda: any(e["event"] == "request_refused" for e in logs), 10,
-                 what="request_refused logged")
+        wait_for(
+            lambda: any(e["event"] == "request_refused" for e in logs), 10, what="request_refused logged"
+        )
     refused = [e for e in logs if e["event"] == "request_refused"]
     assert len(refused) == 1 and refused[0]["code"] == "RESOURCE_EXHAUSTED"
     assert "queue is full" in refused[0]["details"]

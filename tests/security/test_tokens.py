@@ -25,13 +25,16 @@ def test_tokens_one_per_line_with_comments_and_blanks(token_file) -> None:
     assert not tokens.accepts("") and not tokens.accepts("# rotation: B replaces A")
 
 
-@pytest.mark.parametrize("lines, message", [
-    ((), "holds no token"),
-    (("# only a comment",), "holds no token"),
-    (("s3cr3t",), f"shorter than {MIN_TOKEN_CHARS} characters"),
-    (("with a space inside it, long enough",), "printable ASCII without spaces"),
-    (("caf\u00e9" * 8,), "printable ASCII without spaces"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ((), "holds no token"),
+        (("# only a comment",), "holds no token"),
+        (("s3cr3t",), f"shorter than {MIN_TOKEN_CHARS} characters"),
+        (("with a space inside it, long enough",), "printable ASCII without spaces"),
+        (("caf\u00e9" * 8,), "printable ASCII without spaces"),
+    ],
+)
 def test_bad_token_files_are_named_and_never_echo_the_token(token_file, lines, message) -> None:
     path = token_file(*lines)
     with pytest.raises(SecuritySetupError) as info:
@@ -67,15 +70,18 @@ def test_reload_swaps_tokens_and_keeps_them_when_the_new_file_is_bad(token_file,
     assert tokens.accepts(TOKEN_B)
 
 
-@pytest.mark.parametrize("metadata, token, reason", [
-    ((), None, MISSING),
-    ((("x-other", "1"),), None, MISSING),
-    ((("authorization", f"Bearer {TOKEN_A}"),), TOKEN_A, None),
-    ((("authorization", f"bearer   {TOKEN_A} "),), TOKEN_A, None),
-    ((("authorization", TOKEN_A),), None, MALFORMED),
-    ((("authorization", "Bearer "),), None, MALFORMED),
-    ((("authorization", "Basic dXNlcjpwYXNz"),), None, MALFORMED),
-    ((("authorization", f"Bearer {TOKEN_A}"), ("authorization", f"Bearer {TOKEN_B}")), None, MALFORMED),
-])
+@pytest.mark.parametrize(
+    "metadata, token, reason",
+    [
+        ((), None, MISSING),
+        ((("x-other", "1"),), None, MISSING),
+        ((("authorization", f"Bearer {TOKEN_A}"),), TOKEN_A, None),
+        ((("authorization", f"bearer   {TOKEN_A} "),), TOKEN_A, None),
+        ((("authorization", TOKEN_A),), None, MALFORMED),
+        ((("authorization", "Bearer "),), None, MALFORMED),
+        ((("authorization", "Basic dXNlcjpwYXNz"),), None, MALFORMED),
+        ((("authorization", f"Bearer {TOKEN_A}"), ("authorization", f"Bearer {TOKEN_B}")), None, MALFORMED),
+    ],
+)
 def test_bearer_header_parsing(metadata, token, reason) -> None:
     assert bearer_token(metadata) == (token, reason)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -20,15 +21,31 @@ from tests.support.tiny_model import save_tiny_model
 def tiny_model_dir(tmp_path_factory) -> Path:
     # No EOS and a 4,096-token context: requests run to max_tokens, so the tests control how
     # long one stays in flight (thousands of tokens take seconds even on a fast CPU).
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0, layers=2, with_eos=False,
-                           max_position=4096)
+    return save_tiny_model(
+        tmp_path_factory.mktemp("tiny-model"), seed=0, layers=2, with_eos=False, max_position=4096
+    )
 
 
 def service_config(model_dir: Path, **overrides: Any) -> ServiceConfig:
     base = ServiceConfig.from_args(
-        ["--listen", "127.0.0.1:0", "--model", str(model_dir), "--telemetry-target", "",
-         "--dtype", "float32", "--device", "cpu", "--instance-id", "test-instance",
-         "--grace-period-s", "20"], environ={})
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            str(model_dir),
+            "--telemetry-target",
+            "",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--instance-id",
+            "test-instance",
+            "--grace-period-s",
+            "20",
+        ],
+        environ={},
+    )
     return dataclasses.replace(base, **overrides)
 
 
@@ -70,7 +87,7 @@ class ServiceThread:
     def address(self) -> str:
         return f"127.0.0.1:{self.service.port}"
 
-    def start(self, wait_ready: bool = True) -> "ServiceThread":
+    def start(self, wait_ready: bool = True) -> ServiceThread:
         self._thread.start()
         self._started_listening.wait(60)
         if wait_ready:
@@ -100,8 +117,9 @@ class ServiceThread:
 def run_service(tiny_model_dir) -> Iterator[Callable[..., ServiceThread]]:
     started: list[ServiceThread] = []
 
-    def start(build_engine: Callable | None = None, wait_ready: bool = True, **overrides: Any
-              ) -> ServiceThread:
+    def start(
+        build_engine: Callable | None = None, wait_ready: bool = True, **overrides: Any
+    ) -> ServiceThread:
         thread = ServiceThread(service_config(tiny_model_dir, **overrides), build_engine)
         started.append(thread)
         return thread.start(wait_ready=wait_ready)

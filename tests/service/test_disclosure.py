@@ -15,8 +15,9 @@ from specdec.v1 import generation_pb2, telemetry_pb2
 from tests.service.test_generate import collect, request
 
 
-def test_a_model_loaded_from_a_path_is_served_under_its_last_component(run_service, make_stub,
-                                                                       tiny_model_dir) -> None:
+def test_a_model_loaded_from_a_path_is_served_under_its_last_component(
+    run_service, make_stub, tiny_model_dir
+) -> None:
     service = run_service()
     stub = make_stub(service.address)
     info = stub.GetServerInfo(generation_pb2.GetServerInfoRequest(), timeout=10)
@@ -37,10 +38,14 @@ def test_reflection_serves_the_public_api_only(run_service) -> None:
         assert generation.name == "specdec/v1/generation.proto"
         assert database.FindFileByName("specdec/v1/metrics.proto").name == "specdec/v1/metrics.proto"
         pool = descriptor_pool.DescriptorPool(database)
-        assert pool.FindMethodByName("specdec.v1.GenerationService.Generate").output_type.name == \
-            "GenerateResponse"
-        for lookup, name in ((database.FindFileByName, "specdec/v1/telemetry.proto"),
-                             (database.FindFileContainingSymbol, "specdec.v1.TelemetryService"),
-                             (database.FindFileContainingSymbol, "specdec.v1.ReportRequest")):
+        assert (
+            pool.FindMethodByName("specdec.v1.GenerationService.Generate").output_type.name
+            == "GenerateResponse"
+        )
+        for lookup, name in (
+            (database.FindFileByName, "specdec/v1/telemetry.proto"),
+            (database.FindFileContainingSymbol, "specdec.v1.TelemetryService"),
+            (database.FindFileContainingSymbol, "specdec.v1.ReportRequest"),
+        ):
             with pytest.raises(KeyError):
                 lookup(name)

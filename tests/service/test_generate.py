@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import grpc
 import pytest
@@ -20,8 +20,9 @@ NONE = metrics_pb2.SPECULATION_METHOD_NONE
 PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
 
 
-def request(text: str = PROMPT, max_tokens: int = 24, method: int = 0, k: int | None = None,
-            **kwargs) -> generation_pb2.GenerateRequest:
+def request(
+    text: str = PROMPT, max_tokens: int = 24, method: int = 0, k: int | None = None, **kwargs
+) -> generation_pb2.GenerateRequest:
     req = generation_pb2.GenerateRequest(text=text, max_tokens=max_tokens, **kwargs)
     if method:
         req.speculation.method = method
@@ -78,8 +79,9 @@ def test_chat_messages_and_token_ids_inputs(run_service, make_stub) -> None:
     chat = generation_pb2.GenerateRequest(max_tokens=4)
     chat.messages.messages.add(role="user", content="hello there")
     _, final, _ = collect(stub, chat)
-    templated = tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}],
-                                              tokenize=False, add_generation_prompt=True)
+    templated = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello there"}], tokenize=False, add_generation_prompt=True
+    )
     assert final.prompt_tokens == len(tokenizer(templated, add_special_tokens=False)["input_ids"])
     ids = generation_pb2.GenerateRequest(max_tokens=4)
     ids.token_ids.ids.extend([5, 6, 7, 8, 9])
@@ -92,8 +94,10 @@ def test_sixteen_concurrent_clients_get_their_solo_output(run_service, make_stub
     stub = make_stub(service.address)
     prompts = [f"{PROMPT} number {i}" + " over the lazy dog" * (i % 3) for i in range(16)]
     methods = [NGRAM, NONE]
-    requests = [request(text=p, max_tokens=12 + i % 5, method=methods[i % 2], k=1 + i % 4)
-                for i, p in enumerate(prompts)]
+    requests = [
+        request(text=p, max_tokens=12 + i % 5, method=methods[i % 2], k=1 + i % 4)
+        for i, p in enumerate(prompts)
+    ]
     solo = [[t for c in collect(stub, r)[0] for t in c.token_ids] for r in requests]
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(lambda r: collect(stub, r), requests))
@@ -134,6 +138,7 @@ def _spy(original, sink):
     def spy(result, trace):
         sink.append(result)
         original(result, trace)
+
     return spy
 
 
@@ -169,29 +174,32 @@ def _ids(values):
     return req
 
 
-@pytest.mark.parametrize("req, field", [
-    (_bad(clear_input=True), "input"),
-    (_bad(text=""), "text"),
-    (_empty_messages(), "messages"),
-    (_empty_ids(), "token_ids"),
-    (_ids([1, 10**6]), "input"),
-    (_bad(max_tokens=0), "max_tokens"),
-    (_bad(max_tokens=100000), "max_tokens"),
-    (_bad(sampling__temperature=-1.0), "sampling.temperature"),
-    (_bad(sampling__temperature=float("nan")), "sampling.temperature"),
-    (_bad(sampling__top_p=0.0), "sampling.top_p"),
-    (_bad(sampling__top_p=1.5), "sampling.top_p"),
-    (_bad(speculation__num_draft_tokens=99), "speculation.num_draft_tokens"),
-    (_bad(speculation__method=metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL), "speculation.method"),
-    (_bad(speculation__method=42), "speculation.method"),
-    (_bad(text="lazy dog " * 3000), "input"),  # longer than the 4,096-token context
-    (_bad(text="x" * (2 << 20)), "request"),  # over --max-request-bytes
-    (generation_pb2.GenerateRequest(text="hi", stop=[""]), "stop[0]"),
-    (_bad(request_id="r" * 129), "request_id"),  # echoed in every log line and metrics record
-    (_bad(request_id="two\nlines"), "request_id"),
-], ids=lambda v: v if isinstance(v, str) else "")
-def test_invalid_fields_get_invalid_argument_naming_the_field(run_service, make_stub, req, field
-                                                               ) -> None:
+@pytest.mark.parametrize(
+    "req, field",
+    [
+        (_bad(clear_input=True), "input"),
+        (_bad(text=""), "text"),
+        (_empty_messages(), "messages"),
+        (_empty_ids(), "token_ids"),
+        (_ids([1, 10**6]), "input"),
+        (_bad(max_tokens=0), "max_tokens"),
+        (_bad(max_tokens=100000), "max_tokens"),
+        (_bad(sampling__temperature=-1.0), "sampling.temperature"),
+        (_bad(sampling__temperature=float("nan")), "sampling.temperature"),
+        (_bad(sampling__top_p=0.0), "sampling.top_p"),
+        (_bad(sampling__top_p=1.5), "sampling.top_p"),
+        (_bad(speculation__num_draft_tokens=99), "speculation.num_draft_tokens"),
+        (_bad(speculation__method=metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL), "speculation.method"),
+        (_bad(speculation__method=42), "speculation.method"),
+        (_bad(text="lazy dog " * 3000), "input"),  # longer than the 4,096-token context
+        (_bad(text="x" * (2 << 20)), "request"),  # over --max-request-bytes
+        (generation_pb2.GenerateRequest(text="hi", stop=[""]), "stop[0]"),
+        (_bad(request_id="r" * 129), "request_id"),  # echoed in every log line and metrics record
+        (_bad(request_id="two\nlines"), "request_id"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_invalid_fields_get_invalid_argument_naming_the_field(run_service, make_stub, req, field) -> None:
     service = run_service()
     stub = make_stub(service.address)
     with pytest.raises(grpc.RpcError) as info:
@@ -273,8 +281,10 @@ def test_one_canonical_log_line_per_finished_request(run_service, make_stub) -> 
     with capture_logs() as logs:
         _, final, _ = collect(stub, request(request_id="logged", method=NGRAM, k=2, max_tokens=6))
         deadline = time.monotonic() + 10
-        while not any(e.get("request_id") == "logged" and e["event"] == "request_finished" for e in logs) \
-                and time.monotonic() < deadline:
+        while (
+            not any(e.get("request_id") == "logged" and e["event"] == "request_finished" for e in logs)
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
     lines = [e for e in logs if e["event"] == "request_finished" and e.get("request_id") == "logged"]
     assert len(lines) == 1, lines

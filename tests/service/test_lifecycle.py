@@ -55,13 +55,17 @@ def test_health_goes_not_serving_then_serving_then_not_serving_while_draining(ru
         # Loading: NOT_SERVING, and Generate is refused with UNAVAILABLE.
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == NOT_SERVING
         with pytest.raises(grpc.RpcError) as info:
-            list(generation_pb2_grpc.GenerationServiceStub(channel).Generate(
-                generation_pb2.GenerateRequest(text="hi"), timeout=5))
+            list(
+                generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+                    generation_pb2.GenerateRequest(text="hi"), timeout=5
+                )
+            )
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         # Server info is not known before the models are (it would read max_context_tokens 0).
         with pytest.raises(grpc.RpcError) as info:
             generation_pb2_grpc.GenerationServiceStub(channel).GetServerInfo(
-                generation_pb2.GetServerInfoRequest(), timeout=5)
+                generation_pb2.GetServerInfoRequest(), timeout=5
+            )
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
         release.set()
         service.wait_ready()
@@ -125,8 +129,14 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model_dir, tmp_pa
         "SPECDEC_GRACE_PERIOD_S": "300",
     }
     log = open(tmp_path / "stack.log", "wb")
-    stack = subprocess.Popen([str(REPO / "scripts" / "run_stack.sh")], cwd=REPO, env=env,
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    stack = subprocess.Popen(
+        [str(REPO / "scripts" / "run_stack.sh")],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         address = f"127.0.0.1:{port}"
         wait_serving(address)
@@ -138,10 +148,16 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model_dir, tmp_pa
                 stub = generation_pb2_grpc.GenerationServiceStub(channel)
                 try:
                     responses = []
-                    for response in stub.Generate(generation_pb2.GenerateRequest(
-                            text=f"The quick brown fox {i}", max_tokens=1500,
+                    for response in stub.Generate(
+                        generation_pb2.GenerateRequest(
+                            text=f"The quick brown fox {i}",
+                            max_tokens=1500,
                             speculation=generation_pb2.SpeculationParams(
-                                method=metrics_pb2.SPECULATION_METHOD_NONE)), timeout=120):
+                                method=metrics_pb2.SPECULATION_METHOD_NONE
+                            ),
+                        ),
+                        timeout=120,
+                    ):
                         responses.append(response)
                         streaming[i].set()
                     results[i] = responses[-1]
@@ -164,8 +180,11 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model_dir, tmp_pa
         assert len(results) == 3
         # New work after the drain is refused (the server is gone).
         with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError):
-            list(generation_pb2_grpc.GenerationServiceStub(channel).Generate(
-                generation_pb2.GenerateRequest(text="late"), timeout=3))
+            list(
+                generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+                    generation_pb2.GenerateRequest(text="late"), timeout=3
+                )
+            )
     finally:
         if stack.poll() is None:
             os.killpg(stack.pid, signal.SIGKILL)
@@ -196,13 +215,31 @@ def test_sigterm_while_the_models_load_exits_at_once(tiny_model_dir, tmp_path) -
     script.write_text(LOADS_FOR_A_MINUTE)
     log = open(tmp_path / "server.log", "wb")
     server = subprocess.Popen(
-        [sys.executable, str(script), "--listen", f"127.0.0.1:{port}", "--model", str(tiny_model_dir),
-         "--telemetry-target", "", "--device", "cpu", "--dtype", "float32"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+        [
+            sys.executable,
+            str(script),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--model",
+            str(tiny_model_dir),
+            "--telemetry-target",
+            "",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         deadline = time.monotonic() + 60
         while b"loading-started" not in (tmp_path / "server.log").read_bytes():
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            assert server.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "server.log"
+            ).read_text()
             time.sleep(0.1)
         server.send_signal(signal.SIGTERM)
         started = time.monotonic()
@@ -224,8 +261,9 @@ def test_a_load_that_ends_after_the_stop_is_handed_to_abandoned() -> None:
     release, abandoned = threading.Event(), []
 
     async def stop_while_loading() -> None:
-        loading = asyncio.ensure_future(_on_daemon_thread(
-            lambda: release.wait(10) and "engine", abandoned=abandoned.append))
+        loading = asyncio.ensure_future(
+            _on_daemon_thread(lambda: release.wait(10) and "engine", abandoned=abandoned.append)
+        )
         await asyncio.sleep(0.05)
         loading.cancel()
         release.set()

@@ -11,8 +11,14 @@ from structlog.testing import capture_logs
 
 from service.loadgen.cli import main
 
-COUNTERS = ("prompt_tokens", "completion_tokens", "verify_passes", "draft_passes", "proposed_drafts",
-            "accepted_drafts")
+COUNTERS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "verify_passes",
+    "draft_passes",
+    "proposed_drafts",
+    "accepted_drafts",
+)
 
 
 def finished_lines(logs: list[dict], prefix: str) -> list[dict]:
@@ -24,21 +30,55 @@ def test_summed_server_metrics_equal_what_the_server_returned(run_service, tmp_p
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         '{"text": "the cat sat on the mat and the cat sat on the mat and the cat", "max_tokens": 12}\n'
-        '{"messages": [{"role": "user", "content": "a b c a b c a b c"}]}\n')
+        '{"messages": [{"role": "user", "content": "a b c a b c a b c"}]}\n'
+    )
     out = tmp_path / "bench.json"
     with capture_logs() as logs:
-        code = main(["--target", service.address, "--prompts", str(prompts), "--methods", "none,ngram",
-                     "--modes", "burst,sustained,rate", "--concurrency", "1,3", "--rate", "40",
-                     "--requests", "5", "--requests-per-client", "2", "--max-tokens", "8", "-k", "3",
-                     "--warmup", "2", "--request-id-prefix", "lg", "--per-request", "--out", str(out)])
+        code = main(
+            [
+                "--target",
+                service.address,
+                "--prompts",
+                str(prompts),
+                "--methods",
+                "none,ngram",
+                "--modes",
+                "burst,sustained,rate",
+                "--concurrency",
+                "1,3",
+                "--rate",
+                "40",
+                "--requests",
+                "5",
+                "--requests-per-client",
+                "2",
+                "--max-tokens",
+                "8",
+                "-k",
+                "3",
+                "--warmup",
+                "2",
+                "--request-id-prefix",
+                "lg",
+                "--per-request",
+                "--out",
+                str(out),
+            ]
+        )
     assert code == 0
     report = json.loads(out.read_text())
     assert report["server_info"]["target_model"]
     runs = report["runs"]
-    expected_sent = {("burst", 1): 1, ("burst", 3): 3, ("sustained", 1): 2, ("sustained", 3): 6,
-                     ("rate", 40): 5}
+    expected_sent = {
+        ("burst", 1): 1,
+        ("burst", 3): 3,
+        ("sustained", 1): 2,
+        ("sustained", 3): 6,
+        ("rate", 40): 5,
+    }
     assert sorted((r["method"], r["mode"], r["level"]) for r in runs) == sorted(
-        (m, mode, level) for m in ("none", "ngram") for mode, level in expected_sent)
+        (m, mode, level) for m in ("none", "ngram") for mode, level in expected_sent
+    )
     for run in runs:
         level = f"{run['level']:g}"
         lines = finished_lines(logs, f"lg-{run['method']}-{run['mode']}-{level}-")
@@ -51,9 +91,14 @@ def test_summed_server_metrics_equal_what_the_server_returned(run_service, tmp_p
         sums = run["server_metrics"]
         for name in COUNTERS:
             field = name if name.endswith("_tokens") else name
-            from_server = sum(e["completion_tokens"] if name == "completion_tokens" else
-                              e["prompt_tokens"] if name == "prompt_tokens" else e["metrics"][name]
-                              for e in lines)
+            from_server = sum(
+                e["completion_tokens"]
+                if name == "completion_tokens"
+                else e["prompt_tokens"]
+                if name == "prompt_tokens"
+                else e["metrics"][name]
+                for e in lines
+            )
             assert sums[field] == from_server, (run["method"], run["mode"], run["level"], name)
         assert sums["requests"] == len(lines)
         method = f"SPECULATION_METHOD_{run['method'].upper()}"
@@ -65,11 +110,15 @@ def test_summed_server_metrics_equal_what_the_server_returned(run_service, tmp_p
         # Client-side counts agree with the stream and the per-request records.
         per_request = run["per_request"]
         assert len(per_request) == requests["sent"]
-        assert run["throughput"]["whole_run_tokens"] == sum(r["streamed_tokens"] for r in per_request) \
+        assert (
+            run["throughput"]["whole_run_tokens"]
+            == sum(r["streamed_tokens"] for r in per_request)
             == sums["completion_tokens"]
+        )
         # The first prompt asks for 12 tokens, the second takes --max-tokens 8 (no EOS: exact).
-        assert [r["completion_tokens"] for r in per_request] == [12 if r["index"] % 2 == 0 else 8
-                                                                for r in per_request]
+        assert [r["completion_tokens"] for r in per_request] == [
+            12 if r["index"] % 2 == 0 else 8 for r in per_request
+        ]
         latency = run["latency_s"]
         assert latency["ttft"]["count"] == latency["requests"] >= 1
         assert latency["itl"]["count"] >= latency["requests"]  # >= 2 chunks per request
@@ -85,13 +134,29 @@ def test_errors_are_counted_per_status_code_and_the_run_goes_on(run_service, tmp
     # finds the queue full. Every second prompt asks for more than the server's ceiling.
     service = run_service(max_batch_size=1, max_queue_size=1, max_tokens_limit=2000)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"text": "hello there", "max_tokens": 1000}\n'
-                       '{"text": "hello there", "max_tokens": 2001}\n')
+    prompts.write_text(
+        '{"text": "hello there", "max_tokens": 1000}\n{"text": "hello there", "max_tokens": 2001}\n'
+    )
     out = tmp_path / "bench.json"
-    code = main(["--target", service.address, "--prompts", str(prompts), "--methods", "none",
-                 "--modes", "burst", "--concurrency", "6", "--out", str(out), "--per-request"])
+    code = main(
+        [
+            "--target",
+            service.address,
+            "--prompts",
+            str(prompts),
+            "--methods",
+            "none",
+            "--modes",
+            "burst",
+            "--concurrency",
+            "6",
+            "--out",
+            str(out),
+            "--per-request",
+        ]
+    )
     assert code == 0
-    run, = json.loads(out.read_text())["runs"]
+    (run,) = json.loads(out.read_text())["runs"]
     requests = run["requests"]
     assert requests["sent"] == 6 and requests["succeeded"] + requests["failed"] == 6
     assert requests["errors_by_code"]["INVALID_ARGUMENT"] == 3
@@ -136,9 +201,23 @@ def test_plot_without_matplotlib_is_refused_before_any_load(capsys) -> None:
 def test_plot_is_a_png(run_service, tmp_path) -> None:
     service = run_service()
     png = tmp_path / "bench.png"
-    code = main(["--target", service.address, "--prompts", "builtin:grounded", "--modes", "burst",
-                 "--concurrency", "1,2", "--max-tokens", "4", "--out", str(tmp_path / "b.json"),
-                 "--plot", str(png)])
+    code = main(
+        [
+            "--target",
+            service.address,
+            "--prompts",
+            "builtin:grounded",
+            "--modes",
+            "burst",
+            "--concurrency",
+            "1,2",
+            "--max-tokens",
+            "4",
+            "--out",
+            str(tmp_path / "b.json"),
+            "--plot",
+            str(png),
+        ]
+    )
     assert code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-

@@ -9,15 +9,30 @@ from service.loadgen.stats import RequestRecord, percentiles, server_sums, stead
 from specdec.v1 import metrics_pb2
 
 
-def record(index: int, client: int, start: float, end: float, chunks=(), status: str = "OK",
-           completion_tokens: int | None = None, **counters: int) -> RequestRecord:
+def record(
+    index: int,
+    client: int,
+    start: float,
+    end: float,
+    chunks=(),
+    status: str = "OK",
+    completion_tokens: int | None = None,
+    **counters: int,
+) -> RequestRecord:
     times = [t for t, _ in chunks]
     tokens = [n for _, n in chunks]
     metrics = metrics_pb2.SpeculativeMetrics(method=metrics_pb2.SPECULATION_METHOD_NGRAM, **counters)
-    return RequestRecord(index=index, client=client, start=start, end=end, chunk_times=times,
-                         chunk_tokens=tokens, status=status,
-                         completion_tokens=sum(tokens) if completion_tokens is None else completion_tokens,
-                         metrics=metrics if status == "OK" else None)
+    return RequestRecord(
+        index=index,
+        client=client,
+        start=start,
+        end=end,
+        chunk_times=times,
+        chunk_tokens=tokens,
+        status=status,
+        completion_tokens=sum(tokens) if completion_tokens is None else completion_tokens,
+        metrics=metrics if status == "OK" else None,
+    )
 
 
 def test_percentiles_interpolate_linearly_between_order_statistics() -> None:
@@ -76,8 +91,11 @@ def test_two_back_to_back_requests_of_one_client_leave_no_steady_window() -> Non
 
 
 def test_burst_and_rate_windows_are_the_whole_run() -> None:
-    records = [record(0, 0, 0.1, 1.0, [(0.5, 3)]), record(1, 1, 0.4, 2.0, [(1.5, 3)]),
-               record(2, 2, 0.9, 2.5, [(2.2, 3)])]
+    records = [
+        record(0, 0, 0.1, 1.0, [(0.5, 3)]),
+        record(1, 1, 0.4, 2.0, [(1.5, 3)]),
+        record(2, 2, 0.9, 2.5, [(2.2, 3)]),
+    ]
     for mode in ("burst", "rate"):
         window = steady_window(mode, records, run_start=0.0)
         assert (window.start, window.end) == (0.0, 2.5)
@@ -88,10 +106,30 @@ def test_burst_and_rate_windows_are_the_whole_run() -> None:
 
 def test_acceptance_is_a_ratio_of_sums_and_errors_are_counted_per_code() -> None:
     records = [
-        record(0, 0, 0.0, 1.0, [(0.5, 3)], verify_passes=5, draft_passes=5, proposed_drafts=10,
-               accepted_drafts=9, completion_tokens=3),
-        record(1, 1, 0.0, 1.0, [(0.5, 4)], verify_passes=2, draft_passes=1, proposed_drafts=2,
-               accepted_drafts=0, completion_tokens=5),  # one token fewer streamed than counted
+        record(
+            0,
+            0,
+            0.0,
+            1.0,
+            [(0.5, 3)],
+            verify_passes=5,
+            draft_passes=5,
+            proposed_drafts=10,
+            accepted_drafts=9,
+            completion_tokens=3,
+        ),
+        record(
+            1,
+            1,
+            0.0,
+            1.0,
+            [(0.5, 4)],
+            verify_passes=2,
+            draft_passes=1,
+            proposed_drafts=2,
+            accepted_drafts=0,
+            completion_tokens=5,
+        ),  # one token fewer streamed than counted
         record(2, 2, 0.0, 0.1, status="RESOURCE_EXHAUSTED"),
         record(3, 3, 0.0, 0.1, status="RESOURCE_EXHAUSTED"),
         record(4, 4, 0.0, 0.1, status="INVALID_ARGUMENT"),
@@ -102,8 +140,13 @@ def test_acceptance_is_a_ratio_of_sums_and_errors_are_counted_per_code() -> None
     assert sums["accept_length"] == pytest.approx((9 + 7) / 7)
     assert sums["methods"] == {"SPECULATION_METHOD_NGRAM": 2}
     report = summarize("burst", 5, records, run_start=0.0)
-    assert report["requests"] == {"sent": 5, "succeeded": 2, "failed": 3, "token_count_mismatches": 1,
-                                  "errors_by_code": {"INVALID_ARGUMENT": 1, "RESOURCE_EXHAUSTED": 2}}
+    assert report["requests"] == {
+        "sent": 5,
+        "succeeded": 2,
+        "failed": 3,
+        "token_count_mismatches": 1,
+        "errors_by_code": {"INVALID_ARGUMENT": 1, "RESOURCE_EXHAUSTED": 2},
+    }
 
 
 def test_no_proposals_give_no_acceptance_rate() -> None:
@@ -116,20 +159,24 @@ def test_prompt_sets_builtin_and_file(tmp_path) -> None:
     assert len(grounded) == 3 and all(p.messages and p.messages[0][0] == "user" for p in grounded)
     assert len(load_prompts("builtin:all")) == 6
     path = tmp_path / "prompts.jsonl"
-    path.write_text('{"text": "hello", "max_tokens": 7}\n\n'
-                    '{"messages": [{"role": "user", "content": "hi"}]}\n')
+    path.write_text(
+        '{"text": "hello", "max_tokens": 7}\n\n{"messages": [{"role": "user", "content": "hi"}]}\n'
+    )
     first, second = load_prompts(str(path))
     assert (first.text, first.max_tokens) == ("hello", 7)
     assert second.messages == (("user", "hi"),) and second.max_tokens is None
 
 
-@pytest.mark.parametrize("line, message", [
-    ("not json", "not JSON"),
-    ('{"text": "a", "messages": []}', "exactly one of"),
-    ('{"prompt": "a"}', "unknown field"),
-    ('{"text": "a", "max_tokens": 0}', "max_tokens must be an integer >= 1"),
-    ('{"messages": [{"role": "user"}]}', "messages[0]"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("not json", "not JSON"),
+        ('{"text": "a", "messages": []}', "exactly one of"),
+        ('{"prompt": "a"}', "unknown field"),
+        ('{"text": "a", "max_tokens": 0}', "max_tokens must be an integer >= 1"),
+        ('{"messages": [{"role": "user"}]}', "messages[0]"),
+    ],
+)
 def test_a_bad_prompt_line_is_named(tmp_path, line: str, message: str) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n' + line + "\n")

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from service import client
-from specdec.v1 import generation_pb2, metrics_pb2
+from specdec.v1 import metrics_pb2
 from tests.service.test_generate import collect, request
 from tests.support.metrics_invariants import assert_stream_provenance
 from tests.support.tiny_model import save_tiny_model
@@ -21,9 +21,11 @@ from tests.support.tiny_model import save_tiny_model
 NGRAM = metrics_pb2.SPECULATION_METHOD_NGRAM
 DRAFT = metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL
 NONE = metrics_pb2.SPECULATION_METHOD_NONE
-PROMPTS = ("The quick brown fox jumps over the lazy dog. The quick brown fox",
-           "def add(x, y):\n    return x + y\n\nprint(add(1, 2))\n",
-           "Speculative decoding drafts tokens and verifies them")
+PROMPTS = (
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "def add(x, y):\n    return x + y\n\nprint(add(1, 2))\n",
+    "Speculative decoding drafts tokens and verifies them",
+)
 SAMPLINGS = {"greedy": {}, "sampled": {"temperature": 0.8, "seed": 11}}
 
 
@@ -43,8 +45,9 @@ def _draft_runs(flags: list[bool]) -> Counter:
 @pytest.fixture(scope="module")
 def loopy_model_dir(tmp_path_factory):
     """A tiny model whose output cycles: n-gram lookups over it hit and get accepted."""
-    return save_tiny_model(tmp_path_factory.mktemp("loopy-model"), seed=0, with_eos=False,
-                           attention_scale=0.0)
+    return save_tiny_model(
+        tmp_path_factory.mktemp("loopy-model"), seed=0, with_eos=False, attention_scale=0.0
+    )
 
 
 @pytest.fixture
@@ -52,8 +55,12 @@ def service(run_service, loopy_model_dir):
     # The target is its own draft model: greedy passes accept every draft, so stop strings
     # land inside runs of accepted drafts. Fixed draft lengths (no adaptive policy) keep
     # every lookup that hits proposing.
-    return run_service(model=str(loopy_model_dir), draft_model=str(loopy_model_dir), max_batch_size=4,
-                       adaptive_draft_length=False)
+    return run_service(
+        model=str(loopy_model_dir),
+        draft_model=str(loopy_model_dir),
+        max_batch_size=4,
+        adaptive_draft_length=False,
+    )
 
 
 def test_every_finished_stream_accounts_for_its_accepted_drafts(service, make_stub) -> None:
@@ -62,7 +69,7 @@ def test_every_finished_stream_accounts_for_its_accepted_drafts(service, make_st
     with ThreadPoolExecutor(4) as pool:  # batched together, as in production
         results = list(pool.map(lambda c: collect(stub, _request(*c)), cases))
     marked = {NGRAM: 0, DRAFT: 0}
-    for (prompt, method, sampling), (chunks, final, _) in zip(cases, results):
+    for (_prompt, method, sampling), (chunks, final, _) in zip(cases, results):
         m = final.metrics
         flags, cut = assert_stream_provenance(chunks, m)  # set bits + cut = accepted_drafts
         assert final.finish_reason == metrics_pb2.FINISH_REASON_LENGTH and cut == 0
@@ -110,12 +117,26 @@ def test_stop_strings_that_cut_a_run_of_drafts_count_the_cut_ones(service, make_
 
 
 def test_the_client_shows_each_tokens_provenance(service, capsys) -> None:
-    code = client.main(["--target", service.address, "--method", "draft_model", "-k", "3",
-                        "--max-tokens", "20", "--json", "--show-drafts", PROMPTS[0]])
+    code = client.main(
+        [
+            "--target",
+            service.address,
+            "--method",
+            "draft_model",
+            "-k",
+            "3",
+            "--max-tokens",
+            "20",
+            "--json",
+            "--show-drafts",
+            PROMPTS[0],
+        ]
+    )
     assert code == 0
     # The service's log lines share the captured stdout: the client's is its one JSON object.
-    (result,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()
-                 if line.startswith('{"request_id"')]
+    (result,) = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"request_id"')
+    ]
     provenance = result["provenance"]
     flags = provenance["draft_flags"]
     assert len(flags) == result["completion_tokens"] == 20

@@ -21,8 +21,9 @@ def test_valid_traceparent_is_the_parent() -> None:
     req = generation_pb2.GenerateRequest(text="hi", max_tokens=5)
     req.sampling.temperature = 0.7
     req.sampling.seed = 9
-    got = capture((("user-agent", "x"), ("traceparent", TRACEPARENT),
-                   ("tracestate", "a=1"), ("tracestate", "b=2")), req)
+    got = capture(
+        (("user-agent", "x"), ("traceparent", TRACEPARENT), ("tracestate", "a=1"), ("tracestate", "b=2")), req
+    )
     t = _decode(got)
     assert got.trace_id == TRACE_ID and t.trace_id.hex() == TRACE_ID
     assert got.parent_span_id == PARENT_ID and t.parent_span_id.hex() == PARENT_ID
@@ -34,22 +35,28 @@ def test_valid_traceparent_is_the_parent() -> None:
 
 
 def test_unsampled_parent_keeps_its_flags() -> None:
-    t = _decode(capture((("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-00"),),
-                        generation_pb2.GenerateRequest(text="hi")))
+    t = _decode(
+        capture(
+            (("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-00"),), generation_pb2.GenerateRequest(text="hi")
+        )
+    )
     assert t.trace_id.hex() == TRACE_ID and t.trace_flags == 0
 
 
-@pytest.mark.parametrize("metadata", [
-    (),
-    (("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01"),),  # zero id
-    (("traceparent", f"00-{TRACE_ID}-0000000000000000-01"),),  # zero parent
-    (("traceparent", f"ff-{TRACE_ID}-{PARENT_ID}-01"),),  # forbidden version
-    (("traceparent", f"00-{TRACE_ID.upper()}-{PARENT_ID}-01"),),  # upper case hex
-    (("traceparent", "garbage"),),
-    (("traceparent", TRACEPARENT), ("traceparent", TRACEPARENT)),  # repeated: ambiguous
-    (("traceparent-bin", b"\x00\x01"),),
-], ids=["none", "zero-trace", "zero-parent", "version-ff", "upper-hex", "garbage", "repeated",
-        "binary"])
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        (),
+        (("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01"),),  # zero id
+        (("traceparent", f"00-{TRACE_ID}-0000000000000000-01"),),  # zero parent
+        (("traceparent", f"ff-{TRACE_ID}-{PARENT_ID}-01"),),  # forbidden version
+        (("traceparent", f"00-{TRACE_ID.upper()}-{PARENT_ID}-01"),),  # upper case hex
+        (("traceparent", "garbage"),),
+        (("traceparent", TRACEPARENT), ("traceparent", TRACEPARENT)),  # repeated: ambiguous
+        (("traceparent-bin", b"\x00\x01"),),
+    ],
+    ids=["none", "zero-trace", "zero-parent", "version-ff", "upper-hex", "garbage", "repeated", "binary"],
+)
 def test_missing_or_invalid_traceparent_starts_a_trace(metadata) -> None:
     req = generation_pb2.GenerateRequest(messages={"messages": [{"role": "user", "content": "x"}]})
     first, second = capture(metadata, req), capture(metadata, req)
@@ -64,8 +71,11 @@ def test_missing_or_invalid_traceparent_starts_a_trace(metadata) -> None:
 def test_tracestate_longer_than_the_w3c_limit_is_dropped() -> None:
     members = ",".join(f"k{i}={'v' * 40}" for i in range(14))  # valid, 600+ characters
     assert len(members) > MAX_TRACE_STATE_CHARS
-    t = _decode(capture((("traceparent", TRACEPARENT), ("tracestate", members)),
-                        generation_pb2.GenerateRequest(text="hi")))
+    t = _decode(
+        capture(
+            (("traceparent", TRACEPARENT), ("tracestate", members)), generation_pb2.GenerateRequest(text="hi")
+        )
+    )
     assert t.trace_id.hex() == TRACE_ID and t.trace_state == ""
 
 
@@ -76,8 +86,7 @@ def test_request_log_line_names_the_trace_and_span() -> None:
     from service.request_log import log_finished_request
     from specdec.v1 import metrics_pb2
 
-    result = FinalResult("r-1", FinishReason.LENGTH, 3, 4,
-                         metrics_pb2.SpeculativeMetrics(request_id="r-1"))
+    result = FinalResult("r-1", FinishReason.LENGTH, 3, 4, metrics_pb2.SpeculativeMetrics(request_id="r-1"))
     traced = capture((("traceparent", TRACEPARENT),), generation_pb2.GenerateRequest(text="hi"))
     with capture_logs() as logs:
         log_finished_request(result, traced)

@@ -19,11 +19,38 @@ REPO = Path(__file__).resolve().parents[2]
 
 def run_bench(tmp: Path, device: str, dtype: str) -> dict:
     out = tmp / "bench.json"
-    command = [sys.executable, "-m", "bench.service_decode", "--sizes", "tiny", "--models-dir", str(tmp / "models"),
-               "--write-missing", "--device", device, "--dtype", dtype, "--methods", "none,draft_model",
-               "--modes", "batch1,burst", "--concurrency", "2", "--prompts", "builtin:grounded",
-               "--new-tokens", "4", "--batch1-repeats", "1", "--warmup", "1", "--copy-gib", "0.0625",
-               "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.service_decode",
+        "--sizes",
+        "tiny",
+        "--models-dir",
+        str(tmp / "models"),
+        "--write-missing",
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--methods",
+        "none,draft_model",
+        "--modes",
+        "batch1,burst",
+        "--concurrency",
+        "2",
+        "--prompts",
+        "builtin:grounded",
+        "--new-tokens",
+        "4",
+        "--batch1-repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--copy-gib",
+        "0.0625",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     result = json.loads(out.read_text())
@@ -38,8 +65,12 @@ def report(tmp_path_factory) -> dict:
 
 def test_every_point_is_measured_on_both_paths_without_failures(report):
     keys = {(r["path"], r["method"], r["mode"], r["level"]) for r in report["rows"]}
-    assert keys == {(path, method, mode, level) for path in ("inprocess", "grpc")
-                    for method in ("none", "draft_model") for mode, level in (("batch1", 1), ("burst", 2))}
+    assert keys == {
+        (path, method, mode, level)
+        for path in ("inprocess", "grpc")
+        for method in ("none", "draft_model")
+        for mode, level in (("batch1", 1), ("burst", 2))
+    }
     for row in report["rows"]:
         assert row["requests_failed"] == 0
         assert row["tokens_per_s"] > 0
@@ -53,7 +84,9 @@ def test_the_grpc_rows_come_from_the_server_with_the_same_greedy_work(report):
     for (path, method, mode, level), rep in by_key.items():
         if path != "grpc":
             continue
-        assert rep["server_metrics"]["methods"] == {f"SPECULATION_METHOD_{method.upper()}": rep["requests"]["sent"]}
+        assert rep["server_metrics"]["methods"] == {
+            f"SPECULATION_METHOD_{method.upper()}": rep["requests"]["sent"]
+        }
         twin = by_key[("inprocess", method, mode, level)]
         # float32 greedy: the same prompts give the same tokens, whichever path sent them.
         for counter in ("prompt_tokens", "completion_tokens"):
@@ -78,10 +111,38 @@ def test_batch1_figures_carry_the_roofline_of_the_measured_bandwidth(report):
 def test_append_adds_a_run_and_compares_rows_within_a_run_only(report, tmp_path):
     out = tmp_path / "bench.json"
     out.write_text(json.dumps({k: v for k, v in report.items() if k != "_models"}))
-    command = [sys.executable, "-m", "bench.service_decode", "--sizes", "tiny", "--models-dir",
-               str(report["_models"]), "--device", "cpu", "--dtype", "float32", "--paths", "inprocess",
-               "--methods", "none", "--modes", "batch1", "--prompts", "builtin:grounded", "--new-tokens", "4",
-               "--batch1-repeats", "1", "--warmup", "0", "--copy-gib", "0.0625", "--append", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.service_decode",
+        "--sizes",
+        "tiny",
+        "--models-dir",
+        str(report["_models"]),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--paths",
+        "inprocess",
+        "--methods",
+        "none",
+        "--modes",
+        "batch1",
+        "--prompts",
+        "builtin:grounded",
+        "--new-tokens",
+        "4",
+        "--batch1-repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--copy-gib",
+        "0.0625",
+        "--append",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]
     merged = json.loads(out.read_text())

@@ -31,21 +31,24 @@ TORCH_FREE_MODULES = (
 
 
 def run_fresh(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def test_api_layer_and_tools_import_no_torch_or_transformers() -> None:
     imports = "; ".join(f"import {name}" for name in TORCH_FREE_MODULES)
-    done = run_fresh(f"{imports}; import sys; "
-                     "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules); "
-                     "assert not heavy, heavy")
+    done = run_fresh(
+        f"{imports}; import sys; "
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules); "
+        "assert not heavy, heavy"
+    )
     assert done.returncode == 0, done.stderr
 
 
 def test_the_engine_itself_still_imports_from_the_package() -> None:
-    done = run_fresh("import sys; import service.engine as engine; assert 'torch' not in sys.modules; "
-                     "from service.engine import Engine, EngineConfig, GenerationRequest; "
-                     "from service.engine.engine import Engine as Direct; "
-                     "assert Engine is Direct and engine.Engine is Direct; assert 'torch' in sys.modules")
+    done = run_fresh(
+        "import sys; import service.engine as engine; assert 'torch' not in sys.modules; "
+        "from service.engine import Engine, EngineConfig, GenerationRequest; "
+        "from service.engine.engine import Engine as Direct; "
+        "assert Engine is Direct and engine.Engine is Direct; assert 'torch' in sys.modules"
+    )
     assert done.returncode == 0, done.stderr

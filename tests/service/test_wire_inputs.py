@@ -20,15 +20,21 @@ TRUNCATED = b"\x12\x10abc"  # field 2 says 16 bytes follow; 3 do
 def test_a_request_that_does_not_parse_gets_invalid_argument(run_service, make_stub, wire) -> None:
     service = run_service()
     with grpc.insecure_channel(service.address) as channel:
-        generate = channel.unary_stream(GENERATE, request_serializer=None,
-                                        response_deserializer=generation_pb2.GenerateResponse.FromString)
+        generate = channel.unary_stream(
+            GENERATE,
+            request_serializer=None,
+            response_deserializer=generation_pb2.GenerateResponse.FromString,
+        )
         with pytest.raises(grpc.RpcError) as info:
             list(generate(wire, timeout=30))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
         assert "not a valid specdec.v1.GenerateRequest" in info.value.details(), info.value.details()
 
-        get_info = channel.unary_unary(GET_SERVER_INFO, request_serializer=None,
-                                       response_deserializer=generation_pb2.GetServerInfoResponse.FromString)
+        get_info = channel.unary_unary(
+            GET_SERVER_INFO,
+            request_serializer=None,
+            response_deserializer=generation_pb2.GetServerInfoResponse.FromString,
+        )
         with pytest.raises(grpc.RpcError) as info:
             get_info(b"\x08", timeout=30)  # a varint field with its value missing
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
@@ -51,8 +57,11 @@ def test_a_vanishing_temperature_decodes_greedily(run_service, make_stub, temper
     as the temperature goes to 0."""
     service = run_service()
     stub = make_stub(service.address)
-    greedy, _, _ = collect(stub, request(max_tokens=16, sampling=generation_pb2.SamplingParams(temperature=0.0)))
-    tiny, final, _ = collect(stub, request(max_tokens=16, sampling=generation_pb2.SamplingParams(
-        temperature=temperature, seed=3)))
+    greedy, _, _ = collect(
+        stub, request(max_tokens=16, sampling=generation_pb2.SamplingParams(temperature=0.0))
+    )
+    tiny, final, _ = collect(
+        stub, request(max_tokens=16, sampling=generation_pb2.SamplingParams(temperature=temperature, seed=3))
+    )
     assert [t for c in tiny for t in c.token_ids] == [t for c in greedy for t in c.token_ids]
     assert final.completion_tokens == 16

@@ -49,12 +49,19 @@ def rounding_bound(want: torch.Tensor, budget: int) -> float:
     return budget * torch.finfo(want.dtype).eps * scale
 
 
-def assert_close_up_to_rounding(got: torch.Tensor, want: torch.Tensor, budget: int = FORWARD_BUDGET,
-                                what: str = "") -> None:
+def assert_close_up_to_rounding(
+    got: torch.Tensor, want: torch.Tensor, budget: int = FORWARD_BUDGET, what: str = ""
+) -> None:
     """`got` equals `want` up to the rounding of two code paths (see the module docstring)."""
     assert got.dtype == want.dtype, f"{what}: dtypes differ ({got.dtype} vs {want.dtype})"
     bound = rounding_bound(want, budget)
-    torch.testing.assert_close(got, want, rtol=0.0, atol=bound,
-                               msg=lambda m: f"{what}: {m}\n(rounding bound {bound:.3g} = {budget} eps x "
-                                             f"max|want| {want.abs().max().item():.3g})")
-
+    torch.testing.assert_close(
+        got,
+        want,
+        rtol=0.0,
+        atol=bound,
+        msg=lambda m: (
+            f"{what}: {m}\n(rounding bound {bound:.3g} = {budget} eps x "
+            f"max|want| {want.abs().max().item():.3g})"
+        ),
+    )

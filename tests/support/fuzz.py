@@ -5,10 +5,10 @@ hundred cases) and the longer bench run (bench/fuzz_requests.py).
 Cases are drawn from one `random.Random(seed)`: valid-but-extreme messages (plain requests
 with one to three fields at or beyond the edges of their ranges: huge strings, many repeated
 entries, unknown enum values, NaN/inf floats, control tokens in chat content), those
-messages' bytes mutated (bit flips, truncation, splices), and plain random bytes, all sent as raw payloads so the server parses
-them itself. A run records every status code it saw; a code outside the allowed set
-(INTERNAL and UNKNOWN above all: a 5xx) is a finding, reported with the seed and case index
-that reproduce it.
+messages' bytes mutated (bit flips, truncation, splices), and plain random bytes, all sent as raw
+payloads so the server parses them itself. A run records every status code it saw; a code
+outside the allowed set (INTERNAL and UNKNOWN above all: a 5xx) is a finding, reported with the
+seed and case index that reproduce it.
 """
 
 from __future__ import annotations
@@ -31,17 +31,22 @@ REPORT = "/specdec.v1.TelemetryService/Report"
 
 # Codes a server may answer a hostile request with. UNAVAILABLE is not among them: the
 # servers under test are not shutting down, so it would mean one stopped serving.
-ALLOWED_GENERATE = frozenset({
-    grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.OUT_OF_RANGE,
-    grpc.StatusCode.FAILED_PRECONDITION,
-})
-ALLOWED_REPORT = frozenset({grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT,
-                            grpc.StatusCode.RESOURCE_EXHAUSTED})
+ALLOWED_GENERATE = frozenset(
+    {
+        grpc.StatusCode.OK,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    }
+)
+ALLOWED_REPORT = frozenset(
+    {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
 
 CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<s>", "</s>", "[INST]")
-FLOATS = (0.0, -0.0, 1e-45, 1e-38, 1.0, 1.5, -1.0, 2.0, 1e38, 3.4e38, math.inf, -math.inf,
-          math.nan)
+FLOATS = (0.0, -0.0, 1e-45, 1e-38, 1.0, 1.5, -1.0, 2.0, 1e38, 3.4e38, math.inf, -math.inf, math.nan)
 U32 = (0, 1, 2, 7, 64, 65, 1024, 4095, 4096, 65535, 2**31 - 1, 2**32 - 1)
 U64 = (0, 1, 2, 2**32, 2**53, 2**63 - 1, 2**64 - 1)
 
@@ -59,8 +64,10 @@ def random_text(rng: random.Random, long: bool = False) -> str:
     if pick < 0.3:
         return "".join(rng.choice(CONTROL_TOKENS) for _ in range(rng.randint(1, 20)))
     if pick < 0.45:  # any code point but the surrogates (a proto string is UTF-8)
-        return "".join(chr(rng.choice((rng.randint(0, 0xD7FF), rng.randint(0xE000, 0x10FFFF))))
-                       for _ in range(rng.randint(1, 50)))
+        return "".join(
+            chr(rng.choice((rng.randint(0, 0xD7FF), rng.randint(0xE000, 0x10FFFF))))
+            for _ in range(rng.randint(1, 50))
+        )
     if pick < 0.55:
         return "\x00\x1b[2J\r\n\t" * rng.randint(1, 100)
     size = rng.choice((1, 10, 100, 1000)) if not long else rng.choice((10_000, 100_000, 1_000_000))
@@ -85,7 +92,7 @@ def extreme_field(rng: random.Random, req: generation_pb2.GenerateRequest) -> No
     """Sets one field (or group) of `req` to a value at or beyond the edge of its range."""
     pick = rng.randrange(9)
     if pick == 0:
-        req.request_id = random_text(rng)[:rng.choice((0, 10, 128, 129, 10_000))]
+        req.request_id = random_text(rng)[: rng.choice((0, 10, 128, 129, 10_000))]
     elif pick == 1:
         req.text = random_text(rng, long=rng.random() < 0.3)
     elif pick == 2:
@@ -93,7 +100,8 @@ def extreme_field(rng: random.Random, req: generation_pb2.GenerateRequest) -> No
         for _ in range(rng.choice((0, 1, 2, 5, 100, 2000))):
             req.messages.messages.add(
                 role=rng.choice(("user", "system", "assistant", "tool", "", "<|im_start|>system")),
-                content=random_text(rng))
+                content=random_text(rng),
+            )
         req.messages.SetInParent()
     elif pick == 3:
         req.ClearField("input")
@@ -112,8 +120,10 @@ def extreme_field(rng: random.Random, req: generation_pb2.GenerateRequest) -> No
         if rng.random() < 0.5:
             s.seed = rng.choice(U64)
     elif pick == 7:
-        req.stop.extend(random_text(rng)[:rng.choice((0, 1, 10, 1000))]
-                        for _ in range(rng.choice((1, 4, 16, 17, 10_000))))
+        req.stop.extend(
+            random_text(rng)[: rng.choice((0, 1, 10, 1000))]
+            for _ in range(rng.choice((1, 4, 16, 17, 10_000)))
+        )
     else:
         req.speculation.method = rng.choice((0, 1, 2, 3, 4, 99, 2**31 - 1))
         if rng.random() < 0.7:
@@ -142,7 +152,7 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
             i = rng.randrange(len(b))
             b[i] ^= 1 << rng.randrange(8)
     elif pick < 0.7:
-        del b[rng.randrange(len(b)):]
+        del b[rng.randrange(len(b)) :]
     else:
         i = rng.randrange(len(b) + 1)
         b[i:i] = rng.randbytes(rng.randint(1, 64))
@@ -156,13 +166,16 @@ def generate_case(rng: random.Random) -> bytes:
 
 # ---- SpeculativeMetrics and ReportRequest ----------------------------------------------
 
+
 def extreme_metrics(rng: random.Random) -> metrics_pb2.SpeculativeMetrics:
     """Mostly valid records (so that they reach the aggregates) with extreme values, and
     records breaking an invariant or a bound."""
     k = rng.choice((0, 1, 4, 8, 64, 65, 1024, 2**32 - 1)) if rng.random() < 0.2 else rng.choice((0, 4))
-    method = (metrics_pb2.SPECULATION_METHOD_NONE if k == 0 else
-              rng.choice((metrics_pb2.SPECULATION_METHOD_NGRAM,
-                          metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL)))
+    method = (
+        metrics_pb2.SPECULATION_METHOD_NONE
+        if k == 0
+        else rng.choice((metrics_pb2.SPECULATION_METHOD_NGRAM, metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL))
+    )
     if rng.random() < 0.05:
         method = rng.choice((0, 99))
     passes = rng.choice((0, 1, 10, 1000))
@@ -184,16 +197,24 @@ def extreme_metrics(rng: random.Random) -> metrics_pb2.SpeculativeMetrics:
             for i in range(a):
                 ap[i] += 1
     m = metrics_pb2.SpeculativeMetrics(
-        request_id=random_text(rng)[:rng.choice((0, 36, 128, 300))],
-        target_model=rng.choice(("tgt", "tgt-b", random_text(rng)[:rng.choice((1, 64, 256, 257))])),
-        method=method, draft_model="draft" if method == metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL else "",
-        num_draft_tokens=k, instance_id=rng.choice(("svc", "x" * 300)),
-        verify_passes=verify, draft_passes=drafts, proposed_drafts=proposed,
-        accepted_drafts=accepted, accept_histogram=hist, proposed_per_position=pp,
-        accepted_per_position=ap, prompt_tokens=rng.choice((0, 1, 100, 2**40, 2**40 + 1)),
+        request_id=random_text(rng)[: rng.choice((0, 36, 128, 300))],
+        target_model=rng.choice(("tgt", "tgt-b", random_text(rng)[: rng.choice((1, 64, 256, 257))])),
+        method=method,
+        draft_model="draft" if method == metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL else "",
+        num_draft_tokens=k,
+        instance_id=rng.choice(("svc", "x" * 300)),
+        verify_passes=verify,
+        draft_passes=drafts,
+        proposed_drafts=proposed,
+        accepted_drafts=accepted,
+        accept_histogram=hist,
+        proposed_per_position=pp,
+        accepted_per_position=ap,
+        prompt_tokens=rng.choice((0, 1, 100, 2**40, 2**40 + 1)),
         completion_tokens=min(1 + verify + accepted, rng.choice((0, 1, 10**9))),
         finish_reason=rng.choice((1, 2, 3, 4, 5, 0, 99)),
-        queue_time_seconds=rng.choice((0.0, 0.001, 1e6, math.nan)))
+        queue_time_seconds=rng.choice((0.0, 0.001, 1e6, math.nan)),
+    )
     if rng.random() < 0.6:  # keep the extreme counts, make the rest sane: many reach the aggregates
         m.request_id, m.instance_id, m.target_model = "r", "svc", rng.choice(("tgt", "tgt-b"))
         m.prompt_tokens = rng.choice((1, 2**40))
@@ -206,13 +227,13 @@ def extreme_metrics(rng: random.Random) -> metrics_pb2.SpeculativeMetrics:
     duration = rng.choice((0.5, 0.5, 0.5, 1e6, 1e6 + 1, 1e308, math.inf, -1.0))
     m.duration_seconds = max(duration, m.queue_time_seconds) if duration == duration else duration
     if m.completion_tokens:
-        m.time_to_first_token_seconds = rng.choice((m.queue_time_seconds, m.duration_seconds,
-                                                    m.duration_seconds, math.nan))
+        m.time_to_first_token_seconds = rng.choice(
+            (m.queue_time_seconds, m.duration_seconds, m.duration_seconds, math.nan)
+        )
     return m
 
 
-def extreme_report_request(rng: random.Random, next_sequence: dict[str, int]
-                           ) -> telemetry_pb2.ReportRequest:
+def extreme_report_request(rng: random.Random, next_sequence: dict[str, int]) -> telemetry_pb2.ReportRequest:
     pick = rng.random()
     if pick < 0.7:
         source = f"fuzz-src-{rng.randint(0, 20)}"
@@ -246,6 +267,7 @@ def report_case(rng: random.Random, next_sequence: dict[str, int]) -> bytes:
 
 # ---- runs --------------------------------------------------------------------------------
 
+
 @dataclass
 class FuzzRun:
     seed: int
@@ -263,8 +285,13 @@ class FuzzRun:
                 self.findings.append(f"seed {self.seed} case {case}: {code.name} {details[:300]}")
 
     def summary(self) -> dict:
-        return {"seed": self.seed, "cases": self.cases, "seconds": round(self.seconds, 2),
-                "codes": dict(sorted(self.codes.items())), "findings": self.findings}
+        return {
+            "seed": self.seed,
+            "cases": self.cases,
+            "seconds": round(self.seconds, 2),
+            "codes": dict(sorted(self.codes.items())),
+            "findings": self.findings,
+        }
 
 
 def _open_channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
@@ -275,9 +302,16 @@ def _open_channel(address: str, credentials: grpc.ChannelCredentials | None) -> 
     return grpc.insecure_channel(address, options)
 
 
-def fuzz_generate(address: str, seed: int, max_cases: int, budget_s: float,
-                  deadline_s: float = 3.0, workers: int = 4,
-                  credentials: grpc.ChannelCredentials | None = None, metadata=None) -> FuzzRun:
+def fuzz_generate(
+    address: str,
+    seed: int,
+    max_cases: int,
+    budget_s: float,
+    deadline_s: float = 3.0,
+    workers: int = 4,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata=None,
+) -> FuzzRun:
     """Up to `max_cases` Generate calls (fewer if `budget_s` runs out), `workers` at a time,
     each with a deadline. The cases are drawn in order from the seed, so a finding's case
     number reproduces it."""
@@ -286,8 +320,9 @@ def fuzz_generate(address: str, seed: int, max_cases: int, budget_s: float,
     cases = [generate_case(rng) for _ in range(max_cases)]
     stop_at = time.monotonic() + budget_s
     channel = _open_channel(address, credentials)
-    call = channel.unary_stream(GENERATE, request_serializer=None,
-                                response_deserializer=generation_pb2.GenerateResponse.FromString)
+    call = channel.unary_stream(
+        GENERATE, request_serializer=None, response_deserializer=generation_pb2.GenerateResponse.FromString
+    )
 
     def one(i: int) -> None:
         if time.monotonic() > stop_at:
@@ -309,9 +344,15 @@ def fuzz_generate(address: str, seed: int, max_cases: int, budget_s: float,
     return run
 
 
-def fuzz_report(address: str, seed: int, max_streams: int, budget_s: float,
-                batches_per_stream: int = 8,
-                credentials: grpc.ChannelCredentials | None = None, metadata=None) -> FuzzRun:
+def fuzz_report(
+    address: str,
+    seed: int,
+    max_streams: int,
+    budget_s: float,
+    batches_per_stream: int = 8,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata=None,
+) -> FuzzRun:
     """Up to `max_streams` Report streams of `batches_per_stream` raw payloads each. A stream
     must answer every batch that parses with one response, in order, and end OK, or end
     INVALID_ARGUMENT at the first batch that does not parse."""
@@ -320,8 +361,9 @@ def fuzz_report(address: str, seed: int, max_streams: int, budget_s: float,
     next_sequence: dict[str, int] = {}
     stop_at = time.monotonic() + budget_s
     channel = _open_channel(address, credentials)
-    call = channel.stream_stream(REPORT, request_serializer=None,
-                                 response_deserializer=telemetry_pb2.ReportResponse.FromString)
+    call = channel.stream_stream(
+        REPORT, request_serializer=None, response_deserializer=telemetry_pb2.ReportResponse.FromString
+    )
     started = time.monotonic()
     try:
         for i in range(max_streams):
@@ -344,10 +386,12 @@ def fuzz_report(address: str, seed: int, max_streams: int, budget_s: float,
                 code, details = exc.code(), exc.details() or ""
             malformed = expected < len(payloads)
             if code != grpc.StatusCode.RESOURCE_EXHAUSTED and (
-                    responses != expected
-                    or malformed != (code == grpc.StatusCode.INVALID_ARGUMENT)):
-                details = (f"{responses} responses for {expected} batches that parse of "
-                           f"{len(payloads)}, ended {code.name}; {details}")
+                responses != expected or malformed != (code == grpc.StatusCode.INVALID_ARGUMENT)
+            ):
+                details = (
+                    f"{responses} responses for {expected} batches that parse of "
+                    f"{len(payloads)}, ended {code.name}; {details}"
+                )
                 code = grpc.StatusCode.DATA_LOSS  # a finding: not in ALLOWED_REPORT
             run.record(i, code, details, ALLOWED_REPORT)
     finally:

@@ -38,7 +38,7 @@ def assert_metrics_invariants(m: metrics_pb2.SpeculativeMetrics) -> None:
         # draft at position i is accepted exactly when its pass accepted more than i.
         assert m.proposed_per_position[0] == m.draft_passes
         for i in range(k):
-            assert m.accepted_per_position[i] == sum(m.accept_histogram[i + 1:])
+            assert m.accepted_per_position[i] == sum(m.accept_histogram[i + 1 :])
     # The prefill yields one token, every decode pass a_s + 1 (fewer when a stop cut it short).
     assert m.completion_tokens <= 1 + m.verify_passes + m.accepted_drafts
     if m.proposed_drafts:

@@ -70,12 +70,19 @@ def make_model(
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config).eval()
-    return LoadedModel(name=name, model=model, tokenizer=tokenizer, device=torch.device("cpu"), dtype=torch.float32)
+    return LoadedModel(
+        name=name, model=model, tokenizer=tokenizer, device=torch.device("cpu"), dtype=torch.float32
+    )
 
 
-
-def save_tiny_model(path: Path, seed: int = 0, layers: int = 2, with_eos: bool = True,
-                    max_position: int = 512, attention_scale: float = 1.0) -> Path:
+def save_tiny_model(
+    path: Path,
+    seed: int = 0,
+    layers: int = 2,
+    with_eos: bool = True,
+    max_position: int = 512,
+    attention_scale: float = 1.0,
+) -> Path:
     """A tiny model directory (weights, tokenizer with a chat template) for load_model().
 
     with_eos=False declares no end-of-sequence token anywhere (tokenizer, model config,
@@ -86,8 +93,9 @@ def save_tiny_model(path: Path, seed: int = 0, layers: int = 2, with_eos: bool =
     """
     tokenizer = make_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    loaded = make_model(tokenizer, seed=seed, name="tiny", vocab_size=len(tokenizer), layers=layers,
-                        max_position=max_position)
+    loaded = make_model(
+        tokenizer, seed=seed, name="tiny", vocab_size=len(tokenizer), layers=layers, max_position=max_position
+    )
     if attention_scale != 1.0:
         with torch.no_grad():
             for layer in loaded.model.model.layers:

@@ -61,9 +61,12 @@ def sidecar_process_factory(tmp_path):
     procs: list[SidecarProcess] = []
 
     def factory(extra_args=(), env=None, prometheus_port=None, start=True) -> SidecarProcess:
-        p = SidecarProcess(extra_args=list(extra_args), env=dict(env or {}),
-                           prometheus_port=prometheus_port,
-                           log_path=tmp_path / f"sidecar-{len(procs)}.log")
+        p = SidecarProcess(
+            extra_args=list(extra_args),
+            env=dict(env or {}),
+            prometheus_port=prometheus_port,
+            log_path=tmp_path / f"sidecar-{len(procs)}.log",
+        )
         procs.append(p)
         return p.start() if start else p
 
@@ -77,9 +80,11 @@ def prometheus_server(tmp_path_factory):
     """A real Prometheus server (installed from the Debian package if missing)."""
     binary = ensure_prometheus_binary()
     if binary is None:
-        pytest.skip("PROMETHEUS NOT AVAILABLE: the `prometheus` binary is missing and "
-                    "`apt-get install -y prometheus` failed (needs root and a package mirror); "
-                    "the real-Prometheus scrape test cannot run")
+        pytest.skip(
+            "PROMETHEUS NOT AVAILABLE: the `prometheus` binary is missing and "
+            "`apt-get install -y prometheus` failed (needs root and a package mirror); "
+            "the real-Prometheus scrape test cannot run"
+        )
     server = PrometheusServer(binary, tmp_path_factory.mktemp("prometheus"))
     yield server
     server.close()

@@ -32,10 +32,10 @@ import time
 import urllib.parse
 import urllib.request
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -61,9 +61,14 @@ IDENTITIES = (
 METHOD_NAMES = {1: "none", 2: "ngram", 3: "draft_model"}
 
 
-def simulate_metrics(rng: random.Random, identity=None, *, instance_id: str = "svc",
-                     request_id: str | None = None, passes: int | None = None
-                     ) -> metrics_pb2.SpeculativeMetrics:
+def simulate_metrics(
+    rng: random.Random,
+    identity=None,
+    *,
+    instance_id: str = "svc",
+    request_id: str | None = None,
+    passes: int | None = None,
+) -> metrics_pb2.SpeculativeMetrics:
     """A record built pass by pass, so every contract invariant holds by construction."""
     target, method, draft, k = identity or rng.choice(IDENTITIES)
     n_passes = rng.randint(0, 24) if passes is None else passes
@@ -90,11 +95,20 @@ def simulate_metrics(rng: random.Random, identity=None, *, instance_id: str = "s
     queue = rng.uniform(0.0, 0.05)
     m = metrics_pb2.SpeculativeMetrics(
         request_id=request_id or f"req-{rng.getrandbits(48):012x}",
-        target_model=target, method=method, draft_model=draft, num_draft_tokens=k,
-        instance_id=instance_id, verify_passes=verify, draft_passes=draft_passes,
-        proposed_drafts=proposed, accepted_drafts=accepted, accept_histogram=hist,
-        proposed_per_position=pp, accepted_per_position=ap,
-        prompt_tokens=rng.randint(1, 2000), completion_tokens=completion,
+        target_model=target,
+        method=method,
+        draft_model=draft,
+        num_draft_tokens=k,
+        instance_id=instance_id,
+        verify_passes=verify,
+        draft_passes=draft_passes,
+        proposed_drafts=proposed,
+        accepted_drafts=accepted,
+        accept_histogram=hist,
+        proposed_per_position=pp,
+        accepted_per_position=ap,
+        prompt_tokens=rng.randint(1, 2000),
+        completion_tokens=completion,
         finish_reason=rng.choice([1, 1, 1, 2, 3, 4, 5]),
         queue_time_seconds=queue,
     )
@@ -112,9 +126,14 @@ def simulate_metrics(rng: random.Random, identity=None, *, instance_id: str = "s
 
 
 def identity_attrs(target: str, method: int, draft: str, k: int) -> frozenset:
-    return frozenset({
-        "gen_ai.request.model": target, "specdec.method": METHOD_NAMES[method],
-        "specdec.draft_model": draft, "specdec.num_draft_tokens": k}.items())
+    return frozenset(
+        {
+            "gen_ai.request.model": target,
+            "specdec.method": METHOD_NAMES[method],
+            "specdec.draft_model": draft,
+            "specdec.num_draft_tokens": k,
+        }.items()
+    )
 
 
 def attrs_of(m: metrics_pb2.SpeculativeMetrics) -> frozenset:
@@ -149,6 +168,7 @@ def expected_totals(records: Iterable[metrics_pb2.SpeculativeMetrics]) -> dict:
 
 
 # ---- OTLP receivers ---------------------------------------------------------------------
+
 
 def _any_value(v):
     kind = v.WhichOneof("value")
@@ -209,8 +229,7 @@ class ExportedMetrics:
         out: dict = {}
         for (name, attrs, _), p in self._latest("histogram").items():
             c, s, b, bounds = out.get((name, attrs), (0, 0.0, None, tuple(p.explicit_bounds)))
-            buckets = list(p.bucket_counts) if b is None else [x + y for x, y in
-                                                               zip(b, p.bucket_counts)]
+            buckets = list(p.bucket_counts) if b is None else [x + y for x, y in zip(b, p.bucket_counts)]
             out[(name, attrs)] = (c + p.count, s + p.sum, buckets, bounds)
         return out
 
@@ -223,8 +242,9 @@ class ExportedMetrics:
             key = (metric.name, _attrs(p.attributes))
             if key not in last or p.time_unix_nano >= last[key].time_unix_nano:
                 last[key] = p
-        return {k: (p.as_double if p.WhichOneof("value") == "as_double" else p.as_int)
-                for k, p in last.items()}
+        return {
+            k: (p.as_double if p.WhichOneof("value") == "as_double" else p.as_int) for k, p in last.items()
+        }
 
     def incarnations(self) -> set:
         """One entry per sidecar process that exported. Start times are per series, not per
@@ -233,8 +253,9 @@ class ExportedMetrics:
 
     def resources(self) -> list[dict]:
         with self.lock:
-            return [dict(_attrs(rm.resource.attributes)) for req in self.requests
-                    for rm in req.resource_metrics]
+            return [
+                dict(_attrs(rm.resource.attributes)) for req in self.requests for rm in req.resource_metrics
+            ]
 
 
 class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
@@ -262,8 +283,13 @@ class ExportedSpans:
     def spans(self) -> list:
         with self.lock:
             reqs = list(self.requests)
-        return [(dict(_attrs(rs.resource.attributes)), span) for req in reqs
-                for rs in req.resource_spans for ss in rs.scope_spans for span in ss.spans]
+        return [
+            (dict(_attrs(rs.resource.attributes)), span)
+            for req in reqs
+            for rs in req.resource_spans
+            for ss in rs.scope_spans
+            for span in ss.spans
+        ]
 
 
 def span_attrs(span) -> dict:
@@ -297,9 +323,9 @@ class OtlpGrpcReceiver:
         self.failing = False
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(
-            _MetricsService(self.store, lambda: self.failing), self.server)
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
-            _TraceService(self.span_store), self.server)
+            _MetricsService(self.store, lambda: self.failing), self.server
+        )
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self.span_store), self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
 
@@ -308,13 +334,11 @@ class OtlpGrpcReceiver:
         return f"http://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        return {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": self.endpoint,
-                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+        return {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": self.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
 
     def traces_env(self) -> dict[str, str]:
         """Spans to this receiver too, exported at once (no batching delay)."""
-        return {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": self.endpoint,
-                "OTEL_BSP_SCHEDULE_DELAY": "50"}
+        return {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": self.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
 
     def close(self) -> None:
         self.server.stop(0)
@@ -361,8 +385,10 @@ class OtlpHttpReceiver:
         return f"http://127.0.0.1:{self.port}/v1/metrics"
 
     def env(self) -> dict[str, str]:
-        return {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": self.endpoint,
-                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+        return {
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": self.endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        }
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -371,14 +397,14 @@ class OtlpHttpReceiver:
 
 # ---- sidecars -----------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def wait_for(pred: Callable[[], object], timeout_s: float, interval_s: float = 0.05,
-             what: str = "condition"):
+def wait_for(pred: Callable[[], object], timeout_s: float, interval_s: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout_s
     while True:
         value = pred()
@@ -420,8 +446,7 @@ class SidecarThread:
 def health_serving(address: str, timeout_s: float = 1.0) -> bool:
     try:
         with grpc.insecure_channel(address) as ch:
-            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                          timeout=timeout_s)
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
             return resp.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
         return False
@@ -448,11 +473,18 @@ class SidecarProcess:
     def prometheus_address(self) -> str | None:
         return f"127.0.0.1:{self.prometheus_port}" if self.prometheus_port else None
 
-    def start(self, wait: bool = True, timeout_s: float = 30.0) -> "SidecarProcess":
+    def start(self, wait: bool = True, timeout_s: float = 30.0) -> SidecarProcess:
         self.incarnation += 1
-        args = [sys.executable, "-m", "telemetry", "--listen", self.address,
-                "--instance-id", f"sidecar-test-{self.port}-{self.incarnation}",
-                *self.extra_args]
+        args = [
+            sys.executable,
+            "-m",
+            "telemetry",
+            "--listen",
+            self.address,
+            "--instance-id",
+            f"sidecar-test-{self.port}-{self.incarnation}",
+            *self.extra_args,
+        ]
         if self.prometheus_port:
             args += ["--prometheus-address", self.prometheus_address]
         env = {**os.environ, **self.env}
@@ -461,11 +493,14 @@ class SidecarProcess:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=out)
         if wait:
-            wait_for(lambda: self.proc.poll() is not None or health_serving(self.address),
-                     timeout_s, 0.1, "sidecar health SERVING")
+            wait_for(
+                lambda: self.proc.poll() is not None or health_serving(self.address),
+                timeout_s,
+                0.1,
+                "sidecar health SERVING",
+            )
             if self.proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited with {self.proc.returncode}; log: "
-                                   f"{self.log_tail()}")
+                raise RuntimeError(f"sidecar exited with {self.proc.returncode}; log: {self.log_tail()}")
         return self
 
     def log_tail(self, n: int = 4000) -> str:
@@ -485,12 +520,13 @@ class SidecarProcess:
             return self.proc.wait(timeout_s)
         return self.proc.returncode if self.proc else 0
 
-    def restart(self) -> "SidecarProcess":
+    def restart(self) -> SidecarProcess:
         self.kill()
         return self.start()
 
 
 # ---- a cuttable TCP proxy -------------------------------------------------------------------
+
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to `upstream`; `cut()` closes every open connection
@@ -563,6 +599,7 @@ class TcpProxy:
 
 # ---- a real Prometheus server -----------------------------------------------------------
 
+
 def ensure_prometheus_binary() -> str | None:
     """Path of the prometheus binary; installs the Debian package if missing and possible."""
     path = shutil.which("prometheus")
@@ -570,10 +607,22 @@ def ensure_prometheus_binary() -> str | None:
         return path
     if os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "prometheus"], env=env, check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
+        subprocess.run(
+            ["apt-get", "update", "-qq"],
+            env=env,
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=600,
+        )
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "prometheus"],
+            env=env,
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=900,
+        )
     return shutil.which("prometheus")
 
 
@@ -591,13 +640,22 @@ class PrometheusServer:
             "  - job_name: specdec-sidecar\n"
             "    scrape_interval: 1s\n    scrape_timeout: 900ms\n"
             "    file_sd_configs:\n"
-            f"      - files: ['{self.targets_file}']\n        refresh_interval: 1s\n")
+            f"      - files: ['{self.targets_file}']\n        refresh_interval: 1s\n"
+        )
         self.port = free_port()
         self.log = open(workdir / "prometheus.log", "wb")
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=self.log, stderr=self.log, cwd=workdir)
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdout=self.log,
+            stderr=self.log,
+            cwd=workdir,
+        )
         wait_for(self._ready, 60, 0.2, "prometheus /-/ready")
 
     @property
@@ -606,8 +664,7 @@ class PrometheusServer:
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
-            raise RuntimeError("prometheus exited: " +
-                               (self.workdir / "prometheus.log").read_text()[-2000:])
+            raise RuntimeError("prometheus exited: " + (self.workdir / "prometheus.log").read_text()[-2000:])
         try:
             with urllib.request.urlopen(self.url + "/-/ready", timeout=1) as r:
                 return r.status == 200

@@ -29,23 +29,34 @@ def test_flag_overrides_env():
 def test_otlp_endpoint_turns_on_otlp_and_export_acks():
     c = cfg(OTEL_EXPORTER_OTLP_ENDPOINT="http://collector:4317")
     assert c.exporters == ("otlp",) and c.ack_mode == "export" and c.otlp_protocol == "grpc"
-    c = cfg(["--exporters", "otlp,prometheus"], OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
-            OTEL_METRIC_EXPORT_INTERVAL="1500")
+    c = cfg(
+        ["--exporters", "otlp,prometheus"],
+        OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+        OTEL_METRIC_EXPORT_INTERVAL="1500",
+    )
     assert c.otlp and c.prometheus and c.otlp_protocol == "http/protobuf"
     assert c.export_interval_ms == 1500 and c.ack_mode == "export"
-    assert cfg(["--export-interval-ms", "250"], OTEL_METRIC_EXPORT_INTERVAL="1500",
-               OTEL_METRICS_EXPORTER="otlp").export_interval_ms == 250
-    assert cfg(OTEL_METRICS_EXPORTER="prometheus",
-               OTEL_EXPORTER_OTLP_ENDPOINT="http://x:4317").exporters == ("prometheus",)
+    assert (
+        cfg(
+            ["--export-interval-ms", "250"], OTEL_METRIC_EXPORT_INTERVAL="1500", OTEL_METRICS_EXPORTER="otlp"
+        ).export_interval_ms
+        == 250
+    )
+    assert cfg(OTEL_METRICS_EXPORTER="prometheus", OTEL_EXPORTER_OTLP_ENDPOINT="http://x:4317").exporters == (
+        "prometheus",
+    )
 
 
-@pytest.mark.parametrize("argv,env", [
-    (["--exporters", "kafka"], {}),
-    (["--ack-mode", "export", "--exporters", "prometheus"], {}),
-    (["--exporters", "otlp"], {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}),
-    (["--listen", "nope"], {}),
-    ([], {"OTEL_METRIC_EXPORT_INTERVAL": "soon"}),
-])
+@pytest.mark.parametrize(
+    "argv,env",
+    [
+        (["--exporters", "kafka"], {}),
+        (["--ack-mode", "export", "--exporters", "prometheus"], {}),
+        (["--exporters", "otlp"], {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}),
+        (["--listen", "nope"], {}),
+        ([], {"OTEL_METRIC_EXPORT_INTERVAL": "soon"}),
+    ],
+)
 def test_bad_config(argv, env):
     with pytest.raises(ConfigError):
         cfg(argv, **env)
@@ -88,17 +99,20 @@ def test_latency_buckets_flag_overrides_env():
     assert c.ttft_buckets == (0.5, 1.0) and c.tpot_buckets == (0.0001, 0.001)
 
 
-@pytest.mark.parametrize("value, message", [
-    ("0.01,0.001", "strictly increasing"),
-    ("0.001,0.001", "strictly increasing"),
-    ("0,0.1", "above 0"),
-    ("-1", "above 0"),
-    ("0.1,inf", "finite"),
-    ("0.1,nan", "finite"),
-    ("fast", "comma-separated numbers"),
-    ("", "comma-separated numbers"),
-    (",".join(str(i) for i in range(1, 66)), "1 to 64 boundaries"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("0.01,0.001", "strictly increasing"),
+        ("0.001,0.001", "strictly increasing"),
+        ("0,0.1", "above 0"),
+        ("-1", "above 0"),
+        ("0.1,inf", "finite"),
+        ("0.1,nan", "finite"),
+        ("fast", "comma-separated numbers"),
+        ("", "comma-separated numbers"),
+        (",".join(str(i) for i in range(1, 66)), "1 to 64 boundaries"),
+    ],
+)
 def test_bad_latency_buckets_are_refused_by_name(value, message):
     for flag in ("--ttft-buckets", "--tpot-buckets"):
         with pytest.raises(ConfigError, match=message) as info:
@@ -123,8 +137,11 @@ def test_tracing_flag_variable_and_traces_protocol():
     assert c.tracing is True and c.traces_protocol == "http/protobuf"
     c = cfg(["--tracing", "false"], SPECDEC_SIDECAR_TRACING="true")
     assert c.tracing is False
-    c = cfg(["--tracing", "true"], OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
-            OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
+    c = cfg(
+        ["--tracing", "true"],
+        OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+        OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc",
+    )
     assert c.traces_protocol == "grpc" and c.span_service_name == "specdec"
     with pytest.raises(ConfigError, match="--tracing"):
         cfg(["--tracing", "sometimes"])
@@ -137,15 +154,21 @@ def test_tracing_flag_variable_and_traces_protocol():
 def test_ingest_bounds_flags_and_variables():
     c = cfg()
     assert (c.max_sequence_jump, c.max_series, c.max_series_per_source) == (1_000_000, 500, 200)
-    env = {"SPECDEC_SIDECAR_MAX_SEQUENCE_JUMP": "50", "SPECDEC_SIDECAR_MAX_SERIES": "300",
-           "SPECDEC_SIDECAR_MAX_SERIES_PER_SOURCE": "30"}
+    env = {
+        "SPECDEC_SIDECAR_MAX_SEQUENCE_JUMP": "50",
+        "SPECDEC_SIDECAR_MAX_SERIES": "300",
+        "SPECDEC_SIDECAR_MAX_SERIES_PER_SOURCE": "30",
+    }
     c = cfg(**env)
     assert (c.max_sequence_jump, c.max_series, c.max_series_per_source) == (50, 300, 30)
-    c = cfg(["--max-sequence-jump", "0", "--max-series", "100", "--max-series-per-source", "100"],
-            **env)
+    c = cfg(["--max-sequence-jump", "0", "--max-series", "100", "--max-series-per-source", "100"], **env)
     assert (c.max_sequence_jump, c.max_series, c.max_series_per_source) == (0, 100, 100)
-    for argv in (["--max-sequence-jump", "-1"], ["--max-series", "0"],
-                 ["--max-series", "2000"], ["--max-series-per-source", "0"],
-                 ["--max-series", "10", "--max-series-per-source", "11"]):
+    for argv in (
+        ["--max-sequence-jump", "-1"],
+        ["--max-series", "0"],
+        ["--max-series", "2000"],
+        ["--max-series-per-source", "0"],
+        ["--max-series", "10", "--max-series-per-source", "11"],
+    ):
         with pytest.raises(ConfigError, match=argv[-2]):
             cfg(argv)

@@ -33,9 +33,16 @@ def test_sigkill_restart_while_reporting(otlp_grpc_receiver, sidecar_process_fac
     sidecar = sidecar_process_factory(
         ["--exporters", "otlp"],
         env={**otlp_grpc_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": str(EXPORT_INTERVAL_MS)},
-        start=False)
-    reporter = MetricsReporter(sidecar.address, instance_id="svc-faults", batch_size=32,
-                               linger_s=0.02, backoff_initial_s=0.05, backoff_max_s=0.5).start()
+        start=False,
+    )
+    reporter = MetricsReporter(
+        sidecar.address,
+        instance_id="svc-faults",
+        batch_size=32,
+        linger_s=0.02,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.5,
+    ).start()
     rng = random.Random(99)
     pool = [simulate_metrics(rng) for _ in range(500)]
     records = []
@@ -81,8 +88,9 @@ def test_sigkill_restart_while_reporting(otlp_grpc_receiver, sidecar_process_fac
     bad = {k: (got.get(k), v) for k, v in exp.items() if "#" not in k[0] and got.get(k) != v}
     assert not bad, bad
     hist = otlp_grpc_receiver.store.histogram_totals()
-    assert sum(c for (n, _), (c, *_r) in hist.items()
-               if n == "gen_ai.server.request.duration") == len(records)
+    assert sum(c for (n, _), (c, *_r) in hist.items() if n == "gen_ai.server.request.duration") == len(
+        records
+    )
     # report() never waited for the sidecar
     assert max(latencies) < 0.2, max(latencies)  # no I/O wait; GIL hiccups only
 
@@ -102,10 +110,17 @@ def test_drops_before_sigkill_restart_counted_once(otlp_grpc_receiver, sidecar_p
     sidecar = sidecar_process_factory(
         ["--exporters", "otlp"],
         env={**otlp_grpc_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": str(EXPORT_INTERVAL_MS)},
-        start=False)
-    reporter = MetricsReporter(sidecar.address, instance_id="svc-drops", buffer_size=60,
-                               batch_size=16, linger_s=0.01, backoff_initial_s=0.05,
-                               backoff_max_s=0.3).start()
+        start=False,
+    )
+    reporter = MetricsReporter(
+        sidecar.address,
+        instance_id="svc-drops",
+        buffer_size=60,
+        batch_size=16,
+        linger_s=0.01,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.3,
+    ).start()
     rng = random.Random(7)
     pool = [simulate_metrics(rng) for _ in range(200)]
     stop = threading.Event()
@@ -148,9 +163,10 @@ def test_drops_before_sigkill_restart_counted_once(otlp_grpc_receiver, sidecar_p
     assert got[("specdec.sidecar.service_dropped_records", frozenset())] == st.dropped
     assert sum(v for (n, _), v in got.items() if n == "specdec.requests") == st.acked
     assert got[("specdec.sidecar.records.aggregated", frozenset())] == st.acked
-    per_incarnation = [p.as_int for (name, _, _), p in
-                       store._latest("sum", "specdec.sidecar.service_dropped_records").items()]
-    assert len(per_incarnation) >= 3 and sum(1 for v in per_incarnation if v) >= 2, \
-        per_incarnation
+    per_incarnation = [
+        p.as_int
+        for (name, _, _), p in store._latest("sum", "specdec.sidecar.service_dropped_records").items()
+    ]
+    assert len(per_incarnation) >= 3 and sum(1 for v in per_incarnation if v) >= 2, per_incarnation
     assert sidecar.terminate() == 0
     reporter.stop(0.5)

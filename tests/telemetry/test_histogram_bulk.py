@@ -31,11 +31,15 @@ DELTA = {SdkHistogram: AggregationTemporality.DELTA}
 
 def _provider(exemplar_filter=None):
     readers = [InMemoryMetricReader(), InMemoryMetricReader(preferred_temporality=DELTA)]
-    provider = MeterProvider(metric_readers=readers, views=views(8),
-                             exemplar_filter=exemplar_filter or AlwaysOffExemplarFilter())
+    provider = MeterProvider(
+        metric_readers=readers, views=views(8), exemplar_filter=exemplar_filter or AlwaysOffExemplarFilter()
+    )
     meter = provider.get_meter("t")
-    hists = (meter.create_histogram(REQUEST_ACCEPT_RATE), meter.create_histogram(TTFT),
-             meter.create_histogram("no.view"))  # default buckets
+    hists = (
+        meter.create_histogram(REQUEST_ACCEPT_RATE),
+        meter.create_histogram(TTFT),
+        meter.create_histogram("no.view"),
+    )  # default buckets
     return provider, readers, hists
 
 
@@ -52,20 +56,34 @@ def _points(reader, exemplars: list | None = None):
                     if exemplars is not None:
                         exemplars.extend(p.exemplars)
                     key = (metric.name, tuple(sorted(p.attributes.items())))
-                    out[key] = (p.count, p.sum, p.min, p.max, tuple(p.bucket_counts),
-                                tuple(p.explicit_bounds))
+                    out[key] = (
+                        p.count,
+                        p.sum,
+                        p.min,
+                        p.max,
+                        tuple(p.bucket_counts),
+                        tuple(p.explicit_bounds),
+                    )
     return out
 
 
 def _batches(rng, n_batches):
-    identities = [{"gen_ai.request.model": "m", "specdec.method": meth,
-                   "specdec.draft_model": "", "specdec.num_draft_tokens": k}
-                  for meth, k in (("ngram", 4), ("ngram", 2), ("none", 0))]
+    identities = [
+        {
+            "gen_ai.request.model": "m",
+            "specdec.method": meth,
+            "specdec.draft_model": "",
+            "specdec.num_draft_tokens": k,
+        }
+        for meth, k in (("ngram", 4), ("ngram", 2), ("none", 0))
+    ]
     for _ in range(n_batches):
         batch = []
         for attrs in rng.sample(identities, rng.randint(1, len(identities))):
-            values = [rng.choice((rng.random(), rng.random() * 3, 0.0, 1.0, 0.05))
-                      for _ in range(rng.randint(1, 40))]
+            values = [
+                rng.choice((rng.random(), rng.random() * 3, 0.0, 1.0, 0.05))
+                for _ in range(rng.randint(1, 40))
+            ]
             batch.append((attrs, values))
         yield batch
 
@@ -117,7 +135,7 @@ def test_invalid_values_are_dropped_as_the_sdk_drops_them(caplog):
         bulk.record_many(bulk_h[0], values, attrs)
     assert "non-negative" in caplog.text or "not finite" in caplog.text
     _assert_close(_points(ref_readers[0]), _points(bulk_readers[0]))
-    (count, total, *_), = _points(bulk_readers[0]).values()
+    ((count, total, *_),) = _points(bulk_readers[0]).values()
     assert (count, total) == (2, 0.75)
 
 

@@ -22,8 +22,9 @@ NONE = metrics_pb2.SPECULATION_METHOD_NONE
 
 
 def start(*argv: str) -> SidecarThread:
-    return SidecarThread(["--listen", "127.0.0.1:0", "--exporters", "prometheus",
-                          "--prometheus-address", "127.0.0.1:0", *argv])
+    return SidecarThread(
+        ["--listen", "127.0.0.1:0", "--exporters", "prometheus", "--prometheus-address", "127.0.0.1:0", *argv]
+    )
 
 
 @pytest.fixture
@@ -51,8 +52,9 @@ def test_a_sequence_far_ahead_is_rejected_and_does_not_blank_out_the_source(side
     resp = send(sidecar.address, [forged])
     assert (resp[0].accepted, resp[0].rejected, resp[0].acknowledged_through_sequence) == (0, 2, 3)
     # the real source goes on: sequence 4, then 20 after 15 records it says it dropped
-    later = telemetry_pb2.ReportRequest(source_id=real, records=[
-        record(4, good), record(20, good, dropped_before=15)])
+    later = telemetry_pb2.ReportRequest(
+        source_id=real, records=[record(4, good), record(20, good, dropped_before=15)]
+    )
     resp = send(sidecar.address, [later])
     assert (resp[0].accepted, resp[0].duplicates, resp[0].rejected) == (2, 0, 0)
     samples = scrape(sidecar)
@@ -66,12 +68,20 @@ def test_the_jump_bound_is_a_setting():
     s = start("--max-sequence-jump", "10")
     try:
         good = base_record()
-        resp = send(s.address, [
-            batch("src", [good]),  # a new source may start anywhere: 1
-            telemetry_pb2.ReportRequest(source_id="src", records=[
-                record(12, good),  # 10 ahead of 1 beyond the next: allowed
-                record(24, good),  # 11 beyond 13: rejected
-                record(40, good, dropped_before=20)])])  # 15 ahead, 20 declared: allowed
+        resp = send(
+            s.address,
+            [
+                batch("src", [good]),  # a new source may start anywhere: 1
+                telemetry_pb2.ReportRequest(
+                    source_id="src",
+                    records=[
+                        record(12, good),  # 10 ahead of 1 beyond the next: allowed
+                        record(24, good),  # 11 beyond 13: rejected
+                        record(40, good, dropped_before=20),
+                    ],
+                ),
+            ],
+        )  # 15 ahead, 20 declared: allowed
         assert [(r.accepted, r.rejected) for r in resp] == [(1, 0), (2, 1)]
         assert resp[1].acknowledged_through_sequence == 40
     finally:
@@ -103,8 +113,7 @@ def test_empty_batches_of_invented_sources_cannot_evict_a_real_one():
         rng = random.Random(5)
         records = [simulate_metrics(rng) for _ in range(5)]
         send(s.address, [batch("real", records)])
-        send(s.address, [telemetry_pb2.ReportRequest(source_id=f"invented-{i}")
-                         for i in range(100)])
+        send(s.address, [telemetry_pb2.ReportRequest(source_id=f"invented-{i}") for i in range(100)])
         resent = send(s.address, [batch("real", records)])
         assert (resent[0].accepted, resent[0].duplicates) == (0, 5)
         samples = scrape(s)
@@ -116,8 +125,10 @@ def test_empty_batches_of_invented_sources_cannot_evict_a_real_one():
 
 def test_an_empty_batch_answers_with_the_sources_watermark(sidecar):
     send(sidecar.address, [batch("known", [base_record()] * 3)])
-    resp = send(sidecar.address, [telemetry_pb2.ReportRequest(source_id="known"),
-                                  telemetry_pb2.ReportRequest(source_id="unknown")])
+    resp = send(
+        sidecar.address,
+        [telemetry_pb2.ReportRequest(source_id="known"), telemetry_pb2.ReportRequest(source_id="unknown")],
+    )
     assert [r.acknowledged_through_sequence for r in resp] == [3, 0]
 
 
@@ -128,8 +139,9 @@ def test_huge_durations_are_rejected_and_the_histogram_sums_stay_finite(sidecar)
     resp = send(sidecar.address, [batch("timings", [huge, huge, base_record()])])
     assert (resp[0].accepted, resp[0].rejected) == (1, 2)
     samples = scrape(sidecar)
-    sums = [v for (name, _), v in samples.items()
-            if name.startswith("gen_ai_server_") and name.endswith("_sum")]
+    sums = [
+        v for (name, _), v in samples.items() if name.startswith("gen_ai_server_") and name.endswith("_sum")
+    ]
     assert sums and all(math.isfinite(v) for v in sums)
     assert total(samples, REJECTED, reason="timing_out_of_range") == 2
 
@@ -148,8 +160,10 @@ def test_invented_identities_cannot_push_real_series_into_the_sdk_overflow():
     try:
         rng = random.Random(9)
         send(s.address, [batch("real-svc", [identity_record(rng, "real-model")])])
-        flood = [batch(f"attacker-{i}", [identity_record(rng, f"fake-{i}-{j}") for j in range(30)])
-                 for i in range(3)]  # 90 identities from 3 sources
+        flood = [
+            batch(f"attacker-{i}", [identity_record(rng, f"fake-{i}-{j}") for j in range(30)])
+            for i in range(3)
+        ]  # 90 identities from 3 sources
         responses = send(s.address, flood)
         assert [r.accepted for r in responses] == [20, 19, 0]  # 39 + real-model
         send(s.address, [batch("real-svc", [identity_record(rng, "real-model")], start=2)])
@@ -163,16 +177,18 @@ def test_invented_identities_cannot_push_real_series_into_the_sdk_overflow():
 
 
 def test_the_series_budget_stays_below_the_sdk_limit():
-    from telemetry.config import ConfigError, SidecarConfig
     from opentelemetry.sdk.metrics._internal._view_instrument_match import (
         _DEFAULT_CARDINALITY_LIMIT,
     )
 
+    from telemetry.config import ConfigError, SidecarConfig
     from telemetry.series_budget import SDK_CARDINALITY_LIMIT
 
     assert SDK_CARDINALITY_LIMIT == _DEFAULT_CARDINALITY_LIMIT  # still the SDK's value
-    assert SidecarConfig.from_args(["--max-series", str(SDK_CARDINALITY_LIMIT - 1)],
-                                   environ={}).max_series == SDK_CARDINALITY_LIMIT - 1
+    assert (
+        SidecarConfig.from_args(["--max-series", str(SDK_CARDINALITY_LIMIT - 1)], environ={}).max_series
+        == SDK_CARDINALITY_LIMIT - 1
+    )
     with pytest.raises(ConfigError, match="--max-series"):
         SidecarConfig.from_args(["--max-series", str(SDK_CARDINALITY_LIMIT)], environ={})
 
@@ -181,9 +197,11 @@ def test_one_source_adds_at_most_its_part_of_the_budget():
     s = start("--max-series", "100", "--max-series-per-source", "10")
     try:
         rng = random.Random(8)
-        resp = send(s.address, [batch(f"src-{i}", [identity_record(rng, f"m-{i}-{j}")
-                                                   for j in range(12)]) for i in range(3)]
-                    + [batch("src-0", [identity_record(rng, "m-1-0")], start=13)])
+        resp = send(
+            s.address,
+            [batch(f"src-{i}", [identity_record(rng, f"m-{i}-{j}") for j in range(12)]) for i in range(3)]
+            + [batch("src-0", [identity_record(rng, "m-1-0")], start=13)],
+        )
         # src-0 may use an identity another source added, at no cost
         assert [(r.accepted, r.rejected) for r in resp] == [(10, 2), (10, 2), (10, 2), (1, 0)]
         assert total(scrape(s), REJECTED, reason="source_series_limit") == 6
@@ -222,8 +240,12 @@ def test_a_large_batch_does_not_hold_up_other_streams(sidecar):
     sender.start()
     try:
         table = sidecar.sidecar.sources
-        wait_for(lambda: table.peek("big") is not None and table.peek("big").processed > 0,
-                 60, interval_s=0.001, what="the large batch being processed")
+        wait_for(
+            lambda: table.peek("big") is not None and table.peek("big").processed > 0,
+            60,
+            interval_s=0.001,
+            what="the large batch being processed",
+        )
         resp = send(sidecar.address, [batch("small", [good])])
         order.append("small")
         assert resp[0].accepted == 1
@@ -242,7 +264,8 @@ def test_garbage_strings_in_records_are_rejected_by_length(sidecar):
 
 
 def test_one_stream_registers_a_bounded_number_of_sources_for_pushed_acks(
-        otlp_grpc_receiver, sidecar_thread_factory):
+    otlp_grpc_receiver, sidecar_thread_factory
+):
     """In export mode an open stream is remembered under every source it sent a batch for
     (to push their acknowledgements); one stream sending batches of many sources is
     remembered under at most MAX_SOURCES_PER_STREAM of them."""
@@ -255,8 +278,7 @@ def test_one_stream_registers_a_bounded_number_of_sources_for_pushed_acks(
     for i in range(50):
         outbox.put(batch(f"many-{i}", [base_record()]))
     with grpc.insecure_channel(s.address) as ch:
-        call = telemetry_pb2_grpc.TelemetryServiceStub(ch).Report(iter(outbox.get, None),
-                                                                  timeout=30)
+        call = telemetry_pb2_grpc.TelemetryServiceStub(ch).Report(iter(outbox.get, None), timeout=30)
         for _ in range(50):
             next(call)
         registered = dict(s.sidecar._ingest._streams)  # the stream is still open
@@ -286,11 +308,15 @@ def test_a_reporter_that_never_reads_its_responses_is_no_longer_read(sidecar):
     # no BDP probing: the client's receive window stays small, so the server's writes block
     # early (as they would, later, with any window)
     with grpc.insecure_channel(sidecar.address, options=[("grpc.http2.bdp_probe", 0)]) as ch:
-        call = ch.stream_stream("/specdec.v1.TelemetryService/Report", request_serializer=None,
-                                response_deserializer=None)(batches(), timeout=60)
+        call = ch.stream_stream(
+            "/specdec.v1.TelemetryService/Report", request_serializer=None, response_deserializer=None
+        )(batches(), timeout=60)
         peak = 0
-        wait_for(lambda: sent >= 40_000 or ingest.queued_responses() >= MAX_UNSENT_RESPONSES,
-                 60, what="the answers' queue to fill")
+        wait_for(
+            lambda: sent >= 40_000 or ingest.queued_responses() >= MAX_UNSENT_RESPONSES,
+            60,
+            what="the answers' queue to fill",
+        )
         for _ in range(20):  # the client goes on sending meanwhile
             peak = max(peak, ingest.queued_responses())
             time.sleep(0.05)

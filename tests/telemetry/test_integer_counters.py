@@ -13,8 +13,9 @@ HUGE = 1 << 40  # the largest per-record count the sidecar accepts (telemetry/va
 
 
 def test_a_plus_one_past_two_to_the_53_is_exported_exactly(otlp_grpc_receiver, sidecar_thread_factory):
-    sidecar = sidecar_thread_factory(["--exporters", "otlp"],
-                                     env={**otlp_grpc_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": "500"})
+    sidecar = sidecar_thread_factory(
+        ["--exporters", "otlp"], env={**otlp_grpc_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": "500"}
+    )
     reporter = MetricsReporter(sidecar.address, instance_id="svc").start()
     rng = random.Random(5)
     n = (1 << 53) // HUGE + 1
@@ -31,10 +32,13 @@ def test_a_plus_one_past_two_to_the_53_is_exported_exactly(otlp_grpc_receiver, s
     key = attrs_of(m)
 
     def exported():
-        points = [p for _, metric, _, p in otlp_grpc_receiver.store.points()
-                  if metric.name == "specdec.prompt_tokens"
-                  and frozenset((kv.key, getattr(kv.value, kv.value.WhichOneof("value")))
-                                for kv in p.attributes) == key]
+        points = [
+            p
+            for _, metric, _, p in otlp_grpc_receiver.store.points()
+            if metric.name == "specdec.prompt_tokens"
+            and frozenset((kv.key, getattr(kv.value, kv.value.WhichOneof("value"))) for kv in p.attributes)
+            == key
+        ]
         return points and points[-1].WhichOneof("value") == "as_int" and points[-1].as_int == want
 
     wait_for(exported, 20, 0.1, f"specdec.prompt_tokens == {want} as an integer")

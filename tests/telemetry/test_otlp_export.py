@@ -40,9 +40,13 @@ def start_reporters(address: str, n: int = 3, **kw) -> list[MetricsReporter]:
 def test_exact_sums_and_ratios_over_otlp(otlp_receiver, sidecar_thread_factory):
     sc = sidecar_thread_factory(
         ["--exporters", "otlp", "--instance-id", "sidecar-under-test"],
-        env={**otlp_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": "300",
-             "OTEL_SERVICE_NAME": "sidecar-svc",
-             "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=test"})
+        env={
+            **otlp_receiver.env(),
+            "OTEL_METRIC_EXPORT_INTERVAL": "300",
+            "OTEL_SERVICE_NAME": "sidecar-svc",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=test",
+        },
+    )
     assert sc.config.otlp_protocol == otlp_receiver.protocol
     assert sc.config.ack_mode == "export"
     reporters = start_reporters(sc.address)
@@ -65,8 +69,11 @@ def test_exact_sums_and_ratios_over_otlp(otlp_receiver, sidecar_thread_factory):
         if "#" not in key[0]:
             assert got.get(key) == value, (key, got.get(key), value)
     # nothing else in the speculative counters (no stray series)
-    spec = {k: v for k, v in got.items() if k[0].startswith("specdec.")
-            and not k[0].startswith("specdec.sidecar.")}
+    spec = {
+        k: v
+        for k, v in got.items()
+        if k[0].startswith("specdec.") and not k[0].startswith("specdec.sidecar.")
+    }
     assert {k for k, v in spec.items() if v} == {k for k, v in exp.items() if "#" not in k[0] and v}
 
     # fleet ratios: ratio of the summed counters, per identity and overall
@@ -85,8 +92,9 @@ def test_exact_sums_and_ratios_over_otlp(otlp_receiver, sidecar_thread_factory):
         v = sum(m.verify_passes for m in mine)
         if p:
             assert isclose(gauges[("specdec.window.accept_rate", a)], ac / p)
-            mean_of_ratios = sum(m.accept_rate for m in mine if m.HasField("accept_rate")) / \
-                sum(1 for m in mine if m.HasField("accept_rate"))
+            mean_of_ratios = sum(m.accept_rate for m in mine if m.HasField("accept_rate")) / sum(
+                1 for m in mine if m.HasField("accept_rate")
+            )
             assert not isclose(mean_of_ratios, ac / p, rel=1e-6)  # the test can tell them apart
         else:
             assert ("specdec.window.accept_rate", a) not in gauges  # 0/0 is absent, not 0
@@ -94,20 +102,21 @@ def test_exact_sums_and_ratios_over_otlp(otlp_receiver, sidecar_thread_factory):
 
     # histograms: one observation per request, with the View's bucket boundaries
     hists = store.histogram_totals()
-    bounds = {"specdec.request.accept_rate": ACCEPT_RATE_BUCKETS,
-              "specdec.request.accept_length": accept_length_buckets(64),
-              "gen_ai.server.time_to_first_token": TTFT_BUCKETS,
-              "gen_ai.server.time_per_output_token": TPOT_BUCKETS,
-              "gen_ai.server.request.duration": DURATION_BUCKETS}
-    for (name, attrs), (count, total, buckets, b) in hists.items():
+    bounds = {
+        "specdec.request.accept_rate": ACCEPT_RATE_BUCKETS,
+        "specdec.request.accept_length": accept_length_buckets(64),
+        "gen_ai.server.time_to_first_token": TTFT_BUCKETS,
+        "gen_ai.server.time_per_output_token": TPOT_BUCKETS,
+        "gen_ai.server.request.duration": DURATION_BUCKETS,
+    }
+    for (name, _attrs), (count, _total, buckets, b) in hists.items():
         assert b == tuple(bounds[name]), name
         assert sum(buckets) == count
     for key, value in exp.items():
         if "#count" in key[0]:
             name = key[0].split("#")[0]
             assert hists[(name, key[1])][0] == value, key
-    dur_sum = sum(t for (n, _), (_, t, _, _) in hists.items()
-                  if n == "gen_ai.server.request.duration")
+    dur_sum = sum(t for (n, _), (_, t, _, _) in hists.items() if n == "gen_ai.server.request.duration")
     assert isclose(dur_sum, sum(m.duration_seconds for m in records), rel=1e-9)
 
     # self-metrics
@@ -117,8 +126,7 @@ def test_exact_sums_and_ratios_over_otlp(otlp_receiver, sidecar_thread_factory):
     assert got[("specdec.sidecar.service_dropped_records", frozenset())] == 0
     assert not any(n == "specdec.sidecar.records.rejected" and v for (n, _), v in got.items())
     # ... but every reason's series and the exporter's failure series exist, at 0
-    assert {dict(a)["reason"] for (n, a) in got if n == "specdec.sidecar.records.rejected"} \
-        == set(REASONS)
+    assert {dict(a)["reason"] for (n, a) in got if n == "specdec.sidecar.records.rejected"} == set(REASONS)
     assert got[("specdec.sidecar.export.failures", frozenset({("exporter", "otlp")}))] == 0
 
     # resource: the sidecar's own instance id; service ids are not point attributes
@@ -129,22 +137,31 @@ def test_exact_sums_and_ratios_over_otlp(otlp_receiver, sidecar_thread_factory):
     for _, metric, _, p in store.points():
         keys = {kv.key for kv in p.attributes}
         assert "service.instance.id" not in keys and "instance_id" not in keys
-        if metric.name.startswith(("specdec.request", "specdec.window", "gen_ai.")) or \
-                metric.name in ("specdec.requests", "specdec.accepted_drafts"):
-            assert {"gen_ai.request.model", "specdec.method", "specdec.draft_model",
-                    "specdec.num_draft_tokens"} <= keys, metric.name
+        if metric.name.startswith(("specdec.request", "specdec.window", "gen_ai.")) or metric.name in (
+            "specdec.requests",
+            "specdec.accepted_drafts",
+        ):
+            assert {
+                "gen_ai.request.model",
+                "specdec.method",
+                "specdec.draft_model",
+                "specdec.num_draft_tokens",
+            } <= keys, metric.name
     sc.stop()
 
 
-def test_no_ack_until_export_succeeds_and_failures_counted(otlp_grpc_receiver,
-                                                         sidecar_thread_factory):
+def test_no_ack_until_export_succeeds_and_failures_counted(otlp_grpc_receiver, sidecar_thread_factory):
     otlp_grpc_receiver.failing = True
     sc = sidecar_thread_factory(
         ["--exporters", "otlp"],
         # the exporter retries a failing export for OTEL_EXPORTER_OTLP_TIMEOUT (seconds in
         # this exporter version)
-        env={**otlp_grpc_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": "200",
-             "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
+        env={
+            **otlp_grpc_receiver.env(),
+            "OTEL_METRIC_EXPORT_INTERVAL": "200",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
+        },
+    )
     reporter = MetricsReporter(sc.address, instance_id="svc").start()
     rng = random.Random(5)
     records = [simulate_metrics(rng) for _ in range(50)]
@@ -168,16 +185,22 @@ def test_no_ack_until_export_succeeds_and_failures_counted(otlp_grpc_receiver,
 
 def test_final_export_on_stop(otlp_grpc_receiver, sidecar_thread_factory):
     sc = sidecar_thread_factory(
-        ["--exporters", "otlp"],
-        env={**otlp_grpc_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": "600000"})
+        ["--exporters", "otlp"], env={**otlp_grpc_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": "600000"}
+    )
     reporter = MetricsReporter(sc.address, instance_id="svc").start()
     rng = random.Random(6)
     records = [simulate_metrics(rng) for _ in range(40)]
     for m in records:
         reporter.report(m)
-    wait_for(lambda: reporter.stats.in_flight == 40 and sc.sidecar.sources.peek(
-        reporter.source_id) and sc.sidecar.sources.peek(reporter.source_id).processed == 40,
-        10, what="records processed")
+    wait_for(
+        lambda: (
+            reporter.stats.in_flight == 40
+            and sc.sidecar.sources.peek(reporter.source_id)
+            and sc.sidecar.sources.peek(reporter.source_id).processed == 40
+        ),
+        10,
+        what="records processed",
+    )
     assert reporter.stats.acked == 0  # interval is 10 minutes: no export yet
     t0 = time.monotonic()
     sc.stop()  # graceful: final export, whose acks reach the reporter before the stream ends
@@ -199,22 +222,30 @@ def _gpu_speed_record(rng: random.Random, ttft: float, tpot: float):
     return m
 
 
-@pytest.mark.parametrize("argv, env, ttft_bounds, tpot_bounds", [
-    ([], {}, TTFT_BUCKETS, TPOT_BUCKETS),
-    (["--tpot-buckets", "0.001,0.002,0.003,0.005,0.008"],
-     {"SPECDEC_SIDECAR_TTFT_BUCKETS": "0.0005,0.002,0.01,0.05"},
-     (0.0005, 0.002, 0.01, 0.05), (0.001, 0.002, 0.003, 0.005, 0.008)),
-])
-def test_latency_buckets_resolve_gpu_token_times(otlp_grpc_receiver, sidecar_thread_factory,
-                                                 argv, env, ttft_bounds, tpot_bounds):
+@pytest.mark.parametrize(
+    "argv, env, ttft_bounds, tpot_bounds",
+    [
+        ([], {}, TTFT_BUCKETS, TPOT_BUCKETS),
+        (
+            ["--tpot-buckets", "0.001,0.002,0.003,0.005,0.008"],
+            {"SPECDEC_SIDECAR_TTFT_BUCKETS": "0.0005,0.002,0.01,0.05"},
+            (0.0005, 0.002, 0.01, 0.05),
+            (0.001, 0.002, 0.003, 0.005, 0.008),
+        ),
+    ],
+)
+def test_latency_buckets_resolve_gpu_token_times(
+    otlp_grpc_receiver, sidecar_thread_factory, argv, env, ttft_bounds, tpot_bounds
+):
     """The conventions' recommended buckets would put all four times per output token in
     their first bucket (and two of the times to first token); the sidecar's, default or
     configured, separate them, through the SDK's Views and the real OTLP export."""
     ttfts, tpots = (0.0003, 0.0012, 0.0035, 0.025), (0.0011, 0.0023, 0.0036, 0.0055)
     assert max(tpots) < SEMCONV_TPOT_BUCKETS[0] and min(ttfts) < SEMCONV_TTFT_BUCKETS[0]
-    sc = sidecar_thread_factory(["--exporters", "otlp", *argv],
-                                env={**otlp_grpc_receiver.env(), **env,
-                                     "OTEL_METRIC_EXPORT_INTERVAL": "200"})
+    sc = sidecar_thread_factory(
+        ["--exporters", "otlp", *argv],
+        env={**otlp_grpc_receiver.env(), **env, "OTEL_METRIC_EXPORT_INTERVAL": "200"},
+    )
     assert (sc.config.ttft_buckets, sc.config.tpot_buckets) == (ttft_bounds, tpot_bounds)
     reporter = start_reporters(sc.address, n=1)[0]
     rng = random.Random(7)
@@ -229,8 +260,10 @@ def test_latency_buckets_resolve_gpu_token_times(otlp_grpc_receiver, sidecar_thr
         assert exported == bounds and count == 4
         return buckets
 
-    for name, bounds, values in (("gen_ai.server.time_to_first_token", ttft_bounds, ttfts),
-                                 ("gen_ai.server.time_per_output_token", tpot_bounds, tpots)):
+    for name, bounds, values in (
+        ("gen_ai.server.time_to_first_token", ttft_bounds, ttfts),
+        ("gen_ai.server.time_per_output_token", tpot_bounds, tpots),
+    ):
         buckets = buckets_of(name, bounds)
         # Each value in the bucket (lower, upper] the boundaries give it: four apart.
         want = [0] * (len(bounds) + 1)

@@ -33,12 +33,21 @@ def test_hand_framed_request_equals_generated_message():
     rng = random.Random(1)
     recs = [simulate_metrics(rng) for _ in range(5)]
     drops = [0, 1, 0, 2**40 + 3, 127]
-    traces = [telemetry_pb2.RequestTrace(trace_id=bytes(range(1, 17)), span_id=bytes(range(8)),
-                                         operation_name="chat", top_k=i) if i % 2 else None
-              for i in range(5)]
-    raw = encode_report_request(b"svc/1-abc", [
-        (i + 300, m.SerializeToString(), drops[i],
-         traces[i].SerializeToString() if traces[i] else b"") for i, m in enumerate(recs)])
+    traces = [
+        telemetry_pb2.RequestTrace(
+            trace_id=bytes(range(1, 17)), span_id=bytes(range(8)), operation_name="chat", top_k=i
+        )
+        if i % 2
+        else None
+        for i in range(5)
+    ]
+    raw = encode_report_request(
+        b"svc/1-abc",
+        [
+            (i + 300, m.SerializeToString(), drops[i], traces[i].SerializeToString() if traces[i] else b"")
+            for i, m in enumerate(recs)
+        ],
+    )
     expected = telemetry_pb2.ReportRequest(source_id="svc/1-abc")
     for i, m in enumerate(recs):
         record = expected.records.add(sequence=i + 300, dropped_before=drops[i])
@@ -46,28 +55,36 @@ def test_hand_framed_request_equals_generated_message():
         if traces[i]:
             record.trace.CopyFrom(traces[i])
     assert telemetry_pb2.ReportRequest.FromString(raw) == expected
-    assert telemetry_pb2.ReportRequest.FromString(encode_report_request(b"s", [])) == \
-        telemetry_pb2.ReportRequest(source_id="s")
+    assert telemetry_pb2.ReportRequest.FromString(
+        encode_report_request(b"s", [])
+    ) == telemetry_pb2.ReportRequest(source_id="s")
 
 
 def test_resend_after_stream_breaks_counts_once(otlp_grpc_receiver, sidecar_thread_factory):
-    sc = sidecar_thread_factory(["--exporters", "otlp"],
-                                env={**otlp_grpc_receiver.env(),
-                                     "OTEL_METRIC_EXPORT_INTERVAL": "700"})
+    sc = sidecar_thread_factory(
+        ["--exporters", "otlp"], env={**otlp_grpc_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": "700"}
+    )
     proxy = TcpProxy(sc.address)
-    reporter = MetricsReporter(proxy.address, instance_id="svc", batch_size=16,
-                               backoff_initial_s=0.05).start()
+    reporter = MetricsReporter(
+        proxy.address, instance_id="svc", batch_size=16, backoff_initial_s=0.05
+    ).start()
     rng = random.Random(3)
     records = []
     try:
-        for round_ in range(4):
+        for _round in range(4):
             for _ in range(60):
                 m = simulate_metrics(rng)
                 records.append(m)
                 reporter.report(m)
             # wait until the sidecar has processed (not yet exported) this round, then cut
-            wait_for(lambda: (s := sc.sidecar.sources.peek(reporter.source_id)) is not None
-                     and s.processed == len(records), 10, what="records processed")
+            wait_for(
+                lambda: (
+                    (s := sc.sidecar.sources.peek(reporter.source_id)) is not None
+                    and s.processed == len(records)
+                ),
+                10,
+                what="records processed",
+            )
             assert proxy.cut() > 0
             time.sleep(0.1)
         assert reporter.flush(20), reporter.stats
@@ -85,8 +102,9 @@ def test_resend_after_stream_breaks_counts_once(otlp_grpc_receiver, sidecar_thre
 
 def test_sidecar_absent_at_start_records_arrive_later(otlp_grpc_receiver, sidecar_thread_factory):
     port = free_port()
-    reporter = MetricsReporter(f"127.0.0.1:{port}", instance_id="svc",
-                               backoff_initial_s=0.05, backoff_max_s=0.5).start()
+    reporter = MetricsReporter(
+        f"127.0.0.1:{port}", instance_id="svc", backoff_initial_s=0.05, backoff_max_s=0.5
+    ).start()
     rng = random.Random(4)
     records = [simulate_metrics(rng) for _ in range(120)]
     for m in records:
@@ -94,18 +112,19 @@ def test_sidecar_absent_at_start_records_arrive_later(otlp_grpc_receiver, sideca
     time.sleep(1.0)
     st = reporter.stats
     assert st.acked == 0 and st.pending == 120 and st.reconnects >= 1
-    sidecar_thread_factory(["--exporters", "otlp", "--listen", f"127.0.0.1:{port}"],
-                           env={**otlp_grpc_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": "200"})
+    sidecar_thread_factory(
+        ["--exporters", "otlp", "--listen", f"127.0.0.1:{port}"],
+        env={**otlp_grpc_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": "200"},
+    )
     assert reporter.flush(15), reporter.stats
     reporter.stop(1)
     assert_exact(counters(otlp_grpc_receiver), records)
 
 
-def test_buffer_overflow_drops_oldest_and_reports_the_count(otlp_grpc_receiver,
-                                                           sidecar_thread_factory):
-    sc = sidecar_thread_factory(["--exporters", "otlp"],
-                                env={**otlp_grpc_receiver.env(),
-                                     "OTEL_METRIC_EXPORT_INTERVAL": "200"})
+def test_buffer_overflow_drops_oldest_and_reports_the_count(otlp_grpc_receiver, sidecar_thread_factory):
+    sc = sidecar_thread_factory(
+        ["--exporters", "otlp"], env={**otlp_grpc_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": "200"}
+    )
     reporter = MetricsReporter(sc.address, instance_id="svc", buffer_size=100)
     rng = random.Random(5)
     records = [simulate_metrics(rng) for _ in range(250)]
@@ -126,12 +145,15 @@ def test_drops_keep_in_flight_records(otlp_grpc_receiver, sidecar_thread_factory
     """Full buffer while records are in flight (sidecar never exports): the in-flight ones
     stay (they may be resent), newer never-sent ones are dropped."""
     otlp_grpc_receiver.failing = True
-    sc = sidecar_thread_factory(["--exporters", "otlp"],
-                                env={**otlp_grpc_receiver.env(),
-                                     "OTEL_METRIC_EXPORT_INTERVAL": "100000",
-                                     "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
-    reporter = MetricsReporter(sc.address, instance_id="svc", buffer_size=50,
-                               batch_size=10).start()
+    sc = sidecar_thread_factory(
+        ["--exporters", "otlp"],
+        env={
+            **otlp_grpc_receiver.env(),
+            "OTEL_METRIC_EXPORT_INTERVAL": "100000",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
+        },
+    )
+    reporter = MetricsReporter(sc.address, instance_id="svc", buffer_size=50, batch_size=10).start()
     rng = random.Random(6)
     first = [simulate_metrics(rng) for _ in range(40)]
     for m in first:
@@ -146,18 +168,22 @@ def test_drops_keep_in_flight_records(otlp_grpc_receiver, sidecar_thread_factory
     reporter.stop(0.1)
 
 
-def test_drops_with_nothing_unsent_ride_on_the_next_record(otlp_grpc_receiver,
-                                                           sidecar_thread_factory):
+def test_drops_with_nothing_unsent_ride_on_the_next_record(otlp_grpc_receiver, sidecar_thread_factory):
     """Everything buffered is in flight (exports fail, so nothing is acknowledged): each new
     record is itself dropped and its count carried to the next record reported, which the
     sidecar counts once the exports succeed again."""
     otlp_grpc_receiver.failing = True
-    sc = sidecar_thread_factory(["--exporters", "otlp"],
-                                env={**otlp_grpc_receiver.env(),
-                                     "OTEL_METRIC_EXPORT_INTERVAL": "200",
-                                     "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
-    reporter = MetricsReporter(sc.address, instance_id="svc", buffer_size=20,
-                               batch_size=10, linger_s=0.01).start()
+    sc = sidecar_thread_factory(
+        ["--exporters", "otlp"],
+        env={
+            **otlp_grpc_receiver.env(),
+            "OTEL_METRIC_EXPORT_INTERVAL": "200",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
+        },
+    )
+    reporter = MetricsReporter(
+        sc.address, instance_id="svc", buffer_size=20, batch_size=10, linger_s=0.01
+    ).start()
     rng = random.Random(8)
     kept = [simulate_metrics(rng) for _ in range(20)]
     for m in kept:
@@ -180,7 +206,8 @@ def test_drops_with_nothing_unsent_ride_on_the_next_record(otlp_grpc_receiver,
 
 
 def test_batches_stay_under_the_byte_cap_and_an_oversized_record_is_dropped(
-        otlp_grpc_receiver, sidecar_thread_factory):
+    otlp_grpc_receiver, sidecar_thread_factory
+):
     """Records of ~1 MB (a long request id) buffered while the sidecar was away: one batch
     of all of them (20 MB) is over the sidecar's 16 MiB message limit and would be refused,
     and resent, forever. Batches of at most max_batch_bytes get through; a record larger
@@ -201,8 +228,9 @@ def test_batches_stay_under_the_byte_cap_and_an_oversized_record_is_dropped(
     batch = reporter._take(reporter._pending.copy())
     assert len(batch) == 4 and sum(len(data) for _, data, _, _ in batch) <= reporter.max_batch_bytes
 
-    sc = sidecar_thread_factory(["--exporters", "otlp"],
-                                env={**otlp_grpc_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": "200"})
+    sc = sidecar_thread_factory(
+        ["--exporters", "otlp"], env={**otlp_grpc_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": "200"}
+    )
     reporter.target = sc.address
     reporter.start()
     assert reporter.flush(30), reporter.stats
@@ -213,8 +241,7 @@ def test_batches_stay_under_the_byte_cap_and_an_oversized_record_is_dropped(
     # delivered and acknowledged; the sidecar rejects the 1 MB request ids (a service's are
     # at most 128 characters) and counts the rest
     assert_exact(got, small)
-    assert got[("specdec.sidecar.records.rejected",
-                frozenset({("reason", "string_too_long")}))] == 20
+    assert got[("specdec.sidecar.records.rejected", frozenset({("reason", "string_too_long")}))] == 20
     assert got[("specdec.sidecar.service_dropped_records", frozenset())] == 1
 
 
@@ -242,12 +269,11 @@ def test_report_never_blocks_on_a_black_hole():
 
 
 def test_report_is_thread_safe(otlp_grpc_receiver, sidecar_thread_factory):
-    sc = sidecar_thread_factory(["--exporters", "otlp"],
-                                env={**otlp_grpc_receiver.env(),
-                                     "OTEL_METRIC_EXPORT_INTERVAL": "200"})
+    sc = sidecar_thread_factory(
+        ["--exporters", "otlp"], env={**otlp_grpc_receiver.env(), "OTEL_METRIC_EXPORT_INTERVAL": "200"}
+    )
     reporter = MetricsReporter(sc.address, instance_id="svc").start()
-    per_thread = [[simulate_metrics(random.Random(t * 100 + i)) for i in range(150)]
-                  for t in range(4)]
+    per_thread = [[simulate_metrics(random.Random(t * 100 + i)) for i in range(150)] for t in range(4)]
 
     def work(ms):
         for m in ms:

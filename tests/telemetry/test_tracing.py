@@ -32,15 +32,26 @@ from tests.telemetry.support import (
 )
 
 FINISH_NAMES = {1: "eos", 2: "stop_sequence", 3: "length", 4: "cancelled", 5: "error"}
-HISTOGRAMS = ("specdec.request.accept_rate", "specdec.request.accept_length", TTFT,
-              "gen_ai.server.time_per_output_token", REQUEST_DURATION)
+HISTOGRAMS = (
+    "specdec.request.accept_rate",
+    "specdec.request.accept_length",
+    TTFT,
+    "gen_ai.server.time_per_output_token",
+    REQUEST_DURATION,
+)
 
 
-def _trace(i: int, *, parent: bool, flags: int = 1, state: str = "",
-           operation: str = "chat") -> telemetry_pb2.RequestTrace:
-    t = telemetry_pb2.RequestTrace(trace_id=bytes([i]) * 16, span_id=bytes([i + 100]) * 8,
-                                   operation_name=operation, max_tokens=64 + i, temperature=0.5,
-                                   top_k=7)
+def _trace(
+    i: int, *, parent: bool, flags: int = 1, state: str = "", operation: str = "chat"
+) -> telemetry_pb2.RequestTrace:
+    t = telemetry_pb2.RequestTrace(
+        trace_id=bytes([i]) * 16,
+        span_id=bytes([i + 100]) * 8,
+        operation_name=operation,
+        max_tokens=64 + i,
+        temperature=0.5,
+        top_k=7,
+    )
     if parent:
         t.parent_span_id = bytes([i + 200]) * 8
         t.trace_flags = flags
@@ -60,8 +71,9 @@ def _record(rng: random.Random, identity, request_id: str) -> metrics_pb2.Specul
 
 def _sidecar(factory, receiver, tracing: bool):
     argv = ["--exporters", "otlp"] + (["--tracing", "true"] if tracing else [])
-    return factory(argv, env={**receiver.env(), **receiver.traces_env(),
-                              "OTEL_METRIC_EXPORT_INTERVAL": "200"})
+    return factory(
+        argv, env={**receiver.env(), **receiver.traces_env(), "OTEL_METRIC_EXPORT_INTERVAL": "200"}
+    )
 
 
 def _report(sidecar, records) -> None:
@@ -73,8 +85,7 @@ def _report(sidecar, records) -> None:
 
 
 def _histogram_points(store, name: str) -> list:
-    return [p for _, metric, kind, p in store.points()
-            if kind == "histogram" and metric.name == name]
+    return [p for _, metric, kind, p in store.points() if kind == "histogram" and metric.name == name]
 
 
 def _counters(receiver) -> dict:
@@ -91,11 +102,21 @@ def test_span_attributes_parent_and_exemplars(otlp_grpc_receiver, sidecar_thread
     unsampled = _record(rng, IDENTITIES[3], "req-unsampled")
     child_trace = _trace(1, parent=True, state="vendor=abc,other=1")
     root_trace = _trace(2, parent=False, operation="text_completion")
-    _report(sc, [(child, child_trace), (root, root_trace), (untraced, None),
-                 (unsampled, _trace(4, parent=True, flags=0))])
+    _report(
+        sc,
+        [
+            (child, child_trace),
+            (root, root_trace),
+            (untraced, None),
+            (unsampled, _trace(4, parent=True, flags=0)),
+        ],
+    )
 
-    spans = wait_for(lambda: len(otlp_grpc_receiver.span_store.spans()) >= 2 and
-                     otlp_grpc_receiver.span_store.spans(), 10, what="two spans")
+    spans = wait_for(
+        lambda: len(otlp_grpc_receiver.span_store.spans()) >= 2 and otlp_grpc_receiver.span_store.spans(),
+        10,
+        what="two spans",
+    )
     time.sleep(0.3)  # a third span (which must not exist) would have come by now
     spans = otlp_grpc_receiver.span_store.spans()
     by_id = {span.span_id: (res, span) for res, span in spans}
@@ -122,14 +143,20 @@ def test_span_attributes_parent_and_exemplars(otlp_grpc_receiver, sidecar_thread
     assert a["gen_ai.request.temperature"] == 0.5 and "gen_ai.request.seed" not in a
     assert a["gen_ai.response.time_to_first_chunk"] == child.time_to_first_token_seconds
     assert a["specdec.method"] == "ngram" and a["specdec.num_draft_tokens"] == 4
-    for field in ("verify_passes", "draft_passes", "proposed_drafts", "accepted_drafts",
-                  "accept_rate", "accept_length", "queue_time_seconds"):
+    for field in (
+        "verify_passes",
+        "draft_passes",
+        "proposed_drafts",
+        "accepted_drafts",
+        "accept_rate",
+        "accept_length",
+        "queue_time_seconds",
+    ):
         assert a[f"specdec.{field}"] == getattr(child, field), field
     for field in ("accept_histogram", "proposed_per_position", "accepted_per_position"):
         assert a[f"specdec.{field}"] == tuple(getattr(child, field)), field
     events = {e.name: e.time_unix_nano for e in span.events}
-    assert events["first_token"] == span.start_time_unix_nano + round(
-        child.time_to_first_token_seconds * 1e9)
+    assert events["first_token"] == span.start_time_unix_nano + round(child.time_to_first_token_seconds * 1e9)
 
     res, span = by_id[root_trace.span_id]
     assert span.trace_id == root_trace.trace_id and span.parent_span_id == b""
@@ -137,10 +164,10 @@ def test_span_attributes_parent_and_exemplars(otlp_grpc_receiver, sidecar_thread
 
     # Exemplars: the traced records' trace and span ids and request ids, on every histogram
     # they have a value in; none for the untraced and the unsampled record.
-    wait_for(lambda: _histogram_points(otlp_grpc_receiver.store, REQUEST_DURATION), 10,
-             what="histogram points")
-    traced = {frozenset(attrs_of(child)): (child, child_trace),
-              frozenset(attrs_of(root)): (root, root_trace)}
+    wait_for(
+        lambda: _histogram_points(otlp_grpc_receiver.store, REQUEST_DURATION), 10, what="histogram points"
+    )
+    traced = {frozenset(attrs_of(child)): (child, child_trace), frozenset(attrs_of(root)): (root, root_trace)}
     # (The SDK reports an exemplar in the first collection after its measurement only.)
     seen = set()
     for name in HISTOGRAMS:
@@ -157,15 +184,13 @@ def test_span_attributes_parent_and_exemplars(otlp_grpc_receiver, sidecar_thread
                 assert span_attrs(ex) == {"specdec.request.id": m.request_id}
                 assert ex.as_double == p.sum  # the point's only value
                 seen.add((name, m.request_id))
-    assert {(REQUEST_DURATION, "req-child"), (TTFT, "req-child"),
-            (REQUEST_DURATION, "req-root")} <= seen
+    assert {(REQUEST_DURATION, "req-child"), (TTFT, "req-child"), (REQUEST_DURATION, "req-root")} <= seen
 
     counters = _counters(otlp_grpc_receiver)
     for key, value in expected_totals([child, root, untraced, unsampled]).items():
         if "#" not in key[0]:
             assert counters.get(key) == value, key
-    ignored = {k: v for k, v in counters.items()
-               if k[0] == "specdec.sidecar.trace_contexts.ignored"}
+    ignored = {k: v for k, v in counters.items() if k[0] == "specdec.sidecar.trace_contexts.ignored"}
     assert ignored and not any(ignored.values()), ignored
 
 
@@ -187,8 +212,7 @@ def _bad_traces() -> dict[str, telemetry_pb2.RequestTrace]:
     }
 
 
-def test_malformed_trace_context_is_ignored_and_counted(otlp_grpc_receiver,
-                                                        sidecar_thread_factory):
+def test_malformed_trace_context_is_ignored_and_counted(otlp_grpc_receiver, sidecar_thread_factory):
     sc = _sidecar(sidecar_thread_factory, otlp_grpc_receiver, tracing=True)
     rng = random.Random(12)
     bad = _bad_traces()
@@ -204,8 +228,11 @@ def test_malformed_trace_context_is_ignored_and_counted(otlp_grpc_receiver,
     expected["identity_too_long"] = 1
 
     def ignored():
-        got = {dict(k[1])["reason"]: v for k, v in _counters(otlp_grpc_receiver).items()
-               if k[0] == "specdec.sidecar.trace_contexts.ignored" and v}
+        got = {
+            dict(k[1])["reason"]: v
+            for k, v in _counters(otlp_grpc_receiver).items()
+            if k[0] == "specdec.sidecar.trace_contexts.ignored" and v
+        }
         return got if got == expected else None
 
     wait_for(ignored, 10, what=f"ignored trace contexts {expected}")
@@ -224,20 +251,22 @@ def test_tracing_off_produces_no_span_and_no_exemplar(otlp_grpc_receiver, sideca
     sc = _sidecar(sidecar_thread_factory, otlp_grpc_receiver, tracing=False)
     assert sc.sidecar.spans is None
     histograms = sc.sidecar.aggregator._histograms
-    assert all(histograms.is_bulk(h) for h in (sc.sidecar.aggregator.h_duration,
-                                               sc.sidecar.aggregator.h_ttft))
+    assert all(
+        histograms.is_bulk(h) for h in (sc.sidecar.aggregator.h_duration, sc.sidecar.aggregator.h_ttft)
+    )
     rng = random.Random(13)
-    records = [(_record(rng, None, f"req-{i}"), _trace(i + 1, parent=bool(i % 2)))
-               for i in range(20)]
+    records = [(_record(rng, None, f"req-{i}"), _trace(i + 1, parent=bool(i % 2))) for i in range(20)]
     _report(sc, records)
-    wait_for(lambda: _counters(otlp_grpc_receiver).get(
-        ("specdec.sidecar.records.aggregated", frozenset())) == 20, 10, what="20 records")
+    wait_for(
+        lambda: _counters(otlp_grpc_receiver).get(("specdec.sidecar.records.aggregated", frozenset())) == 20,
+        10,
+        what="20 records",
+    )
     time.sleep(0.3)
     assert otlp_grpc_receiver.span_store.spans() == []
     for name in HISTOGRAMS:
         assert not any(p.exemplars for p in _histogram_points(otlp_grpc_receiver.store, name))
-    assert not any(k[0] == "specdec.sidecar.trace_contexts.ignored"
-                   for k in _counters(otlp_grpc_receiver))
+    assert not any(k[0] == "specdec.sidecar.trace_contexts.ignored" for k in _counters(otlp_grpc_receiver))
 
 
 def test_duplicates_and_rejected_records_get_no_span(otlp_grpc_receiver, sidecar_thread_factory):

@@ -35,9 +35,17 @@ def test_each_broken_invariant_is_named(name):
     assert reason in REASONS
     assert check(m) == reason
     # Bounds of the sidecar's configuration, not contract invariants.
-    sidecar_only = {"identity_too_long", "count_out_of_range", "k_too_large", "huge_k",
-                    "draft_model_too_long", "request_id_too_long", "instance_id_too_long",
-                    "huge_duration", "duration_beyond_bound"}
+    sidecar_only = {
+        "identity_too_long",
+        "count_out_of_range",
+        "k_too_large",
+        "huge_k",
+        "draft_model_too_long",
+        "request_id_too_long",
+        "instance_id_too_long",
+        "huge_duration",
+        "duration_beyond_bound",
+    }
     if name not in sidecar_only:
         # the independent oracle (tests/support) agrees the record is invalid
         with pytest.raises(AssertionError):
@@ -45,22 +53,40 @@ def test_each_broken_invariant_is_named(name):
 
 
 def test_every_check_reason_is_exercised():
-    ingest_only = {"invalid_sequence", "missing_metrics", "missing_source_id",
-                   "source_id_too_long", "sequence_jump", "series_limit", "source_series_limit",
-                   "malformed_batch", "internal_error",
-                   # implied by earlier checks, unreachable alone (see mutations.py)
-                   "accepted_exceeds_proposed", "proposed_exceeds_capacity",
-                   "proposed_per_position_increasing"}
+    ingest_only = {
+        "invalid_sequence",
+        "missing_metrics",
+        "missing_source_id",
+        "source_id_too_long",
+        "sequence_jump",
+        "series_limit",
+        "source_series_limit",
+        "malformed_batch",
+        "internal_error",
+        # implied by earlier checks, unreachable alone (see mutations.py)
+        "accepted_exceeds_proposed",
+        "proposed_exceeds_capacity",
+        "proposed_per_position_increasing",
+    }
     covered = {reason for _, reason in MUTATIONS.values()}
     assert set(REASONS) - ingest_only - covered == set()
 
 
 def test_k_zero_none_method_is_valid():
     m = metrics_pb2.SpeculativeMetrics(
-        target_model="t", method=metrics_pb2.SPECULATION_METHOD_NONE, num_draft_tokens=0,
-        verify_passes=3, accept_length=1.0, accept_histogram=[0], prompt_tokens=2,
-        completion_tokens=4, finish_reason=metrics_pb2.FINISH_REASON_LENGTH,
-        queue_time_seconds=0.0, time_to_first_token_seconds=0.1, duration_seconds=0.2)
+        target_model="t",
+        method=metrics_pb2.SPECULATION_METHOD_NONE,
+        num_draft_tokens=0,
+        verify_passes=3,
+        accept_length=1.0,
+        accept_histogram=[0],
+        prompt_tokens=2,
+        completion_tokens=4,
+        finish_reason=metrics_pb2.FINISH_REASON_LENGTH,
+        queue_time_seconds=0.0,
+        time_to_first_token_seconds=0.1,
+        duration_seconds=0.2,
+    )
     assert check(m) is None
     assert_metrics_invariants(m)
     m.accept_rate = 0.0  # nothing proposed: accept_rate must be absent, not 0

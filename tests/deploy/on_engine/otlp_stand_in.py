@@ -22,8 +22,7 @@ from concurrent import futures
 import grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from prometheus_client import start_http_server
-from prometheus_client.core import (REGISTRY, CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily)
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 UNIT_SUFFIX = {"s": "seconds", "ms": "milliseconds", "By": "bytes"}
 
@@ -55,8 +54,10 @@ class Series:
         with self.lock:
             for rm in request.resource_metrics:
                 res = {a.key: any_value(a.value) for a in rm.resource.attributes}
-                base = (("job", res.get("service.name", "")),
-                        ("instance", res.get("service.instance.id", "")))
+                base = (
+                    ("job", res.get("service.name", "")),
+                    ("instance", res.get("service.instance.id", "")),
+                )
                 for sm in rm.scope_metrics:
                     for m in sm.metrics:
                         self._metric(m, base)
@@ -71,12 +72,12 @@ class Series:
             points, monotonic = m.histogram.data_points, False
         else:
             return
-        family = ("counter" if monotonic else kind,
-                  prometheus_name(m.name, m.unit, monotonic))
+        family = ("counter" if monotonic else kind, prometheus_name(m.name, m.unit, monotonic))
         self.help[family[1]] = m.description
         for p in points:
-            labels = base + tuple(sorted(
-                (re.sub(r"[^a-zA-Z0-9_]", "_", a.key), any_value(a.value)) for a in p.attributes))
+            labels = base + tuple(
+                sorted((re.sub(r"[^a-zA-Z0-9_]", "_", a.key), any_value(a.value)) for a in p.attributes)
+            )
             if kind == "histogram":
                 cumulative, running = [], 0
                 for bound, count in zip(list(p.explicit_bounds) + [float("inf")], p.bucket_counts):
@@ -95,8 +96,12 @@ class Series:
             help_text = dict(self.help)
         for (kind, name), rows in grouped.items():
             keys = [k for k, _ in rows[0][0]]
-            cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily,
-                   "sum": GaugeMetricFamily, "histogram": HistogramMetricFamily}[kind]
+            cls = {
+                "counter": CounterMetricFamily,
+                "gauge": GaugeMetricFamily,
+                "sum": GaugeMetricFamily,
+                "histogram": HistogramMetricFamily,
+            }[kind]
             family = cls(name, help_text.get(name, ""), labels=keys)
             for labels, value in rows:
                 values = [v for _, v in labels]

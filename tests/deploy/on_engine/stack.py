@@ -43,12 +43,15 @@ class CommandFailed(AssertionError):
     pass
 
 
-def run(cmd: list[str], env: dict[str, str], timeout: float, check: bool = True,
-        cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], env: dict[str, str], timeout: float, check: bool = True, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise CommandFailed(f"{' '.join(cmd)} exited {proc.returncode}\n"
-                            f"stdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}")
+        raise CommandFailed(
+            f"{' '.join(cmd)} exited {proc.returncode}\n"
+            f"stdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -118,34 +121,34 @@ class Stack:
         self.ca_bundle = os.environ.get("SPECDEC_DEPLOY_CA_BUNDLE", "")
         self.files = [REPO / "docker-compose.yml", OVERRIDE] + ([PIP_CA] if self.ca_bundle else [])
         self.env = dict(os.environ)
-        self.env.update({
-            "COMPOSE_PROJECT_NAME": project,
-            # Both replicas of a scaled service publish on the host: one port of the range each.
-            "SPECDEC_PORT": f"{self.service_port}-{self.service_port + 1}",
-            "SPECDEC_SIDECAR_PORT": str(self.sidecar_port),
-            "PROMETHEUS_PORT": str(self.prometheus_port),
-            "OTEL_COLLECTOR_OTLP_GRPC_PORT": str(free_port()),
-            "OTEL_COLLECTOR_OTLP_HTTP_PORT": str(free_port()),
-            "OTEL_COLLECTOR_PROMETHEUS_PORT": str(free_port()),
-            "SPECDEC_SERVICE_BASE_IMAGE": os.environ["SPECDEC_DEPLOY_PYTHON_BASE"],
-            "SPECDEC_SIDECAR_BASE_IMAGE": os.environ["SPECDEC_DEPLOY_PYTHON_BASE"],
-            "OTEL_METRIC_EXPORT_INTERVAL": "1000",
-            "SPECDEC_PIP_CA_BUNDLE": self.ca_bundle,
-            # A busy 2-core machine decodes several times slower than the speed measured a
-            # few minutes earlier: the drain test's requests must still end within the grace
-            # (the shipped 30 s against 45 s is checked by tests/deploy/test_compose.py).
-            "SPECDEC_GRACE_PERIOD_S": str(DRAIN_GRACE_S),
-        })
+        self.env.update(
+            {
+                "COMPOSE_PROJECT_NAME": project,
+                # Both replicas of a scaled service publish on the host: one port of the range each.
+                "SPECDEC_PORT": f"{self.service_port}-{self.service_port + 1}",
+                "SPECDEC_SIDECAR_PORT": str(self.sidecar_port),
+                "PROMETHEUS_PORT": str(self.prometheus_port),
+                "OTEL_COLLECTOR_OTLP_GRPC_PORT": str(free_port()),
+                "OTEL_COLLECTOR_OTLP_HTTP_PORT": str(free_port()),
+                "OTEL_COLLECTOR_PROMETHEUS_PORT": str(free_port()),
+                "SPECDEC_SERVICE_BASE_IMAGE": os.environ["SPECDEC_DEPLOY_PYTHON_BASE"],
+                "SPECDEC_SIDECAR_BASE_IMAGE": os.environ["SPECDEC_DEPLOY_PYTHON_BASE"],
+                "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+                "SPECDEC_PIP_CA_BUNDLE": self.ca_bundle,
+                # A busy 2-core machine decodes several times slower than the speed measured a
+                # few minutes earlier: the drain test's requests must still end within the grace
+                # (the shipped 30 s against 45 s is checked by tests/deploy/test_compose.py).
+                "SPECDEC_GRACE_PERIOD_S": str(DRAIN_GRACE_S),
+            }
+        )
 
     # ---- commands ----------------------------------------------------------------------
-    def compose(self, *args: str, timeout: float = 300, check: bool = True
-                ) -> subprocess.CompletedProcess:
+    def compose(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         files = [arg for f in self.files for arg in ("-f", str(f))]
         cmd = ["docker", "compose", *files, "--profile", "cpu", *args]
         return run(cmd, self.env, timeout, check)
 
-    def docker(self, *args: str, timeout: float = 120, check: bool = True
-               ) -> subprocess.CompletedProcess:
+    def docker(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
         return run(["docker", *args], self.env, timeout, check)
 
     def containers(self, service: str | None = None, all_states: bool = True) -> list[str]:
@@ -177,11 +180,13 @@ class Stack:
             state = self.inspect(container)["State"]
             if state.get("Health", {}).get("Status") == "healthy":
                 return time.monotonic()
-            assert state["Status"] in ("created", "running", "restarting"), \
+            assert state["Status"] in ("created", "running", "restarting"), (
                 f"{container[:12]} is {state['Status']}:\n{self.logs(container)[-3000:]}"
+            )
             time.sleep(1)
-        raise AssertionError(f"{container[:12]} not healthy after {timeout} s:\n"
-                             f"{self.logs(container)[-3000:]}")
+        raise AssertionError(
+            f"{container[:12]} not healthy after {timeout} s:\n{self.logs(container)[-3000:]}"
+        )
 
     def published(self, container: str, port: int) -> str:
         """HOST:PORT where a container publishes `port` (by container: after a scale-down,
@@ -199,13 +204,34 @@ class Stack:
         return ids[0]
 
     # ---- requests ------------------------------------------------------------------------
-    def client(self, target: str, requests: int, concurrency: int, max_tokens: int,
-               prompt: str = "List the first twenty prime numbers, then explain how you "
-                             "found them.", timeout: float = 300) -> list[dict]:
+    def client(
+        self,
+        target: str,
+        requests: int,
+        concurrency: int,
+        max_tokens: int,
+        prompt: str = "List the first twenty prime numbers, then explain how you found them.",
+        timeout: float = 300,
+    ) -> list[dict]:
         """specdec-client --json against a published port; every request must succeed."""
-        proc = run([str(CLIENT), "--target", target, "--json", "--chat", "--requests",
-                    str(requests), "--concurrency", str(concurrency), "--max-tokens",
-                    str(max_tokens), prompt], self.env, timeout)
+        proc = run(
+            [
+                str(CLIENT),
+                "--target",
+                target,
+                "--json",
+                "--chat",
+                "--requests",
+                str(requests),
+                "--concurrency",
+                str(concurrency),
+                "--max-tokens",
+                str(max_tokens),
+                prompt,
+            ],
+            self.env,
+            timeout,
+        )
         results = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
         if requests == 1:
             assert len(results) == 1, proc.stdout
@@ -215,20 +241,38 @@ class Stack:
         assert len(results) == requests
         return results
 
-    def client_process(self, target: str, requests: int, concurrency: int, max_tokens: int
-                       ) -> subprocess.Popen:
+    def client_process(
+        self, target: str, requests: int, concurrency: int, max_tokens: int
+    ) -> subprocess.Popen:
         """specdec-client in the background; its first stderr line (--info: GetServerInfo)
         says it is connected and about to send."""
         return subprocess.Popen(
-            [str(CLIENT), "--target", target, "--json", "--chat", "--info", "--requests", str(requests),
-             "--concurrency", str(concurrency), "--max-tokens", str(max_tokens),
-             "List the first twenty prime numbers, then explain how you found them."],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                str(CLIENT),
+                "--target",
+                target,
+                "--json",
+                "--chat",
+                "--info",
+                "--requests",
+                str(requests),
+                "--concurrency",
+                str(concurrency),
+                "--max-tokens",
+                str(max_tokens),
+                "List the first twenty prime numbers, then explain how you found them.",
+            ],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     # ---- Prometheus ------------------------------------------------------------------------
     def query(self, expr: str) -> list[dict]:
-        url = (f"http://127.0.0.1:{self.prometheus_port}/api/v1/query?"
-               + urllib.parse.urlencode({"query": expr}))
+        url = f"http://127.0.0.1:{self.prometheus_port}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": expr}
+        )
         with urllib.request.urlopen(url, timeout=10) as response:
             body = json.load(response)
         assert body["status"] == "success", body
@@ -255,7 +299,8 @@ class Stack:
                 seen = self.counters()
                 assert seen == expected, f"counters moved past the sums: {seen} != {expected}"
                 return seen
-            assert all(seen[k] <= expected[k] for k in expected), \
+            assert all(seen[k] <= expected[k] for k in expected), (
                 f"counted more than the requests reported: {seen} > {expected}"
+            )
             time.sleep(1)
         raise AssertionError(f"Prometheus counters {seen} != sums of final metrics {expected}")

@@ -20,12 +20,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.metrics_format import metrics_to_dict
 from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
-
 from tests.deploy.on_engine.stack import CLIENT, DRAIN_GRACE_S, PIP_CA, REPO, SECURE, Stack, Totals, run
 
 if not os.environ.get("SPECDEC_DEPLOY_PYTHON_BASE"):
-    pytest.skip("run by `make test-deploy` (needs its own Docker daemon and local base images)",
-                allow_module_level=True)
+    pytest.skip(
+        "run by `make test-deploy` (needs its own Docker daemon and local base images)",
+        allow_module_level=True,
+    )
 
 PROJECT = "specdec-deploy-test"
 MODEL = "smollm2-135m-instruct"
@@ -47,8 +48,7 @@ def docker_time(text: str) -> float:
 def probe(address: str) -> str:
     try:
         with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=2)
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except grpc.RpcError as exc:
         return exc.code().name
@@ -81,17 +81,41 @@ def test_compose_v2_accepts_the_gpu_and_cpu_profiles_as_shipped(stack) -> None:
     env = {k: v for k, v in stack.env.items() if not k.startswith(("SPECDEC_", "OTEL_"))}
     env["COMPOSE_PROJECT_NAME"] = PROJECT
     for profile_args in ([], ["--profile", "cpu"]):
-        proc = run(["docker", "compose", "-f", str(REPO / "docker-compose.yml"), *profile_args,
-                    "config", "--format", "json"], env, timeout=60)
+        proc = run(
+            [
+                "docker",
+                "compose",
+                "-f",
+                str(REPO / "docker-compose.yml"),
+                *profile_args,
+                "config",
+                "--format",
+                "json",
+            ],
+            env,
+            timeout=60,
+        )
         services = json.loads(proc.stdout)["services"]
         gpu = services["service"]["deploy"]["resources"]["reservations"]["devices"]
         assert gpu == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}], gpu
         assert ("service-cpu" in services) == bool(profile_args)
         assert services["service"]["depends_on"]["sidecar"]["condition"] == "service_healthy"
-    ca = run(["docker", "compose", "-f", str(REPO / "docker-compose.yml"), "-f", str(PIP_CA),
-              "config", "--format", "json"], dict(env, SPECDEC_PIP_CA_BUNDLE="/dev/null"), 60)
-    assert json.loads(ca.stdout)["services"]["sidecar"]["build"]["secrets"][0]["source"] \
-        == "pip_ca_bundle"
+    ca = run(
+        [
+            "docker",
+            "compose",
+            "-f",
+            str(REPO / "docker-compose.yml"),
+            "-f",
+            str(PIP_CA),
+            "config",
+            "--format",
+            "json",
+        ],
+        dict(env, SPECDEC_PIP_CA_BUNDLE="/dev/null"),
+        60,
+    )
+    assert json.loads(ca.stdout)["services"]["sidecar"]["build"]["secrets"][0]["source"] == "pip_ca_bundle"
 
 
 def test_images_build_from_local_bases(stack) -> None:
@@ -104,12 +128,26 @@ def test_images_build_from_local_bases(stack) -> None:
         history = stack.docker("history", "--no-trunc", image).stdout
         assert "BEGIN CERTIFICATE" not in history
         # The CA bundle was a build secret: nowhere in the image.
-        found = stack.docker("run", "--rm", "--entrypoint", "sh", image, "-c",
-                             "ls /run/secrets 2>/dev/null; grep -rl 'BEGIN CERTIFICATE' /tmp "
-                             "/src /opt/venv/pip.conf 2>/dev/null; true").stdout.strip()
+        found = stack.docker(
+            "run",
+            "--rm",
+            "--entrypoint",
+            "sh",
+            image,
+            "-c",
+            "ls /run/secrets 2>/dev/null; grep -rl 'BEGIN CERTIFICATE' /tmp "
+            "/src /opt/venv/pip.conf 2>/dev/null; true",
+        ).stdout.strip()
         assert not found, f"{image}: build-time CA bundle left in the image: {found}"
-    versions = stack.docker("run", "--rm", "--entrypoint", "python", "specdec-service:0.1.0",
-                            "-c", "import torch; print(torch.__version__)").stdout
+    versions = stack.docker(
+        "run",
+        "--rm",
+        "--entrypoint",
+        "python",
+        "specdec-service:0.1.0",
+        "-c",
+        "import torch; print(torch.__version__)",
+    ).stdout
     assert "+cpu" in versions, versions
 
 
@@ -120,12 +158,22 @@ def test_model_fetched_into_the_cache_volume_by_the_image(stack) -> None:
     stack.compose("create", *CPU_PROFILE)  # the project's volumes, as compose names them
     volume = f"{PROJECT}_model-cache"
     ca = os.environ.get("SPECDEC_DEPLOY_CA_BUNDLE")
-    ca_args = ["-v", f"{ca}:/etc/specdec-ca.pem:ro", "-e", "PIP_CERT=/etc/specdec-ca.pem"] \
-        if ca else []
+    ca_args = ["-v", f"{ca}:/etc/specdec-ca.pem:ro", "-e", "PIP_CERT=/etc/specdec-ca.pem"] if ca else []
     started = time.monotonic()
-    proc = stack.docker("run", "--rm", "--network", "host", "-v", f"{volume}:/models", *ca_args,
-                        "--entrypoint", "specdec-fetch-model", "specdec-service:0.1.0", MODEL,
-                        timeout=600)
+    proc = stack.docker(
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "-v",
+        f"{volume}:/models",
+        *ca_args,
+        "--entrypoint",
+        "specdec-fetch-model",
+        "specdec-service:0.1.0",
+        MODEL,
+        timeout=600,
+    )
     print(f"model fetched in {time.monotonic() - started:.0f} s: {proc.stdout.strip()}")
     assert proc.stdout.strip() == f"/models/models/{MODEL_FILE}"
     assert DOWNLOAD_LINE in proc.stderr
@@ -137,11 +185,11 @@ def test_start_is_health_ordered(stack) -> None:
     sidecar = stack.inspect(stack.container("sidecar"))
     service_id = stack.container(SERVICE)
     service = stack.inspect(service_id)
-    healthy_probes = [docker_time(p["End"]) for p in sidecar["State"]["Health"]["Log"]
-                      if p["ExitCode"] == 0]
+    healthy_probes = [docker_time(p["End"]) for p in sidecar["State"]["Health"]["Log"] if p["ExitCode"] == 0]
     assert healthy_probes, sidecar["State"]["Health"]
-    assert min(healthy_probes) < docker_time(service["State"]["StartedAt"]), \
+    assert min(healthy_probes) < docker_time(service["State"]["StartedAt"]), (
         "the service started before the sidecar was healthy"
+    )
     prometheus = stack.inspect(stack.container("prometheus"))
     assert prometheus["State"]["Health"]["Status"] == "healthy"
 
@@ -161,17 +209,19 @@ def test_start_is_health_ordered(stack) -> None:
     logs = stack.logs(service_id)
     assert DOWNLOAD_LINE not in logs, "the service downloaded the model the volume held"
     assert CONVERTED_LINE in logs and "/models/converted/" in logs, logs[-3000:]
-    print(f"service health seen from the host: {seen}; healthy {healthy_at - deadline + 300:.0f} s "
-          f"after up returned")
+    print(
+        f"service health seen from the host: {seen}; healthy {healthy_at - deadline + 300:.0f} s "
+        f"after up returned"
+    )
 
 
 def test_requests_counted_exactly(stack, totals, speed) -> None:
-    results = stack.client(stack.service_address(SERVICE, 50051), requests=4, concurrency=3,
-                           max_tokens=12)
+    results = stack.client(stack.service_address(SERVICE, 50051), requests=4, concurrency=3, max_tokens=12)
     assert all(r["completion_tokens"] > 0 for r in results)
     speed["tokens_per_s"] = min(r["completion_tokens"] / r["client_seconds"] for r in results)
-    assert sum(r["metrics"].get("proposed_drafts", 0) for r in results) > 0, \
+    assert sum(r["metrics"].get("proposed_drafts", 0) for r in results) > 0, (
         "ngram drafting proposed nothing: the acceptance counters would be vacuous"
+    )
     totals.add(results)
     stack.wait_counters(totals.values)
     assert stack.counter_sum("specdec_sidecar_records_rejected_total") == 0
@@ -183,9 +233,16 @@ class _Streamed(threading.Thread):
     def __init__(self, address: str, max_tokens: int, index: int) -> None:
         super().__init__(daemon=True)
         self.request = generation_pb2.GenerateRequest(
-            request_id=f"drain-{index}", max_tokens=max_tokens,
-            messages=generation_pb2.ChatMessages(messages=[generation_pb2.ChatMessage(
-                role="user", content="List the first twenty prime numbers, then explain how.")]))
+            request_id=f"drain-{index}",
+            max_tokens=max_tokens,
+            messages=generation_pb2.ChatMessages(
+                messages=[
+                    generation_pb2.ChatMessage(
+                        role="user", content="List the first twenty prime numbers, then explain how."
+                    )
+                ]
+            ),
+        )
         self.address = address
         self.first_token = threading.Event()
         self.result: dict | None = None
@@ -201,10 +258,12 @@ class _Streamed(threading.Thread):
                         self.first_token.set()
                     else:
                         final = response.final
-                        self.result = {"finish_reason": metrics_pb2.FinishReason.Name(final.finish_reason),
-                                       "prompt_tokens": final.prompt_tokens,
-                                       "completion_tokens": final.completion_tokens,
-                                       "metrics": metrics_to_dict(final.metrics)}
+                        self.result = {
+                            "finish_reason": metrics_pb2.FinishReason.Name(final.finish_reason),
+                            "prompt_tokens": final.prompt_tokens,
+                            "completion_tokens": final.completion_tokens,
+                            "metrics": metrics_to_dict(final.metrics),
+                        }
         except grpc.RpcError as exc:
             self.error = f"{exc.code().name}: {exc.details()}"
         finally:
@@ -223,8 +282,9 @@ def test_stop_drains_in_flight_requests_and_flushes_their_metrics(stack, totals,
     # Running, not queued: a draining server answers queued requests UNAVAILABLE at once.
     for stream in streams:
         assert stream.first_token.wait(300), "no first token in 300 s"
-    assert all(s.ended_at is None for s in streams), \
-        [s.error or s.result for s in streams]  # each still in flight: max_tokens too small
+    assert all(s.ended_at is None for s in streams), [
+        s.error or s.result for s in streams
+    ]  # each still in flight: max_tokens too small
     stop_began = time.monotonic()
     stack.compose("stop", "--timeout", str(DRAIN_GRACE_S + 30), SERVICE, timeout=DRAIN_GRACE_S + 90)
     stop_took = time.monotonic() - stop_began
@@ -232,10 +292,10 @@ def test_stop_drains_in_flight_requests_and_flushes_their_metrics(stack, totals,
         stream.join(120)
     assert [s.error for s in streams] == [None] * 3, [s.error for s in streams]
     results = [s.result for s in streams]
-    assert all(r["finish_reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_STOP")
-               for r in results), results
-    assert all(s.ended_at > stop_began for s in streams), \
+    assert all(r["finish_reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_STOP") for r in results), results
+    assert all(s.ended_at > stop_began for s in streams), (
         "a request finished before the stop began: it was not in flight"
+    )
     state = stack.inspect(service_id)["State"]
     assert state["ExitCode"] == 0 and not state["OOMKilled"], state
     assert stop_took < DRAIN_GRACE_S, f"stop took {stop_took:.0f} s: cancelled at the grace period"
@@ -285,20 +345,32 @@ def test_sidecar_killed_under_load_loses_and_doubles_nothing(stack, totals) -> N
     stop.set()
     worker.join(timeout=300)
     assert not errors, errors
-    assert any(killed_at < began and ended < restarted_at for began, ended, _ in batches), \
+    assert any(killed_at < began and ended < restarted_at for began, ended, _ in batches), (
         "no requests completed while the sidecar was down"
+    )
     for _, _, results in batches:
         totals.add(results)
     instances = stack.query("count by (instance) (specdec_requests_total)")
     stack.wait_counters(totals.values, timeout=120)
-    assert len(stack.query("count by (instance) (last_over_time(specdec_requests_total[1h]))")) \
-        >= 2, f"one sidecar instance only: {instances}"
+    assert len(stack.query("count by (instance) (last_over_time(specdec_requests_total[1h]))")) >= 2, (
+        f"one sidecar instance only: {instances}"
+    )
     assert stack.counter_sum("specdec_sidecar_service_dropped_records_total") == 0
 
 
 def test_two_replicas_report_to_one_sidecar(stack, totals) -> None:
-    stack.compose("up", "-d", "--scale", "service=0", "--scale", f"{SERVICE}=2", "--wait",
-                  "--wait-timeout", "400", timeout=450)
+    stack.compose(
+        "up",
+        "-d",
+        "--scale",
+        "service=0",
+        "--scale",
+        f"{SERVICE}=2",
+        "--wait",
+        "--wait-timeout",
+        "400",
+        timeout=450,
+    )
     replicas = stack.containers(SERVICE, all_states=False)
     assert len(replicas) == 2, replicas
     addresses = {stack.published(replica, 50051) for replica in replicas}
@@ -328,8 +400,7 @@ def test_restart_reuses_the_model_cache(stack, totals) -> None:
     logs = stack.logs(service_id)
     assert "loaded" in logs and CONVERTED_LINE not in logs and DOWNLOAD_LINE not in logs, logs
     assert stack.compose("exec", "-T", SERVICE, "sh", "-c", marker).stdout == before
-    results = stack.client(stack.service_address(SERVICE, 50051), requests=2, concurrency=2,
-                           max_tokens=8)
+    results = stack.client(stack.service_address(SERVICE, 50051), requests=2, concurrency=2, max_tokens=8)
     totals.add(results)
     stack.wait_counters(totals.values)  # Prometheus' data volume survived `down` too
 
@@ -340,8 +411,7 @@ def test_secure_stack_serves_mutual_tls_and_tokens(stack, totals, tmp_path) -> N
     probe speaks mutual TLS (`--wait` needs both healthy); the reporter's stream to the
     sidecar is mutual TLS with a token (the sidecar counts the requests)."""
     certs = tmp_path / "certs"
-    run(["bash", str(REPO / "scripts" / "make_certs.sh"), str(certs), "service", "sidecar"],
-        stack.env, 60)
+    run(["bash", str(REPO / "scripts" / "make_certs.sh"), str(certs), "service", "sidecar"], stack.env, 60)
     (certs / "client.token").write_text(os.urandom(32).hex() + "\n")
     (certs / "reporter.token").write_text(os.urandom(32).hex() + "\n")
     for name in ("server.key", "client.key", "client.token", "reporter.token"):
@@ -353,14 +423,24 @@ def test_secure_stack_serves_mutual_tls_and_tokens(stack, totals, tmp_path) -> N
         logs = stack.logs(stack.container_running(name))
         assert '"tls": true' in logs or "tls=True" in logs, logs[-2000:]
     address = stack.service_address(SERVICE, 50051)
-    tls = {"SPECDEC_CLIENT_TLS_CA_FILE": str(certs / "ca.pem"),
-           "SPECDEC_CLIENT_TLS_CERT_FILE": str(certs / "client.pem"),
-           "SPECDEC_CLIENT_TLS_KEY_FILE": str(certs / "client.key")}
-    refused = run([str(CLIENT), "--target", address, "--max-tokens", "2", "hello"],
-                  {**stack.env, **tls}, 120, check=False)
+    tls = {
+        "SPECDEC_CLIENT_TLS_CA_FILE": str(certs / "ca.pem"),
+        "SPECDEC_CLIENT_TLS_CERT_FILE": str(certs / "client.pem"),
+        "SPECDEC_CLIENT_TLS_KEY_FILE": str(certs / "client.key"),
+    }
+    refused = run(
+        [str(CLIENT), "--target", address, "--max-tokens", "2", "hello"],
+        {**stack.env, **tls},
+        120,
+        check=False,
+    )
     assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
-    plaintext = run([str(CLIENT), "--target", address, "--max-tokens", "2", "--timeout", "10", "hello"],
-                    stack.env, 120, check=False)
+    plaintext = run(
+        [str(CLIENT), "--target", address, "--max-tokens", "2", "--timeout", "10", "hello"],
+        stack.env,
+        120,
+        check=False,
+    )
     assert plaintext.returncode == 2 and "UNAVAILABLE" in plaintext.stderr, plaintext.stderr
     stack.env.update(tls, SPECDEC_CLIENT_AUTH_TOKEN_FILE=str(certs / "client.token"))
     results = stack.client(address, requests=2, concurrency=2, max_tokens=8)
