@@ -52,8 +52,8 @@ from service.engine import Engine, EngineConfig, GenerationRequest, Method  # no
 from service.engine import scheduler as scheduler_module  # noqa: E402
 from service.engine.adaptive import batch_bucket  # noqa: E402
 from service.engine.runner import ModelRunner  # noqa: E402
-from service.logging_setup import configure_logging  # noqa: E402
-from service.model_loading import load_model  # noqa: E402
+from service.models.loading import load_model  # noqa: E402
+from specdec_common.logging_setup import configure_logging  # noqa: E402
 
 METHODS = {"none": Method.NONE, "ngram": Method.NGRAM}
 

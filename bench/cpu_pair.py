@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from service.model_loading import LoadedModel, check_same_vocabulary, load_model  # noqa: E402
+from service.models.loading import LoadedModel, check_same_vocabulary, load_model  # noqa: E402
 
 PROMPTS = [
     "Write a Python function `is_prime(n)` that returns True when n is a prime number, with a "

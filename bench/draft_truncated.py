@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from service.model_loading import LoadedModel  # noqa: E402
+from service.models.loading import LoadedModel  # noqa: E402
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -106,7 +106,7 @@ def early_exit_agreement(target: LoadedModel, prompts: list[list[int]], new_toke
 def main() -> None:
     from bench.gpu_decode import chat_ids
     from bench.prompts import KINDS
-    from service.model_loading import load_model
+    from service.models.loading import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")

@@ -64,8 +64,8 @@ from bench.draft_truncated import truncated_draft  # noqa: E402
 from bench.prompts import KINDS  # noqa: E402
 from bench.time_budget import Budget  # noqa: E402
 from service.engine import Engine, EngineConfig, FinishReason, GenerationRequest, Method  # noqa: E402
-from service.logging_setup import configure_logging  # noqa: E402
-from service.model_loading import LoadedModel, load_model  # noqa: E402
+from service.models.loading import LoadedModel, load_model  # noqa: E402
+from specdec_common.logging_setup import configure_logging  # noqa: E402
 
 SECTIONS = ("hf", "batch1", "concurrency", "ksweep")
 HF_CONFIGS = ("plain", "prompt_lookup", "assistant", "static_compiled")

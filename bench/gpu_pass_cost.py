@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from service.engine.runner import ModelRunner  # noqa: E402
-from service.model_loading import LoadedModel, load_model  # noqa: E402
+from service.models.loading import LoadedModel, load_model  # noqa: E402
 
 SHAPES = {  # Llama 3.1 8B, Llama 3.2 1B, and SmolLM2-135M's shape (pass costs without its weights)
     "llama8b": dict(

@@ -11,7 +11,7 @@
         # for tokens/s as served
 
 Builds a tiny random Llama (tests/support/tiny_model.py, saved with save_tiny_model and
-loaded through service.model_loading.load_model, as the service tests do; no EOS, so every
+loaded through service.models.loading.load_model, as the service tests do; no EOS, so every
 request runs to --new-tokens), and drives the real Engine (its own thread) with batch 1 and
 batch 8 of plain (Method.NONE), n-gram (fixed k) and adaptive n-gram requests.
 
@@ -55,8 +55,8 @@ import torch  # noqa: E402
 from service.engine import Engine, EngineConfig, FinalResult, GenerationRequest, Method  # noqa: E402
 from service.engine import scheduler as scheduler_module  # noqa: E402
 from service.engine.runner import ModelRunner  # noqa: E402
-from service.logging_setup import configure_logging  # noqa: E402
-from service.model_loading import load_model  # noqa: E402
+from service.models.loading import load_model  # noqa: E402
+from specdec_common.logging_setup import configure_logging  # noqa: E402
 from tests.support.tiny_model import CORPUS, save_tiny_model  # noqa: E402
 
 MODES = {
@@ -136,7 +136,7 @@ def random_model(shape_dir: str, device: str, dtype: torch.dtype):
     --new-tokens)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from service.model_loading import LoadedModel
+    from service.models.loading import LoadedModel
 
     config = AutoConfig.from_pretrained(shape_dir)
     config.eos_token_id = None

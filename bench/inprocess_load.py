@@ -1,5 +1,5 @@
-"""specdec-bench's pacings (service/loadgen/runner.py: burst and sustained) against an Engine in
-this process, recorded as the same RequestRecords, so that service/loadgen/stats.py measures
+"""specdec-bench's pacings (service/client/loadgen/runner.py: burst and sustained) against an Engine in
+this process, recorded as the same RequestRecords, so that service/client/loadgen/stats.py measures
 in-process and gRPC runs by one definition (steady window, TTFT, inter-chunk latency).
 
 The engine calls back on its own thread: a chunk's time is when the engine delivered it,
@@ -12,9 +12,9 @@ import queue
 import time
 from collections.abc import Callable
 
+from service.client.loadgen.runner import Pacing
+from service.client.loadgen.stats import RequestRecord
 from service.engine.api import EngineError, FinalResult, FinishReason, GenerationRequest
-from service.loadgen.runner import Pacing
-from service.loadgen.stats import RequestRecord
 from specdec.v1 import metrics_pb2
 
 # index -> the request to submit as the index-th of the run.

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 CHILD = r"""
 import json, sys, time
 t0 = time.monotonic()
-from service.model_loading import load_model
+from service.models.loading import load_model
 t1 = time.monotonic()
 m = load_model(sys.argv[1], dtype=sys.argv[2], device="cpu", cache_dir=sys.argv[3])
 t2 = time.monotonic()
@@ -49,7 +49,7 @@ def _one_load(name: str, dtype: str, cache: Path) -> dict:
 
 
 def main() -> int:
-    from service import model_store
+    from service.models import store as model_store
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=[model_store.DEFAULT_MODEL])

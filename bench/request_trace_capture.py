@@ -1,6 +1,6 @@
 """The service's per-request tracing work, against protobuf work every request already does.
 
-With --tracing on, the Generate handler calls service.request_trace.capture() once per
+With --tracing on, the Generate handler calls service.api.request_trace.capture() once per
 request, on the event loop (docs/tracing.md). This times it (with a valid traceparent and
 tracestate, and with none, when a trace id is drawn) and, in the same run, a baseline every
 request pays with tracing on or off: parsing its GenerateRequest and serializing its
@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.request_trace import capture  # noqa: E402
+from service.api.request_trace import capture  # noqa: E402
 from specdec.v1 import generation_pb2  # noqa: E402
 from tests.telemetry.support import simulate_metrics  # noqa: E402
 

@@ -11,7 +11,7 @@ runs; the directories are --models-dir/<shape>; the draft model is loaded only w
   inprocess  the engine in this process, built by the service's own build_engine from the
              same server arguments (service/server.py: load, vocabulary check, warm-up);
   grpc       `specdec-server` with those arguments as a child process on a loopback port,
-             loaded through the gRPC API by specdec-bench's runner (service/loadgen);
+             loaded through the gRPC API by specdec-bench's runner (service/client/loadgen);
 
 and per prompt set (--prompts, specdec-bench's: builtin:grounded, builtin:open_chat,
 builtin:all, or a JSONL file), method (--methods: none, ngram, draft_model) and pacing:
@@ -22,7 +22,7 @@ builtin:all, or a JSONL file), method (--methods: none, ngram, draft_model) and 
   sustained  N clients sending back to back (--requests-per-client each); the figure is
              over the steady window (N in flight throughout).
 
-Both paths are measured by one definition (service/loadgen/stats.py, on the same request
+Both paths are measured by one definition (service/client/loadgen/stats.py, on the same request
 records): tokens/s, time to first token and inter-token latency (the gap between streamed
 chunks) p50 / p99, next to every figure. Every batch-1 figure (batch1, and level 1 of burst
 and sustained) has the roofline next to it: the target's weight bytes over the device copy
@@ -69,12 +69,12 @@ from bench.inprocess_load import run_inprocess  # noqa: E402
 from bench.roofline import checkpoint_weight_bytes, copy_bandwidth, roofline_tokens_per_s  # noqa: E402
 from bench.server_process import ServerProcess  # noqa: E402
 from bench.time_budget import Budget  # noqa: E402
+from service.api.request_mapping import RequestLimits, to_engine_request  # noqa: E402
+from service.client.loadgen.cli import build_request  # noqa: E402
+from service.client.loadgen.prompts import Prompt, load_prompts  # noqa: E402
+from service.client.loadgen.runner import Pacing, run_load  # noqa: E402
+from service.client.loadgen.stats import summarize  # noqa: E402
 from service.config import ServiceConfig  # noqa: E402
-from service.loadgen.cli import build_request  # noqa: E402
-from service.loadgen.prompts import Prompt, load_prompts  # noqa: E402
-from service.loadgen.runner import Pacing, run_load  # noqa: E402
-from service.loadgen.stats import summarize  # noqa: E402
-from service.request_mapping import RequestLimits, to_engine_request  # noqa: E402
 from specdec.v1 import generation_pb2_grpc  # noqa: E402
 
 # size -> (target shape, draft shape or None); directories are --models-dir/<shape>.

@@ -28,6 +28,7 @@ COPY specdec ./specdec
 COPY service ./service
 COPY telemetry ./telemetry
 COPY specdec_security ./specdec_security
+COPY specdec_common ./specdec_common
 RUN --mount=type=secret,id=pip_ca_bundle \
     if [ -s /run/secrets/pip_ca_bundle ]; then export PIP_CERT=/run/secrets/pip_ca_bundle; fi \
  && /opt/venv/bin/pip install --no-deps . && /opt/venv/bin/pip check \

@@ -16,14 +16,14 @@ RUN --mount=type=secret,id=pip_ca_bundle \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY specdec ./specdec
-COPY service ./service
 COPY telemetry ./telemetry
 COPY specdec_security ./specdec_security
-# The project's own code only (its declared dependencies include torch, which the sidecar
-# never imports); `pip check` would flag exactly those, so the import is the check here.
+COPY specdec_common ./specdec_common
+# The project's own code only: the service/ package is not copied, and its torch stack is the
+# `service` extra, so `pip check` holds for the locked set.
 RUN --mount=type=secret,id=pip_ca_bundle \
     if [ -s /run/secrets/pip_ca_bundle ]; then export PIP_CERT=/run/secrets/pip_ca_bundle; fi \
- && /opt/venv/bin/pip install --no-deps . \
+ && /opt/venv/bin/pip install --no-deps . && /opt/venv/bin/pip check \
  && /opt/venv/bin/python -c "import telemetry.__main__, telemetry.server; print('sidecar ok')"
 
 # ---- runtime -------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import structlog
 
 from service.config import ServiceConfig
-from service.logging_setup import configure_logging
+from specdec_common.logging_setup import configure_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:

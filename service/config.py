@@ -10,59 +10,19 @@ import argparse
 import os
 import socket
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
 
+from specdec_common.proto_names import METHOD_BY_NAME
+from specdec_common.settings import Option, add_options, choice, non_negative_float, parse_bool, positive_int
 from specdec_security import ClientSecurity, ServerSecurity
 
-
-@dataclass(frozen=True)
-class Option:
-    name: str  # attribute of ServiceConfig; flag is --name-with-dashes
-    env: str
-    type: Callable[[str], Any]
-    default: Any
-    help: str
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-
-# Prompt limits checked before tokenization (service.request_mapping.check_prompt_size).
+# Prompt limits checked before tokenization (service.api.request_mapping.check_prompt_size).
 DEFAULT_MAX_PROMPT_CHARS = 128 * 1024
 DEFAULT_MAX_PROMPT_BYTES = 256 * 1024
 
 
-def _method(value: str) -> str:
-    value = value.strip().lower().replace("-", "_")
-    if value not in ("none", "ngram", "draft_model"):
-        raise argparse.ArgumentTypeError(f"must be none, ngram or draft_model, not {value!r}")
-    return value
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {number}")
-    return number
-
-
-def _bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"must be true or false, not {value!r}")
-
-
-def _non_negative_float(value: str) -> float:
-    number = float(value)
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
-    return number
+_method = choice(*METHOD_BY_NAME)
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -86,66 +46,66 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_num_draft_tokens",
         "SPECDEC_MAX_NUM_DRAFT_TOKENS",
-        _positive_int,
+        positive_int,
         8,
         "largest k a request may ask for",
     ),
     Option(
         "adaptive_draft_length",
         "SPECDEC_ADAPTIVE_DRAFT_LENGTH",
-        _bool,
+        parse_bool,
         True,
         "shorten drafts pass by pass from measured acceptance and pass cost (greedy and unseeded requests)",
     ),
     Option(
-        "max_batch_size", "SPECDEC_MAX_BATCH_SIZE", _positive_int, 8, "requests decoded together in one pass"
+        "max_batch_size", "SPECDEC_MAX_BATCH_SIZE", positive_int, 8, "requests decoded together in one pass"
     ),
     Option(
         "max_queue_size",
         "SPECDEC_MAX_QUEUE_SIZE",
-        _positive_int,
+        positive_int,
         64,
         "requests waiting for a batch slot before RESOURCE_EXHAUSTED",
     ),
     Option(
         "max_prefill_tokens_per_pass",
         "SPECDEC_MAX_PREFILL_TOKENS_PER_PASS",
-        _positive_int,
+        positive_int,
         2048,
         "prompt tokens prefilled at most between two decode passes (long prompts in chunks)",
     ),
     Option(
         "default_max_tokens",
         "SPECDEC_DEFAULT_MAX_TOKENS",
-        _positive_int,
+        positive_int,
         256,
         "max_tokens when a request sets none",
     ),
     Option(
         "max_tokens_limit",
         "SPECDEC_MAX_TOKENS_LIMIT",
-        _positive_int,
+        positive_int,
         4096,
         "largest max_tokens a request may ask for",
     ),
     Option(
         "max_request_bytes",
         "SPECDEC_MAX_REQUEST_BYTES",
-        _positive_int,
+        positive_int,
         1 << 20,
         "largest serialized GenerateRequest accepted (INVALID_ARGUMENT above)",
     ),
     Option(
         "max_prompt_chars",
         "SPECDEC_MAX_PROMPT_CHARS",
-        _positive_int,
+        positive_int,
         DEFAULT_MAX_PROMPT_CHARS,
         "largest prompt in characters (text, or all messages), checked before tokenization",
     ),
     Option(
         "max_prompt_bytes",
         "SPECDEC_MAX_PROMPT_BYTES",
-        _positive_int,
+        positive_int,
         DEFAULT_MAX_PROMPT_BYTES,
         "largest prompt in UTF-8 bytes (text, or all messages), checked before tokenization",
     ),
@@ -196,14 +156,14 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "telemetry_buffer_size",
         "SPECDEC_TELEMETRY_BUFFER_SIZE",
-        _positive_int,
+        positive_int,
         10000,
         "metrics messages buffered for the sidecar before the oldest are dropped",
     ),
     Option(
         "tracing",
         "SPECDEC_TRACING",
-        _bool,
+        parse_bool,
         False,
         "trace requests: capture the incoming W3C traceparent (or start a trace) and send it "
         "with the request's metrics; the sidecar emits the span (docs/tracing.md)",
@@ -218,7 +178,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "grace_period_s",
         "SPECDEC_GRACE_PERIOD_S",
-        _non_negative_float,
+        non_negative_float,
         30.0,
         "seconds running requests may take to finish on SIGTERM (queued ones get UNAVAILABLE at once)",
     ),
@@ -330,18 +290,6 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
         "Every flag's default comes from the environment variable named in its help.",
     )
     names = {f.name for f in fields(ServiceConfig)}
-    for option in OPTIONS:
-        assert option.name in names, option.name
-        raw = environ.get(option.env)
-        try:
-            default = option.type(raw) if raw is not None else option.default
-        except (ValueError, argparse.ArgumentTypeError) as exc:
-            parser.error(f"{option.env}={raw!r}: {exc}")
-        parser.add_argument(
-            option.flag,
-            dest=option.name,
-            type=option.type,
-            default=default,
-            help=f"{option.help} [env {option.env}, default {option.default!r}]",
-        )
+    assert all(option.name in names for option in OPTIONS), "an option without a config field"
+    add_options(parser, OPTIONS, environ)
     return parser

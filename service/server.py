@@ -25,22 +25,22 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from service import __version__
+from service.api.handlers import add_servicer
+from service.api.request_log import log_finished_request
+from service.api.request_mapping import RequestLimits
+from service.api.request_trace import CapturedTrace
+from service.api.servicer import GenerationServicer, ServingState
 from service.config import ServiceConfig
 from service.engine.api import FinalResult, Method
-from service.grpc_handlers import add_servicer
-from service.request_log import log_finished_request
-from service.request_mapping import RequestLimits
-from service.request_trace import CapturedTrace
-from service.servicer import GenerationServicer, ServingState
 from specdec.v1 import generation_pb2
+from specdec_common import proto_names
 from specdec_security import SecuredServer
 from specdec_security.reflection import reflection_pool
 
 log = structlog.get_logger(__name__)
 
-GENERATION_SERVICE_DESCRIPTOR = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"]
+GENERATION_SERVICE_DESCRIPTOR = proto_names.GENERATION_SERVICE
 GENERATION_SERVICE = GENERATION_SERVICE_DESCRIPTOR.full_name
-METHOD_BY_NAME = {"none": Method.NONE, "ngram": Method.NGRAM, "draft_model": Method.DRAFT_MODEL}
 # gRPC's own ceiling on a received message; above it gRPC answers RESOURCE_EXHAUSTED itself.
 # Below it, requests over --max-request-bytes get INVALID_ARGUMENT naming the size.
 GRPC_MAX_RECEIVE_BYTES = 64 << 20
@@ -49,7 +49,7 @@ GRPC_MAX_RECEIVE_BYTES = 64 << 20
 def build_engine(config: ServiceConfig) -> tuple[Any, Any]:
     """Load the models and start a warmed-up engine (runs on a worker thread)."""
     from service.engine import Engine, EngineConfig
-    from service.model_loading import check_same_vocabulary, load_model
+    from service.models.loading import check_same_vocabulary, load_model
 
     def load(spec: str):
         return load_model(
@@ -69,7 +69,7 @@ def build_engine(config: ServiceConfig) -> tuple[Any, Any]:
             max_batch_size=config.max_batch_size,
             max_queue_size=config.max_queue_size,
             max_prefill_tokens_per_pass=config.max_prefill_tokens_per_pass,
-            default_method=METHOD_BY_NAME[config.method],
+            default_method=Method(proto_names.METHOD_BY_NAME[config.method]),
             default_num_draft_tokens=config.num_draft_tokens,
             max_num_draft_tokens=config.max_num_draft_tokens,
             default_max_tokens=config.default_max_tokens,
@@ -88,7 +88,7 @@ def served_as(loaded: Any, spec: str) -> Any:
     """The model under the name it is served and reported by: a known name or a hub id as
     given; a local directory or GGUF file by its last path component, so that no file-system
     path reaches clients (GetServerInfo) or the metrics' labels."""
-    from service.model_store import REGISTRY
+    from service.models.store import REGISTRY
 
     path = Path(spec).expanduser()
     if spec in REGISTRY or not path.exists():

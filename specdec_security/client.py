@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from specdec_common.settings import flag_name, setting_name
 from specdec_security.interceptor import AUTHORIZATION
-from specdec_security.settings import flag_name, setting_name
 from specdec_security.tls import channel_credentials, check_ca_bundle, check_certificate_and_key
 from specdec_security.tokens import read_single_token
 

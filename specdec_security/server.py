@@ -10,9 +10,9 @@ from typing import Any
 import grpc
 import structlog
 
+from specdec_common.settings import flag_name, setting_name
 from specdec_security.interceptor import BearerTokenInterceptor
 from specdec_security.refusal_log import RefusalLogInterceptor
-from specdec_security.settings import flag_name, setting_name
 from specdec_security.tls import check_ca_bundle, check_certificate_and_key, server_credentials
 from specdec_security.tokens import TokenSet
 

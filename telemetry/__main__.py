@@ -17,7 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"specdec-sidecar: error: {exc}", file=sys.stderr)
         return 2
-    from service.logging_setup import configure_logging
+    from specdec_common.logging_setup import configure_logging
 
     configure_logging(config.log_level)
     from telemetry.server import serve

@@ -25,6 +25,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
 from specdec.v1 import metrics_pb2
+from specdec_common.proto_names import METHOD_NAMES
 from telemetry.dedupe import EVICTION_CAUSES
 from telemetry.histogram_bulk import BulkHistograms
 from telemetry.validation import REASONS, TRACE_REASONS
@@ -75,12 +76,6 @@ ATTR_CAUSE = "cause"
 ATTR_REQUEST_ID = "specdec.request.id"
 IDENTITY_KEYS = frozenset({ATTR_MODEL, ATTR_METHOD, ATTR_DRAFT_MODEL, ATTR_K})
 
-METHOD_NAMES = {
-    metrics_pb2.SPECULATION_METHOD_UNSPECIFIED: "unspecified",
-    metrics_pb2.SPECULATION_METHOD_NONE: "none",
-    metrics_pb2.SPECULATION_METHOD_NGRAM: "ngram",
-    metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL: "draft_model",
-}
 
 # ---- bucket boundaries -----------------------------------------------------------------
 ACCEPT_RATE_BUCKETS: tuple[float, ...] = tuple(round(i * 0.05, 2) for i in range(21))  # 0..1

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from specdec_common.settings import Option, add_options, choice, parse_bool
 from specdec_security import ServerSecurity
 from telemetry.aggregation import TPOT_BUCKETS, TTFT_BUCKETS
 from telemetry.dedupe import (
@@ -102,14 +103,12 @@ class SidecarConfig:
         traces_protocol = (
             env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
         ).strip()
-        tracing = _parse_bool(args.tracing, "--tracing")
+        tracing = args.tracing
         if tracing and traces_protocol not in OTLP_PROTOCOLS:
             raise ConfigError(f"OTLP traces protocol must be grpc or http/protobuf, not {traces_protocol!r}")
         if tracing and not args.span_service_name:
             raise ConfigError("--span-service-name must not be empty")
         ack_mode = args.ack_mode
-        if ack_mode not in ACK_MODES:
-            raise ConfigError(f"--ack-mode must be one of {ACK_MODES}")
         if ack_mode == "auto":
             ack_mode = "export" if "otlp" in exporters else "aggregate"
         if ack_mode == "export" and "otlp" not in exporters:
@@ -207,17 +206,6 @@ def parse_buckets(text: str, flag: str) -> tuple[float, ...]:
     return bounds
 
 
-def _parse_bool(value: str | bool, flag: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigError(f"{flag} must be true or false, not {value!r}")
-
-
 def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if not raw:
@@ -259,13 +247,196 @@ def default_instance_id() -> str:
     return f"sidecar-{uuid.uuid4().hex[:12]}"
 
 
+def _env(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _optional_float(value: str) -> float | None:
+    return float(value) if value.strip() else None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("listen", _env("listen"), str, DEFAULT_LISTEN, "ingest gRPC address HOST:PORT (port 0 picks one)"),
+    Option(
+        "exporters",
+        _env("exporters"),
+        str,
+        "auto",
+        "comma-separated subset of otlp,prometheus,none, or auto: $OTEL_METRICS_EXPORTER if set, "
+        "else otlp when OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT is set, else prometheus",
+    ),
+    Option(
+        "prometheus_address",
+        _env("prometheus_address"),
+        str,
+        DEFAULT_PROMETHEUS,
+        "Prometheus scrape endpoint HOST:PORT (when the prometheus exporter is on)",
+    ),
+    Option(
+        "export_interval_ms",
+        _env("export_interval_ms"),
+        _optional_float,
+        None,
+        f"OTLP export interval in ms; unset: $OTEL_METRIC_EXPORT_INTERVAL or {DEFAULT_EXPORT_INTERVAL_MS:g}",
+    ),
+    Option(
+        "ack_mode",
+        _env("ack_mode"),
+        choice(*ACK_MODES),
+        "auto",
+        "when records are acknowledged to the reporter: export = after the OTLP export that "
+        "included them succeeded (nothing lost on a crash); aggregate = once aggregated in "
+        "memory; auto = export if OTLP is on",
+    ),
+    Option(
+        "window_seconds",
+        _env("window_seconds"),
+        float,
+        60.0,
+        "sliding window of the acceptance-rate/length gauges",
+    ),
+    Option(
+        "max_k",
+        _env("max_k"),
+        int,
+        DEFAULT_MAX_K,
+        "largest num_draft_tokens accepted; larger records are rejected",
+    ),
+    Option(
+        "max_sources",
+        _env("max_sources"),
+        int,
+        DEFAULT_MAX_SOURCES,
+        "sources whose dedupe watermark is remembered (the least recently active are forgotten first)",
+    ),
+    Option(
+        "max_source_bytes",
+        _env("max_source_bytes"),
+        int,
+        DEFAULT_MAX_SOURCE_BYTES,
+        "approximate memory of the dedupe table (source ids plus 200 bytes per source); beyond it "
+        "the least recently active sources are forgotten",
+    ),
+    Option(
+        "source_idle_seconds",
+        _env("source_idle_seconds"),
+        float,
+        DEFAULT_SOURCE_IDLE_S,
+        "a source that sent nothing for this long is forgotten; records it resends later are counted again",
+    ),
+    Option(
+        "ttft_buckets",
+        _env("ttft_buckets"),
+        str,
+        format_buckets(TTFT_BUCKETS),
+        "bucket boundaries (seconds, comma-separated, increasing) of "
+        "gen_ai.server.time_to_first_token; finer than the GenAI conventions' recommendation on "
+        "purpose (docs/metrics.md, Latency buckets)",
+    ),
+    Option(
+        "tpot_buckets",
+        _env("tpot_buckets"),
+        str,
+        format_buckets(TPOT_BUCKETS),
+        "bucket boundaries (seconds, comma-separated, increasing) of "
+        "gen_ai.server.time_per_output_token; finer than the GenAI conventions' recommendation on "
+        "purpose (docs/metrics.md, Latency buckets)",
+    ),
+    Option(
+        "max_sequence_jump",
+        _env("max_sequence_jump"),
+        int,
+        DEFAULT_MAX_SEQUENCE_JUMP,
+        "a record of a known source may be at most this far ahead of the source's last processed "
+        "sequence, beyond the records it says were dropped in between (dropped_before); a record "
+        "further ahead is rejected (reason sequence_jump) and does not move the watermark",
+    ),
+    Option(
+        "max_series",
+        _env("max_series"),
+        int,
+        DEFAULT_MAX_SERIES,
+        "label budget: a new identity (model, method, draft model, k) is aggregated only while the "
+        "identities' k + 1 series summed stay within this (the SDK folds series beyond 2000 per "
+        "instrument into an unlabelled overflow series); its records are rejected otherwise "
+        "(reason series_limit)",
+    ),
+    Option(
+        "max_series_per_source",
+        _env("max_series_per_source"),
+        int,
+        DEFAULT_MAX_SERIES_PER_SOURCE,
+        "the part of --max-series one source may add (reason source_series_limit)",
+    ),
+    Option(
+        "instance_id",
+        _env("instance_id"),
+        str,
+        "",
+        "the sidecar's service.instance.id resource attribute; empty: service.instance.id from "
+        "OTEL_RESOURCE_ATTRIBUTES, else a random id",
+    ),
+    Option(
+        "shutdown_grace_seconds",
+        _env("shutdown_grace_seconds"),
+        float,
+        5.0,
+        "on SIGTERM/SIGINT: time for the final export and open streams",
+    ),
+    Option(
+        "tls_cert_file",
+        _env("tls_cert_file"),
+        str,
+        "",
+        "PEM certificate chain of the ingest server; with --tls-key-file: TLS (empty: plaintext)",
+    ),
+    Option("tls_key_file", _env("tls_key_file"), str, "", "private key of --tls-cert-file"),
+    Option(
+        "tls_client_ca_file",
+        _env("tls_client_ca_file"),
+        str,
+        "",
+        "PEM CA bundle; set: mutual TLS, reporters must present a certificate it signed",
+    ),
+    Option(
+        "auth_tokens_file",
+        _env("auth_tokens_file"),
+        str,
+        "",
+        "file of accepted bearer tokens, one per line, reloaded on SIGHUP; set: every RPC but "
+        "health needs one (empty: no token check)",
+    ),
+    Option(
+        "tracing",
+        _env("tracing"),
+        parse_bool,
+        False,
+        "emit one span per request whose service sent its trace context (service --tracing), over "
+        "OTLP (OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, _PROTOCOL, _HEADERS; OTEL_TRACES_SAMPLER; "
+        "OTEL_BSP_*), and put exemplars with its trace id on the histograms (docs/tracing.md)",
+    ),
+    Option(
+        "span_service_name",
+        _env("span_service_name"),
+        str,
+        DEFAULT_SPAN_SERVICE_NAME,
+        "service.name of the request spans' resource (the inference service they describe; "
+        "service.instance.id is the record's instance_id)",
+    ),
+    Option("log_level", _env("log_level"), str, "INFO", "log level"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad flag or variable as ConfigError, like every other configuration problem."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(message)
+
+
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     env = os.environ if env is None else env
-
-    def e(name: str, default):
-        return env.get(ENV_PREFIX + name, default)
-
-    p = argparse.ArgumentParser(
+    parser = _Parser(
         prog="specdec-sidecar",
         description="Telemetry sidecar: ingests SpeculativeMetrics over gRPC "
         "(specdec.v1.TelemetryService), validates and dedupes them, aggregates "
@@ -275,176 +446,6 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "variables (OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT, _PROTOCOL "
         "grpc|http/protobuf, _HEADERS, _TIMEOUT, OTEL_METRIC_EXPORT_INTERVAL, "
         "OTEL_METRIC_EXPORT_TIMEOUT, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--listen",
-        default=e("LISTEN", DEFAULT_LISTEN),
-        help="ingest gRPC address HOST:PORT (port 0 picks one) [SPECDEC_SIDECAR_LISTEN]",
-    )
-    p.add_argument(
-        "--exporters",
-        default=e("EXPORTERS", "auto"),
-        help="comma-separated subset of otlp,prometheus,none, or auto: "
-        "$OTEL_METRICS_EXPORTER if set, else otlp when "
-        "OTEL_EXPORTER_OTLP_[METRICS_]ENDPOINT is set, else prometheus "
-        "[SPECDEC_SIDECAR_EXPORTERS]",
-    )
-    p.add_argument(
-        "--prometheus-address",
-        default=e("PROMETHEUS_ADDRESS", DEFAULT_PROMETHEUS),
-        help="Prometheus scrape endpoint HOST:PORT (when the prometheus exporter "
-        "is on) [SPECDEC_SIDECAR_PROMETHEUS_ADDRESS]",
-    )
-    interval = e("EXPORT_INTERVAL_MS", None)
-    p.add_argument(
-        "--export-interval-ms",
-        type=float,
-        default=float(interval) if interval else None,
-        help="OTLP export interval in ms; default $OTEL_METRIC_EXPORT_INTERVAL or "
-        f"{DEFAULT_EXPORT_INTERVAL_MS:g} [SPECDEC_SIDECAR_EXPORT_INTERVAL_MS]",
-    )
-    p.add_argument(
-        "--ack-mode",
-        default=e("ACK_MODE", "auto"),
-        choices=ACK_MODES,
-        help="when records are acknowledged to the reporter: export = after the "
-        "OTLP export that included them succeeded (nothing lost on a crash); "
-        "aggregate = once aggregated in memory; auto = export if OTLP is on "
-        "[SPECDEC_SIDECAR_ACK_MODE]",
-    )
-    p.add_argument(
-        "--window-seconds",
-        type=float,
-        default=float(e("WINDOW_SECONDS", 60)),
-        help="sliding window of the acceptance-rate/length gauges [SPECDEC_SIDECAR_WINDOW_SECONDS]",
-    )
-    p.add_argument(
-        "--max-k",
-        type=int,
-        default=int(e("MAX_K", DEFAULT_MAX_K)),
-        help="largest num_draft_tokens accepted; larger records are rejected [SPECDEC_SIDECAR_MAX_K]",
-    )
-    p.add_argument(
-        "--max-sources",
-        type=int,
-        default=int(e("MAX_SOURCES", DEFAULT_MAX_SOURCES)),
-        help="sources whose dedupe watermark is remembered (the least recently "
-        "active are forgotten first) [SPECDEC_SIDECAR_MAX_SOURCES]",
-    )
-    p.add_argument(
-        "--max-source-bytes",
-        type=int,
-        default=int(e("MAX_SOURCE_BYTES", DEFAULT_MAX_SOURCE_BYTES)),
-        help="approximate memory of the dedupe table (source ids plus 200 bytes "
-        "per source); beyond it the least recently active sources are "
-        "forgotten [SPECDEC_SIDECAR_MAX_SOURCE_BYTES]",
-    )
-    p.add_argument(
-        "--source-idle-seconds",
-        type=float,
-        default=float(e("SOURCE_IDLE_SECONDS", DEFAULT_SOURCE_IDLE_S)),
-        help="a source that sent nothing for this long is forgotten; records it "
-        "resends later are counted again [SPECDEC_SIDECAR_SOURCE_IDLE_SECONDS]",
-    )
-    p.add_argument(
-        "--ttft-buckets",
-        default=e("TTFT_BUCKETS", format_buckets(TTFT_BUCKETS)),
-        help="bucket boundaries (seconds, comma-separated, increasing) of "
-        "gen_ai.server.time_to_first_token; finer than the GenAI conventions' "
-        "recommendation on purpose (docs/metrics.md, Latency buckets) "
-        "[SPECDEC_SIDECAR_TTFT_BUCKETS]",
-    )
-    p.add_argument(
-        "--tpot-buckets",
-        default=e("TPOT_BUCKETS", format_buckets(TPOT_BUCKETS)),
-        help="bucket boundaries (seconds, comma-separated, increasing) of "
-        "gen_ai.server.time_per_output_token; finer than the GenAI conventions' "
-        "recommendation on purpose (docs/metrics.md, Latency buckets) "
-        "[SPECDEC_SIDECAR_TPOT_BUCKETS]",
-    )
-    p.add_argument(
-        "--max-sequence-jump",
-        type=int,
-        default=int(e("MAX_SEQUENCE_JUMP", DEFAULT_MAX_SEQUENCE_JUMP)),
-        help="a record of a known source may be at most this far ahead of the "
-        "source's last processed sequence, beyond the records it says were "
-        "dropped in between (dropped_before); a record further ahead is "
-        "rejected (reason sequence_jump) and does not move the watermark "
-        "[SPECDEC_SIDECAR_MAX_SEQUENCE_JUMP]",
-    )
-    p.add_argument(
-        "--max-series",
-        type=int,
-        default=int(e("MAX_SERIES", DEFAULT_MAX_SERIES)),
-        help="label budget: a new identity (model, method, draft model, k) is "
-        "aggregated only while the identities' k + 1 series summed stay "
-        "within this (the SDK folds series beyond 2000 per instrument into "
-        "an unlabelled overflow series); its records are rejected otherwise "
-        "(reason series_limit) [SPECDEC_SIDECAR_MAX_SERIES]",
-    )
-    p.add_argument(
-        "--max-series-per-source",
-        type=int,
-        default=int(e("MAX_SERIES_PER_SOURCE", DEFAULT_MAX_SERIES_PER_SOURCE)),
-        help="the part of --max-series one source may add (reason "
-        "source_series_limit) [SPECDEC_SIDECAR_MAX_SERIES_PER_SOURCE]",
-    )
-    p.add_argument(
-        "--instance-id",
-        default=e("INSTANCE_ID", None),
-        help="the sidecar's service.instance.id resource attribute; default: "
-        "service.instance.id from OTEL_RESOURCE_ATTRIBUTES, else a random id "
-        "[SPECDEC_SIDECAR_INSTANCE_ID]",
-    )
-    p.add_argument(
-        "--shutdown-grace-seconds",
-        type=float,
-        default=float(e("SHUTDOWN_GRACE_SECONDS", 5.0)),
-        help="on SIGTERM/SIGINT: time for the final export and open streams "
-        "[SPECDEC_SIDECAR_SHUTDOWN_GRACE_SECONDS]",
-    )
-    p.add_argument(
-        "--tls-cert-file",
-        default=e("TLS_CERT_FILE", ""),
-        help="PEM certificate chain of the ingest server; with --tls-key-file: TLS "
-        "(empty: plaintext) [SPECDEC_SIDECAR_TLS_CERT_FILE]",
-    )
-    p.add_argument(
-        "--tls-key-file",
-        default=e("TLS_KEY_FILE", ""),
-        help="private key of --tls-cert-file [SPECDEC_SIDECAR_TLS_KEY_FILE]",
-    )
-    p.add_argument(
-        "--tls-client-ca-file",
-        default=e("TLS_CLIENT_CA_FILE", ""),
-        help="PEM CA bundle; set: mutual TLS, reporters must present a certificate "
-        "it signed [SPECDEC_SIDECAR_TLS_CLIENT_CA_FILE]",
-    )
-    p.add_argument(
-        "--auth-tokens-file",
-        default=e("AUTH_TOKENS_FILE", ""),
-        help="file of accepted bearer tokens, one per line, reloaded on SIGHUP; set: "
-        "every RPC but health needs one (empty: no token check) "
-        "[SPECDEC_SIDECAR_AUTH_TOKENS_FILE]",
-    )
-    p.add_argument(
-        "--tracing",
-        default=e("TRACING", "false"),
-        help="emit one span per request whose service sent its trace context "
-        "(service --tracing), over OTLP (OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, "
-        "_PROTOCOL, _HEADERS; OTEL_TRACES_SAMPLER; OTEL_BSP_*), and put "
-        "exemplars with its trace id on the histograms (docs/tracing.md) "
-        "[SPECDEC_SIDECAR_TRACING]",
-    )
-    p.add_argument(
-        "--span-service-name",
-        default=e("SPAN_SERVICE_NAME", DEFAULT_SPAN_SERVICE_NAME),
-        help="service.name of the request spans' resource (the inference "
-        "service they describe; service.instance.id is the record's "
-        "instance_id) [SPECDEC_SIDECAR_SPAN_SERVICE_NAME]",
-    )
-    p.add_argument(
-        "--log-level", default=e("LOG_LEVEL", "INFO"), help="log level [SPECDEC_SIDECAR_LOG_LEVEL]"
-    )
-    return p
+    add_options(parser, OPTIONS, env)
+    return parser

@@ -24,6 +24,7 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from specdec.v1 import telemetry_pb2
+from specdec_common.proto_names import TELEMETRY_SERVICE
 from specdec_security.log_limit import LogLimiter, clip
 from telemetry.aggregation import Aggregator, BatchSums, accumulate
 from telemetry.dedupe import DEFAULT_MAX_SEQUENCE_JUMP, SourceTable
@@ -33,8 +34,7 @@ from telemetry.validation import MAX_DROPPED_BEFORE, MAX_SOURCE_ID_LEN, check
 
 log = structlog.get_logger(__name__)
 
-SERVICE_NAME = "specdec.v1.TelemetryService"
-REPORT_METHOD = f"/{SERVICE_NAME}/Report"
+SERVICE_NAME = TELEMETRY_SERVICE.full_name
 
 _ReportRequest = telemetry_pb2.ReportRequest
 _ReportResponse = telemetry_pb2.ReportResponse

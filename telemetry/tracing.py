@@ -48,12 +48,12 @@ from opentelemetry.trace import (
 )
 
 from specdec.v1 import metrics_pb2, telemetry_pb2
+from specdec_common.proto_names import FINISH_REASON_NAMES, METHOD_NAMES
 from telemetry.aggregation import (
     ATTR_DRAFT_MODEL,
     ATTR_K,
     ATTR_METHOD,
     ATTR_REQUEST_ID,
-    METHOD_NAMES,
 )
 from telemetry.validation import MAX_IDENTITY_LEN, check_trace
 
@@ -62,14 +62,6 @@ log = structlog.get_logger(__name__)
 SCOPE = "specdec.telemetry"
 DEFAULT_SPAN_SERVICE_NAME = "specdec"
 MAX_INSTANCES = 1024
-
-FINISH_REASON_NAMES = {
-    metrics_pb2.FINISH_REASON_EOS: "eos",
-    metrics_pb2.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
-    metrics_pb2.FINISH_REASON_LENGTH: "length",
-    metrics_pb2.FINISH_REASON_CANCELLED: "cancelled",
-    metrics_pb2.FINISH_REASON_ERROR: "error",
-}
 
 
 def build_otlp_span_exporter(protocol: str) -> SpanExporter:

@@ -29,7 +29,7 @@ from service.engine.scheduler import Scheduler
 from service.engine.sequence import Handle, Sequence
 from service.engine.stats import RequestIdentity, RequestTiming, SpecDecodeStats
 from service.engine.validation import resolve
-from service.model_loading import LoadedModel
+from service.models.loading import LoadedModel
 
 log = structlog.get_logger(__name__)
 

@@ -16,7 +16,7 @@ from service.engine.cuda_graphs import GraphedDecoder
 from service.engine.device import to_device
 from service.engine.kv_cache import StaticKVCache, causal_mask
 from service.engine.lean_forward import LeanForward, supports
-from service.model_loading import LoadedModel
+from service.models.loading import LoadedModel
 
 
 def pick_variant(requested: str, model: torch.nn.Module, device: torch.device, use_compile: bool) -> str:

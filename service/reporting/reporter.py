@@ -49,11 +49,11 @@ import grpc
 import structlog
 
 from specdec.v1 import metrics_pb2, telemetry_pb2
+from specdec_common.proto_names import REPORT_METHOD
 from specdec_security.tokens import SecuritySetupError
 
 log = structlog.get_logger(__name__)
 
-REPORT_METHOD = "/specdec.v1.TelemetryService/Report"
 
 _CHANNEL_OPTIONS = [
     # our own backoff drives reconnects; keep the channel's from lagging behind it
@@ -195,7 +195,7 @@ class MetricsReporter:
     def report(self, metrics: metrics_pb2.SpeculativeMetrics, trace: bytes = b"") -> None:
         """Buffer one record; never blocks on I/O. Safe from any thread. Works before
         start() (records wait in the buffer) and is a no-op after stop(). `trace`: the
-        request's serialized RequestTrace (service/request_trace.py), b"" when not traced."""
+        request's serialized RequestTrace (service/api/request_trace.py), b"" when not traced."""
         data = metrics.SerializeToString()
         with self._lock:
             if self._stopping:

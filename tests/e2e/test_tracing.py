@@ -192,7 +192,7 @@ def test_service_with_tracing_off_sends_no_trace_context(start_traced_service, o
 
 
 def test_trace_work_stays_off_the_engine_thread(start_traced_service, otlp_receiver, monkeypatch):
-    import service.servicer as servicer_module
+    import service.api.servicer as servicer_module
 
     captured_on: list[str] = []
     reported: list[tuple[str, bytes]] = []

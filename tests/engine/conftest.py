@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from service.engine import Engine, EngineConfig
-from service.model_loading import LoadedModel
+from service.models.loading import LoadedModel
 from tests.engine.helpers import make_model, make_tokenizer, perturbed
 
 
@@ -70,11 +70,11 @@ def make_engine() -> Iterator:
 @pytest.fixture(scope="session")
 def smollm2() -> LoadedModel:
     """SmolLM2-135M-Instruct in float32 on CPU, through the project's loader."""
-    from service import model_loading
+    from service.models import loading as model_loading
 
     load_model = getattr(model_loading, "load_model", None)
     if load_model is None:
-        pytest.skip("service.model_loading.load_model does not exist yet: SmolLM2 tests skipped")
+        pytest.skip("service.models.loading.load_model does not exist yet: SmolLM2 tests skipped")
     try:
         return load_model("smollm2-135m-instruct", dtype=torch.float32, device="cpu")
     except Exception as exc:  # noqa: BLE001 - no network / no file: skip with the reason

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from service.engine import Engine, FinalResult, FinishReason, GenerationRequest, TokenChunk
-from service.model_loading import LoadedModel
+from service.models.loading import LoadedModel
 from specdec.v1 import metrics_pb2
 from tests.support.float_compare import assert_close_up_to_rounding
 from tests.support.metrics_invariants import assert_metrics_invariants  # noqa: F401 (re-export)

@@ -42,8 +42,8 @@ def test_graph_replay_matches_eager(tokenizer) -> None:
 
 @pytest.fixture(scope="module")
 def smollm2_fp32_cuda():
-    from service.model_loading import load_model
-    from service.model_store import cached_path
+    from service.models.loading import load_model
+    from service.models.store import cached_path
 
     if cached_path("smollm2-135m-instruct") is None:
         pytest.skip("SmolLM2 is not in the model cache")

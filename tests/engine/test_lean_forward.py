@@ -231,7 +231,7 @@ def test_runner_keeps_around_attention_off_cuda() -> None:
     variants themselves are tested eagerly above and on CUDA in test_lean_layer_cuda.py and
     test_invariant_cuda.py."""
     from service.engine.runner import ModelRunner
-    from service.model_loading import LoadedModel
+    from service.models.loading import LoadedModel
 
     loaded = LoadedModel("tiny", _model("llama", tie=False), None, torch.device("cpu"), torch.float32)
     runners = [

@@ -38,7 +38,7 @@ def test_environment_sets_and_flag_overrides() -> None:
     "argv, env, message",
     [
         ([], {"SPECDEC_MAX_BATCH_SIZE": "zero"}, "SPECDEC_MAX_BATCH_SIZE"),
-        (["--method", "medusa"], {}, "none, ngram or draft_model"),
+        (["--method", "medusa"], {}, "none, ngram, draft_model"),
         (["--num-draft-tokens", "9"], {}, "--num-draft-tokens"),
         (["--method", "draft_model"], {}, "--draft-model"),
         (["--tracing", "maybe"], {}, "must be true or false"),

@@ -8,7 +8,7 @@ import sys
 
 SCRIPT = """
 import logging, structlog
-from service.logging_setup import configure_logging
+from specdec_common.logging_setup import configure_logging
 configure_logging("INFO")
 configure_logging("INFO")  # idempotent: still one handler
 structlog.contextvars.bind_contextvars(request_id="abc")

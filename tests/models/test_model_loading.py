@@ -1,4 +1,4 @@
-"""service.model_loading: known models, directories, GGUF conversion cache, vocabulary check."""
+"""service.models.loading: known models, directories, GGUF conversion cache, vocabulary check."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 import transformers
 
-from service import model_loading, model_store
-from service.model_loading import (
+from service.models import loading as model_loading
+from service.models import store as model_store
+from service.models.loading import (
     LoadedModel,
     ModelLoadError,
     check_same_vocabulary,

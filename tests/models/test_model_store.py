@@ -1,4 +1,4 @@
-"""service.model_store: fetch, assemble, verify and cache known models (no network needed)."""
+"""service.models.store: fetch, assemble, verify and cache known models (no network needed)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from service import model_store
-from service.model_store import ModelEntry, ModelFetchError, Part
+from service.models import store as model_store
+from service.models.store import ModelEntry, ModelFetchError, Part
 
 
 def _entry(fake_index: dict, *, sha256: str | None = None, name: str = "fake-model") -> ModelEntry:

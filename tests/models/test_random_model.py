@@ -117,7 +117,7 @@ def test_transformers_loads_it_and_its_logits_are_finite(written):
 
 
 def test_the_service_loader_takes_the_pair_as_target_and_draft(written):
-    from service.model_loading import check_same_vocabulary, load_model
+    from service.models.loading import check_same_vocabulary, load_model
 
     target = load_model(str(written["tiny"]), dtype="float32", device="cpu")
     draft = load_model(str(written["tiny-draft"]), dtype="float32", device="cpu")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 
-from service.client_options import CLIENT_ENV_PREFIX
+from service.client.options import CLIENT_ENV_PREFIX
 from service.config import OPTIONS
-from telemetry.config import build_parser
+from telemetry.config import OPTIONS as SIDECAR_OPTIONS
 from tests.security.conftest import REPO
 
 SECURITY = (REPO / "docs" / "security.md").read_text()
@@ -16,7 +16,7 @@ CLIENT_FIELDS = ("tls_ca_file", "tls_cert_file", "tls_key_file", "auth_token_fil
 
 
 def known_variables() -> set[str]:
-    sidecar = set(re.findall(r"\[(SPECDEC_SIDECAR_[A-Z_]+)\]", build_parser({}).format_help()))
+    sidecar = {option.env for option in SIDECAR_OPTIONS}
     client = {CLIENT_ENV_PREFIX + field.upper() for field in CLIENT_FIELDS}
     compose = {
         name

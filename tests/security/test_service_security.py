@@ -94,7 +94,7 @@ def test_generate_needs_a_token_over_mutual_tls_and_health_does_not(certs, token
 def test_specdec_client_uses_tls_a_client_certificate_and_a_token(
     certs, token_file, run_service, capsys
 ) -> None:
-    from service.client import main
+    from service.client.cli import main
 
     service = run_service(**secured(certs, token_file(TOKEN_A)))
     common = [
@@ -122,7 +122,7 @@ def test_specdec_client_uses_tls_a_client_certificate_and_a_token(
 def test_specdec_client_reads_its_settings_from_the_environment(
     certs, token_file, run_service, monkeypatch, capsys
 ) -> None:
-    from service.client import main
+    from service.client.cli import main
 
     service = run_service(**secured(certs, token_file(TOKEN_A), mutual=False))
     monkeypatch.setenv("SPECDEC_CLIENT_TLS_CA_FILE", certs.ca)
@@ -275,7 +275,7 @@ def test_sighup_reloads_the_service_tokens(certs, token_file, tiny_model_dir, tm
 
 
 def test_specdec_bench_uses_tls_and_a_token(certs, token_file, run_service, tmp_path, capsys) -> None:
-    from service.loadgen.cli import main
+    from service.client.loadgen.cli import main
 
     service = run_service(**secured(certs, token_file(TOKEN_A), mutual=False))
     common = [
@@ -303,7 +303,7 @@ def test_specdec_bench_uses_tls_and_a_token(certs, token_file, run_service, tmp_
 
 
 def test_a_token_over_plaintext_is_sent_with_a_warning(token_file, run_service, capsys) -> None:
-    from service.client import main
+    from service.client.cli import main
 
     service = run_service(auth_tokens_file=token_file(TOKEN_A))
     with capture_logs() as logs:

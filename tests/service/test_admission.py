@@ -8,13 +8,13 @@ import re
 import grpc
 import pytest
 
-from service.engine.api import InvalidRequestError
-from service.request_mapping import (
+from service.api.request_mapping import (
     RequestLimits,
     can_sanitize_control_tokens,
     chat_token_ids,
     to_engine_request,
 )
+from service.engine.api import InvalidRequestError
 from specdec.v1 import generation_pb2
 from tests.support.tiny_model import make_tokenizer
 
@@ -162,7 +162,7 @@ def test_roles_are_names(chatml_tokenizer, role) -> None:
 @pytest.mark.slow
 def test_smollm2_user_cannot_forge_a_system_turn(tmp_path_factory) -> None:
     """The real SmolLM2 tokenizer and chat template, through the service's request mapping."""
-    from service.model_loading import load_model
+    from service.models.loading import load_model
 
     try:
         tokenizer = load_model("smollm2-135m-instruct", dtype="float32", device="cpu").tokenizer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.client import build_request, parse_args
+from service.client.cli import build_request, parse_args
 
 
 @pytest.mark.parametrize(

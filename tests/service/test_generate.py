@@ -248,7 +248,7 @@ def test_server_info(run_service, make_stub, tiny_model_dir) -> None:
 def test_one_failing_request_fails_alone(run_service, make_stub, monkeypatch) -> None:
     """An unexpected failure inside one request's processing (here: its event delivery
     raises) gives INTERNAL with its request id; a concurrent request completes."""
-    from service import servicer
+    from service.api import servicer
 
     original = servicer._EventBridge.__call__
 

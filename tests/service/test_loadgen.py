@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from structlog.testing import capture_logs
 
-from service.loadgen.cli import main
+from service.client.loadgen.cli import main
 
 COUNTERS = (
     "prompt_tokens",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.loadgen.prompts import PromptSetError, load_prompts
-from service.loadgen.stats import RequestRecord, percentiles, server_sums, steady_window, summarize
+from service.client.loadgen.prompts import PromptSetError, load_prompts
+from service.client.loadgen.stats import RequestRecord, percentiles, server_sums, steady_window, summarize
 from specdec.v1 import metrics_pb2
 
 

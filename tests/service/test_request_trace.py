@@ -1,11 +1,11 @@
-"""service/request_trace.capture: the W3C trace context of a call's metadata, honoured when
+"""service/api/request_trace.capture: the W3C trace context of a call's metadata, honoured when
 valid, replaced by a new trace when not; what travels to the sidecar (docs/tracing.md)."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.request_trace import MAX_TRACE_STATE_CHARS, capture
+from service.api.request_trace import MAX_TRACE_STATE_CHARS, capture
 from specdec.v1 import generation_pb2, telemetry_pb2
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -82,8 +82,8 @@ def test_tracestate_longer_than_the_w3c_limit_is_dropped() -> None:
 def test_request_log_line_names_the_trace_and_span() -> None:
     from structlog.testing import capture_logs
 
+    from service.api.request_log import log_finished_request
     from service.engine.api import FinalResult, FinishReason
-    from service.request_log import log_finished_request
     from specdec.v1 import metrics_pb2
 
     result = FinalResult("r-1", FinishReason.LENGTH, 3, 4, metrics_pb2.SpeculativeMetrics(request_id="r-1"))

@@ -11,22 +11,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Everything a gRPC client or a gRPC front-end imports.
 TORCH_FREE_MODULES = (
-    "service.client",
-    "service.servicer",
+    "service.client.cli",
+    "service.api.servicer",
     "service.server",
-    "service.request_mapping",
-    "service.grpc_handlers",
-    "service.request_log",
-    "service.metrics_format",
+    "service.api.request_mapping",
+    "service.api.handlers",
+    "service.api.request_log",
+    "service.api.metrics_format",
     "service.config",
     "service.reporting",
     "service.engine.api",
     "service.engine.config",
-    "service.loadgen.cli",
-    "service.loadgen.runner",
-    "service.loadgen.stats",
-    "service.loadgen.prompts",
-    "service.loadgen.report",
+    "service.client.loadgen.cli",
+    "service.client.loadgen.runner",
+    "service.client.loadgen.stats",
+    "service.client.loadgen.prompts",
+    "service.client.loadgen.report",
 )
 
 

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.metrics_format import metrics_to_dict
+from service.api.metrics_format import metrics_to_dict
 from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
 from tests.deploy.on_engine.stack import CLIENT, DRAIN_GRACE_S, PIP_CA, REPO, SECURE, Stack, Totals, run
 

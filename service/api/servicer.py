@@ -20,6 +20,8 @@ import grpc
 import structlog
 
 from service import __version__
+from service.api.request_mapping import RequestLimits, check_request_id, to_chunk, to_engine_request
+from service.api.request_trace import CapturedTrace, capture
 from service.engine.api import (
     EngineStoppedError,
     Event,
@@ -30,8 +32,6 @@ from service.engine.api import (
     QueueFullError,
     TokenChunk,
 )
-from service.request_mapping import RequestLimits, check_request_id, to_chunk, to_engine_request
-from service.request_trace import CapturedTrace, capture
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
 log = structlog.get_logger(__name__)

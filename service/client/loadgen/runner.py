@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from service.loadgen.stats import RequestRecord
+from service.client.loadgen.stats import RequestRecord
 from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
 from specdec_security.client import Metadata
 

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.loadgen.builtin_prompts import KINDS
+from service.client.loadgen.builtin_prompts import KINDS
 
 BUILTIN_PREFIX = "builtin:"
 # Every built-in set by the name --prompts takes (builtin:<name>).

@@ -9,17 +9,13 @@ import os
 
 import grpc
 
-from specdec.v1 import metrics_pb2
+from specdec_common.proto_names import METHOD_BY_NAME
 from specdec_security import ClientSecurity
 
 CLIENT_ENV_PREFIX = "SPECDEC_CLIENT_"
 
 # Drafter names on the command line -> the proto enum.
-METHODS = {
-    "none": metrics_pb2.SPECULATION_METHOD_NONE,
-    "ngram": metrics_pb2.SPECULATION_METHOD_NGRAM,
-    "draft_model": metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL,
-}
+METHODS = METHOD_BY_NAME
 
 _SECURITY_FLAGS = (
     ("tls_ca_file", "PEM CA bundle that signed the server's certificate; set: TLS"),

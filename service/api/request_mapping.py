@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from service.api.provenance import pack_draft_mask
 from service.config import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_PROMPT_CHARS
 from service.engine.api import (
     GenerationRequest,
@@ -22,7 +23,6 @@ from service.engine.api import (
     SamplingParams,
     TokenChunk,
 )
-from service.provenance import pack_draft_mask
 from specdec.v1 import generation_pb2, metrics_pb2
 
 MAX_STOP_STRINGS = 16

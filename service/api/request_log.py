@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import structlog
 
+from service.api.metrics_format import metrics_to_dict
+from service.api.request_trace import CapturedTrace
 from service.engine.api import FinalResult
-from service.metrics_format import metrics_to_dict
-from service.request_trace import CapturedTrace
 
 log = structlog.get_logger("specdec.request")
 

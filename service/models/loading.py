@@ -3,7 +3,7 @@
 ``load_model(spec, dtype=..., device=...)`` returns a ``LoadedModel``; ``check_same_vocabulary``
 is the startup check that a draft model can serve a target. GGUF files are dequantized once
 and cached as a transformers checkpoint under ``<cache>/converted/<sha256[:16]>-<dtype>/``
-(cache root as in ``service.model_store``), so later starts skip the slow GGUF conversion.
+(cache root as in ``service.models.store``), so later starts skip the slow GGUF conversion.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from service import model_store
+from service.models import store
 
 
 @dataclass
@@ -130,7 +130,7 @@ def _gguf_sha256(path: Path, root: Path) -> str:
                 return str(d["sha256"])
         except (OSError, ValueError, AttributeError):
             pass
-    digest = model_store.sha256_file(path)
+    digest = store.sha256_file(path)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_suffix(f".tmp{os.getpid()}")
@@ -154,7 +154,7 @@ def converted_dir(
     gguf_sha256: str, dtype: torch.dtype, cache_dir: str | os.PathLike[str] | None = None
 ) -> Path:
     """Where the converted copy of a GGUF file (by its sha256) in ``dtype`` lives."""
-    return model_store.cache_root(cache_dir) / "converted" / f"{gguf_sha256[:16]}-{_dtype_name(dtype)}"
+    return store.cache_root(cache_dir) / "converted" / f"{gguf_sha256[:16]}-{_dtype_name(dtype)}"
 
 
 def _is_converted(d: Path) -> bool:
@@ -278,7 +278,7 @@ def _convert_gguf(gguf: Path, gguf_sha256: str, target: Path, dtype: torch.dtype
 
 def _load_gguf(name: str, gguf: Path, device: torch.device, dtype: torch.dtype,
                cache_dir: str | os.PathLike[str] | None, **kwargs: Any) -> LoadedModel:  # fmt: skip
-    root = model_store.cache_root(cache_dir)
+    root = store.cache_root(cache_dir)
     sha = _gguf_sha256(gguf, root)
     target = converted_dir(sha, dtype, cache_dir)
     if not _is_converted(target):
@@ -312,7 +312,7 @@ def load_model(
     """Load a causal LM and its tokenizer for the engine.
 
     ``spec`` is, in this order of precedence: a known model name (see
-    ``service.model_store.known_models()``; fetched into the cache if needed), a local
+    ``service.models.store.known_models()``; fetched into the cache if needed), a local
     directory (``from_pretrained``), a ``.gguf`` file, or a hub id. A GGUF file is converted
     once into ``<cache>/converted/<sha256[:16]>-<dtype>/`` and later loads read that copy.
     ``device``: default CUDA when available, else CPU. ``dtype``: "auto" is bfloat16 on CUDA,
@@ -324,8 +324,8 @@ def load_model(
     dt = resolve_dtype(dtype, dev)
     t0 = time.monotonic()
 
-    if spec_str in model_store.REGISTRY:
-        gguf = model_store.fetch(spec_str, cache_dir)
+    if spec_str in store.REGISTRY:
+        gguf = store.fetch(spec_str, cache_dir)
         loaded = _load_gguf(spec_str, gguf, dev, dt, cache_dir, **from_pretrained_kwargs)
     else:
         path = Path(spec_str).expanduser()
@@ -339,13 +339,12 @@ def load_model(
             if path.suffix.lower() != ".gguf":
                 raise ModelLoadError(
                     f"{path} is a file but not a .gguf file; give a GGUF file, a model "
-                    f"directory, a hub id or a known model ({', '.join(model_store.known_models())})"
+                    f"directory, a hub id or a known model ({', '.join(store.known_models())})"
                 )
             loaded = _load_gguf(spec_str, path, dev, dt, cache_dir, **from_pretrained_kwargs)
         elif _looks_like_path(spec_str):
             raise ModelLoadError(
-                f"model path {spec_str!r} does not exist (known models: "
-                f"{', '.join(model_store.known_models())})"
+                f"model path {spec_str!r} does not exist (known models: {', '.join(store.known_models())})"
             )
         else:
             try:
@@ -354,7 +353,7 @@ def load_model(
                 raise ModelLoadError(
                     f"could not load {spec_str!r} as a hub id ({type(e).__name__}: "
                     f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}). It is not a known "
-                    f"model ({', '.join(model_store.known_models())}), a local directory or a "
+                    f"model ({', '.join(store.known_models())}), a local directory or a "
                     f".gguf file; loading from the Hugging Face Hub needs network access or the "
                     f"model in the local HF cache."
                 ) from e
