@@ -82,6 +82,10 @@ class Ingestor:
         self.max_sequence_jump = max_sequence_jump
         self.series = series if series is not None else SeriesBudget()
         self._log = log_limiter if log_limiter is not None else LogLimiter()
+        # Set when the sidecar stops: a batch in progress ends at its next slice boundary, so
+        # nothing is aggregated (and, in ack mode aggregate, acknowledged) after the final
+        # export; the reporter resends the rest to the next incarnation.
+        self.stopping = False
 
     def parse(self, raw: bytes) -> telemetry_pb2.ReportRequest:
         """A serialized ReportRequest; MalformedBatch (counted) when it does not parse."""
@@ -132,6 +136,8 @@ class Ingestor:
         for start in range(0, n, SLICE_RECORDS):
             if start:
                 yield
+                if self.stopping:
+                    break
             ack = self._process_slice(sid, records, start, min(n, start + SLICE_RECORDS), counts)
         return _ReportResponse(
             acknowledged_through_sequence=ack, accepted=counts[0], duplicates=counts[1], rejected=counts[2]
@@ -275,8 +281,15 @@ class TelemetryIngest:
         self.ingestor = ingestor
         self._streams: dict[str, set[_Stream]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.accepting = True
         self._open: set[_Stream] = set()
+
+    @property
+    def accepting(self) -> bool:
+        return not self.ingestor.stopping
+
+    def stop_accepting(self) -> None:
+        """No new batch is read and a batch in progress ends at its next slice boundary."""
+        self.ingestor.stopping = True
 
     def queued_responses(self) -> int:
         """Responses waiting to be written, over every open stream (bounded by

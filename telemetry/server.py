@@ -168,7 +168,7 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         try:
             await self.health.enter_graceful_shutdown()
-            self._ingest.accepting = False
+            self._ingest.stop_accepting()
             ok = await loop.run_in_executor(None, self.export.final_export, max(1.0, grace_s * 0.8) * 1000)
             if ok is not None:
                 log.info("final_export", success=ok)

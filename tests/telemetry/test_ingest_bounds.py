@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from specdec.v1 import metrics_pb2, telemetry_pb2, telemetry_pb2_grpc
+from telemetry.ingest import SLICE_RECORDS, TelemetryIngest
 from tests.telemetry.mutations import base_record
 from tests.telemetry.support import SidecarThread, simulate_metrics, wait_for
 from tests.telemetry.test_ingest import batch, scrape, send, total
@@ -337,3 +338,20 @@ def test_records_whose_aggregation_fails_are_answered_as_rejected(sidecar):
     responses = send(sidecar.address, [batch("broken/1", [simulate_metrics(rng) for _ in range(3)])])
     assert (responses[-1].accepted, responses[-1].rejected) == (0, 3)
     assert total(scrape(sidecar), REJECTED, reason="internal_error") == 3
+
+
+def test_a_stopping_sidecar_ends_a_large_batch_at_a_slice_boundary(sidecar):
+    """Once the sidecar stops, a batch in progress is not aggregated further: a slice counted
+    after the final export would be acknowledged (ack mode aggregate) and never exported.
+    The answer acknowledges exactly the slices processed; the reporter resends the rest."""
+    ingestor = sidecar.sidecar.ingestor
+    rng = random.Random(12)
+    n = 3 * SLICE_RECORDS
+    steps = ingestor.steps(batch("stop/1", [simulate_metrics(rng) for _ in range(n)]))
+    next(steps)  # the first slice is processed; the generator waits at the boundary
+    TelemetryIngest(ingestor).stop_accepting()  # what Sidecar.stop does first
+    with pytest.raises(StopIteration) as done:
+        next(steps)
+    response = done.value.value
+    assert (response.accepted, response.acknowledged_through_sequence) == (SLICE_RECORDS, SLICE_RECORDS)
+    assert ingestor.sources.peek("stop/1").processed == SLICE_RECORDS
