@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service import client
+from service.client import cli as client
 from specdec.v1 import metrics_pb2
 from tests.service.test_generate import collect, request
 from tests.support.metrics_invariants import assert_stream_provenance
