@@ -26,7 +26,7 @@ Both paths are measured by one definition (service/loadgen/stats.py, on the same
 records): tokens/s, time to first token and inter-token latency (the gap between streamed
 chunks) p50 / p99, next to every figure. Every batch-1 figure (batch1, and level 1 of burst
 and sustained) has the roofline next to it: the target's weight bytes over the device copy
-bandwidth measured at the start of the run (bench/roofline.py).
+bandwidth measured at the start of the run (bench/common/roofline.py).
 
 Bounded: greedy, --new-tokens per request (EOS may end one earlier), an untimed warm-up of
 --warmup short requests per (prompt set, method), a time budget (--budget-s skips every
@@ -64,11 +64,10 @@ _T0 = time.perf_counter()  # before the heavy imports: the logged times include 
 import grpc  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.inprocess_load import run_inprocess  # noqa: E402
-from bench.roofline import checkpoint_weight_bytes, copy_bandwidth, roofline_tokens_per_s  # noqa: E402
-from bench.server_process import ServerProcess  # noqa: E402
-from bench.time_budget import Budget  # noqa: E402
+from bench.common.inprocess_load import run_inprocess  # noqa: E402
+from bench.common.roofline import checkpoint_weight_bytes, copy_bandwidth, roofline_tokens_per_s  # noqa: E402
+from bench.common.server_process import ServerProcess  # noqa: E402
+from bench.common.time_budget import Budget  # noqa: E402
 from service.config import ServiceConfig  # noqa: E402
 from service.loadgen.cli import build_request  # noqa: E402
 from service.loadgen.prompts import Prompt, load_prompts  # noqa: E402

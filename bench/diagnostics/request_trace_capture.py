@@ -6,7 +6,7 @@ tracestate, and with none, when a trace id is drawn) and, in the same run, a bas
 request pays with tracing on or off: parsing its GenerateRequest and serializing its
 SpeculativeMetrics record for the sidecar. Prints one JSON object.
 
-    .venv/bin/python bench/request_trace_capture.py [--calls 20000] [--repeats 5]
+    .venv/bin/python -m bench.diagnostics.request_trace_capture [--calls 20000] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -17,16 +17,14 @@ import os
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from service.request_trace import capture
+from specdec.v1 import generation_pb2
+from testkit.simulated_metrics import simulate_metrics
 
-from service.request_trace import capture  # noqa: E402
-from specdec.v1 import generation_pb2  # noqa: E402
-from tests.telemetry.support import simulate_metrics  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 METADATA = (
     ("user-agent", "grpc-python/1.85"),

@@ -1,10 +1,7 @@
-"""A draft model cut from the target itself: its first N decoder layers, then its own final
-norm and LM head ("self-speculative early exit", as in LayerSkip / Draft & Verify, without
-the training those papers add). It shares the target's tokenizer and vocabulary by
-construction, so it can serve as the engine's draft model and as transformers'
-`assistant_model` when no second small model is at hand.
+"""How often an early exit of the target agrees with the full model: the acceptance a draft
+cut from the target's first N layers (bench/common/truncated_draft.py) would see.
 
-    python bench/draft_truncated.py --model smollm2-135m-instruct --device cpu --dtype float32
+    python -m bench.diagnostics.draft_truncated --model smollm2-135m-instruct --device cpu --dtype float32
 
 measures, for every N, how often the N-layer exit's greedy token equals the full model's
 along the full model's own greedy outputs of the benchmark prompts (teacher forced: one
@@ -15,7 +12,6 @@ first draft position, and what `--draft-layers` in bench/gpu_decode.py is chosen
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -23,58 +19,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from service.model_loading import LoadedModel  # noqa: E402
-
-
-def _decoder(model: torch.nn.Module) -> torch.nn.Module:
-    decoder = getattr(model, "model", None)
-    if decoder is None or not hasattr(decoder, "layers") or not hasattr(decoder, "norm"):
-        raise ValueError(
-            f"{type(model).__name__} has no `model.layers` / `model.norm`: not a Llama-style decoder"
-        )
-    return decoder
-
-
-def truncated_draft(target: LoadedModel, num_layers: int) -> LoadedModel:
-    """A deep copy of `target` keeping its first `num_layers` decoder layers, its embeddings,
-    final norm and LM head (config.num_hidden_layers = num_layers).
-
-    Nothing is shared with the target: the engine fuses each model's projection weights
-    in place (service/engine/lean_forward.py), so draft and target must own their layers.
-    Build it before any Engine or torch.compile has touched the target.
-    """
-    model = target.model
-    layers = _decoder(model).layers
-    total = len(layers)
-    if not 1 <= num_layers < total:
-        raise ValueError(
-            f"draft layers must be in [1, {total - 1}] for a target of {total} layers, got {num_layers}"
-        )
-    # The layers beyond the cut map to themselves in the deepcopy memo: they are not copied,
-    # and the copy's layer list drops them right after.
-    memo = {id(layer): layer for layer in list(layers)[num_layers:]}
-    draft = copy.deepcopy(model, memo)
-    decoder = _decoder(draft)
-    decoder.layers = torch.nn.ModuleList(list(decoder.layers)[:num_layers])
-    config = draft.config
-    config.num_hidden_layers = num_layers
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = config.layer_types[:num_layers]
-    draft.eval()
-    for p in draft.parameters():
-        p.requires_grad_(False)
-    target_params = {id(p) for p in model.parameters()}
-    assert not any(id(p) in target_params for p in draft.parameters()), (
-        "draft shares a parameter with the target"
-    )
-    return LoadedModel(
-        name=f"{target.name}[first {num_layers} of {total} layers]",
-        model=draft,
-        tokenizer=target.tokenizer,
-        device=target.device,
-        dtype=target.dtype,
-    )
+from bench.common.truncated_draft import decoder_of
+from service.model_loading import LoadedModel
 
 
 @torch.inference_mode()
@@ -82,7 +28,7 @@ def early_exit_agreement(target: LoadedModel, prompts: list[list[int]], new_toke
     """Per layer count N: the share of the full model's greedy tokens that an exit after
     layer N (final norm + LM head applied there) predicts too, teacher forced."""
     model = target.model
-    decoder = _decoder(model)
+    decoder = decoder_of(model)
     total = len(decoder.layers)
     same = [0] * (total + 1)
     count = 0
@@ -105,7 +51,7 @@ def early_exit_agreement(target: LoadedModel, prompts: list[list[int]], new_toke
 
 def main() -> None:
     from bench.gpu_decode import chat_ids
-    from bench.prompts import KINDS
+    from service.loadgen.builtin_prompts import KINDS
     from service.model_loading import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

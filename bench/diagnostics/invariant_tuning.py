@@ -2,7 +2,7 @@
 per configuration, and which kernels keep a row's result bit for bit when the rows around
 it change (GPU only).
 
-    python bench/invariant_tuning.py --out bench/out/invariant_tuning.json
+    python -m bench.diagnostics.invariant_tuning --out bench/out/invariant_tuning.json
 
 Random weights shaped like SmolLM2-135M (bench/gpu_pass_cost.py's "smollm2-135m"). For
 each configuration: a fresh runner, graphs replayed for B = 1, 32 and T = 1, 9 at a context
@@ -21,12 +21,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.gpu_pass_cost import profile_replay, random_model, time_ms  # noqa: E402
-from service.engine import invariant_kernels as ik  # noqa: E402
-from service.engine.kv_cache import causal_mask  # noqa: E402
-from service.engine.runner import ModelRunner  # noqa: E402
+from bench.gpu_pass_cost import profile_replay, random_model, time_ms
+from service.engine import invariant_kernels as ik
+from service.engine.kv_cache import causal_mask
+from service.engine.runner import ModelRunner
 
 KNOBS = (
     "GEMV_MAX_ROWS",

@@ -7,7 +7,7 @@ not (off). Runs alternate off/on `--rounds` times in the same process against a 
 subprocess (Prometheus exporter, ack on aggregation) so that the sender thread's GIL share is
 included. Also measures report() latency (mean, p99, max). Prints one JSON object.
 
-    .venv/bin/python bench/reporter_overhead.py [--requests 20000] [--work-us 500] [--rounds 3]
+    .venv/bin/python -m bench.diagnostics.reporter_overhead [--requests 20000] [--work-us 500] [--rounds 3]
 
 Target (issue 5, service level, measured by the lead with the real service): >= 0.99.
 """
@@ -24,11 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from service.reporting import MetricsReporter
+from testkit.processes import free_port, health_serving, wait_for
+from testkit.simulated_metrics import simulate_metrics
 
-from service.reporting import MetricsReporter  # noqa: E402
-from tests.telemetry.support import free_port, health_serving, simulate_metrics, wait_for  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 def spin(us: float) -> None:

@@ -1,11 +1,11 @@
 """What speculation does at a given concurrency, n-gram against plain, round by round: where
 the time goes when a round is slow.
 
-    python bench/adaptive_diag.py --concurrency 32 --rounds 8 --json out.json
-    python bench/adaptive_diag.py --no-freeze-gc ...        # the engine's gc.freeze off
-    SPECDEC_REPO=/path/to/other/checkout python bench/adaptive_diag.py ...   # other code
+    python -m bench.diagnostics.adaptive_diag --concurrency 32 --rounds 8 --json out.json
+    python -m bench.diagnostics.adaptive_diag --no-freeze-gc ...        # the engine's gc.freeze off
+    cd OTHER_CHECKOUT && python -m bench.diagnostics.adaptive_diag ...   # other code, same machine
 
-Rounds of N simultaneous requests (one kind of prompt from bench/prompts.py, cycled; 128
+Rounds of N simultaneous requests (one kind of prompt from service/loadgen/builtin_prompts.py, cycled; 128
 new tokens), plain and n-gram with the adaptive draft length, the order alternating round
 by round. One engine serves every round, as the service's does; a warm-up round per kind
 and method comes first. Per round it prints tokens/s, row-passes, drafts proposed and
@@ -41,19 +41,18 @@ import sys
 import time
 from pathlib import Path
 
-REPO = os.environ.get("SPECDEC_REPO") or str(Path(__file__).resolve().parent.parent)
-sys.path.insert(0, REPO)
+import torch
 
-import torch  # noqa: E402
+from bench.gpu_decode import chat_ids, run_engine
+from service.engine import Engine, EngineConfig, GenerationRequest, Method
+from service.engine import scheduler as scheduler_module
+from service.engine.adaptive import batch_bucket
+from service.engine.runner import ModelRunner
+from service.loadgen.builtin_prompts import KINDS
+from service.logging_setup import configure_logging
+from service.model_loading import load_model
 
-from bench.gpu_decode import chat_ids, run_engine  # noqa: E402
-from bench.prompts import KINDS  # noqa: E402
-from service.engine import Engine, EngineConfig, GenerationRequest, Method  # noqa: E402
-from service.engine import scheduler as scheduler_module  # noqa: E402
-from service.engine.adaptive import batch_bucket  # noqa: E402
-from service.engine.runner import ModelRunner  # noqa: E402
-from service.logging_setup import configure_logging  # noqa: E402
-from service.model_loading import load_model  # noqa: E402
+REPO = str(Path(__file__).resolve().parents[2])
 
 METHODS = {"none": Method.NONE, "ngram": Method.NGRAM}
 
@@ -264,7 +263,9 @@ def main() -> None:
         adaptive_draft_length=True,
         capture_all_graphs=True,
     )
-    fields = {f.name for f in dataclasses.fields(EngineConfig)}  # SPECDEC_REPO may be older code
+    fields = {
+        f.name for f in dataclasses.fields(EngineConfig)
+    }  # an older checkout's EngineConfig may lack some
     if args.lean_variant:
         options["lean_variant"] = args.lean_variant
     if "freeze_gc_after_start" in fields:

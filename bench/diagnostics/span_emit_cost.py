@@ -5,7 +5,7 @@ trace contexts, twice: with an exporter that drops the spans (the SDK's span wor
 with one that encodes them exactly as the OTLP exporters do (`encode_spans` to protobuf
 bytes) but sends nothing. CPU time of this process per record. Prints one JSON object.
 
-    .venv/bin/python bench/span_emit_cost.py [--records 5000]
+    .venv/bin/python -m bench.diagnostics.span_emit_cost [--records 5000]
 """
 
 from __future__ import annotations
@@ -15,19 +15,17 @@ import json
 import os
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult  # noqa: E402
+from specdec.v1 import telemetry_pb2
+from telemetry.tracing import RequestSpans
+from testkit.simulated_metrics import simulate_metrics
 
-from specdec.v1 import telemetry_pb2  # noqa: E402
-from telemetry.tracing import RequestSpans  # noqa: E402
-from tests.telemetry.support import simulate_metrics  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 class _Exporter(SpanExporter):

@@ -1,16 +1,16 @@
 """Host overhead of one decode pass: the engine's own Python work, the model's forward excluded.
 
-    python bench/host_overhead.py                       # CPU, plain/ngram/adaptive, batch 1 and 8
-    python bench/host_overhead.py --profile 25          # plus the top 25 functions by tottime
-    python bench/host_overhead.py --device cuda         # on a GPU (the forward is synchronised
+    python -m bench.diagnostics.host_overhead                       # CPU, plain/ngram/adaptive, batch 1 and 8
+    python -m bench.diagnostics.host_overhead --profile 25          # plus the top 25 functions by tottime
+    python -m bench.diagnostics.host_overhead --device cuda         # on a GPU (the forward is synchronised
                                                         # inside the timing wrapper, see below)
-    SPECDEC_REPO=/path/to/other/checkout python bench/host_overhead.py   # the same bench, other code
-    python bench/host_overhead.py --device cuda --shape-dir DIR --modes plain,ngram
+    cd OTHER_CHECKOUT && python -m bench.diagnostics.host_overhead   # other code, same machine
+    python -m bench.diagnostics.host_overhead --device cuda --shape-dir DIR --modes plain,ngram
         # random bf16 weights in the shape of DIR/config.json with DIR's tokenizer (e.g. a
         # SmolLM2-135M directory): the real forward cost; add --compile --no-sync-forward
         # for tokens/s as served
 
-Builds a tiny random Llama (tests/support/tiny_model.py, saved with save_tiny_model and
+Builds a tiny random Llama (testkit/tiny_model.py, saved with save_tiny_model and
 loaded through service.model_loading.load_model, as the service tests do; no EOS, so every
 request runs to --new-tokens), and drives the real Engine (its own thread) with batch 1 and
 batch 8 of plain (Method.NONE), n-gram (fixed k) and adaptive n-gram requests.
@@ -38,26 +38,23 @@ import argparse
 import cProfile
 import io
 import json
-import os
 import pstats
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = os.environ.get("SPECDEC_REPO") or str(Path(__file__).resolve().parent.parent)
-sys.path.insert(0, REPO)
+import torch
 
-import torch  # noqa: E402
+from service.engine import Engine, EngineConfig, FinalResult, GenerationRequest, Method
+from service.engine import scheduler as scheduler_module
+from service.engine.runner import ModelRunner
+from service.logging_setup import configure_logging
+from service.model_loading import load_model
+from testkit.tiny_model import CORPUS, save_tiny_model
 
-from service.engine import Engine, EngineConfig, FinalResult, GenerationRequest, Method  # noqa: E402
-from service.engine import scheduler as scheduler_module  # noqa: E402
-from service.engine.runner import ModelRunner  # noqa: E402
-from service.logging_setup import configure_logging  # noqa: E402
-from service.model_loading import load_model  # noqa: E402
-from tests.support.tiny_model import CORPUS, save_tiny_model  # noqa: E402
+REPO = str(Path(__file__).resolve().parents[2])
 
 MODES = {
     "plain": dict(method=Method.NONE, adaptive=False),

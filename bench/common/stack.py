@@ -1,5 +1,5 @@
 """The service and the sidecar as child processes on loopback, for the soak and fuzz
-benchmarks: a tiny random model (tests/support/tiny_model.py: real tokenizer, random weights,
+benchmarks: a tiny random model (testkit/tiny_model.py: real tokenizer, random weights,
 CPU), the sidecar with its Prometheus endpoint, the service reporting to it. Plus what the
 benchmarks sample from them: resident memory and open descriptors from /proc, and the
 sidecar's counters from a scrape.
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.server_process import ServerProcess, free_loopback_port
-from tests.support.tiny_model import save_tiny_model
-from tests.telemetry.support import SidecarProcess
+from bench.common.server_process import ServerProcess, free_loopback_port
+from testkit.processes import SidecarProcess
+from testkit.tiny_model import save_tiny_model
 
 
 def process_sample(pid: int) -> dict:
