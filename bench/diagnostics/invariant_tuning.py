@@ -9,6 +9,11 @@ each configuration: a fresh runner, graphs replayed for B = 1, 32 and T = 1, 9 a
 of 512, median ms a pass; then a torch.profiler listing of the best configuration's B = 1,
 T = 1 graph. The invariance check runs each kernel on one row alone and on the same row
 among eight others, in float32 and bfloat16, and compares the row's output bits.
+
+A diagnostic, not a tool: it tries block shapes by assigning the kernel module's constants
+(BLOCK_N, LINEAR_WARPS, GEMV_MAX_ROWS) and swapping its `linear` / `attention` at run time,
+since service/engine/invariant_kernels.py takes no parameter for them. What it found is in
+bench/history/RESULTS-2026-12.md ("How the kernels were tuned").
 """
 
 from __future__ import annotations
