@@ -7,7 +7,7 @@ SmolLM2-135M-Instruct in bfloat16 by default, greedy, --new-tokens per request (
 one earlier). Every figure is tokens/s of generated tokens, wall clock from submit to final
 (transformers: around generate(), synchronised). Prompts: service/loadgen/builtin_prompts.py, two kinds
 (input-grounded: summarize, rewrite, code edit; open chat). The draft model is a
-layer-truncated copy of the target (bench/diagnostics/draft_truncated.py, --draft-layers).
+layer-truncated copy of the target (bench/common/truncated_draft.py, --draft-layers).
 
 Sections (--sections, run in this order; the JSON is rewritten after each block):
   hf           transformers generate() at batch 1, per prompt kind: plain; prompt lookup
@@ -958,8 +958,8 @@ def main(argv=None) -> None:
                 "name": draft.name,
                 "layers": args.draft_layers,
                 "target_layers": loaded.model.config.num_hidden_layers,
-                "construction": "bench/diagnostics/draft_truncated.py: deep copy of the target's first N decoder layers, "  # noqa: E501
-                "embeddings, final norm and LM head",
+                "construction": "bench/common/truncated_draft.py: deep copy of the target's first N "
+                "decoder layers, embeddings, final norm and LM head",
             }
             if draft
             else None,
