@@ -10,7 +10,7 @@ the cache on first use) on CPU in float32 and measures, on a few code prompts:
 Greedy decoding in float32 is lossless, so every speculative run must produce the plain run's
 tokens; the script reports whether it did. Output: one JSON document on stdout (and --out).
 
-    .venv/bin/python bench/cpu_pair.py [--prompts 3] [--max-new-tokens 128] [--k 4]
+    .venv/bin/python -m bench.cpu_pair [--prompts 3] [--max-new-tokens 128] [--k 4]
         [--target qwen2.5-coder-1.5b-instruct] [--draft qwen2.5-coder-0.5b-instruct]
         [--skip-transformers] [--skip-engine] [--out bench/out/cpu_pair.json]
 """
@@ -27,12 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from service.models.loading import LoadedModel, check_same_vocabulary, load_model  # noqa: E402
+from service.models.loading import LoadedModel, check_same_vocabulary, load_model
 
 PROMPTS = [
     "Write a Python function `is_prime(n)` that returns True when n is a prime number, with a "

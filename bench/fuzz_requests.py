@@ -1,5 +1,5 @@
 """The fuzz cases of tests/security/test_fuzz.py, longer and over several seeds, against the
-service and the sidecar as real child processes (bench/stack.py: tiny random model, CPU).
+service and the sidecar as real child processes (bench/common/stack.py: tiny random model, CPU).
 
     python -m bench.fuzz_requests --seeds 1 2 3 --generate-cases 1000 --report-streams 300 \
         --budget-seconds 60 --out bench/results/fuzz_requests_cpu.json
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import grpc
 
-from bench.stack import Stack
+from bench.common.stack import Stack
 from specdec.v1 import generation_pb2, generation_pb2_grpc
-from tests.support.fuzz import fuzz_generate, fuzz_report
-from tests.telemetry.support import health_serving
+from testkit.fuzz import fuzz_generate, fuzz_report
+from testkit.processes import health_serving
 
 
 def serves(stack: Stack) -> bool:

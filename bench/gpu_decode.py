@@ -1,13 +1,13 @@
 """GPU decoding benchmark: our engine (plain, n-gram, draft model) against transformers, same run.
 
-    python bench/gpu_decode.py --out bench/out/gpu_decode.json
-    python bench/plots.py bench/out/gpu_decode.json
+    python -m bench.gpu_decode --out bench/out/gpu_decode.json
+    python -m bench.plots bench/out/gpu_decode.json
 
 SmolLM2-135M-Instruct in bfloat16 by default, greedy, --new-tokens per request (EOS may end
 one earlier). Every figure is tokens/s of generated tokens, wall clock from submit to final
-(transformers: around generate(), synchronised). Prompts: bench/prompts.py, two kinds
+(transformers: around generate(), synchronised). Prompts: service/client/loadgen/builtin_prompts.py, two kinds
 (input-grounded: summarize, rewrite, code edit; open chat). The draft model is a
-layer-truncated copy of the target (bench/draft_truncated.py, --draft-layers).
+layer-truncated copy of the target (bench/common/truncated_draft.py, --draft-layers).
 
 Sections (--sections, run in this order; the JSON is rewritten after each block):
   hf           transformers generate() at batch 1, per prompt kind: plain; prompt lookup
@@ -35,9 +35,9 @@ for same-run engine / transformers ratios).
 
 CPU smoke run (a tiny random Llama with a real tokenizer; under a minute on two cores):
 
-    python -c "from pathlib import Path; from tests.support.tiny_model import save_tiny_model; \\
+    python -c "from pathlib import Path; from testkit.tiny_model import save_tiny_model; \\
 save_tiny_model(Path('bench/out/tiny-model'), layers=4, max_position=2048)"
-    python bench/gpu_decode.py --device cpu --model bench/out/tiny-model --new-tokens 8 \\
+    python -m bench.gpu_decode --device cpu --model bench/out/tiny-model --new-tokens 8 \\
         --repeats 1 --concurrency 1,2 --k-values 1,2 --draft-layers 2 --out bench/out/smoke.json
 """
 
@@ -59,10 +59,9 @@ _T0 = time.perf_counter()  # before the heavy imports: the logged times include 
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.draft_truncated import truncated_draft  # noqa: E402
-from bench.prompts import KINDS  # noqa: E402
-from bench.time_budget import Budget  # noqa: E402
+from bench.common.time_budget import Budget  # noqa: E402
+from bench.common.truncated_draft import truncated_draft  # noqa: E402
+from service.client.loadgen.builtin_prompts import KINDS  # noqa: E402
 from service.engine import Engine, EngineConfig, FinishReason, GenerationRequest, Method  # noqa: E402
 from service.models.loading import LoadedModel, load_model  # noqa: E402
 from specdec_common.logging_setup import configure_logging  # noqa: E402
@@ -959,8 +958,8 @@ def main(argv=None) -> None:
                 "name": draft.name,
                 "layers": args.draft_layers,
                 "target_layers": loaded.model.config.num_hidden_layers,
-                "construction": "bench/draft_truncated.py: deep copy of the target's first N decoder layers, "
-                "embeddings, final norm and LM head",
+                "construction": "bench/common/truncated_draft.py: deep copy of the target's first N "
+                "decoder layers, embeddings, final norm and LM head",
             }
             if draft
             else None,

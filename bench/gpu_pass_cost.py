@@ -1,8 +1,8 @@
 """Cost of one forward pass on the GPU, by path and shape, plus the speedup it predicts.
 
-    python bench/gpu_pass_cost.py --model smollm2-135m-instruct
-    python bench/gpu_pass_cost.py --shape llama8b --draft-shape llama1b   # random weights
-    python bench/gpu_pass_cost.py --shape smollm2-135m --paths graph_compiled \
+    python -m bench.gpu_pass_cost --model smollm2-135m-instruct
+    python -m bench.gpu_pass_cost --shape llama8b --draft-shape llama1b   # random weights
+    python -m bench.gpu_pass_cost --shape smollm2-135m --paths graph_compiled \
         --variants around_attention,layer --profile --out bench/out/variants.json
 
 Times (CUDA events, median of --iters) a pass of B rows x T new tokens against a KV cache
@@ -30,9 +30,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from service.engine.runner import ModelRunner  # noqa: E402
-from service.models.loading import LoadedModel, load_model  # noqa: E402
+from service.engine.runner import ModelRunner
+from service.models.loading import LoadedModel, load_model
 
 SHAPES = {  # Llama 3.1 8B, Llama 3.2 1B, and SmolLM2-135M's shape (pass costs without its weights)
     "llama8b": dict(

@@ -4,7 +4,7 @@ Each load runs in its own fresh Python process, so nothing is warm in memory but
 cache. The first load uses a fresh cache directory (whose models/ links to the verified GGUF
 files in the real cache), so it always converts; the second reads the converted copy.
 
-    .venv/bin/python bench/model_load.py [--models NAME ...] [--dtype float32] [--out FILE]
+    .venv/bin/python -m bench.model_load [--models NAME ...] [--dtype float32] [--out FILE]
 
 Prints one JSON document: per model, the in-process load_model() seconds and the process wall
 seconds (imports included) of both loads, and their ratio.
@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CHILD = r"""
 import json, sys, time

@@ -1,6 +1,6 @@
 """PNG plots from bench/gpu_decode.py's JSON.
 
-    python bench/plots.py bench/out/gpu_decode.json [--out-dir DIR]
+    python -m bench.plots bench/out/gpu_decode.json [--out-dir DIR]
 
 Writes, next to the JSON unless --out-dir says otherwise (needs matplotlib: pip install
 -e '.[bench]'):
@@ -23,7 +23,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 KIND_LABEL = {"grounded": "input-grounded prompts", "open_chat": "open-chat prompts"}
 METHOD_LABEL = {"none": "plain", "ngram": "n-gram", "draft_model": "draft model"}

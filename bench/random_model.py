@@ -37,9 +37,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from service.models import store as model_store  # noqa: E402
-from service.models.loading import gguf_tokenizer  # noqa: E402
+from service.models import store as model_store
+from service.models.loading import gguf_tokenizer
 
 # Llama 3.1 / 3.2's rope scaling ("llama3"), as their published configs have it.
 # Given in the long-standing form (rope_theta, rope_scaling), which every transformers 5

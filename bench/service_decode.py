@@ -11,7 +11,7 @@ runs; the directories are --models-dir/<shape>; the draft model is loaded only w
   inprocess  the engine in this process, built by the service's own build_engine from the
              same server arguments (service/server.py: load, vocabulary check, warm-up);
   grpc       `specdec-server` with those arguments as a child process on a loopback port,
-             loaded through the gRPC API by specdec-bench's runner (service/client/loadgen);
+             loaded through the gRPC API by specdec-bench's runner (service/loadgen);
 
 and per prompt set (--prompts, specdec-bench's: builtin:grounded, builtin:open_chat,
 builtin:all, or a JSONL file), method (--methods: none, ngram, draft_model) and pacing:
@@ -26,7 +26,7 @@ Both paths are measured by one definition (service/client/loadgen/stats.py, on t
 records): tokens/s, time to first token and inter-token latency (the gap between streamed
 chunks) p50 / p99, next to every figure. Every batch-1 figure (batch1, and level 1 of burst
 and sustained) has the roofline next to it: the target's weight bytes over the device copy
-bandwidth measured at the start of the run (bench/roofline.py).
+bandwidth measured at the start of the run (bench/common/roofline.py).
 
 Bounded: greedy, --new-tokens per request (EOS may end one earlier), an untimed warm-up of
 --warmup short requests per (prompt set, method), a time budget (--budget-s skips every
@@ -64,11 +64,10 @@ _T0 = time.perf_counter()  # before the heavy imports: the logged times include 
 import grpc  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.inprocess_load import run_inprocess  # noqa: E402
-from bench.roofline import checkpoint_weight_bytes, copy_bandwidth, roofline_tokens_per_s  # noqa: E402
-from bench.server_process import ServerProcess  # noqa: E402
-from bench.time_budget import Budget  # noqa: E402
+from bench.common.inprocess_load import run_inprocess  # noqa: E402
+from bench.common.roofline import checkpoint_weight_bytes, copy_bandwidth, roofline_tokens_per_s  # noqa: E402
+from bench.common.server_process import ServerProcess  # noqa: E402
+from bench.common.time_budget import Budget  # noqa: E402
 from service.api.request_mapping import RequestLimits, to_engine_request  # noqa: E402
 from service.client.loadgen.cli import build_request  # noqa: E402
 from service.client.loadgen.prompts import Prompt, load_prompts  # noqa: E402

@@ -13,7 +13,7 @@ cancel in the median. The ratio is taken per round (on / off of the same round);
 over rounds is the result. At the end the sidecar's own counter (its Prometheus endpoint) must
 hold every request the "on" services finished, so reporting was really on.
 
-    .venv/bin/python bench/service_reporting_overhead.py [--model tiny|smollm2-135m-instruct]
+    .venv/bin/python -m bench.service_reporting_overhead [--model tiny|smollm2-135m-instruct]
         [--clients 4] [--requests 250] [--max-tokens 32] [--rounds 8] [--method ngram|none]
         [--sidecar-exporter prometheus|otlp] [--reuse-services] [--aa-control]
         [--compare reporting|tracing]
@@ -50,13 +50,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
+
+from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
+from testkit.processes import free_port, health_serving, wait_for
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import grpc  # noqa: E402
-
-from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2  # noqa: E402
-from tests.telemetry.support import free_port, health_serving, wait_for  # noqa: E402
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog. The quick brown fox",
@@ -240,7 +239,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-reporting-"))
     if args.model == "tiny":
-        from tests.support.tiny_model import save_tiny_model
+        from testkit.tiny_model import save_tiny_model
 
         model = str(save_tiny_model(tmp / "tiny-model", seed=0, layers=2, with_eos=False))
     else:
@@ -265,7 +264,7 @@ def main() -> None:
     sidecar_env = {**os.environ, "PYTHONPATH": str(REPO)}
     receiver = None
     if args.sidecar_exporter == "otlp":
-        from tests.telemetry.support import OtlpGrpcReceiver
+        from testkit.otlp_receiver import OtlpGrpcReceiver
 
         receiver = OtlpGrpcReceiver()
         sidecar_cmd[sidecar_cmd.index("prometheus")] = "otlp,prometheus"
@@ -273,7 +272,7 @@ def main() -> None:
         sidecar_env.update(receiver.env())
     tracing = args.compare == "tracing"
     if tracing:
-        from tests.telemetry.support import OtlpGrpcReceiver
+        from testkit.otlp_receiver import OtlpGrpcReceiver
 
         receiver = receiver or OtlpGrpcReceiver()
         sidecar_cmd += ["--tracing", "true"]

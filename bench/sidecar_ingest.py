@@ -6,7 +6,7 @@ pre-serializes every ReportRequest before timing (valid random records from the 
 simulation, `--batch-size` per batch, one stream per source) and then streams them as fast
 as the sidecar acknowledges. Prints one JSON object.
 
-    .venv/bin/python bench/sidecar_ingest.py [--records 200000] [--batch-size 256]
+    .venv/bin/python -m bench.sidecar_ingest [--records 200000] [--batch-size 256]
         [--streams 4] [--exporter prometheus|otlp] [--sidecar-cpu 1] [--loadgen-cpu 0]
         [--tracing] [--traced-fraction 0.0]
         [--profile]   # also run the in-process hot path under cProfile (no gRPC)
@@ -31,20 +31,15 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
+
+from service.reporting.reporter import REPORT_METHOD, encode_report_request
+from specdec.v1 import telemetry_pb2
+from testkit.otlp_receiver import OtlpGrpcReceiver
+from testkit.processes import free_port, health_serving, wait_for
+from testkit.simulated_metrics import simulate_metrics
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import grpc  # noqa: E402
-
-from service.reporting.reporter import REPORT_METHOD, encode_report_request  # noqa: E402
-from specdec.v1 import telemetry_pb2  # noqa: E402
-from tests.telemetry.support import (  # noqa: E402
-    OtlpGrpcReceiver,
-    free_port,
-    health_serving,
-    simulate_metrics,
-    wait_for,
-)
 
 
 def _trace(rng: random.Random, sampled: bool) -> bytes:

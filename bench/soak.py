@@ -2,7 +2,7 @@
 
     python -m bench.soak --seconds 300 --clients 8 --out bench/results/soak_cpu_300s.json
 
-Starts both as child processes (bench/stack.py: tiny random model on the CPU, the service
+Starts both as child processes (bench/common/stack.py: tiny random model on the CPU, the service
 reporting to the sidecar) and runs `--clients` threads, each sending one request after the
 other, drawn from a seeded mix:
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.stack import Stack
+from bench.common.stack import Stack
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
 NONE = 1  # SpeculationMethod.SPECULATION_METHOD_NONE

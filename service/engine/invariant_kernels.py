@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Block shapes: measured on an H200 with SmolLM2-135M's shapes (bench/invariant_tuning.py,
+# Block shapes: measured on an H200 with SmolLM2-135M's shapes (bench/diagnostics/invariant_tuning.py,
 # bench/RESULTS.md). A row's bits depend on these constants, never on the number of rows.
 # Up to GEMV_MAX_ROWS rows (a batch-1 decode or verify pass), linears run as _gemv_kernel:
 # CUDA cores, BN = 4 outputs of one row per program, sums over BK = 256 wide chunks (a

@@ -39,8 +39,8 @@ import grpc
 import pytest
 
 from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
+from testkit.tiny_model import save_tiny_model
 from tests.deploy import promql
-from tests.support.tiny_model import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS_METRICS = REPO / "docs" / "metrics.md"

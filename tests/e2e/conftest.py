@@ -15,9 +15,9 @@ import grpc
 import pytest
 
 from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
+from testkit.tiny_model import save_tiny_model
 from tests.service.conftest import ServiceThread, service_config
 from tests.support.metrics_invariants import assert_stream_provenance
-from tests.support.tiny_model import save_tiny_model
 from tests.telemetry.support import OtlpGrpcReceiver, SidecarProcess
 
 EXPORT_INTERVAL_MS = 300

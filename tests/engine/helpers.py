@@ -11,9 +11,9 @@ from transformers import LlamaForCausalLM
 from service.engine import Engine, FinalResult, FinishReason, GenerationRequest, TokenChunk
 from service.models.loading import LoadedModel
 from specdec.v1 import metrics_pb2
+from testkit.tiny_model import make_model, make_tokenizer  # noqa: F401 (re-export)
 from tests.support.float_compare import assert_close_up_to_rounding
 from tests.support.metrics_invariants import assert_metrics_invariants  # noqa: F401 (re-export)
-from tests.support.tiny_model import make_model, make_tokenizer  # noqa: F401 (re-export)
 
 
 def perturbed(base: LoadedModel, seed: int, scale: float, name: str) -> LoadedModel:

@@ -1,4 +1,4 @@
-"""Bounded, seeded fuzzing of both request paths (tests/support/fuzz.py): the service's
+"""Bounded, seeded fuzzing of both request paths (testkit/fuzz.py): the service's
 Generate with a tiny random model and the sidecar's Report, over real gRPC. Every case must
 be answered with an allowed status (never INTERNAL or UNKNOWN), within its deadline, the
 server must go on serving, and its memory must stay bounded. A few tens of seconds on two
@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from testkit.fuzz import fuzz_generate, fuzz_report, rss_bytes
 from tests.service.test_generate import collect, request
-from tests.support.fuzz import fuzz_generate, fuzz_report, rss_bytes
 from tests.telemetry.mutations import base_record
 from tests.telemetry.support import SidecarThread
 from tests.telemetry.test_ingest import batch, send

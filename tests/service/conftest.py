@@ -14,7 +14,7 @@ import pytest
 
 from service.config import ServiceConfig
 from specdec.v1 import generation_pb2_grpc
-from tests.support.tiny_model import save_tiny_model
+from testkit.tiny_model import save_tiny_model
 
 
 @pytest.fixture(scope="session")

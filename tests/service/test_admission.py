@@ -16,7 +16,7 @@ from service.api.request_mapping import (
 )
 from service.engine.api import InvalidRequestError
 from specdec.v1 import generation_pb2
-from tests.support.tiny_model import make_tokenizer
+from testkit.tiny_model import make_tokenizer
 
 LIMITS = RequestLimits(
     max_request_bytes=1 << 20, max_tokens_limit=64, max_prompt_chars=1000, max_prompt_bytes=2000

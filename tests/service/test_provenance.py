@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.client import cli as client
+from service.client.cli import cli as client
 from specdec.v1 import metrics_pb2
+from testkit.tiny_model import save_tiny_model
 from tests.service.test_generate import collect, request
 from tests.support.metrics_invariants import assert_stream_provenance
-from tests.support.tiny_model import save_tiny_model
 
 NGRAM = metrics_pb2.SPECULATION_METHOD_NGRAM
 DRAFT = metrics_pb2.SPECULATION_METHOD_DRAFT_MODEL

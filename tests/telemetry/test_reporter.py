@@ -260,7 +260,7 @@ def test_report_never_blocks_on_a_black_hole():
     assert reporter.stats.dropped == 19000
     # A report() that waited on the peer would wait for ever: the hole never answers. Any
     # finite bound well above scheduler hiccups on a loaded 2-core box tells the two apart;
-    # how fast report() is belongs to bench/reporter_overhead.py, not to a test.
+    # how fast report() is belongs to bench/diagnostics/reporter_overhead.py, not to a test.
     assert worst < 1.0, worst
     t0 = time.monotonic()
     assert not reporter.stop(0.5)

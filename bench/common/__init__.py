@@ -1,0 +1,1 @@
+"""Modules the benchmarks share: child processes, time budgets, the roofline, the truncated draft."""
