@@ -7,9 +7,10 @@ the time goes when a round is slow.
 
 Rounds of N simultaneous requests (one kind of prompt from
 service/client/loadgen/builtin_prompts.py, cycled; 128 new tokens), plain and n-gram with the
-adaptive draft length, the order alternating round by round. One engine serves every round, as the service's does; a warm-up round per kind
-and method comes first. Per round it prints tokens/s, row-passes, drafts proposed and
-accepted, and what the engine thread spent its time on:
+adaptive draft length, the order alternating round by round. One engine serves every round, as
+the service's does; a warm-up round per kind and method comes first. Per round it prints
+tokens/s, row-passes, drafts proposed and accepted, and what the engine thread spent its time
+on:
 
 - gc: Python's cycle collections by generation (gc.callbacks, in any thread of the
   process), their total and longest pause: a full collection walks the whole heap and
