@@ -20,6 +20,16 @@ import grpc
 from service.client.loadgen.cli import server_info
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
+# The checkout this file is in: the server runs its code, whatever an editable install of
+# another checkout in the environment points at.
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env_with_this_checkout() -> dict[str, str]:
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    return env
+
 
 class ServerStartError(RuntimeError):
     """The server exited or did not become ready; the message holds its log's tail."""
@@ -62,8 +72,8 @@ class ServerProcess:
                 self.command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=Path(__file__).resolve().parent.parent,
-                env=os.environ.copy(),
+                cwd=REPO,
+                env=_env_with_this_checkout(),
             )
         try:
             self.info = asyncio.run(self._wait_ready(timeout_s))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,14 @@ def test_on_cuda_in_bfloat16_both_paths_serve_and_the_bandwidth_is_the_devices(t
     assert {r["path"] for r in result["rows"]} == {"inprocess", "grpc"}
     assert all(r["requests_failed"] == 0 and r["tokens_per_s"] > 0 for r in result["rows"])
     assert run["sizes"]["tiny"]["paths"]["grpc"]["server_exit_status"] == 0
+
+
+def test_the_benchmark_server_runs_this_checkouts_code() -> None:
+    """ServerProcess starts `python -m service` from the repository root with it first on
+    PYTHONPATH, so an A/B run from another checkout measures that checkout's code, not the
+    one an editable install points at."""
+    from bench.common import server_process
+
+    assert (server_process.REPO / "service" / "__main__.py").is_file()
+    env = server_process._env_with_this_checkout()
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(server_process.REPO)
