@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.client.cli import cli as client
+from service.client import cli as client
 from specdec.v1 import metrics_pb2
 from testkit.tiny_model import save_tiny_model
 from tests.service.test_generate import collect, request
