@@ -11,8 +11,9 @@ our lean forward eager, replayed from a CUDA graph, and graph + torch.compile fu
 The lean paths run once per --variants entry (LeanForward's variant: what one compiled
 region covers), side by side in one run; for each, the wall time of the first pass of every
 shape (compile + warm-up + graph capture) is reported. With --profile, one replay of the
-B=1, T=1 graph of each graphed path and variant runs under torch.profiler: the number of
-kernels and the top kernels by GPU time go to the JSON (and the terminal).
+graph of each --profile-shapes shape (default B=1, T=1) of each graphed path and variant runs
+under torch.profiler: the number of kernels and the top kernels by GPU time go to the JSON
+(and the terminal).
 With a draft shape, also prints the speedup that the measured costs predict for a given
 acceptance rate a: tokens per pass (1 - a^(k+1)) / (1 - a) over the pass time
 (verify(k) + k * draft) / plain.
@@ -108,6 +109,7 @@ def measure(
     profile: bool = False,
     setup: list[dict] | None = None,
     profiles: list[dict] | None = None,
+    profile_shapes: tuple[tuple[int, int], ...] = ((1, 1),),
 ) -> list[dict]:
     """Rows {path, variant, batch, width, context, ms, first_s}; first_s is the wall time of the
     first pass of that shape (for graphed paths: compile, warm-up and capture). Appends one
@@ -181,21 +183,30 @@ def measure(
             if setup is not None:
                 setup.append(entry)
             if profile and runner.graphs is not None and profiles is not None:
-                profiles.append(profile_replay(runner, context, path, variant))
+                for batch, width in profile_shapes:
+                    profiles.append(profile_replay(runner, context, path, variant, batch, width))
             runner = None  # frees its buffers before the next path
             torch.cuda.empty_cache()
     return rows
 
 
-def profile_replay(runner: ModelRunner, context: int, path: str, variant: str | None, top: int = 15) -> dict:
-    """Kernels of one replay of the B=1, T=1 graph (captured on first use), by torch.profiler."""
+def profile_replay(
+    runner: ModelRunner,
+    context: int,
+    path: str,
+    variant: str | None,
+    batch: int = 1,
+    width: int = 1,
+    top: int = 15,
+) -> dict:
+    """Kernels of one replay of the B x T graph (captured on first use), by torch.profiler."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    ids = torch.zeros((1, 1), dtype=torch.long, device="cuda")
+    ids = torch.zeros((batch, width), dtype=torch.long, device="cuda")
     with torch.inference_mode():
-        runner.forward(0, 1, ids, [context])  # captures the graph if the timed shapes did not
-    graph = runner.graphs.graphs[runner.graphs.buckets(1, 1, context)]
+        runner.forward(0, batch, ids, [context] * batch)  # captures the graph if the timed shapes did not
+    graph = runner.graphs.graphs[runner.graphs.buckets(batch, width, context)]
     graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -214,8 +225,8 @@ def profile_replay(runner: ModelRunner, context: int, path: str, variant: str | 
     result = {
         "path": path,
         "variant": variant,
-        "batch": 1,
-        "width": 1,
+        "batch": batch,
+        "width": width,
         "context": context,
         "kernels": len(kernels),
         "other_device_events": len(events) - len(kernels),
@@ -228,8 +239,8 @@ def profile_replay(runner: ModelRunner, context: int, path: str, variant: str | 
     }
     label = path if variant is None else f"{path}[{variant}]"
     print(
-        f"profile {label}: {result['kernels']} kernels ({result['other_device_events']} other device "
-        "events), "
+        f"profile {label} B={batch} T={width}: {result['kernels']} kernels "
+        f"({result['other_device_events']} other device events), "
         f"kernel time {result['kernel_us']:.0f} us, span {result['span_us']:.0f} us",
         flush=True,
     )
@@ -302,7 +313,12 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="profile one replay of the B=1, T=1 graph per graphed path and variant",
+        help="profile one replay of a captured graph per graphed path and variant (--profile-shapes)",
+    )
+    parser.add_argument(
+        "--profile-shapes",
+        default="1:1",
+        help="comma-separated BATCH:WIDTH shapes that --profile replays, e.g. 1:1,32:1,32:2",
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -335,7 +351,17 @@ def main() -> None:
         "target": loaded.name,
         "variants": variants,
         "rows": measure(
-            loaded, batches, widths, args.context, args.iters, paths, variants, args.profile, setup, profiles
+            loaded,
+            batches,
+            widths,
+            args.context,
+            args.iters,
+            paths,
+            variants,
+            args.profile,
+            setup,
+            profiles,
+            tuple(tuple(int(n) for n in shape.split(":")) for shape in args.profile_shapes.split(",")),
         ),
     }
     result["setup"] = setup
