@@ -34,12 +34,12 @@ class EngineConfig:
     # CUDA only: replay decode/verify passes from captured graphs, and fuse the per-layer
     # work with torch.compile (the first pass of each new shape compiles and captures).
     # Shorten draft lengths pass by pass from measured acceptance and pass costs
-    # (service/engine/adaptive.py). Greedy and unseeded rows only: a seeded sampled request
+    # (service/engine/speculation/draft_length_policy.py). Greedy and unseeded rows only: a seeded sampled request
     # keeps its k, so the same seed still gives the same output.
     adaptive_draft_length: bool = False
     cuda_graphs: bool = True
     compile: bool = True
-    # The lean forward's variant on CUDA (service/engine/lean_forward.py; CPU runs are always
+    # The lean forward's variant on CUDA (service/engine/execution/model_forward.py; CPU runs are always
     # eager "around_attention"):
     # - "invariant": row-invariant Triton kernels, no torch.compile: a token's logits are the
     #   same bits in a verify pass of k + 1 rows as in a plain pass of one, so bfloat16

@@ -9,7 +9,6 @@ from collections import deque
 import structlog
 
 from service.engine import heap_freeze
-from service.engine.adaptive import DraftLengthPolicy
 from service.engine.api import (
     EngineInfo,
     EngineStoppedError,
@@ -22,12 +21,13 @@ from service.engine.api import (
     QueueFullError,
 )
 from service.engine.config import EngineConfig
-from service.engine.drafters import Drafter, DraftModelDrafter, NgramDrafter, NoDrafter
+from service.engine.execution.runner import ModelRunner
 from service.engine.output import OutputProcessor
-from service.engine.runner import ModelRunner
+from service.engine.request_metrics import RequestIdentity, RequestTiming, SpecDecodeStats
 from service.engine.scheduler import Scheduler
 from service.engine.sequence import Handle, Sequence
-from service.engine.stats import RequestIdentity, RequestTiming, SpecDecodeStats
+from service.engine.speculation.draft_length_policy import DraftLengthPolicy
+from service.engine.speculation.drafters import Drafter, DraftModelDrafter, NgramDrafter, NoDrafter
 from service.engine.validation import resolve
 from service.model_loading import LoadedModel
 

@@ -29,8 +29,8 @@ import time
 import structlog
 
 from service.engine.api import FinalResult, FinishReason, TokenChunk
+from service.engine.request_metrics import to_proto
 from service.engine.sequence import Sequence
-from service.engine.stats import to_proto
 
 log = structlog.get_logger(__name__)
 

@@ -19,17 +19,17 @@ from dataclasses import dataclass
 import structlog
 import torch
 
-from service.engine.adaptive import DraftLengthPolicy
 from service.engine.api import FinishReason, Method
 from service.engine.detokenizer import IncrementalDetokenizer, TokenTexts
-from service.engine.device import to_device
-from service.engine.drafters import Drafter, DraftModelDrafter, PassContext
+from service.engine.execution.device import to_device
+from service.engine.execution.runner import ModelRunner
 from service.engine.output import OutputProcessor
 from service.engine.prefill import allocate, forward_groups
-from service.engine.runner import ModelRunner
-from service.engine.sampling import GREEDY, BatchSampling, probs_from_logits, sample_from
 from service.engine.sequence import Sequence
-from service.engine.verify import greedy_accepted, verify_rejection
+from service.engine.speculation.draft_length_policy import DraftLengthPolicy
+from service.engine.speculation.drafters import Drafter, DraftModelDrafter, PassContext
+from service.engine.speculation.sampling import GREEDY, BatchSampling, probs_from_logits, sample_from
+from service.engine.speculation.verify import greedy_accepted, verify_rejection
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +45,7 @@ class _Staging:
     returns only once everything queued before it, this copy included, has run. A pass that
     fails before its synchronisation synchronises the stream in its error path
     (Scheduler.step) and so releases the buffer too; any other upload while a copy may
-    still be pending goes through a fresh pinned block (service.engine.device.to_device). The device
+    still be pending goes through a fresh pinned block (service.engine.execution.device.to_device). The device
     buffer is reused in stream order: the next copy into it is queued behind every kernel
     of the previous pass that reads it.
     """
@@ -673,7 +673,7 @@ class Scheduler:
         host_drafts: list[list[int] | None],
         while_device_runs: Callable[[], None],
     ) -> list[tuple[int, list[int]]]:
-        """Greedy verification (service.engine.verify.verify_greedy), compared on the host.
+        """Greedy verification (service.engine.speculation.verify.verify_greedy), compared on the host.
 
         Only the target's argmaxes cross to the host (with the input ids when some drafts
         were made on the device), in the pass's one device -> host transfer; the few

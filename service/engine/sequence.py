@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from service.engine.adaptive import AcceptanceEstimate, RowPlanning
 from service.engine.api import EventCallback, FinishReason, GenerationRequest, Method
 from service.engine.detokenizer import IncrementalDetokenizer
-from service.engine.sampling import RowSampling
-from service.engine.stats import RequestIdentity, RequestTiming, SpecDecodeStats
+from service.engine.request_metrics import RequestIdentity, RequestTiming, SpecDecodeStats
+from service.engine.speculation.draft_length_policy import AcceptanceEstimate, RowPlanning
+from service.engine.speculation.sampling import RowSampling
 
 
 class Handle:

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from service.engine import FinishReason, GenerationRequest, Method
+from service.engine.execution.runner import ModelRunner
 from service.engine.prefill import allocate, forward_groups
-from service.engine.runner import ModelRunner
 from tests.engine.helpers import assert_same_cache, run, submit, wait_checked
 from tests.support.float_compare import FORWARD_BUDGET, assert_close_up_to_rounding, rounding_bound
 
@@ -337,8 +337,8 @@ def test_a_draft_row_that_does_not_propose_keeps_its_draft_cache(close_draft) ->
     its draft cache holds."""
     from types import SimpleNamespace
 
-    from service.engine.drafters import DraftModelDrafter, PassContext
-    from service.engine.sampling import GREEDY, BatchSampling
+    from service.engine.speculation.drafters import DraftModelDrafter, PassContext
+    from service.engine.speculation.sampling import GREEDY, BatchSampling
 
     runner = ModelRunner(close_draft, 3, 128, 8, use_graphs=False, use_compile=False)
     gen = torch.Generator().manual_seed(2)

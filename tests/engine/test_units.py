@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from service.engine.api import FinishReason, Method
-from service.engine.drafters import NgramIndex
-from service.engine.runner import ModelRunner
-from service.engine.sampling import BatchSampling, RowSampling, probs_from_logits, sample_from
-from service.engine.stats import RequestIdentity, RequestTiming, SpecDecodeStats, to_proto
+from service.engine.execution.runner import ModelRunner
+from service.engine.request_metrics import RequestIdentity, RequestTiming, SpecDecodeStats, to_proto
+from service.engine.speculation.drafters import NgramIndex
+from service.engine.speculation.sampling import BatchSampling, RowSampling, probs_from_logits, sample_from
 from tests.engine.helpers import assert_metrics_invariants
 from tests.support.float_compare import SHALLOW_BUDGET, assert_close_up_to_rounding
 
@@ -238,7 +238,7 @@ def test_draft_catch_up_batches_similar_backlogs_and_leaves_outliers_to_prepare(
 
     import torch
 
-    from service.engine.drafters import DraftModelDrafter
+    from service.engine.speculation.drafters import DraftModelDrafter
 
     calls = []
     runner = SimpleNamespace(

@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy import stats
 
-from service.engine.sampling import sample_from
-from service.engine.verify import greedy_accepted, verify_greedy, verify_rejection
+from service.engine.speculation.sampling import sample_from
+from service.engine.speculation.verify import greedy_accepted, verify_greedy, verify_rejection
 
 ALPHA = 1e-3
 ROWS = 500_000

@@ -65,7 +65,7 @@ ACCEPT_DECAY = 0.9  # per pass that speculated, for a row's (or a kind's) accept
 # stopped tries again depends on the break-even rate. At batch 1 with verify passes 1.7x a
 # plain one (the "layer" variant), a row never accepted tries again 11 passes after its first
 # rejection and about every 38 after that with a fixed prior; with its kind's pooled prior,
-# which the same rejections lower, after 49 and about every 64 (tests/engine/test_adaptive.py).
+# which the same rejections lower, after 49 and about every 64 (tests/engine/test_draft_length_policy.py).
 # With verify passes 1.08x to 1.64x plain (the invariant kernels) every 9 passes or so.
 IDLE_DECAY = 0.98
 COST_DECAY = 0.9  # per observation, for measured pass costs

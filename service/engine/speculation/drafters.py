@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from service.engine.api import Method
-from service.engine.device import to_device
+from service.engine.execution.device import to_device
+from service.engine.execution.runner import ModelRunner
 from service.engine.prefill import allocate
-from service.engine.runner import ModelRunner
-from service.engine.sampling import BatchSampling, probs_from_logits, sample_from
 from service.engine.sequence import Sequence
+from service.engine.speculation.sampling import BatchSampling, probs_from_logits, sample_from
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Drafter(ABC):
 
     def proposal_kinds(self) -> tuple[Hashable, ...]:
         """Every kind of proposal this drafter makes (the adaptive policy pools acceptance
-        by kind: service.engine.adaptive.PooledAcceptance)."""
+        by kind: service.engine.speculation.draft_length_policy.PooledAcceptance)."""
         return (self.method,)
 
     def proposal_kind(self, seq: Sequence) -> Hashable:

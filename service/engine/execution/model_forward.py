@@ -23,7 +23,7 @@ import torch._dynamo
 import torch.fx.experimental._config
 import torch.nn.functional as F
 
-from service.engine.device import to_device
+from service.engine.execution.device import to_device
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 VARIANTS = ("around_attention", "layer", "invariant")  # see LeanForward
@@ -382,7 +382,7 @@ class LeanForward:
       the linears into Triton reductions fused with their neighbours.
     - "invariant" (CUDA only): no torch.compile; every layer is seven Triton kernels whose
       result for a token row does not depend on the other rows of the pass
-      (service/engine/invariant_kernels.py), so a verify pass of k + 1 rows gives each row
+      (service/engine/execution/invariant_kernels.py), so a verify pass of k + 1 rows gives each row
       bit for bit the logits a plain pass of one row gives, in bfloat16 too: speculative
       greedy output is plain greedy output.
     In the first two variants the final norm and the LM head run in float32: bfloat16 logits
@@ -418,7 +418,7 @@ class LeanForward:
         self.embed = decoder.embed_tokens.weight  # [V, E]
         head = model.lm_head.weight  # [V, E] (tied to embed when the model ties them)
         if variant == "invariant":
-            from service.engine import invariant_kernels  # Triton: CUDA machines only
+            from service.engine.execution import invariant_kernels  # Triton: CUDA machines only
 
             self._kernels = invariant_kernels
             self.final_norm, self.lm_head = decoder.norm.weight, head  # model dtype
@@ -434,7 +434,7 @@ class LeanForward:
             self.post_attention = torch.compile(post_attention, dynamic=True)
         self.rotary = decoder.rotary_emb
         # Prefill passes (prefill()) of a half-precision model on a GPU with FlashAttention:
-        # cuBLAS and FlashAttention (service/engine/dense_prefill.py) instead of the invariant
+        # cuBLAS and FlashAttention (service/engine/execution/dense_prefill.py) instead of the invariant
         # kernels, which are written for decode-sized passes. Only with the invariant variant,
         # whose decode passes read a cache that any prefill may have written.
         # dense_prefill: "auto" (where available), "off", or "on" (forced: tests run it on
@@ -443,7 +443,7 @@ class LeanForward:
             raise ValueError(f"dense_prefill must be auto, on or off, not {dense_prefill!r}")
         self._dense = None
         if dense_prefill != "off" and variant == "invariant":
-            from service.engine import dense_prefill as dense
+            from service.engine.execution import dense_prefill as dense
 
             if dense_prefill == "on" or dense.available(self.embed.device, self.embed.dtype, self.head_dim):
                 self._dense = dense

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from service.engine.sampling import sample_from
+from service.engine.speculation.sampling import sample_from
 
 
 def _accepted_prefix(ok: torch.Tensor) -> torch.Tensor:

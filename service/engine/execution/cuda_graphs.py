@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from service.engine.device import to_device
-from service.engine.kv_cache import StaticKVCache, causal_mask
-from service.engine.lean_forward import LeanForward
+from service.engine.execution.device import to_device
+from service.engine.execution.kv_cache import StaticKVCache, causal_mask
+from service.engine.execution.model_forward import LeanForward
 
 MIN_KV_BUCKET = 64
 

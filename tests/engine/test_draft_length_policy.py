@@ -8,7 +8,7 @@ import time
 import pytest
 
 from service.engine import GenerationRequest, Method, SamplingParams, adaptive
-from service.engine.adaptive import (
+from service.engine.speculation.draft_length_policy import (
     MAX_SKIPPED_PLANS,
     PRIOR_RATE,
     AcceptanceEstimate,
@@ -21,7 +21,7 @@ from tests.engine.helpers import run
 
 
 def expected_tokens(rate: float, drafts: int) -> float:
-    """E(a, d) of service/engine/adaptive.py's docstring, in closed form: tokens a pass emits
+    """E(a, d) of service/engine/speculation/draft_length_policy.py's docstring, in closed form: tokens a pass emits
     with d drafts at per-draft acceptance a, the bonus token included."""
     if rate >= 1.0:
         return float(drafts + 1)
@@ -218,7 +218,7 @@ def test_a_stall_does_not_poison_a_measured_cost() -> None:
 
 
 def test_planning_is_skipped_when_drafting_cannot_pay(make_engine, target, tokenizer, monkeypatch) -> None:
-    from service.engine.drafters import NgramDrafter
+    from service.engine.speculation.drafters import NgramDrafter
 
     engine = make_engine(target, max_batch_size=2, adaptive_draft_length=True)
     # Verify passes cost 3x a plain pass at this batch size: no acceptance makes drafting pay.
@@ -392,7 +392,7 @@ def test_a_skip_earned_in_a_large_batch_ends_where_lookups_are_cheap() -> None:
 def test_the_engine_skips_lookups_that_keep_finding_nothing_worth_drafting(
     make_engine, target, tokenizer, monkeypatch
 ) -> None:
-    from service.engine.drafters import NgramDrafter
+    from service.engine.speculation.drafters import NgramDrafter
 
     engine = make_engine(target, max_batch_size=1, adaptive_draft_length=True)
     policy = engine.draft_length_policy
