@@ -1,6 +1,7 @@
-"""Packing a prefill pass's real tokens and the keys each row reads (service/engine/execution/dense_prefill.py),
-and the dense prefill forward on Triton's interpreter (a CPU machine with TRITON_INTERPRET=1
-and Triton installed; CI has neither); on CUDA it is tested in test_dense_prefill_cuda.py."""
+"""Packing a prefill pass's real tokens and the keys each row reads
+(service/engine/execution/dense_prefill.py), and the dense prefill forward on Triton's
+interpreter (a CPU machine with TRITON_INTERPRET=1 and Triton installed; CI has neither); on
+CUDA it is tested in test_dense_prefill_cuda.py."""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from service.engine import GenerationRequest, Method, SamplingParams, adaptive
+from service.engine import GenerationRequest, Method, SamplingParams
+from service.engine.speculation import draft_length_policy
 from service.engine.speculation.draft_length_policy import (
     MAX_SKIPPED_PLANS,
     PRIOR_RATE,
@@ -21,8 +22,8 @@ from tests.engine.helpers import run
 
 
 def expected_tokens(rate: float, drafts: int) -> float:
-    """E(a, d) of service/engine/speculation/draft_length_policy.py's docstring, in closed form: tokens a pass emits
-    with d drafts at per-draft acceptance a, the bonus token included."""
+    """E(a, d) of docs/engine.md (the draft-length policy), in closed form: tokens a pass
+    emits with d drafts at per-draft acceptance a, the bonus token included."""
     if rate >= 1.0:
         return float(drafts + 1)
     return (1.0 - rate ** (drafts + 1)) / (1.0 - rate)
@@ -277,7 +278,7 @@ def test_the_engine_pools_every_proposed_draft_by_match_length(
 ) -> None:
     # Every pass plans: on the CPU a lookup is several percent of the tiny model's pass, and
     # the planning backoff (tested on its own below) would skip most of these short requests.
-    monkeypatch.setattr(adaptive, "MAX_SKIPPED_PLANS", 0)
+    monkeypatch.setattr(draft_length_policy, "MAX_SKIPPED_PLANS", 0)
     recorded = []
     original = PooledAcceptance.record
     monkeypatch.setattr(
@@ -412,8 +413,9 @@ def test_the_engine_skips_lookups_that_keep_finding_nothing_worth_drafting(
         deadline = time.perf_counter() + max(1e-3, policy.plain_cost(1) or 0.0)
         while time.perf_counter() < deadline:
             pass
-        seq.ngram_proposal = [1] * limit
-        seq.ngram_index.matched = 1
+        row = self.rows[seq.slot]
+        row.proposal = [1] * limit
+        row.index.matched = 1
         return limit
 
     monkeypatch.setattr(NgramDrafter, "plan", slow_plan)
