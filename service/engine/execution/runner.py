@@ -73,9 +73,8 @@ class ModelRunner:
             if self.device.type == "cuda":
                 # Split-K GEMMs may otherwise reduce partial sums in bfloat16, one source of a
                 # row's result depending on how many rows share the GEMM (a verify pass of
-                # width k + 1 against a plain pass of width 1). Measured, it did not close
-                # the bf16 speculative/plain divergence at near-ties (bench/RESULTS.md).
-                # Process-wide; a service runs one engine.
+                # width k + 1 against a plain pass of width 1); alone it does not close the
+                # bf16 divergence at near-ties (the invariant kernels do). Process-wide.
                 torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
                 torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
             if use_graphs and self.device.type == "cuda":
