@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from service.engine.api import Method
 from service.engine.sequence import Sequence
 from service.engine.speculation.drafters import Drafter, PassContext
 from service.engine.speculation.planning import DraftPlanner
@@ -34,8 +35,8 @@ class DecodeBatch:
 
 
 class BatchLayout:
-    def __init__(self, drafters: dict, max_k: int, device: torch.device) -> None:
-        self.drafters = drafters  # by Method
+    def __init__(self, drafters: dict[Method, Drafter], max_k: int, device: torch.device) -> None:
+        self.drafters = drafters
         self.max_k = max_k
         self.device = device
         self._batch: DecodeBatch | None = None  # None: rebuild at the next pass

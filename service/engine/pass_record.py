@@ -20,21 +20,22 @@ class PassRecord:
 
     admitted: int  # requests admitted since the previous step
     prefill_rows: int  # rows the prefill pass fed (0: no prefill pass)
-    rows: int  # rows of the decode pass (0: none ran)
-    span: int  # the decode pass covered slots [0, span)
-    methods: tuple[Method, ...]  # per decode row, by slot
-    proposed: tuple[int, ...]  # per decode row: d_s, the drafts it proposed
-    accepted: tuple[int, ...]  # per decode row: a_s (empty when the pass gave no verdict)
-    drafts: int  # the largest d_s: the target verified drafts + 1 tokens per row
-    draft_model: bool  # the draft model ran in the pass
-    kv_bucket: int  # the CUDA graph's KV-length bucket of the target's pass (0: not graphed)
     steady: bool  # no CUDA graph was captured and no draft model caught up in this step
-    prefill_s: float  # the prefill pass
-    plan_s: float  # planning the drafts (drafters and the draft-length policy)
-    forward_s: float  # the call of the target's forward (on CUDA: its launch or graph replay)
-    verify_s: float  # from the forward's call to the verdicts on the host (the one synchronisation)
-    absorb_s: float  # from the verdicts to the step's end: counters, tokens, the policy's bookkeeping
     total_s: float  # the whole step
+    prefill_s: float  # the prefill pass
+    # The decode pass (all zero or empty when none ran):
+    rows: int = 0  # its rows
+    span: int = 0  # it covered slots [0, span)
+    methods: tuple[Method, ...] = ()  # per row, by slot
+    proposed: tuple[int, ...] = ()  # per row: d_s, the drafts it proposed
+    accepted: tuple[int, ...] = ()  # per row: a_s (empty when the pass gave no verdict)
+    drafts: int = 0  # the largest d_s: the target verified drafts + 1 tokens per row
+    draft_model: bool = False  # the draft model ran in the pass
+    kv_bucket: int = 0  # the CUDA graph's KV-length bucket of the target's pass (0: not graphed)
+    plan_s: float = 0.0  # planning the drafts (drafters and the draft-length policy)
+    forward_s: float = 0.0  # the call of the target's forward (on CUDA: its launch or graph replay)
+    verify_s: float = 0.0  # from the forward's call to the verdicts on the host (the one synchronisation)
+    absorb_s: float = 0.0  # from the verdicts to the step's end: counters, tokens, the policy's bookkeeping
 
 
 PassObserver = Callable[[PassRecord], None]

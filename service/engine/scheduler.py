@@ -132,6 +132,7 @@ class Scheduler:
     def step(self) -> None:
         """One prefill pass over the rows prefilling, then one decode pass over every row
         decoding: draft, verify, accept, emit."""
+        admitted, self._admitted = self._admitted, 0
         observed = bool(self.observers)
         if observed:
             started, captures = time.perf_counter(), self._decode.captures()
@@ -141,31 +142,30 @@ class Scheduler:
                 self._join_decoding(seq, token)
         if len(self.running) == len(self._prefilling):
             if observed:
-                self._observe(started, captures, prefill_rows, None, None)
+                self._observe(started, captures, admitted, prefill_rows, None, None)
             return
         if observed:
             prefilled = time.perf_counter()
         batch = self._layout.current(self.running)
         accepted = self._decode.run(batch, self._prefilling)
         if observed:
-            self._observe(started, captures, prefill_rows, (prefilled, batch.rows, batch.hi), accepted)
+            self._observe(
+                started, captures, admitted, prefill_rows, (prefilled, batch.rows, batch.hi), accepted
+            )
 
     def _observe(
         self,
         started: float,
         captures: int,
+        admitted: int,
         prefill_rows: int,
         decode: tuple[float, list[Sequence], int] | None,
         accepted: list[int] | None,
     ) -> None:
         ended = time.perf_counter()
-        admitted, self._admitted = self._admitted, 0
         steady = self._decode.captures() == captures
         if decode is None:
-            record = PassRecord(
-                admitted, prefill_rows, 0, 0, (), (), (), 0, False, 0, steady, ended - started,
-                0.0, 0.0, 0.0, 0.0, ended - started,
-            )  # fmt: skip
+            record = PassRecord(admitted, prefill_rows, steady, ended - started, ended - started)
         else:
             prefilled, rows, hi = decode
             times = self._decode.times
@@ -173,6 +173,9 @@ class Scheduler:
             record = PassRecord(
                 admitted=admitted,
                 prefill_rows=prefill_rows,
+                steady=steady,
+                total_s=ended - started,
+                prefill_s=prefilled - started,
                 rows=len(rows),
                 span=hi,
                 methods=tuple(seq.method for seq in rows),
@@ -181,12 +184,9 @@ class Scheduler:
                 drafts=max(proposed),
                 draft_model=DraftPlanner.drafts_with_model(rows),
                 kv_bucket=times.kv_bucket,
-                steady=steady,
-                prefill_s=prefilled - started,
                 plan_s=times.plan_s,
                 forward_s=times.forward_s,
                 verify_s=times.verify_s,
                 absorb_s=ended - times.verified_at if times.verified_at else 0.0,
-                total_s=ended - started,
             )
         notify(self.observers, record)

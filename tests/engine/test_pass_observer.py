@@ -3,8 +3,7 @@ scheduler's internals. Each step's PassRecord agrees with the requests' own metr
 
 from __future__ import annotations
 
-from service.engine import GenerationRequest, Method
-from service.engine.pass_record import PassRecord
+from service.engine import GenerationRequest, Method, PassRecord
 from tests.engine.helpers import run
 
 TEXT = "the fox jumps over the fox and the fox jumps over the dog. the fox"

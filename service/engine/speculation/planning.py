@@ -126,10 +126,10 @@ class DraftPlanner:
         return policy.best_cap(batch.hi, limits, bounds, 0, draft_model) == 0
 
     def record(self, seq: Sequence, drafter: Drafter, accepted: int) -> None:
-        """The pass's verdict for a row that goes on: `accepted` of its d_s drafts."""
-        if self.policy is not None:
-            if seq.num_drafts:
-                self.policy.pooled.record(drafter.proposal_kind(seq), seq.num_drafts, accepted)
+        """The pooled acceptance of the row's kind of proposal learns the pass's verdict
+        (`accepted` of its d_s drafts), for a row that goes on."""
+        if self.policy is not None and seq.num_drafts:
+            self.policy.pooled.record(drafter.proposal_kind(seq), seq.num_drafts, accepted)
 
     def absorb(self, seq: Sequence, accepted: int) -> None:
         """The row's own acceptance history learns the pass's verdict."""
