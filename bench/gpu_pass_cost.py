@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from service.engine.runner import ModelRunner
+from service.engine.execution.runner import ModelRunner
 from service.models.loading import LoadedModel, load_model
 
 SHAPES = {  # Llama 3.1 8B, Llama 3.2 1B, and SmolLM2-135M's shape (pass costs without its weights)
@@ -322,7 +322,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    from service.engine.lean_forward import VARIANTS
+    from service.engine.execution.model_forward import VARIANTS
 
     dtype = getattr(torch, args.dtype)
     batches = [int(b) for b in args.batches.split(",")]

@@ -6,7 +6,7 @@ Loads a model directory (bf16 on CUDA), builds the engine's lean forward ("invar
 variant) over a static KV cache, and times prefill forwards of B rows x T tokens through
 both of its prefill paths: `LeanForward.__call__` with last_only (the row-invariant Triton
 kernels: what every prefill ran before) and `LeanForward.prefill` (cuBLAS linears and
-FlashAttention over packed tokens, service/engine/dense_prefill.py). Next to each time: the
+FlashAttention over packed tokens, service/engine/execution/dense_prefill.py). Next to each time: the
 matrix throughput it reaches (2 x matrix parameters x tokens + the attention's products,
 over the time) and the floor (FLOPs over the measured bf16 matrix rate, weight bytes over
 the measured copy bandwidth, whichever is larger). Checks, printed and in the JSON: the two
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from bench.gpu_pass_cost import time_ms
-from service.engine.kv_cache import StaticKVCache, causal_mask
-from service.engine.lean_forward import LeanForward
+from service.engine.execution.kv_cache import StaticKVCache, causal_mask
+from service.engine.execution.model_forward import LeanForward
 
 
 def _ceilings() -> dict[str, float]:

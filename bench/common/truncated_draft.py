@@ -29,7 +29,7 @@ def truncated_draft(target: LoadedModel, num_layers: int) -> LoadedModel:
     final norm and LM head (config.num_hidden_layers = num_layers).
 
     Nothing is shared with the target: the engine fuses each model's projection weights
-    in place (service/engine/lean_forward.py), so draft and target must own their layers.
+    in place (service/engine/execution/model_forward.py), so draft and target must own their layers.
     Build it before any Engine or torch.compile has touched the target.
     """
     model = target.model

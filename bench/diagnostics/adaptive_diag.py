@@ -15,8 +15,8 @@ on:
 - gc: Python's cycle collections by generation (gc.callbacks, in any thread of the
   process), their total and longest pause: a full collection walks the whole heap and
   stops every thread;
-- turns: engine-loop turns (Engine._iterate), those that admitted or prefilled requests
-  (docs/prefill.md), and the longest turn;
+- turns: engine steps (Engine.add_pass_observer: one per engine-loop turn), those that
+  admitted or prefilled requests (docs/prefill.md), and the longest turn;
 - with --breakdown, each decode pass's host time split by (batch bucket, cap, kv bucket):
   planning (drafters and policy), the target forward's call (a graph replay is only
   launched), verification (the argmax, the pass's one synchronisation: its wait is the GPU
@@ -47,9 +47,8 @@ import torch
 from bench.gpu_decode import chat_ids, run_engine
 from service.client.loadgen.builtin_prompts import KINDS
 from service.engine import Engine, EngineConfig, GenerationRequest, Method
-from service.engine import scheduler as scheduler_module
-from service.engine.adaptive import batch_bucket
-from service.engine.runner import ModelRunner
+from service.engine.pass_record import PassRecord
+from service.engine.speculation.draft_length_policy import batch_bucket
 from service.models.loading import load_model
 from specdec_common.logging_setup import configure_logging
 
@@ -59,66 +58,26 @@ METHODS = {"none": Method.NONE, "ngram": Method.NGRAM}
 
 
 class PassBreakdown:
-    """Host time of each decode pass by phase, summed by (method(s) of its rows, batch
-    bucket, cap, kv bucket)."""
+    """Host time of each decode pass by phase (the engine's PassRecord), summed by (method(s)
+    of its rows, batch bucket, cap, kv bucket)."""
 
     PHASES = ("plan", "forward_call", "verify_and_sync", "absorb", "total")
 
     def __init__(self) -> None:
         self.sums: dict[tuple[str, int, int, int], list[float]] = {}
         self.counts: dict[tuple[str, int, int, int], int] = {}
-        self._pass: dict[str, float] = {}
-        self._key: tuple[int, int, int] | None = None
-        meter = self
-        Scheduler = scheduler_module.Scheduler
-        step, plan, verify = Scheduler.step, Scheduler._plan, Scheduler._verify_greedy_on_host
-        draft_and_verify, forward = Scheduler._draft_and_verify, ModelRunner.forward
 
-        def timed(name, fn):
-            def wrapper(*args, **kwargs):
-                t0 = time.perf_counter()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    meter._pass[name] = meter._pass.get(name, 0.0) + time.perf_counter() - t0
-
-            return wrapper
-
-        def timed_forward(runner, lo, hi, input_ids, starts, last_only=False, **kwargs):
-            if not last_only and meter._key is None:  # the pass's target forward
-                width = input_ids.shape[1]
-                if runner.graphs is not None:
-                    meter._key = runner.graphs.buckets(hi, width, max(starts))
-                else:  # eager (CPU): no kv bucket
-                    meter._key = (batch_bucket(hi), width, 0)
-                meter._key = (meter._key[0], width - 1, meter._key[2])
-            return timed("forward_call", forward)(runner, lo, hi, input_ids, starts, last_only, **kwargs)
-
-        def timed_step(scheduler):
-            meter._pass, meter._key = {}, None
-            methods = "+".join(sorted({seq.method.name.lower() for seq in scheduler.running.values()}))
-            prefills = (
-                scheduler.prefilling > 0
-            )  # the step runs a prefill pass first: not a decode pass's cost
-            t0 = time.perf_counter()
-            step(scheduler)
-            total = time.perf_counter() - t0
-            if prefills or meter._key is None or "draft_and_verify" not in meter._pass:
-                return
-            key = (methods, *meter._key)
-            p = meter._pass
-            p["total"] = total
-            p["absorb"] = total - p["draft_and_verify"]
-            sums = meter.sums.setdefault(key, [0.0] * len(meter.PHASES))
-            for i, name in enumerate(meter.PHASES):
-                sums[i] += p.get(name, 0.0)
-            meter.counts[key] = meter.counts.get(key, 0) + 1
-
-        Scheduler.step = timed_step
-        Scheduler._plan = timed("plan", plan)
-        Scheduler._verify_greedy_on_host = staticmethod(timed("verify_and_sync", verify))
-        Scheduler._draft_and_verify = timed("draft_and_verify", draft_and_verify)
-        ModelRunner.forward = timed_forward
+    def observe(self, record: PassRecord) -> None:
+        """An Engine pass observer: steps that prefilled are not a decode pass's cost."""
+        if record.prefill_rows or not record.accepted:
+            return
+        methods = "+".join(sorted({method.name.lower() for method in record.methods}))
+        key = (methods, batch_bucket(record.span), record.drafts, record.kv_bucket)
+        phases = (record.plan_s, record.forward_s, record.verify_s, record.absorb_s, record.total_s)
+        sums = self.sums.setdefault(key, [0.0] * len(self.PHASES))
+        for i, seconds in enumerate(phases):
+            sums[i] += seconds
+        self.counts[key] = self.counts.get(key, 0) + 1
 
     def table(self) -> list[dict]:
         return [
@@ -138,32 +97,18 @@ class PassBreakdown:
 
 
 class EngineThreadMeter:
-    """Cycle collections and engine-loop turns, counted from reset() on."""
+    """Cycle collections and engine steps (one per engine-loop turn), counted from reset() on."""
 
     def __init__(self) -> None:
         self.reset()
         self._gc_started = 0.0
         gc.callbacks.append(self._on_gc)
-        meter = self
-        iterate, admit = Engine._iterate, scheduler_module.Scheduler.admit
 
-        def timed_iterate(engine, scheduler):
-            meter._admitted = scheduler.prefilling > 0  # admitted earlier, still prefilling
-            t0 = time.perf_counter()
-            try:
-                return iterate(engine, scheduler)
-            finally:
-                elapsed = time.perf_counter() - t0
-                meter.turns += 1
-                meter.admission_turns += meter._admitted
-                meter.longest_turn_s = max(meter.longest_turn_s, elapsed)
-
-        def flagged_admit(scheduler, seq):
-            meter._admitted = True
-            return admit(scheduler, seq)
-
-        Engine._iterate = timed_iterate
-        scheduler_module.Scheduler.admit = flagged_admit
+    def observe(self, record: PassRecord) -> None:
+        """An Engine pass observer."""
+        self.turns += 1
+        self.admission_turns += bool(record.admitted or record.prefill_rows)
+        self.longest_turn_s = max(self.longest_turn_s, record.total_s)
 
     def reset(self) -> None:
         self.gc_count = [0, 0, 0]
@@ -171,7 +116,6 @@ class EngineThreadMeter:
         self.gc_longest_s = 0.0
         self.turns = self.admission_turns = 0
         self.longest_turn_s = 0.0
-        self._admitted = False
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -275,6 +219,9 @@ def main() -> None:
     meter = EngineThreadMeter()
     breakdown = PassBreakdown() if args.breakdown else None
     engine = Engine(loaded, config)
+    engine.add_pass_observer(meter.observe)
+    if breakdown is not None:
+        engine.add_pass_observer(breakdown.observe)
     engine.start()
     rows = []
     try:

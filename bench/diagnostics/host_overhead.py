@@ -15,8 +15,8 @@ loaded through service.models.loading.load_model, as the service tests do; no EO
 request runs to --new-tokens), and drives the real Engine (its own thread) with batch 1 and
 batch 8 of plain (Method.NONE), n-gram (fixed k) and adaptive n-gram requests.
 
-What is timed, per engine-loop turn (Engine._iterate, wrapped): its wall time with
-time.perf_counter, and the time spent inside ModelRunner.forward (wrapped too). Turns that
+What is timed, per engine step (Engine.add_pass_observer's PassRecord.total_s): its wall time
+with time.perf_counter, and the time spent inside ModelRunner.forward (wrapped). Steps that
 admitted or prefilled a request (docs/prefill.md) are left out, so the figure is the steady state:
 
     host us per pass = (turn time - forward time) / decode passes
@@ -28,8 +28,9 @@ verification's kernel launches and their short GPU latency before the verdicts r
 host) stays in the host's share. With --no-sync-forward, "host" is the whole pass but the
 forward's launch.
 
---profile N runs cProfile on the engine thread (enabled around each loop turn, disabled
-while a forward runs) and lists the top N functions by tottime. Prints one JSON document.
+--profile N runs cProfile on the engine thread (from one step's end to the next, disabled
+while a forward runs; read once the engine has stopped) and lists the top N functions by
+tottime. Prints one JSON document.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ from pathlib import Path
 import torch
 
 from service.engine import Engine, EngineConfig, FinalResult, GenerationRequest, Method
-from service.engine import scheduler as scheduler_module
-from service.engine.runner import ModelRunner
+from service.engine.execution.runner import ModelRunner
+from service.engine.pass_record import PassRecord
 from service.models.loading import load_model
 from specdec_common.logging_setup import configure_logging
 from testkit.tiny_model import CORPUS, save_tiny_model
@@ -76,13 +77,11 @@ class Meter:
         self.turn_forward_s: list[float] = []  # ... of which inside ModelRunner.forward
         self.passes = 0  # decode passes in steady-state turns
         self._forward_s = 0.0
-        self._admitted = False
-        self._stepped = False
 
     def install(self) -> None:
+        """Times (and with sync_forward synchronises) ModelRunner.forward, in every engine."""
         meter = self
-        forward, iterate = ModelRunner.forward, Engine._iterate
-        admit, step = scheduler_module.Scheduler.admit, scheduler_module.Scheduler.step
+        forward = ModelRunner.forward
 
         def timed_forward(runner, *args, **kwargs):
             if meter.profile is not None:
@@ -96,35 +95,21 @@ class Meter:
                 meter.profile.enable()
             return out
 
-        def timed_admit(scheduler, seq):
-            meter._admitted = True
-            return admit(scheduler, seq)
-
-        def timed_step(scheduler):
-            meter._stepped = meter._stepped or bool(scheduler.running)
-            return step(scheduler)
-
-        def timed_iterate(engine, scheduler):
-            # A turn that runs a prefill pass (admitting, or a prompt still in chunks) is not steady state.
-            meter._forward_s, meter._admitted, meter._stepped = 0.0, scheduler.prefilling > 0, False
-            if meter.profile is not None:
-                meter.profile.enable()
-            t0 = time.perf_counter()
-            try:
-                return iterate(engine, scheduler)
-            finally:
-                elapsed = time.perf_counter() - t0
-                if meter.profile is not None:
-                    meter.profile.disable()
-                if meter._stepped and not meter._admitted:
-                    meter.turn_s.append(elapsed)
-                    meter.turn_forward_s.append(meter._forward_s)
-                    meter.passes += 1
-
         ModelRunner.forward = timed_forward
-        Engine._iterate = timed_iterate
-        scheduler_module.Scheduler.admit = timed_admit
-        scheduler_module.Scheduler.step = timed_step
+
+    def observe(self, record: PassRecord) -> None:
+        """An Engine pass observer (engine thread): a step that admitted or prefilled a
+        request is not steady state. The profile, when on, runs from one step's end to the
+        next's."""
+        if self.profile is not None:
+            self.profile.disable()
+        if record.rows and not record.admitted and not record.prefill_rows:
+            self.turn_s.append(record.total_s)
+            self.turn_forward_s.append(self._forward_s)
+            self.passes += 1
+        self._forward_s = 0.0
+        if self.profile is not None:
+            self.profile.enable()
 
 
 def random_model(shape_dir: str, device: str, dtype: torch.dtype):
@@ -205,6 +190,7 @@ def measure(loaded, meter: Meter, mode: str, batch: int, args) -> dict:
         instance_id="bench",
     )
     engine = Engine(loaded, config)
+    engine.add_pass_observer(meter.observe)
     engine.start()
     text = " ".join(CORPUS)
     ids = tuple(loaded.tokenizer.encode(text, add_special_tokens=False))
@@ -212,7 +198,7 @@ def measure(loaded, meter: Meter, mode: str, batch: int, args) -> dict:
     try:
         run_batch(engine, prompt, batch, args.new_tokens, spec["method"], args.k, f"warm-{mode}-{batch}")
         runs = []
-        profile_text = None
+        profile = None
         for r in range(args.repeat + (1 if args.profile else 0)):
             profiling = args.profile and r == args.repeat
             meter.reset()
@@ -221,8 +207,7 @@ def measure(loaded, meter: Meter, mode: str, batch: int, args) -> dict:
                 engine, prompt, batch, args.new_tokens, spec["method"], args.k, f"{mode}-{batch}-{r}"
             )
             if profiling:
-                profile_text = top_functions(meter.profile, args.profile)
-                meter.profile = None
+                profile, meter.profile = meter.profile, None
                 continue
             turns, fwd = sum(meter.turn_s), sum(meter.turn_forward_s)
             runs.append(
@@ -237,6 +222,7 @@ def measure(loaded, meter: Meter, mode: str, batch: int, args) -> dict:
             )
     finally:
         engine.stop(drain_timeout_s=0)
+    profile_text = top_functions(profile, args.profile) if profile is not None else None
     best = min(runs, key=lambda x: x["host_us"])
     out = dict(
         mode=mode,

@@ -1,4 +1,4 @@
-"""Block shapes of the row-invariant kernels (service/engine/invariant_kernels.py): pass cost
+"""Block shapes of the row-invariant kernels (service/engine/execution/invariant_kernels.py): pass cost
 per configuration, and which kernels keep a row's result bit for bit when the rows around
 it change (GPU only).
 
@@ -12,7 +12,7 @@ among eight others, in float32 and bfloat16, and compares the row's output bits.
 
 A diagnostic, not a tool: it tries block shapes by assigning the kernel module's constants
 (BLOCK_N, LINEAR_WARPS, GEMV_MAX_ROWS) and swapping its `linear` / `attention` at run time,
-since service/engine/invariant_kernels.py takes no parameter for them. What it found is in
+since service/engine/execution/invariant_kernels.py takes no parameter for them. What it found is in
 bench/history/RESULTS-2026-12.md ("How the kernels were tuned").
 """
 
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from bench.gpu_pass_cost import profile_replay, random_model, time_ms
-from service.engine import invariant_kernels as ik
-from service.engine.kv_cache import causal_mask
-from service.engine.runner import ModelRunner
+from service.engine.execution import invariant_kernels as ik
+from service.engine.execution.kv_cache import causal_mask
+from service.engine.execution.runner import ModelRunner
 
 KNOBS = (
     "GEMV_MAX_ROWS",
@@ -147,8 +147,8 @@ def forward_diff(dtype: torch.dtype) -> list[str]:
     the rotary tables) whose output row differs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from service.engine.kv_cache import StaticKVCache
-    from service.engine.lean_forward import LeanForward
+    from service.engine.execution.kv_cache import StaticKVCache
+    from service.engine.execution.model_forward import LeanForward
 
     torch.manual_seed(0)
     model = (

@@ -26,6 +26,7 @@ from service.engine.api import (
     TokenChunk,
 )
 from service.engine.config import EngineConfig
+from service.engine.pass_record import PassObserver, PassRecord
 
 if TYPE_CHECKING:
     from service.engine.engine import Engine
@@ -52,6 +53,8 @@ __all__ = [
     "GenerationRequest",
     "InvalidRequestError",
     "Method",
+    "PassObserver",
+    "PassRecord",
     "QueueFullError",
     "RequestHandle",
     "SamplingParams",

@@ -34,12 +34,12 @@ class EngineConfig:
     # CUDA only: replay decode/verify passes from captured graphs, and fuse the per-layer
     # work with torch.compile (the first pass of each new shape compiles and captures).
     # Shorten draft lengths pass by pass from measured acceptance and pass costs
-    # (service/engine/adaptive.py). Greedy and unseeded rows only: a seeded sampled request
-    # keeps its k, so the same seed still gives the same output.
+    # (service/engine/speculation/draft_length_policy.py). Greedy and unseeded rows only:
+    # a seeded sampled request keeps its k, so the same seed still gives the same output.
     adaptive_draft_length: bool = False
     cuda_graphs: bool = True
     compile: bool = True
-    # The lean forward's variant on CUDA (service/engine/lean_forward.py; CPU runs are always
+    # The lean forward's variant on CUDA (service/engine/execution/model_forward.py; CPU runs are always
     # eager "around_attention"):
     # - "invariant": row-invariant Triton kernels, no torch.compile: a token's logits are the
     #   same bits in a verify pass of k + 1 rows as in a plain pass of one, so bfloat16
@@ -49,16 +49,13 @@ class EngineConfig:
     # - "around_attention": compiled regions before and after an eager attention.
     # Models the invariant kernels do not cover (head dim not a power of two >= 16) use "layer".
     lean_variant: str = "invariant"
-    # CUDA graphs only: capture every (batch, width, kv) bucket when the engine starts (about
-    # 30 ms each; hundreds for a large batch and context), so that no request stalls on a
-    # capture when the draft length or the batch first takes a new shape.
+    # CUDA graphs only: capture every (batch, width, kv) bucket when the engine starts, so that
+    # no request stalls on a capture when the draft length or the batch first takes a new shape.
     capture_all_graphs: bool = False
     # Once the models are loaded (and, with capture_all_graphs, the graphs captured), collect
-    # and then freeze the heap (gc.freeze): the collector stops walking the objects alive at
-    # startup (the model, torch, transformers: about 400,000 of them). Otherwise every full
-    # collection, which objects that outlive a few passes trigger, walks them all and stalls
-    # every running request for 0.15 s and more. Process-wide: the engines of a process
-    # share it, and the last to stop unfreezes (service/engine/heap_freeze.py).
+    # and then freeze the heap (gc.freeze), so full collections stop walking the objects
+    # alive at startup and stalling every running request (docs/engine.md). Process-wide:
+    # the engines of a process share it, and the last to stop unfreezes (heap_freeze.py).
     freeze_gc_after_start: bool = True
 
     def validate(self) -> None:

@@ -9,7 +9,6 @@ from collections import deque
 import structlog
 
 from service.engine import heap_freeze
-from service.engine.adaptive import DraftLengthPolicy
 from service.engine.api import (
     EngineInfo,
     EngineStoppedError,
@@ -22,12 +21,14 @@ from service.engine.api import (
     QueueFullError,
 )
 from service.engine.config import EngineConfig
-from service.engine.drafters import Drafter, DraftModelDrafter, NgramDrafter, NoDrafter
+from service.engine.execution.runner import ModelRunner
 from service.engine.output import OutputProcessor
-from service.engine.runner import ModelRunner
+from service.engine.pass_record import PassObserver
+from service.engine.request_metrics import RequestIdentity, RequestTiming, SpecDecodeStats
 from service.engine.scheduler import Scheduler
 from service.engine.sequence import Handle, Sequence
-from service.engine.stats import RequestIdentity, RequestTiming, SpecDecodeStats
+from service.engine.speculation.draft_length_policy import DraftLengthPolicy
+from service.engine.speculation.drafters import Drafter, DraftModelDrafter, NgramDrafter, NoDrafter
 from service.engine.validation import resolve
 from service.models.loading import LoadedModel
 
@@ -97,8 +98,9 @@ class Engine:
             instance_id=config.instance_id,
         )
         self._output = OutputProcessor(eos_token_ids(target), self._max_context)
-        # Read-only outside the engine thread: its choices and measured costs, for benchmarks.
+        # Read-only outside the engine thread: its choices and measured costs.
         self.draft_length_policy = DraftLengthPolicy() if config.adaptive_draft_length else None
+        self._observers: list[PassObserver] = []
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()  # guarded by _cond
         self._in_batch = 0  # running requests, as last published by the engine thread
@@ -148,6 +150,12 @@ class Engine:
             self._waiting.append(seq)
             self._cond.notify_all()
         return seq.handle
+
+    def add_pass_observer(self, observer: PassObserver) -> None:
+        """Calls `observer` with a PassRecord after every scheduler step, on the engine thread
+        (it must be quick and must not block; an exception it raises is logged and ignored).
+        Register before start()."""
+        self._observers.append(observer)
 
     def queue_depth(self) -> int:
         """Requests admitted and waiting for a batch slot."""
@@ -238,6 +246,7 @@ class Engine:
             self._max_context,
             policy=self.draft_length_policy,
             prefill_budget=self.config.max_prefill_tokens_per_pass,
+            observers=self._observers,
         )
 
     def _run(self) -> None:

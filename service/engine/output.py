@@ -4,8 +4,8 @@ A pass's tokens reach the request in two steps. accept() runs right after the pa
 synchronisation: it appends the tokens and applies the conditions the next pass's layout
 depends on (EOS and the length limits), which cost a comparison per token. flush() does
 the rest (detokenising, stop strings, the chunk event) and is called by the scheduler
-while the device runs the next pass, off the path between two passes (at 32 concurrent
-requests it was about a tenth of a pass with the GPU idle). A stop string is therefore found
+while the device runs the next pass, off the path between two passes, where the GPU would
+wait for it (docs/engine.md, "A step"). A stop string is therefore found
 one pass late: the row runs one more pass whose tokens are dropped, and the tokens of its
 own pass after the stop string are taken back. That pass still counts in the request's
 metrics (the contract counts every pass that ran), so a request that ends during such a
@@ -29,8 +29,8 @@ import time
 import structlog
 
 from service.engine.api import FinalResult, FinishReason, TokenChunk
+from service.engine.request_metrics import to_proto
 from service.engine.sequence import Sequence
-from service.engine.stats import to_proto
 
 log = structlog.get_logger(__name__)
 

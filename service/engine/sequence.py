@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from service.engine.adaptive import AcceptanceEstimate, RowPlanning
 from service.engine.api import EventCallback, FinishReason, GenerationRequest, Method
 from service.engine.detokenizer import IncrementalDetokenizer
-from service.engine.sampling import RowSampling
-from service.engine.stats import RequestIdentity, RequestTiming, SpecDecodeStats
+from service.engine.request_metrics import RequestIdentity, RequestTiming, SpecDecodeStats
+from service.engine.speculation.sampling import RowSampling
 
 
 class Handle:
@@ -54,7 +52,6 @@ class Sequence:
         0  # tokens whose KV is valid in the target's cache (while prefilling: the prompt's fed so far)
     )
     decoding: bool = False  # the prompt is all prefilled and its first token emitted: in the decode passes
-    draft_len: int = 0  # tokens whose KV is valid in the draft model's cache
     completion_tokens: int = 0
     unflushed: int = 0  # the last tokens, accepted but not yet delivered (OutputProcessor.flush)
     unflushed_drafts: int = 0  # bit i set: the i-th unflushed token is an accepted draft
@@ -64,13 +61,7 @@ class Sequence:
     held_chunk: tuple[tuple[int, ...], str, int] | None = None
     finish_reason: FinishReason | None = None
     error: str | None = None
-    # Per-pass scratch, set by the scheduler / drafters before the verify forward.
-    num_drafts: int = 0  # d_s
-    ngram_proposal: list[int] = field(default_factory=list)
-    ngram_index: Any = None  # drafters.NgramIndex, built when an n-gram request is admitted
-    draft_steps: int = 0  # draft-model forward steps run this pass
-    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
-    planning: RowPlanning = field(default_factory=RowPlanning)  # the adaptive policy's planning backoff
+    num_drafts: int = 0  # d_s of the coming (or running) decode pass, set by its planning
 
     @property
     def request_id(self) -> str:

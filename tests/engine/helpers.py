@@ -44,7 +44,7 @@ def to_cuda(m: LoadedModel) -> LoadedModel:
 def graphed_and_reference_runners(tokenizer, lean_variant: str, max_len: int):
     """A random CUDA model, a runner of `lean_variant` replayed from captured graphs, and the
     eager, uncompiled reference runner on the same weights (GPU tests only)."""
-    from service.engine.runner import ModelRunner
+    from service.engine.execution.runner import ModelRunner
 
     target = to_cuda(make_model(tokenizer, seed=0, name="g", vocab_size=len(tokenizer)))
     graphed = ModelRunner(target, max_batch=4, max_len=max_len, max_width=4, lean_variant=lean_variant)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from service.engine import Engine, EngineConfig, GenerationRequest, Method
-from service.engine.runner import ModelRunner
+from service.engine.execution.runner import ModelRunner
 from tests.engine.helpers import make_model, run, to_cuda
 from tests.support.float_compare import assert_close_up_to_rounding
 

@@ -1,6 +1,7 @@
-"""Packing a prefill pass's real tokens and the keys each row reads (service/engine/dense_prefill.py),
-and the dense prefill forward on Triton's interpreter (a CPU machine with TRITON_INTERPRET=1
-and Triton installed; CI has neither); on CUDA it is tested in test_dense_prefill_cuda.py."""
+"""Packing a prefill pass's real tokens and the keys each row reads
+(service/engine/execution/dense_prefill.py), and the dense prefill forward on Triton's
+interpreter (a CPU machine with TRITON_INTERPRET=1 and Triton installed; CI has neither); on
+CUDA it is tested in test_dense_prefill_cuda.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from service.engine.dense_prefill import available, pack
+from service.engine.execution.dense_prefill import available, pack
 from tests.support.float_compare import assert_close_up_to_rounding
 
 
@@ -60,8 +61,8 @@ def test_dense_prefill_matches_transformers_on_the_interpreter() -> None:
     prefix next to a padded row and a one-token row past its length, then a decode pass of
     the invariant kernels over the cache it wrote, all equal to transformers' forward up to
     float32 rounding."""
-    from service.engine.kv_cache import StaticKVCache, causal_mask
-    from service.engine.lean_forward import LeanForward
+    from service.engine.execution.kv_cache import StaticKVCache, causal_mask
+    from service.engine.execution.model_forward import LeanForward
 
     torch.manual_seed(0)
     shape = {

@@ -1,5 +1,5 @@
 """The dense prefill (cuBLAS linears, FlashAttention over packed tokens:
-service/engine/dense_prefill.py) of a bfloat16 model on CUDA: as close to a float32
+service/engine/execution/dense_prefill.py) of a bfloat16 model on CUDA: as close to a float32
 reference as the invariant kernels' prefill, whole or in chunks, alone or in a padded batch;
 the cache it writes decodes as the invariant prefill's does; no device synchronisation.
 
@@ -20,8 +20,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from service.engine.kv_cache import StaticKVCache, causal_mask
-from service.engine.lean_forward import LeanForward
+from service.engine.execution.kv_cache import StaticKVCache, causal_mask
+from service.engine.execution.model_forward import LeanForward
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

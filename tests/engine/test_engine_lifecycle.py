@@ -20,7 +20,7 @@ from service.engine import (
     QueueFullError,
     SamplingParams,
 )
-from service.engine.runner import ModelRunner
+from service.engine.execution.runner import ModelRunner
 from tests.engine.helpers import Outcome, make_model, run, submit, wait_checked
 
 
@@ -366,7 +366,7 @@ def test_failed_draft_backlog_fails_only_its_request(make_engine, target, close_
     for all rows behind in one forward (DraftModelDrafter.prepare_rows): if it fails (say, out
     of memory on a long prompt), the rows are fed one by one (prepare), that request fails and
     the others in the batch carry on, with output equal to running alone."""
-    from service.engine.runner import ModelRunner
+    from service.engine.execution.runner import ModelRunner
 
     long_prompt = _ids(target.tokenizer) * 3
     original = ModelRunner.forward
@@ -403,7 +403,7 @@ def test_rows_behind_catch_up_in_one_draft_forward(make_engine, target, close_dr
     """Draft-model rows admitted together feed their prompts to the draft model in one eager
     forward (prompts of different lengths, zero-padded; a plain row's slot in between), and
     each request's output and counters equal running it alone."""
-    from service.engine.runner import ModelRunner
+    from service.engine.execution.runner import ModelRunner
 
     catch_up_widths = []
     original = ModelRunner.forward
@@ -472,7 +472,7 @@ def test_a_drafter_failing_while_the_device_runs_fails_only_its_request(
 ) -> None:
     """The n-gram drafter indexes new tokens while the device runs a pass: if that fails for
     one row, that request fails once the pass is over, and the others carry on unchanged."""
-    from service.engine.drafters import NgramDrafter
+    from service.engine.speculation.drafters import NgramDrafter
 
     ids = _ids(target.tokenizer)
     alone = run(make_engine(target), [GenerationRequest("alone", ids, max_tokens=16, method=Method.NGRAM)])[

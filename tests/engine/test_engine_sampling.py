@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from service.engine import GenerationRequest, Method, SamplingParams
-from service.engine.sampling import BatchSampling, RowSampling, probs_from_logits
+from service.engine.speculation.sampling import BatchSampling, RowSampling, probs_from_logits
 from tests.engine.helpers import make_model, perturbed, run
 
 ALPHA = 1e-3

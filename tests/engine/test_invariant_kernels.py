@@ -16,8 +16,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from service.engine.kv_cache import StaticKVCache, causal_mask
-from service.engine.lean_forward import LeanForward, supports
+from service.engine.execution.kv_cache import StaticKVCache, causal_mask
+from service.engine.execution.model_forward import LeanForward, supports
 from tests.support.float_compare import assert_close_up_to_rounding
 
 ON_CUDA = torch.cuda.is_available()
@@ -130,7 +130,7 @@ def test_a_rows_logits_do_not_depend_on_the_rest_of_the_pass(dtype: torch.dtype)
     batch = torch.cat([tokens[:, :4], torch.randint(0, SHAPE["vocab_size"], (2, 4), generator=gen)])
     mixed = rows(0, batch, [60, 50, 50], kv_len=MAX_LEN)
     assert torch.equal(mixed[0], one_by_one[0, :4])
-    from service.engine.invariant_kernels import GEMV_MAX_ROWS
+    from service.engine.execution.invariant_kernels import GEMV_MAX_ROWS
 
     wide = torch.cat([tokens, torch.randint(0, SHAPE["vocab_size"], (2, 8), generator=gen)])  # [3, 8]
     assert 3 * 6 > GEMV_MAX_ROWS

@@ -8,9 +8,9 @@ import time
 from service.engine.api import FinalResult, FinishReason, GenerationRequest, Method, TokenChunk
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.output import OutputProcessor
-from service.engine.sampling import GREEDY
+from service.engine.request_metrics import RequestIdentity, RequestTiming, SpecDecodeStats
 from service.engine.sequence import Handle, Sequence
-from service.engine.stats import RequestIdentity, RequestTiming, SpecDecodeStats
+from service.engine.speculation.sampling import GREEDY
 
 EOS = 0
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from service.engine import FinishReason, GenerationRequest, Method
-from service.engine.runner import ModelRunner
+from service.engine.execution.runner import ModelRunner
 from tests.engine.helpers import Outcome, run, submit, wait_checked
 
 
@@ -107,7 +107,7 @@ def test_the_pass_running_when_a_request_fails_in_the_flush_is_counted(
 def test_the_pass_running_when_a_drafter_fails_is_counted(
     make_engine, loopy, loopy_draft, monkeypatch
 ) -> None:
-    from service.engine.drafters import NgramDrafter
+    from service.engine.speculation.drafters import NgramDrafter
 
     engine = _engine(make_engine, loopy, loopy_draft)
     passes = TargetPasses(loopy.name)
@@ -146,7 +146,7 @@ def test_a_failure_recording_that_pass_ends_no_other_request(
 ) -> None:
     """The ended row's FinalResult waits for its last pass's bookkeeping: if that fails, the
     request still gets its FinalResult and the rows batched with it carry on."""
-    from service.engine.stats import SpecDecodeStats
+    from service.engine.request_metrics import SpecDecodeStats
 
     engine = _engine(make_engine, loopy, loopy_draft)
     ids = _ids(loopy.tokenizer)

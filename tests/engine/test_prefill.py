@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from service.engine import FinishReason, GenerationRequest, Method
+from service.engine.execution.runner import ModelRunner
 from service.engine.prefill import allocate, forward_groups
-from service.engine.runner import ModelRunner
 from tests.engine.helpers import assert_same_cache, run, submit, wait_checked
 from tests.support.float_compare import FORWARD_BUDGET, assert_close_up_to_rounding, rounding_bound
 
@@ -337,17 +337,19 @@ def test_a_draft_row_that_does_not_propose_keeps_its_draft_cache(close_draft) ->
     its draft cache holds."""
     from types import SimpleNamespace
 
-    from service.engine.drafters import DraftModelDrafter, PassContext
-    from service.engine.sampling import GREEDY, BatchSampling
+    from service.engine.speculation.drafters import DraftModelDrafter, DraftRow, PassContext
+    from service.engine.speculation.sampling import GREEDY, BatchSampling
 
     runner = ModelRunner(close_draft, 3, 128, 8, use_graphs=False, use_compile=False)
     gen = torch.Generator().manual_seed(2)
+    drafter = DraftModelDrafter(runner)
     rows = []
     for slot in range(3):
         tokens = torch.randint(1, close_draft.vocab_size, (20,), generator=gen).tolist()
         runner.forward(slot, slot + 1, torch.tensor([tokens[:18]]), [0], last_only=True)
-        rows.append(SimpleNamespace(slot=slot, tokens=tokens, draft_len=18, draft_steps=0))
-    rows[1].draft_len = 6  # behind: only its first 6 tokens count as cached
+        rows.append(SimpleNamespace(slot=slot, tokens=tokens))
+        drafter.rows[slot] = DraftRow(cached=18)
+    drafter.rows[1].cached = 6  # behind: only its first 6 tokens count as cached
     kept = [(k[1, :, :6].clone(), v[1, :, :6].clone()) for k, v in zip(*runner.cache.rows(0, 3))]
     zeros = torch.zeros((3, 8))
     ctx = PassContext(
@@ -359,7 +361,7 @@ def test_a_draft_row_that_does_not_propose_keeps_its_draft_cache(close_draft) ->
         zeros[:, 0],
         rows,
     )
-    DraftModelDrafter(runner).propose(ctx, [rows[0], rows[2]], 3)
+    drafter.propose(ctx, [rows[0], rows[2]], 3)
     for (k, v), (k_kept, v_kept) in zip(zip(*runner.cache.rows(0, 3)), kept):
         assert torch.equal(k[1, :, :6], k_kept) and torch.equal(v[1, :, :6], v_kept)
 

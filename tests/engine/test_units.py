@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from service.engine.api import FinishReason, Method
-from service.engine.drafters import NgramIndex
-from service.engine.runner import ModelRunner
-from service.engine.sampling import BatchSampling, RowSampling, probs_from_logits, sample_from
-from service.engine.stats import RequestIdentity, RequestTiming, SpecDecodeStats, to_proto
+from service.engine.execution.runner import ModelRunner
+from service.engine.request_metrics import RequestIdentity, RequestTiming, SpecDecodeStats, to_proto
+from service.engine.speculation.drafters import NgramIndex
+from service.engine.speculation.sampling import BatchSampling, RowSampling, probs_from_logits, sample_from
 from tests.engine.helpers import assert_metrics_invariants
 from tests.support.float_compare import SHALLOW_BUDGET, assert_close_up_to_rounding
 
@@ -238,7 +238,7 @@ def test_draft_catch_up_batches_similar_backlogs_and_leaves_outliers_to_prepare(
 
     import torch
 
-    from service.engine.drafters import DraftModelDrafter
+    from service.engine.speculation.drafters import DraftModelDrafter, DraftRow
 
     calls = []
     runner = SimpleNamespace(
@@ -249,26 +249,27 @@ def test_draft_catch_up_batches_similar_backlogs_and_leaves_outliers_to_prepare(
     )
     drafter = DraftModelDrafter(runner)
 
-    def row(slot: int, behind: int, draft_len: int = 10) -> SimpleNamespace:
-        # tokens: draft_len seen, `behind` unseen, then the pending token (fed by the pass itself)
-        return SimpleNamespace(slot=slot, draft_len=draft_len, tokens=list(range(draft_len + behind + 1)))
+    def row(slot: int, behind: int, cached: int = 10) -> SimpleNamespace:
+        # tokens: `cached` seen, `behind` unseen, then the pending token (fed by the pass itself)
+        drafter.rows[slot] = DraftRow(cached=cached)
+        return SimpleNamespace(slot=slot, tokens=list(range(cached + behind + 1)))
 
-    rows = [row(0, 3), row(1, 4), row(2, 200), row(3, 5), row(4, 1, draft_len=7)]
+    rows = [row(0, 3), row(1, 4), row(2, 200), row(3, 5), row(4, 1, cached=7)]
     drafter.prepare_rows(rows)
     # Slots 0, 1 and 3 in one forward of width 5; slot 2 (200 behind) left to prepare(), and it
-    # and slot 4 (not behind) get padding written from their own draft_len.
+    # and slot 4 (not behind) get padding written from their own cached length.
     assert [(lo, hi, shape, starts) for lo, hi, shape, starts, _ in calls] == [
         (0, 4, (4, 5), [10, 10, 10, 10])
     ]
     ids = calls[0][4]
     assert ids[0] == [10, 11, 12, 0, 0] and ids[3] == [10, 11, 12, 13, 14] and ids[2] == [0] * 5
-    assert [seq.draft_len for seq in rows] == [13, 14, 10, 15, 7]
+    assert [drafter.rows[seq.slot].cached for seq in rows] == [13, 14, 10, 15, 7]
     assert drafter.catch_ups == 1
 
     calls.clear()
     far = [row(0, 100), row(31, 100)] + [row(slot, 1) for slot in range(1, 31)]
     drafter.prepare_rows(far)  # 32 rows of padding for 200 tokens: each is fed alone
-    assert calls == [] and far[0].draft_len == 10
+    assert calls == [] and drafter.rows[0].cached == 10
 
 
 @pytest.mark.parametrize(

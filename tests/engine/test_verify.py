@@ -8,8 +8,9 @@ import pytest
 import torch
 from scipy import stats
 
-from service.engine.sampling import sample_from
-from service.engine.verify import greedy_accepted, verify_greedy, verify_rejection
+from service.engine.speculation.sampling import sample_from
+from service.engine.speculation.verify import greedy_accepted, verify_rejection
+from tests.support.greedy_reference import verify_greedy
 
 ALPHA = 1e-3
 ROWS = 500_000
@@ -139,7 +140,7 @@ def test_greedy_accepts_the_longest_matching_prefix() -> None:
 
 
 def test_host_greedy_rule_equals_the_device_one() -> None:
-    """The scheduler's greedy path (greedy_accepted, on the host) and verify_greedy agree."""
+    """The decode pass's greedy path (greedy_accepted, on the host) and verify_greedy agree."""
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(200, 6, 10, generator=gen)
     best = logits.argmax(-1)  # [200, 6]

@@ -27,7 +27,7 @@ size 6, so a relative tolerance on each element would fail on small values that 
   twice that (17 eps were seen). 64 leaves a factor of 2 to 4 for other processors' kernels,
   and stays four orders of magnitude below what a wrong computation gives (a missing bias or
   a wrong position moves logits by a good fraction of their magnitude).
-  tests/engine/test_lean_forward.py checks on every machine that the float32 forward itself
+  tests/engine/test_model_forward.py checks on every machine that the float32 forward itself
   stays within half this budget of the float64 one, so the budget is checked, not assumed.
 
 A greedy token-level check adds nothing on top: where every logit is within the bound, the

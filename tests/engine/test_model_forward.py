@@ -15,8 +15,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from service.engine.kv_cache import StaticKVCache, causal_mask
-from service.engine.lean_forward import LeanForward, supports
+from service.engine.execution.kv_cache import StaticKVCache, causal_mask
+from service.engine.execution.model_forward import LeanForward, supports
 from tests.support.float_compare import FORWARD_BUDGET, assert_close_up_to_rounding
 
 SHAPE = dict(
@@ -216,7 +216,7 @@ def test_unknown_variant_is_refused() -> None:
 
 def test_engine_config_knows_the_variants() -> None:
     from service.engine.config import EngineConfig
-    from service.engine.lean_forward import VARIANTS
+    from service.engine.execution.model_forward import VARIANTS
 
     for variant in VARIANTS:
         EngineConfig(lean_variant=variant).validate()
@@ -230,7 +230,7 @@ def test_runner_keeps_around_attention_off_cuda() -> None:
     "layer" variant only pays compiled and the invariant kernels are Triton (CUDA). The
     variants themselves are tested eagerly above and on CUDA in test_lean_layer_cuda.py and
     test_invariant_cuda.py."""
-    from service.engine.runner import ModelRunner
+    from service.engine.execution.runner import ModelRunner
     from service.models.loading import LoadedModel
 
     loaded = LoadedModel("tiny", _model("llama", tie=False), None, torch.device("cpu"), torch.float32)

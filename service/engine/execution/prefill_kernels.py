@@ -1,9 +1,9 @@
-"""The elementwise steps of a dense prefill layer (service/engine/dense_prefill.py) as one
+"""The elementwise steps of a dense prefill layer (service/engine/execution/dense_prefill.py) as one
 Triton kernel each: an RMS norm, the rotary embedding with the cache write, the SiLU
 product. Eagerly, each of these is several torch kernels with float32 intermediates in
 memory; at prefill sizes they took about a third of a layer's time next to its cuBLAS
 products (docs/prefill.md). Each rounds where transformers' bfloat16 Llama rounds (as
-service/engine/invariant_kernels.py does): the norm's output before and after the weight,
+service/engine/execution/invariant_kernels.py does): the norm's output before and after the weight,
 each rotary term and their sum, the SiLU and the product.
 
 Shapes: N token rows, E hidden, H query heads, G kv heads, D head dim, I intermediate.
@@ -84,7 +84,7 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, stride_gu, stride_o, I: tl.constexpr,
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """lean_forward.rms_norm of x [N, E] (contiguous rows)."""
+    """model_forward.rms_norm of x [N, E] (contiguous rows)."""
     n, e = x.shape
     out = torch.empty_like(x)
     block = triton.next_power_of_2(e)

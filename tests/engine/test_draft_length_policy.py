@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from service.engine import GenerationRequest, Method, SamplingParams, adaptive
-from service.engine.adaptive import (
+from service.engine import GenerationRequest, Method, SamplingParams
+from service.engine.speculation import draft_length_policy
+from service.engine.speculation.draft_length_policy import (
     MAX_SKIPPED_PLANS,
     PRIOR_RATE,
     AcceptanceEstimate,
@@ -21,8 +22,8 @@ from tests.engine.helpers import run
 
 
 def expected_tokens(rate: float, drafts: int) -> float:
-    """E(a, d) of service/engine/adaptive.py's docstring, in closed form: tokens a pass emits
-    with d drafts at per-draft acceptance a, the bonus token included."""
+    """E(a, d) of docs/engine.md (the draft-length policy), in closed form: tokens a pass
+    emits with d drafts at per-draft acceptance a, the bonus token included."""
     if rate >= 1.0:
         return float(drafts + 1)
     return (1.0 - rate ** (drafts + 1)) / (1.0 - rate)
@@ -218,7 +219,7 @@ def test_a_stall_does_not_poison_a_measured_cost() -> None:
 
 
 def test_planning_is_skipped_when_drafting_cannot_pay(make_engine, target, tokenizer, monkeypatch) -> None:
-    from service.engine.drafters import NgramDrafter
+    from service.engine.speculation.drafters import NgramDrafter
 
     engine = make_engine(target, max_batch_size=2, adaptive_draft_length=True)
     # Verify passes cost 3x a plain pass at this batch size: no acceptance makes drafting pay.
@@ -277,7 +278,7 @@ def test_the_engine_pools_every_proposed_draft_by_match_length(
 ) -> None:
     # Every pass plans: on the CPU a lookup is several percent of the tiny model's pass, and
     # the planning backoff (tested on its own below) would skip most of these short requests.
-    monkeypatch.setattr(adaptive, "MAX_SKIPPED_PLANS", 0)
+    monkeypatch.setattr(draft_length_policy, "MAX_SKIPPED_PLANS", 0)
     recorded = []
     original = PooledAcceptance.record
     monkeypatch.setattr(
@@ -392,7 +393,7 @@ def test_a_skip_earned_in_a_large_batch_ends_where_lookups_are_cheap() -> None:
 def test_the_engine_skips_lookups_that_keep_finding_nothing_worth_drafting(
     make_engine, target, tokenizer, monkeypatch
 ) -> None:
-    from service.engine.drafters import NgramDrafter
+    from service.engine.speculation.drafters import NgramDrafter
 
     engine = make_engine(target, max_batch_size=1, adaptive_draft_length=True)
     policy = engine.draft_length_policy
@@ -412,8 +413,9 @@ def test_the_engine_skips_lookups_that_keep_finding_nothing_worth_drafting(
         deadline = time.perf_counter() + max(1e-3, policy.plain_cost(1) or 0.0)
         while time.perf_counter() < deadline:
             pass
-        seq.ngram_proposal = [1] * limit
-        seq.ngram_index.matched = 1
+        row = self.rows[seq.slot]
+        row.proposal = [1] * limit
+        row.index.matched = 1
         return limit
 
     monkeypatch.setattr(NgramDrafter, "plan", slow_plan)

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from service.engine.api import Method
-from service.engine.device import to_device
+from service.engine.execution.device import to_device
+from service.engine.execution.runner import ModelRunner
 from service.engine.prefill import allocate
-from service.engine.runner import ModelRunner
-from service.engine.sampling import BatchSampling, probs_from_logits, sample_from
 from service.engine.sequence import Sequence
+from service.engine.speculation.sampling import BatchSampling, probs_from_logits, sample_from
 
 
 @dataclass
@@ -80,13 +80,16 @@ class Drafter(ABC):
     def commit(self, seq: Sequence, accepted: int) -> None:  # noqa: B027
         """After verification: `accepted` drafts of this row were accepted."""
 
+    def release(self, seq: Sequence) -> None:  # noqa: B027
+        """The row left its slot (finished, failed or cancelled, started or not): its state goes."""
+
     def while_device_runs(self, seq: Sequence) -> None:  # noqa: B027
         """Host work for later passes, done while the device runs this one (after the
         target's launch, before the pass's synchronisation), off the pass's critical path."""
 
     def proposal_kinds(self) -> tuple[Hashable, ...]:
         """Every kind of proposal this drafter makes (the adaptive policy pools acceptance
-        by kind: service.engine.adaptive.PooledAcceptance)."""
+        by kind: service.engine.speculation.draft_length_policy.PooledAcceptance)."""
         return (self.method,)
 
     def proposal_kind(self, seq: Sequence) -> Hashable:
@@ -112,16 +115,13 @@ class NgramIndex:
     sequence and propose up to `limit` tokens that followed the match; prefer the latest
     match with a full-length continuation, else the earliest (longest continuation); [] on
     a miss. Kept incrementally, a pass costs O(max_n) per new token instead of a scan of
-    the whole sequence per row (tests/engine/test_units.py holds the scanning reference):
-    at batch 32 the scans cost as much host time as the GPU pass itself.
+    the whole sequence per row (tests/engine/test_units.py holds the scanning reference).
 
     Per n, the occurrences of an n-gram form a chain over start positions:
     `latest[key]` is its last start, `earlier[s]` the start of the occurrence before the
     one at s (-1: none) and `first[s]` the first occurrence's start. A key is the n token
-    ids packed into one int, 32 bits each. Nothing here is a container per n-gram, and ints
-    are not tracked by Python's cycle collector: a list of starts per n-gram made every new
-    token allocate tracked objects, which at 32 concurrent requests triggered full
-    collections of the whole process heap (0.15 s each) in the middle of decoding.
+    ids packed into one int, 32 bits each. Nothing here is a container per n-gram: ints are
+    not tracked by the cycle collector, whose full collections stall decoding (docs/engine.md).
     """
 
     def __init__(self, max_n: int, min_n: int) -> None:
@@ -172,6 +172,14 @@ class NgramIndex:
         return []
 
 
+@dataclass
+class NgramRow:
+    """An n-gram row's state: its index and the proposal of the coming pass."""
+
+    index: NgramIndex
+    proposal: list[int] = field(default_factory=list)
+
+
 class NgramDrafter(Drafter):
     method = Method.NGRAM
     drafts_on_host = True
@@ -179,37 +187,50 @@ class NgramDrafter(Drafter):
     def __init__(self, max_n: int, min_n: int) -> None:
         self.max_n, self.min_n = max_n, min_n
         self._kinds = tuple((self.method, n) for n in range(max_n + 1))  # [n]: proposals from n-token matches
+        self.rows: dict[int, NgramRow] = {}  # by slot: the rows started and not released
 
     def start(self, seq: Sequence) -> None:
-        seq.ngram_index = NgramIndex(self.max_n, self.min_n)
+        self.rows[seq.slot] = NgramRow(NgramIndex(self.max_n, self.min_n))
+
+    def release(self, seq: Sequence) -> None:
+        self.rows.pop(seq.slot, None)
 
     def plan(self, seq: Sequence, limit: int) -> int:
-        seq.ngram_proposal = seq.ngram_index.lookup(seq.tokens, limit)
-        return len(seq.ngram_proposal)
+        row = self.rows[seq.slot]
+        row.proposal = row.index.lookup(seq.tokens, limit)
+        return len(row.proposal)
 
     def proposal_kinds(self) -> tuple[Hashable, ...]:
         return self._kinds[self.min_n :]
 
     def proposal_kind(self, seq: Sequence) -> Hashable:
-        return self._kinds[seq.ngram_index.matched]  # the longer the match, the likelier the drafts
+        return self._kinds[self.rows[seq.slot].index.matched]  # the longer the match, the likelier the drafts
 
     def host_drafts(self, seq: Sequence) -> list[int]:
-        return seq.ngram_proposal[: seq.num_drafts]
+        return self.rows[seq.slot].proposal[: seq.num_drafts]
 
     def while_device_runs(self, seq: Sequence) -> None:
         # What the passes without lookups (the policy skips them when drafting cannot pay)
         # left unindexed: otherwise the first lookup after them indexes it all, on the host
         # between two passes, with the GPU idle.
-        seq.ngram_index.extend(seq.tokens)
+        self.rows[seq.slot].index.extend(seq.tokens)
+
+
+@dataclass
+class DraftRow:
+    """A draft-model row's state."""
+
+    cached: int = 0  # tokens whose KV is valid in the draft model's cache
+    steps: int = 0  # draft forward steps run this pass
 
 
 class DraftModelDrafter(Drafter):
     """A smaller model sharing the target's vocabulary, with its own static KV cache.
 
-    Its cache holds the sequence up to `seq.draft_len`. A pass first feeds the tokens it has
-    not seen (the last pass's bonus token, plus the last draft when all drafts were
-    accepted), then drafts autoregressively. After verification the cache is rolled back to
-    the accepted prefix by resetting `draft_len`; nothing is copied.
+    Its cache holds each row's sequence up to the row's `cached` length (DraftRow). A pass
+    first feeds the tokens it has not seen (the last pass's bonus token, plus the last draft
+    when all drafts were accepted), then drafts autoregressively. After verification the
+    cache is rolled back to the accepted prefix by resetting `cached`; nothing is copied.
     """
 
     method = Method.DRAFT_MODEL
@@ -222,18 +243,27 @@ class DraftModelDrafter(Drafter):
         # prompt goes in chunks, as the target's does (docs/prefill.md).
         self.catch_up_budget = catch_up_budget
         self._budget_left = catch_up_budget  # of the current pass (reset by prepare_rows)
+        self.rows: dict[int, DraftRow] = {}  # by slot: the rows started and not released
+
+    def _cached(self, seq: Sequence) -> int:
+        """Tokens of the row (of any drafter) whose KV is valid in the draft model's cache."""
+        row = self.rows.get(seq.slot)
+        return row.cached if row is not None else 0
 
     def start(self, seq: Sequence) -> None:
-        # The draft's prefill waits for the row's first drafting pass (_catch_up): with the
-        # adaptive draft length, a row may never draft, and then its prefill would be waste
-        # (at 32 concurrent requests it cost 14% of throughput).
-        seq.draft_len = 0
+        # The draft's prefill waits for the row's first drafting pass (prepare): with the
+        # adaptive draft length, a row may never draft.
+        self.rows[seq.slot] = DraftRow()
+
+    def release(self, seq: Sequence) -> None:
+        self.rows.pop(seq.slot, None)
 
     def plan(self, seq: Sequence, limit: int) -> int:
         return limit
 
     def ready(self, seq: Sequence) -> bool:
-        return len(seq.tokens) - 1 - seq.draft_len <= 1  # one or two unseen tokens: the pass feeds them
+        # One or two unseen tokens: the pass feeds them.
+        return len(seq.tokens) - 1 - self.rows[seq.slot].cached <= 1
 
     def prepare(self, seq: Sequence) -> None:
         """Feeds the row's tokens the draft has not seen, all but the last (the pass feeds
@@ -242,12 +272,13 @@ class DraftModelDrafter(Drafter):
         catch-up budget (the rest in later passes: until then the row is not ready()). The
         scheduler calls it per row, guarded, so a failure (out of memory on a long prompt)
         fails that request alone."""
-        behind = seq.tokens[seq.draft_len : -1]
+        row = self.rows[seq.slot]
+        behind = seq.tokens[row.cached : -1]
         if len(behind) > 1 and self._budget_left > 0:  # one or two unseen tokens are a normal pass's business
             behind = behind[: self._budget_left]
             ids = to_device([behind], torch.long, self.runner.device)  # [1, L]
-            self.runner.forward(seq.slot, seq.slot + 1, ids, [seq.draft_len], last_only=True)
-            seq.draft_len += len(behind)
+            self.runner.forward(seq.slot, seq.slot + 1, ids, [row.cached], last_only=True)
+            row.cached += len(behind)
             self._budget_left -= len(behind)
             self.catch_ups += 1
 
@@ -255,12 +286,12 @@ class DraftModelDrafter(Drafter):
         """Feeds the backlogs of the rows behind in batched eager forwards; prepare() does
         whatever is left (a row alone, or a failed batch) row by row.
 
-        When the policy turns drafting on at 32 concurrent requests, every row is behind
-        (the prompt, or what was generated while it did not draft): 32 forwards of about
-        6 ms each on an H200, launch-bound, against one for all. A forward covers the slot
-        span of its rows; row r's backlog goes to positions draft_len .. + L_r - 1,
+        When the policy turns drafting on, every row is behind (the prompt, or what was
+        generated while it did not draft), and one forward costs about what each row's own
+        would (launch-bound; docs/engine.md). A forward covers the slot
+        span of its rows; row r's backlog goes to positions cached .. + L_r - 1,
         zero-padded to the longest backlog, and a slot of the span that is not in the group
-        gets padding only, written from its own draft_len on (or, for a slot the draft model
+        gets padding only, written from its own cached length on (or, for a slot the draft model
         does not serve, anywhere): past every row's valid length, as a verify pass's padded
         drafts are. Groups are split while padding would more than double the tokens fed
         (one long prompt among short backlogs runs on its own).
@@ -268,7 +299,9 @@ class DraftModelDrafter(Drafter):
         self._budget_left = self.catch_up_budget  # prepare_rows comes first in every pass that drafts
         served = {seq.slot: seq for seq in rows}
         late = [seq for seq in rows if not self.ready(seq)]
-        chunks = allocate([len(seq.tokens) - 1 - seq.draft_len for seq in late], self.catch_up_budget)
+        chunks = allocate(
+            [len(seq.tokens) - 1 - self.rows[seq.slot].cached for seq in late], self.catch_up_budget
+        )
         self._catch_up(
             [seq for seq, chunk in zip(late, chunks) if chunk],
             {seq.slot: chunk for seq, chunk in zip(late, chunks)},
@@ -296,14 +329,13 @@ class DraftModelDrafter(Drafter):
         for r in range(hi - lo):
             seq = served.get(lo + r)
             if seq is not None:
-                starts[r] = seq.draft_len
+                starts[r] = self.rows[seq.slot].cached
         for seq in late:
-            ids[seq.slot - lo][: backlog[seq.slot]] = seq.tokens[
-                seq.draft_len : seq.draft_len + backlog[seq.slot]
-            ]
+            cached = self.rows[seq.slot].cached
+            ids[seq.slot - lo][: backlog[seq.slot]] = seq.tokens[cached : cached + backlog[seq.slot]]
         self.runner.forward(lo, hi, to_device(ids, torch.long, self.runner.device), starts, last_only=True)
         for seq in late:
-            seq.draft_len += backlog[seq.slot]
+            self.rows[seq.slot].cached += backlog[seq.slot]
             self._budget_left -= backlog[seq.slot]
         self.catch_ups += 1
 
@@ -312,17 +344,17 @@ class DraftModelDrafter(Drafter):
         # (a longer backlog would still be right here, in one wider eager pass).
         lo, hi = min(s.slot for s in rows), max(s.slot for s in rows) + 1
         # 1 token (the bonus; the last after a catch-up), 2 after a pass that accepted every draft
-        unseen = {s.slot: s.tokens[s.draft_len :] for s in rows}
+        unseen = {s.slot: s.tokens[self.rows[s.slot].cached :] for s in rows}
         width = max(len(t) for t in unseen.values())
         ids, starts, last = [[0] * width for _ in range(hi - lo)], [0] * (hi - lo), [0] * (hi - lo)
         for r in range(hi - lo):  # a row of the span that does not propose writes past its draft cache
             other = ctx.by_slot[lo + r] if lo + r < len(ctx.by_slot) else None
             if other is not None:
-                starts[r] = other.draft_len
+                starts[r] = self._cached(other)
         for seq in rows:
             r = seq.slot - lo
             ids[r][: len(unseen[seq.slot])] = unseen[seq.slot]
-            starts[r], last[r] = seq.draft_len, len(unseen[seq.slot]) - 1
+            starts[r], last[r] = self.rows[seq.slot].cached, len(unseen[seq.slot]) - 1
         device = self.runner.device
         logits = self.runner.forward(lo, hi, to_device(ids, torch.long, device), starts)  # [B, W, V]
         logits = logits[torch.arange(hi - lo, device=device), to_device(last, torch.long, device)]  # [B, V]
@@ -341,7 +373,7 @@ class DraftModelDrafter(Drafter):
                 step_starts = [st + lst + 1 + i for st, lst in zip(starts, last)]
                 logits = self.runner.forward(lo, hi, x[:, None], step_starts)[:, 0]  # [B, V]
         for seq in rows:
-            seq.draft_steps = n
+            self.rows[seq.slot].steps = n
         out = torch.zeros((ctx.hi, n), dtype=torch.long, device=device)  # [hi, n]
         out[lo:hi] = torch.stack(tokens, dim=1)
         full_probs = None
@@ -354,6 +386,7 @@ class DraftModelDrafter(Drafter):
         # Called before the pass's tokens are appended. The draft consumed the previous
         # tokens and its own drafts 1..steps-1, so it agrees with the new sequence up to
         # min(accepted, steps - 1) drafts; the rest is rolled back by length.
-        if seq.draft_steps > 0:
-            seq.draft_len = len(seq.tokens) + min(accepted, seq.draft_steps - 1)
-        seq.draft_steps = 0
+        row = self.rows[seq.slot]
+        if row.steps > 0:
+            row.cached = len(seq.tokens) + min(accepted, row.steps - 1)
+        row.steps = 0

@@ -1,7 +1,6 @@
 """A lean forward pass for the Llama / Qwen2 family, over the engine's static KV cache.
 
-transformers' own forward is correct but issues many small kernels and Python-level
-dispatch per layer (17 ms per pass eager for SmolLM2-135M on an H200). This module runs the
+transformers' own forward is correct but dispatch-bound (docs/engine.md). This module runs the
 same math as explicit tensor code with fused projections: one QKV matmul and one gate/up
 matmul per layer. Weights and config still come from the transformers model; the fused
 matrices are built once and the model's own Linear weights become views into them, so no
@@ -23,7 +22,7 @@ import torch._dynamo
 import torch.fx.experimental._config
 import torch.nn.functional as F
 
-from service.engine.device import to_device
+from service.engine.execution.device import to_device
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 VARIANTS = ("around_attention", "layer", "invariant")  # see LeanForward
@@ -236,20 +235,11 @@ def decoder_layer(
 
     Written to be compiled as one region (LeanForward's "layer" variant), where B == 1 and
     T == 1 are specialisations of their own (Dynamo's 0/1 specialisation), so the choices
-    below cost nothing at run time. Measured on an H200, SmolLM2-135M bf16, replayed graphs
-    (bench/gpu_pass_cost.py --profile; the alternatives were variants of this function):
-    - attention: the explicit matmuls of gqa_attention where B >= 2 and T >= 2 (B = 32,
-      T = 2..9: 1.92..2.69 ms a pass against 2.33..2.78 with SDPA inside the region);
-      F.scaled_dot_product_attention otherwise (cuDNN: B = 32, T = 1: 1.42 ms against 1.64;
-      B = 1, T = 2..9: 1.45..1.49 against 1.52..1.56; at B = 1, T = 1 cuBLAS/CUTLASS
-      batched GEMMs of 3 rows took 8 and 3 us a layer, and the same products written as
-      Triton reductions 10 us: cuDNN's two kernels take 6.6);
+    below cost nothing at run time. Each choice was the fastest measured (docs/engine.md):
+    - attention: the explicit matmuls of gqa_attention where B >= 2 and T >= 2,
+      F.scaled_dot_product_attention otherwise;
     - linears at B = 1, T = 1, compiled: products and float32 sums (gemv_linear), which
-      inductor emits as Triton reductions fused with the norm (recomputed per output row),
-      SiLU and residual around them, instead of cuBLAS GEMVs of about 3.9 us each. A B = 1,
-      T = 1 pass: 0.83 ms and 298 kernels, against 1.25 ms and 448 kernels for the
-      "around_attention" variant (0.94 ms with the norms as kernels of their own, 1.23 ms
-      with cuBLAS linears).
+      inductor fuses with the norm, SiLU and residual around them, instead of cuBLAS GEMVs.
     Eagerly, the linears stay F.linear (a product would be materialised).
     """
     b, t, _ = x.shape
@@ -382,7 +372,7 @@ class LeanForward:
       the linears into Triton reductions fused with their neighbours.
     - "invariant" (CUDA only): no torch.compile; every layer is seven Triton kernels whose
       result for a token row does not depend on the other rows of the pass
-      (service/engine/invariant_kernels.py), so a verify pass of k + 1 rows gives each row
+      (service/engine/execution/invariant_kernels.py), so a verify pass of k + 1 rows gives each row
       bit for bit the logits a plain pass of one row gives, in bfloat16 too: speculative
       greedy output is plain greedy output.
     In the first two variants the final norm and the LM head run in float32: bfloat16 logits
@@ -418,7 +408,7 @@ class LeanForward:
         self.embed = decoder.embed_tokens.weight  # [V, E]
         head = model.lm_head.weight  # [V, E] (tied to embed when the model ties them)
         if variant == "invariant":
-            from service.engine import invariant_kernels  # Triton: CUDA machines only
+            from service.engine.execution import invariant_kernels  # Triton: CUDA machines only
 
             self._kernels = invariant_kernels
             self.final_norm, self.lm_head = decoder.norm.weight, head  # model dtype
@@ -434,7 +424,7 @@ class LeanForward:
             self.post_attention = torch.compile(post_attention, dynamic=True)
         self.rotary = decoder.rotary_emb
         # Prefill passes (prefill()) of a half-precision model on a GPU with FlashAttention:
-        # cuBLAS and FlashAttention (service/engine/dense_prefill.py) instead of the invariant
+        # cuBLAS and FlashAttention (service/engine/execution/dense_prefill.py) instead of the invariant
         # kernels, which are written for decode-sized passes. Only with the invariant variant,
         # whose decode passes read a cache that any prefill may have written.
         # dense_prefill: "auto" (where available), "off", or "on" (forced: tests run it on
@@ -443,7 +433,7 @@ class LeanForward:
             raise ValueError(f"dense_prefill must be auto, on or off, not {dense_prefill!r}")
         self._dense = None
         if dense_prefill != "off" and variant == "invariant":
-            from service.engine import dense_prefill as dense
+            from service.engine.execution import dense_prefill as dense
 
             if dense_prefill == "on" or dense.available(self.embed.device, self.embed.dtype, self.head_dim):
                 self._dense = dense

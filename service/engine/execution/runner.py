@@ -1,10 +1,10 @@
 """Runs one model's forward over batch slots, against that model's static KV cache.
 
 Three paths, one contract (float32 logits for the given rows and positions):
-- the lean forward (service/engine/lean_forward.py) for the Llama/Qwen2 family, eager (or
+- the lean forward (service/engine/execution/model_forward.py) for the Llama/Qwen2 family, eager (or
   compiled, on CUDA);
 - the same lean forward replayed from captured CUDA graphs for decode and verify passes
-  on CUDA (service/engine/cuda_graphs.py);
+  on CUDA (service/engine/execution/cuda_graphs.py);
 - transformers' own forward with a cache window, for every other model family.
 """
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from service.engine.cuda_graphs import GraphedDecoder
-from service.engine.device import to_device
-from service.engine.kv_cache import StaticKVCache, causal_mask
-from service.engine.lean_forward import LeanForward, supports
+from service.engine.execution.cuda_graphs import GraphedDecoder
+from service.engine.execution.device import to_device
+from service.engine.execution.kv_cache import StaticKVCache, causal_mask
+from service.engine.execution.model_forward import LeanForward, supports
 from service.models.loading import LoadedModel
 
 
@@ -73,9 +73,8 @@ class ModelRunner:
             if self.device.type == "cuda":
                 # Split-K GEMMs may otherwise reduce partial sums in bfloat16, one source of a
                 # row's result depending on how many rows share the GEMM (a verify pass of
-                # width k + 1 against a plain pass of width 1). Measured, it did not close
-                # the bf16 speculative/plain divergence at near-ties (bench/RESULTS.md).
-                # Process-wide; a service runs one engine.
+                # width k + 1 against a plain pass of width 1); alone it does not close the
+                # bf16 divergence at near-ties (the invariant kernels do). Process-wide.
                 torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
                 torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
             if use_graphs and self.device.type == "cuda":

@@ -1,17 +1,17 @@
 """Verification of draft tokens against the target model: greedy and rejection sampling.
 
-Both return, per row, the number of accepted drafts `a` and a token row whose first a + 1
-entries are what the pass emits (the accepted drafts, then the target's bonus/correction
-token). verify_greedy and verify_rejection stay on the device; the scheduler's greedy path
-uses greedy_accepted instead, on the target's argmaxes once they are on the host (the
-pass's one synchronisation), which is the same rule (tests/engine/test_verify.py).
+Greedy passes compare on the host (greedy_accepted, on the target's argmaxes once they are
+there); sampled passes run verify_rejection on the device, which returns per row the number
+of accepted drafts `a` and a token row whose first a + 1 entries are what the pass emits (the
+accepted drafts, then the target's bonus/correction token). tests/support/greedy_reference.py
+holds the greedy rule on the device, which tests/engine/test_verify.py compares with both.
 """
 
 from __future__ import annotations
 
 import torch
 
-from service.engine.sampling import sample_from
+from service.engine.speculation.sampling import sample_from
 
 
 def _accepted_prefix(ok: torch.Tensor) -> torch.Tensor:
@@ -19,25 +19,8 @@ def _accepted_prefix(ok: torch.Tensor) -> torch.Tensor:
     return ok.long().cumprod(dim=1).sum(dim=1)
 
 
-def verify_greedy(
-    logits: torch.Tensor, drafts: torch.Tensor, num_drafts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy: accept the longest prefix of drafts equal to the target's argmaxes.
-
-    logits: [B, n + 1, V] target logits at the pending token and after each draft.
-    drafts: [B, n] long; num_drafts: [B] long, d_s (entries at or beyond d_s are padding).
-    Returns accepted [B] long and tokens [B, n + 1] long.
-    """
-    n = drafts.shape[1]
-    target = logits.argmax(dim=-1)  # [B, n + 1]
-    valid = torch.arange(n, device=drafts.device)[None, :] < num_drafts[:, None]  # [B, n]
-    accepted = _accepted_prefix((drafts == target[:, :n]) & valid)  # [B]
-    # The accepted drafts equal the argmaxes, and the bonus is the argmax after them.
-    return accepted, target
-
-
 def greedy_accepted(drafts: list[int], target: list[int]) -> int:
-    """verify_greedy's rule for one row, on the host: the length of the longest prefix of
+    """The greedy rule for one row, on the host: the length of the longest prefix of
     `drafts` (this row's d_s drafts) equal to the target's argmaxes `target` (len >= d_s)."""
     accepted = 0
     for draft, best in zip(drafts, target):

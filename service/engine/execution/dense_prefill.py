@@ -2,7 +2,7 @@
 the real prompt tokens of a pass, packed.
 
 A prefill pass feeds hundreds to thousands of token rows. The row-invariant kernels of
-service/engine/invariant_kernels.py are written for decode and verify passes (up to a few
+service/engine/execution/invariant_kernels.py are written for decode and verify passes (up to a few
 hundred rows); at prefill sizes their 16-row tiles and one-query-tile-per-key-chunk
 attention run far below the GPU's matrix rate (docs/prefill.md has the measurement). Here a
 prefill pass of a half-precision model runs as:
@@ -10,7 +10,7 @@ prefill pass of a half-precision model runs as:
 - the rows' real tokens only, packed into one [N, E] matrix (padding tokens of the
   rectangular [B, T] batch are never computed nor written to the cache);
 - every linear through F.linear (cuBLAS); the norms, the rotary embedding with the cache
-  write, and the SiLU product as one Triton kernel each (service/engine/prefill_kernels.py),
+  write, and the SiLU product as one Triton kernel each (service/engine/execution/prefill_kernels.py),
   rounding where transformers' bfloat16 Llama rounds;
 - attention through FlashAttention's variable-length kernel: row b's queries are its n_b new
   tokens, its keys the first starts[b] + n_b cache positions (its cached prefix and the keys
@@ -36,7 +36,7 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from service.engine.device import to_device
+from service.engine.execution.device import to_device
 
 
 def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -165,7 +165,7 @@ def layer(
 ) -> torch.Tensor:
     """One decoder layer over packed tokens x [N, E]; writes their keys and values at
     (write_rows, write_pos) [N] of k_cache, v_cache [B, G, L, D]. cos, sin: [N, D]."""
-    from service.engine import prefill_kernels as kernels  # Triton: CUDA machines only
+    from service.engine.execution import prefill_kernels as kernels  # Triton: CUDA machines only
 
     n = x.shape[0]
     qkv = F.linear(kernels.rms_norm(x, weights.input_norm, eps), weights.qkv_weight, weights.qkv_bias)

@@ -1,49 +1,10 @@
-"""Adaptive draft length: how many drafts a pass verifies, from measured acceptance and
+"""The draft-length policy: how many drafts a pass verifies, from measured acceptance and
 measured pass costs, so that speculation does not make decoding slower than plain decoding.
 
-The model. If each draft is accepted with probability a given that the ones before it were
-(the usual i.i.d. approximation), a row that proposes d drafts emits in expectation
-
-    E(a, d) = 1 + a + a^2 + ... + a^d = (1 - a^(d+1)) / (1 - a)
-
-tokens in one pass. A pass over a batch that verifies at most n drafts per row costs t(B, n)
-seconds: host and device time together, measured per (batch bucket, n, draft model used)
-around the pass's one synchronisation. The policy picks the cap n with the most expected
-tokens per second, sum over rows of E(a_r, min(L_r, n)) / t(B, n), where L_r is what the
-row's drafter could propose this pass. n = 0 is plain decoding and wins whenever nothing
-beats it: at large batches verify passes cost more, and low acceptance buys little.
-
-Per-row acceptance a_r is the maximum-likelihood rate of that Bernoulli model over recent
-passes: accepted drafts / (accepted drafts + passes that rejected one), exponentially
-weighted, starting from a weak prior: the pooled rate of every row's proposals of the same
-kind (PooledAcceptance: per drafter, and for n-gram per match length, which tells good
-proposals from poor ones better than a row's few passes can). The policy only learns from
-passes that speculate, so no estimate may get stuck below the break-even rate: a kind never
-seen starts optimistic (PRIOR_RATE: a new row tries drafting on its first pass with drafts;
-one pass that rejects everything takes it below break-even), and evidence not renewed ages
-back towards that prior, so a row, or a kind of proposal, that stopped is tried again tens
-to hundreds of passes later (the text it copies from may have come back). Unmeasured costs
-are extrapolated from the nearest measured n of the same bucket (5% more per extra draft),
-so the policy tries a width once, measures it, and keeps what pays. A pass's cost is the
-engine thread's whole step: planning (a cap-0 pass includes the lookups whose proposals the
-policy declined, when the drafters planned), the device, and emitting the tokens. The first
-pass of each shape is not counted: it includes graph capture and compilation; passes that
-capture a graph are not reported at all, and an observation far above the estimate (a stall
-elsewhere) is ignored: an inflated cost would stop the policy from choosing that width, and
-so from ever measuring it again.
-
-Planning itself (a lookup per row) runs between two passes with the GPU idle; where it is
-dear against a pass, a row whose lookups keep drafting nothing looks up less often
-(PlanningBackoff).
-
-The model's promise is checked against what speculating passes deliver: per batch bucket,
-the ratio of realized tokens per second to the predicted rate of the chosen cap, averaged
-over recent speculating passes (Calibration), scales every later prediction for a cap > 0.
-Whatever the model misses (acceptance that is not i.i.d., host time that grows with the
-drafts, costs that vary with the context) shows up there; at 32 concurrent open-chat
-requests on an H200, n-gram under the uncorrected model needed 14% fewer request-passes than
-plain decoding, in passes an estimated 28% longer. Like the acceptance, the ratio ages back
-to 1 while no pass speculates, so speculation is tried again.
+It picks the cap n on drafts per row with the most expected tokens per second,
+sum over rows of E(a_r, min(L_r, n)) / t(B, n), where E(a, d) = (1 - a^(d+1)) / (1 - a) is
+what a row proposing d drafts at acceptance a emits, and t(B, n) the measured cost of such a
+pass. The model, its priors, its calibration and the planning backoff: docs/engine.md.
 """
 
 from __future__ import annotations
@@ -52,37 +13,22 @@ from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-# Acceptance assumed for a kind of proposal never seen; a row's own estimate starts from its
-# kind's pooled rate, worth PRIOR_WEIGHT observed drafts. Above the break-even rate (about
-# 0.42 for SmolLM2 on an H200: a verify pass costs 1.7x a plain one at batch 1, 1.4 to 1.9x
-# at batch 32), so that a new row tries; below it after one pass that accepted nothing
-# (0.6 * 2 / 3 = 0.4). At 0.3 a new row never tried once plain passes got
-# cheap, and n-gram never ran on prompts where it doubles throughput.
+# A kind of proposal never seen: above the break-even rate, so a new row tries; below it
+# after one pass that accepted nothing (0.6 * 2 / 3 = 0.4).
 PRIOR_RATE = 0.6
-PRIOR_WEIGHT = 2.0
+PRIOR_WEIGHT = 2.0  # a row's prior (its kind's pooled rate) counts as this many drafts
 ACCEPT_DECAY = 0.9  # per pass that speculated, for a row's (or a kind's) acceptance history
-# Per pass that did not speculate: the history ages towards the prior. How soon a row that
-# stopped tries again depends on the break-even rate. At batch 1 with verify passes 1.7x a
-# plain one (the "layer" variant), a row never accepted tries again 11 passes after its first
-# rejection and about every 38 after that with a fixed prior; with its kind's pooled prior,
-# which the same rejections lower, after 49 and about every 64 (tests/engine/test_adaptive.py).
-# With verify passes 1.08x to 1.64x plain (the invariant kernels) every 9 passes or so.
-IDLE_DECAY = 0.98
+IDLE_DECAY = 0.98  # per pass that did not: evidence ages towards the prior, so rows try again
 COST_DECAY = 0.9  # per observation, for measured pass costs
 OUTLIER = 4.0  # an observation this many times the estimate is a hiccup, not a new cost
-EXTRAPOLATION_PER_DRAFT = 0.05
-# Calibration (realized / predicted tokens per second of speculating passes): about 20
-# passes of memory, and a prior worth one pass that the model is right. It describes the
-# workload more than one row's text, so it ages slowly while nothing speculates: after
-# passes that delivered a third of their promise, one speculating pass in about 70. The
-# prior also keeps the factor a little above the measured ratio (r + (1 - r) / 21 in the
-# steady state: 0.52 for 0.5), so passes that only just break even are still chosen.
+EXTRAPOLATION_PER_DRAFT = 0.05  # an unmeasured width costs this much more per extra draft
+# Calibration: about 20 passes of memory, a prior worth one pass that the model is right, and
+# slow ageing while nothing speculates (it describes the workload more than one row's text).
 CALIBRATION_DECAY = 0.95
 CALIBRATION_IDLE_DECAY = 0.995
 CALIBRATION_PRIOR_WEIGHT = 1.0
-# Planning backoff (PlanningBackoff): at most about this share of the plain passes' time goes
-# to lookups that draft nothing, and a row skips at most this many passes' lookups in a row
-# (a row whose text starts repeating waits at most that long).
+# Planning backoff: lookups that draft nothing take at most about this share of a plain
+# pass's time, and a row skips at most this many passes' lookups in a row.
 PLANNING_SHARE = 0.01
 MAX_SKIPPED_PLANS = 15
 PLANNING_COST_DECAY = 0.9
@@ -121,15 +67,9 @@ class AcceptanceEstimate:
 
 @dataclass
 class PooledAcceptance:
-    """Every row's drafts, by kind of proposal: the prior of each row's own estimate.
-
-    Proposals are not equally good. SmolLM2 greedy on bench/prompts.py: the first draft of
-    an n-gram proposal from a 1-token match was accepted 11% of the time on open chat (39%
-    on grounded prompts), from a 3-token match 60% (92%); 1-token matches were 61% of open
-    chat's proposals. Updated once per pass with the pass's sums, so its memory is counted
-    in passes, whatever the batch size: ACCEPT_DECAY per pass with evidence, IDLE_DECAY per
-    pass without (a kind no longer tried drifts back to PRIOR_RATE, and is tried again).
-    """
+    """Every row's drafts, by kind of proposal: the prior of each row's own estimate (a
+    kind, e.g. an n-gram match length, tells good proposals from poor ones better than a
+    row's few passes can). Updated once per pass, so its memory is counted in passes."""
 
     kinds: dict[Hashable, AcceptanceEstimate] = field(default_factory=dict)
     # This pass's sums by kind: [accepted drafts, rejections].
@@ -193,18 +133,11 @@ class RowPlanning:
 
 @dataclass
 class PlanningBackoff:
-    """Which rows look up their proposals for the coming pass.
-
-    Planning runs on the host between two passes, with the GPU idle: at 32 concurrent
-    requests on an H200, 32 n-gram lookups took about a tenth of a 2 ms pass. On open chat
-    most rows find nothing the policy drafts, pass after pass, and their lookups are lost
-    time. A row whose last d planned passes drafted nothing for it skips the lookups of the
-    next min(2^(d-1), limit) passes; a pass in which it drafts resets it. limit keeps the
-    time lost near PLANNING_SHARE of a plain pass: (every row's lookup) / (a plain pass) /
-    PLANNING_SHARE - 1, at most MAX_SKIPPED_PLANS, so in a steady decline a row looks up once
-    in limit + 1 passes. Where lookups are cheap against a pass (batch 1: microseconds
-    against a millisecond) limit is 0 and every row plans every pass.
-    """
+    """Which rows look up their proposals for the coming pass: lookups run on the host with
+    the GPU idle, and a row whose lookups keep drafting nothing looks up less often. A row
+    whose last d planned passes drafted nothing skips the next min(2^(d-1), limit) passes'
+    lookups, limit keeping the time lost near PLANNING_SHARE of a plain pass (0 where
+    lookups are cheap against a pass); a pass in which it drafts resets it."""
 
     seconds: dict[int, float] = field(default_factory=dict)  # one row's planning, by batch bucket
     skipped: int = 0  # row lookups skipped, in all
@@ -254,6 +187,14 @@ class PlanningBackoff:
 
 
 @dataclass
+class RowPolicy:
+    """What the policy knows of one row: its acceptance and its planning backoff."""
+
+    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
+    planning: RowPlanning = field(default_factory=RowPlanning)
+
+
+@dataclass
 class _Cost:
     seconds: float = 0.0
     seen: int = 0  # observations, the discarded first one included
@@ -270,6 +211,18 @@ class DraftLengthPolicy:
         self.calibration: dict[int, Calibration] = {}  # by batch bucket
         self._promised: tuple[int, int, float] | None = None  # (bucket, cap, tokens/s) of the last choice
         self.planning = PlanningBackoff()
+        self._rows: dict[int, RowPolicy] = {}  # by slot
+
+    def row(self, slot: int) -> RowPolicy:
+        """The state of the row in `slot` (fresh for a row not seen yet)."""
+        row = self._rows.get(slot)
+        if row is None:
+            row = self._rows[slot] = RowPolicy()
+        return row
+
+    def forget(self, slot: int) -> None:
+        """The row in `slot` left it."""
+        self._rows.pop(slot, None)
 
     def costs(self) -> dict[tuple[int, int, bool], float]:
         """The measured steady-state pass costs, seconds by (batch bucket, drafts, draft model)."""

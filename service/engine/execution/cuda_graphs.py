@@ -9,19 +9,19 @@ Inputs enter through static buffers (token ids, row starts); the mask, positions
 write positions are computed inside the graph from the starts. Every graph writes its logits
 into one shared output buffer, so memory does not grow with the number of graphs (graphs
 replay one at a time on one stream; a pass's logits are consumed before the next replay).
-`capture_all` captures every bucket up front, so that no request pays for a capture (about
-30 ms each) in the middle of its decoding. Rows that only pad a
-bucket, and the warm-up runs before a capture, start at the cache's scratch region (behind
-the usable positions), so they never overwrite keys a real row will read.
+`capture_all` captures every bucket up front, so that no request pays for a capture in the
+middle of its decoding. Rows that only pad a bucket, and the warm-up runs before a capture,
+start at the cache's scratch region (behind the usable positions), so they never overwrite
+keys a real row will read.
 """
 
 from __future__ import annotations
 
 import torch
 
-from service.engine.device import to_device
-from service.engine.kv_cache import StaticKVCache, causal_mask
-from service.engine.lean_forward import LeanForward
+from service.engine.execution.device import to_device
+from service.engine.execution.kv_cache import StaticKVCache, causal_mask
+from service.engine.execution.model_forward import LeanForward
 
 MIN_KV_BUCKET = 64
 

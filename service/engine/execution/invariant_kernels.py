@@ -4,7 +4,7 @@ Why: a plain decode pass computes one row per sequence (T = 1); a verify pass co
 k + 1 rows. Library kernels pick their tiling, split-K and reduction order from the shape,
 so the same row gets a slightly different sum in the two passes; in bfloat16 that flips
 near-tied argmaxes, and speculative greedy output drifts from plain greedy output
-(63% token agreement measured on an H200, bench/RESULTS.md). Here every reduction has an
+(docs/engine.md). Here every reduction has an
 order fixed by constants alone, never by the number of rows:
 
 - linear, up to GEMV_MAX_ROWS rows: one program per row and BN outputs, each output a
@@ -44,13 +44,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Block shapes: measured on an H200 with SmolLM2-135M's shapes (bench/diagnostics/invariant_tuning.py,
-# bench/RESULTS.md). A row's bits depend on these constants, never on the number of rows.
-# Up to GEMV_MAX_ROWS rows (a batch-1 decode or verify pass), linears run as _gemv_kernel:
-# CUDA cores, BN = 4 outputs of one row per program, sums over BK = 256 wide chunks (a
-# batch-1 pass 0.73 ms against 1.47 through the tensor-core kernel). Above, as
-# _linear_kernel: tensor cores, 16-row tiles. The two kernels round differently, so a row's
-# bits are the same in every pass of up to GEMV_MAX_ROWS rows, and in every pass of more.
+# Block shapes, tuned by bench/diagnostics/invariant_tuning.py (docs/engine.md). A row's bits depend on
+# these constants, never on the number of rows. Up to GEMV_MAX_ROWS rows (a batch-1 decode
+# or verify pass) linears run as _gemv_kernel (CUDA cores, BN outputs of one row per
+# program, sums over BK-wide chunks); above, as _linear_kernel (tensor cores, 16-row tiles).
 GEMV_MAX_ROWS = 16
 GEMV_BLOCK_N = 4
 GEMV_BLOCK_K = 256

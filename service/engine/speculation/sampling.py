@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.engine.device import to_device
+from service.engine.execution.device import to_device
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Model execution: the forward passes, their kernels and CUDA graphs, and the KV cache."""

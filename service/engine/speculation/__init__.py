@@ -1,0 +1,1 @@
+"""Speculation: the drafters, verification, sampling and the draft-length policy."""
