@@ -22,6 +22,7 @@ import structlog
 from service import __version__
 from service.api.request_mapping import RequestLimits, check_request_id, to_chunk, to_engine_request
 from service.api.request_trace import CapturedTrace, capture
+from service.api.streaming import take_ready
 from service.engine.api import (
     EngineStoppedError,
     Event,
@@ -30,7 +31,6 @@ from service.engine.api import (
     GenerationRequest,
     InvalidRequestError,
     QueueFullError,
-    TokenChunk,
 )
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
@@ -148,9 +148,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         finished = False
         try:
             while True:
-                event = await bridge.queue.get()
-                if isinstance(event, TokenChunk):
-                    yield generation_pb2.GenerateResponse(request_id=request_id, chunk=to_chunk(event))
+                chunk, event = take_ready(await bridge.queue.get(), bridge.queue)
+                if chunk is not None:
+                    yield generation_pb2.GenerateResponse(request_id=request_id, chunk=to_chunk(chunk))
+                if event is None:
                     continue
                 finished = True
                 if event.finish_reason is FinishReason.ERROR:

@@ -16,6 +16,7 @@ TORCH_FREE_MODULES = (
     "service.server",
     "service.api.request_mapping",
     "service.api.handlers",
+    "service.api.streaming",
     "service.api.request_log",
     "service.api.metrics_format",
     "service.config",
