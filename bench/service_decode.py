@@ -11,7 +11,7 @@ runs; the directories are --models-dir/<shape>; the draft model is loaded only w
   inprocess  the engine in this process, built by the service's own build_engine from the
              same server arguments (service/server.py: load, vocabulary check, warm-up);
   grpc       `specdec-server` with those arguments as a child process on a loopback port,
-             loaded through the gRPC API by specdec-bench's runner (service/loadgen);
+             loaded through the gRPC API by specdec-bench's runner (service/client/loadgen);
 
 and per prompt set (--prompts, specdec-bench's: builtin:grounded, builtin:open_chat,
 builtin:all, or a JSONL file), method (--methods: none, ngram, draft_model) and pacing:

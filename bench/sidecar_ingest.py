@@ -33,8 +33,9 @@ from pathlib import Path
 
 import grpc
 
-from service.reporting.reporter import REPORT_METHOD, encode_report_request
+from service.reporting.reporter import encode_report_request
 from specdec.v1 import telemetry_pb2
+from specdec_common.proto_names import REPORT_METHOD
 from testkit.otlp_receiver import OtlpGrpcReceiver
 from testkit.processes import free_port, health_serving, wait_for
 from testkit.simulated_metrics import simulate_metrics

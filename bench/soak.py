@@ -1,6 +1,6 @@
 """Soak: the service and the sidecar under mixed load for a stated time.
 
-    python -m bench.soak --seconds 300 --clients 8 --out bench/results/soak_cpu_300s.json
+    python -m bench.soak --seconds 300 --clients 8 --out bench/out/soak_cpu_300s.json
 
 Starts both as child processes (bench/common/stack.py: tiny random model on the CPU, the service
 reporting to the sidecar) and runs `--clients` threads, each sending one request after the

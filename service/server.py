@@ -25,7 +25,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from service import __version__
-from service.api.handlers import add_servicer
+from service.api.parse_guard import add_servicer
 from service.api.request_log import log_finished_request
 from service.api.request_mapping import RequestLimits
 from service.api.request_trace import CapturedTrace

@@ -1,10 +1,10 @@
 """Many values of one SDK histogram, for one attribute set, in one step.
 
 Why this exists: the OpenTelemetry SDK's `Histogram.record()` cleans, copies and hashes the
-attribute dict on every call (about 6.5 us per value with our four attributes, 3.5 us of it
-for the attributes). The sidecar records about four histogram values per SpeculativeMetrics
-record, so the per-value API alone caps ingest near 38,000 records/s on one core. A batch
-of records, though, has a handful of attribute sets. `record_many` therefore resolves the
+attribute dict on every call, and the sidecar records about four histogram values per
+SpeculativeMetrics record, so the per-value API alone kept ingest below its target
+(bench/RESULTS.md, "Sidecar ingest"). A batch of records, though, has a handful of attribute
+sets. `record_many` therefore resolves the
 SDK's own aggregation for an attribute set once per batch and feeds it every value, taking
 the same lock the SDK's `consume_measurement` takes, so collection (cumulative or delta)
 sees exactly what per-value `record()` calls would have produced: same buckets, sum, count,
@@ -25,15 +25,15 @@ reservoir. Traced records' values go through `record()` in their span's context 
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable, Mapping
 from time import time_ns
 
+import structlog
 from opentelemetry.context import get_current
 from opentelemetry.metrics import Histogram
 
-_log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 try:  # SDK internals; absent or different in another version -> public API only
     from opentelemetry.attributes import _clean_attribute_value
@@ -76,7 +76,9 @@ class BulkHistograms:
         self._bulk = {name for name, problem in problems.items() if problem is None}
         for name, problem in problems.items():
             if problem is not None:
-                _log.warning("histogram %s: per-value record() (bulk path off: %s)", name, problem)
+                log.warning(
+                    "histogram_bulk_path_off", histogram=name, problem=problem, fallback="per-value record()"
+                )
 
     def is_bulk(self, histogram: Histogram) -> bool:
         return histogram.name in self._bulk

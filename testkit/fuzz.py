@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from specdec.v1 import generation_pb2, metrics_pb2, telemetry_pb2
+from specdec_common.proto_names import GENERATION_SERVICE, REPORT_METHOD, rpc_path
 
-GENERATE = "/specdec.v1.GenerationService/Generate"
-REPORT = "/specdec.v1.TelemetryService/Report"
+GENERATE = rpc_path(GENERATION_SERVICE, "Generate")
+REPORT = REPORT_METHOD
 
 # Codes a server may answer a hostile request with. UNAVAILABLE is not among them: the
 # servers under test are not shutting down, so it would mean one stopped serving.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import structlog
 
-from service.api.metrics_format import metrics_to_dict
 from service.api.request_trace import CapturedTrace
 from service.engine.api import FinalResult
+from specdec_common.metrics_format import metrics_to_dict
 
 log = structlog.get_logger("specdec.request")
 

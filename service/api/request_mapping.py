@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from service.api.provenance import pack_draft_mask
 from service.config import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_PROMPT_CHARS
 from service.engine.api import (
     GenerationRequest,
@@ -24,12 +23,13 @@ from service.engine.api import (
     TokenChunk,
 )
 from specdec.v1 import generation_pb2, metrics_pb2
+from specdec_common.provenance import pack_draft_mask
+from specdec_common.request_limits import MAX_REQUEST_ID_CHARS
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 # A request id travels in every response, log line and metrics record; the sidecar's log
 # lines show at most 128 characters of it.
-MAX_REQUEST_ID_CHARS = 128
 
 
 # A chat role is a name (system, user, assistant, tool, ...): templates paste it between their

@@ -20,11 +20,11 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf import json_format
 
-from service.api.metrics_format import metrics_to_dict
-from service.api.provenance import StreamProvenance
-from service.api.request_mapping import MAX_REQUEST_ID_CHARS
 from service.client.options import METHODS, add_security_arguments, open_channel, security_of
 from specdec.v1 import generation_pb2, generation_pb2_grpc
+from specdec_common.metrics_format import metrics_to_dict
+from specdec_common.provenance import StreamProvenance
+from specdec_common.request_limits import MAX_REQUEST_ID_CHARS
 from specdec_security import SecuritySetupError
 
 

@@ -31,12 +31,12 @@ class EngineConfig:
     ngram_max_n: int = 3
     ngram_min_n: int = 1
     instance_id: str = ""
-    # CUDA only: replay decode/verify passes from captured graphs, and fuse the per-layer
-    # work with torch.compile (the first pass of each new shape compiles and captures).
     # Shorten draft lengths pass by pass from measured acceptance and pass costs
     # (service/engine/speculation/draft_length_policy.py). Greedy and unseeded rows only:
     # a seeded sampled request keeps its k, so the same seed still gives the same output.
     adaptive_draft_length: bool = False
+    # CUDA only: replay decode/verify passes from captured graphs, and fuse the per-layer
+    # work with torch.compile (the first pass of each new shape compiles and captures).
     cuda_graphs: bool = True
     compile: bool = True
     # The lean forward's variant on CUDA (service/engine/execution/model_forward.py; CPU runs are always

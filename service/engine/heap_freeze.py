@@ -1,11 +1,12 @@
 """Keeping Python's cycle collector off the heap that exists once an engine has started.
 
-gc.freeze() moves every object alive into a permanent generation that collections skip:
-the models, torch, transformers, about 400,000 objects. Without it, every full collection
-(which objects outliving a few passes trigger) walks them all, 0.15 s and more during which
-every thread, and so every running request, stops. The collector is process-wide, so the
-engines of one process share one freeze: each start collects and freezes what is alive
-(its own model included), and only the last engine to stop unfreezes.
+gc.freeze() moves every object alive into a permanent generation that collections skip: the
+models, torch, transformers, hundreds of thousands of objects. Without it, every full
+collection (which objects outliving a few passes trigger) walks them all, a pause of every
+thread, and so of every running request (docs/engine.md, "Execution paths", has the
+figures). The collector is process-wide, so the engines of one process share one freeze:
+each start collects and freezes what is alive (its own model included), and only the last
+engine to stop unfreezes.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 
 from service.models import store
@@ -45,7 +45,7 @@ class LoadedModel:
 
 # --------------------------------------------------------------------------- loader
 
-_log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 CONVERTED_MARKER = "specdec-converted.json"
 
@@ -146,7 +146,7 @@ def _gguf_sha256(path: Path, root: Path) -> str:
         )
         os.replace(tmp, memo)
     except OSError as e:  # a read-only cache only costs a re-hash next time
-        _log.warning("could not remember the sha256 of %s: %s", path, e)
+        log.warning("gguf_sha256_not_remembered", path=str(path), error=str(e))
     return digest
 
 
@@ -196,14 +196,14 @@ def _reconcile_special_tokens(tokenizer: Any, config: Any, gguf: Path) -> None:
         have = getattr(tokenizer, f"{attr}_token_id", None)
         if have != want:
             token = tokenizer.convert_ids_to_tokens(want)
-            _log.info(
-                "%s: tokenizer %s token %r (id %s) -> %r (id %d) from the GGUF metadata",
-                gguf.name,
-                attr,
-                getattr(tokenizer, f"{attr}_token", None),
-                have,
-                token,
-                want,
+            log.info(
+                "gguf_special_token_set",
+                gguf=gguf.name,
+                token_kind=attr,
+                was=getattr(tokenizer, f"{attr}_token", None),
+                was_id=have,
+                token=token,
+                token_id=want,
             )
             setattr(tokenizer, f"{attr}_token", token)
 
@@ -267,12 +267,16 @@ def _convert_gguf(gguf: Path, gguf_sha256: str, target: Path, dtype: torch.dtype
         except OSError:
             if not _is_converted(target):
                 raise
-            _log.info("another process converted %s first; using its copy", gguf.name)
+            log.info("gguf_conversion_found", gguf=gguf.name, note="another process converted it first")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    _log.info(
-        "converted %s to %s (%s) in %.1f s", gguf.name, target, _dtype_name(dtype), time.monotonic() - t0
+    log.info(
+        "gguf_converted",
+        gguf=gguf.name,
+        target=str(target),
+        dtype=_dtype_name(dtype),
+        seconds=round(time.monotonic() - t0, 1),
     )
 
 
@@ -358,7 +362,13 @@ def load_model(
                     f"model in the local HF cache."
                 ) from e
             loaded = _finish(spec_str, model, tok, dev, dt)
-    _log.info("loaded %s on %s (%s) in %.1f s", spec_str, dev, _dtype_name(dt), time.monotonic() - t0)
+    log.info(
+        "model_loaded",
+        model=spec_str,
+        device=str(dev),
+        dtype=_dtype_name(dt),
+        seconds=round(time.monotonic() - t0, 1),
+    )
     return loaded
 
 

@@ -258,7 +258,8 @@ def test_pooled_acceptance_keeps_kinds_apart_and_forgets_what_is_no_longer_tried
 
 def test_a_rows_prior_is_its_kinds_pooled_rate() -> None:
     """A new row whose proposal is of a kind that keeps failing does not try it; a new row
-    whose kind pays does (batch 32, H200 costs of bench/results/diag_c32)."""
+    whose kind pays does (batch 32, H200 costs of the diag_breakdown runs in
+    bench/history/results/concurrency32/)."""
     policy = DraftLengthPolicy()
     _measured(policy, 32, {0: 1.877e-3, 1: 1.948e-3, 2: 2.584e-3, 3: 2.643e-3, 4: 2.804e-3})
     for _ in range(10):

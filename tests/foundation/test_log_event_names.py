@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("service", "telemetry", "specdec_security")
+PACKAGES = ("service", "telemetry", "specdec_security", "specdec_common")
 LEVELS = {"debug", "info", "warning", "error", "exception", "critical", "msg"}
 SNAKE = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")
 
@@ -49,3 +49,17 @@ def test_event_names_are_snake_case() -> None:
     assert len(events) > 40  # the scan sees the product's log calls
     bad = [f"{file}:{line}: {event!r}" for file, line, event in events if not SNAKE.fullmatch(event)]
     assert not bad, "event names not in snake_case:\n" + "\n".join(bad)
+
+
+def test_the_product_logs_through_structlog_only() -> None:
+    """No stdlib logger of its own (whose messages would be sentences with %s): the one place
+    that touches stdlib logging is the set-up that routes other libraries' records."""
+    own = [
+        f"{path.relative_to(REPO)}:{number}"
+        for package in PACKAGES
+        for path in sorted((REPO / package).rglob("*.py"))
+        if path.name != "logging_setup.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "logging.getLogger(" in line
+    ]
+    assert not own, own

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "scripts"))
-import gen_proto  # noqa: E402
+# scripts/ is not a package: load the generator from its file, without editing sys.path
+_spec = importlib.util.spec_from_file_location("gen_proto", REPO / "scripts" / "gen_proto.py")
+gen_proto = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen_proto)
 
 
 def committed_generated_files() -> dict[Path, bytes]:

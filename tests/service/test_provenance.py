@@ -150,7 +150,7 @@ def test_the_client_shows_each_tokens_provenance(service, capsys) -> None:
 
 
 def test_the_mask_is_packed_least_significant_bit_first() -> None:
-    from service.api.provenance import pack_draft_mask, unpack_draft_mask
+    from specdec_common.provenance import pack_draft_mask, unpack_draft_mask
 
     # Tokens 1, 2 and 9 of 10 were drafts: byte 0 = 0b110, byte 1 = 0b10.
     mask = 1 << 1 | 1 << 2 | 1 << 9

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-from service.api.provenance import unpack_draft_mask
 from service.api.request_mapping import to_chunk
 from service.api.streaming import merge_chunks, take_ready
 from service.engine.api import FinalResult, FinishReason, TokenChunk
 from specdec.v1 import metrics_pb2
+from specdec_common.provenance import unpack_draft_mask
 
 # three passes: a draft accepted then the bonus; the target's own token; two drafts, a bonus, one cut
 CHUNKS = [

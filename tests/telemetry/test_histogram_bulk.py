@@ -13,6 +13,8 @@ import math
 import random
 
 import pytest
+import structlog
+import structlog.testing
 from opentelemetry.sdk.metrics import Histogram as SdkHistogram
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics._internal.exemplar import (
@@ -139,12 +141,17 @@ def test_invalid_values_are_dropped_as_the_sdk_drops_them(caplog):
     assert (count, total) == (2, 0.75)
 
 
-def test_exemplars_on_or_missing_internals_fall_back_to_record(monkeypatch, caplog):
+def test_exemplars_on_or_missing_internals_fall_back_to_record(monkeypatch):
     _, ref_readers, ref_h = _provider()
     _, on_readers, on_h = _provider(AlwaysOnExemplarFilter())
-    with caplog.at_level(logging.WARNING):
+    with structlog.testing.capture_logs() as logs:
         bulk = BulkHistograms(on_h)
-    assert not bulk.is_bulk(on_h[0]) and "exemplar filter AlwaysOnExemplarFilter" in caplog.text
+    assert not bulk.is_bulk(on_h[0])
+    assert any(
+        entry["event"] == "histogram_bulk_path_off"
+        and entry["problem"] == "exemplar filter AlwaysOnExemplarFilter"
+        for entry in logs
+    ), logs
     monkeypatch.setattr(histogram_bulk, "_hash_attributes", None)
     _, gone_readers, gone_h = _provider()
     bulk_gone = BulkHistograms(gone_h)

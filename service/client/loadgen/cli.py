@@ -55,8 +55,6 @@ import grpc
 from google.protobuf import json_format
 
 from service import __version__
-from service.api.metrics_format import metrics_to_dict
-from service.api.request_mapping import MAX_REQUEST_ID_CHARS
 from service.client.loadgen import report
 from service.client.loadgen.prompts import Prompt, PromptSetError, load_prompts
 from service.client.loadgen.runner import Pacing, run_load
@@ -64,6 +62,8 @@ from service.client.loadgen.stats import RequestRecord, summarize
 from service.client.options import METHODS as CLIENT_METHODS
 from service.client.options import add_security_arguments, open_channel, security_of
 from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
+from specdec_common.metrics_format import metrics_to_dict
+from specdec_common.request_limits import MAX_REQUEST_ID_CHARS
 from specdec_security import SecuritySetupError
 from specdec_security.client import Metadata
 

@@ -18,8 +18,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.api.metrics_format import metrics_to_dict
 from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
+from specdec_common.metrics_format import metrics_to_dict
 from tests.deploy.on_engine.stack import CLIENT, DRAIN_GRACE_S, PIP_CA, REPO, SECURE, Stack, Totals, run
 
 if not os.environ.get("SPECDEC_DEPLOY_PYTHON_BASE"):
@@ -34,7 +34,7 @@ MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SERVICE = "service-cpu"
 CPU_PROFILE = ("--scale", "service=0")  # the GPU service stays down (README's CPU command)
 DOWNLOAD_LINE = "[specdec-fetch-model] downloading"
-CONVERTED_LINE = "converted " + MODEL_FILE
+CONVERTED_LINE = "gguf_converted"  # the service's log event of a GGUF conversion
 
 
 def docker_time(text: str) -> float:
