@@ -156,7 +156,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model_dir, tmp_pa
                                 method=metrics_pb2.SPECULATION_METHOD_NONE
                             ),
                         ),
-                        timeout=120,
+                        timeout=300,  # as the grace period: this test is about draining, not speed
                     ):
                         responses.append(response)
                         streaming[i].set()
