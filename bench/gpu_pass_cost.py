@@ -8,7 +8,7 @@
 Times (CUDA events, median of --iters) a pass of B rows x T new tokens against a KV cache
 holding --context tokens per row: transformers' own forward (eager, the reference path),
 our lean forward eager, replayed from a CUDA graph, and graph + torch.compile fusion.
-The lean paths run once per --variants entry (LeanForward's variant: what one compiled
+The lean paths run once per --variants entry (ModelForward's variant: what one compiled
 region covers), side by side in one run; for each, the wall time of the first pass of every
 shape (compile + warm-up + graph capture) is reported. With --profile, one replay of the
 graph of each --profile-shapes shape (default B=1, T=1) of each graphed path and variant runs
@@ -307,7 +307,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="around_attention",
-        help="comma-separated LeanForward variants for the lean paths "
+        help="comma-separated ModelForward variants for the lean paths "
         "(around_attention, layer); each runs in this process, side by side",
     )
     parser.add_argument(

@@ -4,8 +4,8 @@
 
 Loads a model directory (bf16 on CUDA), builds the engine's lean forward ("invariant"
 variant) over a static KV cache, and times prefill forwards of B rows x T tokens through
-both of its prefill paths: `LeanForward.__call__` with last_only (the row-invariant Triton
-kernels: what every prefill ran before) and `LeanForward.prefill` (cuBLAS linears and
+both of its prefill paths: `ModelForward.__call__` with last_only (the row-invariant Triton
+kernels: what every prefill ran before) and `ModelForward.prefill` (cuBLAS linears and
 FlashAttention over packed tokens, service/engine/execution/dense_prefill.py). Next to each time: the
 matrix throughput it reaches (2 x matrix parameters x tokens + the attention's products,
 over the time) and the floor (FLOPs over the measured bf16 matrix rate, weight bytes over
@@ -28,7 +28,7 @@ import torch
 
 from bench.gpu_pass_cost import time_ms
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
-from service.engine.execution.model_forward import LeanForward
+from service.engine.execution.model_forward import ModelForward
 
 
 def _ceilings() -> dict[str, float]:
@@ -45,7 +45,7 @@ def _ceilings() -> dict[str, float]:
 class Prefill:
     """A lean forward and a cache of max_batch rows, fed as the runner feeds a prefill."""
 
-    def __init__(self, lean: LeanForward, max_batch: int, max_len: int) -> None:
+    def __init__(self, lean: ModelForward, max_batch: int, max_len: int) -> None:
         self.lean = lean
         self.cache = StaticKVCache(max_batch, max_len, torch.device("cuda"), lean.embed.dtype)
         self.cache.allocate(lean.num_layers, lean.num_kv_heads, lean.head_dim)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, device_map="cuda").eval()
     config = model.config
-    lean = LeanForward(model, variant="invariant")
+    lean = ModelForward(model, variant="invariant")
     if not lean.dense_prefill:
         raise SystemExit("the dense prefill is not available on this device")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

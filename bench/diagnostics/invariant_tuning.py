@@ -148,7 +148,7 @@ def forward_diff(dtype: torch.dtype) -> list[str]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from service.engine.execution.kv_cache import StaticKVCache
-    from service.engine.execution.model_forward import LeanForward
+    from service.engine.execution.model_forward import ModelForward
 
     torch.manual_seed(0)
     model = (
@@ -167,7 +167,7 @@ def forward_diff(dtype: torch.dtype) -> list[str]:
         .eval()
         .to("cuda", dtype)
     )
-    lean = LeanForward(model, variant="invariant")
+    lean = ModelForward(model, variant="invariant")
     cache = StaticKVCache(max_batch=1, max_len=96, device=torch.device("cuda"), dtype=dtype)
     cache.allocate(lean.num_layers, lean.num_kv_heads, lean.head_dim)
     keys, values = cache.rows(0, 1)

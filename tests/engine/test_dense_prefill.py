@@ -56,13 +56,13 @@ INTERPRETED = (
 )
 @torch.inference_mode()
 def test_dense_prefill_matches_transformers_on_the_interpreter() -> None:
-    """LeanForward.prefill in float32 on the CPU (the Triton kernels interpreted, the reference
+    """ModelForward.prefill in float32 on the CPU (the Triton kernels interpreted, the reference
     attention for FlashAttention's): rows batched and padded, a second chunk after a cached
     prefix next to a padded row and a one-token row past its length, then a decode pass of
     the invariant kernels over the cache it wrote, all equal to transformers' forward up to
     float32 rounding."""
     from service.engine.execution.kv_cache import StaticKVCache, causal_mask
-    from service.engine.execution.model_forward import LeanForward
+    from service.engine.execution.model_forward import ModelForward
 
     torch.manual_seed(0)
     shape = {
@@ -75,7 +75,7 @@ def test_dense_prefill_matches_transformers_on_the_interpreter() -> None:
         "max_position_embeddings": 256,
     }
     model = LlamaForCausalLM(LlamaConfig(**shape, initializer_range=0.2)).eval()
-    lean = LeanForward(model, variant="invariant", dense_prefill="on")
+    lean = ModelForward(model, variant="invariant", dense_prefill="on")
     assert lean.dense_prefill
     cache = StaticKVCache(max_batch=3, max_len=128, device=torch.device("cpu"), dtype=torch.float32)
     cache.allocate(lean.num_layers, lean.num_kv_heads, lean.head_dim)

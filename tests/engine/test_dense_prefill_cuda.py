@@ -21,7 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
-from service.engine.execution.model_forward import LeanForward
+from service.engine.execution.model_forward import ModelForward
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -50,7 +50,7 @@ def models():
 class _Rows:
     """A lean forward over a cache of 4 rows."""
 
-    def __init__(self, lean: LeanForward) -> None:
+    def __init__(self, lean: ModelForward) -> None:
         self.lean = lean
         self.cache = StaticKVCache(
             max_batch=4, max_len=MAX_LEN, device=torch.device("cuda"), dtype=torch.bfloat16
@@ -79,14 +79,14 @@ def _error(got: torch.Tensor, want: torch.Tensor) -> float:
 @torch.inference_mode()
 def test_dense_prefill_is_as_close_to_float32_as_the_invariant_kernels(models) -> None:
     bf16, reference = models
-    lean = LeanForward(bf16, variant="invariant")
+    lean = ModelForward(bf16, variant="invariant")
     assert lean.dense_prefill
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, SHAPE["vocab_size"], (3, 140), generator=gen).cuda()
     want = reference(ids).logits  # [3, 140, V], the full causal forward
     lengths = [130, 41, 97]
 
-    invariant = _Rows(LeanForward(bf16, variant="invariant", dense_prefill="off"))
+    invariant = _Rows(ModelForward(bf16, variant="invariant", dense_prefill="off"))
     assert not invariant.lean.dense_prefill
     inv_last = torch.stack(
         [invariant.invariant(r, ids[r : r + 1, :n], [0])[0, -1] for r, n in enumerate(lengths)]
@@ -122,7 +122,7 @@ def test_dense_prefill_is_as_close_to_float32_as_the_invariant_kernels(models) -
 @torch.inference_mode()
 def test_dense_prefill_does_not_synchronise(models) -> None:
     bf16, _ = models
-    rows = _Rows(LeanForward(bf16, variant="invariant"))
+    rows = _Rows(ModelForward(bf16, variant="invariant"))
     ids = torch.randint(0, SHAPE["vocab_size"], (3, 50), device="cuda")
     rows.dense(0, ids, [0, 0, 0], [50, 20, 33])  # warm-up: kernels loaded, allocator primed
     torch.cuda.synchronize()

@@ -17,7 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
-from service.engine.execution.model_forward import LeanForward, supports
+from service.engine.execution.model_forward import ModelForward, supports
 from tests.support.float_compare import assert_close_up_to_rounding
 
 ON_CUDA = torch.cuda.is_available()
@@ -58,9 +58,9 @@ def _model(kind: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
 
 
 class _Rows:
-    """A LeanForward over a cache of 4 rows, fed like the runner feeds it."""
+    """A ModelForward over a cache of 4 rows, fed like the runner feeds it."""
 
-    def __init__(self, lean: LeanForward, dtype: torch.dtype) -> None:
+    def __init__(self, lean: ModelForward, dtype: torch.dtype) -> None:
         self.lean = lean
         self.dtype = dtype
         self.cache = StaticKVCache(max_batch=4, max_len=MAX_LEN, device=DEVICE, dtype=dtype)
@@ -92,7 +92,7 @@ def test_matches_transformers(kind: str) -> None:
         DEVICE
     )
     reference = model(ids).logits  # [3, 80, V], the full causal forward
-    rows = _Rows(LeanForward(model, variant="invariant"), torch.float32)
+    rows = _Rows(ModelForward(model, variant="invariant"), torch.float32)
     lengths = [70, 41, 66]  # ragged prefills, one row at a time, then 1 to 4 tokens a pass
     for r, n in enumerate(lengths):
         out = rows(r, ids[r : r + 1, :n], [0])
@@ -113,7 +113,7 @@ def test_a_rows_logits_do_not_depend_on_the_rest_of_the_pass(dtype: torch.dtype)
     contents, bit for bit. Passes of more than GEMV_MAX_ROWS rows (the tensor-core linear)
     agree among themselves: 3 rows x 6 tokens against 3 rows x 8 tokens."""
     model = _model("llama", dtype)
-    rows = _Rows(LeanForward(model, variant="invariant"), dtype)
+    rows = _Rows(ModelForward(model, variant="invariant"), dtype)
     gen = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, SHAPE["vocab_size"], (1, 60), generator=gen)
     tokens = torch.randint(0, SHAPE["vocab_size"], (1, 8), generator=gen)

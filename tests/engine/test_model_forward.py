@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
-from service.engine.execution.model_forward import LeanForward, supports
+from service.engine.execution.model_forward import ModelForward, supports
 from tests.support.float_compare import FORWARD_BUDGET, assert_close_up_to_rounding
 
 SHAPE = dict(
@@ -82,12 +82,12 @@ def test_compiled_layer_matches_transformers(kind: str) -> None:
     assert lean.compiled_graphs() == 2
 
 
-def _check_against_transformers(kind: str, tie: bool, variant: str, compile: bool) -> LeanForward:
+def _check_against_transformers(kind: str, tie: bool, variant: str, compile: bool) -> ModelForward:
     torch.manual_seed(0)
     model = _model(kind, tie)
     ids = torch.randint(0, SHAPE["vocab_size"], (3, 16))
     reference = model(ids).logits  # [3, 16, V], full causal forward
-    lean = LeanForward(model, compile=compile, variant=variant)
+    lean = ModelForward(model, compile=compile, variant=variant)
     assert torch.equal(model(ids).logits, reference), "fusing must not change the model"
     cache = StaticKVCache(max_batch=3, max_len=32, device=torch.device("cpu"), dtype=torch.float32)
     cache.allocate(lean.num_layers, lean.num_kv_heads, lean.head_dim)
@@ -126,7 +126,7 @@ def _check_against_transformers(kind: str, tie: bool, variant: str, compile: boo
 def test_fused_weights_are_views_not_copies() -> None:
     model = _model("qwen2", tie=True)
     before = sum(p.numel() for p in model.parameters())
-    lean = LeanForward(model)
+    lean = ModelForward(model)
     layer, attn = lean.layers[0], model.model.layers[0].self_attn
     assert attn.q_proj.weight.data_ptr() == layer.qkv_weight.data_ptr()
     assert attn.k_proj.weight.untyped_storage().data_ptr() == layer.qkv_weight.untyped_storage().data_ptr()
@@ -141,11 +141,11 @@ def test_other_families_fall_back() -> None:
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     assert not supports(gpt2)
     with pytest.raises(ValueError, match="gpt2"):
-        LeanForward(gpt2)
+        ModelForward(gpt2)
 
 
 def _lean_pass(
-    lean: LeanForward, cache: StaticKVCache, lo: int, tokens: torch.Tensor, starts: list[int], kv_len: int
+    lean: ModelForward, cache: StaticKVCache, lo: int, tokens: torch.Tensor, starts: list[int], kv_len: int
 ) -> torch.Tensor:
     """One pass over cache rows [lo, lo + B) as the runner makes it."""
     keys, values = cache.rows(lo, lo + tokens.shape[0])
@@ -161,7 +161,7 @@ def _lean_pass(
     )
 
 
-def _cache(lean: LeanForward) -> StaticKVCache:
+def _cache(lean: ModelForward) -> StaticKVCache:
     cache = StaticKVCache(max_batch=4, max_len=48, device=torch.device("cpu"), dtype=torch.float32)
     cache.allocate(lean.num_layers, lean.num_kv_heads, lean.head_dim)
     return cache
@@ -174,8 +174,8 @@ def test_layer_variant_writes_the_cache_in_place_like_the_reference_variant(comp
     compiled: inductor mutates the cache tensors passed in), including rows [lo, hi) with lo > 0
     (views at a storage offset) and a single row, and gives the logits of the reference variant."""
     model = _model("qwen2", tie=False)
-    reference = LeanForward(model, variant="around_attention")
-    lean = LeanForward(model, compile=compile, variant="layer")
+    reference = ModelForward(model, variant="around_attention")
+    lean = ModelForward(model, compile=compile, variant="layer")
     caches = _cache(reference), _cache(lean)
     gen = torch.Generator().manual_seed(1)
     passes = [  # (lo, rows, width, starts): prefill rows 1..3 then row 0, then decode and verify passes
@@ -211,7 +211,7 @@ def test_layer_variant_writes_the_cache_in_place_like_the_reference_variant(comp
 
 def test_unknown_variant_is_refused() -> None:
     with pytest.raises(ValueError, match="variant"):
-        LeanForward(_model("llama", tie=True), variant="stack")
+        ModelForward(_model("llama", tie=True), variant="stack")
 
 
 def test_engine_config_knows_the_variants() -> None:

@@ -21,7 +21,7 @@ import torch
 
 from service.engine.execution.device import to_device
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
-from service.engine.execution.model_forward import LeanForward
+from service.engine.execution.model_forward import ModelForward
 
 MIN_KV_BUCKET = 64
 
@@ -33,7 +33,7 @@ def _pow2_at_least(n: int) -> int:
 class GraphedDecoder:
     def __init__(
         self,
-        lean: LeanForward,
+        lean: ModelForward,
         cache: StaticKVCache,
         max_batch: int,
         max_width: int,

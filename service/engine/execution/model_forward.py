@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from service.engine.execution.device import to_device
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-VARIANTS = ("around_attention", "layer", "invariant")  # see LeanForward
+VARIANTS = ("around_attention", "layer", "invariant")  # see ModelForward
 
 
 def supports(model: torch.nn.Module, variant: str = "around_attention") -> bool:
@@ -233,7 +233,7 @@ def decoder_layer(
     values into k_cache, v_cache [B, G, L, D] (in place) at positions write_pos [B, T] and
     attending over the first K = mask.shape[-1] cached positions (mask [B, 1, T, K]).
 
-    Written to be compiled as one region (LeanForward's "layer" variant), where B == 1 and
+    Written to be compiled as one region (ModelForward's "layer" variant), where B == 1 and
     T == 1 are specialisations of their own (Dynamo's 0/1 specialisation), so the choices
     below cost nothing at run time. Each choice was the fastest measured (docs/engine.md):
     - attention: the explicit matmuls of gqa_attention where B >= 2 and T >= 2,
@@ -355,7 +355,7 @@ def _compile_settings() -> Iterator[None]:
             setattr(module, name, value)
 
 
-class LeanForward:
+class ModelForward:
     """The decoder stack of a Llama/Qwen2 model as explicit tensor code.
 
     Two variants (`variant`), the same numbers (tests compare both to transformers):

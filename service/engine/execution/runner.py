@@ -15,12 +15,12 @@ import torch
 from service.engine.execution.cuda_graphs import GraphedDecoder
 from service.engine.execution.device import to_device
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
-from service.engine.execution.model_forward import LeanForward, supports
+from service.engine.execution.model_forward import ModelForward, supports
 from service.models.loading import LoadedModel
 
 
 def pick_variant(requested: str, model: torch.nn.Module, device: torch.device, use_compile: bool) -> str:
-    """The lean forward variant a runner uses for `requested` (LeanForward's variants).
+    """The lean forward variant a runner uses for `requested` (ModelForward's variants).
 
     Off CUDA: "around_attention", eager (the invariant kernels are Triton, and the "layer"
     variant run eagerly was measured the slower of the two). On CUDA: "layer" needs
@@ -63,12 +63,12 @@ class ModelRunner:
         self.max_position = loaded.max_context_tokens
         self.cache = StaticKVCache(max_batch, max_len + max_width, self.device, loaded.dtype)
         self.vocab_size = loaded.vocab_size
-        self.lean: LeanForward | None = None
+        self.lean: ModelForward | None = None
         self.graphs: GraphedDecoder | None = None
         if use_lean and supports(self.model):
             variant = pick_variant(lean_variant, self.model, self.device, use_compile)
             compiled = use_compile and self.device.type == "cuda" and variant != "invariant"
-            self.lean = LeanForward(self.model, compile=compiled, variant=variant)
+            self.lean = ModelForward(self.model, compile=compiled, variant=variant)
             self.cache.allocate(self.lean.num_layers, self.lean.num_kv_heads, self.lean.head_dim)
             if self.device.type == "cuda":
                 # Split-K GEMMs may otherwise reduce partial sums in bfloat16, one source of a
@@ -111,7 +111,7 @@ class ModelRunner:
         captured graph they are a view of the graphs' shared output buffer: valid until this
         runner's next forward (read them, or queue the kernels that do, before calling again).
         Positions past a row's real tokens (padding) write cache entries that the row's
-        length excludes; later writes overwrite them (a dense prefill, LeanForward.prefill,
+        length excludes; later writes overwrite them (a dense prefill, ModelForward.prefill,
         writes none).
         """
         width = input_ids.shape[1]
