@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections import Counter
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common.cuda_timing import time_ms
 from service.engine.execution.runner import ModelRunner
 from service.models.loading import LoadedModel, load_model
 
@@ -81,21 +81,6 @@ def random_model(shape: str, dtype: torch.dtype) -> LoadedModel:
             param.normal_(0.0, 0.02)
     model.model.rotary_emb.__init__(config, device="cuda")  # buffers were on meta
     return LoadedModel(shape, model.eval(), None, torch.device("cuda"), dtype)
-
-
-def time_ms(fn, iters: int, warmups: int = 3) -> float:
-    """Median milliseconds of fn() over iters calls after `warmups` untimed ones (CUDA events)."""
-    for _ in range(warmups):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(

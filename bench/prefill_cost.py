@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.gpu_pass_cost import time_ms
+from bench.common.cuda_timing import time_ms
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
 from service.engine.execution.model_forward import ModelForward
 

@@ -69,8 +69,8 @@ from bench.common.roofline import checkpoint_weight_bytes, copy_bandwidth, roofl
 from bench.common.server_process import ServerProcess  # noqa: E402
 from bench.common.time_budget import Budget  # noqa: E402
 from service.api.request_mapping import RequestLimits, to_engine_request  # noqa: E402
-from service.client.loadgen.cli import build_request  # noqa: E402
 from service.client.loadgen.prompts import Prompt, load_prompts  # noqa: E402
+from service.client.loadgen.requests import build_request  # noqa: E402
 from service.client.loadgen.runner import Pacing, run_load  # noqa: E402
 from service.client.loadgen.stats import summarize  # noqa: E402
 from service.config import ServiceConfig  # noqa: E402

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from service.client.loadgen.cli import server_info
+from service.client.loadgen.requests import server_info
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
 # The checkout this file is in: the server runs its code, whatever an editable install of

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from bench.gpu_pass_cost import profile_replay, random_model, time_ms
+from bench.common.cuda_timing import time_ms
+from bench.gpu_pass_cost import profile_replay, random_model
 from service.engine.execution import invariant_kernels as ik
 from service.engine.execution.kv_cache import causal_mask
 from service.engine.execution.runner import ModelRunner

@@ -28,6 +28,7 @@ TORCH_FREE_MODULES = (
     "service.client.loadgen.stats",
     "service.client.loadgen.prompts",
     "service.client.loadgen.report",
+    "service.client.loadgen.requests",
 )
 
 

@@ -46,7 +46,6 @@ import json
 import os
 import platform
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,19 +56,16 @@ from google.protobuf import json_format
 from service import __version__
 from service.client.loadgen import report
 from service.client.loadgen.prompts import Prompt, PromptSetError, load_prompts
+from service.client.loadgen.requests import METHODS, build_request, server_info
 from service.client.loadgen.runner import Pacing, run_load
 from service.client.loadgen.stats import RequestRecord, summarize
-from service.client.options import METHODS as CLIENT_METHODS
 from service.client.options import add_security_arguments, open_channel, security_of
-from specdec.v1 import generation_pb2, generation_pb2_grpc, metrics_pb2
+from specdec.v1 import generation_pb2, generation_pb2_grpc
 from specdec_common.metrics_format import metrics_to_dict
 from specdec_common.request_limits import MAX_REQUEST_ID_CHARS
 from specdec_security import SecuritySetupError
-from specdec_security.client import Metadata
 
 MODES = ("burst", "sustained", "rate")
-# "default" sends no method: the server's default drafter.
-METHODS = {"default": metrics_pb2.SPECULATION_METHOD_UNSPECIFIED, **CLIENT_METHODS}
 DEFAULT_REQUESTS_PER_CLIENT = 4
 DEFAULT_RATE_REQUESTS = 32
 
@@ -242,33 +238,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def build_request(
-    args: argparse.Namespace, prompt: Prompt, method: str, request_id: str, index: int
-) -> generation_pb2.GenerateRequest:
-    request = generation_pb2.GenerateRequest(request_id=request_id)
-    if prompt.text is not None:
-        request.text = prompt.text
-    else:
-        for role, content in prompt.messages:
-            request.messages.messages.add(role=role, content=content)
-    max_tokens = prompt.max_tokens if prompt.max_tokens is not None else args.max_tokens
-    if max_tokens is not None:
-        request.max_tokens = max_tokens
-    if args.temperature is not None:
-        request.sampling.temperature = args.temperature
-    if args.top_p is not None:
-        request.sampling.top_p = args.top_p
-    if args.top_k is not None:
-        request.sampling.top_k = args.top_k
-    if args.seed is not None:
-        request.sampling.seed = (args.seed + index) % 2**64
-    if METHODS[method] != metrics_pb2.SPECULATION_METHOD_UNSPECIFIED:
-        request.speculation.method = METHODS[method]
-    if args.k is not None:
-        request.speculation.num_draft_tokens = args.k
-    return request
-
-
 def plan(args: argparse.Namespace) -> list[tuple[str, Pacing]]:
     """(method, pacing) of every run, in running order."""
     runs = []
@@ -317,26 +286,6 @@ def per_request(records: Sequence[RequestRecord], run_start: float) -> list[dict
         }
         for r in records
     ]
-
-
-async def server_info(
-    stub: generation_pb2_grpc.GenerationServiceStub, timeout_s: float, metadata: Metadata = ()
-) -> generation_pb2.GetServerInfoResponse:
-    """GetServerInfo, retried while the server is unreachable or still loading its models."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return await stub.GetServerInfo(
-                generation_pb2.GetServerInfoRequest(),
-                timeout=max(0.1, min(10.0, deadline - time.monotonic())),
-                wait_for_ready=True,
-                metadata=metadata,
-            )
-        except grpc.aio.AioRpcError as exc:
-            retryable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-            if not retryable or time.monotonic() >= deadline:
-                raise
-            await asyncio.sleep(0.5)
 
 
 async def amain(args: argparse.Namespace, prompts: list[Prompt]) -> dict[str, Any]:
