@@ -355,6 +355,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--sizes", type=names(tuple(SIZES)), default=["8b"], help=f"subset of {', '.join(SIZES)}"
     )
     parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a model directory (safetensors + tokenizer, e.g. a converted GGUF in the model "
+        "cache) measured instead of --sizes, labelled 'model'; --draft-model-dir for its draft",
+    )
+    parser.add_argument("--draft-model-dir", type=Path, default=None, help="the --model's draft model")
+    parser.add_argument(
         "--models-dir",
         type=Path,
         default=Path("bench/out/models"),
@@ -432,6 +440,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_dirs(args: argparse.Namespace, size: str) -> tuple[Path, Path | None]:
+    if size == "model":  # --model: a directory given as it is
+        draft = args.draft_model_dir if "draft_model" in args.methods else None
+        return args.model, draft
     target_shape, draft_shape = SIZES[size]
     if "draft_model" not in args.methods:
         draft_shape = None
@@ -514,7 +525,7 @@ def main(argv=None) -> int:
     run["bandwidth"] = copy_bandwidth(device, int(args.copy_gib * 2**30))
     log(f"copy bandwidth {run['bandwidth']['bytes_per_s'] / 1e12:.3f} TB/s")
     save()
-    for size in args.sizes:
+    for size in ["model"] if args.model is not None else args.sizes:
         target, draft = model_dirs(args, size)
         methods = [m for m in args.methods if m != "draft_model" or draft is not None]
         weight_bytes = checkpoint_weight_bytes(target)

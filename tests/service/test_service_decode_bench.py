@@ -176,3 +176,26 @@ def test_the_benchmark_server_runs_this_checkouts_code() -> None:
     assert (server_process.REPO / "service" / "__main__.py").is_file()
     env = server_process._env_with_this_checkout()
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(server_process.REPO)
+
+
+def test_a_model_directory_is_measured_in_place_of_the_sizes(tmp_path) -> None:
+    """--model DIR (say SmolLM2 converted in the model cache) replaces --sizes; its draft model
+    is used only when draft_model is among the methods."""
+    from bench import service_decode
+
+    args = service_decode.parse_args(["--model", str(tmp_path), "--methods", "none,ngram", "--out", "x.json"])
+    assert service_decode.model_dirs(args, "model") == (tmp_path, None)
+    draft = tmp_path / "draft"
+    args = service_decode.parse_args(
+        [
+            "--model",
+            str(tmp_path),
+            "--draft-model-dir",
+            str(draft),
+            "--methods",
+            "none,draft_model",
+            "--out",
+            "x",
+        ]
+    )
+    assert service_decode.model_dirs(args, "model") == (tmp_path, draft)
