@@ -38,6 +38,11 @@ class RefusalLogInterceptor(grpc.aio.ServerInterceptor):
         self.limiter = limiter or LogLimiter()
 
     def _watch(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        # The peer is read now, while the call is alive: in the done callback the call may be
+        # released already, and peer() reads it (a crash of the process, seen in CI). code()
+        # and details() read the context's own state and stay safe there.
+        peer = clip(context.peer())
+
         def done(ctx) -> None:
             code = ctx.code()
             if code in REFUSAL_CODES:
@@ -46,7 +51,7 @@ class RefusalLogInterceptor(grpc.aio.ServerInterceptor):
                     "request_refused",
                     code.name,
                     method=clip(method),
-                    peer=clip(ctx.peer()),
+                    peer=peer,
                     code=code.name,
                     details=clip(ctx.details() or "", DETAILS_CHARS),
                 )

@@ -127,3 +127,57 @@ def test_the_service_logs_a_full_queue_refusal(run_service, make_stub) -> None:
     refused = [e for e in logs if e["event"] == "request_refused"]
     assert len(refused) == 1 and refused[0]["code"] == "RESOURCE_EXHAUSTED"
     assert "queue is full" in refused[0]["details"]
+
+
+class _EndingContext:
+    """A servicer context whose call is released once it is done: peer() then fails, as
+    reading a released call would (the crash CI saw in the done callback)."""
+
+    def __init__(self) -> None:
+        self.callbacks = []
+        self.released = False
+
+    def peer(self) -> str:
+        if self.released:
+            raise RuntimeError("peer() read after the call was released")
+        return "ipv4:127.0.0.1:5555"
+
+    def code(self):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def details(self) -> str:
+        return "queue full"
+
+    def add_done_callback(self, callback) -> None:
+        self.callbacks.append(callback)
+
+    def finish(self) -> None:
+        self.released = True
+        for callback in self.callbacks:
+            callback(self)
+
+
+def test_the_refusal_line_reads_the_peer_while_the_call_is_alive() -> None:
+    from specdec_security.refusal_log import RefusalLogInterceptor
+
+    lines = []
+
+    class Limiter:
+        def log(self, write, event, key, **fields) -> bool:
+            lines.append((event, fields))
+            return True
+
+    context = _EndingContext()
+    RefusalLogInterceptor(Limiter())._watch("/specdec.v1.GenerationService/Generate", context)
+    context.finish()
+    assert lines == [
+        (
+            "request_refused",
+            {
+                "method": "/specdec.v1.GenerationService/Generate",
+                "peer": "ipv4:127.0.0.1:5555",
+                "code": "RESOURCE_EXHAUSTED",
+                "details": "queue full",
+            },
+        )
+    ]
