@@ -19,6 +19,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 REPO = Path(__file__).resolve().parents[1]
 
 
+def env_with_this_checkout(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment with this checkout first on PYTHONPATH, so a child `python -m service`
+    or `-m telemetry` runs this checkout's code, whatever an editable install of another
+    checkout in the environment points at."""
+    env = {**os.environ, **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,9 +89,7 @@ class SidecarProcess:
         ]
         if self.prometheus_port:
             args += ["--prometheus-address", self.prometheus_address]
-        env = {**os.environ, **self.env}
-        env.setdefault("PYTHONPATH", str(REPO))
-        env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env['PYTHONPATH']}"
+        env = env_with_this_checkout(self.env)
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=out)
         if wait:

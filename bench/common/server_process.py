@@ -6,9 +6,7 @@ SIGTERM (the service drains and exits 0). Its output goes to a log file.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,26 +17,11 @@ import grpc
 
 from service.client.loadgen.requests import server_info
 from specdec.v1 import generation_pb2, generation_pb2_grpc
-
-# The checkout this file is in: the server runs its code, whatever an editable install of
-# another checkout in the environment points at.
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _env_with_this_checkout() -> dict[str, str]:
-    env = os.environ.copy()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    return env
+from testkit.processes import REPO, env_with_this_checkout, free_port
 
 
 class ServerStartError(RuntimeError):
     """The server exited or did not become ready; the message holds its log's tail."""
-
-
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: Path, chars: int = 4000) -> str:
@@ -54,7 +37,7 @@ class ServerProcess:
     def __init__(self, server_args: Sequence[str], log_path: Path) -> None:
         self.server_args = list(server_args)
         self.log_path = log_path
-        self.address = f"127.0.0.1:{free_loopback_port()}"
+        self.address = f"127.0.0.1:{free_port()}"
         self.process: subprocess.Popen | None = None
         self.info: generation_pb2.GetServerInfoResponse | None = None
         self.ready_seconds: float | None = None
@@ -73,7 +56,7 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
-                env=_env_with_this_checkout(),
+                env=env_with_this_checkout(),
             )
         try:
             self.info = asyncio.run(self._wait_ready(timeout_s))

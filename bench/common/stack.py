@@ -14,8 +14,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common.server_process import ServerProcess, free_loopback_port
-from testkit.processes import SidecarProcess
+from bench.common.server_process import ServerProcess
+from testkit.processes import SidecarProcess, free_port
 from testkit.tiny_model import save_tiny_model
 
 
@@ -55,7 +55,7 @@ class Stack:
         self.max_batch_size = max_batch_size
         self.sidecar = SidecarProcess(
             extra_args=["--exporters", "prometheus", "--ack-mode", "aggregate", *sidecar_args],
-            prometheus_port=free_loopback_port(),
+            prometheus_port=free_port(),
             log_path=self.workdir / "sidecar.log",
         )
         self.service: ServerProcess | None = None

@@ -174,7 +174,7 @@ def test_the_benchmark_server_runs_this_checkouts_code() -> None:
     from bench.common import server_process
 
     assert (server_process.REPO / "service" / "__main__.py").is_file()
-    env = server_process._env_with_this_checkout()
+    env = server_process.env_with_this_checkout()
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(server_process.REPO)
 
 
