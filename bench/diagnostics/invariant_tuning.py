@@ -11,8 +11,9 @@ T = 1 graph. The invariance check runs each kernel on one row alone and on the s
 among eight others, in float32 and bfloat16, and compares the row's output bits.
 
 A diagnostic, not a tool: it tries block shapes by assigning the kernel module's constants
-(BLOCK_N, LINEAR_WARPS, GEMV_MAX_ROWS) and swapping its `linear` / `attention` at run time,
-since service/engine/execution/invariant_kernels.py takes no parameter for them. What it found is in
+(SMALL_GEMV, SMALL_TILES, GEMV_MAX_ROWS, ATTN_*) and swapping its `linear` / `attention` at
+run time, since the engine's forward passes no block shape down. The 1B/8B shapes are tuned
+per linear by bench/diagnostics/linear_blocks.py. What it found is in
 bench/history/RESULTS-2026-12.md ("How the kernels were tuned").
 """
 
@@ -58,9 +59,15 @@ CONFIGS = [  # the last rounds' candidates (earlier rounds: bench/RESULTS.md)
 
 
 def apply(config: tuple) -> dict:
-    for name, value in zip(KNOBS, config):
-        setattr(ik, name, value)
-    return dict(zip(KNOBS, config))
+    """Sets the kernel module's small-weight block shapes (SmolLM2's weights are all small)."""
+    knobs = dict(zip(KNOBS, config))
+    ik.GEMV_MAX_ROWS = knobs["GEMV_MAX_ROWS"]
+    ik.SMALL_GEMV = ik.GemvBlocks(knobs["GEMV_BLOCK_N"], knobs["GEMV_BLOCK_K"], knobs["GEMV_WARPS"])
+    ik.SMALL_TILES = ik.TileBlocks(
+        16, knobs["BLOCK_N"], knobs["BLOCK_K"], knobs["LINEAR_WARPS"], knobs["LINEAR_STAGES"]
+    )
+    ik.ATTN_CHUNK, ik.ATTN_WARPS = knobs["ATTN_CHUNK"], knobs["ATTN_WARPS"]
+    return knobs
 
 
 def pass_costs(loaded, context: int, iters: int) -> tuple[list[dict], ModelRunner]:
@@ -118,26 +125,32 @@ def invariance(dtype: torch.dtype, dims: str = "smollm2") -> dict:
         0.125,
     )
     out["attention"] = bool(torch.equal(together[4], alone[0]))
-    # The same row alone under one block config and among 40 rows under another.
-    saved = (ik.BLOCK_N, ik.LINEAR_WARPS, ik.GEMV_MAX_ROWS)
-    ik.GEMV_MAX_ROWS = 0  # the tensor-core kernel under two block configurations
+    # The same row alone under one block shape and among 40 rows under another.
     many = torch.randn(40, e, device="cuda").to(dtype)
     many[4] = x[4]
     for bn_alone, bn_many, warps in ((16, 64, 4), (32, 128, 4), (16, 64, 2)):
-        ik.BLOCK_N, ik.LINEAR_WARPS = bn_alone, warps
-        alone_row = ik.linear(x[4:5], w, norm=norm, eps=1e-5, out_float32=True)[0]
-        ik.BLOCK_N, ik.LINEAR_WARPS = bn_many, 4
+        alone_row = ik.linear(
+            x[4:5].expand(17, -1).contiguous(),
+            w,
+            norm=norm,
+            eps=1e-5,
+            out_float32=True,
+            tiles=ik.TileBlocks(16, bn_alone, 64, warps, 3),
+        )[0]
         out[f"tensor-core linear_norm BN {bn_alone}/{warps} warps vs {bn_many}/4"] = bool(
-            torch.equal(alone_row, ik.linear(many, w, norm=norm, eps=1e-5, out_float32=True)[4])
+            torch.equal(
+                alone_row,
+                ik.linear(
+                    many, w, norm=norm, eps=1e-5, out_float32=True, tiles=ik.TileBlocks(16, bn_many, 64, 4, 3)
+                )[4],
+            )
         )
-    ik.GEMV_MAX_ROWS = saved[2]
     out["linear_norm 1 row (CUDA cores) vs 40 rows (tensor cores)"] = bool(
         torch.equal(
             ik.linear(x[4:5], w, norm=norm, eps=1e-5, out_float32=True)[0],
             ik.linear(many, w, norm=norm, eps=1e-5, out_float32=True)[4],
         )
     )
-    ik.BLOCK_N, ik.LINEAR_WARPS, ik.GEMV_MAX_ROWS = saved
     return out
 
 
@@ -232,7 +245,7 @@ def main(argv=None) -> None:
         "invariance": {},
         "configs": [],
     }
-    defaults = {name: getattr(ik, name) for name in KNOBS}
+    defaults = (ik.GEMV_MAX_ROWS, ik.SMALL_GEMV, ik.SMALL_TILES, ik.ATTN_CHUNK, ik.ATTN_WARPS)
     for dims in DIMS:
         for dtype in (torch.float32, torch.bfloat16):
             result["invariance"][f"{dims} {dtype}"] = found = invariance(dtype, dims)
@@ -264,7 +277,7 @@ def main(argv=None) -> None:
     _, runner = pass_costs(loaded, args.context, 5)
     result["profile_best"] = profile_replay(runner, args.context, "graph", "invariant", top=20)
     result["best"] = dict(zip(KNOBS, best))
-    apply(tuple(defaults[name] for name in KNOBS))
+    ik.GEMV_MAX_ROWS, ik.SMALL_GEMV, ik.SMALL_TILES, ik.ATTN_CHUNK, ik.ATTN_WARPS = defaults
     args.out.write_text(json.dumps(result, indent=1))
     print("best", result["best"], f"{best_ms:.3f} ms")
 

@@ -9,10 +9,10 @@ order fixed by constants alone, never by the number of rows:
 
 - linear, up to GEMV_MAX_ROWS rows: one program per row and BN outputs, each output a
   float32 sum over BK-wide chunks of the inner dimension, chunks in order;
-- linear, more rows: tiles of BLOCK_M rows, the inner dimension walked in BLOCK_K steps
-  from 0 upwards, one tl.dot per step accumulating in float32. A row's sums are the same
-  whether it is alone in its tile or one of sixteen, at any position (no split-K, no block
-  shape chosen from M);
+- linear, more rows: tiles of BM rows, the inner dimension walked in BK steps from 0
+  upwards, one tl.dot per step accumulating in float32. A row's sums are the same whether
+  it is alone in its tile or one of BM, at any position (no split-K, no block shape chosen
+  from M: the shapes depend on the weight's shape alone, see tile_blocks);
 - attention: keys in fixed chunks of ATTN_CHUNK absolute positions (chunk c covers
   positions c * ATTN_CHUNK ..), one partial softmax per chunk, then a combine over a chunk
   axis padded to a length fixed by the cache size. Masked positions and chunks contribute
@@ -40,23 +40,58 @@ G kv heads, D head dim, L cache length, K kv positions read.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-# Block shapes, tuned by bench/diagnostics/invariant_tuning.py (docs/engine.md). A row's bits depend on
-# these constants, never on the number of rows. Up to GEMV_MAX_ROWS rows (a batch-1 decode
-# or verify pass) linears run as _gemv_kernel (CUDA cores, BN outputs of one row per
-# program, sums over BK-wide chunks); above, as _linear_kernel (tensor cores, 16-row tiles).
+# Block shapes, tuned by bench/diagnostics/invariant_tuning.py and bench/diagnostics/linear_blocks.py
+# (docs/engine.md). A row's bits depend on these and on the weight's shape, never on the
+# number of rows. Up to GEMV_MAX_ROWS rows (a batch-1 decode or verify pass) linears run as
+# _gemv_kernel (CUDA cores, BN outputs of one row per program, sums over BK-wide chunks);
+# above, as _linear_kernel (tensor cores, BM-row tiles).
 GEMV_MAX_ROWS = 16
-GEMV_BLOCK_N = 4
-GEMV_BLOCK_K = 256
-GEMV_WARPS = 4
-BLOCK_M = 16
-BLOCK_N = 64
-BLOCK_K = 64
-LINEAR_WARPS = 4
-LINEAR_STAGES = 3
+
+
+@dataclass(frozen=True)
+class GemvBlocks:
+    """_gemv_kernel's block shape: BN outputs per program, BK-wide chunks of the sum."""
+
+    bn: int
+    bk: int
+    warps: int
+
+
+@dataclass(frozen=True)
+class TileBlocks:
+    """_linear_kernel's block shape: BM x BN output tiles, the inner dimension in BK steps."""
+
+    bm: int
+    bn: int
+    bk: int
+    warps: int
+    stages: int
+
+
+# Weights whose inner dimension is at least LARGE_K (a 1B or 8B model's projections) take the
+# large shapes: there a pass is bound by reading the weights, and wider tiles keep more bytes
+# in flight. Smaller weights (SmolLM2-135M: K = 576 or 1536) keep the shapes tuned for them.
+LARGE_K = 2048
+SMALL_GEMV = GemvBlocks(bn=4, bk=256, warps=4)
+SMALL_TILES = TileBlocks(bm=16, bn=64, bk=64, warps=4, stages=3)
+LARGE_GEMV = SMALL_GEMV
+LARGE_TILES = SMALL_TILES
+
+
+def gemv_blocks(k: int) -> GemvBlocks:
+    return LARGE_GEMV if k >= LARGE_K else SMALL_GEMV
+
+
+def tile_blocks(k: int) -> TileBlocks:
+    return LARGE_TILES if k >= LARGE_K else SMALL_TILES
+
+
 ATTN_ROWS = 16  # query rows (heads x tokens of one kv head) per attention program
 ATTN_CHUNK = 64  # key positions per attention program
 ATTN_WARPS = 4
@@ -233,11 +268,15 @@ def linear(
     gated: bool = False,
     residual: torch.Tensor | None = None,
     out_float32: bool = False,
+    gemv: GemvBlocks | None = None,
+    tiles: TileBlocks | None = None,
 ) -> torch.Tensor:
     """Row-invariant F.linear on x [M, K] (weight [N, K]): see _linear_kernel.
 
     norm: of rms_norm(x) * norm instead of x. gated: of silu(x[:, :K]) * x[:, K:] (x [M, 2K]).
     residual [M, N]: returns residual + linear(...). out_float32: float32 output, not rounded.
+    gemv, tiles: block shapes other than the weight's own (for tuning them; a row's bits
+    change with them).
     """
     if x.dim() != 2 or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("linear wants a 2-D x and weight with contiguous rows")
@@ -272,22 +311,24 @@ def linear(
         OUT_F32=out_float32,
     )
     if m <= GEMV_MAX_ROWS:
-        _gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N), m)](
-            *tensors, float(eps), *strides, **flags, BN=GEMV_BLOCK_N, BK=GEMV_BLOCK_K, num_warps=GEMV_WARPS
+        g = gemv or gemv_blocks(k)
+        _gemv_kernel[(triton.cdiv(n, g.bn), m)](
+            *tensors, float(eps), *strides, **flags, BN=g.bn, BK=g.bk, num_warps=g.warps
         )
     else:
-        _linear_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))](
+        t = tiles or tile_blocks(k)
+        _linear_kernel[(triton.cdiv(m, t.bm), triton.cdiv(n, t.bn))](
             *tensors,
             m,
             float(eps),
             *strides,
             **flags,
             IEEE=x.dtype == torch.float32,
-            BM=BLOCK_M,
-            BN=BLOCK_N,
-            BK=BLOCK_K,
-            num_warps=LINEAR_WARPS,
-            num_stages=LINEAR_STAGES,
+            BM=t.bm,
+            BN=t.bn,
+            BK=t.bk,
+            num_warps=t.warps,
+            num_stages=t.stages,
         )
     return out
 

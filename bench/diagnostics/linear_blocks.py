@@ -1,0 +1,245 @@
+"""Block shapes of the row-invariant linear kernels at 1B and 8B weight shapes (GPU only).
+
+    python -m bench.diagnostics.linear_blocks --out bench/out/linear_blocks.json
+
+For each linear of a Llama-3.1-8B layer (and the 1B draft's, with --shapes), each row count
+and each candidate block shape: the kernel's time (median of CUDA-graph replays of 10
+calls, so launch overhead is not measured), the weight-read floor (weight bytes / the
+device's measured copy bandwidth, same run) and whether a row's output bits are the same
+alone and among many rows (the kernels' promise, service/engine/execution/invariant_kernels.py).
+Calls take the forms the engine's forward makes: the norm prologue for qkv, gate/up and the
+LM head, the gated prologue and a residual for down, a residual for o.
+
+What it found chose LARGE_GEMV and LARGE_TILES (bench/RESULTS.md, "Batch-32 passes at 8B").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from service.engine.execution import invariant_kernels as ik
+
+# (name, N, K, call form) per shape; N of qkv and gate/up are the fused weights'.
+SHAPES = {
+    "llama8b": [
+        ("qkv", 6144, 4096, "norm"),
+        ("o", 4096, 4096, "residual"),
+        ("gate_up", 28672, 4096, "norm"),
+        ("down", 4096, 14336, "gated"),
+        ("lm_head", 49152, 4096, "head"),
+    ],
+    "llama1b": [
+        ("qkv", 3072, 2048, "norm"),
+        ("o", 2048, 2048, "residual"),
+        ("gate_up", 16384, 2048, "norm"),
+        ("down", 2048, 8192, "gated"),
+        ("lm_head", 49152, 2048, "head"),
+    ],
+}
+
+TILES = [  # (BM, BN, BK, warps, stages); the first is SMALL_TILES
+    (16, 64, 64, 4, 3),
+    (16, 128, 64, 4, 4),
+    (16, 64, 128, 4, 4),
+    (16, 128, 128, 4, 3),
+    (16, 128, 128, 8, 3),
+    (16, 256, 64, 4, 3),
+    (32, 64, 64, 4, 4),
+    (32, 128, 64, 4, 4),
+    (32, 128, 128, 4, 3),
+    (32, 128, 128, 8, 3),
+    (32, 256, 64, 8, 3),
+    (64, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 128, 64, 8, 4),
+    (64, 128, 128, 8, 3),
+    (64, 256, 64, 8, 3),
+]
+GEMVS = [  # (BN, BK, warps); the first is SMALL_GEMV
+    (4, 256, 4),
+    (8, 256, 4),
+    (4, 512, 4),
+    (8, 512, 4),
+    (16, 256, 4),
+    (8, 256, 8),
+    (16, 512, 8),
+    (4, 1024, 4),
+    (2, 512, 4),
+    (8, 1024, 8),
+]
+TILE_ROWS = (32, 64, 128, 288)  # B = 32 at T = 1, 2, 4, 9
+GEMV_ROWS = (1, 5, 9)  # batch 1 decode and verify passes
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a device-to-device copy of 1 GiB (read + write counted)."""
+    src = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * 2 / statistics.median(times)
+
+
+class Case:
+    """The tensors of one linear call of a given form, for up to `rows` rows."""
+
+    def __init__(self, n: int, k: int, form: str, rows: int) -> None:
+        gen = torch.Generator(device="cuda").manual_seed(n + k)
+        width = 2 * k if form == "gated" else k
+        self.form = form
+        self.x = (torch.randn(rows, width, device="cuda", generator=gen) * 2).bfloat16()
+        self.w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).bfloat16()
+        self.norm = (1 + 0.1 * torch.randn(k, device="cuda", generator=gen)).bfloat16()
+        self.res = torch.randn(rows, n, device="cuda", generator=gen).bfloat16()
+
+    def call(self, m: int, **blocks) -> torch.Tensor:
+        x = self.x[:m]
+        if self.form == "norm":
+            return ik.linear(x, self.w, norm=self.norm, eps=1e-5, **blocks)
+        if self.form == "head":
+            return ik.linear(x, self.w, norm=self.norm, eps=1e-5, out_float32=True, **blocks)
+        if self.form == "gated":
+            return ik.linear(x, self.w, gated=True, residual=self.res[:m], **blocks)
+        return ik.linear(x, self.w, residual=self.res[:m], **blocks)
+
+
+def graph_ms(fn, calls: int = 10, iters: int = 20) -> float:
+    """Median milliseconds of one fn() call, replaying a graph of `calls` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def invariant_tiles(case: Case, tiles: ik.TileBlocks) -> bool:
+    """Row 5 of a 17-row call equals the same row at position 200 of a 288-row call."""
+    saved = case.x[200].clone()
+    case.x[200] = case.x[5]
+    if case.form in ("gated", "residual"):
+        saved_res = case.res[200].clone()
+        case.res[200] = case.res[5]
+    try:
+        few, many = case.call(17, tiles=tiles)[5], case.call(288, tiles=tiles)[200]
+        return bool(torch.equal(few, many))
+    finally:
+        case.x[200] = saved
+        if case.form in ("gated", "residual"):
+            case.res[200] = saved_res
+
+
+def invariant_gemv(case: Case, gemv: ik.GemvBlocks) -> bool:
+    """Row 0 alone equals row 0 of a 9-row call."""
+    return bool(torch.equal(case.call(1, gemv=gemv)[0], case.call(9, gemv=gemv)[0]))
+
+
+def bound(case: Case, m: int, blocks: dict):
+    return lambda: case.call(m, **blocks)
+
+
+@torch.inference_mode()
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", default="llama8b", help="comma-separated: " + ", ".join(SHAPES))
+    parser.add_argument("--kernels", default="tiles,gemv")
+    parser.add_argument("--out", type=Path, default=Path("bench/out/linear_blocks.json"))
+    args = parser.parse_args(argv)
+    bandwidth = copy_bandwidth()
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "command": " ".join(["python -m bench.diagnostics.linear_blocks", *sys.argv[1:]]),
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "rows": [],
+    }
+    print(result["device"], f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    kernels = args.kernels.split(",")
+    for shape in args.shapes.split(","):
+        for name, n, k, form in SHAPES[shape]:
+            case = Case(n, k, form, max(TILE_ROWS))
+            floor_ms = n * k * 2 / bandwidth * 1e3
+            candidates = []
+            if "tiles" in kernels:
+                candidates += [("tiles", ik.TileBlocks(*c), TILE_ROWS) for c in TILES]
+            if "gemv" in kernels:
+                candidates += [("gemv", ik.GemvBlocks(*c), GEMV_ROWS) for c in GEMVS]
+            for kind, blocks, row_counts in candidates:
+                started = time.perf_counter()
+                key = "tiles" if kind == "tiles" else "gemv"
+                try:
+                    same = (invariant_tiles if kind == "tiles" else invariant_gemv)(case, blocks)
+                    times = {m: graph_ms(bound(case, m, {key: blocks})) for m in row_counts}
+                except Exception as exc:  # noqa: BLE001 - a shape the kernel cannot take: recorded
+                    print(shape, name, blocks, "failed:", repr(exc)[:200], flush=True)
+                    result["rows"].append(
+                        {
+                            "shape": shape,
+                            "linear": name,
+                            "kind": kind,
+                            "blocks": blocks.__dict__,
+                            "error": repr(exc),
+                        }
+                    )
+                    continue
+                row = {
+                    "shape": shape,
+                    "linear": name,
+                    "n": n,
+                    "k": k,
+                    "kind": kind,
+                    "blocks": blocks.__dict__,
+                    "invariant": same,
+                    "floor_ms": round(floor_ms, 4),
+                    "ms": {str(m): round(t, 4) for m, t in times.items()},
+                    "seconds": round(time.perf_counter() - started, 1),
+                }
+                result["rows"].append(row)
+                print(
+                    shape,
+                    name,
+                    kind,
+                    tuple(blocks.__dict__.values()),
+                    "invariant" if same else "NOT INVARIANT",
+                    " ".join(f"M{m}={t * 1e3:.0f}us({floor_ms / t:.0%})" for m, t in times.items()),
+                    flush=True,
+                )
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
