@@ -29,7 +29,9 @@ bench/gpu_pass_cost.py (`predicted_speedup`: tokens per pass (1 - a^(k+1)) / (1 
 the mean context of the run) at alpha_hat and k; for `adaptive`, at the k' <= k it predicts
 best (1.0 where no k' beats plain). The error is split in two: tokens per pass predicted
 against realized (the i.i.d. acceptance model), and the pass cost ratio predicted against the
-engine's steady decode steps (host time included), realized.
+engine's steady decode steps (host time included), realized; for `fixed`, the same token
+model over the engine's step costs (`predicted_speedup_engine_step_costs`) is the model with
+the pass costs corrected by what the device-only costs leave out (`unmodelled_ms_*`).
 
 Model (--size, from --models-dir as bench.random_model writes it: 8b = the Llama-3.1-8B shape
 with the Llama-3.2-1B shape as draft; tiny = the tiny pair for CPU runs), or --target with
@@ -253,6 +255,8 @@ def predictions(costs: dict, batch: int, k: int, alpha: float, adaptive: bool) -
     cost = {(r["batch"], r["width"]): r["ms"] for r in target}
     draft_ms = {(r["batch"], r["width"]): r["ms"] for r in draft}
     out = {
+        "modelled_ms_plain_pass": cost[(batch, 1)],
+        "modelled_ms_drafting_pass": cost[(batch, k + 1)] + k * draft_ms[(batch, 1)],
         "predicted_speedup": speedup(k),
         "predicted_tokens_per_pass": expected_tokens(alpha, k),
         "predicted_pass_cost_ratio": (cost[(batch, k + 1)] + k * draft_ms[(batch, 1)]) / cost[(batch, 1)],
@@ -299,6 +303,25 @@ def plain_run(
         + (f", {len(diverged)} rows NOT reproducing the oracle" if diverged else "")
     )
     return row
+
+
+def refresh_oracle(oracle: GreedyOracle, prompts: list[tuple[int, ...]], outs) -> int:
+    """Records the warm-up's outputs where they differ from the oracle; returns how many did.
+
+    The output of a speculative greedy run is the target's greedy output whatever was drafted,
+    computed in passes of (k + 1) x rows token rows; the plain run's passes have `rows`. In
+    bfloat16 passes of up to 16 token rows and of more round differently (docs/engine.md), so
+    where a burst's plain passes had 16 rows or fewer (while its requests are admitted) and
+    its verify passes more, a row's greedy output may differ, and the speculative one is what
+    the timed speculative runs will produce. Batch 1 with k <= 15 stays at 16 or fewer."""
+    refreshed = 0
+    for prompt, (final, tokens) in zip(prompts, outs):
+        if final.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
+            raise RuntimeError(f"{final.request_id} ended {final.finish_reason.name}: {final.error}")
+        if oracle.first_divergence(prompt, tokens) is not None:
+            oracle.record(prompt, tokens)
+            refreshed += 1
+    return refreshed
 
 
 def measure_policy(
@@ -364,10 +387,14 @@ def measure_policy(
                 if not budget.allows(f"{label} alpha={alpha}"):
                     continue
                 drafter.alpha = alpha
+                refreshed = None
                 if adaptive or not points:  # untimed: the policy settles / the first width is compiled
-                    run_block(
+                    _, warm = run_block(
                         engine, block_prompts, Method.DRAFT_MODEL, args.k, args.new_tokens, batch, "warm"
                     )
+                    refreshed = refresh_oracle(oracle, block_prompts, warm)
+                    if refreshed:
+                        log(f"{label} alpha={alpha}: {refreshed} rows' speculative output != the oracle")
                 drafter.diverged.clear()
                 tally.reset()
                 tally.active = True
@@ -405,6 +432,7 @@ def measure_policy(
                     "rows_diverged_from_oracle": sum(d is not None for d in divergence),
                     "first_divergence": divergence,
                     "rows_whose_pending_token_left_the_oracle": len(drafter.diverged),
+                    "oracle_rows_refreshed_by_warmup": refreshed,
                 }
                 # At the realized alpha_hat where any draft was verified; else (an adaptive
                 # policy that never drafted) at the nominal alpha.
@@ -428,7 +456,18 @@ def measure_policy(
                 row["plain_tokens_per_s"] = base
                 row["measured_speedup"] = row["tokens_per_s"] / base
                 if base_step and row["step_ms_drafting"]:
-                    row["realized_pass_cost_ratio"] = row["step_ms_drafting"] / statistics.mean(base_step)
+                    plain_step = statistics.mean(base_step)
+                    row["realized_pass_cost_ratio"] = row["step_ms_drafting"] / plain_step
+                    # What the device-only costs leave out (host work, launches, the draft's
+                    # first step of 2 tokens after a pass that accepted everything), per step.
+                    row["unmodelled_ms_plain_step"] = plain_step - row["modelled_ms_plain_pass"]
+                    row["unmodelled_ms_drafting_step"] = (
+                        row["step_ms_drafting"] - row["modelled_ms_drafting_pass"]
+                    )
+                    if not adaptive:  # the same i.i.d. token model over the engine's own step costs
+                        row["predicted_speedup_engine_step_costs"] = (
+                            row["predicted_tokens_per_pass"] / row["realized_pass_cost_ratio"]
+                        )
                 pred = row["predicted_speedup_best_k"] if adaptive else row["predicted_speedup"]
                 row["measured_over_predicted"] = row["measured_speedup"] / pred
                 result["points"].append(row)
@@ -464,6 +503,8 @@ def summary_line(row: dict) -> str:
         f"x{fmt(row.get('realized_pass_cost_ratio'), '.2f')} "
         f"(predicted x{fmt(row.get('predicted_pass_cost_ratio'), '.2f')})"
     )
+    if "predicted_speedup_engine_step_costs" in row:
+        line += f"; over the engine's step costs predicted {row['predicted_speedup_engine_step_costs']:.3f}x"
     if row["rows_diverged_from_oracle"]:
         line += f", {row['rows_diverged_from_oracle']} rows DIVERGED from the oracle"
     return line

@@ -22,7 +22,9 @@ fails (a prefill grouped differently in bfloat16, a batch that shrinks across 16
 requests end, a near-tie) the outputs part, and from there on the oracle proposes tokens of
 another text, accepted only by chance. `GreedyOracle.first_divergence` finds such rows after
 the run, and the drafter counts rows whose pending token left the oracle while running
-(`diverged`): a benchmark reports both, never hides them.
+(`diverged`): a benchmark reports both, never hides them (bench.draft_speedup also re-records
+the continuation from an untimed speculative run, whose passes have the timed runs' shapes,
+and reports how many rows that changed).
 
 Which positions are corrupted is a function of (seed, prompt, position) only, drawn once per
 prompt (a uniform and a wrong token per position) and compared with alpha: the same text

@@ -66,6 +66,7 @@ def test_every_point_is_measured_with_its_prediction(report):
         assert math.isclose(row["measured_speedup"], row["tokens_per_s"] / row["plain_tokens_per_s"])
         assert row["predicted_speedup"] > 0 and row["measured_over_predicted"] > 0
         assert row["rows_diverged_from_oracle"] == 0
+        assert row["oracle_rows_refreshed_by_warmup"] in (0, None)  # float32: speculation is exact
         assert row["tokens"] == 12 * (2 if row["batch"] == 1 else row["batch"])
     assert not report["skipped"]
     # One summary line per point, at the end.
@@ -80,6 +81,7 @@ def test_fixed_k_acceptance_follows_alpha(report):
         if row["alpha"] == 1.0:
             assert row["accept_rate"] == 1.0 and row["alpha_hat"] == 1.0
             assert row["predicted_tokens_per_pass"] == 4.0  # k + 1
+            assert row["accept_length"] > 1.0
         else:
             assert row["accepted_drafts"] == 0 and row["alpha_hat"] == 0.0
             assert row["predicted_tokens_per_pass"] == 1.0
