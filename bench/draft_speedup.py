@@ -137,24 +137,24 @@ def pass_costs(
     runner = ModelRunner(
         loaded, max(batches), context + max(widths) + 1, max(widths), use_graphs=False, lean_variant=variant
     )
-    rows = []
+    shapes = [(batch, width) for batch in batches for width in widths]
+    inputs = {shape: torch.randint(0, loaded.vocab_size, shape) for shape in shapes}
+    times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
     with torch.inference_mode():
-        for batch in batches:
-            for width in widths:
-                ids = torch.randint(0, loaded.vocab_size, (batch, width))
+        # Round-robin over the shapes, so that a stall of a shared machine hits every shape
+        # alike (or, being rare, none of their medians) instead of all passes of one.
+        for i in range(iters + 3):
+            for batch, width in shapes:
                 starts = [context] * batch
-                for _ in range(5):
-                    runner.forward(0, batch, ids, starts)
-                times = []
-                for _ in range(iters):
-                    started = time.perf_counter()
-                    runner.forward(0, batch, ids, starts)
-                    times.append((time.perf_counter() - started) * 1e3)
-                ms = statistics.median(times)
-                rows.append(
-                    {"path": "cpu_eager", "variant": variant, "batch": batch, "width": width, "ms": ms}
-                )
-                log(f"{loaded.name:24s} cpu B={batch:3d} T={width} {ms:8.3f} ms")
+                started = time.perf_counter()
+                runner.forward(0, batch, inputs[(batch, width)], starts)
+                if i >= 3:  # the first rounds warm up
+                    times[(batch, width)].append((time.perf_counter() - started) * 1e3)
+    rows = []
+    for (batch, width), ms_list in times.items():
+        ms = statistics.median(ms_list)
+        rows.append({"path": "cpu_eager", "variant": variant, "batch": batch, "width": width, "ms": ms})
+        log(f"{loaded.name:24s} cpu B={batch:3d} T={width} {ms:8.3f} ms")
     return rows
 
 
@@ -305,6 +305,15 @@ def plain_run(
     return row
 
 
+def policy_choices(engine: Engine) -> dict[str, int] | None:
+    """The adaptive policy's caps so far, passes by "batch bucket B, cap n" (None: fixed k).
+    Read between runs, while the engine thread is idle."""
+    policy = engine.draft_length_policy
+    if policy is None:
+        return None
+    return {f"B{bucket} cap {cap}": n for (bucket, cap), n in sorted(policy.choices.items())}
+
+
 def refresh_oracle(oracle: GreedyOracle, prompts: list[tuple[int, ...]], outs) -> int:
     """Records the warm-up's outputs where they differ from the oracle; returns how many did.
 
@@ -396,6 +405,7 @@ def measure_policy(
                     if refreshed:
                         log(f"{label} alpha={alpha}: {refreshed} rows' speculative output != the oracle")
                 drafter.diverged.clear()
+                choices_before = policy_choices(engine)
                 tally.reset()
                 tally.active = True
                 wall, outs = run_block(
@@ -433,6 +443,13 @@ def measure_policy(
                     "first_divergence": divergence,
                     "rows_whose_pending_token_left_the_oracle": len(drafter.diverged),
                     "oracle_rows_refreshed_by_warmup": refreshed,
+                    "policy_caps": None
+                    if choices_before is None
+                    else {
+                        cap: n - choices_before.get(cap, 0)
+                        for cap, n in policy_choices(engine).items()
+                        if n > choices_before.get(cap, 0)
+                    },
                 }
                 # At the realized alpha_hat where any draft was verified; else (an adaptive
                 # policy that never drafted) at the nominal alpha.
