@@ -433,6 +433,9 @@ def measure_policy(
                     "mean_drafts_per_draft_pass": sums["proposed_drafts"] / sums["draft_passes"]
                     if sums["draft_passes"]
                     else 0.0,
+                    "mean_accepted_per_draft_pass": sums["accepted_drafts"] / sums["draft_passes"]
+                    if sums["draft_passes"]
+                    else None,
                     "step_ms_drafting": tally.step_ms(batch),
                     "step_ms_by_drafts": {
                         str(d): statistics.median(ts) * 1e3
@@ -484,6 +487,9 @@ def measure_policy(
                     if not adaptive:  # the same i.i.d. token model over the engine's own step costs
                         row["predicted_speedup_engine_step_costs"] = (
                             row["predicted_tokens_per_pass"] / row["realized_pass_cost_ratio"]
+                        )
+                        row["measured_over_predicted_engine_step_costs"] = (
+                            row["measured_speedup"] / row["predicted_speedup_engine_step_costs"]
                         )
                 pred = row["predicted_speedup_best_k"] if adaptive else row["predicted_speedup"]
                 row["measured_over_predicted"] = row["measured_speedup"] / pred
