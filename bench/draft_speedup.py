@@ -2,7 +2,7 @@
 next to the cost model's prediction (issue 18, item 4).
 
     python -m bench.random_model --shape llama-3.1-8b --shape llama-3.2-1b --out bench/out/models
-    python -m bench.draft_speedup --size 8b --budget-s 270 --out bench/out/draft_speedup_8b.json
+    python -m bench.draft_speedup --size 8b --budget-s 480 --out bench/out/draft_speedup_8b.json
 
 The draft model's proposals are replaced by the target's own greedy continuation, each token
 corrupted with probability 1 - alpha (bench/common/oracle_drafter.py, handed to the engine
@@ -15,8 +15,12 @@ prompts one after another, B > 1 = a burst of B requests):
   1. a plain greedy run records each prompt's continuation (the oracle; untimed, a warm-up);
   2. plain, timed, whose output must equal the oracle's (else the engine is not deterministic
      here and the block says so);
-  3. per alpha (--alphas): the oracle drafter at that alpha (for `adaptive` after an untimed
-     run at the same alpha, so the policy's estimates start where the workload keeps them);
+  3. per alpha (--alphas): the oracle drafter at that alpha, after an untimed run at the same
+     alpha (`fixed`: the first alpha only, for the shapes' first passes; `adaptive`: every
+     alpha, from the highest down, so the policy's estimates start where a workload of that
+     acceptance keeps them). An untimed speculative run whose output differs from the oracle
+     (bfloat16 at batch > 1 can: `refresh_oracle`) replaces the oracle's continuation, and
+     the point says for how many rows (`oracle_rows_refreshed_by_warmup`);
   4. plain again (the baseline is the mean of both plain runs; their ratio shows the drift).
 
 Per point: tokens/s and the speedup against plain, the realized acceptance from the requests'
@@ -39,7 +43,8 @@ with the Llama-3.2-1B shape as draft; tiny = the tiny pair for CPU runs), or --t
 layers, bench/common/truncated_draft.py). The draft model's outputs are never used, so any
 draft of the target's vocabulary prices a pass; its shape is what matters.
 
-CPU smoke run (seconds; the tiny pair needs the SmolLM2 tokenizer: `make model`):
+CPU smoke run (about a minute on two cores; the tiny pair needs the SmolLM2 tokenizer: `make
+model`; CPU pass costs are wall-clock medians, noisy on a shared machine):
 
     python -m bench.draft_speedup --size tiny --write-missing --device cpu --batches 1,2 \\
         --alphas 0,0.5,1 --new-tokens 16 --out bench/out/draft_speedup_tiny.json
