@@ -666,6 +666,8 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     save()
     for policy in args.policies:
+        if not budget.allows(f"{policy}: every block"):
+            continue
         measure_policy(policy, target, draft, prompts, costs, args, kv_tokens, budget, result, save)
     save()
     print(f"\nmachine: {machine}  target: {target.name}  draft: {draft.name}  k: {args.k}")
