@@ -263,19 +263,25 @@ def side_by_side(rows: list[dict], variants: list[str]) -> list[dict]:
     return table
 
 
-def predicted_speedup(target_rows, draft_rows, batch: int, accept: float, k: int, variant: str) -> float:
+def expected_tokens(accept: float, k: int) -> float:
+    """Tokens a pass of k drafts yields when each is accepted with probability `accept` given
+    the ones before it were: 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a) (k + 1 at a = 1)."""
+    return float(k + 1) if accept >= 1.0 else (1 - accept ** (k + 1)) / (1 - accept)
+
+
+def predicted_speedup(
+    target_rows, draft_rows, batch: int, accept: float, k: int, variant: str, path: str = "graph_compiled"
+) -> float:
+    """Tokens per pass over the pass's cost, (verify(k) + k * draft) / plain, from measured rows."""
     cost = {
         (r["batch"], r["width"]): r["ms"]
         for r in target_rows
-        if r["path"] == "graph_compiled" and r["variant"] == variant
+        if r["path"] == path and r["variant"] == variant
     }
     draft = {
-        (r["batch"], r["width"]): r["ms"]
-        for r in draft_rows
-        if r["path"] == "graph_compiled" and r["variant"] == variant
+        (r["batch"], r["width"]): r["ms"] for r in draft_rows if r["path"] == path and r["variant"] == variant
     }
-    tokens = (1 - accept ** (k + 1)) / (1 - accept)
-    return tokens * cost[(batch, 1)] / (cost[(batch, k + 1)] + k * draft[(batch, 1)])
+    return expected_tokens(accept, k) * cost[(batch, 1)] / (cost[(batch, k + 1)] + k * draft[(batch, 1)])
 
 
 def main() -> None:

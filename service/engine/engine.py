@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import structlog
 
@@ -33,6 +34,9 @@ from service.engine.validation import resolve
 from service.models.loading import LoadedModel
 
 log = structlog.get_logger(__name__)
+
+# (the draft model's runner, the catch-up budget in tokens per pass) -> the DRAFT_MODEL drafter.
+DraftModelDrafterFactory = Callable[[ModelRunner, int], Drafter]
 
 _NEW, _RUNNING, _DRAINING, _STOPPED = "new", "running", "draining", "stopped"
 
@@ -63,8 +67,17 @@ class Engine:
     """Speculative-decoding engine. See service/engine/api.py for the threading contract."""
 
     def __init__(
-        self, target: LoadedModel, config: EngineConfig | None = None, draft: LoadedModel | None = None
+        self,
+        target: LoadedModel,
+        config: EngineConfig | None = None,
+        draft: LoadedModel | None = None,
+        *,
+        draft_model_drafter: DraftModelDrafterFactory | None = None,
     ) -> None:
+        """`draft_model_drafter` builds the drafter of Method.DRAFT_MODEL from the draft model's
+        runner (on the engine thread, at start); None: DraftModelDrafter. It is how a benchmark
+        substitutes the draft model's proposals (bench/common/oracle_drafter.py); the service
+        never passes it."""
         config = config or EngineConfig()
         config.validate()
         if draft is not None and draft.vocab_size != target.vocab_size:
@@ -76,6 +89,7 @@ class Engine:
             raise ValueError("default_method is DRAFT_MODEL but no draft model was given")
         self.config = config
         self._target, self._draft = target, draft
+        self._draft_model_drafter: DraftModelDrafterFactory = draft_model_drafter or DraftModelDrafter
         max_position = min(
             target.max_context_tokens, draft.max_context_tokens if draft else target.max_context_tokens
         )
@@ -228,7 +242,7 @@ class Engine:
         runners = [target]
         if self._draft is not None:
             runners.append(ModelRunner(self._draft, self.config.max_batch_size, cache_len, max_width, **fast))
-            drafters[Method.DRAFT_MODEL] = DraftModelDrafter(
+            drafters[Method.DRAFT_MODEL] = self._draft_model_drafter(
                 runners[-1], self.config.max_prefill_tokens_per_pass
             )
         if self.config.capture_all_graphs:
