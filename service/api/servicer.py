@@ -24,6 +24,7 @@ from service.api.request_mapping import RequestLimits, check_request_id, to_chun
 from service.api.request_trace import CapturedTrace, capture
 from service.api.streaming import take_ready
 from service.engine.api import (
+    EngineLost,
     EngineStoppedError,
     Event,
     FinalResult,
@@ -154,6 +155,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 if event is None:
                     continue
                 finished = True
+                if isinstance(event, EngineLost):
+                    # The engine went away (its process exited): nothing failed in this
+                    # request, and another replica can serve it.
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, f"request {request_id} was lost: {event.reason}"
+                    )
                 if event.finish_reason is FinishReason.ERROR:
                     # An unexpected failure of this request alone; the engine keeps serving.
                     await context.abort(
