@@ -1,11 +1,13 @@
 """serve(): build the gRPC server, load the models, serve, drain on SIGTERM/SIGINT.
 
 Start-up order: the server listens at once with health NOT_SERVING (so probes see it
-loading), the models load and warm up on a worker thread, then health turns SERVING.
+loading), the models load and warm up (in the engine's own process, started and awaited from a
+worker thread, or on that thread with --engine-process thread), then health turns SERVING.
 Shutdown: health NOT_SERVING and new requests get UNAVAILABLE; so do queued requests, at
 once (they hold no batch slot; their clients retry on another replica); running requests
 finish within the grace period (the rest are cancelled); pending metrics are flushed to the
-sidecar; exit 0.
+sidecar; exit 0. An engine process that exits unasked stops the service the same way, with
+its requests in flight answered UNAVAILABLE, and the process exits non-zero.
 """
 
 from __future__ import annotations

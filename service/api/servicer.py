@@ -1,6 +1,7 @@
 """GenerationService over grpc.aio: streams engine events to the client.
 
-The engine runs on its own thread; its callbacks hop onto the event loop with
+The engine runs on its own thread (in this process, or in the engine process, whose events a
+reader thread here delivers); its callbacks hop onto the event loop with
 call_soon_threadsafe, so nothing here blocks the loop on model work. Tokenization runs in
 a small thread pool. A client that cancels or passes its deadline cancels its handler
 task, whose `finally` cancels the engine request (the slot is freed within one pass).
@@ -58,7 +59,7 @@ class _EventBridge:
         self._trace = trace
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
 
-    def __call__(self, event: Event) -> None:  # runs on the engine thread
+    def __call__(self, event: Event) -> None:  # the engine thread, or the engine process's reader
         if isinstance(event, FinalResult):
             # Report and log even when the client has gone: the work was done.
             self._on_final(event, self._trace)
@@ -76,7 +77,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         tokenize_workers: int = 2,
         tracing: bool = False,
     ) -> None:
-        """on_final(result, trace) runs on the engine thread for every finished request;
+        """on_final(result, trace) runs on the thread delivering events (the engine's, or the
+        engine process's reader) for every finished request;
         trace is the request's captured trace context, None unless `tracing` is on."""
         self._limits = limits
         self._on_final = on_final

@@ -123,7 +123,9 @@ class EngineCore:
 
         try:
             handle = self.engine.submit(message.request, on_event)
-        except EngineError as exc:
+        except Exception as exc:  # noqa: BLE001 - refused, whatever the reason: the front end ends it
+            if not isinstance(exc, EngineError):
+                log.exception("engine_core_submit_failed", request_id=message.request.request_id)
             self.outbox.send(Rejected(key, type(exc).__name__, str(exc)))
             return
         with self._handles_lock:
