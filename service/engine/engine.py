@@ -102,7 +102,6 @@ class Engine:
         # Read-only outside the engine thread: its choices and measured costs.
         self.draft_length_policy = DraftLengthPolicy() if config.adaptive_draft_length else None
         self._observers: list[PassObserver] = []
-        self._turn_observers: list[Callable[[], None]] = []
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()  # guarded by _cond
         self._in_batch = 0  # running requests, as last published by the engine thread
@@ -159,13 +158,16 @@ class Engine:
         Register before start()."""
         self._observers.append(observer)
 
-    def add_turn_observer(self, observer: Callable[[], None]) -> None:
-        """Calls `observer()` on the engine thread at the end of every loop turn (admissions,
-        cancellations and one step), and once more after the last events of a stop or a failed
-        start: every event the engine delivers on its thread was delivered before the next call.
-        For a consumer that batches events per turn (service/engine_process). It must be quick;
-        an exception it raises is logged and ignored. Register before start()."""
-        self._turn_observers.append(observer)
+    def add_delivery_observer(self, observer: Callable[[], None]) -> None:
+        """Calls `observer()` on the engine thread after each batch of events the engine thread
+        delivered: the first tokens of a prefill pass (before the decode pass), the previous
+        pass's chunks (while the device runs the decode pass), and at the end of every loop
+        turn (the step's final results, cancellations) and of a stop or a failed start. No
+        event waits for a call longer than the end of the turn that delivered it. For a
+        consumer that sends events in batches (service/engine_process). It must be quick; an
+        exception it raises is logged and ignored. May be registered while the engine runs
+        (from the next call on)."""
+        self._output.delivery_observers.append(observer)
 
     def queue_depth(self) -> int:
         """Requests admitted and waiting for a batch slot."""
@@ -270,7 +272,7 @@ class Engine:
                 self._waiting.clear()
             for seq in leftovers:
                 self._output.finish(seq, FinishReason.ERROR, f"engine failed to start: {exc!r}")
-            self._turn_ended()
+            self._output.delivered()
             return
         if self.config.freeze_gc_after_start:
             started = time.perf_counter()
@@ -290,7 +292,7 @@ class Engine:
             except Exception:  # noqa: BLE001 - the engine thread must not die
                 log.exception("engine_iteration_failed")
                 scheduler.finish_all(FinishReason.ERROR, "internal engine error")
-            self._turn_ended()
+            self._output.delivered()
         with self._cond:
             self._state = _STOPPED
             self._in_batch = 0
@@ -298,14 +300,7 @@ class Engine:
             self._waiting.clear()
         for seq in leftovers:
             self._output.finish(seq, FinishReason.CANCELLED)
-        self._turn_ended()
-
-    def _turn_ended(self) -> None:
-        for observer in self._turn_observers:
-            try:
-                observer()
-            except Exception:  # noqa: BLE001 - an observer must not stop the engine
-                log.exception("turn_observer_failed")
+        self._output.delivered()
 
     def _iterate(self, scheduler: Scheduler) -> bool:
         """One loop turn: admissions and one decode pass. False when the engine is done."""

@@ -3,10 +3,11 @@ but run the engine (docs/architecture.md, "Two processes of the service").
 
 Its main thread loads the models, starts and warms up the engine, sends `Ready`, then waits
 for the end. A reader thread applies what the front end sends (Submit, Cancel, Stop). The
-engine thread delivers events into an outbox, which it sends as one `Events` message at the
-end of every turn (Engine.add_turn_observer). The front end's end of the pipe closing (it
-exited or was killed) stops the engine at once and ends this process: nothing is left
-holding the device.
+engine thread delivers events into an outbox, which it sends as one `Events` message at each
+of the engine's delivery points (Engine.add_delivery_observer): a prefill pass's first
+tokens, a decode pass's chunks while the device runs, the rest at the end of the turn. The
+front end's end of the pipe closing (it exited or was killed) ends this process at once:
+nothing is left holding the device.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class EngineCore:
 
     def serve(self, engine: Any) -> None:
         self.engine = engine
-        engine.add_turn_observer(self.outbox.flush)
+        engine.add_delivery_observer(self.outbox.flush)
 
     def read(self) -> None:
         """The reader thread: applies the front end's messages until Stop or the pipe's end."""
