@@ -157,6 +157,7 @@ def main(conn: Connection, config: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(config.log_level)
     structlog.contextvars.bind_contextvars(process="engine_core")
+    _thread_lock_for_progress_bars()
     core = EngineCore(conn)
     # Started before the models load, so that the front end going away ends a load too.
     threading.Thread(target=core.read, name="engine-core-reader", daemon=True).start()
@@ -173,6 +174,18 @@ def main(conn: Connection, config: Any) -> None:
     log.info("engine_core_ready", pid=os.getpid())
     core.done.wait()
     _exit_now(0)
+
+
+def _thread_lock_for_progress_bars() -> None:
+    """tqdm (transformers' progress bars while loading) guards its output with a
+    multiprocessing lock by default: a semaphore registered with the front end's resource
+    tracker, which warns of a leak at every shutdown since this process ends with os._exit.
+    One process needs only a thread lock."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
 
 
 def _exit_now(code: int) -> None:
