@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -48,13 +49,43 @@ class ServingState(enum.Enum):
 OnFinal = Callable[[FinalResult, "CapturedTrace | None"], None]
 
 
-class _EventBridge:
-    """Engine-thread callback -> asyncio.Queue on the handler's loop."""
+class LoopInbox:
+    """Events from the delivering thread onto the event loop, one wake-up per burst.
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, on_final: OnFinal, trace: CapturedTrace | None = None
-    ):
-        self._loop = loop
+    The engine delivers a pass's events for every running request in a row; a
+    call_soon_threadsafe per event would write the loop's wake-up pipe once per request and
+    pass (on the engine thread, in the thread mode). Here the first event of a burst schedules
+    one drain and the others join it; each queue still gets its events in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue[Event], Event]] = []
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue[Event], event: Event) -> None:  # any thread
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: the process is exiting
+            pass
+
+    def _drain(self) -> None:  # on the loop
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
+class _EventBridge:
+    """Engine callback -> asyncio.Queue on the handler's loop."""
+
+    def __init__(self, inbox: LoopInbox, on_final: OnFinal, trace: CapturedTrace | None = None):
+        self._inbox = inbox
         self._on_final = on_final
         self._trace = trace
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -63,10 +94,7 @@ class _EventBridge:
         if isinstance(event, FinalResult):
             # Report and log even when the client has gone: the work was done.
             self._on_final(event, self._trace)
-        try:
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the loop is closed: the process is exiting
-            pass
+        self._inbox.put(self.queue, event)
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -90,6 +118,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.engine: Any = None  # service.engine.Engine once loaded
         self.tokenizer: Any = None
         self.server_info = generation_pb2.GetServerInfoResponse(version=__version__)
+        self._inbox: LoopInbox | None = None  # of the loop serving the calls
 
     def attach(self, engine: Any, tokenizer: Any, server_info: generation_pb2.GetServerInfoResponse) -> None:
         self.engine, self.tokenizer, self.server_info = engine, tokenizer, server_info
@@ -136,7 +165,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc} (request_id={request_id})")
 
-        bridge = _EventBridge(loop, self._on_final, trace)
+        if self._inbox is None or self._inbox.loop is not loop:
+            self._inbox = LoopInbox(loop)
+        bridge = _EventBridge(self._inbox, self._on_final, trace)
         try:
             handle = self.engine.submit(engine_request, bridge)
         except InvalidRequestError as exc:
