@@ -13,6 +13,7 @@ process. When the core exits without being asked to, every request in flight get
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import multiprocessing
 import threading
@@ -88,13 +89,16 @@ class EngineProcess:
         # has gRPC threads.
         context = multiprocessing.get_context("spawn")
         conn, child_conn = context.Pipe(duplex=True)
-        # daemon: terminated at this process's exit if it is still running (a stop while the
-        # models load); a kill of this process closes the pipe, which ends it too.
         process = context.Process(
-            target=core.main, args=(child_conn, config), name="specdec-engine-core", daemon=True
-        )
+            target=core.main, args=(child_conn, config), name="specdec-engine-core"
+        )  # not a daemon: torch may start processes of its own in it (compile workers)
         process.start()
         child_conn.close()  # only the child holds its end: its exit is the end of the pipe here
+        # The core ignores SIGTERM (a signal to the whole group must not cut the drain short),
+        # so this process kills it if it exits with the core still running: a stop while the
+        # models load, a failure that skipped stop(). A kill of this process closes the pipe,
+        # which ends the core too.
+        atexit.register(_kill_if_running, process)
         log.info("engine_process_started", pid=process.pid)
         try:
             first = conn.recv()
@@ -256,6 +260,12 @@ class _Handle:
         if not self._cancelled:
             self._cancelled = True
             self._owner.cancel_key(self._key)
+
+
+def _kill_if_running(process: Any) -> None:
+    if process.is_alive():
+        process.kill()
+        process.join(10)
 
 
 def _deliver(callback: EventCallback, event: Event) -> None:

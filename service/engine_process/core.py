@@ -152,9 +152,11 @@ class EngineCore:
 def main(conn: Connection, config: Any) -> None:
     """The child's entry point (a multiprocessing "spawn" target): `config` is the server's
     ServiceConfig."""
-    # Ctrl-C in a terminal reaches the whole process group; the front end decides when and
-    # how the engine stops (a drain), so the core ignores it.
+    # A signal to the whole process group or cgroup (Ctrl-C in a terminal, systemd's default
+    # KillMode) must not end the engine before the front end's drain: the front end decides
+    # when the engine stops (Stop), and kills it if it exits without that (client.py).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(config.log_level)
     structlog.contextvars.bind_contextvars(process="engine_core")
     _thread_lock_for_progress_bars()

@@ -207,7 +207,7 @@ def test_not_serving_while_loading_then_drain_reports_the_last_record(tiny_model
 # ---- crashes: `specdec-server` as a child process, the engine in its own ----------------------
 
 
-def start_server(tiny_model_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(tiny_model_dir: Path, log_path: Path, **popen: object) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = open(log_path, "wb")
     server = subprocess.Popen(
@@ -224,6 +224,7 @@ def start_server(tiny_model_dir: Path, log_path: Path) -> tuple[subprocess.Popen
         ),
         stdout=log,
         stderr=subprocess.STDOUT,
+        **popen,
     )
     log.close()
     return server, f"127.0.0.1:{port}"
@@ -334,3 +335,26 @@ def test_sigterm_while_the_engine_process_loads_exits_at_once(tiny_model_dir, tm
             server.kill()
     events = [e.get("event") for e in log_events(log_path)]
     assert "serving" not in events and "stopped" in events, events
+
+
+def test_sigterm_to_the_whole_process_group_still_drains(tiny_model_dir, tmp_path) -> None:
+    """systemd's default KillMode, or a script's `kill -- -PGID`, signals both processes: the
+    engine process must outlive the front end's drain, not die with the signal."""
+    log_path = tmp_path / "server.log"
+    server, address = start_server(tiny_model_dir, log_path, start_new_session=True)
+    try:
+        wait_for(lambda: health_status(address) == SERVING, 120, what="SERVING")
+        pid = core_pid(log_path)
+        with grpc.insecure_channel(address) as channel:
+            call = generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+                request(max_tokens=200, method=NONE), timeout=60
+            )
+            next(call)
+            os.killpg(server.pid, signal.SIGTERM)
+            final = list(call)[-1].final
+        assert final.completion_tokens == 200
+        assert server.wait(30) == 0
+        wait_for(lambda: not alive(pid), 10, what="the engine process to exit")
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
