@@ -19,7 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from specdec.v1 import generation_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
+from specdec.v1 import generation_pb2_grpc, metrics_pb2, telemetry_pb2, telemetry_pb2_grpc
 from testkit.processes import env_with_this_checkout, free_port, wait_for
 from tests.service.conftest import ServiceThread, service_config
 from tests.service.test_generate import NGRAM, NONE, collect, request
@@ -32,11 +32,26 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_model_dir) -> Iterator[dict[str, ServiceThread]]:
-    """One server per mode, one batch slot and one queue place each (tests leave them idle)."""
+def sidecar() -> Iterator[RecordingSidecar]:
+    recording = RecordingSidecar()
+    yield recording
+    recording.server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model_dir, sidecar) -> Iterator[dict[str, ServiceThread]]:
+    """One server per mode, one batch slot and one queue place each (tests leave them idle),
+    both reporting to `sidecar`."""
     started = {
         mode: ServiceThread(
-            service_config(tiny_model_dir, engine_process=mode, max_batch_size=1, max_queue_size=1)
+            service_config(
+                tiny_model_dir,
+                engine_process=mode,
+                max_batch_size=1,
+                max_queue_size=1,
+                telemetry_target=f"127.0.0.1:{sidecar.port}",
+                instance_id=f"test-{mode}",
+            )
         ).start()
         for mode in MODES
     }
@@ -58,19 +73,6 @@ def stubs() -> Iterator[dict[str, generation_pb2_grpc.GenerationServiceStub]]:
         channel.close()
 
 
-def finals_of(server: ServiceThread) -> list:
-    """Every FinalResult the server reports from now on (what goes to the reporter)."""
-    sink: list = []
-    original = server.service.servicer._on_final
-
-    def spy(result, trace):
-        sink.append(result)
-        original(result, trace)
-
-    server.service.servicer._on_final = spy
-    return sink
-
-
 def tokens(stub, req) -> list[int]:
     chunks, final, _ = collect(stub, req, timeout=60)
     assert_metrics_invariants(final.metrics)
@@ -87,18 +89,21 @@ def test_the_engine_process_generates_the_thread_modes_tokens(servers, stubs) ->
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_cancelled_stream_frees_the_slot(servers, stubs, mode) -> None:
+def test_a_cancelled_stream_frees_the_slot_and_is_reported(servers, stubs, sidecar, mode) -> None:
     server = servers[mode]
     stub = stubs(server.address)
-    finals = finals_of(server)
-    call = stub.Generate(request(max_tokens=4000, method=NONE), timeout=60)
+    request_id = f"cancelled-{mode}"
+    call = stub.Generate(request(max_tokens=4000, method=NONE, request_id=request_id), timeout=60)
     next(call)  # holds the only slot
     call.cancel()
     _, final, _ = collect(stub, request(max_tokens=4), timeout=60)  # served once the slot is free
     assert final.completion_tokens == 4
-    cancelled = [f for f in finals if f.finish_reason.name == "CANCELLED"]
-    assert len(cancelled) == 1 and cancelled[0].completion_tokens < 4000, finals
-    assert_metrics_invariants(cancelled[0].metrics)
+    records = wait_for(
+        lambda: [r for r in sidecar.records if r.request_id == request_id], 20, what="the cancelled record"
+    )
+    assert len(records) == 1 and records[0].finish_reason == metrics_pb2.FINISH_REASON_CANCELLED
+    assert 0 < records[0].completion_tokens < 4000
+    assert_metrics_invariants(records[0])
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -198,6 +203,7 @@ def test_not_serving_while_loading_then_drain_reports_the_last_record(tiny_model
         assert final.completion_tokens == 300
         assert [r.request_id for r in sidecar.records] == ["drained"]
         assert sidecar.records[0].completion_tokens == 300
+        assert_metrics_invariants(sidecar.records[0])
     finally:
         release.set()
         server.stop()
