@@ -75,7 +75,7 @@ class EngineProcess:
         self._in_flight: dict[int, tuple[str, EventCallback]] = {}  # key -> (request id, callback)
         self._keys = itertools.count()
         self._stopped_cleanly = False
-        self._exit_code: int | None = None  # set when the core exited unasked
+        self._exit_code: int | None = None  # the core's, once it exited
         self._exit_observers: list[Callable[[int | None], None]] = []
         self._exited = threading.Event()
         self._reader = threading.Thread(target=self._read, name="engine-process-reader", daemon=True)
@@ -143,9 +143,9 @@ class EngineProcess:
         """Nothing to do: the core warmed its engine up before it was Ready."""
 
     def add_exit_observer(self, observer: Callable[[int | None], None]) -> None:
-        """Calls `observer(exit_code)` once if the core exits without a stop() (a crash, a
-        kill), on the reader thread, after every request in flight got EngineLost; at once if
-        that already happened."""
+        """Calls `observer(exit_code)` once if the core exits without having stopped cleanly (a
+        crash, a kill, a drain that ran past its time), on the reader thread, after every
+        request in flight got EngineLost; at once if that already happened."""
         with self._lock:
             self._exit_observers.append(observer)
             exited, code = self._state == _EXITED and not self._stopped_cleanly, self._exit_code
