@@ -8,10 +8,13 @@ draft model, 1b = the 1B shape alone, tiny = bench.random_model's tiny pair for 
 runs; the directories are --models-dir/<shape>; the draft model is loaded only when
 --methods holds draft_model), per path (--paths):
 
-  inprocess  the engine in this process, built by the service's own build_engine from the
+  inprocess  the engine in this process, built by the service's own load_engine from the
              same server arguments (service/server.py: load, vocabulary check, warm-up);
   grpc       `specdec-server` with those arguments as a child process on a loopback port,
-             loaded through the gRPC API by specdec-bench's runner (service/client/loadgen);
+             loaded through the gRPC API by specdec-bench's runner (service/client/loadgen),
+             once per --engine-process mode: rows `grpc` with the engine in a process of its
+             own (the default), `grpc-thread` with it on a thread of the server, so that one
+             run compares the two;
 
 and per prompt set (--prompts, specdec-bench's: builtin:grounded, builtin:open_chat,
 builtin:all, or a JSONL file), method (--methods: none, ngram, draft_model) and pacing:
@@ -47,6 +50,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import os
@@ -79,6 +83,14 @@ from specdec.v1 import generation_pb2_grpc  # noqa: E402
 # size -> (target shape, draft shape or None); directories are --models-dir/<shape>.
 SIZES = {"8b": ("llama-3.1-8b", "llama-3.2-1b"), "1b": ("llama-3.2-1b", None), "tiny": ("tiny", "tiny-draft")}
 PATHS = ("inprocess", "grpc")
+ENGINE_PROCESS_MODES = ("process", "thread")
+
+
+def grpc_path(engine_process: str) -> str:
+    """The rows' path label of the gRPC path with the server's --engine-process mode."""
+    return "grpc" if engine_process == "process" else f"grpc-{engine_process}"
+
+
 METHODS = ("none", "ngram", "draft_model")
 MODES = ("batch1", "burst", "sustained")
 WARMUP_MAX_TOKENS = 16
@@ -203,10 +215,10 @@ def row_key(row: dict) -> tuple:
 
 
 def measure_inprocess(args, size, config_args, plan, prompt_sets, roofline, add_row, budget, info) -> None:
-    from service.server import build_engine
+    from service.server import load_engine
 
     started = time.perf_counter()
-    engine, tokenizer = build_engine(ServiceConfig.from_args(config_args, environ={}))
+    engine, tokenizer = load_engine(ServiceConfig.from_args(config_args, environ={}))
     info["load_seconds"] = time.perf_counter() - started
     log(f"{size} inprocess: engine ready in {info['load_seconds']:.1f} s")
     limits = RequestLimits(1 << 30, 1 << 30)
@@ -263,24 +275,32 @@ def measure_inprocess(args, size, config_args, plan, prompt_sets, roofline, add_
             info["cuda_memory_allocated_after_stop"] = torch.cuda.memory_allocated()
 
 
-def measure_grpc(args, size, config_args, plan, prompt_sets, roofline, add_row, budget, info) -> None:
-    server = ServerProcess(config_args, args.out.with_name(f"{args.out.stem}.{size}.server.log"))
+def measure_grpc(
+    args, size, config_args, plan, prompt_sets, roofline, add_row, budget, info, engine_process="process"
+) -> None:
+    path = grpc_path(engine_process)
+    server = ServerProcess(
+        [*config_args, "--engine-process", engine_process],
+        args.out.with_name(f"{args.out.stem}.{size}.{path}.server.log"),
+    )
     info["server_command"] = server.command
     info["server_log"] = str(server.log_path)
     with server:
         server.start(args.server_start_timeout_s)
         info["ready_seconds"] = server.ready_seconds
-        log(f"{size} grpc: server ready at {server.address} in {server.ready_seconds:.1f} s")
-        asyncio.run(_grpc_blocks(args, size, server.address, plan, prompt_sets, roofline, add_row, budget))
+        log(f"{size} {path}: server ready at {server.address} in {server.ready_seconds:.1f} s")
+        asyncio.run(
+            _grpc_blocks(args, size, path, server.address, plan, prompt_sets, roofline, add_row, budget)
+        )
         info["server_exit_status"] = server.stop()
 
 
-async def _grpc_blocks(args, size, address, plan, prompt_sets, roofline, add_row, budget) -> None:
+async def _grpc_blocks(args, size, path, address, plan, prompt_sets, roofline, add_row, budget) -> None:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         warmed = set()
         for spec, method, mode, pacing in plan:
-            what = f"{size} grpc {spec} {method} {mode} {pacing.level:g}"
+            what = f"{size} {path} {spec} {method} {mode} {pacing.level:g}"
             if not budget.allows(what):
                 continue
             prompts = prompt_sets[spec]
@@ -305,7 +325,7 @@ async def _grpc_blocks(args, size, address, plan, prompt_sets, roofline, add_row
             add_row(
                 row_of(
                     size,
-                    "grpc",
+                    path,
                     spec,
                     method,
                     mode,
@@ -316,7 +336,16 @@ async def _grpc_blocks(args, size, address, plan, prompt_sets, roofline, add_row
             )
 
 
-MEASURE = {"inprocess": measure_inprocess, "grpc": measure_grpc}
+def measurements(args: argparse.Namespace) -> list[tuple[str, Callable[..., None]]]:
+    """(row path, measure function) in running order: --paths, the gRPC one per --engine-process."""
+    out: list[tuple[str, Callable[..., None]]] = []
+    for path in args.paths:
+        if path == "grpc":
+            for mode in args.engine_process:
+                out.append((grpc_path(mode), functools.partial(measure_grpc, engine_process=mode)))
+        else:
+            out.append((path, measure_inprocess))
+    return out
 
 
 # ---------------------------------------------------------------------------- main
@@ -381,6 +410,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=names(METHODS),
         default=list(METHODS),
         help="none, ngram, draft_model (draft_model needs a size with a draft model)",
+    )
+    parser.add_argument(
+        "--engine-process",
+        type=names(ENGINE_PROCESS_MODES),
+        default=["process"],
+        help="the server's --engine-process for the grpc path, one server each, in this order: "
+        "process (rows 'grpc'), thread (rows 'grpc-thread'); e.g. process,thread to compare",
     )
     parser.add_argument("--modes", type=names(MODES), default=list(MODES), help="batch1, burst, sustained")
     parser.add_argument(
@@ -549,10 +585,10 @@ def main(argv=None) -> int:
             f"draft {draft}"
         )
         plan = blocks(args, prompt_sets, methods)
-        for path in args.paths:
+        for path, measure in measurements(args):
             if not budget.allows(f"{size} {path} start"):
                 continue
-            MEASURE[path](
+            measure(
                 args,
                 size,
                 config_args,
@@ -621,8 +657,8 @@ def summary_table(rows: list[dict]) -> dict[str, float | None]:
         name = f"{size} {spec} {mode} {level} {method}"
         table[f"{name} {path} tok/s"] = r["tokens_per_s"]
         other = by_key.get((size, "inprocess", spec, method, mode, level))
-        if path == "grpc" and other and other["tokens_per_s"] and r["tokens_per_s"]:
-            table[f"{name} grpc/inprocess"] = r["tokens_per_s"] / other["tokens_per_s"]
+        if path.startswith("grpc") and other and other["tokens_per_s"] and r["tokens_per_s"]:
+            table[f"{name} {path}/inprocess"] = r["tokens_per_s"] / other["tokens_per_s"]
         plain = by_key.get((size, path, spec, "none", mode, level))
         if method != "none" and plain and plain["tokens_per_s"] and r["tokens_per_s"]:
             table[f"{size} {spec} {mode} {level} {path} {method}/plain"] = (

@@ -23,6 +23,7 @@ DEFAULT_MAX_PROMPT_BYTES = 256 * 1024
 
 
 _method = choice(*METHOD_BY_NAME)
+ENGINE_PROCESS_MODES = ("process", "thread")
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -205,6 +206,14 @@ OPTIONS: tuple[Option, ...] = (
         "file of accepted bearer tokens, one per line, reloaded on SIGHUP; set: every RPC "
         "but health needs one (empty: no token check)",
     ),
+    Option(
+        "engine_process",
+        "SPECDEC_ENGINE_PROCESS",
+        choice(*ENGINE_PROCESS_MODES),
+        "process",
+        "where the engine runs: process (a child process owns the models and the device; this "
+        "one owns gRPC, tokenization and reporting) or thread (in this process, sharing its GIL)",
+    ),
     Option("log_level", "SPECDEC_LOG_LEVEL", str, "INFO", "log level"),
 )
 
@@ -242,6 +251,7 @@ class ServiceConfig:
     tls_key_file: str
     tls_client_ca_file: str
     auth_tokens_file: str
+    engine_process: str
     log_level: str
 
     @property

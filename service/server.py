@@ -1,11 +1,13 @@
 """serve(): build the gRPC server, load the models, serve, drain on SIGTERM/SIGINT.
 
 Start-up order: the server listens at once with health NOT_SERVING (so probes see it
-loading), the models load and warm up on a worker thread, then health turns SERVING.
+loading), the models load and warm up (in the engine's own process, started and awaited from a
+worker thread, or on that thread with --engine-process thread), then health turns SERVING.
 Shutdown: health NOT_SERVING and new requests get UNAVAILABLE; so do queued requests, at
 once (they hold no batch slot; their clients retry on another replica); running requests
 finish within the grace period (the rest are cancelled); pending metrics are flushed to the
-sidecar; exit 0.
+sidecar; exit 0. An engine process that exits unasked stops the service the same way, with
+its requests in flight answered UNAVAILABLE, and the process exits non-zero.
 """
 
 from __future__ import annotations
@@ -47,7 +49,19 @@ GRPC_MAX_RECEIVE_BYTES = 64 << 20
 
 
 def build_engine(config: ServiceConfig) -> tuple[Any, Any]:
-    """Load the models and start a warmed-up engine (runs on a worker thread)."""
+    """The engine `--engine-process` asks for, started and warmed up, and its tokenizer (runs on
+    a worker thread): the core in a child process (service/engine_process), or in this one."""
+    if config.engine_process == "process":
+        from service.engine_process.client import EngineProcess
+
+        engine = EngineProcess.start(config)
+        return engine, engine.tokenizer
+    return load_engine(config)
+
+
+def load_engine(config: ServiceConfig) -> tuple[Any, Any]:
+    """Load the models and start a warmed-up engine in this process (the engine core's
+    process, or the server's with --engine-process thread)."""
     from service.engine import Engine, EngineConfig
     from service.models.loading import check_same_vocabulary, load_model
 
@@ -141,8 +155,14 @@ def make_reporter(config: ServiceConfig, credentials: grpc.ChannelCredentials | 
 class Service:
     """The running service: gRPC server, health, engine and metrics reporter."""
 
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(
+        self, config: ServiceConfig, build_engine: Callable[[ServiceConfig], tuple[Any, Any]] = build_engine
+    ) -> None:
+        """`build_engine(config) -> (engine, tokenizer)` loads on a worker thread (tests pass
+        one that loads slowly or fails)."""
         self.config = config
+        self._build_engine = build_engine
+        self.failure: str | None = None  # why the service stopped on its own (the engine exited)
         # Every certificate and token file is read before anything binds or starts.
         self.security = SecuredServer(config.server_security, env_prefix="SPECDEC_")
         telemetry_credentials = reporter_credentials(config)
@@ -204,8 +224,12 @@ class Service:
             **self.security.describe(),
         )
         self.engine, tokenizer = await _result_or_abandon(
-            build_engine, self.config, abandoned=_stop_abandoned_engine
+            self._build_engine, self.config, abandoned=_stop_abandoned_engine
         )
+        watch_exit = getattr(self.engine, "add_exit_observer", None)  # an engine in its own process
+        if watch_exit is not None:
+            loop = asyncio.get_running_loop()
+            watch_exit(lambda code: loop.call_soon_threadsafe(self._engine_exited, code))
         self.servicer.attach(self.engine, tokenizer, server_info(self.engine, self.config))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -216,6 +240,14 @@ class Service:
 
     def request_stop(self) -> None:
         self._stopping.set()
+
+    def _engine_exited(self, exit_code: int | None) -> None:  # on the loop
+        """The engine's process exited unasked (its requests already got EngineLost): stop
+        serving, and stop the service, which then exits non-zero."""
+        self.failure = f"the engine process exited with code {exit_code}"
+        self.servicer.state = ServingState.DRAINING
+        asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+        self.request_stop()
 
     async def wait_for_stop(self) -> None:
         await self._stopping.wait()
@@ -302,8 +334,12 @@ def _info_fields(info: generation_pb2.GetServerInfoResponse) -> dict[str, Any]:
     return {f.name: getattr(info, f.name) for f in info.DESCRIPTOR.fields}
 
 
-async def serve(config: ServiceConfig) -> None:
-    service = Service(config)
+async def serve(
+    config: ServiceConfig, build_engine: Callable[[ServiceConfig], tuple[Any, Any]] = build_engine
+) -> None:
+    """Serves until SIGTERM/SIGINT (returns after the drain) or until the engine's process
+    exits unasked (raises EngineExitedError after the drain, so the process exits non-zero)."""
+    service = Service(config, build_engine)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
@@ -321,3 +357,9 @@ async def serve(config: ServiceConfig) -> None:
     finally:
         stopping.cancel()
         await service.stop()
+    if service.failure is not None:
+        raise EngineExitedError(service.failure)
+
+
+class EngineExitedError(RuntimeError):
+    """The engine's process exited while the service ran."""

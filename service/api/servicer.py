@@ -1,6 +1,7 @@
 """GenerationService over grpc.aio: streams engine events to the client.
 
-The engine runs on its own thread; its callbacks hop onto the event loop with
+The engine runs on its own thread (in this process, or in the engine process, whose events a
+reader thread here delivers); its callbacks hop onto the event loop with
 call_soon_threadsafe, so nothing here blocks the loop on model work. Tokenization runs in
 a small thread pool. A client that cancels or passes its deadline cancels its handler
 task, whose `finally` cancels the engine request (the slot is freed within one pass).
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +26,7 @@ from service.api.request_mapping import RequestLimits, check_request_id, to_chun
 from service.api.request_trace import CapturedTrace, capture
 from service.api.streaming import take_ready
 from service.engine.api import (
+    EngineLost,
     EngineStoppedError,
     Event,
     FinalResult,
@@ -46,25 +49,52 @@ class ServingState(enum.Enum):
 OnFinal = Callable[[FinalResult, "CapturedTrace | None"], None]
 
 
-class _EventBridge:
-    """Engine-thread callback -> asyncio.Queue on the handler's loop."""
+class LoopInbox:
+    """Events from the delivering thread onto the event loop, one wake-up per burst.
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, on_final: OnFinal, trace: CapturedTrace | None = None
-    ):
-        self._loop = loop
+    The engine delivers a pass's events for every running request in a row; a
+    call_soon_threadsafe per event would write the loop's wake-up pipe once per request and
+    pass (on the engine thread, in the thread mode). Here the first event of a burst schedules
+    one drain and the others join it; each queue still gets its events in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue[Event], Event]] = []
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue[Event], event: Event) -> None:  # any thread
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: the process is exiting
+            pass
+
+    def _drain(self) -> None:  # on the loop
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
+class _EventBridge:
+    """Engine callback -> asyncio.Queue on the handler's loop."""
+
+    def __init__(self, inbox: LoopInbox, on_final: OnFinal, trace: CapturedTrace | None = None):
+        self._inbox = inbox
         self._on_final = on_final
         self._trace = trace
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
 
-    def __call__(self, event: Event) -> None:  # runs on the engine thread
+    def __call__(self, event: Event) -> None:  # the engine thread, or the engine process's reader
         if isinstance(event, FinalResult):
             # Report and log even when the client has gone: the work was done.
             self._on_final(event, self._trace)
-        try:
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the loop is closed: the process is exiting
-            pass
+        self._inbox.put(self.queue, event)
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -75,7 +105,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         tokenize_workers: int = 2,
         tracing: bool = False,
     ) -> None:
-        """on_final(result, trace) runs on the engine thread for every finished request;
+        """on_final(result, trace) runs on the thread delivering events (the engine's, or the
+        engine process's reader) for every finished request;
         trace is the request's captured trace context, None unless `tracing` is on."""
         self._limits = limits
         self._on_final = on_final
@@ -87,6 +118,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.engine: Any = None  # service.engine.Engine once loaded
         self.tokenizer: Any = None
         self.server_info = generation_pb2.GetServerInfoResponse(version=__version__)
+        self._inbox: LoopInbox | None = None  # of the loop serving the calls
 
     def attach(self, engine: Any, tokenizer: Any, server_info: generation_pb2.GetServerInfoResponse) -> None:
         self.engine, self.tokenizer, self.server_info = engine, tokenizer, server_info
@@ -133,7 +165,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc} (request_id={request_id})")
 
-        bridge = _EventBridge(loop, self._on_final, trace)
+        if self._inbox is None or self._inbox.loop is not loop:
+            self._inbox = LoopInbox(loop)
+        bridge = _EventBridge(self._inbox, self._on_final, trace)
         try:
             handle = self.engine.submit(engine_request, bridge)
         except InvalidRequestError as exc:
@@ -154,6 +188,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 if event is None:
                     continue
                 finished = True
+                if isinstance(event, EngineLost):
+                    # The engine went away (its process exited): nothing failed in this
+                    # request, and another replica can serve it.
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, f"request {request_id} was lost: {event.reason}"
+                    )
                 if event.finish_reason is FinishReason.ERROR:
                     # An unexpected failure of this request alone; the engine keeps serving.
                     await context.abort(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from service.engine.api import Event, FinalResult, TokenChunk
+from service.engine.api import EngineLost, Event, FinalResult, TokenChunk
 
 
 def merge_chunks(chunks: Sequence[TokenChunk]) -> TokenChunk:
@@ -34,14 +34,16 @@ def merge_chunks(chunks: Sequence[TokenChunk]) -> TokenChunk:
     )
 
 
-def take_ready(first: Event, queue: asyncio.Queue[Event]) -> tuple[TokenChunk | None, FinalResult | None]:
+def take_ready(
+    first: Event, queue: asyncio.Queue[Event]
+) -> tuple[TokenChunk | None, FinalResult | EngineLost | None]:
     """`first` and the events already waiting behind it in `queue`, without waiting for more:
-    their chunks merged into one (None when there are none) and the FinalResult if it is
-    among them (nothing follows a FinalResult)."""
+    their chunks merged into one (None when there are none) and the last event (FinalResult
+    or EngineLost) if it is among them (nothing follows it)."""
     chunks: list[TokenChunk] = []
     event: Event | None = first
     while event is not None:
-        if isinstance(event, FinalResult):
+        if not isinstance(event, TokenChunk):
             return (merge_chunks(chunks) if chunks else None), event
         chunks.append(event)
         event = None if queue.empty() else queue.get_nowait()

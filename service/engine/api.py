@@ -93,7 +93,17 @@ class FinalResult:
     error: str | None = None  # set when finish_reason is ERROR
 
 
-Event = TokenChunk | FinalResult
+@dataclass(frozen=True)
+class EngineLost:
+    """The last event of a request the engine can no longer finish because the engine itself
+    is gone (service/engine_process: its process exited): there is no result and no metrics
+    record; the request may be retried elsewhere. The in-thread Engine never sends it."""
+
+    request_id: str
+    reason: str
+
+
+Event = TokenChunk | FinalResult | EngineLost
 EventCallback = Callable[[Event], None]
 
 

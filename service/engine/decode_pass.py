@@ -191,6 +191,7 @@ class DecodePass:
             except Exception as exc:  # noqa: BLE001 - one request's host-side work
                 self._failed_in_pass.append((seq, exc))
         self.output.flush(hold_finals=True)
+        self.output.delivered()
 
     def _draft_and_verify(self, batch: DecodeBatch, prefilling: list[Sequence]) -> Verdicts | None:
         """Plan, draft, verify. None when a row failed while its drafter prepared."""

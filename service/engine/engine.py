@@ -171,6 +171,17 @@ class Engine:
         Register before start()."""
         self._observers.append(observer)
 
+    def add_delivery_observer(self, observer: Callable[[], None]) -> None:
+        """Calls `observer()` on the engine thread after each batch of events the engine thread
+        delivered: the first tokens of a prefill pass (before the decode pass), the previous
+        pass's chunks (while the device runs the decode pass), and at the end of every loop
+        turn (the step's final results, cancellations) and of a stop or a failed start. No
+        event waits for a call longer than the end of the turn that delivered it. For a
+        consumer that sends events in batches (service/engine_process). It must be quick; an
+        exception it raises is logged and ignored. May be registered while the engine runs
+        (from the next call on)."""
+        self._output.delivery_observers.append(observer)
+
     def queue_depth(self) -> int:
         """Requests admitted and waiting for a batch slot."""
         with self._cond:
@@ -274,6 +285,7 @@ class Engine:
                 self._waiting.clear()
             for seq in leftovers:
                 self._output.finish(seq, FinishReason.ERROR, f"engine failed to start: {exc!r}")
+            self._output.delivered()
             return
         if self.config.freeze_gc_after_start:
             started = time.perf_counter()
@@ -293,6 +305,7 @@ class Engine:
             except Exception:  # noqa: BLE001 - the engine thread must not die
                 log.exception("engine_iteration_failed")
                 scheduler.finish_all(FinishReason.ERROR, "internal engine error")
+            self._output.delivered()
         with self._cond:
             self._state = _STOPPED
             self._in_batch = 0
@@ -300,6 +313,7 @@ class Engine:
             self._waiting.clear()
         for seq in leftovers:
             self._output.finish(seq, FinishReason.CANCELLED)
+        self._output.delivered()
 
     def _iterate(self, scheduler: Scheduler) -> bool:
         """One loop turn: admissions and one decode pass. False when the engine is done."""

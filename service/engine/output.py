@@ -25,6 +25,7 @@ with the FinalResult: that pass's accepted drafts are cut too, and they travel i
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -44,6 +45,15 @@ class OutputProcessor:
         self._unflushed: list[Sequence] = []  # sequences with accepted tokens not yet sent
         self._holding = False  # finish() holds FinalResults back (a pass is running)
         self._held: list[Sequence] = []  # finished, FinalResult not yet delivered
+        self.delivery_observers: list[Callable[[], None]] = []  # Engine.add_delivery_observer
+
+    def delivered(self) -> None:
+        """The events delivered so far may go out as one batch now (Engine.add_delivery_observer)."""
+        for observer in self.delivery_observers:
+            try:
+                observer()
+            except Exception:  # noqa: BLE001 - an observer must not stop the engine
+                log.exception("delivery_observer_failed")
 
     def emit(self, seq: Sequence, new_tokens: list[int]) -> None:
         """accept() and flush() for one sequence, tokens of the target's own (the prefill's):

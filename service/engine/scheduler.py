@@ -118,6 +118,7 @@ class Scheduler:
         """Delivers the tokens of the last pass now (before a turn that admits requests,
         whose prefills would otherwise hold them back)."""
         self.output.flush()
+        self.output.delivered()
 
     def _join_decoding(self, seq: Sequence, first_token: int) -> None:
         """The row's prompt is cached and its first token sampled: it starts its drafter and
@@ -140,6 +141,7 @@ class Scheduler:
         if prefill_rows:
             for seq, token in self._prefill.run(list(self._prefilling), self.running):
                 self._join_decoding(seq, token)
+            self.output.delivered()  # first tokens go out before the decode pass
         if len(self.running) == len(self._prefilling):
             if observed:
                 self._observe(started, captures, admitted, prefill_rows, None, None)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from service.engine.api import EngineInfo, GenerationRequest, InvalidRequestError, Method
 from service.engine.config import EngineConfig
-from service.engine.speculation.sampling import RowSampling
+from service.engine.speculation.row_sampling import RowSampling
 
 _MAX_SEED = 2**64 - 1
 # Temperatures below this decode greedily: logits / 1e-38 overflow float32 to inf, and the

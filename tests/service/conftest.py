@@ -43,6 +43,11 @@ def service_config(model_dir: Path, **overrides: Any) -> ServiceConfig:
             "test-instance",
             "--grace-period-s",
             "20",
+            # The engine on a thread of the server: starts in a fraction of the time. The
+            # product's default, the engine in a process of its own, is covered by
+            # test_engine_process.py (both modes) and by every test that starts `specdec-server`.
+            "--engine-process",
+            "thread",
         ],
         environ={},
     )
@@ -70,9 +75,8 @@ class ServiceThread:
         from service import server
 
         try:
-            if self._build_engine is not None:
-                server.build_engine = self._build_engine  # test hook: slow or failing load
-            self.service = server.Service(self.config)
+            # a slow or failing load, or a wrapped engine
+            self.service = server.Service(self.config, self._build_engine or server.build_engine)
             self._started_listening.set()
             await self.service.start()
             self._ready.set()

@@ -33,9 +33,8 @@ def test_health_goes_not_serving_then_serving_then_not_serving_while_draining(ru
 
     def slow_build(config):
         assert release.wait(60)
-        return server_build(config)
+        return server.build_engine(config)
 
-    server_build = server.build_engine
     service = run_service(build_engine=slow_build, wait_ready=False)
     try:
         channel = grpc.insecure_channel(service.address)
@@ -80,7 +79,6 @@ def test_health_goes_not_serving_then_serving_then_not_serving_while_draining(ru
         watcher.join(5)
         channel.close()
     finally:
-        server.build_engine = server_build
         release.set()
 
 
@@ -194,16 +192,19 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model_dir, tmp_pa
 
 
 LOADS_FOR_A_MINUTE = """
-import sys, time
+import asyncio, sys, time
 from service import server
-build = server.build_engine
+from service.config import ServiceConfig
+from specdec_common.logging_setup import configure_logging
+
 def slow_build(config):
     print("loading-started", flush=True)
     time.sleep(60)
-    return build(config)
-server.build_engine = slow_build
-from service.__main__ import main
-sys.exit(main(sys.argv[1:]))
+    return server.build_engine(config)
+
+if __name__ == "__main__":  # the engine's process (spawn) imports this file too
+    configure_logging("INFO")
+    asyncio.run(server.serve(ServiceConfig.from_args(sys.argv[1:]), slow_build))
 """
 
 
@@ -306,11 +307,10 @@ def test_a_load_that_ends_in_the_turn_the_stop_arrives_is_stopped(tiny_model_dir
         loads.append(on_daemon_thread(*args, **kwargs))
         return loads[-1]
 
-    monkeypatch.setattr(server, "build_engine", lambda config: (Engine(), None))
     monkeypatch.setattr(server, "_on_daemon_thread", recorded)
 
     async def stop_as_the_load_ends() -> None:
-        service = server.Service(service_config(tiny_model_dir))
+        service = server.Service(service_config(tiny_model_dir), lambda config: (Engine(), None))
         starting = asyncio.ensure_future(service.start())
         while not loads or not loads[0].done():  # the load has delivered; start() has not resumed
             await asyncio.sleep(0)

@@ -14,20 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from service.engine.execution.device import to_device
-
-
-@dataclass(frozen=True)
-class RowSampling:
-    """One row's sampling parameters (already validated)."""
-
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
+from service.engine.speculation.row_sampling import RowSampling
 
 GREEDY = RowSampling()
 

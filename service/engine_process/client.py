@@ -1,0 +1,275 @@
+"""The front end's side of the engine process: `EngineProcess`, with the interface the gRPC
+layer uses of an Engine (submit, info, stop, queue_depth, warmup), backed by `core.main` in a
+child process (docs/architecture.md, "Two processes of the service").
+
+`submit` validates the request as the engine would (service/engine/validation.py, the same
+function, torch-free) and counts the requests in flight, so that InvalidRequestError and
+QueueFullError stay synchronous and exact: every request in flight was submitted here and
+leaves with its last event, which passes here too. A reader thread receives one `Events`
+message per engine turn and calls each request's callback, as the engine thread does in
+process. When the core exits without being asked to, every request in flight gets
+`EngineLost`, new ones get EngineStoppedError, and the exit observers are called.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import multiprocessing
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import structlog
+
+from service.engine.api import (
+    EngineLost,
+    EngineStoppedError,
+    Event,
+    EventCallback,
+    FinalResult,
+    GenerationRequest,
+    QueueFullError,
+)
+from service.engine.validation import resolve
+from service.engine_process import core
+from service.engine_process.protocol import (
+    Cancel,
+    Events,
+    Ready,
+    Rejected,
+    StartFailed,
+    Stop,
+    Stopped,
+    Submit,
+    decode_event,
+)
+
+log = structlog.get_logger(__name__)
+
+# How long past the drain timeout a stopping core may take (its last pass, sending the
+# events, exiting) before it is killed.
+STOP_MARGIN_S = 30.0
+
+_RUNNING, _STOPPING, _EXITED = "running", "stopping", "exited"
+
+
+class EngineStartError(RuntimeError):
+    """The core failed to load or start; the message is the core's error."""
+
+
+class EngineProcess:
+    """An engine in a child process. Start with `EngineProcess.start(config)`."""
+
+    def __init__(self, process: Any, conn: Connection, ready: Ready) -> None:
+        self.info = ready.info
+        self.config = ready.config
+        self.tokenizer = ready.tokenizer
+        self.pid: int = ready.pid
+        self._process = process
+        self._conn = conn
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()  # _state, _in_flight, _exit_code
+        self._state = _RUNNING
+        self._in_flight: dict[int, tuple[str, EventCallback]] = {}  # key -> (request id, callback)
+        self._keys = itertools.count()
+        self._stopped_cleanly = False
+        self._exit_code: int | None = None  # the core's, once it exited
+        self._exit_observers: list[Callable[[int | None], None]] = []
+        self._exited = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="engine-process-reader", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def start(cls, config: Any) -> EngineProcess:
+        """Starts the core for `config` (a ServiceConfig) and waits until its engine is warmed
+        up; raises EngineStartError with the core's error if it fails to load or exits."""
+        # spawn, never fork: CUDA must not be initialised in a forked child, and this process
+        # has gRPC threads.
+        context = multiprocessing.get_context("spawn")
+        conn, child_conn = context.Pipe(duplex=True)
+        process = context.Process(
+            target=core.main, args=(child_conn, config), name="specdec-engine-core"
+        )  # not a daemon: torch may start processes of its own in it (compile workers)
+        process.start()
+        child_conn.close()  # only the child holds its end: its exit is the end of the pipe here
+        # The core ignores SIGTERM (a signal to the whole group must not cut the drain short),
+        # so this process kills it if it exits with the core still running: a stop while the
+        # models load, a failure that skipped stop(). A kill of this process closes the pipe,
+        # which ends the core too.
+        atexit.register(_kill_if_running, process)
+        log.info("engine_process_started", pid=process.pid)
+        try:
+            first = conn.recv()
+        except (EOFError, OSError):
+            process.join(10)
+            conn.close()
+            raise EngineStartError(
+                f"the engine process exited with code {process.exitcode} while loading the models"
+            ) from None
+        if isinstance(first, StartFailed):
+            process.join(30)
+            conn.close()
+            raise EngineStartError(first.message)
+        if not isinstance(first, Ready):
+            process.kill()
+            raise EngineStartError(f"the engine process sent {type(first).__name__} before Ready")
+        return cls(process, conn, first)
+
+    # ---- the engine interface (service/engine/api.py) ---------------------------------
+
+    def submit(self, request: GenerationRequest, on_event: EventCallback) -> _Handle:
+        """Validates (InvalidRequestError), applies back-pressure (QueueFullError) and sends
+        the request to the core; `on_event` is called on this object's reader thread."""
+        resolve(request, self.config, self.info)  # the engine's own checks; it repeats them
+        with self._lock:
+            if self._state != _RUNNING:
+                raise EngineStoppedError(self._stopped_message())
+            if len(self._in_flight) >= self.config.max_queue_size + self.config.max_batch_size:
+                raise QueueFullError(f"the admission queue is full ({self.config.max_queue_size} waiting)")
+            key = next(self._keys)
+            self._in_flight[key] = (request.request_id, on_event)
+        self._send(Submit(key, request))
+        return _Handle(request.request_id, key, self)
+
+    def queue_depth(self) -> int:
+        """Requests in flight beyond one batch: those waiting for a slot, as far as this side
+        knows (a request's slot is free here once its last event has arrived)."""
+        with self._lock:
+            return max(0, len(self._in_flight) - self.config.max_batch_size)
+
+    def warmup(self) -> None:
+        """Nothing to do: the core warmed its engine up before it was Ready."""
+
+    def add_exit_observer(self, observer: Callable[[int | None], None]) -> None:
+        """Calls `observer(exit_code)` once if the core exits without having stopped cleanly (a
+        crash, a kill, a drain that ran past its time), on the reader thread, after every
+        request in flight got EngineLost; at once if that already happened."""
+        with self._lock:
+            self._exit_observers.append(observer)
+            exited, code = self._state == _EXITED and not self._stopped_cleanly, self._exit_code
+        if exited:
+            observer(code)
+
+    def stop(self, drain_timeout_s: float | None = None) -> None:
+        """Engine.stop in the core (queued requests cancelled at once, running ones given
+        `drain_timeout_s`), then waits for the core to send the last events and exit; a core
+        that takes STOP_MARGIN_S longer than that is killed."""
+        with self._lock:
+            stopping = self._state == _RUNNING
+            if stopping:
+                self._state = _STOPPING
+        if stopping:
+            self._send(Stop(drain_timeout_s))
+        timeout = None if drain_timeout_s is None else drain_timeout_s + STOP_MARGIN_S
+        if not self._exited.wait(timeout):
+            log.error("engine_process_stop_timed_out", pid=self.pid, timeout_s=timeout)
+            self._process.kill()
+            self._exited.wait(30)
+        self._process.join(10)
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._process.exitcode
+
+    # ---- internals -------------------------------------------------------------------
+
+    def cancel_key(self, key: int) -> None:
+        """Cancels the request submitted under `key` (its handle's cancel())."""
+        with self._lock:
+            live = key in self._in_flight and self._state != _EXITED
+        if live:
+            self._send(Cancel(key))
+
+    def _send(self, message: Any) -> None:
+        with self._send_lock:
+            try:
+                self._conn.send(message)
+            except OSError:  # the core is gone; the reader ends every request in flight
+                pass
+
+    def _stopped_message(self) -> str:
+        if self._state == _EXITED and not self._stopped_cleanly:
+            return f"the engine process exited with code {self._exit_code}; the server is shutting down"
+        return "the engine is shutting down and takes no new requests"
+
+    def _read(self) -> None:
+        in_flight = self._in_flight
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            if isinstance(message, Events):
+                for item in message.items:
+                    key, event = decode_event(item)
+                    if isinstance(event, FinalResult):
+                        with self._lock:
+                            entry = in_flight.pop(key, None)
+                    else:
+                        entry = in_flight.get(key)
+                    if entry is not None:
+                        _deliver(entry[1], event)
+            elif isinstance(message, Rejected):
+                with self._lock:
+                    entry = in_flight.pop(message.key, None)
+                if entry is not None:
+                    _deliver(entry[1], EngineLost(entry[0], f"the engine refused it: {message.message}"))
+            elif isinstance(message, Stopped):
+                self._stopped_cleanly = True
+        self._ended()
+
+    def _ended(self) -> None:
+        """The pipe's end: the core exited (or is about to)."""
+        self._process.join(10)
+        code = self._process.exitcode
+        with self._lock:
+            self._state = _EXITED
+            self._exit_code = code
+            lost, self._in_flight = self._in_flight, {}
+            observers = list(self._exit_observers)
+        self._conn.close()
+        crashed = not self._stopped_cleanly
+        if crashed:
+            log.error("engine_process_exited", exit_code=code, pid=self.pid, in_flight=len(lost))
+        reason = f"the engine process exited with code {code}" + (
+            "" if crashed else " after its stop, before this request ended"
+        )
+        for request_id, callback in lost.values():
+            _deliver(callback, EngineLost(request_id, reason))
+        self._exited.set()
+        if crashed:
+            for observer in observers:
+                try:
+                    observer(code)
+                except Exception:  # noqa: BLE001
+                    log.exception("engine_exit_observer_failed")
+
+
+class _Handle:
+    """RequestHandle of a request in the core: cancel() sends one Cancel, from any thread."""
+
+    def __init__(self, request_id: str, key: int, owner: EngineProcess) -> None:
+        self.request_id = request_id
+        self._key = key
+        self._owner = owner
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        if not self._cancelled:
+            self._cancelled = True
+            self._owner.cancel_key(self._key)
+
+
+def _kill_if_running(process: Any) -> None:
+    if process.is_alive():
+        process.kill()
+        process.join(10)
+
+
+def _deliver(callback: EventCallback, event: Event) -> None:
+    try:
+        callback(event)
+    except Exception:  # noqa: BLE001 - one request's callback must not end the others'
+        log.exception("event_callback_failed", request_id=event.request_id)

@@ -1,0 +1,201 @@
+"""The engine core: the child process that owns the models and the device and does nothing
+but run the engine (docs/architecture.md, "Two processes of the service").
+
+Its main thread loads the models, starts and warms up the engine, sends `Ready`, then waits
+for the end. A reader thread applies what the front end sends (Submit, Cancel, Stop). The
+engine thread delivers events into an outbox, which it sends as one `Events` message at each
+of the engine's delivery points (Engine.add_delivery_observer): a prefill pass's first
+tokens, a decode pass's chunks while the device runs, the rest at the end of the turn. The
+front end's end of the pipe closing (it exited or was killed) ends this process at once:
+nothing is left holding the device.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from multiprocessing.connection import Connection
+from typing import Any
+
+import structlog
+
+from service.engine.api import EngineError, Event, FinalResult
+from service.engine_process.protocol import (
+    Cancel,
+    Events,
+    Ready,
+    Rejected,
+    StartFailed,
+    Stop,
+    Stopped,
+    Submit,
+    encode_event,
+)
+from specdec_common.logging_setup import configure_logging
+
+log = structlog.get_logger(__name__)
+
+
+class Outbox:
+    """Events waiting for the end of the engine's turn, and the one writer of the pipe."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()  # the pending list and the pipe's write end
+        self._pending: list[tuple] = []  # encode_event's tuples
+
+    def add(self, key: int, event: Event) -> None:  # the engine thread (a stop's: the caller's)
+        item = encode_event(key, event)
+        with self._lock:
+            self._pending.append(item)
+
+    def flush(self) -> None:
+        """Sends every pending event as one message (none when there are none)."""
+        with self._lock:
+            if self._pending:
+                items, self._pending = self._pending, []
+                self._send_locked(Events(items))
+
+    def send(self, message: Any) -> None:
+        """Sends `message` after every event added before it."""
+        with self._lock:
+            if self._pending:
+                items, self._pending = self._pending, []
+                self._send_locked(Events(items))
+            self._send_locked(message)
+
+    def _send_locked(self, message: Any) -> None:
+        try:
+            self._conn.send(message)
+        except OSError:  # the front end is gone; the reader sees the end of the pipe and stops
+            pass
+
+
+class EngineCore:
+    """The engine behind the pipe: applies the front end's messages, forwards the events."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self.outbox = Outbox(conn)
+        self.engine: Any = None  # set before Ready is sent; nothing is submitted before that
+        self._handles: dict[int, Any] = {}  # key -> RequestHandle of a request not yet finished
+        self._handles_lock = threading.Lock()
+        self._finished: set[int] = set()  # keys whose FinalResult came before submit returned
+        self._stopped = False
+        self.done = threading.Event()  # set once Stopped was sent
+
+    def serve(self, engine: Any) -> None:
+        self.engine = engine
+        engine.add_delivery_observer(self.outbox.flush)
+
+    def read(self) -> None:
+        """The reader thread: applies the front end's messages until Stop or the pipe's end."""
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                self._front_end_gone()
+                return
+            if isinstance(message, Submit):
+                self._submit(message)
+            elif isinstance(message, Cancel):
+                with self._handles_lock:
+                    handle = self._handles.get(message.key)
+                if handle is not None:
+                    handle.cancel()
+            elif isinstance(message, Stop):
+                # On its own thread: the reader goes on applying cancellations while running
+                # requests drain.
+                threading.Thread(
+                    target=self._stop, args=(message.drain_timeout_s,), name="engine-core-stop", daemon=True
+                ).start()
+
+    def _submit(self, message: Submit) -> None:
+        key = message.key
+
+        def on_event(event: Event) -> None:  # the engine thread
+            if isinstance(event, FinalResult):
+                with self._handles_lock:
+                    if self._handles.pop(key, None) is None:
+                        self._finished.add(key)
+            self.outbox.add(key, event)
+
+        try:
+            handle = self.engine.submit(message.request, on_event)
+        except Exception as exc:  # noqa: BLE001 - refused, whatever the reason: the front end ends it
+            if not isinstance(exc, EngineError):
+                log.exception("engine_core_submit_failed", request_id=message.request.request_id)
+            self.outbox.send(Rejected(key, type(exc).__name__, str(exc)))
+            return
+        with self._handles_lock:
+            if key in self._finished:
+                self._finished.discard(key)
+            else:
+                self._handles[key] = handle
+
+    def _stop(self, drain_timeout_s: float | None) -> None:
+        self.engine.stop(drain_timeout_s)
+        self._stopped = True  # from here the pipe's end is the front end done with us
+        self.outbox.send(Stopped())  # after the events of the requests the stop cancelled
+        self.done.set()
+
+    def _front_end_gone(self) -> None:
+        if self._stopped:
+            return
+        # Nobody is left to deliver to, and the device must be free for a restarted server.
+        log.warning("engine_core_front_end_gone")
+        _exit_now(1)
+
+
+def main(conn: Connection, config: Any) -> None:
+    """The child's entry point (a multiprocessing "spawn" target): `config` is the server's
+    ServiceConfig."""
+    # A signal to the whole process group or cgroup (Ctrl-C in a terminal, systemd's default
+    # KillMode) must not end the engine before the front end's drain: the front end decides
+    # when the engine stops (Stop), and kills it if it exits without that (client.py).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure_logging(config.log_level)
+    structlog.contextvars.bind_contextvars(process="engine_core")
+    _thread_lock_for_progress_bars()
+    core = EngineCore(conn)
+    # Started before the models load, so that the front end going away ends a load too.
+    threading.Thread(target=core.read, name="engine-core-reader", daemon=True).start()
+    from service.server import load_engine
+
+    try:
+        engine, tokenizer = load_engine(config)
+    except BaseException as exc:  # noqa: BLE001 - reported to the front end, which fails its start
+        log.error("engine_start_failed", error=str(exc), exc_info=True)
+        core.outbox.send(StartFailed(type(exc).__name__, str(exc)))
+        _exit_now(1)
+    core.serve(engine)
+    core.outbox.send(Ready(engine.info, engine.config, tokenizer, os.getpid()))
+    log.info("engine_core_ready", pid=os.getpid())
+    core.done.wait()
+    _exit_now(0)
+
+
+def _thread_lock_for_progress_bars() -> None:
+    """tqdm (transformers' progress bars while loading) guards its output with a
+    multiprocessing lock by default: a semaphore registered with the front end's resource
+    tracker, which warns of a leak at every shutdown since this process ends with os._exit.
+    One process needs only a thread lock."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
+
+
+def _exit_now(code: int) -> None:
+    """Exits without the interpreter's shutdown (daemon threads mid-torch-call, CUDA teardown):
+    everything worth keeping was sent."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

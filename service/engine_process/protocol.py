@@ -1,0 +1,100 @@
+"""The messages between the gRPC front end and the engine core, pickled over one pipe.
+
+Requests are named by a key the front end assigns (an int, unique per submission), not by
+request id: two clients may use the same request id at once. Events cross in batches: one
+`Events` message per engine turn carries every event that turn produced, never a message
+per token or per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from service.engine.api import EngineInfo, Event, GenerationRequest, TokenChunk
+from service.engine.config import EngineConfig
+
+# ---- front end -> core ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Submit:
+    key: int
+    request: GenerationRequest
+
+
+@dataclass(frozen=True)
+class Cancel:
+    key: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Drain (Engine.stop): queued requests are cancelled at once, running ones get
+    `drain_timeout_s`; then the core sends Stopped and exits."""
+
+    drain_timeout_s: float | None
+
+
+# ---- core -> front end ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The models are loaded and the engine is started and warmed up. `config` is the
+    engine's, so that the front end validates and counts requests exactly as it does."""
+
+    info: EngineInfo
+    config: EngineConfig
+    tokenizer: Any  # the target's transformers tokenizer (HF fast tokenizers pickle)
+    pid: int
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    """Loading or starting failed; `message` is str() of the exception, as the server would
+    have logged it had it loaded the models itself."""
+
+    error_type: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Events:
+    """Every event one engine turn delivered, in order, each as `encode_event` wrote it."""
+
+    items: list[tuple]
+
+
+def encode_event(key: int, event: Event) -> tuple:
+    """A chunk as a plain tuple (a frozen dataclass pickles about eight times slower, and the
+    engine thread pickles a chunk per running request per pass); other events as they are."""
+    if isinstance(event, TokenChunk):
+        return (key, event.request_id, event.token_ids, event.text, event.draft_mask, event.cut_drafts)
+    return (key, event)
+
+
+def decode_event(item: tuple) -> tuple[int, Event]:
+    if len(item) == 2:
+        return item  # type: ignore[return-value]
+    key, request_id, token_ids, text, draft_mask, cut_drafts = item
+    return key, TokenChunk(request_id, token_ids, text, draft_mask, cut_drafts)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A submission the core refused (the front end validates first, so only a disagreement
+    between the two, never an ordinary bad request, ends here)."""
+
+    key: int
+    error_type: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The engine has stopped; every event was sent before this. The core exits next."""
+
+
+ToCore = Submit | Cancel | Stop
+ToFront = Ready | StartFailed | Events | Rejected | Stopped
