@@ -11,9 +11,9 @@ T = 1 graph. The invariance check runs each kernel on one row alone and on the s
 among eight others, in float32 and bfloat16, and compares the row's output bits.
 
 A diagnostic, not a tool: it tries block shapes by assigning the kernel module's constants
-(SMALL_GEMV, SMALL_TILES, GEMV_MAX_ROWS, ATTN_*) and swapping its `linear` / `attention` at
-run time, since the engine's forward passes no block shape down. The 1B/8B shapes are tuned
-per linear by bench/diagnostics/linear_blocks.py. What it found is in
+(GEMV_BLOCKS, TILE_BLOCKS, GEMV_MAX_ROWS, ATTN_*) and swapping its `linear` / `attention` at
+run time, since the engine's forward passes no block shape down. Candidates at 1B/8B shapes,
+per linear: bench/diagnostics/linear_blocks.py. What it found is in
 bench/history/RESULTS-2026-12.md ("How the kernels were tuned").
 """
 
@@ -59,11 +59,11 @@ CONFIGS = [  # the last rounds' candidates (earlier rounds: bench/RESULTS.md)
 
 
 def apply(config: tuple) -> dict:
-    """Sets the kernel module's small-weight block shapes (SmolLM2's weights are all small)."""
+    """Sets the kernel module's block shapes."""
     knobs = dict(zip(KNOBS, config))
     ik.GEMV_MAX_ROWS = knobs["GEMV_MAX_ROWS"]
-    ik.SMALL_GEMV = ik.GemvBlocks(knobs["GEMV_BLOCK_N"], knobs["GEMV_BLOCK_K"], knobs["GEMV_WARPS"])
-    ik.SMALL_TILES = ik.TileBlocks(
+    ik.GEMV_BLOCKS = ik.GemvBlocks(knobs["GEMV_BLOCK_N"], knobs["GEMV_BLOCK_K"], knobs["GEMV_WARPS"])
+    ik.TILE_BLOCKS = ik.TileBlocks(
         16, knobs["BLOCK_N"], knobs["BLOCK_K"], knobs["LINEAR_WARPS"], knobs["LINEAR_STAGES"]
     )
     ik.ATTN_CHUNK, ik.ATTN_WARPS = knobs["ATTN_CHUNK"], knobs["ATTN_WARPS"]
@@ -245,7 +245,7 @@ def main(argv=None) -> None:
         "invariance": {},
         "configs": [],
     }
-    defaults = (ik.GEMV_MAX_ROWS, ik.SMALL_GEMV, ik.SMALL_TILES, ik.ATTN_CHUNK, ik.ATTN_WARPS)
+    defaults = (ik.GEMV_MAX_ROWS, ik.GEMV_BLOCKS, ik.TILE_BLOCKS, ik.ATTN_CHUNK, ik.ATTN_WARPS)
     for dims in DIMS:
         for dtype in (torch.float32, torch.bfloat16):
             result["invariance"][f"{dims} {dtype}"] = found = invariance(dtype, dims)
@@ -277,7 +277,7 @@ def main(argv=None) -> None:
     _, runner = pass_costs(loaded, args.context, 5)
     result["profile_best"] = profile_replay(runner, args.context, "graph", "invariant", top=20)
     result["best"] = dict(zip(KNOBS, best))
-    ik.GEMV_MAX_ROWS, ik.SMALL_GEMV, ik.SMALL_TILES, ik.ATTN_CHUNK, ik.ATTN_WARPS = defaults
+    ik.GEMV_MAX_ROWS, ik.GEMV_BLOCKS, ik.TILE_BLOCKS, ik.ATTN_CHUNK, ik.ATTN_WARPS = defaults
     args.out.write_text(json.dumps(result, indent=1))
     print("best", result["best"], f"{best_ms:.3f} ms")
 

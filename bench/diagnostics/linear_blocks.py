@@ -10,7 +10,9 @@ alone and among many rows (the kernels' promise, service/engine/execution/invari
 Calls take the forms the engine's forward makes: the norm prologue for qkv, gate/up and the
 LM head, the gated prologue and a residual for down, a residual for o.
 
-What it found chose LARGE_GEMV and LARGE_TILES (bench/RESULTS.md, "Batch-32 passes at 8B").
+Not yet run on a GPU (written 2026-12-07, when no device machine came). What it finds decides
+whether 1B/8B weights get block shapes of their own: chosen from the weight's shape, never from
+the row count, a row's bits would stay independent of the rest of the pass.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ SHAPES = {
     ],
 }
 
-TILES = [  # (BM, BN, BK, warps, stages); the first is SMALL_TILES
+TILES = [  # (BM, BN, BK, warps, stages); the first is TILE_BLOCKS
     (16, 64, 64, 4, 3),
     (16, 128, 64, 4, 4),
     (16, 64, 128, 4, 4),
@@ -62,7 +64,7 @@ TILES = [  # (BM, BN, BK, warps, stages); the first is SMALL_TILES
     (64, 128, 128, 8, 3),
     (64, 256, 64, 8, 3),
 ]
-GEMVS = [  # (BN, BK, warps); the first is SMALL_GEMV
+GEMVS = [  # (BN, BK, warps); the first is GEMV_BLOCKS
     (4, 256, 4),
     (8, 256, 4),
     (4, 512, 4),

@@ -12,7 +12,7 @@ order fixed by constants alone, never by the number of rows:
 - linear, more rows: tiles of BM rows, the inner dimension walked in BK steps from 0
   upwards, one tl.dot per step accumulating in float32. A row's sums are the same whether
   it is alone in its tile or one of BM, at any position (no split-K, no block shape chosen
-  from M: the shapes depend on the weight's shape alone, see tile_blocks);
+  from M);
 - attention: keys in fixed chunks of ATTN_CHUNK absolute positions (chunk c covers
   positions c * ATTN_CHUNK ..), one partial softmax per chunk, then a combine over a chunk
   axis padded to a length fixed by the cache size. Masked positions and chunks contribute
@@ -46,11 +46,12 @@ import torch
 import triton
 import triton.language as tl
 
-# Block shapes, tuned by bench/diagnostics/invariant_tuning.py and bench/diagnostics/linear_blocks.py
-# (docs/engine.md). A row's bits depend on these and on the weight's shape, never on the
-# number of rows. Up to GEMV_MAX_ROWS rows (a batch-1 decode or verify pass) linears run as
-# _gemv_kernel (CUDA cores, BN outputs of one row per program, sums over BK-wide chunks);
-# above, as _linear_kernel (tensor cores, BM-row tiles).
+# Block shapes, tuned by bench/diagnostics/invariant_tuning.py at SmolLM2-135M's shapes
+# (docs/engine.md); bench/diagnostics/linear_blocks.py measures candidates at 1B/8B shapes. A
+# row's bits depend on these, never on the number of rows. Up to GEMV_MAX_ROWS rows (a
+# batch-1 decode or verify pass) linears run as _gemv_kernel (CUDA cores, BN outputs of one
+# row per program, sums over BK-wide chunks); above, as _linear_kernel (tensor cores, BM-row
+# tiles).
 GEMV_MAX_ROWS = 16
 
 
@@ -74,24 +75,8 @@ class TileBlocks:
     stages: int
 
 
-# Weights whose inner dimension is at least LARGE_K (a 1B or 8B model's projections) take the
-# large shapes: there a pass is bound by reading the weights, and wider tiles keep more bytes
-# in flight. Smaller weights (SmolLM2-135M: K = 576 or 1536) keep the shapes tuned for them.
-LARGE_K = 2048
-SMALL_GEMV = GemvBlocks(bn=4, bk=256, warps=4)
-SMALL_TILES = TileBlocks(bm=16, bn=64, bk=64, warps=4, stages=3)
-LARGE_GEMV = SMALL_GEMV
-LARGE_TILES = SMALL_TILES
-
-
-def gemv_blocks(k: int) -> GemvBlocks:
-    return LARGE_GEMV if k >= LARGE_K else SMALL_GEMV
-
-
-def tile_blocks(k: int) -> TileBlocks:
-    return LARGE_TILES if k >= LARGE_K else SMALL_TILES
-
-
+GEMV_BLOCKS = GemvBlocks(bn=4, bk=256, warps=4)
+TILE_BLOCKS = TileBlocks(bm=16, bn=64, bk=64, warps=4, stages=3)
 ATTN_ROWS = 16  # query rows (heads x tokens of one kv head) per attention program
 ATTN_CHUNK = 64  # key positions per attention program
 ATTN_WARPS = 4
@@ -275,8 +260,8 @@ def linear(
 
     norm: of rms_norm(x) * norm instead of x. gated: of silu(x[:, :K]) * x[:, K:] (x [M, 2K]).
     residual [M, N]: returns residual + linear(...). out_float32: float32 output, not rounded.
-    gemv, tiles: block shapes other than the weight's own (for tuning them; a row's bits
-    change with them).
+    gemv, tiles: block shapes other than GEMV_BLOCKS / TILE_BLOCKS (for tuning them; a row's
+    bits change with them).
     """
     if x.dim() != 2 or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("linear wants a 2-D x and weight with contiguous rows")
@@ -311,12 +296,12 @@ def linear(
         OUT_F32=out_float32,
     )
     if m <= GEMV_MAX_ROWS:
-        g = gemv or gemv_blocks(k)
+        g = gemv or GEMV_BLOCKS
         _gemv_kernel[(triton.cdiv(n, g.bn), m)](
             *tensors, float(eps), *strides, **flags, BN=g.bn, BK=g.bk, num_warps=g.warps
         )
     else:
-        t = tiles or tile_blocks(k)
+        t = tiles or TILE_BLOCKS
         _linear_kernel[(triton.cdiv(m, t.bm), triton.cdiv(n, t.bn))](
             *tensors,
             m,
