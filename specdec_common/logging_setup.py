@@ -10,18 +10,23 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
 import structlog
 
 _CONFIGURED_FLAG = "_specdec_logging_configured"
 
 
-def configure_logging(level: str | None = None, *, json: bool | None = None) -> None:
+def configure_logging(
+    level: str | None = None, *, json: bool | None = None, fields: Mapping[str, str] | None = None
+) -> None:
     """Configure structlog and the stdlib root logger. Idempotent.
 
     level: log level name; default $SPECDEC_LOG_LEVEL or INFO.
     json: force JSON (True) or console (False) output; default: console when stderr is a
     terminal, JSON otherwise; $SPECDEC_LOG_FORMAT=json|console overrides the default.
+    fields: added to every line of this process, from every thread (e.g. which of the
+    service's two processes wrote it); a field bound or passed with the same name wins.
     """
     level_name = (level or os.environ.get("SPECDEC_LOG_LEVEL") or "INFO").upper()
     numeric_level = logging.getLevelName(level_name)
@@ -35,6 +40,7 @@ def configure_logging(level: str | None = None, *, json: bool | None = None) -> 
 
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
+        _with_fields(dict(fields or {})),
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -70,3 +76,12 @@ def configure_logging(level: str | None = None, *, json: bool | None = None) -> 
     if numeric_level > logging.DEBUG:
         for name in ("urllib3", "filelock", "asyncio"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _with_fields(fields: dict[str, str]) -> structlog.typing.Processor:
+    def add(logger: object, method: str, event_dict: dict) -> dict:
+        for key, value in fields.items():
+            event_dict.setdefault(key, value)
+        return event_dict
+
+    return add

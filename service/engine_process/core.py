@@ -157,8 +157,7 @@ def main(conn: Connection, config: Any) -> None:
     # when the engine stops (Stop), and kills it if it exits without that (client.py).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    configure_logging(config.log_level)
-    structlog.contextvars.bind_contextvars(process="engine_core")
+    configure_logging(config.log_level, fields={"process": "engine_core"})  # every thread's lines
     _thread_lock_for_progress_bars()
     core = EngineCore(conn)
     # Started before the models load, so that the front end going away ends a load too.

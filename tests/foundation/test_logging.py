@@ -55,3 +55,23 @@ def test_console_format_can_be_forced() -> None:
         except ValueError:
             continue
         raise AssertionError(f"console output should not be JSON: {line}")
+
+
+def test_fields_reach_the_lines_of_every_thread() -> None:
+    """The engine core tags its lines with process=engine_core: its engine and reader threads'
+    too (a field bound with contextvars would reach only the binding thread's lines)."""
+    script = """
+import logging, threading, structlog
+from specdec_common.logging_setup import configure_logging
+configure_logging("INFO", json=True, fields={"process": "engine_core"})
+worker = threading.Thread(target=lambda: structlog.get_logger("t").info("from_thread"))
+worker.start(); worker.join()
+logging.getLogger("transformers").warning("stdlib line")
+structlog.get_logger("t").info("overridden", process="other")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL
+    )
+    records = [json.loads(line) for line in out.stderr.splitlines() if line.strip()]
+    assert [r["event"] for r in records] == ["from_thread", "stdlib line", "overridden"]
+    assert [r["process"] for r in records] == ["engine_core", "engine_core", "other"]
