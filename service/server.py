@@ -163,6 +163,7 @@ class Service:
         self.config = config
         self._build_engine = build_engine
         self.failure: str | None = None  # why the service stopped on its own (the engine exited)
+        self._health_update: asyncio.Future | None = None  # NOT_SERVING after the engine exited
         # Every certificate and token file is read before anything binds or starts.
         self.security = SecuredServer(config.server_security, env_prefix="SPECDEC_")
         telemetry_credentials = reporter_credentials(config)
@@ -204,7 +205,7 @@ class Service:
         self.engine: Any = None
         self._stopping = asyncio.Event()
 
-    def _on_final(self, result: FinalResult, trace: CapturedTrace | None) -> None:  # engine thread
+    def _on_final(self, result: FinalResult, trace: CapturedTrace | None) -> None:  # the delivering thread
         if self.reporter is not None:
             self.reporter.report(result.metrics, trace.encoded if trace is not None else b"")
         log_finished_request(result, trace)
@@ -226,12 +227,14 @@ class Service:
         self.engine, tokenizer = await _result_or_abandon(
             self._build_engine, self.config, abandoned=_stop_abandoned_engine
         )
+        self.servicer.attach(self.engine, tokenizer, server_info(self.engine, self.config))
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        # After SERVING, so that an exit cannot be followed by SERVING; an engine that exited
+        # meanwhile calls the observer at once.
         watch_exit = getattr(self.engine, "add_exit_observer", None)  # an engine in its own process
         if watch_exit is not None:
             loop = asyncio.get_running_loop()
             watch_exit(lambda code: loop.call_soon_threadsafe(self._engine_exited, code))
-        self.servicer.attach(self.engine, tokenizer, server_info(self.engine, self.config))
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving",
             address=self.config.listen,
@@ -246,7 +249,9 @@ class Service:
         serving, and stop the service, which then exits non-zero."""
         self.failure = f"the engine process exited with code {exit_code}"
         self.servicer.state = ServingState.DRAINING
-        asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+        self._health_update = asyncio.ensure_future(
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
         self.request_stop()
 
     async def wait_for_stop(self) -> None:

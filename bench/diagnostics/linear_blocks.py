@@ -18,6 +18,7 @@ the row count, a row's bits would stay independent of the rest of the pass.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -28,7 +29,8 @@ import torch
 
 from service.engine.execution import invariant_kernels as ik
 
-# (name, N, K, call form) per shape; N of qkv and gate/up are the fused weights'.
+# (name, N, K, call form) per shape; N of qkv and gate/up are the fused weights'; the LM head's
+# N is bench.random_model's vocabulary (SmolLM2's tokenizer, 49,152), not Llama 3's 128,256.
 SHAPES = {
     "llama8b": [
         ("qkv", 6144, 4096, "norm"),
@@ -200,10 +202,9 @@ def main(argv=None) -> None:
                 candidates += [("gemv", ik.GemvBlocks(*c), GEMV_ROWS) for c in GEMVS]
             for kind, blocks, row_counts in candidates:
                 started = time.perf_counter()
-                key = "tiles" if kind == "tiles" else "gemv"
                 try:
                     same = (invariant_tiles if kind == "tiles" else invariant_gemv)(case, blocks)
-                    times = {m: graph_ms(bound(case, m, {key: blocks})) for m in row_counts}
+                    times = {m: graph_ms(bound(case, m, {kind: blocks})) for m in row_counts}
                 except Exception as exc:  # noqa: BLE001 - a shape the kernel cannot take: recorded
                     print(shape, name, blocks, "failed:", repr(exc)[:200], flush=True)
                     result["rows"].append(
@@ -211,7 +212,7 @@ def main(argv=None) -> None:
                             "shape": shape,
                             "linear": name,
                             "kind": kind,
-                            "blocks": blocks.__dict__,
+                            "blocks": dataclasses.asdict(blocks),
                             "error": repr(exc),
                         }
                     )
@@ -222,7 +223,7 @@ def main(argv=None) -> None:
                     "n": n,
                     "k": k,
                     "kind": kind,
-                    "blocks": blocks.__dict__,
+                    "blocks": dataclasses.asdict(blocks),
                     "invariant": same,
                     "floor_ms": round(floor_ms, 4),
                     "ms": {str(m): round(t, 4) for m, t in times.items()},
@@ -233,7 +234,7 @@ def main(argv=None) -> None:
                     shape,
                     name,
                     kind,
-                    tuple(blocks.__dict__.values()),
+                    tuple(dataclasses.astuple(blocks)),
                     "invariant" if same else "NOT INVARIANT",
                     " ".join(f"M{m}={t * 1e3:.0f}us({floor_ms / t:.0%})" for m, t in times.items()),
                     flush=True,

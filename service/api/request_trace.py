@@ -5,8 +5,8 @@ The service produces no spans and runs no tracing SDK (docs/tracing.md says why)
 trace context (`traceparent`, `tracestate`) from the call's metadata with OpenTelemetry's
 propagator, keeps the caller's trace when it is valid or starts a new trace id, picks the
 id of the request's span, and serializes a `RequestTrace` (telemetry.proto). Those bytes ride
-on the request's metrics record to the sidecar, which emits the span. The engine thread only
-hands the bytes on with the record.
+on the request's metrics record to the sidecar, which emits the span. The thread delivering
+the engine's events only hands the bytes on with the record; the engine never sees them.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The engine's public API: what the gRPC layer (or a test) submits and receives.
 
 Thread model: `Engine.submit` and `RequestHandle.cancel` may be called from any thread;
-events are delivered by calling the submitter's `on_event` callback on the engine thread,
-so callbacks must be quick and non-blocking (e.g. `loop.call_soon_threadsafe`).
+events are delivered by calling the submitter's `on_event` callback on the engine thread
+(for `Engine`) or on the reader thread of `service.engine_process.client.EngineProcess`, which
+offers the same interface with the engine in a child process; either way callbacks must be
+quick and non-blocking (e.g. `loop.call_soon_threadsafe`).
 """
 
 from __future__ import annotations

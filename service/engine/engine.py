@@ -173,8 +173,9 @@ class Engine:
 
     def add_delivery_observer(self, observer: Callable[[], None]) -> None:
         """Calls `observer()` on the engine thread after each batch of events the engine thread
-        delivered: the first tokens of a prefill pass (before the decode pass), the previous
-        pass's chunks (while the device runs the decode pass), and at the end of every loop
+        delivered: the last pass's tokens before a turn that admits requests, the first tokens
+        of a prefill pass (before the decode pass), the previous pass's chunks (while the
+        device runs the decode pass), and at the end of every loop
         turn (the step's final results, cancellations) and of a stop or a failed start. No
         event waits for a call longer than the end of the turn that delivered it. For a
         consumer that sends events in batches (service/engine_process). It must be quick; an

@@ -1,13 +1,13 @@
 """The front end's side of the engine process: `EngineProcess`, with the interface the gRPC
-layer uses of an Engine (submit, info, stop, queue_depth, warmup), backed by `core.main` in a
+layer uses of an Engine (submit, info, stop, queue_depth), backed by `core.main` in a
 child process (docs/architecture.md, "Two processes of the service").
 
 `submit` validates the request as the engine would (service/engine/validation.py, the same
 function, torch-free) and counts the requests in flight, so that InvalidRequestError and
 QueueFullError stay synchronous and exact: every request in flight was submitted here and
-leaves with its last event, which passes here too. A reader thread receives one `Events`
-message per engine turn and calls each request's callback, as the engine thread does in
-process. When the core exits without being asked to, every request in flight gets
+leaves with its last event, which passes here too. A reader thread receives the `Events`
+messages (one per delivery point of the engine) and calls each request's callback, as the
+engine thread does in process. When the core exits without being asked to, every request in flight gets
 `EngineLost`, new ones get EngineStoppedError, and the exit observers are called.
 """
 
@@ -139,23 +139,22 @@ class EngineProcess:
         with self._lock:
             return max(0, len(self._in_flight) - self.config.max_batch_size)
 
-    def warmup(self) -> None:
-        """Nothing to do: the core warmed its engine up before it was Ready."""
-
     def add_exit_observer(self, observer: Callable[[int | None], None]) -> None:
         """Calls `observer(exit_code)` once if the core exits without having stopped cleanly (a
         crash, a kill, a drain that ran past its time), on the reader thread, after every
         request in flight got EngineLost; at once if that already happened."""
         with self._lock:
             self._exit_observers.append(observer)
-            exited, code = self._state == _EXITED and not self._stopped_cleanly, self._exit_code
+            # _exited is set once every request in flight got EngineLost (_ended)
+            exited, code = self._exited.is_set() and not self._stopped_cleanly, self._exit_code
         if exited:
             observer(code)
 
     def stop(self, drain_timeout_s: float | None = None) -> None:
         """Engine.stop in the core (queued requests cancelled at once, running ones given
         `drain_timeout_s`), then waits for the core to send the last events and exit; a core
-        that takes STOP_MARGIN_S longer than that is killed."""
+        that takes STOP_MARGIN_S longer than that is killed (None: no limit on the drain, and
+        so none on the wait; the server always passes its grace period)."""
         with self._lock:
             stopping = self._state == _RUNNING
             if stopping:
@@ -168,10 +167,6 @@ class EngineProcess:
             self._process.kill()
             self._exited.wait(30)
         self._process.join(10)
-
-    @property
-    def exit_code(self) -> int | None:
-        return self._process.exitcode
 
     # ---- internals -------------------------------------------------------------------
 
@@ -195,12 +190,24 @@ class EngineProcess:
         return "the engine is shutting down and takes no new requests"
 
     def _read(self) -> None:
+        """The reader thread: delivers the core's messages until the pipe ends; then, or if a
+        message cannot be handled, ends every request in flight (_ended): nothing waits for
+        a reader that is gone."""
+        try:
+            self._read_messages()
+        except Exception:  # noqa: BLE001
+            log.exception("engine_process_reader_failed", pid=self.pid)
+            self._process.kill()
+        finally:
+            self._ended()
+
+    def _read_messages(self) -> None:
         in_flight = self._in_flight
         while True:
             try:
                 message = self._conn.recv()
             except (EOFError, OSError):
-                break
+                return
             if isinstance(message, Events):
                 for item in message.items:
                     key, event = decode_event(item)
@@ -218,7 +225,6 @@ class EngineProcess:
                     _deliver(entry[1], EngineLost(entry[0], f"the engine refused it: {message.message}"))
             elif isinstance(message, Stopped):
                 self._stopped_cleanly = True
-        self._ended()
 
     def _ended(self) -> None:
         """The pipe's end: the core exited (or is about to)."""
@@ -229,7 +235,8 @@ class EngineProcess:
             self._exit_code = code
             lost, self._in_flight = self._in_flight, {}
             observers = list(self._exit_observers)
-        self._conn.close()
+        with self._send_lock:  # no submit or cancel is writing to it
+            self._conn.close()
         crashed = not self._stopped_cleanly
         if crashed:
             log.error("engine_process_exited", exit_code=code, pid=self.pid, in_flight=len(lost))

@@ -4,8 +4,10 @@ but run the engine (docs/architecture.md, "Two processes of the service").
 Its main thread loads the models, starts and warms up the engine, sends `Ready`, then waits
 for the end. A reader thread applies what the front end sends (Submit, Cancel, Stop). The
 engine thread delivers events into an outbox, which it sends as one `Events` message at each
-of the engine's delivery points (Engine.add_delivery_observer): a prefill pass's first
-tokens, a decode pass's chunks while the device runs, the rest at the end of the turn. The
+of the engine's delivery points (Engine.add_delivery_observer): the last pass's tokens before
+a turn that admits, a prefill pass's first tokens, a decode pass's chunks while the device
+runs, the rest at the end of the turn. A message that cannot be applied or sent ends the
+core (the front end then ends every request in flight) rather than leaving requests waiting. The
 front end's end of the pipe closing (it exited or was killed) ends this process at once:
 nothing is left holding the device.
 """
@@ -39,7 +41,7 @@ log = structlog.get_logger(__name__)
 
 
 class Outbox:
-    """Events waiting for the end of the engine's turn, and the one writer of the pipe."""
+    """Events waiting for the engine's next delivery point, and the one writer of the pipe."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -54,23 +56,29 @@ class Outbox:
     def flush(self) -> None:
         """Sends every pending event as one message (none when there are none)."""
         with self._lock:
-            if self._pending:
-                items, self._pending = self._pending, []
-                self._send_locked(Events(items))
+            self._flush_locked()
 
     def send(self, message: Any) -> None:
         """Sends `message` after every event added before it."""
         with self._lock:
-            if self._pending:
-                items, self._pending = self._pending, []
-                self._send_locked(Events(items))
+            self._flush_locked()
             self._send_locked(message)
+
+    def _flush_locked(self) -> None:
+        if self._pending:
+            items, self._pending = self._pending, []
+            self._send_locked(Events(items))
 
     def _send_locked(self, message: Any) -> None:
         try:
             self._conn.send(message)
         except OSError:  # the front end is gone; the reader sees the end of the pipe and stops
             pass
+        except Exception:  # noqa: BLE001 - a message that cannot be sent (pickling) is lost
+            # Its requests would wait forever for events that never come: end the core, so that
+            # the front end ends every request in flight (EngineLost) and the service stops.
+            log.exception("engine_core_send_failed", message=type(message).__name__)
+            _exit_now(1)
 
 
 class EngineCore:
@@ -91,26 +99,35 @@ class EngineCore:
         engine.add_delivery_observer(self.outbox.flush)
 
     def read(self) -> None:
-        """The reader thread: applies the front end's messages until Stop or the pipe's end."""
+        """The reader thread: applies the front end's messages until Stop or the pipe's end. A
+        message it cannot apply ends the core (a reader gone would leave the core ignoring
+        the front end, and holding the device after it exits)."""
         while True:
             try:
                 message = self._conn.recv()
             except (EOFError, OSError):
                 self._front_end_gone()
                 return
-            if isinstance(message, Submit):
-                self._submit(message)
-            elif isinstance(message, Cancel):
-                with self._handles_lock:
-                    handle = self._handles.get(message.key)
-                if handle is not None:
-                    handle.cancel()
-            elif isinstance(message, Stop):
-                # On its own thread: the reader goes on applying cancellations while running
-                # requests drain.
-                threading.Thread(
-                    target=self._stop, args=(message.drain_timeout_s,), name="engine-core-stop", daemon=True
-                ).start()
+            try:
+                self._apply(message)
+            except Exception:  # noqa: BLE001
+                log.exception("engine_core_reader_failed", message=type(message).__name__)
+                _exit_now(1)
+
+    def _apply(self, message: Any) -> None:
+        if isinstance(message, Submit):
+            self._submit(message)
+        elif isinstance(message, Cancel):
+            with self._handles_lock:
+                handle = self._handles.get(message.key)
+            if handle is not None:
+                handle.cancel()
+        elif isinstance(message, Stop):
+            # On its own thread: the reader goes on applying cancellations while running
+            # requests drain.
+            threading.Thread(
+                target=self._stop, args=(message.drain_timeout_s,), name="engine-core-stop", daemon=True
+            ).start()
 
     def _submit(self, message: Submit) -> None:
         key = message.key
@@ -136,10 +153,14 @@ class EngineCore:
                 self._handles[key] = handle
 
     def _stop(self, drain_timeout_s: float | None) -> None:
-        self.engine.stop(drain_timeout_s)
-        self._stopped = True  # from here the pipe's end is the front end done with us
-        self.outbox.send(Stopped())  # after the events of the requests the stop cancelled
-        self.done.set()
+        try:
+            self.engine.stop(drain_timeout_s)
+        except Exception:  # noqa: BLE001 - the core ends either way; the front end ends what is left
+            log.exception("engine_core_stop_failed")
+        finally:
+            self._stopped = True  # from here the pipe's end is the front end done with us
+            self.outbox.send(Stopped())  # after the events of the requests the stop cancelled
+            self.done.set()
 
     def _front_end_gone(self) -> None:
         if self._stopped:

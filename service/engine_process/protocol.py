@@ -2,8 +2,9 @@
 
 Requests are named by a key the front end assigns (an int, unique per submission), not by
 request id: two clients may use the same request id at once. Events cross in batches: one
-`Events` message per engine turn carries every event that turn produced, never a message
-per token or per request.
+`Events` message per delivery point of the engine (Engine.add_delivery_observer, at most four
+a turn) carries every event delivered since the last, never a message per token or per
+request.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class StartFailed:
 
 @dataclass(frozen=True)
 class Events:
-    """Every event one engine turn delivered, in order, each as `encode_event` wrote it."""
+    """Every event delivered since the last delivery point, in order, each as `encode_event` wrote it."""
 
     items: list[tuple]
 
@@ -83,8 +84,9 @@ def decode_event(item: tuple) -> tuple[int, Event]:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A submission the core refused (the front end validates first, so only a disagreement
-    between the two, never an ordinary bad request, ends here)."""
+    """A submission the core refused. The front end validates first, so no ordinary bad
+    request ends here: a disagreement between the two checks, a Submit that crossed a Stop
+    (the engine is draining), or an error applying it. The client gets UNAVAILABLE."""
 
     key: int
     error_type: str
