@@ -58,6 +58,11 @@ class EngineConfig:
     # the engines of a process share it, and the last to stop unfreezes (heap_freeze.py).
     freeze_gc_after_start: bool = True
 
+    @property
+    def max_in_flight(self) -> int:
+        """Requests admitted at once, running or queued: beyond it, submit raises QueueFullError."""
+        return self.max_queue_size + self.max_batch_size
+
     def validate(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")

@@ -159,7 +159,7 @@ class Engine:
         with self._cond:
             if self._state in (_DRAINING, _STOPPED):
                 raise EngineStoppedError("the engine is shutting down and takes no new requests")
-            if len(self._waiting) + self._in_batch >= self.config.max_queue_size + self.config.max_batch_size:
+            if len(self._waiting) + self._in_batch >= self.config.max_in_flight:
                 raise QueueFullError(f"the admission queue is full ({self.config.max_queue_size} waiting)")
             self._waiting.append(seq)
             self._cond.notify_all()

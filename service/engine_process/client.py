@@ -126,7 +126,7 @@ class EngineProcess:
         with self._lock:
             if self._state != _RUNNING:
                 raise EngineStoppedError(self._stopped_message())
-            if len(self._in_flight) >= self.config.max_queue_size + self.config.max_batch_size:
+            if len(self._in_flight) >= self.config.max_in_flight:
                 raise QueueFullError(f"the admission queue is full ({self.config.max_queue_size} waiting)")
             key = next(self._keys)
             self._in_flight[key] = (request.request_id, on_event)
