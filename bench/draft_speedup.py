@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import platform
 import statistics
@@ -68,6 +67,7 @@ _T0 = time.perf_counter()  # before the heavy imports: the logged times include 
 
 import torch  # noqa: E402
 
+from bench.common.arguments import floats, positive_ints, subset_of, write_result  # noqa: E402
 from bench.common.oracle_drafter import GreedyOracle, OracleDrafter  # noqa: E402
 from bench.common.time_budget import Budget  # noqa: E402
 from bench.gpu_pass_cost import expected_tokens, measure, predicted_speedup  # noqa: E402
@@ -548,9 +548,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    floats = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
-    names = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     parser.add_argument("--size", choices=sorted(SIZES), default="8b", help="a bench.random_model pair")
     parser.add_argument("--models-dir", type=Path, default=Path("bench/out/models"))
     parser.add_argument("--write-missing", action="store_true", help="write a missing --size model first")
@@ -564,10 +561,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--batches", type=ints, default=[1, 32])
+    parser.add_argument("--batches", type=positive_ints, default=[1, 32])
     parser.add_argument("--alphas", type=floats, default=[0.0, 0.5, 0.7, 0.8, 0.9, 1.0])
     parser.add_argument("-k", type=int, default=4, help="drafts per pass (the adaptive policy's cap)")
-    parser.add_argument("--policies", type=names, default=list(POLICIES), help=f"subset of {POLICIES}")
+    parser.add_argument(
+        "--policies", type=subset_of(POLICIES), default=list(POLICIES), help=f"subset of {POLICIES}"
+    )
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch1-prompts", type=int, default=3, help="prompts run one by one at batch 1")
     parser.add_argument(
@@ -644,10 +643,7 @@ def main(argv=None) -> int:
     def save() -> None:
         result["skipped"] = budget.skipped
         result["elapsed_seconds"] = time.perf_counter() - _T0
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.out)
+        write_result(args.out, result)
 
     # Pass costs first: the engines fuse the models' weights in place, and both take the
     # same fused layout (gpu_pass_cost measures several runners of one model in a process).

@@ -59,6 +59,7 @@ _T0 = time.perf_counter()  # before the heavy imports: the logged times include 
 
 import torch  # noqa: E402
 
+from bench.common.arguments import write_result  # noqa: E402
 from bench.common.time_budget import Budget  # noqa: E402
 from bench.common.truncated_draft import truncated_draft  # noqa: E402
 from service.client.loadgen.builtin_prompts import KINDS  # noqa: E402
@@ -982,10 +983,7 @@ def main(argv=None) -> None:
         result.update(build_summary(result))
         result["skipped"] = budget.skipped
         result["elapsed_seconds"] = time.perf_counter() - _T0
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.out)
+        write_result(args.out, result)
 
     methods = list(args.methods)
     # transformers first: its generate() leaves our engine's graphs alone, and the engine

@@ -68,6 +68,7 @@ _T0 = time.perf_counter()  # before the heavy imports: the logged times include 
 import grpc  # noqa: E402
 import torch  # noqa: E402
 
+from bench.common.arguments import positive_ints, subset_of, write_result  # noqa: E402
 from bench.common.inprocess_load import run_inprocess  # noqa: E402
 from bench.common.roofline import checkpoint_weight_bytes, copy_bandwidth, roofline_tokens_per_s  # noqa: E402
 from bench.common.server_process import ServerProcess  # noqa: E402
@@ -359,29 +360,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
-    def names(choices):
-        def parse(text: str) -> list[str]:
-            items = [x for x in text.split(",") if x]
-            unknown = [x for x in items if x not in choices]
-            if unknown or not items:
-                raise argparse.ArgumentTypeError(
-                    f"expected a comma-separated subset of {', '.join(choices)}, got {text!r}"
-                )
-            return items
-
-        return parse
-
-    def levels(text: str) -> list[int]:
-        try:
-            values = [int(x) for x in text.split(",") if x]
-        except ValueError:
-            values = []
-        if not values or min(values) < 1:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
-        return values
-
     parser.add_argument(
-        "--sizes", type=names(tuple(SIZES)), default=["8b"], help=f"subset of {', '.join(SIZES)}"
+        "--sizes", type=subset_of(tuple(SIZES)), default=["8b"], help=f"subset of {', '.join(SIZES)}"
     )
     parser.add_argument(
         "--model",
@@ -403,24 +383,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="write a missing model directory first (bench.random_model, on --device)",
     )
     parser.add_argument(
-        "--paths", type=names(PATHS), default=list(PATHS), help="inprocess, grpc (run in this order)"
+        "--paths", type=subset_of(PATHS), default=list(PATHS), help="inprocess, grpc (run in this order)"
     )
     parser.add_argument(
         "--methods",
-        type=names(METHODS),
+        type=subset_of(METHODS),
         default=list(METHODS),
         help="none, ngram, draft_model (draft_model needs a size with a draft model)",
     )
     parser.add_argument(
         "--engine-process",
-        type=names(ENGINE_PROCESS_MODES),
+        type=subset_of(ENGINE_PROCESS_MODES),
         default=["process"],
         help="the server's --engine-process for the grpc path, one server each, in this order: "
         "process (rows 'grpc'), thread (rows 'grpc-thread'); e.g. process,thread to compare",
     )
-    parser.add_argument("--modes", type=names(MODES), default=list(MODES), help="batch1, burst, sustained")
     parser.add_argument(
-        "--concurrency", type=levels, default=[1, 4, 16, 32, 64], help="levels of burst and sustained"
+        "--modes", type=subset_of(MODES), default=list(MODES), help="batch1, burst, sustained"
+    )
+    parser.add_argument(
+        "--concurrency", type=positive_ints, default=[1, 4, 16, 32, 64], help="levels of burst and sustained"
     )
     parser.add_argument(
         "--prompts",
@@ -546,10 +528,7 @@ def main(argv=None) -> int:
             for i in range(len(result["runs"]))
             if any(r["run"] == i for r in rows)
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(args.out)
+        write_result(args.out, result)
 
     def add_row(row: dict) -> None:
         row["run"] = len(result["runs"]) - 1

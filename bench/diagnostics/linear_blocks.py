@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from bench.common.arguments import write_result
+from bench.common.roofline import copy_bandwidth
 from service.engine.execution import invariant_kernels as ik
 
 # (name, N, K, call form) per shape; N of qkv and gate/up are the fused weights'; the LM head's
@@ -80,24 +81,6 @@ GEMVS = [  # (BN, BK, warps); the first is GEMV_BLOCKS
 ]
 TILE_ROWS = (32, 64, 128, 288)  # B = 32 at T = 1, 2, 4, 9
 GEMV_ROWS = (1, 5, 9)  # batch 1 decode and verify passes
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a device-to-device copy of 1 GiB (read + write counted)."""
-    src = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() * 2 / statistics.median(times)
 
 
 class Case:
@@ -181,7 +164,7 @@ def main(argv=None) -> None:
     parser.add_argument("--kernels", default="tiles,gemv")
     parser.add_argument("--out", type=Path, default=Path("bench/out/linear_blocks.json"))
     args = parser.parse_args(argv)
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(torch.device("cuda"), 1 << 30)["bytes_per_s"]
     result = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -239,9 +222,7 @@ def main(argv=None) -> None:
                     " ".join(f"M{m}={t * 1e3:.0f}us({floor_ms / t:.0%})" for m, t in times.items()),
                     flush=True,
                 )
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1))
-    args.out.write_text(json.dumps(result, indent=1))
+            write_result(args.out, result)
 
 
 if __name__ == "__main__":
