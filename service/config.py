@@ -120,6 +120,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("device", "SPECDEC_DEVICE", str, "auto", "device: auto (CUDA when present), cpu, cuda:N"),
     Option("cache_dir", "SPECDEC_CACHE_DIR", str, "", "model cache directory (default ~/.cache/specdec)"),
     Option(
+        "linear_blocks",
+        "SPECDEC_LINEAR_BLOCKS",
+        str,
+        "",
+        "JSON file of the invariant kernels' block shapes per weight shape, over the committed "
+        "table (docs/engine.md); empty: the committed table",
+    ),
+    Option(
         "telemetry_target",
         "SPECDEC_TELEMETRY_TARGET",
         str,
@@ -238,6 +246,7 @@ class ServiceConfig:
     dtype: str
     device: str
     cache_dir: str
+    linear_blocks: str
     telemetry_target: str
     telemetry_tls_ca_file: str
     telemetry_tls_cert_file: str

@@ -34,6 +34,7 @@ from service.api.request_trace import CapturedTrace
 from service.api.servicer import GenerationServicer, ServingState
 from service.config import ServiceConfig
 from service.engine.api import FinalResult, Method
+from service.engine.config import EngineConfig
 from specdec.v1 import generation_pb2
 from specdec_common import proto_names
 from specdec_security import SecuredServer
@@ -62,7 +63,7 @@ def build_engine(config: ServiceConfig) -> tuple[Any, Any]:
 def load_engine(config: ServiceConfig) -> tuple[Any, Any]:
     """Load the models and start a warmed-up engine in this process (the engine core's
     process, or the server's with --engine-process thread)."""
-    from service.engine import Engine, EngineConfig
+    from service.engine import Engine
     from service.models.loading import check_same_vocabulary, load_model
 
     def load(spec: str):
@@ -77,25 +78,28 @@ def load_engine(config: ServiceConfig) -> tuple[Any, Any]:
     draft = served_as(load(config.draft_model), config.draft_model) if config.draft_model else None
     if draft is not None:
         check_same_vocabulary(target, draft)
-    engine = Engine(
-        target,
-        EngineConfig(
-            max_batch_size=config.max_batch_size,
-            max_queue_size=config.max_queue_size,
-            max_prefill_tokens_per_pass=config.max_prefill_tokens_per_pass,
-            default_method=Method(proto_names.METHOD_BY_NAME[config.method]),
-            default_num_draft_tokens=config.num_draft_tokens,
-            max_num_draft_tokens=config.max_num_draft_tokens,
-            default_max_tokens=config.default_max_tokens,
-            adaptive_draft_length=config.adaptive_draft_length,
-            instance_id=config.instance_id,
-            capture_all_graphs=True,  # CUDA: every graph before the first request (no-op on CPU)
-        ),
-        draft=draft,
-    )
+    engine = Engine(target, engine_config(config), draft=draft)
     engine.start()
     engine.warmup()
     return engine, target.tokenizer
+
+
+def engine_config(config: ServiceConfig) -> EngineConfig:
+    """The engine's settings from the service's (in the engine core's process too: it gets the
+    ServiceConfig)."""
+    return EngineConfig(
+        max_batch_size=config.max_batch_size,
+        max_queue_size=config.max_queue_size,
+        max_prefill_tokens_per_pass=config.max_prefill_tokens_per_pass,
+        default_method=Method(proto_names.METHOD_BY_NAME[config.method]),
+        default_num_draft_tokens=config.num_draft_tokens,
+        max_num_draft_tokens=config.max_num_draft_tokens,
+        default_max_tokens=config.default_max_tokens,
+        adaptive_draft_length=config.adaptive_draft_length,
+        instance_id=config.instance_id,
+        capture_all_graphs=True,  # CUDA: every graph before the first request (no-op on CPU)
+        linear_blocks=Path(config.linear_blocks) if config.linear_blocks else None,
+    )
 
 
 def served_as(loaded: Any, spec: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from service.engine.api import Method
 
@@ -49,6 +50,10 @@ class EngineConfig:
     # - "around_attention": compiled regions before and after an eager attention.
     # Models the invariant kernels do not cover (head dim not a power of two >= 16) use "layer".
     lean_variant: str = "invariant"
+    # The "invariant" variant's block shapes per weight shape: a JSON file
+    # (service/engine/execution/linear_blocks.py) over the committed table; None: the committed
+    # table. Read and checked when the Engine is made (a bad file raises ValueError there).
+    linear_blocks: Path | None = None
     # CUDA graphs only: capture every (batch, width, kv) bucket when the engine starts, so that
     # no request stalls on a capture when the draft length or the batch first takes a new shape.
     capture_all_graphs: bool = False

@@ -22,6 +22,7 @@ from service.engine.api import (
     QueueFullError,
 )
 from service.engine.config import EngineConfig
+from service.engine.execution.linear_blocks import table_for
 from service.engine.execution.runner import ModelRunner
 from service.engine.output import OutputProcessor
 from service.engine.pass_record import PassObserver
@@ -88,6 +89,7 @@ class Engine:
         if config.default_method is Method.DRAFT_MODEL and draft is None:
             raise ValueError("default_method is DRAFT_MODEL but no draft model was given")
         self.config = config
+        self._linear_blocks = table_for(config.linear_blocks)  # the one read of the file
         self._target, self._draft = target, draft
         self._draft_model_drafter: DraftModelDrafterFactory = draft_model_drafter or DraftModelDrafter
         max_position = min(
@@ -245,6 +247,7 @@ class Engine:
             use_graphs=self.config.cuda_graphs,
             use_compile=self.config.compile,
             lean_variant=self.config.lean_variant,
+            linear_blocks=self._linear_blocks,
         )
         target = ModelRunner(self._target, self.config.max_batch_size, cache_len, max_width, **fast)
         drafters: dict[Method, Drafter] = {

@@ -146,6 +146,25 @@ def test_a_model_that_fails_to_load_fails_the_start_with_the_same_error(tiny_mod
     assert str(errors["process"]) == str(errors["thread"]) and "absent" in str(errors["thread"])
 
 
+def test_the_linear_blocks_setting_reaches_the_engine_in_both_modes(tiny_model_dir, tmp_path) -> None:
+    """The engine core gets the service's settings: a bad --linear-blocks file fails its start
+    with the engine's own error, naming the file (a setting that did not reach it would not)."""
+    path = tmp_path / "blocks.json"
+    path.write_text(json.dumps({"entries": [{"n": 64, "k": 64, "gemv": {"bn": 3, "bk": 256, "warps": 4}}]}))
+    errors = {}
+    for mode in MODES:
+        server = ServiceThread(service_config(tiny_model_dir, engine_process=mode, linear_blocks=str(path)))
+        with pytest.raises(Exception) as info:
+            server.start()
+        errors[mode] = info.value
+    assert type(errors["thread"]).__name__ == "ValueError"
+    assert type(errors["process"]).__name__ == "EngineStartError"
+    assert str(errors["process"]) == str(errors["thread"])
+    assert str(path) in str(errors["thread"]) and "gemv.bn must be a positive power of two" in str(
+        errors["thread"]
+    )
+
+
 class RecordingSidecar(telemetry_pb2_grpc.TelemetryServiceServicer):
     """A sidecar that acknowledges every record and keeps its metrics."""
 

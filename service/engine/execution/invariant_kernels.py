@@ -40,43 +40,18 @@ G kv heads, D head dim, L cache length, K kv positions read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-# Block shapes, tuned by bench/diagnostics/invariant_tuning.py at SmolLM2-135M's shapes
-# (docs/engine.md); bench/diagnostics/linear_blocks.py measures candidates at 1B/8B shapes. A
-# row's bits depend on these, never on the number of rows. Up to GEMV_MAX_ROWS rows (a
-# batch-1 decode or verify pass) linears run as _gemv_kernel (CUDA cores, BN outputs of one
-# row per program, sums over BK-wide chunks); above, as _linear_kernel (tensor cores, BM-row
-# tiles).
+from service.engine.execution.linear_blocks import GEMV_BLOCKS, TILE_BLOCKS, GemvBlocks, TileBlocks
+
+# Up to GEMV_MAX_ROWS rows (a batch-1 decode or verify pass) linears run as _gemv_kernel (CUDA
+# cores, BN outputs of one row per program, sums over BK-wide chunks); above, as _linear_kernel
+# (tensor cores, BM-row tiles). Their block shapes (GemvBlocks, TileBlocks) are chosen per
+# weight shape by the caller (service/engine/execution/linear_blocks.py), never from the
+# number of rows: a row's bits depend on them.
 GEMV_MAX_ROWS = 16
-
-
-@dataclass(frozen=True)
-class GemvBlocks:
-    """_gemv_kernel's block shape: BN outputs per program, BK-wide chunks of the sum."""
-
-    bn: int
-    bk: int
-    warps: int
-
-
-@dataclass(frozen=True)
-class TileBlocks:
-    """_linear_kernel's block shape: BM x BN output tiles, the inner dimension in BK steps."""
-
-    bm: int
-    bn: int
-    bk: int
-    warps: int
-    stages: int
-
-
-GEMV_BLOCKS = GemvBlocks(bn=4, bk=256, warps=4)
-TILE_BLOCKS = TileBlocks(bm=16, bn=64, bk=64, warps=4, stages=3)
 ATTN_ROWS = 16  # query rows (heads x tokens of one kv head) per attention program
 ATTN_CHUNK = 64  # key positions per attention program
 ATTN_WARPS = 4
@@ -260,8 +235,9 @@ def linear(
 
     norm: of rms_norm(x) * norm instead of x. gated: of silu(x[:, :K]) * x[:, K:] (x [M, 2K]).
     residual [M, N]: returns residual + linear(...). out_float32: float32 output, not rounded.
-    gemv, tiles: block shapes other than GEMV_BLOCKS / TILE_BLOCKS (for tuning them; a row's
-    bits change with them).
+    gemv, tiles: the weight's block shapes (linear_blocks.BlockTable.for_weight; default
+    GEMV_BLOCKS / TILE_BLOCKS). A row's bits change with them, so pick them from the weight's
+    shape, never from M.
     """
     if x.dim() != 2 or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("linear wants a 2-D x and weight with contiguous rows")

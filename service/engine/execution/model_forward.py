@@ -23,6 +23,7 @@ import torch.fx.experimental._config
 import torch.nn.functional as F
 
 from service.engine.execution.device import to_device
+from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 VARIANTS = ("around_attention", "layer", "invariant")  # see ModelForward
@@ -55,6 +56,9 @@ class _Layer:
     post_norm: torch.Tensor  # [E]
     gate_up_weight: torch.Tensor  # [2 * I, E]
     down_weight: torch.Tensor  # [E, I]
+
+    def linear_weights(self) -> tuple[torch.Tensor, ...]:
+        return (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight)
 
 
 def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -389,7 +393,10 @@ class ModelForward:
         compile: bool = False,
         variant: str = "around_attention",
         dense_prefill: str = "auto",
+        linear_blocks: BlockTable = DEFAULT_TABLE,
     ) -> None:
+        """linear_blocks: the invariant kernels' block shape per weight shape
+        (service/engine/execution/linear_blocks.py); resolved once for this model's weights."""
         if not supports(model, variant):
             raise ValueError(
                 f"lean forward ({variant}) does not support this {model.config.model_type!r} model"
@@ -466,6 +473,10 @@ class ModelForward:
                 # rows, and inductor would otherwise split them in two kernels for parallelism.
                 self.layer = torch.compile(layer, dynamic=True, options={"split_reductions": False})
                 self._layer_code = layer.__code__
+        # The invariant kernels' block shapes of each weight, by the weight's shape alone (never
+        # by a pass's row count); resolved for every variant, used by "invariant".
+        weights = [self.lm_head] + [w for layer in self.layers for w in layer.linear_weights()]
+        self.linear_blocks = linear_blocks.for_weights((w.shape[0], w.shape[1]) for w in weights)
 
     @property
     def num_layers(self) -> int:
@@ -586,7 +597,7 @@ class ModelForward:
                 x, cos, sin, packed, write_rows, write_pos, k_cache, v_cache, layer, eps, h, g, d, self.scale
             )
         rows = x[packed.last]  # [B, E]
-        logits = self._kernels.linear(rows, self.lm_head, norm=self.final_norm, eps=eps, out_float32=True)
+        logits = self._linear(rows, self.lm_head, norm=self.final_norm, eps=eps, out_float32=True)
         return logits[:, None]  # [B, 1, V] float32
 
     def _invariant_forward(
@@ -604,22 +615,27 @@ class ModelForward:
         """The "invariant" variant: per layer seven row-invariant kernels (norm + QKV, rotary +
         cache write, attention over key chunks, combine, O + residual, norm + gate/up,
         SiLU product + down + residual)."""
-        kernels, (b, t, e) = self._kernels, x.shape
+        kernels, linear, (b, t, e) = self._kernels, self._linear, x.shape
         h, g, d, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
         x = x.reshape(b * t, e)  # [M, E], token row m = b * T + t
         cos = cos.to(x.dtype).reshape(b * t, d).contiguous()  # [M, D]
         sin = sin.to(x.dtype).reshape(b * t, d).contiguous()
         for layer, k_cache, v_cache in zip(self.layers, keys, values):
-            qkv = kernels.linear(x, layer.qkv_weight, layer.qkv_bias, norm=layer.input_norm, eps=eps)
+            qkv = linear(x, layer.qkv_weight, layer.qkv_bias, norm=layer.input_norm, eps=eps)
             kernels.write_kv(qkv, cos, sin, write_pos, k_cache, v_cache, t, h, g, d)
             attn = kernels.attention(qkv, cos, sin, k_cache, v_cache, mask, h, g, d, self.scale)  # [M, H * D]
-            x = kernels.linear(attn, layer.o_weight, layer.o_bias, residual=x)
-            gate_up = kernels.linear(x, layer.gate_up_weight, norm=layer.post_norm, eps=eps)  # [M, 2I]
-            x = kernels.linear(gate_up, layer.down_weight, gated=True, residual=x)
+            x = linear(attn, layer.o_weight, layer.o_bias, residual=x)
+            gate_up = linear(x, layer.gate_up_weight, norm=layer.post_norm, eps=eps)  # [M, 2I]
+            x = linear(gate_up, layer.down_weight, gated=True, residual=x)
         x = _last_tokens(x.view(b, t, e), last_only, last_at)
         rows = x.reshape(-1, e)
-        logits = kernels.linear(rows, self.lm_head, norm=self.final_norm, eps=eps, out_float32=True)
+        logits = linear(rows, self.lm_head, norm=self.final_norm, eps=eps, out_float32=True)
         return logits.view(b, -1, logits.shape[-1])  # [B, T', V] float32
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """invariant_kernels.linear with the weight's block shapes (self.linear_blocks)."""
+        gemv, tiles = self.linear_blocks[weight.shape[0], weight.shape[1]]
+        return self._kernels.linear(x, weight, *args, gemv=gemv, tiles=tiles, **kwargs)
 
     def _logits(self, x: torch.Tensor, last_only: bool, last_at: torch.Tensor | None) -> torch.Tensor:
         x = _last_tokens(x, last_only, last_at)

@@ -15,6 +15,7 @@ import torch
 from service.engine.execution.cuda_graphs import GraphedDecoder
 from service.engine.execution.device import to_device
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
+from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable
 from service.engine.execution.model_forward import ModelForward, supports
 from service.models.loading import LoadedModel
 
@@ -54,6 +55,7 @@ class ModelRunner:
         use_graphs: bool = True,
         use_compile: bool = True,
         lean_variant: str = "around_attention",
+        linear_blocks: BlockTable = DEFAULT_TABLE,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -68,7 +70,9 @@ class ModelRunner:
         if use_lean and supports(self.model):
             variant = pick_variant(lean_variant, self.model, self.device, use_compile)
             compiled = use_compile and self.device.type == "cuda" and variant != "invariant"
-            self.lean = ModelForward(self.model, compile=compiled, variant=variant)
+            self.lean = ModelForward(
+                self.model, compile=compiled, variant=variant, linear_blocks=linear_blocks
+            )
             self.cache.allocate(self.lean.num_layers, self.lean.num_kv_heads, self.lean.head_dim)
             if self.device.type == "cuda":
                 # Split-K GEMMs may otherwise reduce partial sums in bfloat16, one source of a
