@@ -10,10 +10,10 @@ of 512, median ms a pass; then a torch.profiler listing of the best configuratio
 T = 1 graph. The invariance check runs each kernel on one row alone and on the same row
 among eight others, in float32 and bfloat16, and compares the row's output bits.
 
-A diagnostic, not a tool: it tries block shapes by assigning the kernel module's constants
-(GEMV_BLOCKS, TILE_BLOCKS, GEMV_MAX_ROWS, ATTN_*) and swapping its `linear` / `attention` at
-run time, since the engine's forward passes no block shape down. Candidates at 1B/8B shapes,
-per linear: bench/diagnostics/linear_blocks.py. What it found is in
+A diagnostic, not a tool: it gives every weight of the runner one linear block shape (a
+BlockTable's defaults), and tries the other settings by assigning the kernel module's
+constants (GEMV_MAX_ROWS, ATTN_*) and swapping its `linear` / `attention` at run time.
+Candidates at 1B/8B shapes, per weight shape: bench/diagnostics/linear_blocks.py. What it found is in
 bench/history/RESULTS-2026-12.md ("How the kernels were tuned").
 """
 
@@ -31,6 +31,7 @@ from bench.common.cuda_timing import time_ms
 from bench.gpu_pass_cost import profile_replay, random_model
 from service.engine.execution import invariant_kernels as ik
 from service.engine.execution.kv_cache import causal_mask
+from service.engine.execution.linear_blocks import BlockTable
 from service.engine.execution.runner import ModelRunner
 
 KNOBS = (
@@ -58,21 +59,23 @@ CONFIGS = [  # the last rounds' candidates (earlier rounds: bench/RESULTS.md)
 ]
 
 
-def apply(config: tuple) -> dict:
-    """Sets the kernel module's block shapes."""
+def apply(config: tuple) -> tuple[dict, BlockTable]:
+    """Sets the kernel module's constants; returns the knobs and the linears' block shapes."""
     knobs = dict(zip(KNOBS, config))
     ik.GEMV_MAX_ROWS = knobs["GEMV_MAX_ROWS"]
-    ik.GEMV_BLOCKS = ik.GemvBlocks(knobs["GEMV_BLOCK_N"], knobs["GEMV_BLOCK_K"], knobs["GEMV_WARPS"])
-    ik.TILE_BLOCKS = ik.TileBlocks(
-        16, knobs["BLOCK_N"], knobs["BLOCK_K"], knobs["LINEAR_WARPS"], knobs["LINEAR_STAGES"]
-    )
     ik.ATTN_CHUNK, ik.ATTN_WARPS = knobs["ATTN_CHUNK"], knobs["ATTN_WARPS"]
-    return knobs
+    blocks = BlockTable(
+        gemv=ik.GemvBlocks(knobs["GEMV_BLOCK_N"], knobs["GEMV_BLOCK_K"], knobs["GEMV_WARPS"]),
+        tiles=ik.TileBlocks(
+            16, knobs["BLOCK_N"], knobs["BLOCK_K"], knobs["LINEAR_WARPS"], knobs["LINEAR_STAGES"]
+        ),
+    )
+    return knobs, blocks
 
 
-def pass_costs(loaded, context: int, iters: int) -> tuple[list[dict], ModelRunner]:
+def pass_costs(loaded, context: int, iters: int, blocks: BlockTable) -> tuple[list[dict], ModelRunner]:
     rows = []
-    runner = ModelRunner(loaded, 32, context + 10, 9, lean_variant="invariant")
+    runner = ModelRunner(loaded, 32, context + 10, 9, lean_variant="invariant", linear_blocks=blocks)
     for batch in (1, 32):
         for width in (1, 9):
             ids = torch.randint(0, loaded.vocab_size, (batch, width), device="cuda")
@@ -245,7 +248,7 @@ def main(argv=None) -> None:
         "invariance": {},
         "configs": [],
     }
-    defaults = (ik.GEMV_MAX_ROWS, ik.GEMV_BLOCKS, ik.TILE_BLOCKS, ik.ATTN_CHUNK, ik.ATTN_WARPS)
+    defaults = (ik.GEMV_MAX_ROWS, ik.ATTN_CHUNK, ik.ATTN_WARPS)
     for dims in DIMS:
         for dtype in (torch.float32, torch.bfloat16):
             result["invariance"][f"{dims} {dtype}"] = found = invariance(dtype, dims)
@@ -257,8 +260,8 @@ def main(argv=None) -> None:
     best, best_ms = None, float("inf")
     for config in picked:
         started = time.perf_counter()
-        knobs = apply(config)
-        rows, runner = pass_costs(loaded, args.context, args.iters)
+        knobs, blocks = apply(config)
+        rows, runner = pass_costs(loaded, args.context, args.iters, blocks)
         del runner
         entry = {"knobs": knobs, "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
         result["configs"].append(entry)
@@ -273,11 +276,11 @@ def main(argv=None) -> None:
             best, best_ms = config, b1
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
-    apply(best)
-    _, runner = pass_costs(loaded, args.context, 5)
+    _, blocks = apply(best)
+    _, runner = pass_costs(loaded, args.context, 5, blocks)
     result["profile_best"] = profile_replay(runner, args.context, "graph", "invariant", top=20)
     result["best"] = dict(zip(KNOBS, best))
-    ik.GEMV_MAX_ROWS, ik.GEMV_BLOCKS, ik.TILE_BLOCKS, ik.ATTN_CHUNK, ik.ATTN_WARPS = defaults
+    ik.GEMV_MAX_ROWS, ik.ATTN_CHUNK, ik.ATTN_WARPS = defaults
     args.out.write_text(json.dumps(result, indent=1))
     print("best", result["best"], f"{best_ms:.3f} ms")
 

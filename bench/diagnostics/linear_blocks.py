@@ -1,6 +1,7 @@
 """Block shapes of the row-invariant linear kernels at 1B and 8B weight shapes (GPU only).
 
-    python -m bench.diagnostics.linear_blocks --out bench/out/linear_blocks.json
+    python -m bench.diagnostics.linear_blocks --out bench/out/linear_blocks.json \
+        --table-out bench/out/linear_blocks_table.json
 
 For each linear of a Llama-3.1-8B layer (and the 1B draft's, with --shapes), each row count
 and each candidate block shape: the kernel's time (median of CUDA-graph replays of 10
@@ -10,9 +11,13 @@ alone and among many rows (the kernels' promise, service/engine/execution/invari
 Calls take the forms the engine's forward makes: the norm prologue for qkv, gate/up and the
 LM head, the gated prologue and a residual for down, a residual for o.
 
-Not yet run on a GPU (written 2026-12-07, when no device machine came). What it finds decides
-whether 1B/8B weights get block shapes of their own: chosen from the weight's shape, never from
-the row count, a row's bits would stay independent of the rest of the pass.
+Each weight shape's candidates are its current block shapes (DEFAULT_TABLE's, else the
+defaults) and TILES / GEMVS. With --table-out, a block table for --linear-blocks /
+SPECDEC_LINEAR_BLOCKS (service/engine/execution/linear_blocks.py): per weight shape and kernel,
+the invariant candidate with the least summed time over that kernel's row counts, where it
+takes at least MIN_GAIN less time than the current blocks; what was compared goes under
+"evidence". Block shapes are chosen from the weight's shape, never from the row count, so a
+row's bits stay independent of the rest of the pass.
 """
 
 from __future__ import annotations
@@ -22,13 +27,22 @@ import dataclasses
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from bench.common.arguments import write_result
 from bench.common.roofline import copy_bandwidth
-from service.engine.execution import invariant_kernels as ik
+from service.engine.execution.linear_blocks import (
+    DEFAULT_TABLE,
+    KINDS,
+    BlockTable,
+    GemvBlocks,
+    TileBlocks,
+    table_document,
+)
 
 # (name, N, K, call form) per shape; N of qkv and gate/up are the fused weights'; the LM head's
 # N is bench.random_model's vocabulary (SmolLM2's tokenizer, 49,152), not Llama 3's 128,256.
@@ -51,6 +65,13 @@ SHAPES = {
 
 TILES = [  # (BM, BN, BK, warps, stages); the first is TILE_BLOCKS
     (16, 64, 64, 4, 3),
+    # BN = 32: at 32 rows an N = 4096 weight (o, down) has 64 column tiles of BN = 64, fewer
+    # programs than an H100's 132 SMs.
+    (16, 32, 128, 4, 4),
+    (32, 32, 128, 4, 4),
+    (16, 32, 256, 4, 3),
+    (32, 64, 128, 4, 4),
+    (32, 64, 256, 4, 3),
     (16, 128, 64, 4, 4),
     (16, 64, 128, 4, 4),
     (16, 128, 128, 4, 3),
@@ -81,12 +102,16 @@ GEMVS = [  # (BN, BK, warps); the first is GEMV_BLOCKS
 ]
 TILE_ROWS = (32, 64, 128, 288)  # B = 32 at T = 1, 2, 4, 9
 GEMV_ROWS = (1, 5, 9)  # batch 1 decode and verify passes
+MIN_GAIN = 0.02  # a candidate replaces the current blocks only if it takes this much less time
 
 
 class Case:
     """The tensors of one linear call of a given form, for up to `rows` rows."""
 
     def __init__(self, n: int, k: int, form: str, rows: int) -> None:
+        from service.engine.execution import invariant_kernels  # Triton: CUDA machines only
+
+        self.linear = invariant_kernels.linear
         gen = torch.Generator(device="cuda").manual_seed(n + k)
         width = 2 * k if form == "gated" else k
         self.form = form
@@ -96,14 +121,14 @@ class Case:
         self.res = torch.randn(rows, n, device="cuda", generator=gen).bfloat16()
 
     def call(self, m: int, **blocks) -> torch.Tensor:
-        x = self.x[:m]
+        x, linear = self.x[:m], self.linear
         if self.form == "norm":
-            return ik.linear(x, self.w, norm=self.norm, eps=1e-5, **blocks)
+            return linear(x, self.w, norm=self.norm, eps=1e-5, **blocks)
         if self.form == "head":
-            return ik.linear(x, self.w, norm=self.norm, eps=1e-5, out_float32=True, **blocks)
+            return linear(x, self.w, norm=self.norm, eps=1e-5, out_float32=True, **blocks)
         if self.form == "gated":
-            return ik.linear(x, self.w, gated=True, residual=self.res[:m], **blocks)
-        return ik.linear(x, self.w, residual=self.res[:m], **blocks)
+            return linear(x, self.w, gated=True, residual=self.res[:m], **blocks)
+        return linear(x, self.w, residual=self.res[:m], **blocks)
 
 
 def graph_ms(fn, calls: int = 10, iters: int = 20) -> float:
@@ -130,7 +155,7 @@ def graph_ms(fn, calls: int = 10, iters: int = 20) -> float:
     return statistics.median(times)
 
 
-def invariant_tiles(case: Case, tiles: ik.TileBlocks) -> bool:
+def invariant_tiles(case: Case, tiles: TileBlocks) -> bool:
     """Row 5 of a 17-row call equals the same row at position 200 of a 288-row call."""
     saved = case.x[200].clone()
     case.x[200] = case.x[5]
@@ -146,13 +171,101 @@ def invariant_tiles(case: Case, tiles: ik.TileBlocks) -> bool:
             case.res[200] = saved_res
 
 
-def invariant_gemv(case: Case, gemv: ik.GemvBlocks) -> bool:
+def invariant_gemv(case: Case, gemv: GemvBlocks) -> bool:
     """Row 0 alone equals row 0 of a 9-row call."""
     return bool(torch.equal(case.call(1, gemv=gemv)[0], case.call(9, gemv=gemv)[0]))
 
 
 def bound(case: Case, m: int, blocks: dict):
     return lambda: case.call(m, **blocks)
+
+
+def candidates_for(n: int, k: int, kernels: list[str], current: BlockTable) -> list[tuple]:
+    """(kind, blocks, row counts) to measure for a weight [N, K]: its current blocks first."""
+    gemv, tiles = current.for_weight(n, k)
+    out = []
+    if "tiles" in kernels:
+        shapes = dict.fromkeys([tiles, *(TileBlocks(*c) for c in TILES)])  # in order, once each
+        out += [("tiles", blocks, TILE_ROWS) for blocks in shapes]
+    if "gemv" in kernels:
+        shapes = dict.fromkeys([gemv, *(GemvBlocks(*c) for c in GEMVS)])
+        out += [("gemv", blocks, GEMV_ROWS) for blocks in shapes]
+    return out
+
+
+def choose_table(
+    rows: list[dict], current: BlockTable, min_gain: float = MIN_GAIN
+) -> tuple[BlockTable, list[dict]]:
+    """The block table a sweep's `rows` (main's result["rows"]) call for, and the evidence.
+
+    Per weight shape (n, k) and kernel, a candidate's cost is the sum of its times over every
+    measurement of it (the kernel's row counts, and every linear of that shape); a candidate
+    counts only if every measurement ran and was invariant, and covers the same measurements
+    as the current blocks (`current.for_weight`). The cheapest goes into the table when it
+    costs less than (1 - min_gain) x the current blocks' cost, or when the current blocks were
+    measured not invariant. Evidence: one record per (n, k, kernel) compared.
+    """
+    measured: dict[tuple, list[dict]] = defaultdict(list)  # (n, k, kind, blocks) -> rows
+    for row in rows:
+        if "n" in row:
+            blocks = KINDS[row["kind"]](**row["blocks"])
+            measured[row["n"], row["k"], row["kind"], blocks].append(row)
+
+    def cost(found: list[dict], invariant_only: bool = True) -> tuple[frozenset, float] | None:
+        """(what was measured, summed ms), or None if a call failed (or was not invariant)."""
+        if any("error" in r or (invariant_only and not r["invariant"]) for r in found):
+            return None
+        points = frozenset((r["linear"], m) for r in found for m in r["ms"])
+        return points, sum(t for r in found for t in r["ms"].values())
+
+    chosen: dict[tuple[int, int], dict[str, Any]] = defaultdict(dict)
+    evidence = []
+    for n, k, kind in sorted({key[:3] for key in measured}):
+        now = current.for_weight(n, k)[0 if kind == "gemv" else 1]
+        record: dict[str, Any] = {"n": n, "k": k, "kind": kind, "current": dataclasses.asdict(now)}
+        evidence.append(record)
+        if (n, k, kind, now) not in measured:
+            record["outcome"] = "current blocks not measured"
+            continue
+        now_found = measured[n, k, kind, now]
+        now_cost = cost(now_found, invariant_only=False)
+        if now_cost is None:
+            record["outcome"] = "current blocks failed to run"
+            continue
+        points, now_ms = now_cost
+        now_invariant = all(r["invariant"] for r in now_found)
+        costs = {
+            blocks: c[1]
+            for (n2, k2, kind2, blocks), found in measured.items()
+            if (n2, k2, kind2) == (n, k, kind) and (c := cost(found)) is not None and c[0] == points
+        }
+        record.update(current_ms=round(now_ms, 4), current_invariant=now_invariant)
+        if not costs:
+            record["outcome"] = "no invariant candidate"
+            continue
+        best = min(costs, key=costs.__getitem__)
+        record.update(fastest=dataclasses.asdict(best), fastest_ms=round(costs[best], 4))
+        if best != now and (not now_invariant or costs[best] < (1 - min_gain) * now_ms):
+            chosen[n, k][kind] = best
+            record["outcome"] = "chosen"
+        else:
+            record["outcome"] = "current kept"
+    table = BlockTable({shape: (kinds.get("gemv"), kinds.get("tiles")) for shape, kinds in chosen.items()})
+    return table, evidence
+
+
+def table_file(result: dict, current: BlockTable) -> dict:
+    """The --table-out document of a sweep's result: choose_table's entries, its evidence."""
+    table, weights = choose_table(result["rows"], current)
+    evidence = {
+        "about": "what bench.diagnostics.linear_blocks measured to choose the entries; "
+        "ms: summed over the kernel's row counts; the loader ignores this key",
+        "device": result["device"],
+        "command": result["command"],
+        "min_gain": MIN_GAIN,
+        "weights": weights,
+    }
+    return table_document(table, evidence)
 
 
 @torch.inference_mode()
@@ -163,6 +276,12 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", default="llama8b", help="comma-separated: " + ", ".join(SHAPES))
     parser.add_argument("--kernels", default="tiles,gemv")
     parser.add_argument("--out", type=Path, default=Path("bench/out/linear_blocks.json"))
+    parser.add_argument(
+        "--table-out",
+        type=Path,
+        default=None,
+        help="also write the block table the sweep calls for (a file for --linear-blocks)",
+    )
     args = parser.parse_args(argv)
     bandwidth = copy_bandwidth(torch.device("cuda"), 1 << 30)["bytes_per_s"]
     result = {
@@ -178,12 +297,7 @@ def main(argv=None) -> None:
         for name, n, k, form in SHAPES[shape]:
             case = Case(n, k, form, max(TILE_ROWS))
             floor_ms = n * k * 2 / bandwidth * 1e3
-            candidates = []
-            if "tiles" in kernels:
-                candidates += [("tiles", ik.TileBlocks(*c), TILE_ROWS) for c in TILES]
-            if "gemv" in kernels:
-                candidates += [("gemv", ik.GemvBlocks(*c), GEMV_ROWS) for c in GEMVS]
-            for kind, blocks, row_counts in candidates:
+            for kind, blocks, row_counts in candidates_for(n, k, kernels, DEFAULT_TABLE):
                 started = time.perf_counter()
                 try:
                     same = (invariant_tiles if kind == "tiles" else invariant_gemv)(case, blocks)
@@ -194,6 +308,8 @@ def main(argv=None) -> None:
                         {
                             "shape": shape,
                             "linear": name,
+                            "n": n,
+                            "k": k,
                             "kind": kind,
                             "blocks": dataclasses.asdict(blocks),
                             "error": repr(exc),
@@ -223,6 +339,10 @@ def main(argv=None) -> None:
                     flush=True,
                 )
             write_result(args.out, result)
+    if args.table_out is not None:
+        document = table_file(result, DEFAULT_TABLE)
+        write_result(args.table_out, document)
+        print(f"table: {len(document['entries'])} weight shapes -> {args.table_out}", flush=True)
 
 
 if __name__ == "__main__":

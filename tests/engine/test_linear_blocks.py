@@ -1,0 +1,298 @@
+"""Block shapes per weight shape (service/engine/execution/linear_blocks.py): the JSON table, its
+checks, its precedence over the committed table, the sweep's choice of entries
+(bench/diagnostics/linear_blocks.py) and the setting's way from the flag to the forward.
+No GPU, no Triton."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.diagnostics.linear_blocks import GEMV_ROWS, TILE_ROWS, choose_table, table_file
+from service.config import ServiceConfig
+from service.engine import Engine, EngineConfig
+from service.engine.execution.linear_blocks import (
+    DEFAULT_TABLE,
+    GEMV_BLOCKS,
+    TILE_BLOCKS,
+    BlockTable,
+    GemvBlocks,
+    TileBlocks,
+    load_table,
+    table_document,
+    table_for,
+)
+from service.engine.execution.runner import ModelRunner
+from service.server import engine_config
+
+REPO = Path(__file__).resolve().parents[2]
+TILES = {"bm": 16, "bn": 32, "bk": 128, "warps": 4, "stages": 4}
+GEMV = {"bn": 8, "bk": 512, "warps": 8}
+
+
+def test_the_table_module_needs_neither_torch_nor_triton() -> None:
+    """So the table is read and checked on any machine (and by tools without a GPU)."""
+    code = (
+        "import sys, service.engine.execution.linear_blocks; "
+        "heavy = sorted(m for m in ('torch', 'triton') if m in sys.modules); assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def write(tmp_path: Path, document: object, name: str = "blocks.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_a_file_names_blocks_per_weight_shape_and_the_rest_falls_back(tmp_path) -> None:
+    path = write(
+        tmp_path,
+        {
+            "entries": [
+                {"n": 4096, "k": 4096, "tiles": TILES, "gemv": GEMV},
+                {"n": 6144, "k": 4096, "tiles": TILES},
+                {"n": 4096, "k": 14336, "gemv": GEMV},
+            ],
+            "evidence": {"anything": ["the loader ignores"]},
+        },
+    )
+    table = load_table(path)
+    assert table.for_weight(4096, 4096) == (GemvBlocks(**GEMV), TileBlocks(**TILES))
+    assert table.for_weight(6144, 4096) == (GEMV_BLOCKS, TileBlocks(**TILES))
+    assert table.for_weight(4096, 14336) == (GemvBlocks(**GEMV), TILE_BLOCKS)
+    assert table.for_weight(4096, 1024) == (GEMV_BLOCKS, TILE_BLOCKS)  # not named: the defaults
+    assert table[6144, 4096] == (None, TileBlocks(**TILES))
+    assert len(table) == 3
+
+
+def test_the_table_is_immutable() -> None:
+    table = BlockTable({(64, 64): (None, TileBlocks(**TILES))})
+    with pytest.raises(TypeError):
+        table[64, 128] = (None, None)  # type: ignore[index]
+    with pytest.raises(TypeError):
+        table._entries[64, 128] = (None, None)  # type: ignore[index]
+
+
+def test_a_document_written_by_table_document_loads_back(tmp_path) -> None:
+    table = BlockTable({(4096, 4096): (GemvBlocks(**GEMV), None), (128, 64): (None, TileBlocks(**TILES))})
+    loaded = load_table(write(tmp_path, table_document(table, evidence={"weights": []})))
+    assert dict(loaded) == dict(table)
+
+
+def entry(**fields) -> dict:
+    return {"n": 4096, "k": 4096, **fields}
+
+
+BAD = [
+    (
+        {"entries": [entry(tiles={k: v for k, v in TILES.items() if k != "stages"})]},
+        "entry 0",
+        "lacks stages",
+    ),
+    ({"entries": [entry(tiles={**TILES, "bn": 48})]}, "entry 0", "tiles.bn must be a positive power of two"),
+    ({"entries": [entry(tiles={**TILES, "bk": 0})]}, "entry 0", "tiles.bk must be a positive power of two"),
+    (
+        {"entries": [entry(gemv={**GEMV, "warps": 3})]},
+        "entry 0",
+        "gemv.warps must be a positive power of two",
+    ),
+    ({"entries": [entry(gemv={**GEMV, "bn": -4})]}, "entry 0", "gemv.bn must be a positive power of two"),
+    ({"entries": [entry(tiles={**TILES, "stages": 0})]}, "entry 0", "tiles.stages must be >= 1"),
+    ({"entries": [entry(tiles={**TILES, "bm": 8})]}, "entry 0", "tiles.bm must be >= 16"),
+    ({"entries": [entry(tiles={**TILES, "bk": 64.0})]}, "entry 0", "tiles.bk must be an integer"),
+    ({"entries": [entry(tiles={**TILES, "num_warps": 4})]}, "entry 0", "unknown keys ['num_warps']"),
+    ({"entries": [entry(gemv=GEMV), entry(tiles=TILES)]}, "entry 1", "duplicate weight shape n=4096, k=4096"),
+    ({"entries": [entry(tile=TILES)]}, "entry 0", "unknown keys ['tile']"),
+    ({"entries": [entry(gemv=GEMV), entry(n=128)]}, "entry 1", "names neither 'gemv' nor 'tiles'"),
+    ({"entries": [{"k": 4096, "gemv": GEMV}]}, "entry 0", "'n' must be a positive integer"),
+    ({"entries": [entry(n=0, gemv=GEMV)]}, "entry 0", "'n' must be a positive integer"),
+    ({"entries": [entry(k="4096", gemv=GEMV)]}, "entry 0", "'k' must be a positive integer"),
+    ({"entries": [entry(gemv=[4, 256, 4])]}, "entry 0", "'gemv' must be an object"),
+    ({"entries": [7]}, "entry 0", "must be an object"),
+    ({"entries": [], "comment": "x"}, "", "unknown top-level keys ['comment']"),
+    ({"entry": []}, "", "want an object with a list 'entries'"),
+]
+
+
+@pytest.mark.parametrize(("document", "where", "what"), BAD, ids=[b[2] for b in BAD])
+def test_a_bad_file_is_refused_naming_the_file_the_entry_and_the_fault(
+    tmp_path, document, where, what
+) -> None:
+    path = write(tmp_path, document, name="bad-blocks.json")
+    with pytest.raises(ValueError) as caught:
+        load_table(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: {where}"), message
+    assert what in message
+
+
+def test_a_file_that_is_not_json_or_not_there_is_named(tmp_path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text("{entries: ")
+    with pytest.raises(ValueError, match=rf"^{broken}: not JSON"):
+        load_table(broken)
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'absent.json'}: cannot read"):
+        load_table(tmp_path / "absent.json")
+
+
+def test_a_files_entries_override_the_committed_table_per_shape_and_kernel(tmp_path) -> None:
+    committed = BlockTable(
+        {
+            (4096, 4096): (GemvBlocks(8, 256, 4), TileBlocks(16, 64, 128, 4, 4)),
+            (6144, 4096): (GemvBlocks(8, 256, 4), None),
+        }
+    )
+    path = write(tmp_path, {"entries": [entry(tiles=TILES), {"n": 128, "k": 64, "gemv": GEMV}]})
+    table = committed.overridden_by(load_table(path))
+    assert table.for_weight(4096, 4096) == (GemvBlocks(8, 256, 4), TileBlocks(**TILES))  # gemv kept
+    assert table.for_weight(6144, 4096) == (GemvBlocks(8, 256, 4), TILE_BLOCKS)  # untouched
+    assert table.for_weight(128, 64) == (GemvBlocks(**GEMV), TILE_BLOCKS)  # added
+    assert committed.for_weight(4096, 4096)[1] == TileBlocks(16, 64, 128, 4, 4)  # committed unchanged
+
+
+def test_the_process_table_is_the_committed_one_unless_a_file_is_given(tmp_path) -> None:
+    assert table_for(None) is DEFAULT_TABLE
+    table = table_for(write(tmp_path, {"entries": [entry(tiles=TILES)]}))
+    assert table.for_weight(4096, 4096)[1] == TileBlocks(**TILES)
+    for shape in DEFAULT_TABLE:
+        if shape != (4096, 4096):
+            assert table[shape] == DEFAULT_TABLE[shape]
+
+
+def test_a_tables_own_defaults_serve_the_shapes_it_does_not_name() -> None:
+    gemv, tiles = GemvBlocks(2, 512, 4), TileBlocks(32, 128, 64, 8, 3)
+    table = BlockTable({(64, 64): (GemvBlocks(**GEMV), None)}, gemv=gemv, tiles=tiles)
+    assert table.for_weight(64, 64) == (GemvBlocks(**GEMV), tiles)
+    assert table.for_weight(128, 64) == (gemv, tiles)
+    assert table.overridden_by(BlockTable()).for_weight(1, 1) == (gemv, tiles)
+
+
+# ---- the sweep's choice ---------------------------------------------------------------------
+
+
+def sweep_row(n: int, k: int, kind: str, blocks, ms: float, invariant: bool = True, counts=None) -> dict:
+    """One row as bench.diagnostics.linear_blocks writes it: `ms` at every row count."""
+    counts = counts or (TILE_ROWS if kind == "tiles" else GEMV_ROWS)
+    return {
+        "shape": "llama8b",
+        "linear": f"w{n}x{k}",
+        "n": n,
+        "k": k,
+        "kind": kind,
+        "blocks": dataclasses.asdict(blocks),
+        "invariant": invariant,
+        "ms": {str(m): ms for m in counts},
+    }
+
+
+def test_the_sweep_chooses_the_fastest_invariant_blocks_that_beat_the_current_by_more_than_2_percent(
+    tmp_path,
+) -> None:
+    fast, faster, broken = (
+        TileBlocks(16, 32, 128, 4, 4),
+        TileBlocks(32, 64, 128, 4, 4),
+        TileBlocks(64, 64, 64, 4, 4),
+    )
+    rows = [
+        # o: `fast` is 5% faster and invariant; `faster` is not invariant; `broken` failed.
+        sweep_row(4096, 4096, "tiles", TILE_BLOCKS, 0.100),
+        sweep_row(4096, 4096, "tiles", fast, 0.095),
+        sweep_row(4096, 4096, "tiles", faster, 0.050, invariant=False),
+        {**sweep_row(4096, 4096, "tiles", broken, 0.0), "error": "OutOfResources()"},
+        # o's gemv: 1% faster only, the current stays.
+        sweep_row(4096, 4096, "gemv", GEMV_BLOCKS, 0.100),
+        sweep_row(4096, 4096, "gemv", GemvBlocks(8, 256, 4), 0.099),
+        # qkv: a candidate measured at fewer row counts looks cheaper but is not comparable.
+        sweep_row(6144, 4096, "tiles", TILE_BLOCKS, 0.100),
+        sweep_row(6144, 4096, "tiles", fast, 0.090, counts=TILE_ROWS[:2]),
+        # down: gemv 10% faster.
+        sweep_row(4096, 14336, "gemv", GEMV_BLOCKS, 0.200),
+        sweep_row(4096, 14336, "gemv", GemvBlocks(8, 512, 4), 0.180),
+    ]
+    table, evidence = choose_table(rows, BlockTable())
+    assert dict(table) == {
+        (4096, 4096): (None, fast),
+        (4096, 14336): (GemvBlocks(8, 512, 4), None),
+    }
+    outcomes = {(e["n"], e["k"], e["kind"]): e["outcome"] for e in evidence}
+    assert outcomes == {
+        (4096, 4096, "tiles"): "chosen",
+        (4096, 4096, "gemv"): "current kept",
+        (6144, 4096, "tiles"): "current kept",
+        (4096, 14336, "gemv"): "chosen",
+    }
+    o_tiles = next(e for e in evidence if (e["n"], e["k"], e["kind"]) == (4096, 4096, "tiles"))
+    assert o_tiles["current_ms"] == pytest.approx(0.100 * len(TILE_ROWS))
+    assert o_tiles["fastest_ms"] == pytest.approx(0.095 * len(TILE_ROWS))
+    # What the sweep writes (--table-out) is a table the engine loads.
+    document = table_file({"rows": rows, "device": "H100", "command": "sweep"}, BlockTable())
+    assert document["evidence"]["weights"] == evidence
+    loaded = load_table(write(tmp_path, document))
+    assert dict(loaded) == dict(table)
+
+
+def test_the_sweep_compares_against_the_current_table_not_the_defaults() -> None:
+    current = TileBlocks(16, 32, 128, 4, 4)
+    rows = [
+        sweep_row(4096, 4096, "tiles", TILE_BLOCKS, 0.090),
+        sweep_row(4096, 4096, "tiles", current, 0.100),
+        sweep_row(4096, 4096, "tiles", TileBlocks(32, 64, 128, 4, 4), 0.099),
+    ]
+    table, _ = choose_table(rows, BlockTable({(4096, 4096): (None, current)}))
+    assert table.for_weight(4096, 4096)[1] == TILE_BLOCKS  # 10% faster than the current entry
+    table, evidence = choose_table(rows[1:], BlockTable({(4096, 4096): (None, current)}))
+    assert len(table) == 0 and evidence[0]["outcome"] == "current kept"  # 1% is not enough
+    table, evidence = choose_table(rows[2:], BlockTable({(4096, 4096): (None, current)}))
+    assert len(table) == 0 and evidence[0]["outcome"] == "current blocks not measured"
+
+
+def test_current_blocks_that_are_not_invariant_give_way_to_any_invariant_candidate() -> None:
+    rows = [
+        sweep_row(4096, 4096, "tiles", TILE_BLOCKS, 0.100, invariant=False),
+        sweep_row(4096, 4096, "tiles", TileBlocks(32, 64, 128, 4, 4), 0.120),
+    ]
+    table, evidence = choose_table(rows, BlockTable())
+    assert table.for_weight(4096, 4096)[1] == TileBlocks(32, 64, 128, 4, 4)
+    assert evidence[0]["current_invariant"] is False
+
+
+# ---- the setting, from the flag to the forward ----------------------------------------------
+
+
+def test_the_setting_is_a_flag_over_an_environment_variable_and_reaches_the_engine_config(tmp_path) -> None:
+    env = {"SPECDEC_LINEAR_BLOCKS": str(tmp_path / "env.json")}
+    assert engine_config(ServiceConfig.from_args([], environ={})).linear_blocks is None
+    assert engine_config(ServiceConfig.from_args([], environ=env)).linear_blocks == tmp_path / "env.json"
+    flagged = ServiceConfig.from_args(["--linear-blocks", str(tmp_path / "flag.json")], environ=env)
+    assert engine_config(flagged).linear_blocks == tmp_path / "flag.json"
+
+
+def test_the_engine_reads_the_file_when_made_and_refuses_a_bad_one(target, tmp_path) -> None:
+    path = write(tmp_path, {"entries": [entry(tiles={**TILES, "bn": 48})]})
+    with pytest.raises(ValueError, match="tiles.bn must be a positive power of two") as caught:
+        Engine(target, EngineConfig(linear_blocks=path))
+    assert str(path) in str(caught.value)
+
+
+def test_the_forward_resolves_each_weights_blocks_from_the_table(target) -> None:
+    config = target.model.config
+    e, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    d = e // config.num_attention_heads
+    qkv = ((config.num_attention_heads + 2 * config.num_key_value_heads) * d, e)
+    table = BlockTable({qkv: (GemvBlocks(**GEMV), TileBlocks(**TILES)), (e, i): (None, TileBlocks(**TILES))})
+    runner = ModelRunner(target, max_batch=1, max_len=16, linear_blocks=table)
+    assert runner.lean is not None
+    assert runner.lean.linear_blocks == {
+        qkv: (GemvBlocks(**GEMV), TileBlocks(**TILES)),
+        (e, e): (GEMV_BLOCKS, TILE_BLOCKS),  # o
+        (2 * i, e): (GEMV_BLOCKS, TILE_BLOCKS),  # gate/up
+        (e, i): (GEMV_BLOCKS, TileBlocks(**TILES)),  # down
+        (v, e): (GEMV_BLOCKS, TILE_BLOCKS),  # LM head
+    }
