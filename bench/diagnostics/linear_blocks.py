@@ -15,7 +15,7 @@ Each weight shape's candidates are its current block shapes (DEFAULT_TABLE's, el
 defaults) and TILES / GEMVS. With --table-out, a block table for --linear-blocks /
 SPECDEC_LINEAR_BLOCKS (service/engine/execution/linear_blocks.py): per weight shape and kernel,
 the invariant candidate with the least summed time over that kernel's row counts, where it
-takes at least MIN_GAIN less time than the current blocks; what was compared goes under
+takes more than MIN_GAIN less time than the current blocks; what was compared goes under
 "evidence". Block shapes are chosen from the weight's shape, never from the row count, so a
 row's bits stay independent of the rest of the pass.
 """
@@ -102,7 +102,7 @@ GEMVS = [  # (BN, BK, warps); the first is GEMV_BLOCKS
 ]
 TILE_ROWS = (32, 64, 128, 288)  # B = 32 at T = 1, 2, 4, 9
 GEMV_ROWS = (1, 5, 9)  # batch 1 decode and verify passes
-MIN_GAIN = 0.02  # a candidate replaces the current blocks only if it takes this much less time
+MIN_GAIN = 0.02  # a candidate replaces the current blocks only if it takes more than this much less time
 
 
 class Case:

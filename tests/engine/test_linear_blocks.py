@@ -78,6 +78,8 @@ def test_the_table_is_immutable() -> None:
         table[64, 128] = (None, None)  # type: ignore[index]
     with pytest.raises(TypeError):
         table._entries[64, 128] = (None, None)  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        table.tiles = TileBlocks(**TILES)  # type: ignore[misc]
 
 
 def test_a_document_written_by_table_document_loads_back(tmp_path) -> None:
@@ -172,6 +174,8 @@ def test_a_tables_own_defaults_serve_the_shapes_it_does_not_name() -> None:
     assert table.for_weight(64, 64) == (GemvBlocks(**GEMV), tiles)
     assert table.for_weight(128, 64) == (gemv, tiles)
     assert table.overridden_by(BlockTable()).for_weight(1, 1) == (gemv, tiles)
+    assert table != BlockTable({(64, 64): (GemvBlocks(**GEMV), None)})  # same entries, other defaults
+    assert table == BlockTable({(64, 64): (GemvBlocks(**GEMV), None)}, gemv=gemv, tiles=tiles)
 
 
 # ---- the sweep's choice ---------------------------------------------------------------------

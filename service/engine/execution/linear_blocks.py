@@ -70,7 +70,17 @@ class BlockTable(Mapping[Shape, Entry]):
         tiles: TileBlocks = TILE_BLOCKS,
     ) -> None:
         self._entries = MappingProxyType(dict(entries or {}))
-        self.gemv, self.tiles = gemv, tiles
+        self._defaults = (gemv, tiles)
+
+    @property
+    def gemv(self) -> GemvBlocks:
+        """The gemv blocks of a shape the table does not name (or names without gemv)."""
+        return self._defaults[0]
+
+    @property
+    def tiles(self) -> TileBlocks:
+        """The tile blocks of a shape the table does not name (or names without tiles)."""
+        return self._defaults[1]
 
     def __getitem__(self, shape: Shape) -> Entry:
         return self._entries[shape]
@@ -80,6 +90,13 @@ class BlockTable(Mapping[Shape, Entry]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, BlockTable):
+            return dict(self) == dict(other) and self._defaults == other._defaults
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]  # equal by contents, as a dict: not hashable
 
     def __repr__(self) -> str:
         return f"BlockTable({dict(self._entries)!r}, gemv={self.gemv!r}, tiles={self.tiles!r})"
