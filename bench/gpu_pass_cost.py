@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from bench.common.cuda_timing import time_ms
+from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable, table_for
 from service.engine.execution.runner import ModelRunner
 from service.models.loading import LoadedModel, load_model
 
@@ -95,6 +96,7 @@ def measure(
     setup: list[dict] | None = None,
     profiles: list[dict] | None = None,
     profile_shapes: tuple[tuple[int, int], ...] = ((1, 1),),
+    linear_blocks: BlockTable = DEFAULT_TABLE,
 ) -> list[dict]:
     """Rows {path, variant, batch, width, context, ms, first_s}; first_s is the wall time of the
     first pass of that shape (for graphed paths: compile, warm-up and capture). Appends one
@@ -106,13 +108,26 @@ def measure(
     runners = {
         "transformers": lambda variant: ModelRunner(loaded, max_batch, max_len, max_width, use_lean=False),
         "lean_eager": lambda variant: ModelRunner(
-            loaded, max_batch, max_len, max_width, use_graphs=False, use_compile=False, lean_variant=variant
+            loaded,
+            max_batch,
+            max_len,
+            max_width,
+            use_graphs=False,
+            use_compile=False,
+            lean_variant=variant,
+            linear_blocks=linear_blocks,
         ),
         "graph": lambda variant: ModelRunner(
-            loaded, max_batch, max_len, max_width, use_compile=False, lean_variant=variant
+            loaded,
+            max_batch,
+            max_len,
+            max_width,
+            use_compile=False,
+            lean_variant=variant,
+            linear_blocks=linear_blocks,
         ),
         "graph_compiled": lambda variant: ModelRunner(
-            loaded, max_batch, max_len, max_width, lean_variant=variant
+            loaded, max_batch, max_len, max_width, lean_variant=variant, linear_blocks=linear_blocks
         ),
     }
     vocab = loaded.vocab_size
@@ -311,6 +326,12 @@ def main() -> None:
         default="1:1",
         help="comma-separated BATCH:WIDTH shapes that --profile replays, e.g. 1:1,32:1,32:2",
     )
+    parser.add_argument(
+        "--linear-blocks",
+        type=Path,
+        help="a JSON table of the invariant kernels' block shapes over the committed one "
+        "(service/engine/execution/linear_blocks.py)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from service.engine.execution.model_forward import VARIANTS
@@ -333,6 +354,7 @@ def main() -> None:
     loaded = (
         load_model(args.model, dtype=dtype, device="cuda") if args.model else random_model(args.shape, dtype)
     )
+    linear_blocks = table_for(args.linear_blocks)
     setup: list[dict] = []
     profiles: list[dict] = []
     result = {
@@ -341,6 +363,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "target": loaded.name,
         "variants": variants,
+        "linear_blocks": str(args.linear_blocks) if args.linear_blocks else "committed table",
         "rows": measure(
             loaded,
             batches,
@@ -353,6 +376,7 @@ def main() -> None:
             setup,
             profiles,
             tuple(tuple(int(n) for n in shape.split(":")) for shape in args.profile_shapes.split(",")),
+            linear_blocks,
         ),
     }
     result["setup"] = setup
@@ -365,7 +389,14 @@ def main() -> None:
         draft = random_model(args.draft_shape, dtype)
         result["draft"] = draft.name
         result["draft_rows"] = measure(
-            draft, batches, [1], args.context, args.iters, ["graph_compiled"], variants
+            draft,
+            batches,
+            [1],
+            args.context,
+            args.iters,
+            ["graph_compiled"],
+            variants,
+            linear_blocks=linear_blocks,
         )
         table = []
         for variant in variants:

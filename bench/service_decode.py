@@ -159,6 +159,8 @@ def server_args(args: argparse.Namespace, target: Path, draft: Path | None) -> l
     ]
     if draft is not None:
         out += ["--draft-model", str(draft)]
+    if args.linear_blocks is not None:
+        out += ["--linear-blocks", str(args.linear_blocks)]
     return out
 
 
@@ -397,6 +399,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=["process"],
         help="the server's --engine-process for the grpc path, one server each, in this order: "
         "process (rows 'grpc'), thread (rows 'grpc-thread'); e.g. process,thread to compare",
+    )
+    parser.add_argument(
+        "--linear-blocks",
+        type=Path,
+        help="the service's --linear-blocks (both paths): a JSON table of the invariant kernels' "
+        "block shapes over the committed one",
     )
     parser.add_argument(
         "--modes", type=subset_of(MODES), default=list(MODES), help="batch1, burst, sustained"

@@ -339,10 +339,10 @@ def main(argv=None) -> None:
                     flush=True,
                 )
             write_result(args.out, result)
-    if args.table_out is not None:
-        document = table_file(result, DEFAULT_TABLE)
-        write_result(args.table_out, document)
-        print(f"table: {len(document['entries'])} weight shapes -> {args.table_out}", flush=True)
+            if args.table_out is not None:  # after each linear: a cut-short sweep keeps its table
+                document = table_file(result, DEFAULT_TABLE)
+                write_result(args.table_out, document)
+                print(f"table: {len(document['entries'])} weight shapes -> {args.table_out}", flush=True)
 
 
 if __name__ == "__main__":
