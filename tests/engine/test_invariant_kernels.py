@@ -17,6 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
+from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable, GemvBlocks, TileBlocks
 from service.engine.execution.model_forward import ModelForward, supports
 from tests.support.float_compare import assert_close_up_to_rounding
 
@@ -43,6 +44,14 @@ SHAPE = dict(
     max_position_embeddings=256,
 )
 MAX_LEN = 96
+# Block shapes other than the defaults for every weight of the tiny model (qkv, o, gate/up,
+# down, LM head): a row's bits must not depend on the rest of the pass with these either.
+OTHER_BLOCKS = BlockTable(
+    {
+        shape: (GemvBlocks(8, 512, 4), TileBlocks(32, 32, 128, 4, 4))
+        for shape in ((128, 64), (64, 64), (320, 64), (64, 160), (300, 64))
+    }
+)
 
 
 def _model(kind: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -105,15 +114,19 @@ def test_matches_transformers(kind: str) -> None:
         lengths = [n + width for n in lengths]
 
 
+@pytest.mark.parametrize("blocks", [DEFAULT_TABLE, OTHER_BLOCKS], ids=["default_blocks", "other_blocks"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @torch.inference_mode()
-def test_a_rows_logits_do_not_depend_on_the_rest_of_the_pass(dtype: torch.dtype) -> None:
+def test_a_rows_logits_do_not_depend_on_the_rest_of_the_pass(dtype: torch.dtype, blocks: BlockTable) -> None:
     """Eight tokens one pass each (T = 1), then the same eight as one pass (T = 8), then four
     of them in a batch of three rows with a longer kv read: the same logits and cache
     contents, bit for bit. Passes of more than GEMV_MAX_ROWS rows (the tensor-core linear)
     agree among themselves: 3 rows x 6 tokens against 3 rows x 8 tokens."""
     model = _model("llama", dtype)
-    rows = _Rows(ModelForward(model, variant="invariant"), dtype)
+    lean = ModelForward(model, variant="invariant", linear_blocks=blocks)
+    if blocks is OTHER_BLOCKS:  # every weight took the table's shapes
+        assert set(lean.linear_blocks.values()) == {(GemvBlocks(8, 512, 4), TileBlocks(32, 32, 128, 4, 4))}
+    rows = _Rows(lean, dtype)
     gen = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, SHAPE["vocab_size"], (1, 60), generator=gen)
     tokens = torch.randint(0, SHAPE["vocab_size"], (1, 8), generator=gen)
@@ -145,3 +158,28 @@ def test_supports_only_what_the_tiles_cover() -> None:
     assert supports(LlamaForCausalLM(LlamaConfig(**odd))) and not supports(
         LlamaForCausalLM(LlamaConfig(**odd)), "invariant"
     )
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the committed shapes are real model sizes: CUDA only")
+@pytest.mark.parametrize("shape", sorted(DEFAULT_TABLE), ids=lambda shape: f"{shape[0]}x{shape[1]}")
+@torch.inference_mode()
+def test_every_committed_block_shape_keeps_a_row_alone(shape: tuple[int, int]) -> None:
+    """Each weight shape of the committed table, with its blocks: a row's output bits in a pass
+    of few rows equal its bits among many (the norm prologue, the form of qkv, gate/up and
+    the LM head), for the gemv kernel (1 row against 9) and the tile kernel (17 rows against
+    288, the row at another position)."""
+    from service.engine.execution import invariant_kernels as ik
+
+    n, k = shape
+    gemv, tiles = DEFAULT_TABLE.for_weight(n, k)
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    x = torch.randn(288, k, device="cuda", generator=gen).bfloat16()
+    weight = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).bfloat16()
+    norm = (1 + 0.1 * torch.randn(k, device="cuda", generator=gen)).bfloat16()
+
+    def linear(rows: torch.Tensor) -> torch.Tensor:
+        return ik.linear(rows, weight, norm=norm, eps=1e-5, gemv=gemv, tiles=tiles)
+
+    assert torch.equal(linear(x[:1])[0], linear(x[:9])[0])
+    x[200] = x[5]
+    assert torch.equal(linear(x[:17])[5], linear(x)[200])
