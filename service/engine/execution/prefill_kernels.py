@@ -84,7 +84,7 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, stride_gu, stride_o, I: tl.constexpr,
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """model_forward.rms_norm of x [N, E] (contiguous rows)."""
+    """torch_layer.rms_norm of x [N, E] (contiguous rows)."""
     n, e = x.shape
     out = torch.empty_like(x)
     block = triton.next_power_of_2(e)
