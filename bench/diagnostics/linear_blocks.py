@@ -198,12 +198,14 @@ def choose_table(
 ) -> tuple[BlockTable, list[dict]]:
     """The block table a sweep's `rows` (main's result["rows"]) call for, and the evidence.
 
-    Per weight shape (n, k) and kernel, a candidate's cost is the sum of its times over every
-    measurement of it (the kernel's row counts, and every linear of that shape); a candidate
-    counts only if every measurement ran and was invariant, and covers the same measurements
-    as the current blocks (`current.for_weight`). The cheapest goes into the table when it
-    costs less than (1 - min_gain) x the current blocks' cost, or when the current blocks were
-    measured not invariant. Evidence: one record per (n, k, kernel) compared.
+    Per weight shape (n, k) and kernel, a candidate is compared with the current blocks
+    (`current.for_weight`) at every point both were measured at (each linear of that shape at
+    each of the kernel's row counts): its cost is the mean over the points of its time over
+    the current blocks' time, so that a batch-32 decode pass counts as much as a 288-row
+    verify pass, which takes several times longer. A candidate counts only if every
+    measurement ran and was invariant and it covers the same points as the current blocks.
+    The cheapest goes into the table when its cost is below 1 - min_gain, or when the current
+    blocks were measured not invariant. Evidence: one record per (n, k, kernel) compared.
     """
     measured: dict[tuple, list[dict]] = defaultdict(list)  # (n, k, kind, blocks) -> rows
     for row in rows:
@@ -211,12 +213,11 @@ def choose_table(
             blocks = KINDS[row["kind"]](**row["blocks"])
             measured[row["n"], row["k"], row["kind"], blocks].append(row)
 
-    def cost(found: list[dict], invariant_only: bool = True) -> tuple[frozenset, float] | None:
-        """(what was measured, summed ms), or None if a call failed (or was not invariant)."""
+    def times(found: list[dict], invariant_only: bool = True) -> dict[tuple[str, str], float] | None:
+        """ms per (linear, row count), or None if a call failed (or was not invariant)."""
         if any("error" in r or (invariant_only and not r["invariant"]) for r in found):
             return None
-        points = frozenset((r["linear"], m) for r in found for m in r["ms"])
-        return points, sum(t for r in found for t in r["ms"].values())
+        return {(r["linear"], m): t for r in found for m, t in r["ms"].items()}
 
     chosen: dict[tuple[int, int], dict[str, Any]] = defaultdict(dict)
     evidence = []
@@ -228,24 +229,30 @@ def choose_table(
             record["outcome"] = "current blocks not measured"
             continue
         now_found = measured[n, k, kind, now]
-        now_cost = cost(now_found, invariant_only=False)
-        if now_cost is None:
+        now_times = times(now_found, invariant_only=False)
+        if now_times is None:
             record["outcome"] = "current blocks failed to run"
             continue
-        points, now_ms = now_cost
         now_invariant = all(r["invariant"] for r in now_found)
-        costs = {
-            blocks: c[1]
+        relative = {
+            blocks: statistics.fmean(t[p] / now_times[p] for p in now_times)
             for (n2, k2, kind2, blocks), found in measured.items()
-            if (n2, k2, kind2) == (n, k, kind) and (c := cost(found)) is not None and c[0] == points
+            if (n2, k2, kind2) == (n, k, kind)
+            and (t := times(found)) is not None
+            and t.keys() == now_times.keys()
         }
-        record.update(current_ms=round(now_ms, 4), current_invariant=now_invariant)
-        if not costs:
+        record.update(current_ms=round(sum(now_times.values()), 4), current_invariant=now_invariant)
+        if not relative:
             record["outcome"] = "no invariant candidate"
             continue
-        best = min(costs, key=costs.__getitem__)
-        record.update(fastest=dataclasses.asdict(best), fastest_ms=round(costs[best], 4))
-        if best != now and (not now_invariant or costs[best] < (1 - min_gain) * now_ms):
+        best = min(relative, key=relative.__getitem__)
+        best_ms = sum(times(measured[n, k, kind, best]).values())
+        record.update(
+            fastest=dataclasses.asdict(best),
+            fastest_ms=round(best_ms, 4),
+            fastest_relative=round(relative[best], 4),
+        )
+        if best != now and (not now_invariant or relative[best] < 1 - min_gain):
             chosen[n, k][kind] = best
             record["outcome"] = "chosen"
         else:
@@ -259,7 +266,8 @@ def table_file(result: dict, current: BlockTable) -> dict:
     table, weights = choose_table(result["rows"], current)
     evidence = {
         "about": "what bench.diagnostics.linear_blocks measured to choose the entries; "
-        "ms: summed over the kernel's row counts; the loader ignores this key",
+        "ms: summed over the kernel's row counts; relative: the mean over those of the time "
+        "over the current blocks' (what decides); the loader ignores this key",
         "device": result["device"],
         "command": result["command"],
         "min_gain": MIN_GAIN,

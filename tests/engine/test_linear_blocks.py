@@ -257,6 +257,23 @@ def test_the_sweep_compares_against_the_current_table_not_the_defaults() -> None
     assert len(table) == 0 and evidence[0]["outcome"] == "current blocks not measured"
 
 
+def test_each_row_count_weighs_the_same_in_the_choice() -> None:
+    """30% faster at 32 rows (a batch-32 decode pass) and 10% slower at 288 (a wide verify
+    pass, several times longer): summed milliseconds would keep the current blocks; the mean
+    ratio, 0.95, chooses the candidate."""
+    candidate = TileBlocks(32, 64, 128, 4, 4)
+    now = {"32": 0.10, "64": 0.12, "128": 0.20, "288": 0.50}
+    new = {"32": 0.07, "64": 0.12, "128": 0.20, "288": 0.55}
+    rows = [
+        {**sweep_row(4096, 4096, "tiles", TILE_BLOCKS, 0.0), "ms": now},
+        {**sweep_row(4096, 4096, "tiles", candidate, 0.0), "ms": new},
+    ]
+    assert sum(new.values()) > sum(now.values())
+    table, evidence = choose_table(rows, BlockTable())
+    assert table.for_weight(4096, 4096)[1] == candidate
+    assert evidence[0]["fastest_relative"] == pytest.approx((0.7 + 1 + 1 + 1.1) / 4)
+
+
 def test_current_blocks_that_are_not_invariant_give_way_to_any_invariant_candidate() -> None:
     rows = [
         sweep_row(4096, 4096, "tiles", TILE_BLOCKS, 0.100, invariant=False),
