@@ -161,6 +161,8 @@ def server_args(args: argparse.Namespace, target: Path, draft: Path | None) -> l
         out += ["--draft-model", str(draft)]
     if args.linear_blocks is not None:
         out += ["--linear-blocks", str(args.linear_blocks)]
+    if args.max_prefill_tokens_per_pass is not None:
+        out += ["--max-prefill-tokens-per-pass", str(args.max_prefill_tokens_per_pass)]
     return out
 
 
@@ -436,6 +438,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=None,
         help="the server's --max-batch-size [default: the largest --concurrency level]",
+    )
+    parser.add_argument(
+        "--max-prefill-tokens-per-pass",
+        type=int,
+        default=None,
+        help="the server's --max-prefill-tokens-per-pass (both paths) [default: the server's]: "
+        "the prompt tokens a pass may prefill, against the delay decode rows wait behind them",
     )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")

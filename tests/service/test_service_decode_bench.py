@@ -199,3 +199,25 @@ def test_a_model_directory_is_measured_in_place_of_the_sizes(tmp_path) -> None:
         ]
     )
     assert service_decode.model_dirs(args, "model") == (tmp_path, draft)
+
+
+def test_server_settings_reach_both_paths_through_the_service_arguments(tmp_path) -> None:
+    """--linear-blocks and --max-prefill-tokens-per-pass go into the service's own arguments,
+    which configure the gRPC server and the in-process engine alike; left out, the service's
+    defaults hold."""
+    from bench import service_decode
+    from service.config import ServiceConfig
+
+    table = tmp_path / "blocks.json"
+    args = service_decode.parse_args(
+        ["--model", str(tmp_path), "--linear-blocks", str(table), "--max-prefill-tokens-per-pass", "512"]
+    )
+    config = ServiceConfig.from_args(service_decode.server_args(args, tmp_path, None), environ={})
+    assert (config.linear_blocks, config.max_prefill_tokens_per_pass) == (str(table), 512)
+    defaults = ServiceConfig.from_args([], environ={})
+    args = service_decode.parse_args(["--model", str(tmp_path)])
+    config = ServiceConfig.from_args(service_decode.server_args(args, tmp_path, None), environ={})
+    assert (config.linear_blocks, config.max_prefill_tokens_per_pass) == (
+        defaults.linear_blocks,
+        defaults.max_prefill_tokens_per_pass,
+    )
