@@ -5,6 +5,14 @@ read).
 Runs on CUDA, or on a CPU machine with Triton's interpreter (TRITON_INTERPRET=1 set before
 Triton is imported, Triton installed): there in float32 only, since the interpreter's
 bfloat16 dot is wrong (checked with Triton 3.6). Skipped otherwise (CI has neither).
+
+The interpreter runs tl.dot as numpy's matmul, and OpenBLAS's optimised sgemm kernels round a
+row differently by its position in the block (Triton 3.9, an AMD EPYC: rows 6-15 of a
+16-row attention block), which a GPU's MMA instructions do not. The bitwise tests therefore
+need OpenBLAS's generic kernel in the interpreter: OPENBLAS_CORETYPE=Prescott, set before
+numpy loads:
+
+    TRITON_INTERPRET=1 OPENBLAS_CORETYPE=Prescott python -m pytest tests/engine/test_invariant_kernels.py
 """
 
 from __future__ import annotations
@@ -29,6 +37,11 @@ INTERPRETED = (
 )
 pytestmark = pytest.mark.skipif(
     not (ON_CUDA or INTERPRETED), reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)"
+)
+GENERIC_BLAS = os.environ.get("OPENBLAS_CORETYPE", "").lower() == "prescott"
+bitwise = pytest.mark.skipif(
+    INTERPRETED and not GENERIC_BLAS,
+    reason="bit-for-bit in Triton's interpreter needs OPENBLAS_CORETYPE=Prescott (module docstring)",
 )
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 DTYPES = [torch.float32, torch.bfloat16] if ON_CUDA else [torch.float32]
@@ -114,6 +127,7 @@ def test_matches_transformers(kind: str) -> None:
         lengths = [n + width for n in lengths]
 
 
+@bitwise
 @pytest.mark.parametrize("blocks", [DEFAULT_TABLE, OTHER_BLOCKS], ids=["default_blocks", "other_blocks"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @torch.inference_mode()
