@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from bench.common.cuda_timing import time_ms
-from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable, table_for
+from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable, table_document, table_for
 from service.engine.execution.runner import ModelRunner
 from service.models.loading import LoadedModel, load_model
 
@@ -351,10 +351,10 @@ def main() -> None:
         sys.exit("gpu_pass_cost.py needs CUDA")
     if not (args.model or args.shape):
         parser.error("give --model or --shape")
+    linear_blocks = table_for(args.linear_blocks)  # a bad file fails before the load
     loaded = (
         load_model(args.model, dtype=dtype, device="cuda") if args.model else random_model(args.shape, dtype)
     )
-    linear_blocks = table_for(args.linear_blocks)
     setup: list[dict] = []
     profiles: list[dict] = []
     result = {
@@ -363,7 +363,10 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "target": loaded.name,
         "variants": variants,
-        "linear_blocks": str(args.linear_blocks) if args.linear_blocks else "committed table",
+        "linear_blocks": {
+            "file": str(args.linear_blocks) if args.linear_blocks else None,
+            "table": table_document(linear_blocks)["entries"],
+        },
         "rows": measure(
             loaded,
             batches,

@@ -85,3 +85,8 @@ def _with_fields(fields: dict[str, str]) -> structlog.typing.Processor:
         return event_dict
 
     return add
+
+
+def configured_handlers() -> list[logging.Handler]:
+    """The root logger's handlers that configure_logging attached (at most one)."""
+    return [h for h in logging.getLogger().handlers if getattr(h, _CONFIGURED_FLAG, False)]

@@ -14,10 +14,13 @@ LM head, the gated prologue and a residual for down, a residual for o.
 Each weight shape's candidates are its current block shapes (DEFAULT_TABLE's, else the
 defaults) and TILES / GEMVS. With --table-out, a block table for --linear-blocks /
 SPECDEC_LINEAR_BLOCKS (service/engine/execution/linear_blocks.py): per weight shape and kernel,
-the invariant candidate with the least summed time over that kernel's row counts, where it
-takes more than MIN_GAIN less time than the current blocks; what was compared goes under
-"evidence". Block shapes are chosen from the weight's shape, never from the row count, so a
-row's bits stay independent of the rest of the pass.
+the invariant candidate with the least mean ratio of its time to the current blocks' over
+that kernel's row counts, where that ratio is below 1 - MIN_GAIN (any invariant candidate
+where the current blocks are not invariant; the least summed time where they failed to run);
+what was compared goes under "evidence". The sweep exits non-zero when a weight's current
+blocks are not invariant (or cannot run) and no candidate is. Block shapes are chosen from
+the weight's shape, never from the row count, so a row's bits stay independent of the rest
+of the pass.
 """
 
 from __future__ import annotations
@@ -193,6 +196,11 @@ def candidates_for(n: int, k: int, kernels: list[str], current: BlockTable) -> l
     return out
 
 
+# Outcomes that leave a weight on blocks that break the engine: the sweep exits non-zero.
+NOT_RUNNABLE = "current blocks failed to run; no candidate ran invariant"
+NOT_INVARIANT = "current blocks not invariant; no invariant candidate"
+
+
 def choose_table(
     rows: list[dict], current: BlockTable, min_gain: float = MIN_GAIN
 ) -> tuple[BlockTable, list[dict]]:
@@ -230,8 +238,20 @@ def choose_table(
             continue
         now_found = measured[n, k, kind, now]
         now_times = times(now_found, invariant_only=False)
-        if now_times is None:
-            record["outcome"] = "current blocks failed to run"
+        if now_times is None:  # the engine could not run this weight: any invariant candidate will do
+            ran = {
+                blocks: t
+                for (n2, k2, kind2, blocks), found in measured.items()
+                if (n2, k2, kind2) == (n, k, kind) and (t := times(found)) is not None
+            }
+            if not ran:
+                record["outcome"] = NOT_RUNNABLE
+                continue
+            points = max((t.keys() for t in ran.values()), key=len)
+            best = min((b for b, t in ran.items() if t.keys() == points), key=lambda b: sum(ran[b].values()))
+            chosen[n, k][kind] = best
+            record.update(fastest=dataclasses.asdict(best), fastest_ms=round(sum(ran[best].values()), 4))
+            record["outcome"] = "chosen: the current blocks failed to run"
             continue
         now_invariant = all(r["invariant"] for r in now_found)
         relative = {
@@ -243,7 +263,7 @@ def choose_table(
         }
         record.update(current_ms=round(sum(now_times.values()), 4), current_invariant=now_invariant)
         if not relative:
-            record["outcome"] = "no invariant candidate"
+            record["outcome"] = "no invariant candidate" if now_invariant else NOT_INVARIANT
             continue
         best = min(relative, key=relative.__getitem__)
         best_ms = sum(times(measured[n, k, kind, best]).values())
@@ -277,7 +297,7 @@ def table_file(result: dict, current: BlockTable) -> dict:
 
 
 @torch.inference_mode()
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -351,7 +371,12 @@ def main(argv=None) -> None:
                 document = table_file(result, DEFAULT_TABLE)
                 write_result(args.table_out, document)
                 print(f"table: {len(document['entries'])} weight shapes -> {args.table_out}", flush=True)
+    _, evidence = choose_table(result["rows"], DEFAULT_TABLE)
+    broken = [e for e in evidence if e["outcome"] in (NOT_RUNNABLE, NOT_INVARIANT)]
+    for e in broken:
+        print(f"WARNING n={e['n']} k={e['k']} {e['kind']}: {e['outcome']}", flush=True)
+    return 1 if broken else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

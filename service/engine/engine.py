@@ -260,6 +260,15 @@ class Engine:
             drafters[Method.DRAFT_MODEL] = self._draft_model_drafter(
                 runners[-1], self.config.max_prefill_tokens_per_pass
             )
+        if len(self._linear_blocks):  # which of the table's weight shapes these models have
+            have = {
+                shape for runner in runners if runner.lean is not None for shape in runner.lean.linear_blocks
+            }
+            log.info(
+                "linear_blocks",
+                used=sorted(f"{n}x{k}" for n, k in have & set(self._linear_blocks)),
+                unused=sorted(f"{n}x{k}" for n, k in set(self._linear_blocks) - have),
+            )
         if self.config.capture_all_graphs:
             started = time.perf_counter()
             captured = sum(runner.capture_all_graphs() for runner in runners)

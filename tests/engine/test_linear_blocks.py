@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from bench.diagnostics.linear_blocks import GEMV_ROWS, TILE_ROWS, choose_table, table_file
+from bench.diagnostics.linear_blocks import (
+    GEMV_ROWS,
+    NOT_INVARIANT,
+    NOT_RUNNABLE,
+    TILE_ROWS,
+    choose_table,
+    table_file,
+)
 from service.config import ServiceConfig
 from service.engine import Engine, EngineConfig
 from service.engine.execution.linear_blocks import (
@@ -250,7 +257,7 @@ def test_the_sweep_compares_against_the_current_table_not_the_defaults() -> None
         sweep_row(4096, 4096, "tiles", TileBlocks(32, 64, 128, 4, 4), 0.099),
     ]
     table, _ = choose_table(rows, BlockTable({(4096, 4096): (None, current)}))
-    assert table.for_weight(4096, 4096)[1] == TILE_BLOCKS  # 10% faster than the current entry
+    assert dict(table) == {(4096, 4096): (None, TILE_BLOCKS)}  # 10% faster than the current entry
     table, evidence = choose_table(rows[1:], BlockTable({(4096, 4096): (None, current)}))
     assert len(table) == 0 and evidence[0]["outcome"] == "current kept"  # 1% is not enough
     table, evidence = choose_table(rows[2:], BlockTable({(4096, 4096): (None, current)}))
@@ -272,6 +279,32 @@ def test_each_row_count_weighs_the_same_in_the_choice() -> None:
     table, evidence = choose_table(rows, BlockTable())
     assert table.for_weight(4096, 4096)[1] == candidate
     assert evidence[0]["fastest_relative"] == pytest.approx((0.7 + 1 + 1 + 1.1) / 4)
+
+
+def test_current_blocks_that_failed_to_run_give_way_to_the_fastest_invariant_candidate() -> None:
+    """The engine could not run the weight on its current blocks (say, out of shared memory):
+    with no baseline to divide by, the least summed time of the invariant candidates wins."""
+    slow, quick = TileBlocks(32, 64, 128, 4, 4), TileBlocks(16, 32, 128, 4, 4)
+    rows = [
+        {**sweep_row(4096, 4096, "tiles", TILE_BLOCKS, 0.0), "error": "OutOfResources()"},
+        sweep_row(4096, 4096, "tiles", slow, 0.120),
+        sweep_row(4096, 4096, "tiles", quick, 0.110),
+        sweep_row(4096, 4096, "tiles", TileBlocks(64, 64, 64, 4, 4), 0.050, invariant=False),
+    ]
+    table, evidence = choose_table(rows, BlockTable())
+    assert dict(table) == {(4096, 4096): (None, quick)}
+    assert evidence[0]["outcome"] == "chosen: the current blocks failed to run"
+    table, evidence = choose_table(rows[:1] + rows[3:], BlockTable())
+    assert len(table) == 0 and evidence[0]["outcome"] == NOT_RUNNABLE
+
+
+def test_current_blocks_not_invariant_and_no_invariant_candidate_are_reported() -> None:
+    rows = [
+        sweep_row(4096, 4096, "tiles", TILE_BLOCKS, 0.100, invariant=False),
+        sweep_row(4096, 4096, "tiles", TileBlocks(32, 64, 128, 4, 4), 0.090, invariant=False),
+    ]
+    table, evidence = choose_table(rows, BlockTable())
+    assert len(table) == 0 and evidence[0]["outcome"] == NOT_INVARIANT
 
 
 def test_current_blocks_that_are_not_invariant_give_way_to_any_invariant_candidate() -> None:
@@ -317,3 +350,20 @@ def test_the_forward_resolves_each_weights_blocks_from_the_table(target) -> None
         (e, i): (GEMV_BLOCKS, TileBlocks(**TILES)),  # down
         (v, e): (GEMV_BLOCKS, TILE_BLOCKS),  # LM head
     }
+
+
+def test_the_engine_logs_which_table_shapes_its_models_use(target, tmp_path) -> None:
+    """A table entry that names no weight of the served models (a typo, or a table swept on
+    another vocabulary) changes nothing: the engine says so when it builds its runners."""
+    from structlog.testing import capture_logs
+
+    config = target.model.config
+    e, i = config.hidden_size, config.intermediate_size
+    path = write(tmp_path, {"entries": [entry(n=e, k=i, tiles=TILES), entry(n=12345, k=e, gemv=GEMV)]})
+    engine = Engine(target, EngineConfig(linear_blocks=path))
+    with capture_logs() as logs:
+        engine.start()
+        engine.warmup()
+        engine.stop(drain_timeout_s=0)
+    [line] = [line for line in logs if line["event"] == "linear_blocks"]
+    assert (line["used"], line["unused"]) == ([f"{e}x{i}"], [f"12345x{e}"])

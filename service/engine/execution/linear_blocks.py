@@ -55,7 +55,9 @@ TILE_BLOCKS = TileBlocks(bm=16, bn=64, bk=64, warps=4, stages=3)
 
 Shape = tuple[int, int]  # a weight's (N, K): N outputs, K inner
 Entry = tuple[GemvBlocks | None, TileBlocks | None]
-KINDS: dict[str, type[GemvBlocks] | type[TileBlocks]] = {"gemv": GemvBlocks, "tiles": TileBlocks}
+KINDS: Mapping[str, type[GemvBlocks] | type[TileBlocks]] = MappingProxyType(
+    {"gemv": GemvBlocks, "tiles": TileBlocks}
+)
 
 
 class BlockTable(Mapping[Shape, Entry]):
@@ -94,7 +96,7 @@ class BlockTable(Mapping[Shape, Entry]):
     def __eq__(self, other: object) -> bool:
         if isinstance(other, BlockTable):
             return dict(self) == dict(other) and self._defaults == other._defaults
-        return super().__eq__(other)
+        return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]  # equal by contents, as a dict: not hashable
 
@@ -198,6 +200,8 @@ def load_table(path: Path) -> BlockTable:
         data = json.loads(Path(path).read_text())
     except OSError as exc:
         raise ValueError(f"{path}: cannot read the linear block table: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text: {exc}") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not JSON: {exc}") from None
     return parse_table(data, str(path))
