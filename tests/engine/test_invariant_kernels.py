@@ -199,3 +199,18 @@ def test_every_committed_block_shape_keeps_a_row_alone(shape: tuple[int, int]) -
     assert torch.equal(linear(x[:1])[0], linear(x[:9])[0])
     x[200] = x[5]
     assert torch.equal(linear(x[:17])[5], linear(x)[200])
+
+
+@torch.inference_mode()
+def test_the_forward_runs_each_weight_on_its_tables_blocks() -> None:
+    """The same 40-token pass on the default blocks and on OTHER_BLOCKS: the same numbers up to
+    rounding, but not the same bits (down's inner dimension, 160, is summed in chunks of 64
+    by the default tiles and of 128 by the table's), so the table's blocks reached the kernels."""
+    model = _model("llama", torch.float32)
+    prompt = torch.randint(0, SHAPE["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(3))
+    default = _Rows(ModelForward(model, variant="invariant"), torch.float32)(0, prompt, [0])
+    other = _Rows(ModelForward(model, variant="invariant", linear_blocks=OTHER_BLOCKS), torch.float32)(
+        0, prompt, [0]
+    )
+    assert not torch.equal(default, other)
+    assert_close_up_to_rounding(other, default)
