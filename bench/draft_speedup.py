@@ -73,6 +73,12 @@ from bench.common.time_budget import Budget  # noqa: E402
 from bench.gpu_pass_cost import expected_tokens, measure, predicted_speedup  # noqa: E402
 from service.client.loadgen.builtin_prompts import KINDS  # noqa: E402
 from service.engine import Engine, EngineConfig, FinishReason, GenerationRequest, Method  # noqa: E402
+from service.engine.execution.linear_blocks import (  # noqa: E402
+    DEFAULT_TABLE,
+    BlockTable,
+    table_document,
+    table_for,
+)
 from service.engine.execution.runner import ModelRunner  # noqa: E402
 from service.engine.pass_record import PassRecord  # noqa: E402
 from service.models.loading import LoadedModel, load_model  # noqa: E402
@@ -132,15 +138,36 @@ def chat_prompts(tokenizer, count: int, max_tokens: int = 0) -> list[tuple[int, 
 
 
 def pass_costs(
-    loaded: LoadedModel, batches: list[int], widths: list[int], context: int, iters: int, variant: str
+    loaded: LoadedModel,
+    batches: list[int],
+    widths: list[int],
+    context: int,
+    iters: int,
+    variant: str,
+    linear_blocks: BlockTable = DEFAULT_TABLE,
 ) -> list[dict]:
     """Milliseconds of one pass of B rows x T tokens over `context` cached tokens per row.
     On CUDA bench/gpu_pass_cost.py's measurement (replayed graphs, the engine's variant, CUDA
     events); on the CPU the same rows from a wall-clock median of the engine's runner."""
     if loaded.device.type == "cuda":
-        return measure(loaded, batches, widths, context, iters, ["graph_compiled"], [variant])
+        return measure(
+            loaded,
+            batches,
+            widths,
+            context,
+            iters,
+            ["graph_compiled"],
+            [variant],
+            linear_blocks=linear_blocks,
+        )
     runner = ModelRunner(
-        loaded, max(batches), context + max(widths) + 1, max(widths), use_graphs=False, lean_variant=variant
+        loaded,
+        max(batches),
+        context + max(widths) + 1,
+        max(widths),
+        use_graphs=False,
+        lean_variant=variant,
+        linear_blocks=linear_blocks,
     )
     shapes = [(batch, width) for batch in batches for width in widths]
     inputs = {shape: torch.randint(0, loaded.vocab_size, shape) for shape in shapes}
@@ -369,6 +396,7 @@ def measure_policy(
             kv_cache_tokens=kv_tokens,
             instance_id="bench-draft-speedup",
             adaptive_draft_length=adaptive,
+            linear_blocks=args.linear_blocks,
         ),
         draft=draft,
         draft_model_drafter=oracle_drafter,
@@ -580,6 +608,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="skip every block that would start after this many seconds",
     )
+    parser.add_argument(
+        "--linear-blocks",
+        type=Path,
+        help="a JSON table of the invariant kernels' block shapes over the committed one, for the "
+        "engines and the pass costs alike (service/engine/execution/linear_blocks.py)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/out/draft_speedup.json"))
     args = parser.parse_args(argv)
     if set(args.policies) - set(POLICIES) or not args.policies:
@@ -598,6 +632,7 @@ def main(argv=None) -> int:
     configure_logging(os.environ.get("SPECDEC_LOG_LEVEL", "INFO"))  # as the service runs: INFO, to stderr
     budget = Budget(args.budget_s, _T0, log)
     target_spec, draft_spec = model_paths(args)
+    linear_blocks = table_for(args.linear_blocks)  # a bad file fails before the loads
     log(f"loading {target_spec} on {args.device}")
     target = load_model(target_spec, dtype=args.dtype, device=args.device)
     if draft_spec:
@@ -633,6 +668,10 @@ def main(argv=None) -> int:
         "batches": args.batches,
         "alphas": args.alphas,
         "seed": args.seed,
+        "linear_blocks": {
+            "file": str(args.linear_blocks) if args.linear_blocks else None,
+            "table": table_document(linear_blocks)["entries"],
+        },
         "prompt_tokens": [len(p) for p in prompts],
         "drafter": "bench/common/oracle_drafter.py: the draft model's real passes, the target's greedy "
         "continuation as proposals, each token corrupted with probability 1 - alpha",
@@ -653,8 +692,8 @@ def main(argv=None) -> int:
         "context": context,
         "variant": variant,
         "path": "graph_compiled" if device.type == "cuda" else "cpu_eager",
-        "target": pass_costs(target, args.batches, widths, context, args.cost_iters, variant),
-        "draft": pass_costs(draft, args.batches, [1, 2], context, args.cost_iters, variant),
+        "target": pass_costs(target, args.batches, widths, context, args.cost_iters, variant, linear_blocks),
+        "draft": pass_costs(draft, args.batches, [1, 2], context, args.cost_iters, variant, linear_blocks),
     }
     result["pass_costs"] = costs
     gc.collect()

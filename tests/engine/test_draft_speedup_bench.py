@@ -16,6 +16,7 @@ from testkit.tiny_model import save_tiny_model
 REPO = Path(__file__).resolve().parents[2]
 ALPHAS = (0.0, 1.0)
 BATCHES = (1, 2)
+TABLE = {"entries": [{"n": 64, "k": 64, "tiles": {"bm": 32, "bn": 32, "bk": 128, "warps": 4, "stages": 4}}]}
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,8 @@ def report(tmp_path_factory) -> dict:
     target = save_tiny_model(tmp / "target", seed=0, with_eos=False)
     draft = save_tiny_model(tmp / "draft", seed=1, layers=1, with_eos=False)
     out = tmp / "out.json"
+    table = tmp / "blocks.json"  # read and recorded; on the CPU no invariant kernel runs
+    table.write_text(json.dumps(TABLE))
     command = [
         sys.executable,
         "-m",
@@ -48,6 +51,8 @@ def report(tmp_path_factory) -> dict:
         "40",
         "--cost-iters",
         "3",
+        "--linear-blocks",
+        str(table),
         "--out",
         str(out),
     ]
@@ -98,3 +103,8 @@ def test_plain_runs_reproduce_the_oracle_and_costs_are_measured(report):
     }
     assert {(r["batch"], r["width"]) for r in costs["draft"]} == {(b, w) for b in BATCHES for w in (1, 2)}
     assert all(r["ms"] > 0 for r in costs["target"] + costs["draft"])
+
+
+def test_the_block_table_is_recorded(report):
+    assert report["linear_blocks"]["table"] == TABLE["entries"]
+    assert report["linear_blocks"]["file"].endswith("blocks.json")
