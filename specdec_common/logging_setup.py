@@ -64,9 +64,8 @@ def configure_logging(
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, _CONFIGURED_FLAG, False):
-            root.removeHandler(handler)
+    for handler in configured_handlers():
+        root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
     setattr(handler, _CONFIGURED_FLAG, True)
