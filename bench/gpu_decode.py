@@ -217,6 +217,7 @@ def make_engine(
     kv_tokens: int,
     capture_all: bool = True,
     lean_variant: str = EngineConfig.lean_variant,
+    linear_blocks: Path | None = None,
 ) -> Engine:
     engine = Engine(
         target,
@@ -230,6 +231,7 @@ def make_engine(
             adaptive_draft_length=adaptive,
             capture_all_graphs=capture_all,  # on: as the service does
             lean_variant=lean_variant,
+            linear_blocks=linear_blocks,
         ),
         draft=draft,
     )
@@ -570,6 +572,7 @@ def section_ksweep(result, target, draft, prompts, methods, kv_tokens, args, bud
         adaptive=False,
         kv_tokens=kv_tokens,
         lean_variant=args.lean_variant,
+        linear_blocks=args.linear_blocks,
     )
     sweep = result.setdefault("ksweep", {"adaptive_draft_length": False, "kinds": list(kinds), "rows": []})
     try:
@@ -828,6 +831,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the engine's lean forward variant (EngineConfig.lean_variant)",
     )
     parser.add_argument(
+        "--linear-blocks",
+        type=Path,
+        help="a JSON table of the invariant kernels' block shapes over the committed one "
+        "(EngineConfig.linear_blocks; service/engine/execution/linear_blocks.py)",
+    )
+    parser.add_argument(
         "--no-capture-all",
         action="store_true",
         help="capture graphs lazily, on first use, instead of all at engine start",
@@ -954,6 +963,7 @@ def main(argv=None) -> None:
             "adaptive_draft_length": not args.fixed_k,
             "capture_all_graphs": not args.no_capture_all,
             "lean_variant": args.lean_variant,
+            "linear_blocks": str(args.linear_blocks) if args.linear_blocks else None,
             "command": " ".join(sys.argv),
             "draft_model": {
                 "name": draft.name,
@@ -1002,6 +1012,7 @@ def main(argv=None) -> None:
             kv_tokens=kv_tokens,
             capture_all=not args.no_capture_all,
             lean_variant=args.lean_variant,
+            linear_blocks=args.linear_blocks,
         )
         try:
             if "batch1" in args.sections:

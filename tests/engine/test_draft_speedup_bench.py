@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from service.engine.execution.linear_blocks import DEFAULT_TABLE, parse_table, table_document
 from testkit.tiny_model import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,5 +107,7 @@ def test_plain_runs_reproduce_the_oracle_and_costs_are_measured(report):
 
 
 def test_the_block_table_is_recorded(report):
-    assert report["linear_blocks"]["table"] == TABLE["entries"]
+    # The file's entries over the committed table's.
+    expected = table_document(DEFAULT_TABLE.overridden_by(parse_table(TABLE, "TABLE")))["entries"]
+    assert report["linear_blocks"]["table"] == expected
     assert report["linear_blocks"]["file"].endswith("blocks.json")

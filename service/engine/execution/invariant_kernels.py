@@ -55,6 +55,7 @@ GEMV_MAX_ROWS = 16
 ATTN_ROWS = 16  # query rows (heads x tokens of one kv head) per attention program
 ATTN_CHUNK = 64  # key positions per attention program
 ATTN_WARPS = 4
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second and third axes
 
 # At most this many floats of attention partials at once (tokens x heads x chunks x (head
 # dim + 2)); a long prefill runs its attention in slices of tokens.
@@ -168,19 +169,21 @@ def _gemv_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """_linear_kernel's function for few rows, without tensor cores: grid (N / BN, M), BN
+    """_linear_kernel's function for few rows, without tensor cores: grid (M, N / BN), BN
     outputs of one row per program, each a float32 sum of BK-wide products (tl.sum over a
     [BN, BK] tile), then over the BK chunks in order. Many small programs and no shared
     memory staging: at one to a few rows a pass is latency-bound, not arithmetic-bound.
-    PROLOGUE as _linear_kernel's."""
+    The row is the grid's first axis, so the M programs that read the same BN weight rows
+    are launched together and all but the first find them in L2: a pass of M rows reads the
+    weight from memory about once, not M times. PROLOGUE as _linear_kernel's."""
     dtype = x_ptr.dtype.element_ty
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)  # [BN]
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)  # [BN]
     col_ok = cols < N
     steps = tl.arange(0, BK)
     w_cols = w_ptr + cols[:, None] * stride_wn  # [BN, 1]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    m = tl.program_id(1)  # one row per program: the same code for a row whatever M is
+    m = tl.program_id(0)  # one row per program: the same code for a row whatever M is
     x_row = x_ptr + m * stride_xm
     if PROLOGUE == 1:
         squares = tl.zeros([BK], dtype=tl.float32)
@@ -273,7 +276,9 @@ def linear(
     )
     if m <= GEMV_MAX_ROWS:
         g = gemv or GEMV_BLOCKS
-        _gemv_kernel[(triton.cdiv(n, g.bn), m)](
+        if triton.cdiv(n, g.bn) > MAX_GRID_Y:
+            raise ValueError(f"{n} outputs in blocks of {g.bn} exceed the grid's {MAX_GRID_Y} programs")
+        _gemv_kernel[(m, triton.cdiv(n, g.bn))](
             *tensors, float(eps), *strides, **flags, BN=g.bn, BK=g.bk, num_warps=g.warps
         )
     else:

@@ -124,8 +124,17 @@ class BlockTable(Mapping[Shape, Entry]):
 
 # The committed table. Entries come from bench/diagnostics/linear_blocks.py runs (--table-out),
 # one per weight shape (N, K) measured; the values are per weight shape, and a shape not listed
-# gets GEMV_BLOCKS / TILE_BLOCKS.
-DEFAULT_TABLE = BlockTable()
+# gets GEMV_BLOCKS / TILE_BLOCKS. The sweep, its choice and the passes it speeds up:
+# bench/RESULTS.md, "Block shapes of the invariant linear kernel at the 8B shape".
+DEFAULT_TABLE = BlockTable(
+    {
+        # Llama-3.1-8B's fused qkv, o, fused gate/up and down (H100, 2026-12-07).
+        (6144, 4096): (None, TileBlocks(bm=64, bn=128, bk=128, warps=8, stages=3)),
+        (4096, 4096): (None, TileBlocks(bm=64, bn=64, bk=64, warps=4, stages=4)),
+        (28672, 4096): (None, TileBlocks(bm=64, bn=256, bk=64, warps=8, stages=3)),
+        (4096, 14336): (None, TileBlocks(bm=16, bn=256, bk=64, warps=4, stages=3)),
+    }
+)
 
 
 def _is_power_of_two(value: int) -> bool:
