@@ -22,7 +22,7 @@ from service.engine.api import (
     QueueFullError,
 )
 from service.engine.config import EngineConfig
-from service.engine.execution.linear_blocks import table_for
+from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable, load_table
 from service.engine.execution.runner import ModelRunner
 from service.engine.output import OutputProcessor
 from service.engine.pass_record import PassObserver
@@ -89,7 +89,10 @@ class Engine:
         if config.default_method is Method.DRAFT_MODEL and draft is None:
             raise ValueError("default_method is DRAFT_MODEL but no draft model was given")
         self.config = config
-        self._linear_blocks = table_for(config.linear_blocks)  # the one read of the file
+        # The one read of the file; its shapes are checked against the models' when they are built.
+        named = BlockTable() if config.linear_blocks is None else load_table(config.linear_blocks)
+        self._linear_blocks = DEFAULT_TABLE.overridden_by(named)
+        self._linear_blocks_named = frozenset(named)
         self._target, self._draft = target, draft
         self._draft_model_drafter: DraftModelDrafterFactory = draft_model_drafter or DraftModelDrafter
         max_position = min(
@@ -260,14 +263,15 @@ class Engine:
             drafters[Method.DRAFT_MODEL] = self._draft_model_drafter(
                 runners[-1], self.config.max_prefill_tokens_per_pass
             )
-        if len(self._linear_blocks):  # which of the table's weight shapes these models have
+        if self._linear_blocks_named:  # which of the file's weight shapes these models have
             have = {
                 shape for runner in runners if runner.lean is not None for shape in runner.lean.linear_blocks
             }
             log.info(
                 "linear_blocks",
-                used=sorted(f"{n}x{k}" for n, k in have & set(self._linear_blocks)),
-                unused=sorted(f"{n}x{k}" for n, k in set(self._linear_blocks) - have),
+                file=str(self.config.linear_blocks),
+                used=sorted(f"{n}x{k}" for n, k in have & self._linear_blocks_named),
+                unused=sorted(f"{n}x{k}" for n, k in self._linear_blocks_named - have),
             )
         if self.config.capture_all_graphs:
             started = time.perf_counter()

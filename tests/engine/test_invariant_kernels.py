@@ -174,8 +174,7 @@ def test_supports_only_what_the_tiles_cover() -> None:
     )
 
 
-# One case per committed table entry: none while DEFAULT_TABLE is empty (no sweep has run on a
-# GPU yet); the norm prologue's form only.
+# One case per committed table entry (the 8B layer weights); the norm prologue's form only.
 @pytest.mark.skipif(not ON_CUDA, reason="the committed shapes are real model sizes: CUDA only")
 @pytest.mark.parametrize("shape", sorted(DEFAULT_TABLE), ids=lambda shape: f"{shape[0]}x{shape[1]}")
 @torch.inference_mode()
