@@ -174,8 +174,8 @@ def _gemv_kernel(
     [BN, BK] tile), then over the BK chunks in order. Many small programs and no shared
     memory staging: at one to a few rows a pass is latency-bound, not arithmetic-bound.
     The row is the grid's first axis, so the M programs that read the same BN weight rows
-    are launched together and all but the first find them in L2: a pass of M rows reads the
-    weight from memory about once, not M times. PROLOGUE as _linear_kernel's."""
+    are launched together and all but the first can find them in L2 (docs/engine.md).
+    PROLOGUE as _linear_kernel's."""
     dtype = x_ptr.dtype.element_ty
     cols = tl.program_id(1) * BN + tl.arange(0, BN)  # [BN]
     col_ok = cols < N
