@@ -462,7 +462,11 @@ def measure_policy(
                     attempts.append(
                         {"seconds": wall, "rows_diverged_from_oracle": sum(d is not None for d in divergence)}
                     )
-                    if not attempts[-1]["rows_diverged_from_oracle"] or attempt + 1 == RUNS_PER_POINT:
+                    if (
+                        not attempts[-1]["rows_diverged_from_oracle"]
+                        or attempt + 1 == RUNS_PER_POINT
+                        or not budget.allows(f"{label} alpha={alpha}: a second run")
+                    ):
                         break
                     left = attempts[-1]["rows_diverged_from_oracle"]
                     log(f"{label} alpha={alpha}: {left} rows left the oracle; again")

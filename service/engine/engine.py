@@ -89,7 +89,7 @@ class Engine:
         if config.default_method is Method.DRAFT_MODEL and draft is None:
             raise ValueError("default_method is DRAFT_MODEL but no draft model was given")
         self.config = config
-        # The one read of the file; its shapes are checked against the models' when they are built.
+        # The one read of the file; which of its shapes the models have is logged when they are built.
         named = BlockTable() if config.linear_blocks is None else load_table(config.linear_blocks)
         self._linear_blocks = DEFAULT_TABLE.overridden_by(named)
         self._linear_blocks_named = frozenset(named)

@@ -72,6 +72,8 @@ def test_every_point_is_measured_with_its_prediction(report):
         assert math.isclose(row["measured_speedup"], row["tokens_per_s"] / row["plain_tokens_per_s"])
         assert row["predicted_speedup"] > 0 and row["measured_over_predicted"] > 0
         assert row["rows_diverged_from_oracle"] == 0
+        assert [a["rows_diverged_from_oracle"] for a in row["attempts"]] == [0]  # no second run needed
+        assert math.isclose(row["attempts"][0]["seconds"], row["seconds"])
         assert row["oracle_rows_refreshed_by_warmup"] in (0, None)  # float32: speculation is exact
         assert row["tokens"] == 12 * (2 if row["batch"] == 1 else row["batch"])
     assert not report["skipped"]

@@ -205,9 +205,10 @@ def test_the_forward_runs_each_weight_on_its_tables_blocks() -> None:
     """The same 8-token pass (8 rows: the gemv kernel) on the default blocks and on
     OTHER_BLOCKS: the same numbers up to rounding, but not the same bits (every inner dimension,
     64 or 160, is summed as one chunk of the default's 256 and in chunks of the table's 32),
-    so the table's blocks reached the kernels. Tile blocks cannot show this way on a GPU: a
-    tile's inner sum is the tensor cores' sequence of steps into one accumulator whatever BK
-    is, so they change speed, not bits."""
+    so the table's blocks reached the kernels. Tile blocks cannot show this way in float32 on
+    a GPU (a 40-row pass gave equal bits on an H100, 2026-12-07): there the tile kernel's dot
+    is IEEE (input_precision="ieee"), multiply-adds in K order into one accumulator whatever
+    BK is."""
     model = _model("llama", torch.float32)
     prompt = torch.randint(0, SHAPE["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(3))
     default = _Rows(ModelForward(model, variant="invariant"), torch.float32)(0, prompt, [0])
@@ -216,3 +217,13 @@ def test_the_forward_runs_each_weight_on_its_tables_blocks() -> None:
     )
     assert not torch.equal(default, other)
     assert_close_up_to_rounding(other, default)
+
+
+def test_a_weight_too_wide_for_the_gemv_grid_is_refused() -> None:
+    """The gemv kernel's column blocks are on CUDA's second grid axis (at most 65,535): a
+    weight that needs more is refused by name when the forward is built, not mid-pass."""
+    from service.engine.execution import invariant_kernels as ik
+
+    ik.check_gemv_grid(65535 * 4, GemvBlocks(4, 256, 4))
+    with pytest.raises(ValueError, match="larger bn"):
+        ik.check_gemv_grid(65535 * 4 + 1, GemvBlocks(4, 256, 4))

@@ -222,6 +222,17 @@ def _gemv_kernel(
         tl.store(out_ptrs, out, mask=col_ok)
 
 
+def check_gemv_grid(n: int, gemv: GemvBlocks) -> None:
+    """_gemv_kernel puts a weight's N / BN column blocks on the grid's second axis: ValueError
+    where they are more than CUDA allows there."""
+    if triton.cdiv(n, gemv.bn) > MAX_GRID_Y:
+        raise ValueError(
+            f"a weight of {n} outputs in gemv blocks of {gemv.bn} needs {triton.cdiv(n, gemv.bn)} "
+            f"programs on the grid's second axis, more than {MAX_GRID_Y}: give it a larger bn "
+            "in the block table (--linear-blocks)"
+        )
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -276,8 +287,7 @@ def linear(
     )
     if m <= GEMV_MAX_ROWS:
         g = gemv or GEMV_BLOCKS
-        if triton.cdiv(n, g.bn) > MAX_GRID_Y:
-            raise ValueError(f"{n} outputs in blocks of {g.bn} exceed the grid's {MAX_GRID_Y} programs")
+        check_gemv_grid(n, g)
         _gemv_kernel[(m, triton.cdiv(n, g.bn))](
             *tensors, float(eps), *strides, **flags, BN=g.bn, BK=g.bk, num_warps=g.warps
         )

@@ -210,6 +210,9 @@ class ModelForward:
         # by a pass's row count); resolved for every variant, used by "invariant".
         weights = [self.lm_head] + [w for layer in self.layers for w in layer.linear_weights()]
         self.linear_blocks = linear_blocks.for_weights((w.shape[0], w.shape[1]) for w in weights)
+        if variant == "invariant":  # a weight the gemv kernel cannot launch fails here, not mid-pass
+            for (n, _), (gemv, _) in self.linear_blocks.items():
+                self._kernels.check_gemv_grid(n, gemv)
 
     @property
     def num_layers(self) -> int:
