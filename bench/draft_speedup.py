@@ -278,6 +278,53 @@ def totals(outs) -> dict:
     return sums
 
 
+def slowest_row_steps(
+    alpha: float, k: int, new_tokens: int, batch: int, trials: int = 2000
+) -> tuple[float, float]:
+    """Under the i.i.d. token model (each draft accepted with probability alpha until the first
+    rejection, at most k; every step also yields the target's own token), the expected steps a
+    row takes to its new_tokens (the first comes from prefill) and the expected steps of the
+    slowest of `batch` such rows, which a block of `batch` rows waits for. Monte Carlo, seeded:
+    the same inputs give the same figures."""
+    gen = torch.Generator().manual_seed(0)
+    need = new_tokens - 1
+    made = torch.zeros(trials, batch)
+    finished_at = torch.zeros(trials, batch)
+    step = 0
+    while bool((made < need).any()):
+        step += 1
+        accepted = torch.cumprod((torch.rand(trials, batch, k, generator=gen) < alpha).int(), dim=2).sum(2)
+        running = made < need
+        made = torch.where(running, made + 1 + accepted, made)
+        finished_at = torch.where(running & (made >= need), torch.full_like(made, step), finished_at)
+    return finished_at.mean().item(), finished_at.max(dim=1).values.mean().item()
+
+
+def burst_prediction(row: dict, plains: list[dict], batch: int, k: int, new_tokens: int) -> dict:
+    """The cost model corrected for what a block of `batch` rows pays beyond the mean row's
+    steps: it waits for its slowest row (slowest_row_steps), and both runs pay the time
+    outside decode and verify steps (admission, the target's prefill), measured in the plain
+    runs as their wall time less steps x step time. Drafting steps priced as the model prices
+    them (modelled_ms_*), scaled to the plain run's measured step."""
+    alpha = row["alpha"] if row["alpha_hat"] is None else row["alpha_hat"]
+    mean_steps, slowest_steps = slowest_row_steps(alpha, k, new_tokens, batch)
+    plain_steps = statistics.mean(r["verify_passes"] / batch for r in plains)  # summed over blocks
+    plain_step_s = statistics.mean(r["step_ms"] for r in plains) / 1e3
+    outside_s = statistics.mean(
+        r["seconds"] - r["verify_passes"] / batch * r["step_ms"] / 1e3 for r in plains
+    )
+    blocks = plain_steps / (new_tokens - 1)  # blocks of `batch` rows run one after another
+    drafting_step_s = plain_step_s * row["modelled_ms_drafting_pass"] / row["modelled_ms_plain_pass"]
+    plain_s = outside_s + plain_steps * plain_step_s
+    speculative_s = outside_s + blocks * slowest_steps * drafting_step_s
+    return {
+        "predicted_mean_row_steps": mean_steps,
+        "predicted_slowest_row_steps": slowest_steps,
+        "measured_outside_steps_s": outside_s,
+        "predicted_speedup_burst": plain_s / speculative_s,
+    }
+
+
 def predictions(costs: dict, batch: int, k: int, alpha: float, adaptive: bool) -> dict:
     """The cost model's speedup at alpha: at k, and (adaptive) at its best k' <= k or plain."""
     target, draft, variant, path = costs["target"], costs["draft"], costs["variant"], costs["path"]
@@ -547,6 +594,11 @@ def measure_policy(
                         )
                 pred = row["predicted_speedup_best_k"] if adaptive else row["predicted_speedup"]
                 row["measured_over_predicted"] = row["measured_speedup"] / pred
+                if not adaptive and all(r["step_ms"] for r in plains):  # a fixed k: the corrected model
+                    row.update(burst_prediction(row, plains, batch, args.k, args.new_tokens))
+                    row["measured_over_predicted_burst"] = (
+                        row["measured_speedup"] / row["predicted_speedup_burst"]
+                    )
                 result["points"].append(row)
                 log(summary_line(row))
             if plain_after:
@@ -580,6 +632,12 @@ def summary_line(row: dict) -> str:
         f"x{fmt(row.get('realized_pass_cost_ratio'), '.2f')} "
         f"(predicted x{fmt(row.get('predicted_pass_cost_ratio'), '.2f')})"
     )
+    if "predicted_speedup_burst" in row:
+        line += (
+            f"; with the slowest row and the time outside steps predicted "
+            f"{row['predicted_speedup_burst']:.3f}x "
+            f"(measured/predicted {row['measured_over_predicted_burst']:.3f})"
+        )
     if "predicted_speedup_engine_step_costs" in row:
         line += f"; over the engine's step costs predicted {row['predicted_speedup_engine_step_costs']:.3f}x"
     if row["rows_diverged_from_oracle"]:

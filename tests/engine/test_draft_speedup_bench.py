@@ -74,6 +74,9 @@ def test_every_point_is_measured_with_its_prediction(report):
         assert row["rows_diverged_from_oracle"] == 0
         assert [a["rows_diverged_from_oracle"] for a in row["attempts"]] == [0]  # no second run needed
         assert math.isclose(row["attempts"][0]["seconds"], row["seconds"])
+        if row["policy"] == "fixed":  # the corrected model: a burst waits for its slowest row
+            assert row["predicted_slowest_row_steps"] >= row["predicted_mean_row_steps"] > 0
+            assert row["predicted_speedup_burst"] > 0 and row["measured_outside_steps_s"] >= 0
         assert row["oracle_rows_refreshed_by_warmup"] in (0, None)  # float32: speculation is exact
         assert row["tokens"] == 12 * (2 if row["batch"] == 1 else row["batch"])
     assert not report["skipped"]
