@@ -35,7 +35,10 @@ best (1.0 where no k' beats plain). The error is split in two: tokens per pass p
 against realized (the i.i.d. acceptance model), and the pass cost ratio predicted against the
 engine's steady decode steps (host time included), realized; for `fixed`, the same token
 model over the engine's step costs (`predicted_speedup_engine_step_costs`) is the model with
-the pass costs corrected by what the device-only costs leave out (`unmodelled_ms_*`).
+the pass costs corrected by what the device-only costs leave out (`unmodelled_ms_*`); and
+`predicted_speedup_burst` (burst_prediction) is the model corrected for what a block of B rows
+pays beyond its mean row's steps: the slowest row's steps, and the time outside steps that
+the plain run measures.
 
 Model (--size, from --models-dir as bench.random_model writes it: 8b = the Llama-3.1-8B shape
 with the Llama-3.2-1B shape as draft; tiny = the tiny pair for CPU runs), or --target with
