@@ -12,15 +12,15 @@ Calls take the forms the engine's forward makes: the norm prologue for qkv, gate
 LM head, the gated prologue and a residual for down, a residual for o.
 
 Each weight shape's candidates are its current block shapes (DEFAULT_TABLE's, else the
-defaults) and TILES / GEMVS. With --table-out, a block table for --linear-blocks /
-SPECDEC_LINEAR_BLOCKS (service/engine/execution/linear_blocks.py): per weight shape and kernel,
-the invariant candidate with the least mean ratio of its time to the current blocks' over
-that kernel's row counts, where that ratio is below 1 - MIN_GAIN (any invariant candidate
-where the current blocks are not invariant; the least summed time where they failed to run);
-what was compared goes under "evidence". The sweep exits non-zero when a weight's current
-blocks are not invariant (or cannot run) and no candidate is. Block shapes are chosen from
-the weight's shape, never from the row count, so a row's bits stay independent of the rest
-of the pass.
+defaults) and TILES, SPLIT_TILES (the inner dimension in fixed ranges) / GEMVS. With
+--table-out, a block table for --linear-blocks / SPECDEC_LINEAR_BLOCKS
+(service/engine/execution/linear_blocks.py): per weight shape and kernel, the invariant
+candidate with the least mean ratio of its time to the current blocks' over that kernel's
+row counts, where that ratio is below 1 - MIN_GAIN (any invariant candidate where the
+current blocks are not invariant; the least summed time where they failed to run); what was
+compared goes under "evidence". The sweep exits non-zero when a weight's current blocks are
+not invariant (or cannot run) and no candidate is. Block shapes are chosen from the weight's
+shape, never from the row count, so a row's bits stay independent of the rest of the pass.
 """
 
 from __future__ import annotations
@@ -90,6 +90,20 @@ TILES = [  # (BM, BN, BK, warps, stages); the first is TILE_BLOCKS
     (64, 128, 64, 8, 4),
     (64, 128, 128, 8, 3),
     (64, 256, 64, 8, 3),
+]
+# The inner dimension split in fixed ranges (TileBlocks.split): at 32 rows an N = 4096
+# weight has 16 to 64 column tiles, a third to an eighth of an H100's SMs, each program
+# reading a long stretch of K; split ranges multiply the programs.
+SPLIT_TILES = [
+    (bm, bn, bk, warps, stages, split)
+    for bm, bn, bk, warps, stages in [
+        (16, 64, 128, 4, 4),
+        (16, 128, 64, 4, 4),
+        (32, 64, 128, 4, 4),
+        (64, 64, 64, 4, 4),
+        (16, 256, 64, 4, 3),
+    ]
+    for split in (2, 4, 8)
 ]
 GEMVS = [  # (BN, BK, warps); the first is GEMV_BLOCKS
     (4, 256, 4),
@@ -183,12 +197,16 @@ def bound(case: Case, m: int, blocks: dict):
     return lambda: case.call(m, **blocks)
 
 
-def candidates_for(n: int, k: int, kernels: list[str], current: BlockTable) -> list[tuple]:
-    """(kind, blocks, row counts) to measure for a weight [N, K]: its current blocks first."""
+def candidates_for(
+    n: int, k: int, kernels: list[str], current: BlockTable, tiles_from: str = "all"
+) -> list[tuple]:
+    """(kind, blocks, row counts) to measure for a weight [N, K]: its current blocks first.
+    tiles_from: "all" (TILES and SPLIT_TILES), "split" (SPLIT_TILES only)."""
     gemv, tiles = current.for_weight(n, k)
     out = []
     if "tiles" in kernels:
-        shapes = dict.fromkeys([tiles, *(TileBlocks(*c) for c in TILES)])  # in order, once each
+        pool = (TILES if tiles_from == "all" else []) + SPLIT_TILES
+        shapes = dict.fromkeys([tiles, *(TileBlocks(*c) for c in pool)])  # in order, once each
         out += [("tiles", blocks, TILE_ROWS) for blocks in shapes]
     if "gemv" in kernels:
         shapes = dict.fromkeys([gemv, *(GemvBlocks(*c) for c in GEMVS)])
@@ -303,6 +321,15 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--shapes", default="llama8b", help="comma-separated: " + ", ".join(SHAPES))
     parser.add_argument("--kernels", default="tiles,gemv")
+    parser.add_argument(
+        "--linears", default="", help="comma-separated subset of qkv, o, gate_up, down, lm_head [all]"
+    )
+    parser.add_argument(
+        "--tiles-from",
+        choices=("all", "split"),
+        default="all",
+        help="tile candidates: TILES and SPLIT_TILES, or SPLIT_TILES only (and the current blocks)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/out/linear_blocks.json"))
     parser.add_argument(
         "--table-out",
@@ -323,9 +350,11 @@ def main(argv=None) -> int:
     kernels = args.kernels.split(",")
     for shape in args.shapes.split(","):
         for name, n, k, form in SHAPES[shape]:
+            if args.linears and name not in args.linears.split(","):
+                continue
             case = Case(n, k, form, max(TILE_ROWS))
             floor_ms = n * k * 2 / bandwidth * 1e3
-            for kind, blocks, row_counts in candidates_for(n, k, kernels, DEFAULT_TABLE):
+            for kind, blocks, row_counts in candidates_for(n, k, kernels, DEFAULT_TABLE, args.tiles_from):
                 started = time.perf_counter()
                 try:
                     same = (invariant_tiles if kind == "tiles" else invariant_gemv)(case, blocks)

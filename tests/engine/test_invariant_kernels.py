@@ -27,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
 from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable, GemvBlocks, TileBlocks
 from service.engine.execution.model_forward import ModelForward, supports
-from tests.support.float_compare import assert_close_up_to_rounding
+from tests.support.float_compare import SHALLOW_BUDGET, assert_close_up_to_rounding
 
 ON_CUDA = torch.cuda.is_available()
 INTERPRETED = (
@@ -58,10 +58,12 @@ SHAPE = dict(
 )
 MAX_LEN = 96
 # Block shapes other than the defaults for every weight of the tiny model (qkv, o, gate/up,
-# down, LM head): a row's bits must not depend on the rest of the pass with these either.
+# down, LM head): a row's bits must not depend on the rest of the pass with these either. The
+# tiles split the inner dimension in two (K = 64: one BK step each; K = 160: 3 + 2 steps).
+OTHER_TILES = TileBlocks(32, 32, 32, 4, 4, split=2)
 OTHER_BLOCKS = BlockTable(
     {
-        shape: (GemvBlocks(8, 32, 4), TileBlocks(32, 32, 128, 4, 4))
+        shape: (GemvBlocks(8, 32, 4), OTHER_TILES)
         for shape in ((128, 64), (64, 64), (320, 64), (64, 160), (300, 64))
     }
 )
@@ -139,7 +141,7 @@ def test_a_rows_logits_do_not_depend_on_the_rest_of_the_pass(dtype: torch.dtype,
     model = _model("llama", dtype)
     lean = ModelForward(model, variant="invariant", linear_blocks=blocks)
     if blocks is OTHER_BLOCKS:  # every weight took the table's shapes
-        assert set(lean.linear_blocks.values()) == {(GemvBlocks(8, 32, 4), TileBlocks(32, 32, 128, 4, 4))}
+        assert set(lean.linear_blocks.values()) == {(GemvBlocks(8, 32, 4), OTHER_TILES)}
     rows = _Rows(lean, dtype)
     gen = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, SHAPE["vocab_size"], (1, 60), generator=gen)
@@ -217,6 +219,45 @@ def test_the_forward_runs_each_weight_on_its_tables_blocks() -> None:
     )
     assert not torch.equal(default, other)
     assert_close_up_to_rounding(other, default)
+
+
+@bitwise
+@pytest.mark.parametrize("form", ["plain", "norm", "gated", "bias_residual", "float32_out"])
+@torch.inference_mode()
+def test_a_split_inner_dimension_gives_the_same_numbers_and_keeps_a_row_alone(form: str) -> None:
+    """The tile kernel with its inner dimension in 3 ranges (K = 200: 7 BK steps, 3 + 3 + 1,
+    the last step partly past K): the unsplit kernel's numbers up to rounding (the partial
+    sums are added in another order), and a row's bits the same among 17 rows as among 40
+    at another position."""
+    from service.engine.execution import invariant_kernels as ik
+
+    gen = torch.Generator().manual_seed(11)
+    n, k = 72, 200
+    x = torch.randn(40, 2 * k if form == "gated" else k, generator=gen).to(DEVICE)
+    weight = (torch.randn(n, k, generator=gen) * 0.1).to(DEVICE)
+    extra = dict(
+        plain={},
+        norm=dict(norm=(1 + 0.1 * torch.randn(k, generator=gen)).to(DEVICE), eps=1e-5),
+        gated=dict(gated=True),
+        bias_residual=dict(
+            bias=torch.randn(n, generator=gen).to(DEVICE),
+            residual=torch.randn(40, n, generator=gen).to(DEVICE),
+        ),
+        float32_out=dict(out_float32=True),
+    )[form]
+
+    def linear(rows: torch.Tensor, split: int) -> torch.Tensor:
+        args = dict(extra)
+        if "residual" in args:
+            args["residual"] = args["residual"][: rows.shape[0]]
+        return ik.linear(rows, weight, tiles=TileBlocks(32, 32, 32, 4, 4, split=split), **args)
+
+    whole, split = linear(x, 1), linear(x, 3)
+    assert_close_up_to_rounding(split, whole, budget=SHALLOW_BUDGET)
+    x[30] = x[5]
+    if "residual" in extra:
+        extra["residual"][30] = extra["residual"][5]
+    assert torch.equal(linear(x[:17], 3)[5], linear(x, 3)[30])
 
 
 def test_a_weight_too_wide_for_the_gemv_grid_is_refused() -> None:

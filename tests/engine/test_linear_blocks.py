@@ -90,9 +90,26 @@ def test_the_table_is_immutable() -> None:
 
 
 def test_a_document_written_by_table_document_loads_back(tmp_path) -> None:
-    table = BlockTable({(4096, 4096): (GemvBlocks(**GEMV), None), (128, 64): (None, TileBlocks(**TILES))})
-    loaded = load_table(write(tmp_path, table_document(table, evidence={"weights": []})))
+    table = BlockTable(
+        {
+            (4096, 4096): (GemvBlocks(**GEMV), None),
+            (128, 64): (None, TileBlocks(**TILES)),
+            (4096, 14336): (None, TileBlocks(**TILES, split=4)),
+        }
+    )
+    document = table_document(table, evidence={"weights": []})
+    loaded = load_table(write(tmp_path, document))
     assert dict(loaded) == dict(table)
+    splits = {(e["n"], e["k"]): e["tiles"].get("split") for e in document["entries"] if "tiles" in e}
+    assert splits == {(128, 64): None, (4096, 14336): 4}  # split 1, the default, is left out
+
+
+def test_a_tiles_split_is_optional_and_one_when_left_out(tmp_path) -> None:
+    table = load_table(
+        write(tmp_path, {"entries": [entry(tiles=TILES), entry(k=14336, tiles={**TILES, "split": 8})]})
+    )
+    assert table.for_weight(4096, 4096)[1].split == 1
+    assert table.for_weight(4096, 14336)[1] == TileBlocks(**TILES, split=8)
 
 
 def entry(**fields) -> dict:
@@ -114,6 +131,8 @@ BAD = [
     ),
     ({"entries": [entry(gemv={**GEMV, "bn": -4})]}, "entry 0", "gemv.bn must be a positive power of two"),
     ({"entries": [entry(tiles={**TILES, "stages": 0})]}, "entry 0", "tiles.stages must be >= 1"),
+    ({"entries": [entry(tiles={**TILES, "split": 0})]}, "entry 0", "tiles.split must be >= 1"),
+    ({"entries": [entry(tiles={**TILES, "split": 2.0})]}, "entry 0", "tiles.split must be an integer"),
     ({"entries": [entry(tiles={**TILES, "bm": 8})]}, "entry 0", "tiles.bm must be >= 16"),
     ({"entries": [entry(tiles={**TILES, "bk": 64.0})]}, "entry 0", "tiles.bk must be an integer"),
     ({"entries": [entry(tiles={**TILES, "num_warps": 4})]}, "entry 0", "unknown keys ['num_warps']"),

@@ -56,6 +56,7 @@ ATTN_ROWS = 16  # query rows (heads x tokens of one kv head) per attention progr
 ATTN_CHUNK = 64  # key positions per attention program
 ATTN_WARPS = 4
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second and third axes
+SUM_ROWS, SUM_COLS = 16, 128  # _split_sum_kernel's tile: a plain elementwise pass
 
 # At most this many floats of attention partials at once (tokens x heads x chunks x (head
 # dim + 2)); a long prefill runs its attention in slices of tokens.
@@ -64,7 +65,7 @@ _MAX_PARTIAL_FLOATS = 1 << 26
 PROLOGUE_NONE, PROLOGUE_NORM, PROLOGUE_GATED = 0, 1, 2
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "stride_ps"])
 def _linear_kernel(
     x_ptr,
     w_ptr,
@@ -72,12 +73,14 @@ def _linear_kernel(
     norm_ptr,
     res_ptr,
     out_ptr,
+    part_ptr,
     M,
     eps,
     stride_xm,
     stride_wn,
     stride_rm,
     stride_om,
+    stride_ps,
     N: tl.constexpr,
     K: tl.constexpr,
     PROLOGUE: tl.constexpr,
@@ -88,11 +91,18 @@ def _linear_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    K_SPLIT: tl.constexpr,
 ):
     """out[M, N] = prologue(x) @ w[N, K]^T (+ bias) (+ res).
 
     PROLOGUE_NORM: rms_norm(x) * norm, as transformers' LlamaRMSNorm (x [M, K]).
     PROLOGUE_GATED: silu(x[:, :K]) * x[:, K:] (x [M, 2K], the fused gate/up output).
+
+    SPLIT > 1: grid axis 2 is the inner range [s * K_SPLIT, (s + 1) * K_SPLIT) (K_SPLIT a
+    multiple of BK); the program stores its float32 sums to part_ptr [SPLIT, M, N] (split
+    stride stride_ps = M * N) and
+    _split_sum_kernel finishes the output (bias, rounding, residual).
     """
     dtype = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BM + tl.arange(0, BM)  # [BM]
@@ -112,7 +122,11 @@ def _linear_kernel(
             squares += tl.sum(xv * xv, axis=1)
         inv_rms = 1.0 / tl.sqrt(squares / K + eps)  # [BM]
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    if SPLIT == 1:
+        k_lo = 0
+    else:
+        k_lo = tl.program_id(2) * K_SPLIT
+    for k0 in range(k_lo, k_lo + K_SPLIT, BK):
         ks = k0 + steps
         k_ok = ks < K
         a_mask = row_ok[:, None] & k_ok[None, :]
@@ -133,6 +147,47 @@ def _linear_kernel(
             acc = tl.dot(a, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, w, acc)
+    if SPLIT == 1:
+        _finish_tile(
+            acc,
+            rows,
+            cols,
+            row_ok,
+            col_ok,
+            bias_ptr,
+            res_ptr,
+            out_ptr,
+            stride_rm,
+            stride_om,
+            dtype,
+            HAS_BIAS,
+            HAS_RES,
+            OUT_F32,
+        )
+    else:
+        part = part_ptr + tl.program_id(2) * stride_ps + rows[:, None] * N + cols[None, :]
+        tl.store(part, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _finish_tile(
+    acc,
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    stride_rm,
+    stride_om,
+    dtype: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    OUT_F32: tl.constexpr,
+):
+    """Stores a [rows, cols] tile of float32 sums as the linear's output: + bias, then float32
+    out, or rounded to dtype (+ residual, rounded again)."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_mask = row_ok[:, None] & col_ok[None, :]
@@ -145,6 +200,53 @@ def _linear_kernel(
             res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=out_mask, other=0.0)
             out = (out.to(tl.float32) + res.to(tl.float32)).to(dtype)
         tl.store(out_ptrs, out, mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["M", "stride_ps"])
+def _split_sum_kernel(
+    part_ptr,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    M,
+    stride_rm,
+    stride_om,
+    stride_ps,
+    N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    OUT_F32: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """_linear_kernel's output from its SPLIT partials [SPLIT, M, N]: summed in range order
+    (partial 0 + partial 1 + ...), a fixed order whatever M is. Grid (M / BM, N / BN)."""
+    dtype = out_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)  # [BM]
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)  # [BN]
+    row_ok, col_ok = rows < M, cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    offsets = rows[:, None] * N + cols[None, :]  # [BM, BN]
+    acc = tl.load(part_ptr + offsets, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        acc += tl.load(part_ptr + s * stride_ps + offsets, mask=mask, other=0.0)
+    _finish_tile(
+        acc,
+        rows,
+        cols,
+        row_ok,
+        col_ok,
+        bias_ptr,
+        res_ptr,
+        out_ptr,
+        stride_rm,
+        stride_om,
+        dtype,
+        HAS_BIAS,
+        HAS_RES,
+        OUT_F32,
+    )
 
 
 @triton.jit
@@ -293,19 +395,44 @@ def linear(
         )
     else:
         t = tiles or TILE_BLOCKS
-        _linear_kernel[(triton.cdiv(m, t.bm), triton.cdiv(n, t.bn))](
+        k_split = triton.cdiv(triton.cdiv(k, t.bk), t.split) * t.bk  # whole BK steps per range
+        # [SPLIT, M, N] float32 partials; none (out as a placeholder) without a split
+        parts = torch.empty((t.split, m, n), device=x.device, dtype=torch.float32) if t.split > 1 else out
+        _linear_kernel[(triton.cdiv(m, t.bm), triton.cdiv(n, t.bn), t.split)](
             *tensors,
+            parts,
             m,
             float(eps),
             *strides,
+            m * n,
             **flags,
             IEEE=x.dtype == torch.float32,
             BM=t.bm,
             BN=t.bn,
             BK=t.bk,
+            SPLIT=t.split,
+            K_SPLIT=k_split,
             num_warps=t.warps,
             num_stages=t.stages,
         )
+        if t.split > 1:
+            _split_sum_kernel[(triton.cdiv(m, SUM_ROWS), triton.cdiv(n, SUM_COLS))](
+                parts,
+                tensors[2],
+                tensors[4],
+                out,
+                m,
+                strides[2],
+                strides[3],
+                m * n,
+                N=n,
+                HAS_BIAS=bias is not None,
+                HAS_RES=residual is not None,
+                OUT_F32=out_float32,
+                SPLIT=t.split,
+                BM=SUM_ROWS,
+                BN=SUM_COLS,
+            )
     return out
 
 

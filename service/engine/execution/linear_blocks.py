@@ -8,12 +8,13 @@ TILE_BLOCKS. A JSON file (EngineConfig.linear_blocks, --linear-blocks, SPECDEC_L
 overrides DEFAULT_TABLE per weight shape and kernel:
 
     {"entries": [{"n": 4096, "k": 4096,
-                  "tiles": {"bm": 16, "bn": 32, "bk": 128, "warps": 4, "stages": 4},
+                  "tiles": {"bm": 16, "bn": 32, "bk": 128, "warps": 4, "stages": 4, "split": 2},
                   "gemv": {"bn": 8, "bk": 256, "warps": 4}}],
      "evidence": ...}
 
-Either kernel may be left out of an entry. "evidence" (what bench/diagnostics/linear_blocks.py
-measured to choose the entries) is ignored here; any other unknown key is an error.
+Either kernel may be left out of an entry, and "split" out of "tiles" (1: no split).
+"evidence" (what bench/diagnostics/linear_blocks.py measured to choose the entries) is
+ignored here; any other unknown key is an error.
 
 No torch, no Triton: the table is read and checked on any machine.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -39,13 +40,19 @@ class GemvBlocks:
 
 @dataclass(frozen=True)
 class TileBlocks:
-    """_linear_kernel's block shape: BM x BN output tiles, the inner dimension in BK steps."""
+    """_linear_kernel's block shape: BM x BN output tiles, the inner dimension in BK steps.
+
+    split: the inner dimension cut into this many fixed ranges (whole BK steps, the last one
+    shorter), each summed by its own programs into a float32 partial, the partials then
+    added in range order. It gives a weight with few output tiles (N = 4096 at 32 rows)
+    enough programs to fill the GPU; a row's sums still do not depend on M."""
 
     bm: int
     bn: int
     bk: int
     warps: int
     stages: int
+    split: int = 1
 
 
 # Tuned by bench/diagnostics/invariant_tuning.py at SmolLM2-135M's shapes (docs/engine.md): the
@@ -150,16 +157,19 @@ def _blocks(kind: str, raw: Any) -> GemvBlocks | TileBlocks:
     unknown = sorted(set(raw) - set(names))
     if unknown:
         raise ValueError(f"{kind!r} has unknown keys {unknown} (allowed: {', '.join(names)})")
-    missing = [name for name in names if name not in raw]
+    optional = {f.name for f in fields(cls) if f.default is not MISSING}
+    missing = [name for name in names if name not in raw and name not in optional]
     if missing:
         raise ValueError(f"{kind!r} lacks {', '.join(missing)}")
     for name in names:
+        if name not in raw:
+            continue
         value = raw[name]
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"{kind}.{name} must be an integer, not {value!r}")
-        if name == "stages":
+        if name in ("stages", "split"):
             if value < 1:
-                raise ValueError(f"{kind}.stages must be >= 1, not {value}")
+                raise ValueError(f"{kind}.{name} must be >= 1, not {value}")
         elif not _is_power_of_two(value):  # Triton's tl.arange and num_warps take powers of two
             raise ValueError(f"{kind}.{name} must be a positive power of two, not {value}")
     if kind == "tiles":
@@ -229,6 +239,8 @@ def table_document(table: BlockTable, evidence: Any = None) -> dict[str, Any]:
         entry: dict[str, Any] = {"n": n, "k": k}
         if tiles is not None:
             entry["tiles"] = asdict(tiles)
+            if tiles.split == 1:  # the default: files stay readable by tables without splits
+                del entry["tiles"]["split"]
         if gemv is not None:
             entry["gemv"] = asdict(gemv)
         entries.append(entry)
