@@ -97,6 +97,7 @@ def measure(
     profiles: list[dict] | None = None,
     profile_shapes: tuple[tuple[int, int], ...] = ((1, 1),),
     linear_blocks: BlockTable = DEFAULT_TABLE,
+    gemv_max_rows: int | None = None,
 ) -> list[dict]:
     """Rows {path, variant, batch, width, context, ms, first_s}; first_s is the wall time of the
     first pass of that shape (for graphed paths: compile, warm-up and capture). Appends one
@@ -116,6 +117,7 @@ def measure(
             use_compile=False,
             lean_variant=variant,
             linear_blocks=linear_blocks,
+            gemv_max_rows=gemv_max_rows,
         ),
         "graph": lambda variant: ModelRunner(
             loaded,
@@ -125,9 +127,16 @@ def measure(
             use_compile=False,
             lean_variant=variant,
             linear_blocks=linear_blocks,
+            gemv_max_rows=gemv_max_rows,
         ),
         "graph_compiled": lambda variant: ModelRunner(
-            loaded, max_batch, max_len, max_width, lean_variant=variant, linear_blocks=linear_blocks
+            loaded,
+            max_batch,
+            max_len,
+            max_width,
+            lean_variant=variant,
+            linear_blocks=linear_blocks,
+            gemv_max_rows=gemv_max_rows,
         ),
     }
     vocab = loaded.vocab_size
@@ -332,8 +341,15 @@ def main() -> None:
         help="a JSON table of the invariant kernels' block shapes over the committed one "
         "(service/engine/execution/linear_blocks.py)",
     )
+    parser.add_argument(
+        "--gemv-max-rows",
+        default="auto",
+        help="the engine's gemv limit (EngineConfig.gemv_max_rows): auto, 0 (the tile kernel for "
+        "every pass) or a row count",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    gemv_max_rows = None if args.gemv_max_rows == "auto" else int(args.gemv_max_rows)
     from service.engine.execution.model_forward import VARIANTS
 
     dtype = getattr(torch, args.dtype)
@@ -363,6 +379,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "target": loaded.name,
         "variants": variants,
+        "gemv_max_rows": args.gemv_max_rows,
         "linear_blocks": {
             "file": str(args.linear_blocks) if args.linear_blocks else None,
             "table": table_document(linear_blocks)["entries"],
@@ -380,6 +397,7 @@ def main() -> None:
             profiles,
             tuple(tuple(int(n) for n in shape.split(":")) for shape in args.profile_shapes.split(",")),
             linear_blocks,
+            gemv_max_rows,
         ),
     }
     result["setup"] = setup
@@ -400,6 +418,7 @@ def main() -> None:
             ["graph_compiled"],
             variants,
             linear_blocks=linear_blocks,
+            gemv_max_rows=gemv_max_rows,
         )
         table = []
         for variant in variants:

@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from specdec_common.proto_names import METHOD_BY_NAME
-from specdec_common.settings import Option, add_options, choice, non_negative_float, parse_bool, positive_int
+from specdec_common.settings import (
+    Option,
+    add_options,
+    choice,
+    non_negative_float,
+    non_negative_int,
+    parse_bool,
+    positive_int,
+)
 from specdec_security import ClientSecurity, ServerSecurity
 
 # Prompt limits checked before tokenization (service.api.request_mapping.check_prompt_size).
@@ -23,6 +31,13 @@ DEFAULT_MAX_PROMPT_BYTES = 256 * 1024
 
 
 _method = choice(*METHOD_BY_NAME)
+
+
+def _gemv_rows(value: str) -> int | str:
+    """--gemv-max-rows: "auto" or a row count >= 0."""
+    return "auto" if value == "auto" else non_negative_int(value)
+
+
 ENGINE_PROCESS_MODES = ("process", "thread")
 
 
@@ -126,6 +141,15 @@ OPTIONS: tuple[Option, ...] = (
         "",
         "JSON file of the invariant kernels' block shapes per weight shape, over the committed "
         "table (docs/engine.md); empty: the committed table",
+    ),
+    Option(
+        "gemv_max_rows",
+        "SPECDEC_GEMV_MAX_ROWS",
+        _gemv_rows,
+        "auto",
+        "CUDA: passes of up to this many token rows on the gemv kernel, larger ones on the tile "
+        "kernel (docs/engine.md); 0: the tile kernel for every pass; else at least "
+        "--max-num-draft-tokens + 1; auto: 0 for models of hidden size 4096 and up, 16 below",
     ),
     Option(
         "telemetry_target",
@@ -247,6 +271,7 @@ class ServiceConfig:
     device: str
     cache_dir: str
     linear_blocks: str
+    gemv_max_rows: int | str  # "auto" or a row count
     telemetry_target: str
     telemetry_tls_ca_file: str
     telemetry_tls_cert_file: str
@@ -291,6 +316,12 @@ class ServiceConfig:
             values["instance_id"] = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         if not 0 <= values["num_draft_tokens"] <= values["max_num_draft_tokens"]:
             parser.error(f"--num-draft-tokens must be in [0, {values['max_num_draft_tokens']}]")
+        rows = values["gemv_max_rows"]
+        if rows != "auto" and rows and rows <= values["max_num_draft_tokens"]:
+            parser.error(
+                f"--gemv-max-rows must be 0 or at least --max-num-draft-tokens + 1 = "
+                f"{values['max_num_draft_tokens'] + 1} (a batch-1 verify pass on the decode pass's kernel)"
+            )
         if values["method"] == "draft_model" and not values["draft_model"]:
             parser.error("--method draft_model needs --draft-model")
         if values["tracing"] and not values["telemetry_target"]:

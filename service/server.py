@@ -99,6 +99,7 @@ def engine_config(config: ServiceConfig) -> EngineConfig:
         instance_id=config.instance_id,
         capture_all_graphs=True,  # CUDA: every graph before the first request (no-op on CPU)
         linear_blocks=Path(config.linear_blocks) if config.linear_blocks else None,
+        gemv_max_rows=None if config.gemv_max_rows == "auto" else config.gemv_max_rows,
     )
 
 

@@ -75,7 +75,15 @@ def apply(config: tuple) -> tuple[dict, BlockTable]:
 
 def pass_costs(loaded, context: int, iters: int, blocks: BlockTable) -> tuple[list[dict], ModelRunner]:
     rows = []
-    runner = ModelRunner(loaded, 32, context + 10, 9, lean_variant="invariant", linear_blocks=blocks)
+    runner = ModelRunner(
+        loaded,
+        32,
+        context + 10,
+        9,
+        lean_variant="invariant",
+        linear_blocks=blocks,
+        gemv_max_rows=ik.GEMV_MAX_ROWS,  # the configuration's (apply); the forward passes it on
+    )
     for batch in (1, 32):
         for width in (1, 9):
             ids = torch.randint(0, loaded.vocab_size, (batch, width), device="cuda")

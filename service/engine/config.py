@@ -54,6 +54,16 @@ class EngineConfig:
     # (service/engine/execution/linear_blocks.py) over the committed table; None: the committed
     # table. Read and checked when the Engine is made (a bad file raises ValueError there).
     linear_blocks: Path | None = None
+    # The "invariant" variant's linears in passes of up to this many token rows run on the
+    # CUDA-core gemv kernel, larger ones on the tensor-core tile kernel; the two round
+    # differently (docs/engine.md). 0: every pass on the tile kernel, one rounding for every
+    # pass whatever it holds; at the 8B shape on an H100 a batch-1 decode pass costs 1.12x
+    # the gemv kernel's, but a verify pass of 9 tokens 0.26x and a batch-16 decode pass 0.16x
+    # (bench/RESULTS.md). Otherwise at least max_num_draft_tokens + 1, so a batch-1 verify pass
+    # runs on the same kernel as a batch-1 decode pass (speculative == plain at batch 1, not
+    # between larger passes that cross the limit). None ("auto", the default): per model,
+    # linear_blocks.gemv_row_limit (0 from hidden size 4096 up, 16 below).
+    gemv_max_rows: int | None = None
     # CUDA graphs only: capture every (batch, width, kv) bucket when the engine starts, so that
     # no request stalls on a capture when the draft length or the batch first takes a new shape.
     capture_all_graphs: bool = False
@@ -85,6 +95,14 @@ class EngineConfig:
             raise ValueError("kv_cache_tokens must be >= 2")
         if not 1 <= self.ngram_min_n <= self.ngram_max_n:
             raise ValueError("need 1 <= ngram_min_n <= ngram_max_n")
+        if self.gemv_max_rows is not None and self.gemv_max_rows < 0:
+            raise ValueError(f"gemv_max_rows must be >= 0 or None (auto), not {self.gemv_max_rows}")
+        if self.gemv_max_rows and self.gemv_max_rows < self.max_num_draft_tokens + 1:
+            raise ValueError(
+                f"gemv_max_rows must be 0 (the tile kernel for every pass) or at least "
+                f"max_num_draft_tokens + 1 = {self.max_num_draft_tokens + 1} (a batch-1 verify pass on "
+                f"the decode pass's kernel), not {self.gemv_max_rows}"
+            )
         if self.lean_variant not in LEAN_VARIANTS:
             raise ValueError(
                 f"lean_variant must be one of {', '.join(LEAN_VARIANTS)}, not {self.lean_variant!r}"

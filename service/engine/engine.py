@@ -251,6 +251,7 @@ class Engine:
             use_compile=self.config.compile,
             lean_variant=self.config.lean_variant,
             linear_blocks=self._linear_blocks,
+            gemv_max_rows=self.config.gemv_max_rows,
         )
         target = ModelRunner(self._target, self.config.max_batch_size, cache_len, max_width, **fast)
         drafters: dict[Method, Drafter] = {

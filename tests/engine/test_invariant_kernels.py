@@ -130,16 +130,20 @@ def test_matches_transformers(kind: str) -> None:
 
 
 @bitwise
+@pytest.mark.parametrize("gemv_max_rows", [0, 16], ids=["tiles_only", "gemv_to_16"])
 @pytest.mark.parametrize("blocks", [DEFAULT_TABLE, OTHER_BLOCKS], ids=["default_blocks", "other_blocks"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @torch.inference_mode()
-def test_a_rows_logits_do_not_depend_on_the_rest_of_the_pass(dtype: torch.dtype, blocks: BlockTable) -> None:
+def test_a_rows_logits_do_not_depend_on_the_rest_of_the_pass(
+    dtype: torch.dtype, blocks: BlockTable, gemv_max_rows: int
+) -> None:
     """Eight tokens one pass each (T = 1), then the same eight as one pass (T = 8), then four
     of them in a batch of three rows with a longer kv read: the same logits and cache
-    contents, bit for bit. Passes of more than GEMV_MAX_ROWS rows (the tensor-core linear)
-    agree among themselves: 3 rows x 6 tokens against 3 rows x 8 tokens."""
+    contents, bit for bit. Passes of more than the gemv limit (the tensor-core linear) agree
+    among themselves: 3 rows x 6 tokens against 3 rows x 8 tokens. With the limit 0 (the
+    engine's default) every pass runs on the tile kernel."""
     model = _model("llama", dtype)
-    lean = ModelForward(model, variant="invariant", linear_blocks=blocks)
+    lean = ModelForward(model, variant="invariant", linear_blocks=blocks, gemv_max_rows=gemv_max_rows)
     if blocks is OTHER_BLOCKS:  # every weight took the table's shapes
         assert set(lean.linear_blocks.values()) == {(GemvBlocks(8, 32, 4), OTHER_TILES)}
     rows = _Rows(lean, dtype)
@@ -159,10 +163,8 @@ def test_a_rows_logits_do_not_depend_on_the_rest_of_the_pass(dtype: torch.dtype,
     batch = torch.cat([tokens[:, :4], torch.randint(0, SHAPE["vocab_size"], (2, 4), generator=gen)])
     mixed = rows(0, batch, [60, 50, 50], kv_len=MAX_LEN)
     assert torch.equal(mixed[0], one_by_one[0, :4])
-    from service.engine.execution.invariant_kernels import GEMV_MAX_ROWS
-
     wide = torch.cat([tokens, torch.randint(0, SHAPE["vocab_size"], (2, 8), generator=gen)])  # [3, 8]
-    assert 3 * 6 > GEMV_MAX_ROWS
+    assert 3 * 6 > gemv_max_rows
     six = rows(0, wide[:, :6], [60, 50, 50])
     eight = rows(0, wide, [60, 50, 50], kv_len=MAX_LEN)
     assert torch.equal(six, eight[:, :6])
@@ -202,21 +204,24 @@ def test_every_committed_block_shape_keeps_a_row_alone(shape: tuple[int, int]) -
     assert torch.equal(linear(x[:17])[5], linear(x)[200])
 
 
+@pytest.mark.parametrize("gemv_max_rows", [0, 16], ids=["tiles_only", "gemv_to_16"])
 @torch.inference_mode()
-def test_the_forward_runs_each_weight_on_its_tables_blocks() -> None:
-    """The same 8-token pass (8 rows: the gemv kernel) on the default blocks and on
-    OTHER_BLOCKS: the same numbers up to rounding, but not the same bits (every inner dimension,
-    64 or 160, is summed as one chunk of the default's 256 and in chunks of the table's 32),
-    so the table's blocks reached the kernels. Tile blocks cannot show this way in float32 on
-    a GPU (a 40-row pass gave equal bits on an H100, 2026-12-07): there the tile kernel's dot
-    is IEEE (input_precision="ieee"), multiply-adds in K order into one accumulator whatever
-    BK is."""
+def test_the_forward_runs_each_weight_on_its_tables_blocks(gemv_max_rows: int) -> None:
+    """The same 8-token pass on the default blocks and on OTHER_BLOCKS: the same numbers up to
+    rounding, but not the same bits, so the table's blocks reached the kernels. On the gemv
+    kernel every inner dimension (64 or 160) is summed as one chunk of the default's 256
+    and in chunks of the table's 32; on the tile kernel the table splits it in two ranges
+    whose partial sums are added last. (BK alone would not show on the tile kernel in
+    float32 on a GPU: its IEEE dot multiply-adds in K order into one accumulator whatever
+    BK is; a 40-row pass gave equal bits on an H100, 2026-12-07.)"""
     model = _model("llama", torch.float32)
     prompt = torch.randint(0, SHAPE["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(3))
-    default = _Rows(ModelForward(model, variant="invariant"), torch.float32)(0, prompt, [0])
-    other = _Rows(ModelForward(model, variant="invariant", linear_blocks=OTHER_BLOCKS), torch.float32)(
-        0, prompt, [0]
-    )
+
+    def run(blocks: BlockTable) -> torch.Tensor:
+        lean = ModelForward(model, variant="invariant", linear_blocks=blocks, gemv_max_rows=gemv_max_rows)
+        return _Rows(lean, torch.float32)(0, prompt, [0])
+
+    default, other = run(DEFAULT_TABLE), run(OTHER_BLOCKS)
     assert not torch.equal(default, other)
     assert_close_up_to_rounding(other, default)
 

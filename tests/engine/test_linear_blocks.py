@@ -30,6 +30,7 @@ from service.engine.execution.linear_blocks import (
     BlockTable,
     GemvBlocks,
     TileBlocks,
+    gemv_row_limit,
     load_table,
     table_document,
     table_for,
@@ -345,6 +346,39 @@ def test_the_setting_is_a_flag_over_an_environment_variable_and_reaches_the_engi
     assert engine_config(ServiceConfig.from_args([], environ=env)).linear_blocks == tmp_path / "env.json"
     flagged = ServiceConfig.from_args(["--linear-blocks", str(tmp_path / "flag.json")], environ=env)
     assert engine_config(flagged).linear_blocks == tmp_path / "flag.json"
+
+
+def test_the_gemv_limit_is_a_flag_over_an_environment_variable_and_reaches_the_forward(
+    target, capsys
+) -> None:
+    """ "auto" (None: per model) by default; 0 is the tile kernel for every pass; any other value
+    must cover a batch-1 verify pass (max_num_draft_tokens + 1 rows), refused by name where it
+    does not."""
+    assert engine_config(ServiceConfig.from_args([], environ={})).gemv_max_rows is None
+    assert engine_config(ServiceConfig.from_args(["--gemv-max-rows", "0"], environ={})).gemv_max_rows == 0
+    env = {"SPECDEC_GEMV_MAX_ROWS": "16"}
+    assert engine_config(ServiceConfig.from_args([], environ=env)).gemv_max_rows == 16
+    assert engine_config(ServiceConfig.from_args(["--gemv-max-rows", "9"], environ=env)).gemv_max_rows == 9
+    with pytest.raises(SystemExit):
+        ServiceConfig.from_args(["--gemv-max-rows", "8"], environ={})  # k up to 8: 9 rows
+    assert "--gemv-max-rows must be 0 or at least --max-num-draft-tokens + 1 = 9" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ServiceConfig.from_args(["--gemv-max-rows", "-1"], environ={})
+    assert "must be >= 0, not -1" in capsys.readouterr().err
+    EngineConfig().validate()
+    EngineConfig(gemv_max_rows=0).validate()
+    EngineConfig(gemv_max_rows=5, max_num_draft_tokens=4).validate()
+    with pytest.raises(ValueError, match="gemv_max_rows must be 0 .* max_num_draft_tokens \\+ 1 = 9"):
+        EngineConfig(gemv_max_rows=8).validate()
+    assert ModelRunner(target, max_batch=1, max_len=16, gemv_max_rows=16).lean.gemv_max_rows == 16
+    assert ModelRunner(target, max_batch=1, max_len=16, gemv_max_rows=0).lean.gemv_max_rows == 0
+
+
+def test_auto_takes_the_tile_kernel_for_every_pass_of_a_large_model_and_the_gemv_below() -> None:
+    assert gemv_row_limit(None, 4096, max_width=9) == 0  # Llama-3.1-8B
+    assert gemv_row_limit(None, 576, max_width=9) == 16  # SmolLM2-135M
+    assert gemv_row_limit(None, 576, max_width=21) == 21  # a batch-1 verify pass of k = 20
+    assert gemv_row_limit(5, 4096, max_width=9) == 5  # a setting wins (EngineConfig checks it)
 
 
 def test_the_engine_reads_the_file_when_made_and_refuses_a_bad_one(target, tmp_path) -> None:

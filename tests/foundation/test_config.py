@@ -40,6 +40,8 @@ def test_environment_sets_and_flag_overrides() -> None:
         ([], {"SPECDEC_MAX_BATCH_SIZE": "zero"}, "SPECDEC_MAX_BATCH_SIZE"),
         (["--method", "medusa"], {}, "none, ngram, draft_model"),
         (["--num-draft-tokens", "9"], {}, "--num-draft-tokens"),
+        (["--gemv-max-rows", "4"], {}, "--gemv-max-rows must be 0 or at least --max-num-draft-tokens + 1"),
+        ([], {"SPECDEC_GEMV_MAX_ROWS": "many"}, "SPECDEC_GEMV_MAX_ROWS"),
         (["--method", "draft_model"], {}, "--draft-model"),
         (["--tracing", "maybe"], {}, "must be true or false"),
         (["--tracing", "true", "--telemetry-target", ""], {}, "--tracing needs --telemetry-target"),

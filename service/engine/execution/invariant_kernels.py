@@ -7,12 +7,13 @@ near-tied argmaxes, and speculative greedy output drifts from plain greedy outpu
 (docs/engine.md). Here every reduction has an
 order fixed by constants alone, never by the number of rows:
 
-- linear, up to GEMV_MAX_ROWS rows: one program per row and BN outputs, each output a
-  float32 sum over BK-wide chunks of the inner dimension, chunks in order;
-- linear, more rows: tiles of BM rows, the inner dimension walked in BK steps from 0
-  upwards, one tl.dot per step accumulating in float32. A row's sums are the same whether
-  it is alone in its tile or one of BM, at any position (no split-K, no block shape chosen
-  from M);
+- linear, more rows than the caller's gemv limit (the engine's default: every pass): tiles
+  of BM rows, the inner dimension walked in BK steps, one tl.dot per step accumulating in
+  float32, optionally in SPLIT fixed ranges of K whose partials are added in range order. A
+  row's sums are the same whether it is alone in its tile or one of BM, at any position (no
+  split or block shape chosen from M);
+- linear, up to the gemv limit: one program per row and BN outputs, each output a float32
+  sum over BK-wide chunks of the inner dimension, chunks in order;
 - attention: keys in fixed chunks of ATTN_CHUNK absolute positions (chunk c covers
   positions c * ATTN_CHUNK ..), one partial softmax per chunk, then a combine over a chunk
   axis padded to a length fixed by the cache size. Masked positions and chunks contribute
@@ -21,8 +22,8 @@ order fixed by constants alone, never by the number of rows:
   consumes it.
 
 The two linear kernels round differently: a row's bits are the same in every pass of up to
-GEMV_MAX_ROWS rows (a batch-1 decode or verify pass: speculative == plain), and in every
-pass of more rows, not across the two.
+the gemv limit, and in every pass of more rows, not across the two. The engine's limit is 0
+by default (EngineConfig.gemv_max_rows): one kernel, one rounding for every pass.
 
 The rounding points follow transformers' eager bfloat16 Llama: the norm's output, the
 linears' outputs, each term of the rotary embedding and the attention probabilities are
@@ -46,11 +47,13 @@ import triton.language as tl
 
 from service.engine.execution.linear_blocks import GEMV_BLOCKS, TILE_BLOCKS, GemvBlocks, TileBlocks
 
-# Up to GEMV_MAX_ROWS rows (a batch-1 decode or verify pass) linears run as _gemv_kernel (CUDA
-# cores, BN outputs of one row per program, sums over BK-wide chunks); above, as _linear_kernel
-# (tensor cores, BM-row tiles). Their block shapes (GemvBlocks, TileBlocks) are chosen per
-# weight shape by the caller (service/engine/execution/linear_blocks.py), never from the
-# number of rows: a row's bits depend on them.
+# Up to the gemv limit linears run as _gemv_kernel (CUDA cores, BN outputs of one row per
+# program, sums over BK-wide chunks); above, as _linear_kernel (tensor cores, BM-row tiles).
+# The limit is the caller's (`linear(gemv_max_rows=)`; the engine's EngineConfig.gemv_max_rows,
+# 0 by default); GEMV_MAX_ROWS is the default of direct calls (the block sweep, tests). The block
+# shapes (GemvBlocks, TileBlocks) are chosen per weight shape by the caller
+# (service/engine/execution/linear_blocks.py), never from the number of rows: a row's bits
+# depend on them.
 GEMV_MAX_ROWS = 16
 ATTN_ROWS = 16  # query rows (heads x tokens of one kv head) per attention program
 ATTN_CHUNK = 64  # key positions per attention program
@@ -346,6 +349,7 @@ def linear(
     out_float32: bool = False,
     gemv: GemvBlocks | None = None,
     tiles: TileBlocks | None = None,
+    gemv_max_rows: int | None = None,
 ) -> torch.Tensor:
     """Row-invariant F.linear on x [M, K] (weight [N, K]): see _linear_kernel.
 
@@ -353,7 +357,8 @@ def linear(
     residual [M, N]: returns residual + linear(...). out_float32: float32 output, not rounded.
     gemv, tiles: the weight's block shapes (linear_blocks.BlockTable.for_weight; default
     GEMV_BLOCKS / TILE_BLOCKS). A row's bits change with them, so pick them from the weight's
-    shape, never from M.
+    shape, never from M. gemv_max_rows: up to this many rows run on _gemv_kernel, more on
+    _linear_kernel (default GEMV_MAX_ROWS); a process keeps one value for all its passes.
     """
     if x.dim() != 2 or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("linear wants a 2-D x and weight with contiguous rows")
@@ -387,7 +392,7 @@ def linear(
         HAS_RES=residual is not None,
         OUT_F32=out_float32,
     )
-    if m <= GEMV_MAX_ROWS:
+    if m <= (GEMV_MAX_ROWS if gemv_max_rows is None else gemv_max_rows):
         g = gemv or GEMV_BLOCKS
         check_gemv_grid(n, g)
         _gemv_kernel[(m, triton.cdiv(n, g.bn))](

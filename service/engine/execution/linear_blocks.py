@@ -60,6 +60,26 @@ class TileBlocks:
 GEMV_BLOCKS = GemvBlocks(bn=4, bk=256, warps=4)
 TILE_BLOCKS = TileBlocks(bm=16, bn=64, bk=64, warps=4, stages=3)
 
+# Which kernel a pass's linears take: passes of up to the gemv limit run on the CUDA-core gemv
+# kernel, larger ones on the tensor-core tile kernel (the two round differently). "auto" (the
+# engine's default): the tile kernel for every pass of a model whose hidden size is at least
+# TILES_ONLY_FROM_HIDDEN, else the gemv kernel up to GEMV_ROWS_SMALL_MODEL rows (or the widest
+# pass, if wider). Measured (bench/RESULTS.md, "The linear kernels at the 8B shape"): at
+# hidden 4096 the gemv kernel wins only the 1-row pass (by 11%) and loses up to 6x from 2 rows
+# on; at SmolLM2-135M's 576 it takes a batch-1 pass in half the tile kernel's time.
+TILES_ONLY_FROM_HIDDEN = 4096
+GEMV_ROWS_SMALL_MODEL = 16
+
+
+def gemv_row_limit(setting: int | None, hidden_size: int, max_width: int) -> int:
+    """The gemv limit of a model: `setting` (EngineConfig.gemv_max_rows) when given, else the
+    "auto" rule above. max_width: the widest pass at batch 1 (a verify pass, k + 1 tokens),
+    which must fall on the decode pass's kernel."""
+    if setting is not None:
+        return setting
+    return 0 if hidden_size >= TILES_ONLY_FROM_HIDDEN else max(GEMV_ROWS_SMALL_MODEL, max_width)
+
+
 Shape = tuple[int, int]  # a weight's (N, K): N outputs, K inner
 Entry = tuple[GemvBlocks | None, TileBlocks | None]
 KINDS: Mapping[str, type[GemvBlocks] | type[TileBlocks]] = MappingProxyType(

@@ -127,9 +127,14 @@ class ModelForward:
         variant: str = "around_attention",
         dense_prefill: str = "auto",
         linear_blocks: BlockTable = DEFAULT_TABLE,
+        gemv_max_rows: int = 0,
     ) -> None:
         """linear_blocks: the invariant kernels' block shape per weight shape
-        (service/engine/execution/linear_blocks.py); resolved once for this model's weights."""
+        (service/engine/execution/linear_blocks.py); resolved once for this model's weights.
+        gemv_max_rows: the invariant variant's linears in passes of up to this many token rows
+        run on the gemv kernel, larger ones on the tile kernel (EngineConfig.gemv_max_rows)."""
+        if gemv_max_rows < 0:
+            raise ValueError(f"gemv_max_rows must be >= 0, not {gemv_max_rows}")
         if not supports(model, variant):
             raise ValueError(
                 f"lean forward ({variant}) does not support this {model.config.model_type!r} model"
@@ -138,6 +143,7 @@ class ModelForward:
             raise ValueError(f"unknown lean forward variant {variant!r} (one of {', '.join(VARIANTS)})")
         self.variant = variant
         self.compiled = compile
+        self.gemv_max_rows = gemv_max_rows
         config = model.config
         decoder = model.model
         self.num_heads = config.num_attention_heads
@@ -210,7 +216,7 @@ class ModelForward:
         # by a pass's row count); resolved for every variant, used by "invariant".
         weights = [self.lm_head] + [w for layer in self.layers for w in layer.linear_weights()]
         self.linear_blocks = linear_blocks.for_weights((w.shape[0], w.shape[1]) for w in weights)
-        if variant == "invariant":  # a weight the gemv kernel cannot launch fails here, not mid-pass
+        if variant == "invariant" and gemv_max_rows:  # a weight the gemv kernel cannot launch fails here
             for (n, _), (gemv, _) in self.linear_blocks.items():
                 self._kernels.check_gemv_grid(n, gemv)
 
@@ -371,7 +377,9 @@ class ModelForward:
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """invariant_kernels.linear with the weight's block shapes (self.linear_blocks)."""
         gemv, tiles = self.linear_blocks[weight.shape[0], weight.shape[1]]
-        return self._kernels.linear(x, weight, *args, gemv=gemv, tiles=tiles, **kwargs)
+        return self._kernels.linear(
+            x, weight, *args, gemv=gemv, tiles=tiles, gemv_max_rows=self.gemv_max_rows, **kwargs
+        )
 
     def _logits(self, x: torch.Tensor, last_only: bool, last_at: torch.Tensor | None) -> torch.Tensor:
         x = _last_tokens(x, last_only, last_at)

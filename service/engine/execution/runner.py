@@ -15,7 +15,7 @@ import torch
 from service.engine.execution.cuda_graphs import GraphedDecoder
 from service.engine.execution.device import to_device
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
-from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable
+from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable, gemv_row_limit
 from service.engine.execution.model_forward import ModelForward, supports
 from service.models.loading import LoadedModel
 
@@ -56,6 +56,7 @@ class ModelRunner:
         use_compile: bool = True,
         lean_variant: str = "around_attention",
         linear_blocks: BlockTable = DEFAULT_TABLE,
+        gemv_max_rows: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -71,7 +72,11 @@ class ModelRunner:
             variant = pick_variant(lean_variant, self.model, self.device, use_compile)
             compiled = use_compile and self.device.type == "cuda" and variant != "invariant"
             self.lean = ModelForward(
-                self.model, compile=compiled, variant=variant, linear_blocks=linear_blocks
+                self.model,
+                compile=compiled,
+                variant=variant,
+                linear_blocks=linear_blocks,
+                gemv_max_rows=gemv_row_limit(gemv_max_rows, self.model.config.hidden_size, max_width),
             )
             self.cache.allocate(self.lean.num_layers, self.lean.num_kv_heads, self.lean.head_dim)
             if self.device.type == "cuda":
