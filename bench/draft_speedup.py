@@ -402,10 +402,11 @@ def refresh_oracle(oracle: GreedyOracle, prompts: list[tuple[int, ...]], outs) -
 
     The output of a speculative greedy run is the target's greedy output whatever was drafted,
     computed in passes of (k + 1) x rows token rows; the plain run's passes have `rows`. In
-    bfloat16 passes of up to 16 token rows and of more round differently (docs/engine.md), so
-    where a burst's plain passes had 16 rows or fewer (while its requests are admitted) and
-    its verify passes more, a row's greedy output may differ, and the speculative one is what
-    the timed speculative runs will produce. Batch 1 with k <= 15 stays at 16 or fewer."""
+    bfloat16 passes on the two sides of the model's gemv limit round differently
+    (docs/engine.md; 16 rows for small models, none at the 8B shape), so where a burst's plain
+    passes were at or below the limit (while its requests are admitted) and its verify passes
+    above, a row's greedy output may differ, and the speculative one is what the timed
+    speculative runs will produce."""
     refreshed = 0
     for prompt, (final, tokens) in zip(prompts, outs):
         if final.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):

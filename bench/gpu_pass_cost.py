@@ -182,6 +182,7 @@ def measure(
                 "first_passes_s": round(first_total, 2),
                 "graphs_captured": runner.captures,
                 "compiled_layer_specialisations": lean.compiled_graphs() if lean is not None else 0,
+                "gemv_max_rows": lean.gemv_max_rows if lean is not None else None,  # as resolved
             }
             print(
                 f"{loaded.name:24s} {label:34s} setup {entry['seconds']:.1f} s, first passes "

@@ -161,6 +161,8 @@ def server_args(args: argparse.Namespace, target: Path, draft: Path | None) -> l
         out += ["--draft-model", str(draft)]
     if args.linear_blocks is not None:
         out += ["--linear-blocks", str(args.linear_blocks)]
+    if args.gemv_max_rows is not None:
+        out += ["--gemv-max-rows", args.gemv_max_rows]
     if args.max_prefill_tokens_per_pass is not None:
         out += ["--max-prefill-tokens-per-pass", str(args.max_prefill_tokens_per_pass)]
     return out
@@ -407,6 +409,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=Path,
         help="the service's --linear-blocks (both paths): a JSON table of the invariant kernels' "
         "block shapes over the committed one",
+    )
+    parser.add_argument(
+        "--gemv-max-rows",
+        default=None,
+        help="the service's --gemv-max-rows (both paths): auto, 0 or a row count [default: the server's]",
     )
     parser.add_argument(
         "--modes", type=subset_of(MODES), default=list(MODES), help="batch1, burst, sustained"

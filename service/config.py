@@ -35,7 +35,12 @@ _method = choice(*METHOD_BY_NAME)
 
 def _gemv_rows(value: str) -> int | str:
     """--gemv-max-rows: "auto" or a row count >= 0."""
-    return "auto" if value == "auto" else non_negative_int(value)
+    if value == "auto":
+        return value
+    try:
+        return non_negative_int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto or an integer >= 0, not {value!r}") from None
 
 
 ENGINE_PROCESS_MODES = ("process", "thread")
@@ -149,7 +154,8 @@ OPTIONS: tuple[Option, ...] = (
         "auto",
         "CUDA: passes of up to this many token rows on the gemv kernel, larger ones on the tile "
         "kernel (docs/engine.md); 0: the tile kernel for every pass; else at least "
-        "--max-num-draft-tokens + 1; auto: 0 for models of hidden size 4096 and up, 16 below",
+        "--max-num-draft-tokens + 1; auto: 0 for models of hidden size 4096 and up, below "
+        "max(16, --max-num-draft-tokens + 1)",
     ),
     Option(
         "telemetry_target",

@@ -14,17 +14,18 @@ predicted speedup, with alpha chosen. It is handed to the engine through
 Why the continuation of a plain run is the speculative run's too. Greedy decoding is a
 function of the logits, and the engine computes a token's logits with the same bits in a
 verify pass as in a plain pass: on the CPU in float32 rows never mix, on CUDA the invariant
-kernels give a row the same bits in every pass of up to 16 token rows, and in every pass of
-more (docs/engine.md, "Execution paths"). So a request's greedy output is the same with and
-without speculation as long as its passes stay on one side of 16 rows (batch 1 with k <= 15:
-at most 16; batch 32: always more) and its prompt was prefilled the same way. Where that
-fails (a prefill grouped differently in bfloat16, a batch that shrinks across 16 rows as
-requests end, a near-tie) the outputs part, and from there on the oracle proposes tokens of
-another text, accepted only by chance. `GreedyOracle.first_divergence` finds such rows after
-the run, and the drafter counts rows whose pending token left the oracle while running
-(`diverged`): a benchmark reports both, never hides them (bench.draft_speedup also re-records
-the continuation from an untimed speculative run, whose passes have the timed runs' shapes,
-and reports how many rows that changed).
+kernels give a row the same bits in every pass on one side of the model's gemv limit
+(docs/engine.md, "Execution paths": 16 rows for small models, 0 at the 8B shape, where every
+pass runs on one kernel). So a request's greedy output is the same with and without
+speculation as long as its passes stay on one side of the limit and its prompt was prefilled
+the same way. Where that fails (a prefill grouped differently in bfloat16, a batch that
+shrinks across the limit as requests end, a near-tie) the outputs part, and from there on the
+oracle proposes tokens of another text, accepted only by chance.
+`GreedyOracle.first_divergence` finds such rows after the run, and the drafter counts rows
+whose pending token left the oracle while running (`diverged`): a benchmark reports both,
+never hides them (bench.draft_speedup also re-records the continuation from an untimed
+speculative run, whose passes have the timed runs' shapes, and reports how many rows that
+changed).
 
 Which positions are corrupted is a function of (seed, prompt, position) only, drawn once per
 prompt (a uniform and a wrong token per position) and compared with alpha: the same text

@@ -192,7 +192,7 @@ def forward_diff(dtype: torch.dtype) -> list[str]:
         .eval()
         .to("cuda", dtype)
     )
-    lean = ModelForward(model, variant="invariant")
+    lean = ModelForward(model, variant="invariant", gemv_max_rows=ik.GEMV_MAX_ROWS)
     cache = StaticKVCache(max_batch=1, max_len=96, device=torch.device("cuda"), dtype=dtype)
     cache.allocate(lean.num_layers, lean.num_kv_heads, lean.head_dim)
     keys, values = cache.rows(0, 1)

@@ -274,6 +274,17 @@ class Engine:
                 used=sorted(f"{n}x{k}" for n, k in have & self._linear_blocks_named),
                 unused=sorted(f"{n}x{k}" for n, k in self._linear_blocks_named - have),
             )
+        kernels = {
+            role: runner.lean.gemv_max_rows
+            for role, runner in zip(("target", "draft"), runners)
+            if runner.lean is not None and runner.lean.variant == "invariant"
+        }
+        if kernels:  # which passes take which linear kernel (docs/engine.md)
+            log.info(
+                "gemv_max_rows",
+                setting="auto" if self.config.gemv_max_rows is None else self.config.gemv_max_rows,
+                **kernels,
+            )
         if self.config.capture_all_graphs:
             started = time.perf_counter()
             captured = sum(runner.capture_all_graphs() for runner in runners)

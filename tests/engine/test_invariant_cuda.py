@@ -58,8 +58,9 @@ def test_bfloat16_speculative_equals_plain_on_cuda(smollm2_bf16_cuda) -> None:
     """The invariant kernels make every verify row compute what a plain pass computes, so
     n-gram and draft-model speculation (any k, adaptive draft length) return plain greedy
     output token for token in bfloat16 at batch 1 (the "layer" variant agreed on 63%).
-    Batched passes of more than 16 rows use the tensor-core linear, which rounds otherwise:
-    there the guarantee is only among such passes (tests/engine/test_invariant_kernels.py)."""
+    SmolLM2's passes of more than its gemv limit (16 rows) use the tensor-core linear, which
+    rounds otherwise: there the guarantee is only among such passes
+    (tests/engine/test_invariant_kernels.py)."""
     tok = smollm2_bf16_cuda.tokenizer
 
     def ids(text: str) -> tuple[int, ...]:

@@ -140,8 +140,9 @@ def test_a_rows_logits_do_not_depend_on_the_rest_of_the_pass(
     """Eight tokens one pass each (T = 1), then the same eight as one pass (T = 8), then four
     of them in a batch of three rows with a longer kv read: the same logits and cache
     contents, bit for bit. Passes of more than the gemv limit (the tensor-core linear) agree
-    among themselves: 3 rows x 6 tokens against 3 rows x 8 tokens. With the limit 0 (the
-    engine's default) every pass runs on the tile kernel."""
+    among themselves: 3 rows x 6 tokens against 3 rows x 8 tokens. With the limit 0 (what the
+    engine's auto limit gives a model of hidden size 4096 and up) every pass runs on the tile
+    kernel."""
     model = _model("llama", dtype)
     lean = ModelForward(model, variant="invariant", linear_blocks=blocks, gemv_max_rows=gemv_max_rows)
     if blocks is OTHER_BLOCKS:  # every weight took the table's shapes
@@ -185,8 +186,9 @@ def test_supports_only_what_the_tiles_cover() -> None:
 def test_every_committed_block_shape_keeps_a_row_alone(shape: tuple[int, int]) -> None:
     """Each weight shape of the committed table, with its blocks: a row's output bits in a pass
     of few rows equal its bits among many (the norm prologue, the form of qkv, gate/up and
-    the LM head), for the gemv kernel (1 row against 9) and the tile kernel (17 rows against
-    288, the row at another position)."""
+    the LM head), for the gemv kernel (1 row against 9) and the tile kernel (1 row against 9,
+    as the 8B shape's passes run with the gemv limit 0; 17 rows against 288, the row at
+    another position)."""
     from service.engine.execution import invariant_kernels as ik
 
     n, k = shape
@@ -196,10 +198,13 @@ def test_every_committed_block_shape_keeps_a_row_alone(shape: tuple[int, int]) -
     weight = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).bfloat16()
     norm = (1 + 0.1 * torch.randn(k, device="cuda", generator=gen)).bfloat16()
 
-    def linear(rows: torch.Tensor) -> torch.Tensor:
-        return ik.linear(rows, weight, norm=norm, eps=1e-5, gemv=gemv, tiles=tiles)
+    def linear(rows: torch.Tensor, gemv_max_rows: int = ik.GEMV_MAX_ROWS) -> torch.Tensor:
+        return ik.linear(
+            rows, weight, norm=norm, eps=1e-5, gemv=gemv, tiles=tiles, gemv_max_rows=gemv_max_rows
+        )
 
     assert torch.equal(linear(x[:1])[0], linear(x[:9])[0])
+    assert torch.equal(linear(x[:1], 0)[0], linear(x[:9], 0)[0])  # the tile kernel at 1 and 9 rows
     x[200] = x[5]
     assert torch.equal(linear(x[:17])[5], linear(x)[200])
 

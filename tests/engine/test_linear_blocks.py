@@ -365,6 +365,9 @@ def test_the_gemv_limit_is_a_flag_over_an_environment_variable_and_reaches_the_f
     with pytest.raises(SystemExit):
         ServiceConfig.from_args(["--gemv-max-rows", "-1"], environ={})
     assert "must be >= 0, not -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ServiceConfig.from_args(["--gemv-max-rows", "AUTO"], environ={})
+    assert "must be auto or an integer >= 0, not 'AUTO'" in capsys.readouterr().err
     EngineConfig().validate()
     EngineConfig(gemv_max_rows=0).validate()
     EngineConfig(gemv_max_rows=5, max_num_draft_tokens=4).validate()
@@ -372,6 +375,13 @@ def test_the_gemv_limit_is_a_flag_over_an_environment_variable_and_reaches_the_f
         EngineConfig(gemv_max_rows=8).validate()
     assert ModelRunner(target, max_batch=1, max_len=16, gemv_max_rows=16).lean.gemv_max_rows == 16
     assert ModelRunner(target, max_batch=1, max_len=16, gemv_max_rows=0).lean.gemv_max_rows == 0
+    hidden = target.model.config.hidden_size  # a small model: auto keeps the gemv kernel
+    assert ModelRunner(target, max_batch=1, max_len=16, max_width=20).lean.gemv_max_rows == 20
+    assert (
+        ModelRunner(target, max_batch=1, max_len=16).lean.gemv_max_rows
+        == gemv_row_limit(None, hidden, 1)
+        == 16
+    )
 
 
 def test_auto_takes_the_tile_kernel_for_every_pass_of_a_large_model_and_the_gemv_below() -> None:

@@ -7,7 +7,8 @@ near-tied argmaxes, and speculative greedy output drifts from plain greedy outpu
 (docs/engine.md). Here every reduction has an
 order fixed by constants alone, never by the number of rows:
 
-- linear, more rows than the caller's gemv limit (the engine's default: every pass): tiles
+- linear, more rows than the caller's gemv limit (with the engine's auto limit, every pass
+  of a model of hidden size 4096 and up): tiles
   of BM rows, the inner dimension walked in BK steps, one tl.dot per step accumulating in
   float32, optionally in SPLIT fixed ranges of K whose partials are added in range order. A
   row's sums are the same whether it is alone in its tile or one of BM, at any position (no
@@ -22,8 +23,9 @@ order fixed by constants alone, never by the number of rows:
   consumes it.
 
 The two linear kernels round differently: a row's bits are the same in every pass of up to
-the gemv limit, and in every pass of more rows, not across the two. The engine's limit is 0
-by default (EngineConfig.gemv_max_rows): one kernel, one rounding for every pass.
+the gemv limit, and in every pass of more rows, not across the two. The engine's limit
+(EngineConfig.gemv_max_rows, linear_blocks.gemv_row_limit) is fixed per model: 0 (one kernel,
+one rounding for every pass) from hidden size 4096 up by default.
 
 The rounding points follow transformers' eager bfloat16 Llama: the norm's output, the
 linears' outputs, each term of the rotary embedding and the attention probabilities are
@@ -45,16 +47,23 @@ import torch
 import triton
 import triton.language as tl
 
-from service.engine.execution.linear_blocks import GEMV_BLOCKS, TILE_BLOCKS, GemvBlocks, TileBlocks
+from service.engine.execution.linear_blocks import (
+    GEMV_BLOCKS,
+    GEMV_ROWS_SMALL_MODEL,
+    TILE_BLOCKS,
+    GemvBlocks,
+    TileBlocks,
+)
 
 # Up to the gemv limit linears run as _gemv_kernel (CUDA cores, BN outputs of one row per
 # program, sums over BK-wide chunks); above, as _linear_kernel (tensor cores, BM-row tiles).
-# The limit is the caller's (`linear(gemv_max_rows=)`; the engine's EngineConfig.gemv_max_rows,
-# 0 by default); GEMV_MAX_ROWS is the default of direct calls (the block sweep, tests). The block
+# The limit is the caller's (`linear(gemv_max_rows=)`; the engine's per model from
+# EngineConfig.gemv_max_rows); GEMV_MAX_ROWS is the default of direct calls (the block sweep,
+# tests). The block
 # shapes (GemvBlocks, TileBlocks) are chosen per weight shape by the caller
 # (service/engine/execution/linear_blocks.py), never from the number of rows: a row's bits
 # depend on them.
-GEMV_MAX_ROWS = 16
+GEMV_MAX_ROWS = GEMV_ROWS_SMALL_MODEL  # 16
 ATTN_ROWS = 16  # query rows (heads x tokens of one kv head) per attention program
 ATTN_CHUNK = 64  # key positions per attention program
 ATTN_WARPS = 4
@@ -168,7 +177,7 @@ def _linear_kernel(
             OUT_F32,
         )
     else:
-        part = part_ptr + tl.program_id(2) * stride_ps + rows[:, None] * N + cols[None, :]
+        part = part_ptr + tl.program_id(2).to(tl.int64) * stride_ps + rows[:, None] * N + cols[None, :]
         tl.store(part, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -233,7 +242,8 @@ def _split_sum_kernel(
     offsets = rows[:, None] * N + cols[None, :]  # [BM, BN]
     acc = tl.load(part_ptr + offsets, mask=mask, other=0.0)
     for s in tl.static_range(1, SPLIT):
-        acc += tl.load(part_ptr + s * stride_ps + offsets, mask=mask, other=0.0)
+        split_base = part_ptr + stride_ps.to(tl.int64) * s  # int64: SPLIT x M x N may pass 2^31
+        acc += tl.load(split_base + offsets, mask=mask, other=0.0)
     _finish_tile(
         acc,
         rows,
@@ -358,7 +368,7 @@ def linear(
     gemv, tiles: the weight's block shapes (linear_blocks.BlockTable.for_weight; default
     GEMV_BLOCKS / TILE_BLOCKS). A row's bits change with them, so pick them from the weight's
     shape, never from M. gemv_max_rows: up to this many rows run on _gemv_kernel, more on
-    _linear_kernel (default GEMV_MAX_ROWS); a process keeps one value for all its passes.
+    _linear_kernel (default GEMV_MAX_ROWS); a model keeps one value for all its passes.
     """
     if x.dim() != 2 or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("linear wants a 2-D x and weight with contiguous rows")

@@ -22,7 +22,7 @@ import torch._dynamo
 import torch.nn.functional as F
 
 from service.engine.execution.device import to_device
-from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable
+from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable, gemv_row_limit
 from service.engine.execution.torch_layer import (
     bind_layer,
     compile_settings,
@@ -127,13 +127,15 @@ class ModelForward:
         variant: str = "around_attention",
         dense_prefill: str = "auto",
         linear_blocks: BlockTable = DEFAULT_TABLE,
-        gemv_max_rows: int = 0,
+        gemv_max_rows: int | None = None,
     ) -> None:
         """linear_blocks: the invariant kernels' block shape per weight shape
         (service/engine/execution/linear_blocks.py); resolved once for this model's weights.
         gemv_max_rows: the invariant variant's linears in passes of up to this many token rows
-        run on the gemv kernel, larger ones on the tile kernel (EngineConfig.gemv_max_rows)."""
-        if gemv_max_rows < 0:
+        run on the gemv kernel, larger ones on the tile kernel (EngineConfig.gemv_max_rows;
+        None: linear_blocks.gemv_row_limit's rule for this model, at batch-1 width 1; the
+        ModelRunner resolves it with its widest pass)."""
+        if gemv_max_rows is not None and gemv_max_rows < 0:
             raise ValueError(f"gemv_max_rows must be >= 0, not {gemv_max_rows}")
         if not supports(model, variant):
             raise ValueError(
@@ -143,7 +145,7 @@ class ModelForward:
             raise ValueError(f"unknown lean forward variant {variant!r} (one of {', '.join(VARIANTS)})")
         self.variant = variant
         self.compiled = compile
-        self.gemv_max_rows = gemv_max_rows
+        self.gemv_max_rows = gemv_row_limit(gemv_max_rows, model.config.hidden_size, max_width=1)
         config = model.config
         decoder = model.model
         self.num_heads = config.num_attention_heads
