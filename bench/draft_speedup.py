@@ -70,7 +70,7 @@ _T0 = time.perf_counter()  # before the heavy imports: the logged times include 
 
 import torch  # noqa: E402
 
-from bench.common.arguments import floats, positive_ints, subset_of, write_result  # noqa: E402
+from bench.common.arguments import floats, gemv_rows, positive_ints, subset_of, write_result  # noqa: E402
 from bench.common.oracle_drafter import GreedyOracle, OracleDrafter  # noqa: E402
 from bench.common.time_budget import Budget  # noqa: E402
 from bench.gpu_pass_cost import expected_tokens, measure, predicted_speedup  # noqa: E402
@@ -149,6 +149,7 @@ def pass_costs(
     iters: int,
     variant: str,
     linear_blocks: BlockTable = DEFAULT_TABLE,
+    gemv_max_rows: int | None = None,
 ) -> list[dict]:
     """Milliseconds of one pass of B rows x T tokens over `context` cached tokens per row.
     On CUDA bench/gpu_pass_cost.py's measurement (replayed graphs, the engine's variant, CUDA
@@ -163,6 +164,7 @@ def pass_costs(
             ["graph_compiled"],
             [variant],
             linear_blocks=linear_blocks,
+            gemv_max_rows=gemv_max_rows,
         )
     runner = ModelRunner(
         loaded,
@@ -172,6 +174,7 @@ def pass_costs(
         use_graphs=False,
         lean_variant=variant,
         linear_blocks=linear_blocks,
+        gemv_max_rows=gemv_max_rows,
     )
     shapes = [(batch, width) for batch in batches for width in widths]
     inputs = {shape: torch.randint(0, loaded.vocab_size, shape) for shape in shapes}
@@ -449,6 +452,7 @@ def measure_policy(
             instance_id="bench-draft-speedup",
             adaptive_draft_length=adaptive,
             linear_blocks=args.linear_blocks,
+            gemv_max_rows=args.gemv_max_rows,
         ),
         draft=draft,
         draft_model_drafter=oracle_drafter,
@@ -697,6 +701,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="a JSON table of the invariant kernels' block shapes over the committed one, for the "
         "engines and the pass costs alike (service/engine/execution/linear_blocks.py)",
     )
+    parser.add_argument(
+        "--gemv-max-rows",
+        type=gemv_rows,
+        default=None,
+        help="the engine's gemv limit (EngineConfig.gemv_max_rows): auto (default), 0 (the tile "
+        "kernel for every pass) or a row count",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/out/draft_speedup.json"))
     args = parser.parse_args(argv)
     if set(args.policies) - set(POLICIES) or not args.policies:
@@ -751,6 +762,7 @@ def main(argv=None) -> int:
         "batches": args.batches,
         "alphas": args.alphas,
         "seed": args.seed,
+        "gemv_max_rows": "auto" if args.gemv_max_rows is None else args.gemv_max_rows,
         "linear_blocks": {
             "file": str(args.linear_blocks) if args.linear_blocks else None,
             "table": table_document(linear_blocks)["entries"],
@@ -775,8 +787,12 @@ def main(argv=None) -> int:
         "context": context,
         "variant": variant,
         "path": "graph_compiled" if device.type == "cuda" else "cpu_eager",
-        "target": pass_costs(target, args.batches, widths, context, args.cost_iters, variant, linear_blocks),
-        "draft": pass_costs(draft, args.batches, [1, 2], context, args.cost_iters, variant, linear_blocks),
+        "target": pass_costs(
+            target, args.batches, widths, context, args.cost_iters, variant, linear_blocks, args.gemv_max_rows
+        ),
+        "draft": pass_costs(
+            draft, args.batches, [1, 2], context, args.cost_iters, variant, linear_blocks, args.gemv_max_rows
+        ),
     }
     result["pass_costs"] = costs
     gc.collect()

@@ -59,7 +59,7 @@ _T0 = time.perf_counter()  # before the heavy imports: the logged times include 
 
 import torch  # noqa: E402
 
-from bench.common.arguments import write_result  # noqa: E402
+from bench.common.arguments import gemv_rows, write_result  # noqa: E402
 from bench.common.time_budget import Budget  # noqa: E402
 from bench.common.truncated_draft import truncated_draft  # noqa: E402
 from service.client.loadgen.builtin_prompts import KINDS  # noqa: E402
@@ -218,6 +218,7 @@ def make_engine(
     capture_all: bool = True,
     lean_variant: str = EngineConfig.lean_variant,
     linear_blocks: Path | None = None,
+    gemv_max_rows: int | None = None,
 ) -> Engine:
     engine = Engine(
         target,
@@ -232,6 +233,7 @@ def make_engine(
             capture_all_graphs=capture_all,  # on: as the service does
             lean_variant=lean_variant,
             linear_blocks=linear_blocks,
+            gemv_max_rows=gemv_max_rows,
         ),
         draft=draft,
     )
@@ -573,6 +575,7 @@ def section_ksweep(result, target, draft, prompts, methods, kv_tokens, args, bud
         kv_tokens=kv_tokens,
         lean_variant=args.lean_variant,
         linear_blocks=args.linear_blocks,
+        gemv_max_rows=args.gemv_max_rows,
     )
     sweep = result.setdefault("ksweep", {"adaptive_draft_length": False, "kinds": list(kinds), "rows": []})
     try:
@@ -837,6 +840,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(EngineConfig.linear_blocks; service/engine/execution/linear_blocks.py)",
     )
     parser.add_argument(
+        "--gemv-max-rows",
+        type=gemv_rows,
+        default=None,
+        help="the engine's gemv limit (EngineConfig.gemv_max_rows): auto (default), 0 (the tile "
+        "kernel for every pass) or a row count",
+    )
+    parser.add_argument(
         "--no-capture-all",
         action="store_true",
         help="capture graphs lazily, on first use, instead of all at engine start",
@@ -964,6 +974,7 @@ def main(argv=None) -> None:
             "capture_all_graphs": not args.no_capture_all,
             "lean_variant": args.lean_variant,
             "linear_blocks": str(args.linear_blocks) if args.linear_blocks else None,
+            "gemv_max_rows": "auto" if args.gemv_max_rows is None else args.gemv_max_rows,
             "command": " ".join(sys.argv),
             "draft_model": {
                 "name": draft.name,
@@ -1013,6 +1024,7 @@ def main(argv=None) -> None:
             capture_all=not args.no_capture_all,
             lean_variant=args.lean_variant,
             linear_blocks=args.linear_blocks,
+            gemv_max_rows=args.gemv_max_rows,
         )
         try:
             if "batch1" in args.sections:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common.arguments import gemv_rows
 from bench.common.cuda_timing import time_ms
 from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable, table_document, table_for
 from service.engine.execution.runner import ModelRunner
@@ -344,13 +345,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--gemv-max-rows",
-        default="auto",
+        type=gemv_rows,
+        default=None,
         help="the engine's gemv limit (EngineConfig.gemv_max_rows): auto, 0 (the tile kernel for "
         "every pass) or a row count",
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    gemv_max_rows = None if args.gemv_max_rows == "auto" else int(args.gemv_max_rows)
+    gemv_max_rows = args.gemv_max_rows
     from service.engine.execution.model_forward import VARIANTS
 
     dtype = getattr(torch, args.dtype)
@@ -380,7 +382,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "target": loaded.name,
         "variants": variants,
-        "gemv_max_rows": args.gemv_max_rows,
+        "gemv_max_rows": "auto" if gemv_max_rows is None else gemv_max_rows,
         "linear_blocks": {
             "file": str(args.linear_blocks) if args.linear_blocks else None,
             "table": table_document(linear_blocks)["entries"],

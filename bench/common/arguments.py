@@ -48,6 +48,16 @@ def floats(text: str) -> list[float]:
     return values
 
 
+def gemv_rows(text: str) -> int | None:
+    """A --gemv-max-rows value: "auto" (None: EngineConfig's per-model rule) or a row count >= 0."""
+    if text == "auto":
+        return None
+    rows = int(text)
+    if rows < 0:
+        raise ValueError(f"--gemv-max-rows must be auto or >= 0, not {rows}")
+    return rows
+
+
 def write_result(path: Path, result: Any) -> None:
     """Writes `result` as JSON to `path` through a temporary file, so that a run stopped while
     writing leaves the last complete file, never half of one."""

@@ -349,6 +349,10 @@ def main(argv=None) -> int:
         help="also write the block table the sweep calls for (a file for --linear-blocks)",
     )
     args = parser.parse_args(argv)
+    known = {name for shape in args.shapes.split(",") for name, *_ in SHAPES.get(shape, [])}
+    unknown = sorted(set(filter(None, args.linears.split(","))) - known)
+    if unknown:
+        parser.error(f"--linears: unknown {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     bandwidth = copy_bandwidth(torch.device("cuda"), 1 << 30)["bytes_per_s"]
     result = {
         "device": torch.cuda.get_device_name(),
