@@ -62,7 +62,8 @@ class EngineConfig:
     # (bench/RESULTS.md). Otherwise at least max_num_draft_tokens + 1, so a batch-1 verify pass
     # runs on the same kernel as a batch-1 decode pass (speculative == plain at batch 1, not
     # between larger passes that cross the limit). None ("auto", the default): per model,
-    # linear_blocks.gemv_row_limit (0 from hidden size 4096 up, 16 below).
+    # linear_blocks.gemv_row_limit (0 from hidden size 4096 up, below it
+    # max(16, max_num_draft_tokens + 1)).
     gemv_max_rows: int | None = None
     # CUDA graphs only: capture every (batch, width, kv) bucket when the engine starts, so that
     # no request stalls on a capture when the draft length or the batch first takes a new shape.

@@ -8,11 +8,10 @@ near-tied argmaxes, and speculative greedy output drifts from plain greedy outpu
 order fixed by constants alone, never by the number of rows:
 
 - linear, more rows than the caller's gemv limit (with the engine's auto limit, every pass
-  of a model of hidden size 4096 and up): tiles
-  of BM rows, the inner dimension walked in BK steps, one tl.dot per step accumulating in
-  float32, optionally in SPLIT fixed ranges of K whose partials are added in range order. A
-  row's sums are the same whether it is alone in its tile or one of BM, at any position (no
-  split or block shape chosen from M);
+  of a model of hidden size 4096 and up): tiles of BM rows, the inner dimension walked in BK
+  steps, one tl.dot per step accumulating in float32, optionally in SPLIT fixed ranges of K
+  whose partials are added in range order. A row's sums are the same whether it is alone in
+  its tile or one of BM, at any position (no split or block shape chosen from M);
 - linear, up to the gemv limit: one program per row and BN outputs, each output a float32
   sum over BK-wide chunks of the inner dimension, chunks in order;
 - attention: keys in fixed chunks of ATTN_CHUNK absolute positions (chunk c covers
@@ -59,8 +58,7 @@ from service.engine.execution.linear_blocks import (
 # program, sums over BK-wide chunks); above, as _linear_kernel (tensor cores, BM-row tiles).
 # The limit is the caller's (`linear(gemv_max_rows=)`; the engine's per model from
 # EngineConfig.gemv_max_rows); GEMV_MAX_ROWS is the default of direct calls (the block sweep,
-# tests). The block
-# shapes (GemvBlocks, TileBlocks) are chosen per weight shape by the caller
+# tests). The block shapes (GemvBlocks, TileBlocks) are chosen per weight shape by the caller
 # (service/engine/execution/linear_blocks.py), never from the number of rows: a row's bits
 # depend on them.
 GEMV_MAX_ROWS = GEMV_ROWS_SMALL_MODEL  # 16
@@ -112,9 +110,9 @@ def _linear_kernel(
     PROLOGUE_GATED: silu(x[:, :K]) * x[:, K:] (x [M, 2K], the fused gate/up output).
 
     SPLIT > 1: grid axis 2 is the inner range [s * K_SPLIT, (s + 1) * K_SPLIT) (K_SPLIT a
-    multiple of BK); the program stores its float32 sums to part_ptr [SPLIT, M, N] (split
-    stride stride_ps = M * N) and
-    _split_sum_kernel finishes the output (bias, rounding, residual).
+    multiple of BK); the program stores its float32 sums to part_ptr [SPLIT, M, N] (stride
+    stride_ps = M * N between splits) and _split_sum_kernel finishes the output (bias,
+    rounding, residual).
     """
     dtype = x_ptr.dtype.element_ty
     rows = tl.program_id(0) * BM + tl.arange(0, BM)  # [BM]

@@ -218,7 +218,7 @@ class ModelForward:
         # by a pass's row count); resolved for every variant, used by "invariant".
         weights = [self.lm_head] + [w for layer in self.layers for w in layer.linear_weights()]
         self.linear_blocks = linear_blocks.for_weights((w.shape[0], w.shape[1]) for w in weights)
-        if variant == "invariant" and gemv_max_rows:  # a weight the gemv kernel cannot launch fails here
+        if variant == "invariant" and self.gemv_max_rows:  # a weight the gemv kernel cannot launch fails here
             for (n, _), (gemv, _) in self.linear_blocks.items():
                 self._kernels.check_gemv_grid(n, gemv)
 
