@@ -70,7 +70,14 @@ _T0 = time.perf_counter()  # before the heavy imports: the logged times include 
 
 import torch  # noqa: E402
 
-from bench.common.arguments import floats, gemv_rows, positive_ints, subset_of, write_result  # noqa: E402
+from bench.common.arguments import (  # noqa: E402
+    add_gemv_max_rows,
+    floats,
+    gemv_rows_text,
+    positive_ints,
+    subset_of,
+    write_result,
+)
 from bench.common.oracle_drafter import GreedyOracle, OracleDrafter  # noqa: E402
 from bench.common.time_budget import Budget  # noqa: E402
 from bench.gpu_pass_cost import expected_tokens, measure, predicted_speedup  # noqa: E402
@@ -701,13 +708,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="a JSON table of the invariant kernels' block shapes over the committed one, for the "
         "engines and the pass costs alike (service/engine/execution/linear_blocks.py)",
     )
-    parser.add_argument(
-        "--gemv-max-rows",
-        type=gemv_rows,
-        default=None,
-        help="the engine's gemv limit (EngineConfig.gemv_max_rows): auto (default), 0 (the tile "
-        "kernel for every pass) or a row count",
-    )
+    add_gemv_max_rows(parser)
     parser.add_argument("--out", type=Path, default=Path("bench/out/draft_speedup.json"))
     args = parser.parse_args(argv)
     if set(args.policies) - set(POLICIES) or not args.policies:
@@ -762,7 +763,7 @@ def main(argv=None) -> int:
         "batches": args.batches,
         "alphas": args.alphas,
         "seed": args.seed,
-        "gemv_max_rows": "auto" if args.gemv_max_rows is None else args.gemv_max_rows,
+        "gemv_max_rows": gemv_rows_text(args.gemv_max_rows),
         "linear_blocks": {
             "file": str(args.linear_blocks) if args.linear_blocks else None,
             "table": table_document(linear_blocks)["entries"],

@@ -59,7 +59,7 @@ _T0 = time.perf_counter()  # before the heavy imports: the logged times include 
 
 import torch  # noqa: E402
 
-from bench.common.arguments import gemv_rows, write_result  # noqa: E402
+from bench.common.arguments import add_gemv_max_rows, gemv_rows_text, write_result  # noqa: E402
 from bench.common.time_budget import Budget  # noqa: E402
 from bench.common.truncated_draft import truncated_draft  # noqa: E402
 from service.client.loadgen.builtin_prompts import KINDS  # noqa: E402
@@ -839,13 +839,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="a JSON table of the invariant kernels' block shapes over the committed one "
         "(EngineConfig.linear_blocks; service/engine/execution/linear_blocks.py)",
     )
-    parser.add_argument(
-        "--gemv-max-rows",
-        type=gemv_rows,
-        default=None,
-        help="the engine's gemv limit (EngineConfig.gemv_max_rows): auto (default), 0 (the tile "
-        "kernel for every pass) or a row count",
-    )
+    add_gemv_max_rows(parser)
     parser.add_argument(
         "--no-capture-all",
         action="store_true",
@@ -974,7 +968,7 @@ def main(argv=None) -> None:
             "capture_all_graphs": not args.no_capture_all,
             "lean_variant": args.lean_variant,
             "linear_blocks": str(args.linear_blocks) if args.linear_blocks else None,
-            "gemv_max_rows": "auto" if args.gemv_max_rows is None else args.gemv_max_rows,
+            "gemv_max_rows": gemv_rows_text(args.gemv_max_rows),
             "command": " ".join(sys.argv),
             "draft_model": {
                 "name": draft.name,

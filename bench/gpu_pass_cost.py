@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common.arguments import gemv_rows
+from bench.common.arguments import add_gemv_max_rows, gemv_rows_text
 from bench.common.cuda_timing import time_ms
 from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable, table_document, table_for
 from service.engine.execution.runner import ModelRunner
@@ -343,16 +343,9 @@ def main() -> None:
         help="a JSON table of the invariant kernels' block shapes over the committed one "
         "(service/engine/execution/linear_blocks.py)",
     )
-    parser.add_argument(
-        "--gemv-max-rows",
-        type=gemv_rows,
-        default=None,
-        help="the engine's gemv limit (EngineConfig.gemv_max_rows): auto, 0 (the tile kernel for "
-        "every pass) or a row count",
-    )
+    add_gemv_max_rows(parser)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    gemv_max_rows = args.gemv_max_rows
     from service.engine.execution.model_forward import VARIANTS
 
     dtype = getattr(torch, args.dtype)
@@ -382,7 +375,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "target": loaded.name,
         "variants": variants,
-        "gemv_max_rows": "auto" if gemv_max_rows is None else gemv_max_rows,
+        "gemv_max_rows": gemv_rows_text(args.gemv_max_rows),
         "linear_blocks": {
             "file": str(args.linear_blocks) if args.linear_blocks else None,
             "table": table_document(linear_blocks)["entries"],
@@ -400,7 +393,7 @@ def main() -> None:
             profiles,
             tuple(tuple(int(n) for n in shape.split(":")) for shape in args.profile_shapes.split(",")),
             linear_blocks,
-            gemv_max_rows,
+            args.gemv_max_rows,
         ),
     }
     result["setup"] = setup
@@ -421,7 +414,7 @@ def main() -> None:
             ["graph_compiled"],
             variants,
             linear_blocks=linear_blocks,
-            gemv_max_rows=gemv_max_rows,
+            gemv_max_rows=args.gemv_max_rows,
         )
         table = []
         for variant in variants:

@@ -68,7 +68,7 @@ _T0 = time.perf_counter()  # before the heavy imports: the logged times include 
 import grpc  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common.arguments import positive_ints, subset_of, write_result  # noqa: E402
+from bench.common.arguments import add_gemv_max_rows, positive_ints, subset_of, write_result  # noqa: E402
 from bench.common.inprocess_load import run_inprocess  # noqa: E402
 from bench.common.roofline import checkpoint_weight_bytes, copy_bandwidth, roofline_tokens_per_s  # noqa: E402
 from bench.common.server_process import ServerProcess  # noqa: E402
@@ -162,7 +162,7 @@ def server_args(args: argparse.Namespace, target: Path, draft: Path | None) -> l
     if args.linear_blocks is not None:
         out += ["--linear-blocks", str(args.linear_blocks)]
     if args.gemv_max_rows is not None:
-        out += ["--gemv-max-rows", args.gemv_max_rows]
+        out += ["--gemv-max-rows", str(args.gemv_max_rows)]
     if args.max_prefill_tokens_per_pass is not None:
         out += ["--max-prefill-tokens-per-pass", str(args.max_prefill_tokens_per_pass)]
     return out
@@ -410,11 +410,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the service's --linear-blocks (both paths): a JSON table of the invariant kernels' "
         "block shapes over the committed one",
     )
-    parser.add_argument(
-        "--gemv-max-rows",
-        default=None,
-        help="the service's --gemv-max-rows (both paths): auto, 0 or a row count [default: the server's]",
-    )
+    add_gemv_max_rows(parser, "the service's (both paths)")
     parser.add_argument(
         "--modes", type=subset_of(MODES), default=list(MODES), help="batch1, burst, sustained"
     )

@@ -58,6 +58,22 @@ def gemv_rows(text: str) -> int | None:
     return rows
 
 
+def gemv_rows_text(rows: int | None) -> int | str:
+    """A gemv limit as a result file records it and the service's flag takes it."""
+    return "auto" if rows is None else rows
+
+
+def add_gemv_max_rows(parser: argparse.ArgumentParser, what: str = "the engine's") -> None:
+    """--gemv-max-rows (gemv_rows): None for auto."""
+    parser.add_argument(
+        "--gemv-max-rows",
+        type=gemv_rows,
+        default=None,
+        help=f"{what} gemv limit (EngineConfig.gemv_max_rows): auto (default), 0 (the tile "
+        "kernel for every pass) or a row count",
+    )
+
+
 def write_result(path: Path, result: Any) -> None:
     """Writes `result` as JSON to `path` through a temporary file, so that a run stopped while
     writing leaves the last complete file, never half of one."""
