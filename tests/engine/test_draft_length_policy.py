@@ -183,6 +183,51 @@ def test_explores_unmeasured_batches_and_respects_the_floor() -> None:
     assert policy.choose(8, [3, 0, 2], [0.1, 0.5, 0.1], floor=2, draft_model=False) >= 2
 
 
+def test_a_bucket_without_drafting_costs_borrows_the_nearest_buckets_ratios() -> None:
+    # 8B on an H100 (bench/RESULTS.md): a draft-model pass at 32 rows verifying 8 drafts costs
+    # about 6x a plain one. Bucket 32 has only its plain pass measured (a plain burst ran).
+    policy = DraftLengthPolicy()
+    _measured(policy, 32, {8: 50e-3}, draft_model=True)
+    _measured(policy, 32, {0: 8.5e-3})
+    _measured(policy, 64, {0: 10e-3})
+    # Low acceptance: plain, without first drafting 8 tokens a row to measure bucket 64.
+    assert policy.choose(64, [8] * 64, [0.05] * 64, floor=0, draft_model=True) == 0
+    # The borrowed costs are bucket 32's relative to its plain pass, on bucket 64's plain pass.
+    cost, borrowed = policy._cap_costs(64, True)
+    assert borrowed
+    assert cost(0) == pytest.approx(10e-3)
+    assert cost(8) == pytest.approx(10e-3 * 50 / 8.5)
+    # Certain acceptance still drafts; the guess is not held against the model's calibration.
+    assert policy.choose(64, [8] * 64, [1.0] * 64, floor=0, draft_model=True) == 8
+    assert policy._promised is None
+    # Once bucket 64's own drafting pass is measured, its costs are its own.
+    _measured(policy, 64, {8: 80e-3}, draft_model=True)
+    cost, borrowed = policy._cap_costs(64, True)
+    assert not borrowed and cost(8) == pytest.approx(80e-3)
+
+
+def test_a_bucket_without_a_plain_cost_scales_the_donor_by_its_drafting_cost() -> None:
+    policy = DraftLengthPolicy()
+    _measured(policy, 4, {0: 2e-3})
+    _measured(policy, 4, {2: 3e-3}, draft_model=True)
+    _measured(policy, 16, {2: 6e-3}, draft_model=True)  # 16 rows: drafting measured, plain not
+    _measured(policy, 1, {0: 1e-3})  # farther from 16 than 4 is
+    _measured(policy, 1, {2: 1.1e-3}, draft_model=True)
+    cost, borrowed = policy._cap_costs(16, True)
+    assert borrowed
+    assert cost(0) == pytest.approx(4e-3)  # 6 ms / (3 / 2)
+    assert cost(2) == pytest.approx(6e-3)
+    # Equally near buckets (8 is as far from 4 as from 16): the larger one lends.
+    _measured(policy, 16, {0: 4.4e-3})
+    cost, _ = policy._cap_costs(8, True)
+    assert cost(2) == pytest.approx(6e-3)  # bucket 16's own costs, nothing measured at 8
+    assert cost(0) == pytest.approx(4.4e-3)
+    # Without a draft model a bucket's own widths extrapolate, as before (any pass measured).
+    _measured(policy, 2, {3: 2e-3})
+    cost, borrowed = policy._cap_costs(2, False)
+    assert not borrowed and cost(0) == pytest.approx(2e-3 * (1 - 3 * 0.05))
+
+
 def test_outputs_stay_lossless_with_the_policy_on(make_engine, target, close_draft, tokenizer) -> None:
     engine = make_engine(
         target, draft=close_draft, max_batch_size=4, adaptive_draft_length=True, max_num_draft_tokens=5

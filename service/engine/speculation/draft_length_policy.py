@@ -10,7 +10,7 @@ pass. The model, its priors, its calibration and the planning backoff: docs/engi
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 # A kind of proposal never seen: above the break-even rate, so a new row tries; below it
@@ -281,6 +281,51 @@ class DraftLengthPolicy:
         nearest = min(measured, key=lambda n: abs(n - drafts))
         return measured[nearest] * (1.0 + EXTRAPOLATION_PER_DRAFT * (drafts - nearest))
 
+    def _complete(self, bucket: int, draft_model: bool) -> bool:
+        """Whether the bucket has a measured pass without a draft model and a measured
+        drafting pass (n > 0) of the kind asked for."""
+        drafting = self._measured(bucket, draft_model)
+        return bool(self._measured(bucket, False)) and any(n > 0 for n in drafting)
+
+    def _cap_costs(self, bucket: int, draft_model: bool) -> tuple[Callable[[int], float | None], bool]:
+        """t(bucket, n) for every cap n (None: unknown), and whether it is borrowed.
+
+        A bucket without a measured drafting pass (or without a pass free of the draft model)
+        borrows the nearest complete bucket's cost of each cap relative to its plain pass,
+        scaled by what this bucket measured, if anything, instead of drafting as asked until
+        its own are measured: at 32 rows of the 8B shape, after traffic at other batch sizes,
+        a first burst with the draft model verified 8 drafts a row for several passes at
+        about 6 times a plain pass's cost (bench/RESULTS.md). A borrowed cost is a guess; the
+        passes it chooses are measured and replace it. No complete bucket anywhere: the
+        bucket's own measurements, extrapolated (None where it has none).
+        """
+        plain, drafting = self._measured(bucket, False), self._measured(bucket, draft_model)
+
+        def own(n: int) -> float | None:
+            return self._estimate(drafting if n > 0 else plain, n)
+
+        if self._complete(bucket, draft_model):
+            return own, False
+        donors = [b for b, dm in self._steady if dm == draft_model and self._complete(b, dm)]
+        if not donors:
+            return own, False
+        # Nearest in log2 of the batch size; a tie goes to the larger bucket, whose verify
+        # passes cost relatively more (the cautious guess).
+        donor = min(donors, key=lambda b: (abs(b.bit_length() - bucket.bit_length()), -b))
+        donor_plain, donor_drafting = self._measured(donor, False), self._measured(donor, draft_model)
+
+        def donor_cost(n: int) -> float:
+            return self._estimate(donor_drafting if n > 0 else donor_plain, n)
+
+        if plain:
+            scale = own(0) / donor_cost(0)
+        elif drafting:
+            width = min(drafting)  # a drafting width this bucket measured
+            scale = drafting[width] / donor_cost(width)
+        else:
+            scale = 1.0  # nothing measured here: the donor's own costs
+        return lambda n: scale * donor_cost(n), True
+
     def choose(
         self, rows: int, available: list[int], rates: list[float], floor: int, draft_model: bool
     ) -> int:
@@ -307,13 +352,13 @@ class DraftLengthPolicy:
     ) -> tuple[int, float]:
         """The best cap (by calibrated prediction) and the model's own prediction of its
         tokens per second, before calibration (0.0: no prediction, when nothing is measured
-        for the bucket yet or no cap above the floor is possible)."""
+        yet, the bucket's costs are borrowed (_cap_costs) or no cap above the floor is possible)."""
         bucket = batch_bucket(rows)
         most = max(available, default=0)
         if most <= floor:
             return most, 0.0
         # A cap of 0 runs no draft model, larger caps may.
-        plain, drafting = self._measured(bucket, False), self._measured(bucket, draft_model)
+        cost, borrowed = self._cap_costs(bucket, draft_model)
         # sum_r E(a_r, min(L_r, cap)) = R + sum_{d <= cap} gain[d], gain[d] = sum of a_r^d over
         # the rows with L_r >= d (draft d counts when it and every draft before it pass):
         # one multiplication per proposable draft instead of one power per row and cap.
@@ -331,11 +376,12 @@ class DraftLengthPolicy:
             tokens += gain[cap]  # gain[0] = 0
             if cap < floor:
                 continue
-            seconds = self._estimate(drafting if cap > 0 else plain, cap)
+            seconds = cost(cap)
             if seconds is None:
-                return most, 0.0  # nothing measured for this batch size yet: run as asked, and measure
+                return most, 0.0  # nothing measured in any batch bucket yet: run as asked, and measure
             model_rate = tokens / seconds
             calibrated = model_rate * factor if cap > 0 else model_rate
             if calibrated > best_rate:
                 best, best_rate, best_model_rate = cap, calibrated, model_rate
-        return best, best_model_rate
+        # A borrowed cost's prediction is not held against the model (the calibration).
+        return best, 0.0 if borrowed else best_model_rate
