@@ -91,17 +91,22 @@ TILES = [  # (BM, BN, BK, warps, stages); the first is TILE_BLOCKS
     (64, 128, 128, 8, 3),
     (64, 256, 64, 8, 3),
 ]
-# The inner dimension split in fixed ranges (TileBlocks.split): at 32 rows an N = 4096
-# weight has 16 to 64 column tiles, a third to an eighth of an H100's SMs, each program
+# The inner dimension split in fixed ranges (TileBlocks.split): up to 64 rows (one row tile
+# of BM = 64) an N = 4096 weight has 16 to 64 column tiles, a third to an eighth of an H100's
+# SMs, and qkv (N = 6144) and gate/up (N = 28672) in wide tiles 48 and 112, each program
 # reading a long stretch of K; split ranges multiply the programs.
 SPLIT_TILES = [
     (bm, bn, bk, warps, stages, split)
     for bm, bn, bk, warps, stages in [
+        (16, 64, 64, 4, 3),
         (16, 64, 128, 4, 4),
         (16, 128, 64, 4, 4),
         (32, 64, 128, 4, 4),
         (64, 64, 64, 4, 4),
         (16, 256, 64, 4, 3),
+        (64, 128, 64, 4, 4),
+        (64, 128, 128, 8, 3),
+        (64, 256, 64, 8, 3),
     ]
     for split in (2, 4, 8)
 ]
