@@ -21,7 +21,8 @@ builtin:all, or a JSONL file), method (--methods: none, ngram, draft_model) and 
 
   batch1     one request at a time, every prompt --batch1-repeats times; the figure is
              tokens over the sum of request durations (bench/gpu_decode.py's batch-1 figure);
-  burst      N requests at once, for each N of --concurrency; the figure is over the run;
+  burst      N requests at once, for each N of --concurrency, --burst-rounds times one after
+             the other; the figure is over the run (all its rounds);
   sustained  N clients sending back to back (--requests-per-client each); the figure is
              over the steady window (N in flight throughout).
 
@@ -119,7 +120,8 @@ def blocks(
             for mode in ("burst", "sustained"):
                 if mode in args.modes:
                     per_client = args.requests_per_client if mode == "sustained" else None
-                    points.append((mode, Pacing(mode, level, per_client)))
+                    rounds = args.burst_rounds if mode == "burst" else 1
+                    points.append((mode, Pacing(mode, level, per_client, rounds=rounds)))
         for mode, pacing in points:
             for method in methods:
                 out.append((spec, method, mode, pacing))
@@ -199,6 +201,7 @@ def row_of(
         "method": method,
         "mode": mode,
         "level": int(pacing.level),
+        "rounds": pacing.rounds,
         "tokens_per_s": tokens_per_s,
         "ttft_p50_ms": ms(latency["ttft"]["p50"]),
         "ttft_p99_ms": ms(latency["ttft"]["p99"]),
@@ -429,6 +432,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--fixed-k", action="store_true", help="turn the adaptive draft length off")
     parser.add_argument("--batch1-repeats", type=int, default=2, help="batch1: runs of every prompt")
+    parser.add_argument(
+        "--burst-rounds",
+        type=int,
+        default=1,
+        help="burst: rounds of each burst, one after the other, measured as one run",
+    )
     parser.add_argument("--requests-per-client", type=int, default=4, help="sustained: requests per client")
     parser.add_argument(
         "--warmup",
@@ -467,7 +476,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--append", action="store_true", help="merge into an existing --out file")
     parser.add_argument("--out", type=Path, default=Path("bench/out/service_decode.json"))
     args = parser.parse_args(argv)
-    for name in ("new_tokens", "batch1_repeats", "requests_per_client"):
+    for name in ("new_tokens", "batch1_repeats", "burst_rounds", "requests_per_client"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or not 0 <= args.k <= 8:

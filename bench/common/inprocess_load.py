@@ -26,8 +26,9 @@ def run_inprocess(
 ) -> tuple[float, list[RequestRecord]]:
     """Submits the run's requests; returns (the run's start time, the records in sending order).
 
-    burst: `level` requests at once; sustained: `level` clients, each submitting its next
-    request when its last one ended, `pacing.requests` each (or until `pacing.duration_s`).
+    burst: `level` requests at once, `pacing.rounds` times (each round once the last one
+    ended); sustained: `level` clients, each submitting its next request when its last one
+    ended, `pacing.requests` each (or until `pacing.duration_s`).
     """
     if pacing.mode not in ("burst", "sustained"):
         raise ValueError(f"in-process runs pace burst or sustained, not {pacing.mode!r}")
@@ -72,6 +73,20 @@ def run_inprocess(
     run_start = time.perf_counter()
     clients = int(pacing.level)
     deadline = None if pacing.duration_s is None else run_start + pacing.duration_s
+    for _ in range(pacing.rounds if pacing.mode == "burst" else 1):
+        _run_round(pacing, clients, deadline, submit, next_end)
+    return run_start, records
+
+
+def _run_round(
+    pacing: Pacing,
+    clients: int,
+    deadline: float | None,
+    submit: Callable[[int], None],
+    next_end: Callable[[], RequestRecord],
+) -> None:
+    """One burst, or the whole of a sustained run: every client submits, then (sustained)
+    submits again as its requests end; returns when none is in flight."""
     sent = dict.fromkeys(range(clients), 0)
     for client in range(clients):
         submit(client)
@@ -90,4 +105,3 @@ def run_inprocess(
             submit(client)
             sent[client] += 1
             in_flight += 1
-    return run_start, records

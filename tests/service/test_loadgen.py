@@ -52,6 +52,8 @@ def test_summed_server_metrics_equal_what_the_server_returned(run_service, tmp_p
                 "5",
                 "--requests-per-client",
                 "2",
+                "--burst-rounds",
+                "2",
                 "--max-tokens",
                 "8",
                 "-k",
@@ -70,8 +72,8 @@ def test_summed_server_metrics_equal_what_the_server_returned(run_service, tmp_p
     assert report["server_info"]["target_model"]
     runs = report["runs"]
     expected_sent = {
-        ("burst", 1): 1,
-        ("burst", 3): 3,
+        ("burst", 1): 2,  # two rounds (--burst-rounds)
+        ("burst", 3): 6,
         ("sustained", 1): 2,
         ("sustained", 3): 6,
         ("rate", 40): 5,
@@ -119,6 +121,9 @@ def test_summed_server_metrics_equal_what_the_server_returned(run_service, tmp_p
         assert [r["completion_tokens"] for r in per_request] == [
             12 if r["index"] % 2 == 0 else 8 for r in per_request
         ]
+        if run["mode"] == "burst":  # the second round starts once the first has ended
+            first, second = per_request[: run["level"]], per_request[run["level"] :]
+            assert max(r["end_s"] for r in first) <= min(r["start_s"] for r in second)
         latency = run["latency_s"]
         assert latency["ttft"]["count"] == latency["requests"] >= 1
         assert latency["itl"]["count"] >= latency["requests"]  # >= 2 chunks per request

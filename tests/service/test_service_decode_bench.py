@@ -45,6 +45,8 @@ def run_bench(tmp: Path, device: str, dtype: str) -> dict:
         "4",
         "--batch1-repeats",
         "1",
+        "--burst-rounds",
+        "2",
         "--warmup",
         "1",
         "--copy-gib",
@@ -74,6 +76,10 @@ def test_every_point_is_measured_on_both_paths_without_failures(report):
     }
     for row in report["rows"]:
         assert row["requests_failed"] == 0
+        # A burst of 2 sent in 2 rounds (--burst-rounds): 4 requests in the run, both paths.
+        assert row["rounds"] == (2 if row["mode"] == "burst" else 1)
+        if row["mode"] == "burst":
+            assert row["report"]["requests"]["sent"] == 4
         assert row["tokens_per_s"] > 0
         assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"]
         assert 0 < row["itl_p50_ms"] <= row["itl_p99_ms"]

@@ -14,7 +14,8 @@ examples:
   specdec-bench --modes burst --concurrency 32 --temperature 0.8 --seed 1 --plot bench.png
 
 modes:
-  burst      N requests sent at once (N = each --concurrency level); window: the whole run
+  burst      N requests sent at once (N = each --concurrency level), --burst-rounds times;
+             window: the whole run
   sustained  N clients, each sending its next request as soon as its last one ended
              (closed loop), --requests-per-client each or until --duration-s; window: from
              the first end to the last start that followed an end (N in flight throughout)
@@ -144,6 +145,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="levels for burst and sustained, e.g. 1,8,32 [default 1]",
     )
     parser.add_argument(
+        "--burst-rounds",
+        type=_positive(int),
+        default=1,
+        help="burst: send each burst this many times, each once the last one ended, and "
+        "report them as one run (a single burst's figures vary from one to the next) [default 1]",
+    )
+    parser.add_argument(
         "--rate",
         type=_list_of(_positive(float), "positive numbers"),
         default=None,
@@ -261,6 +269,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, Pacing]]:
                             requests if mode != "burst" else None,
                             args.duration_s if mode != "burst" else None,
                             args.arrival_seed,
+                            args.burst_rounds if mode == "burst" else 1,
                         ),
                     )
                 )

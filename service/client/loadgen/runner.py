@@ -1,6 +1,6 @@
 """Sending the load: one streamed request, and the three ways of pacing them.
 
-- burst: `level` requests sent at once;
+- burst: `level` requests sent at once, `rounds` times (each round once the last ended);
 - sustained (closed loop): `level` clients, each sending its next request as soon as its
   last one ended, for a number of requests each or until a duration has passed;
 - rate (open loop): arrivals at `level` requests/s with exponential gaps (a Poisson
@@ -37,6 +37,7 @@ class Pacing:
     requests: int | None = None  # sustained: per client; rate: in all
     duration_s: float | None = None  # sustained / rate: stop sending after this
     arrival_seed: int = 0  # rate: the arrival times' random seed
+    rounds: int = 1  # burst: bursts sent one after the other, each once the last one ended
 
 
 async def send_one(
@@ -87,10 +88,11 @@ async def run_load(
 
     run_start = time.perf_counter()
     if pacing.mode == "burst":
-        pairs = [start(client) for client in range(int(pacing.level))]
-        await asyncio.gather(
-            *(send_one(stub, request, record, timeout_s, metadata) for request, record in pairs)
-        )
+        for _ in range(pacing.rounds):
+            pairs = [start(client) for client in range(int(pacing.level))]
+            await asyncio.gather(
+                *(send_one(stub, request, record, timeout_s, metadata) for request, record in pairs)
+            )
     elif pacing.mode == "sustained":
         deadline = None if pacing.duration_s is None else run_start + pacing.duration_s
 
