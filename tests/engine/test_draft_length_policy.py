@@ -184,8 +184,8 @@ def test_explores_unmeasured_batches_and_respects_the_floor() -> None:
 
 
 def test_a_bucket_without_drafting_costs_borrows_the_nearest_buckets_ratios() -> None:
-    # 8B on an H100 (bench/RESULTS.md): a draft-model pass at 32 rows verifying 8 drafts costs
-    # about 6x a plain one. Bucket 32 has only its plain pass measured (a plain burst ran).
+    # A draft-model pass verifying 8 drafts at 32 rows costs several plain passes (the 8B
+    # shape, bench/RESULTS.md). Bucket 64 has only its plain pass measured (a plain burst ran).
     policy = DraftLengthPolicy()
     _measured(policy, 32, {8: 50e-3}, draft_model=True)
     _measured(policy, 32, {0: 8.5e-3})

@@ -292,10 +292,8 @@ class DraftLengthPolicy:
 
         A bucket without a measured drafting pass (or without a pass free of the draft model)
         borrows the nearest complete bucket's cost of each cap relative to its plain pass,
-        scaled by what this bucket measured, if anything, instead of drafting as asked until
-        its own are measured: at 32 rows of the 8B shape, after traffic at other batch sizes,
-        a first burst with the draft model verified 8 drafts a row for several passes at
-        about 6 times a plain pass's cost (bench/RESULTS.md). A borrowed cost is a guess; the
+        scaled by what this bucket measured, if anything, rather than drafting as asked until
+        its own costs are measured (docs/engine.md, "Costs"). A borrowed cost is a guess; the
         passes it chooses are measured and replace it. No complete bucket anywhere: the
         bucket's own measurements, extrapolated (None where it has none).
         """
