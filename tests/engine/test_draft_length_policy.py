@@ -192,40 +192,54 @@ def test_a_bucket_without_drafting_costs_borrows_the_nearest_buckets_ratios() ->
     _measured(policy, 64, {0: 10e-3})
     # Low acceptance: plain, without first drafting 8 tokens a row to measure bucket 64.
     assert policy.choose(64, [8] * 64, [0.05] * 64, floor=0, draft_model=True) == 0
-    # The borrowed costs are bucket 32's relative to its plain pass, on bucket 64's plain pass.
+    # The drafting costs are bucket 32's relative to its plain pass, on bucket 64's own plain pass.
     cost, borrowed = policy._cap_costs(64, True)
-    assert borrowed
-    assert cost(0) == pytest.approx(10e-3)
-    assert cost(8) == pytest.approx(10e-3 * 50 / 8.5)
+    assert cost(0) == pytest.approx(10e-3) and not borrowed(0)
+    assert cost(8) == pytest.approx(10e-3 * 50 / 8.5) and borrowed(8)
     # Certain acceptance still drafts; the guess is not held against the model's calibration.
     assert policy.choose(64, [8] * 64, [1.0] * 64, floor=0, draft_model=True) == 8
     assert policy._promised is None
     # Once bucket 64's own drafting pass is measured, its costs are its own.
     _measured(policy, 64, {8: 80e-3}, draft_model=True)
     cost, borrowed = policy._cap_costs(64, True)
-    assert not borrowed and cost(8) == pytest.approx(80e-3)
+    assert cost(8) == pytest.approx(80e-3) and not borrowed(8)
+    policy.choose(64, [8] * 64, [1.0] * 64, floor=0, draft_model=True)
+    assert policy._promised is not None
 
 
-def test_a_bucket_without_a_plain_cost_scales_the_donor_by_its_drafting_cost() -> None:
+def test_a_bucket_without_a_plain_cost_borrows_only_that() -> None:
     policy = DraftLengthPolicy()
     _measured(policy, 4, {0: 2e-3})
-    _measured(policy, 4, {2: 3e-3}, draft_model=True)
-    _measured(policy, 16, {2: 6e-3}, draft_model=True)  # 16 rows: drafting measured, plain not
+    _measured(policy, 4, {2: 3e-3, 8: 4e-3}, draft_model=True)
+    _measured(policy, 16, {2: 6e-3, 8: 20e-3}, draft_model=True)  # 16 rows: no plain pass yet
     _measured(policy, 1, {0: 1e-3})  # farther from 16 than 4 is
     _measured(policy, 1, {2: 1.1e-3}, draft_model=True)
     cost, borrowed = policy._cap_costs(16, True)
-    assert borrowed
-    assert cost(0) == pytest.approx(4e-3)  # 6 ms / (3 / 2)
-    assert cost(2) == pytest.approx(6e-3)
+    assert cost(0) == pytest.approx(4e-3) and borrowed(0)  # 6 ms / (3 / 2), from width 2
+    # The widths bucket 16 measured are its own, not the donor's ratios (8: 20 ms, not 8).
+    assert cost(2) == pytest.approx(6e-3) and not borrowed(2)
+    assert cost(8) == pytest.approx(20e-3) and not borrowed(8)
     # Equally near buckets (8 is as far from 4 as from 16): the larger one lends.
     _measured(policy, 16, {0: 4.4e-3})
-    cost, _ = policy._cap_costs(8, True)
-    assert cost(2) == pytest.approx(6e-3)  # bucket 16's own costs, nothing measured at 8
-    assert cost(0) == pytest.approx(4.4e-3)
-    # Without a draft model a bucket's own widths extrapolate, as before (any pass measured).
-    _measured(policy, 2, {3: 2e-3})
-    cost, borrowed = policy._cap_costs(2, False)
-    assert not borrowed and cost(0) == pytest.approx(2e-3 * (1 - 3 * 0.05))
+    cost, borrowed = policy._cap_costs(8, True)
+    assert cost(2) == pytest.approx(6e-3) and borrowed(2)  # bucket 16's own costs: nothing at 8
+    assert cost(0) == pytest.approx(4.4e-3) and borrowed(0)
+
+
+def test_an_ngram_bucket_with_only_a_plain_pass_borrows_the_drafting_costs() -> None:
+    policy = DraftLengthPolicy()
+    _measured(policy, 32, {0: 8e-3, 1: 16e-3, 2: 19e-3, 3: 22e-3, 4: 24e-3})
+    _measured(policy, 64, {0: 10e-3})  # plain only: before, widths were 5% a draft above it
+    cost, borrowed = policy._cap_costs(64, False)
+    assert cost(0) == pytest.approx(10e-3) and not borrowed(0)
+    assert cost(4) == pytest.approx(30e-3) and borrowed(4)
+    # At 5% a draft, acceptance 0.5 would pay (1.5 tokens for 1.05 passes); at bucket 32's ratios not.
+    assert policy.choose(64, [4] * 64, [0.5] * 64, floor=0, draft_model=False) == 0
+    # Without a complete bucket anywhere, a bucket's own widths extrapolate (5% a draft).
+    fresh = DraftLengthPolicy()
+    _measured(fresh, 2, {3: 2e-3})
+    cost, borrowed = fresh._cap_costs(2, False)
+    assert cost(0) == pytest.approx(2e-3 * (1 - 3 * 0.05)) and not borrowed(0)
 
 
 def test_outputs_stay_lossless_with_the_policy_on(make_engine, target, close_draft, tokenizer) -> None:

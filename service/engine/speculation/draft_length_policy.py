@@ -287,26 +287,33 @@ class DraftLengthPolicy:
         drafting = self._measured(bucket, draft_model)
         return bool(self._measured(bucket, False)) and any(n > 0 for n in drafting)
 
-    def _cap_costs(self, bucket: int, draft_model: bool) -> tuple[Callable[[int], float | None], bool]:
-        """t(bucket, n) for every cap n (None: unknown), and whether it is borrowed.
+    def _cap_costs(
+        self, bucket: int, draft_model: bool
+    ) -> tuple[Callable[[int], float | None], Callable[[int], bool]]:
+        """t(bucket, n) for every cap n (None: unknown), and which caps' costs are borrowed.
 
-        A bucket without a measured drafting pass (or without a pass free of the draft model)
-        borrows the nearest complete bucket's cost of each cap relative to its plain pass,
-        scaled by what this bucket measured, if anything, rather than drafting as asked until
-        its own costs are measured (docs/engine.md, "Costs"). A borrowed cost is a guess; the
+        A bucket that lacks measured drafting passes, or (with a draft model) passes free of
+        it, borrows the missing half from the nearest complete bucket: that bucket's cost of
+        each cap relative to its plain pass, scaled by what this bucket measured, rather
+        than drafting as asked until its own costs are measured (docs/engine.md, "Costs").
+        What the bucket measured itself is used as measured. A borrowed cost is a guess; the
         passes it chooses are measured and replace it. No complete bucket anywhere: the
         bucket's own measurements, extrapolated (None where it has none).
         """
         plain, drafting = self._measured(bucket, False), self._measured(bucket, draft_model)
+        has_plain, has_drafting = bool(plain), any(n > 0 for n in drafting)
 
         def own(n: int) -> float | None:
             return self._estimate(drafting if n > 0 else plain, n)
 
-        if self._complete(bucket, draft_model):
-            return own, False
+        def not_borrowed(n: int) -> bool:
+            return False
+
+        if has_plain and has_drafting:
+            return own, not_borrowed
         donors = [b for b, dm in self._steady if dm == draft_model and self._complete(b, dm)]
         if not donors:
-            return own, False
+            return own, not_borrowed
         # Nearest in log2 of the batch size; a tie goes to the larger bucket, whose verify
         # passes cost relatively more (the cautious guess).
         donor = min(donors, key=lambda b: (abs(b.bit_length() - bucket.bit_length()), -b))
@@ -315,14 +322,20 @@ class DraftLengthPolicy:
         def donor_cost(n: int) -> float:
             return self._estimate(donor_drafting if n > 0 else donor_plain, n)
 
-        if plain:
-            scale = own(0) / donor_cost(0)
-        elif drafting:
-            width = min(drafting)  # a drafting width this bucket measured
-            scale = drafting[width] / donor_cost(width)
-        else:
-            scale = 1.0  # nothing measured here: the donor's own costs
-        return lambda n: scale * donor_cost(n), True
+        if has_plain:  # drafting passes borrowed, on this bucket's plain pass
+            base = donor_cost(0)
+            if base <= 0:  # an extrapolation gone below zero: nothing sensible to scale by
+                return own, not_borrowed
+            scale = own(0) / base
+            return (lambda n: own(n) if n == 0 else scale * donor_cost(n)), (lambda n: n > 0)
+        if has_drafting:  # the plain pass borrowed, from a drafting width this bucket measured
+            width = min(n for n in drafting if n > 0)
+            base = donor_cost(width)
+            if base <= 0:
+                return own, not_borrowed
+            scale = drafting[width] / base
+            return (lambda n: scale * donor_cost(0) if n == 0 else own(n)), (lambda n: n == 0)
+        return donor_cost, lambda n: True  # nothing measured here: the donor's own costs
 
     def choose(
         self, rows: int, available: list[int], rates: list[float], floor: int, draft_model: bool
@@ -350,7 +363,8 @@ class DraftLengthPolicy:
     ) -> tuple[int, float]:
         """The best cap (by calibrated prediction) and the model's own prediction of its
         tokens per second, before calibration (0.0: no prediction, when nothing is measured
-        yet, the bucket's costs are borrowed (_cap_costs) or no cap above the floor is possible)."""
+        yet, the chosen cap's cost is borrowed (_cap_costs) or no cap above the floor is
+        possible)."""
         bucket = batch_bucket(rows)
         most = max(available, default=0)
         if most <= floor:
@@ -376,10 +390,10 @@ class DraftLengthPolicy:
                 continue
             seconds = cost(cap)
             if seconds is None:
-                return most, 0.0  # nothing measured in any batch bucket yet: run as asked, and measure
+                return most, 0.0  # nothing to go by for this bucket yet: run as asked, and measure
             model_rate = tokens / seconds
             calibrated = model_rate * factor if cap > 0 else model_rate
             if calibrated > best_rate:
                 best, best_rate, best_model_rate = cap, calibrated, model_rate
-        # A borrowed cost's prediction is not held against the model (the calibration).
-        return best, 0.0 if borrowed else best_model_rate
+        # A prediction from a borrowed cost is not held against the model (the calibration).
+        return best, 0.0 if borrowed(best) else best_model_rate
