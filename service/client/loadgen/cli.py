@@ -148,8 +148,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--burst-rounds",
         type=_positive(int),
         default=1,
-        help="burst: send each burst this many times, each once the last one ended, and "
-        "report them as one run (a single burst's figures vary from one to the next) [default 1]",
+        help="burst: send this many bursts of N, each once the last one ended, as one run (a "
+        "single burst's figures vary from one to the next); request i takes prompt i modulo "
+        "the set's size throughout, so a later round may start at another prompt [default 1]",
     )
     parser.add_argument(
         "--rate",
@@ -321,6 +322,7 @@ async def amain(args: argparse.Namespace, prompts: list[Prompt]) -> dict[str, An
                 "requests",
                 "duration_s",
                 "arrival_seed",
+                "burst_rounds",
             )
         },
         "runs": [],
