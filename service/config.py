@@ -33,8 +33,8 @@ DEFAULT_MAX_PROMPT_BYTES = 256 * 1024
 _method = choice(*METHOD_BY_NAME)
 
 
-def _gemv_rows(value: str) -> int | str:
-    """--gemv-max-rows: "auto" or a row count >= 0."""
+def gemv_rows_setting(value: str) -> int | str:
+    """--gemv-max-rows: "auto" or a row count >= 0 (the benchmark tools parse it with this too)."""
     if value == "auto":
         return value
     try:
@@ -150,7 +150,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "gemv_max_rows",
         "SPECDEC_GEMV_MAX_ROWS",
-        _gemv_rows,
+        gemv_rows_setting,
         "auto",
         "CUDA: passes of up to this many token rows on the gemv kernel, larger ones on the tile "
         "kernel (docs/engine.md); 0: the tile kernel for every pass; else at least "

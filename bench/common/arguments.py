@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from service.config import gemv_rows_setting
+
 
 def subset_of(choices: Iterable[str]) -> Callable[[str], list[str]]:
     """An argparse type: a non-empty comma-separated subset of `choices`, in the order given."""
@@ -49,13 +51,10 @@ def floats(text: str) -> list[float]:
 
 
 def gemv_rows(text: str) -> int | None:
-    """A --gemv-max-rows value: "auto" (None: EngineConfig's per-model rule) or a row count >= 0."""
-    if text == "auto":
-        return None
-    rows = int(text)
-    if rows < 0:
-        raise ValueError(f"--gemv-max-rows must be auto or >= 0, not {rows}")
-    return rows
+    """A --gemv-max-rows value, checked as the service checks it: "auto" (None: EngineConfig's
+    per-model rule) or a row count >= 0."""
+    value = gemv_rows_setting(text)
+    return None if value == "auto" else value
 
 
 def gemv_rows_text(rows: int | None) -> int | str:
