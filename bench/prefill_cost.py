@@ -4,9 +4,11 @@
 
 Loads a model directory (bf16 on CUDA), builds the engine's lean forward ("invariant"
 variant) over a static KV cache, and times prefill forwards of B rows x T tokens through
-both of its prefill paths: `ModelForward.__call__` with last_only (the row-invariant Triton
-kernels: what every prefill ran before) and `ModelForward.prefill` (cuBLAS linears and
-FlashAttention over packed tokens, service/engine/execution/dense_prefill.py). Next to each time: the
+its prefill paths: `ModelForward.__call__` with last_only (the row-invariant Triton
+kernels: what every prefill ran before), `ModelForward.prefill` (cuBLAS linears and
+FlashAttention over packed tokens, service/engine/execution/dense_prefill.py) launched eagerly, and,
+for one row of up to 512 tokens, the same pass replayed from a captured graph
+(service/engine/execution/prefill_graphs.py, "graphed"). Next to each time: the
 matrix throughput it reaches (2 x matrix parameters x tokens + the attention's products,
 over the time) and the floor (FLOPs over the measured bf16 matrix rate, weight bytes over
 the measured copy bandwidth, whichever is larger). Checks, printed and in the JSON: the two
@@ -29,6 +31,7 @@ import torch
 from bench.common.cuda_timing import time_ms
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
 from service.engine.execution.model_forward import ModelForward
+from service.engine.execution.prefill_graphs import GraphedPrefill
 
 
 def _ceilings() -> dict[str, float]:
@@ -49,6 +52,11 @@ class Prefill:
         self.lean = lean
         self.cache = StaticKVCache(max_batch, max_len, torch.device("cuda"), lean.embed.dtype)
         self.cache.allocate(lean.num_layers, lean.num_kv_heads, lean.head_dim)
+        # The last cache position is the graphs' scratch: buckets up to it.
+        self.graphs = GraphedPrefill(lean, self.cache, 512, scratch_pos=max_len - 1)
+
+    def graphed(self, ids: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
+        return self.graphs(0, ids, lengths[0])
 
     def invariant(self, ids: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
         b, t = ids.shape
@@ -81,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", default="1x2048", help="shape whose passes are profiled ('' for none)")
     parser.add_argument("--out", default="", help="JSON output file")
+    parser.add_argument(
+        "--float32-check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="load the model a second time in float32 and compare each path's logits with it",
+    )
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
@@ -127,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                 flops / ceilings["matmul_tflops"] / 1e9, weight_bytes / ceilings["copy_bytes_per_s"] * 1e3
             )
             row = {"rows": b, "tokens": t, "flops": flops, "floor_ms": floor_ms}
-            for name, fn in (("invariant", run.invariant), ("dense", run.dense)):
+            paths = [("invariant", run.invariant), ("dense", run.dense)]
+            if run.graphs.fits(b, starts, lengths):
+                paths.append(("graphed", run.graphed))
+            for name, fn in paths:
                 ms = time_ms(
                     lambda fn=fn, ids=ids, starts=starts, lengths=lengths: fn(ids, starts, lengths),
                     args.repeats,
@@ -136,11 +153,20 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"{name}_ms"] = ms
                 row[f"{name}_tflops"] = flops / ms / 1e9
             row.update(_compare(run.dense(ids, starts, lengths), run.invariant(ids, starts, lengths)))
+            graphed = ""
+            if "graphed_ms" in row:
+                row["graphed_vs_dense"] = _compare(
+                    run.graphed(ids, starts, lengths), run.dense(ids, starts, lengths)
+                )
+                graphed = (
+                    f"  graphed {row['graphed_ms']:7.2f} ms (rel diff to dense "
+                    f"{row['graphed_vs_dense']['relative_difference']:.2e})"
+                )
             result["shapes"].append(row)
             print(
                 f"{b:>3} x {t:<5} invariant {row['invariant_ms']:8.2f} ms "
                 f"({row['invariant_tflops']:5.0f} TFLOP/s)"
-                f"  dense {row['dense_ms']:7.2f} ms ({row['dense_tflops']:5.0f} TFLOP/s)  floor "
+                f"  dense {row['dense_ms']:7.2f} ms ({row['dense_tflops']:5.0f} TFLOP/s){graphed}  floor "
                 f"{floor_ms:6.2f} ms"
                 f"  logits rel diff {row['relative_difference']:.2e}, argmax agree "
                 f"{row['argmax_agreement']:.2f}"
@@ -150,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         # first's keys from the cache); one row alone against the same row padded in a batch.
         ids = ids_300 = torch.randint(0, config.vocab_size, (1, 300), device="cuda", generator=gen)
         whole = run.dense(ids, [0], [300])
+        graphed_whole = run.graphed(ids, [0], [300])  # bucket 320
         run.dense(ids[:, :180], [0], [180])
         chunked = run.dense(ids[:, 180:], [180], [120])
         invariant_whole = run.invariant(ids, [0], [300])
@@ -160,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             "chunked_vs_whole": _compare(chunked, whole),
             "whole_vs_invariant": _compare(whole, invariant_whole),
             "batched_vs_alone": _compare(batched, whole),
+            "graphed_vs_dense": _compare(graphed_whole, whole),
         }
         for name, check in result["checks"].items():
             print(
@@ -183,15 +211,19 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 result[f"profile_{name}"] = table
                 print(f"--- {name}, {b} x {t}\n{table}")
-        # Both paths against the float32 forward of the same weights (transformers'), on the
+        # Every path against the float32 forward of the same weights (transformers'), on the
         # 300-token prompt of the checks: how far each bfloat16 prefill lands from exact.
+        if not args.float32_check:
+            if args.out:
+                Path(args.out).write_text(json.dumps(result, indent=1))
+            return 0
         del run
         torch.cuda.empty_cache()
         reference = AutoModelForCausalLM.from_pretrained(
             args.model, dtype=torch.float32, device_map="cuda"
         ).eval()
         exact = reference(ids_300).logits[:, -1].double()  # [1, V]
-        for name, got in (("dense", whole), ("invariant", invariant_whole)):
+        for name, got in (("dense", whole), ("graphed", graphed_whole), ("invariant", invariant_whole)):
             error = (got[:, 0].double() - exact).abs()
             result["checks"][f"{name}_vs_float32"] = {
                 "max_abs_error": float(error.max()),

@@ -167,6 +167,8 @@ def server_args(args: argparse.Namespace, target: Path, draft: Path | None) -> l
         out += ["--gemv-max-rows", str(args.gemv_max_rows)]
     if args.max_prefill_tokens_per_pass is not None:
         out += ["--max-prefill-tokens-per-pass", str(args.max_prefill_tokens_per_pass)]
+    if args.prefill_graph_tokens is not None:
+        out += ["--prefill-graph-tokens", str(args.prefill_graph_tokens)]
     return out
 
 
@@ -457,6 +459,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="the server's --max-prefill-tokens-per-pass (both paths) [default: the server's]: "
         "the prompt tokens a pass may prefill, against the delay decode rows wait behind them",
+    )
+    parser.add_argument(
+        "--prefill-graph-tokens",
+        type=int,
+        default=None,
+        help="the server's --prefill-graph-tokens (both paths) [default: the server's]: prompts "
+        "up to this long, prefilled alone, replay a captured graph; 0: every prefill eager",
     )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")

@@ -96,6 +96,14 @@ OPTIONS: tuple[Option, ...] = (
         "prompt tokens prefilled at most between two decode passes (long prompts in chunks)",
     ),
     Option(
+        "prefill_graph_tokens",
+        "SPECDEC_PREFILL_GRAPH_TOKENS",
+        non_negative_int,
+        512,
+        "CUDA: a request's prompt of up to this many tokens, prefilled alone, replays a captured "
+        "graph (docs/prefill.md); 0: every prefill eager",
+    ),
+    Option(
         "default_max_tokens",
         "SPECDEC_DEFAULT_MAX_TOKENS",
         positive_int,
@@ -268,6 +276,7 @@ class ServiceConfig:
     max_batch_size: int
     max_queue_size: int
     max_prefill_tokens_per_pass: int
+    prefill_graph_tokens: int
     default_max_tokens: int
     max_tokens_limit: int
     max_request_bytes: int

@@ -91,6 +91,7 @@ def engine_config(config: ServiceConfig) -> EngineConfig:
         max_batch_size=config.max_batch_size,
         max_queue_size=config.max_queue_size,
         max_prefill_tokens_per_pass=config.max_prefill_tokens_per_pass,
+        prefill_graph_tokens=config.prefill_graph_tokens,
         default_method=Method(proto_names.METHOD_BY_NAME[config.method]),
         default_num_draft_tokens=config.num_draft_tokens,
         max_num_draft_tokens=config.max_num_draft_tokens,

@@ -252,6 +252,7 @@ class Engine:
             lean_variant=self.config.lean_variant,
             linear_blocks=self._linear_blocks,
             gemv_max_rows=self.config.gemv_max_rows,
+            prefill_graph_tokens=self.config.prefill_graph_tokens,
         )
         target = ModelRunner(self._target, self.config.max_batch_size, cache_len, max_width, **fast)
         drafters: dict[Method, Drafter] = {

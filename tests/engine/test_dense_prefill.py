@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from service.engine.execution.dense_prefill import available, pack
+from service.engine.execution.dense_prefill import available, pack, pack_one_row
 from tests.support.float_compare import assert_close_up_to_rounding
 
 
@@ -26,6 +26,24 @@ def test_pack_lists_each_rows_real_tokens_and_keys() -> None:
     assert packed.cu_keys.tolist() == [0, 5, 11, 15] and packed.cu_keys.dtype == torch.int32
     assert (packed.max_tokens, packed.max_keys) == (4, 6)
     assert packed.last.tolist() == [2, 3, 7]
+
+
+def test_pack_one_row_keeps_the_padding_out_of_attention_and_behind_the_row() -> None:
+    # Slot 2's first 3 tokens, padded to 5; position 10 is behind every position a row uses.
+    slot, length = torch.tensor([2]), torch.tensor([3])
+    packed, write_pos = pack_one_row(slot, length, width=5, scratch_pos=10)
+    assert packed.key_rows.tolist() == [2] * 5
+    assert packed.key_pos.tolist() == [0, 1, 2, 3, 4]
+    assert packed.cu_tokens.tolist() == [0, 3] and packed.cu_tokens.dtype == torch.int32
+    assert packed.cu_keys.tolist() == [0, 3]
+    assert (packed.max_tokens, packed.max_keys) == (5, 5)
+    assert packed.last.tolist() == [2]
+    assert write_pos.tolist() == [0, 1, 2, 10, 10]
+    # What pack() gives the same row unpadded, for the part the attention reads.
+    plain = pack(starts=[0], lengths=[3], width=3, cache_len=16, device=torch.device("cpu"))
+    assert plain.cu_tokens.tolist() == packed.cu_tokens.tolist()
+    assert plain.key_pos.tolist() == packed.key_pos.tolist()[:3]
+    assert plain.last.tolist() == packed.last.tolist()
 
 
 def test_pack_clamps_keys_to_the_cache() -> None:

@@ -99,6 +99,33 @@ def pack(
     )
 
 
+def pack_one_row(
+    slot: torch.Tensor, length: torch.Tensor, width: int, scratch_pos: int
+) -> tuple[PackedRows, torch.Tensor]:
+    """The packing of one row's first `length` tokens, from position 0, padded to `width`
+    tokens, from device scalars alone (slot, length: [1] long), so that a captured graph
+    serves every length up to `width` (prefill_graphs.py). Keys and the cache writes index
+    the whole cache (rows are cache slots): token t < length is written at (slot, t); the
+    padding tokens at (slot, scratch_pos), behind every position a row uses, and they are
+    outside cu_tokens, so the attention neither computes them nor lets a real token see
+    them. Returns the packing and the write positions [width]."""
+    index = torch.arange(width, device=slot.device)  # [W]
+    rows = slot.expand(width)  # [W]
+    cu = torch.cat([torch.zeros_like(length), length]).int()  # [2]: the row is tokens 0 .. length - 1
+    write_pos = torch.where(index < length, index, scratch_pos)  # [W]
+    packed = PackedRows(
+        token_index=index,
+        key_rows=rows,
+        key_pos=index,  # keys past `length` are gathered but outside cu_keys: never read
+        cu_tokens=cu,
+        cu_keys=cu,
+        max_tokens=width,
+        max_keys=width,
+        last=length - 1,  # [1]
+    )
+    return packed, write_pos
+
+
 def attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, packed: PackedRows, scale: float
 ) -> torch.Tensor:

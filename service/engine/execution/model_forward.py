@@ -16,6 +16,7 @@ import contextlib
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch._dynamo
@@ -30,6 +31,9 @@ from service.engine.execution.torch_layer import (
     pre_attention,
     rms_norm,
 )
+
+if TYPE_CHECKING:
+    from service.engine.execution.dense_prefill import PackedRows
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 VARIANTS = ("around_attention", "layer", "invariant")  # see ModelForward
@@ -324,7 +328,6 @@ class ModelForward:
                 "prefill() needs the dense prefill (a half-precision model on a GPU with FlashAttention)"
             )
         t = input_ids.shape[1]
-        h, g, d, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
         cache_len = keys[0].shape[2]
         packed = dense.pack(starts, lengths, t, cache_len, input_ids.device)
         starts_t = to_device(starts, torch.long, input_ids.device)
@@ -333,7 +336,27 @@ class ModelForward:
         ]  # [N]
         write_rows = packed.token_index // t  # [N]
         write_pos = positions.clamp(max=cache_len - 1)
-        x = F.embedding(input_ids.reshape(-1)[packed.token_index], self.embed)  # [N, E]
+        tokens = input_ids.reshape(-1)[packed.token_index]  # [N]
+        return self.prefill_packed(tokens, positions, packed, write_rows, write_pos, keys, values)
+
+    def prefill_packed(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        packed: PackedRows,
+        write_rows: torch.Tensor,
+        write_pos: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """The dense prefill over packed tokens [N] at rotary positions [N], token n's key and
+        value written at (write_rows[n], write_pos[n]) of keys / values (per layer [R, G, L, D]),
+        attention as `packed` (dense_prefill.PackedRows) says: float32 logits [B, 1, V] of the
+        tokens packed.last [B]. No device synchronisation (a captured graph runs it:
+        prefill_graphs.py)."""
+        dense = self._dense
+        h, g, d, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
+        x = F.embedding(tokens, self.embed)  # [N, E]
         cos, sin = self.rotary(x[None], positions[None])  # [1, N, D] each
         cos, sin = cos[0].to(x.dtype).contiguous(), sin[0].to(x.dtype).contiguous()  # [N, D]
         for layer, k_cache, v_cache in zip(self.layers, keys, values):

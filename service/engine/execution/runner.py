@@ -4,7 +4,8 @@ Three paths, one contract (float32 logits for the given rows and positions):
 - the lean forward (service/engine/execution/model_forward.py) for the Llama/Qwen2 family, eager (or
   compiled, on CUDA);
 - the same lean forward replayed from captured CUDA graphs for decode and verify passes
-  on CUDA (service/engine/execution/cuda_graphs.py);
+  on CUDA (service/engine/execution/cuda_graphs.py), and for one-row prefill passes of
+  short prompts (service/engine/execution/prefill_graphs.py);
 - transformers' own forward with a cache window, for every other model family.
 """
 
@@ -17,6 +18,7 @@ from service.engine.execution.device import to_device
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
 from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable, gemv_row_limit
 from service.engine.execution.model_forward import ModelForward, supports
+from service.engine.execution.prefill_graphs import GraphedPrefill
 from service.models.loading import LoadedModel
 
 
@@ -57,7 +59,11 @@ class ModelRunner:
         lean_variant: str = "around_attention",
         linear_blocks: BlockTable = DEFAULT_TABLE,
         gemv_max_rows: int | None = None,
+        prefill_graph_tokens: int = 0,
     ) -> None:
+        """prefill_graph_tokens: with graphs and the dense prefill, one-row prefill passes of
+        a whole prompt of up to this many tokens replay captured graphs (0: every prefill
+        pass eager)."""
         self.loaded = loaded
         self.model = loaded.model
         self.device = torch.device(loaded.device)
@@ -68,6 +74,7 @@ class ModelRunner:
         self.vocab_size = loaded.vocab_size
         self.lean: ModelForward | None = None
         self.graphs: GraphedDecoder | None = None
+        self.prefill_graphs: GraphedPrefill | None = None
         if use_lean and supports(self.model):
             variant = pick_variant(lean_variant, self.model, self.device, use_compile)
             compiled = use_compile and self.device.type == "cuda" and variant != "invariant"
@@ -90,16 +97,21 @@ class ModelRunner:
                 self.graphs = GraphedDecoder(
                     self.lean, self.cache, max_batch, max_width, max_len, self.scratch_start
                 )
+                if prefill_graph_tokens and self.lean.dense_prefill:
+                    self.prefill_graphs = GraphedPrefill(
+                        self.lean, self.cache, prefill_graph_tokens, self.scratch_start
+                    )
 
     @property
     def captures(self) -> int:
-        """CUDA graphs captured so far (0 without graphs)."""
-        return self.graphs.captures if self.graphs is not None else 0
+        """CUDA graphs captured so far, decode and prefill (0 without graphs)."""
+        return sum(g.captures for g in (self.graphs, self.prefill_graphs) if g is not None)
 
     @torch.inference_mode()
     def capture_all_graphs(self) -> int:
-        """Captures every decode/verify graph bucket now (CUDA graphs only); returns how many."""
-        return self.graphs.capture_all() if self.graphs is not None else 0
+        """Captures every decode/verify and prefill graph bucket now (CUDA graphs only; before
+        any request: the prefill captures write slot 0); returns how many."""
+        return sum(g.capture_all() for g in (self.graphs, self.prefill_graphs) if g is not None)
 
     @torch.inference_mode()
     def forward(
@@ -127,8 +139,11 @@ class ModelRunner:
         if (
             last_only and self.lean is not None and self.lean.dense_prefill
         ):  # a prefill: cuBLAS + FlashAttention
+            lengths = lengths or [width] * (hi - lo)
+            if self.prefill_graphs is not None and self.prefill_graphs.fits(hi - lo, starts, lengths):
+                return self.prefill_graphs(lo, input_ids, lengths[0])
             keys, values = self.cache.rows(lo, hi)
-            return self.lean.prefill(input_ids, starts, lengths or [width] * (hi - lo), keys, values)
+            return self.lean.prefill(input_ids, starts, lengths, keys, values)
         last_at = None  # [B] per row, the token whose logits last_only returns; None: the last
         if last_only and lengths is not None and min(lengths) < width:
             last_at = to_device([n - 1 for n in lengths], torch.long, self.device)
