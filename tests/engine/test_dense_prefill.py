@@ -33,6 +33,7 @@ def test_pack_one_row_keeps_the_padding_out_of_attention_and_behind_the_row() ->
     slot, length = torch.tensor([2]), torch.tensor([3])
     packed, write_pos = pack_one_row(slot, length, width=5, scratch_pos=10)
     assert packed.key_rows.tolist() == [2] * 5
+    assert packed.key_rows.stride() == (1,)  # the cache-write kernel reads the rows as a dense array
     assert packed.key_pos.tolist() == [0, 1, 2, 3, 4]
     assert packed.cu_tokens.tolist() == [0, 3] and packed.cu_tokens.dtype == torch.int32
     assert packed.cu_keys.tolist() == [0, 3]

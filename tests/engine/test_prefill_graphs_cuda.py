@@ -48,7 +48,12 @@ def models():
 
 def _runner(loaded: LoadedModel, prefill_graph_tokens: int) -> ModelRunner:
     return ModelRunner(
-        loaded, max_batch=4, max_len=MAX_LEN, max_width=4, prefill_graph_tokens=prefill_graph_tokens
+        loaded,
+        max_batch=4,
+        max_len=MAX_LEN,
+        max_width=4,
+        lean_variant="invariant",
+        prefill_graph_tokens=prefill_graph_tokens,
     )
 
 

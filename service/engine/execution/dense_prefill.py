@@ -110,7 +110,7 @@ def pack_one_row(
     outside cu_tokens, so the attention neither computes them nor lets a real token see
     them. Returns the packing and the write positions [width]."""
     index = torch.arange(width, device=slot.device)  # [W]
-    rows = slot.expand(width)  # [W]
+    rows = slot.expand(width).contiguous()  # [W]: the cache-write kernel reads it as a dense array
     cu = torch.cat([torch.zeros_like(length), length]).int()  # [2]: the row is tokens 0 .. length - 1
     write_pos = torch.where(index < length, index, scratch_pos)  # [W]
     packed = PackedRows(
