@@ -20,7 +20,9 @@ model is meaningless text; its cost per token is a real model's of that shape.
 Shapes (--shape): llama-3.1-8b (32 layers, hidden 4096, 32 heads, 8 KV heads, intermediate
 14336, rope theta 500000 with Llama 3.1's rope scaling, 131072 positions; 7.4 B parameters,
 14.8 GB), llama-3.2-1b (16 layers, hidden 2048, 32 heads, 8 KV heads, intermediate 8192, tied
-embeddings; 1.1 B parameters, 2.1 GB), and tiny / tiny-draft for tests and CPU smoke runs.
+embeddings; 1.1 B parameters, 2.1 GB), smollm2-135m (SmolLM2-135M's shape: 30 layers, hidden
+576, 9 heads, 3 KV heads, intermediate 1536, tied embeddings; 0.27 GB), and tiny / tiny-draft
+for tests and CPU smoke runs.
 """
 
 from __future__ import annotations
@@ -72,6 +74,18 @@ SHAPES: dict[str, dict[str, Any]] = {
         max_position_embeddings=131072,
         rope_theta=500000.0,
         rope_scaling={**_LLAMA3_ROPE, "factor": 32.0},
+    ),
+    # SmolLM2-135M's shape (its published config), for speed runs where its GGUF file is
+    # not at hand: the cost of a token does not depend on the weights' values.
+    "smollm2-135m": dict(
+        num_hidden_layers=30,
+        hidden_size=576,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
     ),
     # Head dim 32 (a power of two, as the engine's invariant CUDA kernels need).
     "tiny": dict(

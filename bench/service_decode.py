@@ -4,9 +4,10 @@
     python -m bench.service_decode --sizes 8b --out bench/out/service_decode.json
 
 Per size (--sizes: 8b = the random Llama-3.1-8B-shaped target with the Llama-3.2-1B-shaped
-draft model, 1b = the 1B shape alone, tiny = bench.random_model's tiny pair for CPU smoke
-runs; the directories are --models-dir/<shape>; the draft model is loaded only when
---methods holds draft_model), per path (--paths):
+draft model, 1b = the 1B shape alone, 135m = SmolLM2-135M's shape with random weights, tiny
+= bench.random_model's tiny pair for CPU smoke runs; the directories are
+--models-dir/<shape>; the draft model is loaded only when --methods holds draft_model), per
+path (--paths):
 
   inprocess  the engine in this process, built by the service's own load_engine from the
              same server arguments (service/server.py: load, vocabulary check, warm-up);
@@ -83,7 +84,12 @@ from service.config import ServiceConfig  # noqa: E402
 from specdec.v1 import generation_pb2_grpc  # noqa: E402
 
 # size -> (target shape, draft shape or None); directories are --models-dir/<shape>.
-SIZES = {"8b": ("llama-3.1-8b", "llama-3.2-1b"), "1b": ("llama-3.2-1b", None), "tiny": ("tiny", "tiny-draft")}
+SIZES = {
+    "8b": ("llama-3.1-8b", "llama-3.2-1b"),
+    "1b": ("llama-3.2-1b", None),
+    "135m": ("smollm2-135m", None),
+    "tiny": ("tiny", "tiny-draft"),
+}
 PATHS = ("inprocess", "grpc")
 ENGINE_PROCESS_MODES = ("process", "thread")
 
