@@ -23,7 +23,8 @@ builtin:all, or a JSONL file), method (--methods: none, ngram, draft_model) and 
   batch1     one request at a time, every prompt --batch1-repeats times; the figure is
              tokens over the sum of request durations (bench/gpu_decode.py's batch-1 figure);
   burst      N requests at once, for each N of --concurrency, --burst-rounds times one after
-             the other; the figure is over the run (all its rounds);
+             the other; the figure is over the run (all its rounds); with
+             --interleave-methods the methods' bursts take turns instead (below);
   sustained  N clients sending back to back (--requests-per-client each); the figure is
              over the steady window (N in flight throughout).
 
@@ -79,7 +80,7 @@ from service.api.request_mapping import RequestLimits, to_engine_request  # noqa
 from service.client.loadgen.prompts import Prompt, load_prompts  # noqa: E402
 from service.client.loadgen.requests import build_request  # noqa: E402
 from service.client.loadgen.runner import Pacing, run_load  # noqa: E402
-from service.client.loadgen.stats import summarize  # noqa: E402
+from service.client.loadgen.stats import join_runs, summarize  # noqa: E402
 from service.config import ServiceConfig  # noqa: E402
 from specdec.v1 import generation_pb2_grpc  # noqa: E402
 
@@ -111,13 +112,26 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------- the plan
 
 
-def blocks(
-    args: argparse.Namespace, prompt_sets: dict[str, list[Prompt]], methods: list[str]
-) -> list[tuple[str, str, str, Pacing]]:
-    """(prompt set, method, mode, pacing) of every measurement of one path, in running order:
-    per prompt set and pacing point, the methods one after the other (so that their ratios
-    compare runs minutes apart at most)."""
-    out = []
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    """One burst of a method's interleaved rounds (--interleave-methods): round `index` of
+    `rounds`; its requests are numbered from index * level on, as the rounds of one run are."""
+
+    index: int
+    rounds: int
+
+
+# (prompt set, method, mode, pacing, turn): turn is None for a measurement run as one piece.
+Block = tuple[str, str, str, Pacing, Turn | None]
+
+
+def blocks(args: argparse.Namespace, prompt_sets: dict[str, list[Prompt]], methods: list[str]) -> list[Block]:
+    """Every measurement of one path, in running order: per prompt set and pacing point, the
+    methods one after the other (so that their ratios compare runs minutes apart at most).
+    With --interleave-methods and --burst-rounds R > 1, a burst point is R turns instead:
+    turn r runs one burst of every method, their order rotated by r, so that no method is
+    always the first or the last at a level."""
+    out: list[Block] = []
     for spec, prompts in prompt_sets.items():
         points = []
         if "batch1" in args.modes:
@@ -129,9 +143,48 @@ def blocks(
                     rounds = args.burst_rounds if mode == "burst" else 1
                     points.append((mode, Pacing(mode, level, per_client, rounds=rounds)))
         for mode, pacing in points:
+            if mode == "burst" and pacing.rounds > 1 and args.interleave_methods:
+                one = dataclasses.replace(pacing, rounds=1)
+                for r in range(pacing.rounds):
+                    for i in range(len(methods)):
+                        method = methods[(i + r) % len(methods)]
+                        out.append((spec, method, mode, one, Turn(r, pacing.rounds)))
+                continue
             for method in methods:
-                out.append((spec, method, mode, pacing))
+                out.append((spec, method, mode, pacing, None))
     return out
+
+
+class TurnCollector:
+    """Holds the runs of interleaved turns until a method's last one at a point is in; then
+    they are one run (join_runs: the runs' own durations summed, the other methods' bursts
+    between them left out)."""
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple, list[tuple[float, list]]] = {}
+
+    def add(
+        self, key: tuple, turn: Turn | None, run_start: float, records: list
+    ) -> tuple[float, list] | None:
+        """(run start, records) of the whole measurement, or None while turns are missing."""
+        if turn is None:
+            return run_start, records
+        runs = self._runs.setdefault(key, [])
+        runs.append((run_start, records))
+        if len(runs) < turn.rounds:
+            return None
+        del self._runs[key]
+        return join_runs(runs)
+
+
+def first_index(pacing: Pacing, turn: Turn | None) -> int:
+    """The number of a run's first request: later turns go on where the earlier ones ended."""
+    return 0 if turn is None else turn.index * int(pacing.level)
+
+
+def whole_pacing(pacing: Pacing, turn: Turn | None) -> Pacing:
+    """The pacing a row reports: an interleaved measurement's rounds are its turns."""
+    return pacing if turn is None else dataclasses.replace(pacing, rounds=turn.rounds)
 
 
 def server_args(args: argparse.Namespace, target: Path, draft: Path | None) -> list[str]:
@@ -257,7 +310,8 @@ def measure_inprocess(args, size, config_args, plan, prompt_sets, roofline, add_
 
     try:
         warmed = set()
-        for spec, method, mode, pacing in plan:
+        turns = TurnCollector()
+        for spec, method, mode, pacing, turn in plan:
             what = f"{size} inprocess {spec} {method} {mode} {pacing.level:g}"
             if not budget.allows(what):
                 continue
@@ -269,9 +323,15 @@ def measure_inprocess(args, size, config_args, plan, prompt_sets, roofline, add_
                     Pacing("burst", args.warmup),
                     args.timeout_s,
                 )
-            run_start, records = run_inprocess(
-                engine, factory(spec, method, f"{mode}-{method}", args.new_tokens), pacing, args.timeout_s
+            make = factory(spec, method, f"{mode}-{method}", args.new_tokens)
+            first = first_index(pacing, turn)
+            run = run_inprocess(
+                engine, lambda i, make=make, first=first: make(first + i), pacing, args.timeout_s
             )
+            whole = turns.add((spec, method, mode, pacing.level), turn, *run)
+            if whole is None:
+                continue
+            run_start, records = whole
             add_row(
                 row_of(
                     size,
@@ -279,7 +339,7 @@ def measure_inprocess(args, size, config_args, plan, prompt_sets, roofline, add_
                     spec,
                     method,
                     mode,
-                    pacing,
+                    whole_pacing(pacing, turn),
                     summarize(pacing.mode, pacing.level, records, run_start),
                     roofline,
                 )
@@ -317,16 +377,17 @@ async def _grpc_blocks(args, size, path, address, plan, prompt_sets, roofline, a
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         warmed = set()
-        for spec, method, mode, pacing in plan:
+        turns = TurnCollector()
+        for spec, method, mode, pacing, turn in plan:
             what = f"{size} {path} {spec} {method} {mode} {pacing.level:g}"
             if not budget.allows(what):
                 continue
             prompts = prompt_sets[spec]
 
-            def factory(prefix: str, max_tokens: int, method: str = method, prompts=prompts):
+            def factory(prefix: str, max_tokens: int, method: str = method, prompts=prompts, first: int = 0):
                 settings = request_settings(max_tokens)
                 return lambda i: build_request(
-                    settings, prompts[i % len(prompts)], method, f"{prefix}-{i}", i
+                    settings, prompts[(first + i) % len(prompts)], method, f"{prefix}-{first + i}", first + i
                 )
 
             if (spec, method) not in warmed and args.warmup:
@@ -337,9 +398,16 @@ async def _grpc_blocks(args, size, path, address, plan, prompt_sets, roofline, a
                     Pacing("burst", args.warmup),
                     args.timeout_s,
                 )
-            run_start, records = await run_load(
-                stub, factory(f"{mode}-{method}", args.new_tokens), pacing, args.timeout_s
+            run = await run_load(
+                stub,
+                factory(f"{mode}-{method}", args.new_tokens, first=first_index(pacing, turn)),
+                pacing,
+                args.timeout_s,
             )
+            whole = turns.add((spec, method, mode, pacing.level), turn, *run)
+            if whole is None:
+                continue
+            run_start, records = whole
             add_row(
                 row_of(
                     size,
@@ -347,7 +415,7 @@ async def _grpc_blocks(args, size, path, address, plan, prompt_sets, roofline, a
                     spec,
                     method,
                     mode,
-                    pacing,
+                    whole_pacing(pacing, turn),
                     summarize(pacing.mode, pacing.level, records, run_start),
                     roofline,
                 )
@@ -445,6 +513,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=1,
         help="burst: rounds of each burst, one after the other, measured as one run",
+    )
+    parser.add_argument(
+        "--interleave-methods",
+        action="store_true",
+        help="burst, with --burst-rounds R > 1: at each level the methods take turns, one burst "
+        "each, R times, the order rotated every turn (plain, n-gram, draft model; n-gram, draft "
+        "model, plain; ...); each method's R bursts are measured as one run over their own "
+        "durations, so no method always runs first at a level",
     )
     parser.add_argument("--requests-per-client", type=int, default=4, help="sustained: requests per client")
     parser.add_argument(

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from service.client.loadgen.prompts import PromptSetError, load_prompts
-from service.client.loadgen.stats import RequestRecord, percentiles, server_sums, steady_window, summarize
+from service.client.loadgen.stats import (
+    RequestRecord,
+    join_runs,
+    percentiles,
+    server_sums,
+    steady_window,
+    summarize,
+)
 from specdec.v1 import metrics_pb2
 
 
@@ -102,6 +109,25 @@ def test_burst_and_rate_windows_are_the_whole_run() -> None:
     report = summarize("rate", 3.0, records, run_start=0.0)
     assert report["throughput"]["tokens_per_s"] == pytest.approx(9 / 2.5)
     assert report["throughput"]["requests_per_s"] == pytest.approx(3 / 2.5)
+
+
+def test_joined_runs_leave_out_the_time_between_them() -> None:
+    # Two bursts of one method (2 s and 3 s) with 10 s of other work between them.
+    first = [record(0, 0, 100.0, 102.0, [(100.5, 1), (102.0, 3)]), record(1, 1, 100.0, 101.0, [(100.2, 4)])]
+    second = [record(0, 0, 112.0, 115.0, [(113.0, 2), (115.0, 2)])]
+    run_start, joined = join_runs([(100.0, first), (112.0, second)])
+    assert run_start == 100.0
+    assert [r.index for r in joined] == [0, 1, 2]
+    moved = joined[2]  # the second burst now starts where the first ended (102.0)
+    assert (moved.start, moved.chunk_times, moved.end) == (102.0, [103.0, 105.0], 105.0)
+    assert moved.ttft == second[0].ttft and moved.chunk_gaps == second[0].chunk_gaps
+    report = summarize("burst", 2, joined, run_start)
+    assert report["throughput"]["whole_run_seconds"] == pytest.approx(5.0)  # 2 s + 3 s
+    assert report["throughput"]["tokens_per_s"] == pytest.approx(12 / 5.0)
+    assert report["requests"]["sent"] == 3
+    assert join_runs([(100.0, first)]) == (100.0, first)  # one run: as it was
+    with pytest.raises(ValueError, match="at least one run"):
+        join_runs([])
 
 
 def test_acceptance_is_a_ratio_of_sums_and_errors_are_counted_per_code() -> None:

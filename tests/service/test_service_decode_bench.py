@@ -47,6 +47,7 @@ def run_bench(tmp: Path, device: str, dtype: str) -> dict:
         "1",
         "--burst-rounds",
         "2",
+        "--interleave-methods",
         "--warmup",
         "1",
         "--copy-gib",
@@ -76,7 +77,8 @@ def test_every_point_is_measured_on_both_paths_without_failures(report):
     }
     for row in report["rows"]:
         assert row["requests_failed"] == 0
-        # A burst of 2 sent in 2 rounds (--burst-rounds): 4 requests in the run, both paths.
+        # A burst of 2 sent in 2 rounds (--burst-rounds), the methods taking turns
+        # (--interleave-methods): 4 requests in the method's run, both paths.
         assert row["rounds"] == (2 if row["mode"] == "burst" else 1)
         if row["mode"] == "burst":
             assert row["report"]["requests"]["sent"] == 4
@@ -208,22 +210,81 @@ def test_a_model_directory_is_measured_in_place_of_the_sizes(tmp_path) -> None:
 
 
 def test_server_settings_reach_both_paths_through_the_service_arguments(tmp_path) -> None:
-    """--linear-blocks and --max-prefill-tokens-per-pass go into the service's own arguments,
-    which configure the gRPC server and the in-process engine alike; left out, the service's
-    defaults hold."""
+    """--linear-blocks, --max-prefill-tokens-per-pass and --prefill-graph-tokens go into the
+    service's own arguments, which configure the gRPC server and the in-process engine alike;
+    left out, the service's defaults hold."""
     from bench import service_decode
     from service.config import ServiceConfig
 
     table = tmp_path / "blocks.json"
     args = service_decode.parse_args(
-        ["--model", str(tmp_path), "--linear-blocks", str(table), "--max-prefill-tokens-per-pass", "512"]
+        [
+            "--model",
+            str(tmp_path),
+            "--linear-blocks",
+            str(table),
+            "--max-prefill-tokens-per-pass",
+            "512",
+            "--prefill-graph-tokens",
+            "0",
+        ]
     )
     config = ServiceConfig.from_args(service_decode.server_args(args, tmp_path, None), environ={})
-    assert (config.linear_blocks, config.max_prefill_tokens_per_pass) == (str(table), 512)
+    assert (config.linear_blocks, config.max_prefill_tokens_per_pass, config.prefill_graph_tokens) == (
+        str(table),
+        512,
+        0,
+    )
     defaults = ServiceConfig.from_args([], environ={})
     args = service_decode.parse_args(["--model", str(tmp_path)])
     config = ServiceConfig.from_args(service_decode.server_args(args, tmp_path, None), environ={})
-    assert (config.linear_blocks, config.max_prefill_tokens_per_pass) == (
+    assert (config.linear_blocks, config.max_prefill_tokens_per_pass, config.prefill_graph_tokens) == (
         defaults.linear_blocks,
         defaults.max_prefill_tokens_per_pass,
+        defaults.prefill_graph_tokens,
     )
+
+
+def test_interleaved_methods_take_turns_in_rotated_order(tmp_path) -> None:
+    from bench import service_decode
+    from service.client.loadgen.prompts import Prompt
+    from service.client.loadgen.runner import Pacing
+
+    methods = ["none", "ngram", "draft_model"]
+    argv = ["--model", str(tmp_path), "--modes", "batch1,burst", "--concurrency", "4", "--burst-rounds", "3"]
+    prompts = {"p": [Prompt(text="a"), Prompt(text="b")]}
+    plain = service_decode.blocks(service_decode.parse_args(argv), prompts, methods)
+    assert [(m, mode, p.rounds, t) for _, m, mode, p, t in plain] == [
+        (m, mode, rounds, None) for mode, rounds in (("batch1", 1), ("burst", 3)) for m in methods
+    ]
+    turns = service_decode.blocks(
+        service_decode.parse_args([*argv, "--interleave-methods"]), prompts, methods
+    )
+    burst = [(m, p, t) for _, m, mode, p, t in turns if mode == "burst"]
+    assert [m for m, _, _ in burst] == [
+        "none", "ngram", "draft_model",
+        "ngram", "draft_model", "none",
+        "draft_model", "none", "ngram",
+    ]  # fmt: skip
+    assert all(p == Pacing("burst", 4, rounds=1) for _, p, _ in burst)
+    assert [t.index for _, _, t in burst] == [0] * 3 + [1] * 3 + [2] * 3 and {
+        t.rounds for _, _, t in burst
+    } == {3}
+    assert [t for _, _, mode, _, t in turns if mode == "batch1"] == [None] * 3  # batch 1 as before
+    # Turn r's requests are numbered on from the earlier turns', as one run's rounds are.
+    assert [service_decode.first_index(p, t) for _, p, t in burst[::3]] == [0, 4, 8]
+    assert service_decode.whole_pacing(Pacing("burst", 4), burst[0][2]).rounds == 3
+
+
+def test_the_turn_collector_returns_a_method_s_run_once_its_last_turn_is_in() -> None:
+    from bench import service_decode
+    from service.client.loadgen.stats import RequestRecord
+
+    collector = service_decode.TurnCollector()
+    one = [RequestRecord(index=0, client=0, start=1.0, chunk_times=[1.5], chunk_tokens=[2], end=2.0)]
+    assert collector.add(("k",), None, 1.0, one) == (1.0, one)  # not interleaved: as it was
+    assert collector.add(("k",), service_decode.Turn(0, 2), 1.0, one) is None
+    assert collector.add(("other",), service_decode.Turn(0, 2), 1.0, one) is None
+    later = [RequestRecord(index=0, client=0, start=5.0, chunk_times=[5.5], chunk_tokens=[2], end=6.0)]
+    run_start, records = collector.add(("k",), service_decode.Turn(1, 2), 5.0, later)
+    assert run_start == 1.0 and [r.start for r in records] == [1.0, 2.0]  # the gap left out

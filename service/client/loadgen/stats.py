@@ -14,7 +14,7 @@ All times are the client's time.perf_counter() seconds. Definitions:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy
@@ -129,6 +129,34 @@ def tokens_in(records: Sequence[RequestRecord], window: Window) -> int:
     return sum(
         n for r in records for t, n in zip(r.chunk_times, r.chunk_tokens) if window.start < t <= window.end
     )
+
+
+def join_runs(runs: Sequence[tuple[float, Sequence[RequestRecord]]]) -> tuple[float, list[RequestRecord]]:
+    """Burst runs of one kind, with other work between them, as one run (run start, records):
+    each run's times move back so that it starts where the one before it ended, leaving out
+    the time between them; the records are renumbered in that order. Latencies within a
+    request do not change; the whole run's duration is the runs' own durations summed."""
+    if not runs:
+        raise ValueError("join_runs needs at least one run")
+    joined: list[RequestRecord] = []
+    first_start = runs[0][0]
+    shift = 0.0  # how far the current run moves back
+    end = first_start
+    for run_start, records in runs:
+        shift = run_start - end
+        for r in records:
+            joined.append(
+                replace(
+                    r,
+                    index=len(joined),
+                    start=r.start - shift,
+                    chunk_times=[t - shift for t in r.chunk_times],
+                    end=None if r.end is None else r.end - shift,
+                )
+            )
+        ends = [r.end for r in records if r.end is not None]
+        end = (max(ends) if ends else run_start) - shift
+    return first_start, joined
 
 
 def summarize(mode: str, level: float, records: Sequence[RequestRecord], run_start: float) -> dict[str, Any]:
