@@ -162,6 +162,19 @@ class TurnCollector:
 
     def __init__(self) -> None:
         self._runs: dict[tuple, list[tuple[float, list]]] = {}
+        self._levels: dict[tuple, bool] = {}  # interleaved level -> whether the budget let it start
+
+    def allowed(self, level: tuple, turn: Turn | None, budget: Budget, what: str) -> bool:
+        """Whether to run a block: one run as one piece asks the budget itself; an interleaved
+        level asks once, at its first burst, and then runs every turn (each method's row
+        needs all of them, and the level's rows compare with one another)."""
+        if turn is None:
+            return budget.allows(what)
+        if level not in self._levels:
+            self._levels[level] = budget.allows(
+                f"{what} and the other methods ({turn.rounds} interleaved turns)"
+            )
+        return self._levels[level]
 
     def add(
         self, key: tuple, turn: Turn | None, run_start: float, records: list
@@ -313,7 +326,7 @@ def measure_inprocess(args, size, config_args, plan, prompt_sets, roofline, add_
         turns = TurnCollector()
         for spec, method, mode, pacing, turn in plan:
             what = f"{size} inprocess {spec} {method} {mode} {pacing.level:g}"
-            if not budget.allows(what):
+            if not turns.allowed((spec, mode, pacing.level), turn, budget, what):
                 continue
             if (spec, method) not in warmed and args.warmup:
                 warmed.add((spec, method))
@@ -380,7 +393,7 @@ async def _grpc_blocks(args, size, path, address, plan, prompt_sets, roofline, a
         turns = TurnCollector()
         for spec, method, mode, pacing, turn in plan:
             what = f"{size} {path} {spec} {method} {mode} {pacing.level:g}"
-            if not budget.allows(what):
+            if not turns.allowed((spec, mode, pacing.level), turn, budget, what):
                 continue
             prompts = prompt_sets[spec]
 

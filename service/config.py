@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
+from service.engine.config import MIN_PREFILL_GRAPH_TOKENS
 from specdec_common.proto_names import METHOD_BY_NAME
 from specdec_common.settings import (
     Option,
@@ -100,8 +101,9 @@ OPTIONS: tuple[Option, ...] = (
         "SPECDEC_PREFILL_GRAPH_TOKENS",
         non_negative_int,
         512,
-        "CUDA: a request's prompt of up to this many tokens, prefilled alone, replays a captured "
-        "graph (docs/prefill.md); 0: every prefill eager",
+        "CUDA: a prefill of one request from position 0 of up to this many tokens replays a "
+        "captured graph (docs/prefill.md); rounded down to a bucket, at most 512; 0: every "
+        "prefill eager, else at least 16",
     ),
     Option(
         "default_max_tokens",
@@ -336,6 +338,11 @@ class ServiceConfig:
             parser.error(
                 f"--gemv-max-rows must be 0 or at least --max-num-draft-tokens + 1 = "
                 f"{values['max_num_draft_tokens'] + 1} (a batch-1 verify pass on the decode pass's kernel)"
+            )
+        if 0 < values["prefill_graph_tokens"] < MIN_PREFILL_GRAPH_TOKENS:
+            parser.error(
+                f"--prefill-graph-tokens must be 0 (no prefill graphs) or at least "
+                f"{MIN_PREFILL_GRAPH_TOKENS} (the smallest bucket)"
             )
         if values["method"] == "draft_model" and not values["draft_model"]:
             parser.error("--method draft_model needs --draft-model")

@@ -8,6 +8,7 @@ from pathlib import Path
 from service.engine.api import Method
 
 LEAN_VARIANTS = ("invariant", "layer", "around_attention")
+MIN_PREFILL_GRAPH_TOKENS = 16  # prefill_graphs.TOKEN_BUCKETS[0] (that module imports torch)
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,12 @@ class EngineConfig:
     # linear_blocks.gemv_row_limit (0 from hidden size 4096 up, below it
     # max(16, max_num_draft_tokens + 1)).
     gemv_max_rows: int | None = None
-    # CUDA graphs and the dense prefill only: a prefill pass of one row's whole prompt of up
-    # to this many tokens replays a captured graph (service/engine/execution/prefill_graphs.py;
-    # the prompt padded to a token bucket), instead of launching its kernels one by one;
-    # longer prompts, later chunks and passes of several rows run eagerly. 0: all eager.
+    # CUDA graphs and the dense prefill only: a prefill pass of one row from position 0 (a
+    # prompt, or its first chunk) of up to this many tokens replays a captured graph
+    # (service/engine/execution/prefill_graphs.py; padded to a token bucket) instead of
+    # launching its kernels one by one; longer ones, later chunks and passes of several rows
+    # run eagerly. Rounded down to a bucket (16, 32, 48, 64, 96, ..., 512; at most 512).
+    # 0: every prefill eager.
     prefill_graph_tokens: int = 512
     # CUDA graphs only: capture every (batch, width, kv) bucket when the engine starts, so that
     # no request stalls on a capture when the draft length or the batch first takes a new shape.
@@ -97,8 +100,11 @@ class EngineConfig:
             raise ValueError("max_context_tokens must be >= 2")
         if self.max_prefill_tokens_per_pass < 1:
             raise ValueError("max_prefill_tokens_per_pass must be >= 1")
-        if self.prefill_graph_tokens < 0:
-            raise ValueError(f"prefill_graph_tokens must be >= 0, not {self.prefill_graph_tokens}")
+        if self.prefill_graph_tokens < 0 or 0 < self.prefill_graph_tokens < MIN_PREFILL_GRAPH_TOKENS:
+            raise ValueError(
+                f"prefill_graph_tokens must be 0 (no prefill graphs) or at least "
+                f"{MIN_PREFILL_GRAPH_TOKENS} (the smallest bucket), not {self.prefill_graph_tokens}"
+            )
         if self.kv_cache_tokens < 2:
             raise ValueError("kv_cache_tokens must be >= 2")
         if not 1 <= self.ngram_min_n <= self.ngram_max_n:

@@ -114,3 +114,19 @@ def test_dense_prefill_matches_transformers_on_the_interpreter() -> None:
         step, starts[:, None], starts[:, None], causal_mask(starts, 1, 128, torch.float32), *cache.rows(0, 2)
     )[:, 0]
     assert_close_up_to_rounding(decoded[1], model(ids[1:2, :47]).logits[0, -1], what="decode after prefill")
+
+
+@pytest.mark.parametrize(
+    "tokens, ok", [(0, True), (16, True), (512, True), (4096, True), (8, False), (-1, False)]
+)
+def test_prefill_graph_tokens_is_zero_or_a_bucket_s_worth(tokens: int, ok: bool) -> None:
+    from service.engine.config import MIN_PREFILL_GRAPH_TOKENS, EngineConfig
+    from service.engine.execution.prefill_graphs import TOKEN_BUCKETS
+
+    assert TOKEN_BUCKETS[0] == MIN_PREFILL_GRAPH_TOKENS and TOKEN_BUCKETS[-1] == 512
+    config = EngineConfig(prefill_graph_tokens=tokens)
+    if ok:
+        config.validate()
+    else:
+        with pytest.raises(ValueError, match="prefill_graph_tokens must be 0 .* or at least 16"):
+            config.validate()

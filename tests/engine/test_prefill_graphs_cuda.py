@@ -76,6 +76,10 @@ def test_graphed_prefill_is_as_close_to_float32_as_the_eager_one(models) -> None
     ids = torch.randint(0, SHAPE["vocab_size"], (4, 140), generator=gen).cuda()
     want = reference(ids).logits  # [4, 140, V]
     lengths = {2: 40, 0: 17, 1: 1, 3: 64}  # slot: prompt length (buckets 48, 32, 16, 64)
+    # Every graph captured first (with slot 0 and the bucket's length, as at start-up), so each
+    # prefill below replays a graph on other inputs than it was captured with.
+    captured = graphed.capture_all_graphs()
+    assert sorted(graphed.prefill_graphs.graphs) == [16, 32, 48, 64]
 
     # Slot 1's cache past its prompt holds a sentinel: the graph's padding must not land there.
     for layer in graphed.cache.keys.values():
@@ -85,7 +89,7 @@ def test_graphed_prefill_is_as_close_to_float32_as_the_eager_one(models) -> None
         got = _prefill(graphed, slot, ids[slot : slot + 1, :n])
         ref = _prefill(eager, slot, ids[slot : slot + 1, :n])
         errors[slot] = (_error(got, want[slot, n - 1]), _error(ref, want[slot, n - 1]))
-    assert sorted(graphed.prefill_graphs.graphs) == [16, 32, 48, 64]
+    assert graphed.captures == captured  # no capture on the way: every prefill was a replay
     eager_error = max(e for _, e in errors.values())
     assert eager_error > 0  # bfloat16 rounds: the bound below is not zero
     for slot, (graph_error, _) in errors.items():
@@ -125,7 +129,7 @@ def test_passes_the_graphs_do_not_cover_run_eagerly(models) -> None:
 
 @torch.inference_mode()
 def test_capture_all_and_a_replay_without_synchronising(models) -> None:
-    loaded, _ = models
+    loaded, reference = models
     runner = _runner(loaded, 48)
     captured = runner.capture_all_graphs()
     assert sorted(runner.prefill_graphs.graphs) == [16, 32, 48]
@@ -134,9 +138,14 @@ def test_capture_all_and_a_replay_without_synchronising(models) -> None:
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        first = _prefill(runner, 3, ids)
+        first = _prefill(runner, 3, ids)  # slot 3, 30 tokens: captured as slot 0, 32 tokens
         second = _prefill(runner, 3, ids)  # its own tensor: the replay did not overwrite `first`
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert runner.captures == captured
     assert torch.equal(first, second)  # the same graph on the same inputs
+    # And what the replay computed is this prompt's prefill, as close to float32 as eager's.
+    want = reference(ids).logits[0, -1]
+    eager_error = _error(_prefill(_runner(loaded, 0), 3, ids), want)
+    assert eager_error > 0
+    assert _error(first, want) <= ERROR_FACTOR * eager_error

@@ -42,6 +42,12 @@ def test_environment_sets_and_flag_overrides() -> None:
         (["--num-draft-tokens", "9"], {}, "--num-draft-tokens"),
         (["--gemv-max-rows", "4"], {}, "--gemv-max-rows must be 0 or at least --max-num-draft-tokens + 1"),
         ([], {"SPECDEC_GEMV_MAX_ROWS": "many"}, "SPECDEC_GEMV_MAX_ROWS"),
+        (
+            ["--prefill-graph-tokens", "8"],
+            {},
+            "--prefill-graph-tokens must be 0 (no prefill graphs) or at least 16",
+        ),
+        ([], {"SPECDEC_PREFILL_GRAPH_TOKENS": "-1"}, "SPECDEC_PREFILL_GRAPH_TOKENS"),
         (["--method", "draft_model"], {}, "--draft-model"),
         (["--tracing", "maybe"], {}, "must be true or false"),
         (["--tracing", "true", "--telemetry-target", ""], {}, "--tracing needs --telemetry-target"),

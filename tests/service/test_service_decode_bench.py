@@ -288,3 +288,28 @@ def test_the_turn_collector_returns_a_method_s_run_once_its_last_turn_is_in() ->
     later = [RequestRecord(index=0, client=0, start=5.0, chunk_times=[5.5], chunk_tokens=[2], end=6.0)]
     run_start, records = collector.add(("k",), service_decode.Turn(1, 2), 5.0, later)
     assert run_start == 1.0 and [r.start for r in records] == [1.0, 2.0]  # the gap left out
+
+
+def test_an_interleaved_level_asks_the_budget_once_and_then_runs_all_its_turns() -> None:
+    from bench import service_decode
+    from bench.common.time_budget import Budget
+
+    lines: list[str] = []
+    spent = Budget(0.0, started=0.0, log=lines.append)  # nothing left
+    collector = service_decode.TurnCollector()
+    turn = service_decode.Turn(0, 3)
+    assert not collector.allowed(("p", "burst", 4), turn, spent, "8b grpc p none burst 4")
+    assert not collector.allowed(
+        ("p", "burst", 4), service_decode.Turn(1, 3), spent, "8b grpc p ngram burst 4"
+    )
+    assert (
+        spent.skipped == ["8b grpc p none burst 4 and the other methods (3 interleaved turns)"]
+        and len(lines) == 1
+    )
+    assert not collector.allowed(("p", "burst", 8), None, spent, "8b grpc p none burst 8")  # one piece: asks
+    assert len(spent.skipped) == 2
+    free = Budget(None, started=0.0, log=lines.append)
+    started = service_decode.TurnCollector()
+    assert started.allowed(("p", "burst", 4), turn, free, "x")
+    # Once started, a level runs to its last turn even where the budget has run out since.
+    assert started.allowed(("p", "burst", 4), service_decode.Turn(2, 3), spent, "y")

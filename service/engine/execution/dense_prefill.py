@@ -108,7 +108,9 @@ def pack_one_row(
     the whole cache (rows are cache slots): token t < length is written at (slot, t); the
     padding tokens at (slot, scratch_pos), behind every position a row uses, and they are
     outside cu_tokens, so the attention neither computes them nor lets a real token see
-    them. Returns the packing and the write positions [width]."""
+    them (their attention rows are left unwritten, whatever the buffer held, which reaches
+    only the padding's own rows and the scratch position). Returns the packing and the write
+    positions [width]."""
     index = torch.arange(width, device=slot.device)  # [W]
     rows = slot.expand(width).contiguous()  # [W]: the cache-write kernel reads it as a dense array
     cu = torch.cat([torch.zeros_like(length), length]).int()  # [2]: the row is tokens 0 .. length - 1

@@ -3,9 +3,9 @@ one-row prefill").
 
 An eager dense prefill (dense_prefill.py) launches about fifteen kernels a layer from
 Python; for a short prompt the launches, not the GPU, set its time, and a request that
-arrives alone waits for all of them before its first token. Here the prefill of one row's
-whole prompt (its first and only chunk, from position 0) of up to `max_tokens` tokens is
-one graph per token bucket: the prompt is padded to the bucket, the row's length and slot
+arrives alone waits for all of them before its first token. Here the prefill of one row
+from position 0 (its whole prompt, or the first chunk of a longer one) of up to `max_tokens`
+tokens is one graph per token bucket: the prompt is padded to the bucket, the row's length and slot
 enter through static device buffers, and the padding tokens are kept out of the attention
 and written behind the row's positions (dense_prefill.pack_one_row). Larger prompts,
 chunks after the first and passes of several rows run eagerly, as before.
@@ -25,8 +25,7 @@ from service.engine.execution.kv_cache import StaticKVCache
 from service.engine.execution.model_forward import ModelForward
 
 # Padded prompt lengths: 16-token steps up to 64, 32 up to 256, 64 up to 512. Padding
-# costs compute, not weight reads: at most 1/4 of the tokens above 64 (1/8 from 256 up,
-# where an 8B prefill turns compute-bound).
+# costs compute, not weight reads (at worst 65 -> 96 and 257 -> 320 tokens).
 TOKEN_BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
@@ -50,7 +49,8 @@ class GraphedPrefill:
         self.captures = 0  # graphs captured so far
 
     def fits(self, rows: int, starts: list[int], lengths: list[int]) -> bool:
-        """True for a pass of one row's whole prompt (from position 0) that a bucket holds."""
+        """True for a pass of one row from position 0 (a prompt or its first chunk) that a
+        bucket holds."""
         return bool(self.buckets) and rows == 1 and starts[0] == 0 and lengths[0] <= self.buckets[-1]
 
     def bucket(self, length: int) -> int:

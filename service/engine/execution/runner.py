@@ -133,7 +133,7 @@ class ModelRunner:
         runner's next forward (read them, or queue the kernels that do, before calling again).
         Positions past a row's real tokens (padding) write cache entries that the row's
         length excludes; later writes overwrite them (a dense prefill, ModelForward.prefill,
-        writes none).
+        writes none; its captured one-row graph writes its padding at the scratch position).
         """
         width = input_ids.shape[1]
         if (
