@@ -4,11 +4,11 @@ one-row prefill").
 An eager dense prefill (dense_prefill.py) launches about fifteen kernels a layer from
 Python; for a short prompt the launches, not the GPU, set its time, and a request that
 arrives alone waits for all of them before its first token. Here the prefill of one row
-from position 0 (its whole prompt, or the first chunk of a longer one) of up to `max_tokens`
-tokens is one graph per token bucket: the prompt is padded to the bucket, the row's length and slot
-enter through static device buffers, and the padding tokens are kept out of the attention
-and written behind the row's positions (dense_prefill.pack_one_row). Larger prompts,
-chunks after the first and passes of several rows run eagerly, as before.
+from position 0 (its whole prompt, or the first chunk of a longer one) of up to
+`max_tokens` tokens is one graph per token bucket: the tokens are padded to the bucket, the
+row's length and slot enter through static device buffers, and the padding tokens are kept
+out of the attention and written behind the row's positions (dense_prefill.pack_one_row).
+Longer ones, later chunks and passes of several rows run eagerly, as before.
 
 The graphs run the same kernels as the eager pass, at the bucket's token count, so a
 prompt's cache and first token round as an eager prefill of that many tokens would
@@ -30,9 +30,11 @@ TOKEN_BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512
 
 
 class GraphedPrefill:
+    """The captured one-row prefill graphs of one model runner, over its KV cache."""
+
     def __init__(self, lean: ModelForward, cache: StaticKVCache, max_tokens: int, scratch_pos: int) -> None:
-        """max_tokens: the longest prompt served from a graph (rounded down to a bucket;
-        at most the cache's usable length `scratch_pos` and the model's positions)."""
+        """max_tokens: the most tokens a graph serves (rounded down to a bucket, at most the
+        cache's usable length `scratch_pos`, the position the padding writes)."""
         if not lean.dense_prefill:
             raise ValueError("captured prefill graphs need the dense prefill")
         self.lean = lean

@@ -61,8 +61,8 @@ class ModelRunner:
         gemv_max_rows: int | None = None,
         prefill_graph_tokens: int = 0,
     ) -> None:
-        """prefill_graph_tokens: with graphs and the dense prefill, one-row prefill passes of
-        a whole prompt of up to this many tokens replay captured graphs (0: every prefill
+        """prefill_graph_tokens: with graphs and the dense prefill, prefill passes of one row
+        from position 0 of up to this many tokens replay captured graphs (0: every prefill
         pass eager)."""
         self.loaded = loaded
         self.model = loaded.model
