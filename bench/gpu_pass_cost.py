@@ -32,41 +32,15 @@ import torch
 
 from bench.common.arguments import add_gemv_max_rows, gemv_rows_text
 from bench.common.cuda_timing import time_ms
+from bench.common.model_shapes import LLAMA_3_1_8B, LLAMA_3_2_1B, SMOLLM2_135M
 from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable, table_document, table_for
 from service.engine.execution.runner import ModelRunner
 from service.models.loading import LoadedModel, load_model
 
 SHAPES = {  # Llama 3.1 8B, Llama 3.2 1B, and SmolLM2-135M's shape (pass costs without its weights)
-    "llama8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_theta=500000.0,
-    ),
-    "llama1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_theta=500000.0,
-        tie_word_embeddings=True,
-    ),
-    "smollm2-135m": dict(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        rope_theta=100000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-    ),
+    "llama8b": dict(**LLAMA_3_1_8B, vocab_size=128256),
+    "llama1b": dict(**LLAMA_3_2_1B, vocab_size=128256),
+    "smollm2-135m": dict(**SMOLLM2_135M, vocab_size=49152, rms_norm_eps=1e-5),
 }
 LEAN_PATHS = ("lean_eager", "graph", "graph_compiled")  # the paths that run once per variant
 

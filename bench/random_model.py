@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from bench.common.model_shapes import LLAMA_3_1_8B, LLAMA_3_2_1B, SMOLLM2_135M
 from service.models import store as model_store
 from service.models.loading import gguf_tokenizer
 
@@ -54,39 +55,18 @@ _LLAMA3_ROPE = {
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.1-8b": dict(
-        num_hidden_layers=32,
-        hidden_size=4096,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=14336,
-        tie_word_embeddings=False,
+        **LLAMA_3_1_8B,
         max_position_embeddings=131072,
-        rope_theta=500000.0,
         rope_scaling={**_LLAMA3_ROPE, "factor": 8.0},
     ),
     "llama-3.2-1b": dict(
-        num_hidden_layers=16,
-        hidden_size=2048,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=8192,
-        tie_word_embeddings=True,
+        **LLAMA_3_2_1B,
         max_position_embeddings=131072,
-        rope_theta=500000.0,
         rope_scaling={**_LLAMA3_ROPE, "factor": 32.0},
     ),
-    # SmolLM2-135M's shape (its published config), for speed runs where its GGUF file is
-    # not at hand: the cost of a token does not depend on the weights' values.
-    "smollm2-135m": dict(
-        num_hidden_layers=30,
-        hidden_size=576,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        intermediate_size=1536,
-        tie_word_embeddings=True,
-        max_position_embeddings=8192,
-        rope_theta=100000.0,
-    ),
+    # SmolLM2-135M's shape, for speed runs where its GGUF file is not at hand: the cost of a
+    # token does not depend on the weights' values.
+    "smollm2-135m": dict(**SMOLLM2_135M, max_position_embeddings=8192),
     # Head dim 32 (a power of two, as the engine's invariant CUDA kernels need).
     "tiny": dict(
         num_hidden_layers=2,
