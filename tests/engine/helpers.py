@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.engine import Engine, FinalResult, FinishReason, GenerationRequest, TokenChunk
 from service.models.loading import LoadedModel
@@ -34,6 +35,36 @@ def assert_same_cache(got, want, lengths: list[int]) -> None:
         for row, n in enumerate(lengths):
             assert_close_up_to_rounding(got.cache.keys[i][row, :, :n], want.cache.keys[i][row, :, :n])
             assert_close_up_to_rounding(got.cache.values[i][row, :, :n], want.cache.values[i][row, :, :n])
+
+
+# The dense prefill's CUDA tests (test_dense_prefill_cuda.py, test_prefill_graphs_cuda.py): a
+# small Llama of head dim 32 over 160 cache positions, so attention spans several of the
+# invariant kernels' key chunks. Their bound: a bfloat16 path's largest logit error against
+# the float32 forward of the same weights is at most DENSE_ERROR_FACTOR times the reference
+# path's (both round at the same points and differ in summation order only).
+DENSE_SHAPE = {
+    "vocab_size": 300,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+DENSE_MAX_LEN = 160
+DENSE_ERROR_FACTOR = 3.0
+
+
+def bf16_and_float32(shape: dict = DENSE_SHAPE) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
+    """A random bfloat16 Llama of `shape` on CUDA, and the same (bf16-rounded) weights in
+    float32 arithmetic: the reference (GPU tests only)."""
+    torch.manual_seed(0)
+    bf16 = LlamaForCausalLM(LlamaConfig(**shape, initializer_range=0.2)).eval().to("cuda", torch.bfloat16)
+    return bf16, copy.deepcopy(bf16).float()
+
+
+def max_abs_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return (got.float() - want).abs().max().item()
 
 
 def to_cuda(m: LoadedModel) -> LoadedModel:

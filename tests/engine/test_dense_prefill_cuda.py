@@ -14,37 +14,23 @@ bound, runs on Triton's interpreter: test_dense_prefill.py.)
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
 from service.engine.execution.model_forward import ModelForward
+from tests.engine.helpers import DENSE_ERROR_FACTOR as ERROR_FACTOR
+from tests.engine.helpers import DENSE_MAX_LEN as MAX_LEN
+from tests.engine.helpers import DENSE_SHAPE as SHAPE
+from tests.engine.helpers import bf16_and_float32
+from tests.engine.helpers import max_abs_error as _error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-# Head dim 32; 160 positions: attention spans several of the invariant kernels' key chunks.
-SHAPE = {
-    "vocab_size": 300,
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-}
-MAX_LEN = 160
-ERROR_FACTOR = 3.0
 
 
 @pytest.fixture(scope="module")
 def models():
-    torch.manual_seed(0)
-    bf16 = LlamaForCausalLM(LlamaConfig(**SHAPE, initializer_range=0.2)).eval().to("cuda", torch.bfloat16)
-    reference = copy.deepcopy(bf16).float()  # the same (bf16) weights, float32 arithmetic
-    return bf16, reference
+    return bf16_and_float32()  # the bf16 model and its float32 reference
 
 
 class _Rows:
@@ -70,10 +56,6 @@ class _Rows:
         positions = starts_t[:, None] + torch.arange(t, device="cuda")
         mask = causal_mask(starts_t, t, kv_len or max(starts) + t, torch.bfloat16)
         return self.lean(ids, positions, positions, mask, keys, values)  # [B, T, V]
-
-
-def _error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return (got.float() - want).abs().max().item()
 
 
 @torch.inference_mode()

@@ -13,35 +13,23 @@ mask moves logits by a good fraction of their size, far past that.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.engine.execution.runner import ModelRunner
 from service.models.loading import LoadedModel
+from tests.engine.helpers import DENSE_ERROR_FACTOR as ERROR_FACTOR
+from tests.engine.helpers import DENSE_MAX_LEN as MAX_LEN
+from tests.engine.helpers import DENSE_SHAPE as SHAPE
+from tests.engine.helpers import bf16_and_float32
+from tests.engine.helpers import max_abs_error as _error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-SHAPE = {
-    "vocab_size": 300,
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-}
-MAX_LEN = 160
-ERROR_FACTOR = 3.0
 
 
 @pytest.fixture(scope="module")
 def models():
-    torch.manual_seed(0)
-    bf16 = LlamaForCausalLM(LlamaConfig(**SHAPE, initializer_range=0.2)).eval().to("cuda", torch.bfloat16)
-    reference = copy.deepcopy(bf16).float()  # the same (bf16) weights, float32 arithmetic
+    bf16, reference = bf16_and_float32()  # reference: the same (bf16) weights in float32
     loaded = LoadedModel("g", bf16, None, torch.device("cuda"), torch.bfloat16)
     return loaded, reference
 
@@ -60,10 +48,6 @@ def _runner(loaded: LoadedModel, prefill_graph_tokens: int) -> ModelRunner:
 def _prefill(runner: ModelRunner, slot: int, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
     n = ids.shape[1]
     return runner.forward(slot, slot + 1, ids, [start], last_only=True, lengths=[n])[0, 0]  # [V]
-
-
-def _error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return (got.float() - want).abs().max().item()
 
 
 @torch.inference_mode()

@@ -140,10 +140,9 @@ def join_runs(runs: Sequence[tuple[float, Sequence[RequestRecord]]]) -> tuple[fl
         raise ValueError("join_runs needs at least one run")
     joined: list[RequestRecord] = []
     first_start = runs[0][0]
-    shift = 0.0  # how far the current run moves back
-    end = first_start
+    end = first_start  # where the last run ended, once moved
     for run_start, records in runs:
-        shift = run_start - end
+        shift = run_start - end  # how far this run moves back
         for r in records:
             joined.append(
                 replace(
