@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 import torch
 
@@ -18,13 +20,23 @@ log = structlog.get_logger(__name__)
 
 
 class PrefillPass:
-    def __init__(self, target: ModelRunner, output: OutputProcessor, guard: RowGuard, budget: int) -> None:
+    def __init__(
+        self,
+        target: ModelRunner,
+        output: OutputProcessor,
+        guard: RowGuard,
+        budget: int,
+        while_device_runs: Callable[[list[Sequence]], None] = lambda rows: None,
+    ) -> None:
         if budget < 1:
             raise ValueError(f"prefill_budget must be >= 1, not {budget}")
         self.target = target
         self.output = output
         self.guard = guard
         self.budget = budget  # prompt tokens a prefill pass feeds at most
+        # Host work for the pass's rows between the launch and the one transfer (the
+        # drafters'); it guards its rows itself.
+        self.while_device_runs = while_device_runs
         self.device = target.device
 
     def run(self, rows: list[Sequence], running: dict[int, Sequence]) -> list[tuple[Sequence, int]]:
@@ -78,7 +90,9 @@ class PrefillPass:
                     (seq, self._first_token(seq, row_logits))
                 ),
             )
-        # While the device runs the prefill: the last decode pass's tokens, as a decode pass does.
+        # While the device runs the prefill: the drafters' work for these rows, and the last
+        # decode pass's tokens, as a decode pass does.
+        self.while_device_runs(rows)
         self.output.flush()
         for seq in list(running.values()):
             if seq.finished:

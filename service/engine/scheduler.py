@@ -55,7 +55,7 @@ class Scheduler:
         self._admitted = 0  # admissions since the last step
         self._texts = TokenTexts(tokenizer)  # decoding shared by every request's detokenizer
         self._guard = RowGuard(output, self._release)
-        self._prefill = PrefillPass(target, output, self._guard, prefill_budget)
+        self._prefill = PrefillPass(target, output, self._guard, prefill_budget, self._while_prefill_runs)
         self._layout = BatchLayout(drafters, max_k, self.device)
         self._planner = DraftPlanner(drafters, max_context, policy)
         # ids [B, K + 1], then d_s [B], then one row mask [B] per device drafter
@@ -110,6 +110,7 @@ class Scheduler:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(seq.seed)
             seq.detok = IncrementalDetokenizer(self.tokenizer, seq.tokens, seq.request.stop, self._texts)
+            self.drafters[seq.method].start(seq)
 
         self._prefilling.append(seq)
         self._guard.run(seq, start)
@@ -120,15 +121,20 @@ class Scheduler:
         self.output.flush()
         self.output.delivered()
 
+    def _while_prefill_runs(self, rows: list[Sequence]) -> None:
+        """The drafters' host work for the rows of a prefill pass, while the device runs it
+        (an n-gram index takes in the prompt here, not on the first decode pass's critical
+        path); a failure fails its row alone."""
+        for seq in rows:
+            if not seq.finished:
+                self._guard.run(seq, lambda seq=seq: self.drafters[seq.method].while_device_runs(seq))
+
     def _join_decoding(self, seq: Sequence, first_token: int) -> None:
-        """The row's prompt is cached and its first token sampled: it starts its drafter and
-        joins the decode passes."""
+        """The row's prompt is cached and its first token sampled: it joins the decode passes."""
         self._prefilling.remove(seq)
         seq.decoding = True
         self._layout.invalidate()
-        self._guard.run(seq, lambda: self.drafters[seq.method].start(seq))
-        if not seq.finished:
-            self._guard.run(seq, lambda: self.output.emit(seq, [first_token]))
+        self._guard.run(seq, lambda: self.output.emit(seq, [first_token]))
 
     def step(self) -> None:
         """One prefill pass over the rows prefilling, then one decode pass over every row

@@ -496,3 +496,63 @@ def test_a_drafter_failing_while_the_device_runs_fails_only_its_request(
     assert outs["bad"].final.finish_reason is FinishReason.ERROR and "index broke" in outs["bad"].final.error
     assert 4 <= len(outs["bad"].tokens) < 16
     assert outs["ok"].final.finish_reason is FinishReason.LENGTH and outs["ok"].tokens == alone.tokens
+
+
+def test_an_ngram_prompt_is_indexed_while_the_device_prefills_it(make_engine, target, monkeypatch) -> None:
+    """The n-gram index takes in the prompt while the device runs the prefill pass, so no
+    lookup (on the host, between two passes, with the device idle) indexes more than the
+    tokens the last decode pass added: at most k + 1. Before, the first lookup indexed the
+    whole prompt there."""
+    from service.engine.speculation.drafters import NgramIndex
+
+    k = 4
+    prompt = _ids(target.tokenizer, "one two three four five six seven eight nine ten " * 4)
+    assert len(prompt) > 4 * (k + 1)
+    unindexed: list[int] = []
+    original = NgramIndex.lookup
+
+    def recording(self, tokens, limit):
+        unindexed.append(len(tokens) - self._indexed)
+        return original(self, tokens, limit)
+
+    monkeypatch.setattr(NgramIndex, "lookup", recording)
+    engine = make_engine(target, adaptive_draft_length=False, default_num_draft_tokens=k)
+    out = run(engine, [GenerationRequest("p", prompt, max_tokens=12, method=Method.NGRAM)])["p"]
+    assert out.final.finish_reason is FinishReason.LENGTH
+    assert unindexed and unindexed[0] == 1  # the first lookup: only the first generated token is new
+    assert max(unindexed) <= k + 1
+
+
+def test_a_drafter_failing_while_the_device_prefills_fails_only_its_request(
+    make_engine, target, monkeypatch
+) -> None:
+    """The drafters' host work during a prefill pass is guarded per row, as a decode pass's is."""
+    from service.engine.speculation.drafters import NgramDrafter
+
+    ids = _ids(target.tokenizer)
+    alone = run(make_engine(target), [GenerationRequest("alone", ids, max_tokens=16, method=Method.NGRAM)])[
+        "alone"
+    ]
+    original = NgramDrafter.while_device_runs
+
+    def failing(self, seq):
+        if seq.request_id == "bad" and not seq.decoding:
+            raise RuntimeError("prompt index broke")
+        original(self, seq)
+
+    monkeypatch.setattr(NgramDrafter, "while_device_runs", failing)
+    engine = make_engine(target, max_batch_size=4)
+    outs = run(
+        engine,
+        [
+            GenerationRequest("bad", ids, max_tokens=16, method=Method.NGRAM),
+            GenerationRequest("ok", ids, max_tokens=16, method=Method.NGRAM),
+        ],
+    )
+    bad = outs["bad"].final
+    assert bad.finish_reason is FinishReason.ERROR and "prompt index broke" in bad.error
+    assert outs["bad"].tokens == []
+    assert outs["ok"].final.finish_reason is FinishReason.LENGTH and outs["ok"].tokens == alone.tokens
+    # the failed row's slot was given back: the engine serves a full batch after it
+    more = run(engine, [GenerationRequest(f"m{i}", ids, max_tokens=4, method=Method.NGRAM) for i in range(4)])
+    assert all(o.final.finish_reason is FinishReason.LENGTH for o in more.values())

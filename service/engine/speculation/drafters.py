@@ -49,7 +49,7 @@ class Drafter(ABC):
     catch_ups: int = 0  # eager passes prepare() ran; such passes are not steady-state costs
 
     def start(self, seq: Sequence) -> None:  # noqa: B027
-        """Called once the target has prefilled the prompt (and sampled the first token)."""
+        """Called when the row is admitted: its prompt is known, nothing of it is cached yet."""
 
     @abstractmethod
     def plan(self, seq: Sequence, limit: int) -> int:
@@ -85,7 +85,8 @@ class Drafter(ABC):
 
     def while_device_runs(self, seq: Sequence) -> None:  # noqa: B027
         """Host work for later passes, done while the device runs this one (after the
-        target's launch, before the pass's synchronisation), off the pass's critical path."""
+        target's launch, before the pass's synchronisation), off the pass's critical path:
+        in every prefill pass while the row prefills, then in every decode pass."""
 
     def proposal_kinds(self) -> tuple[Hashable, ...]:
         """Every kind of proposal this drafter makes (the adaptive policy pools acceptance
@@ -210,9 +211,9 @@ class NgramDrafter(Drafter):
         return self.rows[seq.slot].proposal[: seq.num_drafts]
 
     def while_device_runs(self, seq: Sequence) -> None:
-        # What the passes without lookups (the policy skips them when drafting cannot pay)
-        # left unindexed: otherwise the first lookup after them indexes it all, on the host
-        # between two passes, with the GPU idle.
+        # The prompt (while the device prefills it), then what each pass added, lookups or
+        # not (the policy skips them when drafting cannot pay): otherwise a lookup indexes
+        # it all, on the host between two passes, with the GPU idle.
         self.rows[seq.slot].index.extend(seq.tokens)
 
 
