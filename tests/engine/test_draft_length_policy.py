@@ -62,6 +62,14 @@ def test_the_chosen_cap_has_the_most_expected_tokens_per_second(seed: int) -> No
     assert policy.best_cap(32, available, rates, floor, False) == best_cap_by_brute_force(
         policy, 32, available, rates, floor
     )
+    # The planner passes only the rows that propose, and counts the others as plain_rows:
+    # the same choice and the same prediction.
+    proposing = [(d, a) for d, a in zip(available, rates) if d]
+    plain_rows = len(available) - len(proposing)
+    only_proposing = policy._best(
+        32, [d for d, _ in proposing], [a for _, a in proposing], floor, False, plain_rows
+    )
+    assert only_proposing == policy._best(32, available, rates, floor, False)
 
 
 def test_the_floor_leaves_the_gains_below_it_counted() -> None:
@@ -425,6 +433,14 @@ def test_a_row_backs_off_while_its_lookups_draft_nothing_and_resumes_when_one_dr
     backoff = PlanningBackoff()
     planned = _plans_in(backoff, 200, per_row=2e-3 / 32, plain_pass=1e-4)
     assert max(b - a - 1 for a, b in zip(planned, planned[1:])) == MAX_SKIPPED_PLANS
+
+
+def test_lookups_dearer_than_the_share_but_not_twice_it_are_halved() -> None:
+    # 32 lookups at 1.5% of a plain pass: a declining row looks up every other pass (0.75%
+    # lost); every pass would lose 1.5%, over PLANNING_SHARE.
+    planned = _plans_in(PlanningBackoff(), 40, per_row=0.015 * 2e-3 / 32, plain_pass=2e-3)
+    gaps = [b - a - 1 for a, b in zip(planned, planned[1:])]
+    assert set(gaps[1:]) == {1}
 
 
 def test_planning_never_backs_off_where_it_is_cheap_or_unmeasured() -> None:

@@ -9,6 +9,7 @@ pass. The model, its priors, its calibration and the planning backoff: docs/engi
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -151,9 +152,11 @@ class PlanningBackoff:
         if per_row is None or not plain_pass:
             self.limit = 0
         else:
-            self.limit = max(
-                0, min(MAX_SKIPPED_PLANS, int(per_row * lookups / plain_pass / PLANNING_SHARE) - 1)
-            )
+            # A row in a steady decline looks up once in limit + 1 passes: the least limit
+            # that keeps the lookups' time within PLANNING_SHARE of a plain pass (rounded to
+            # a millionth first, so that an exact ratio is not pushed up by float error).
+            ratio = round(per_row * lookups / plain_pass / PLANNING_SHARE, 6)
+            self.limit = max(0, min(MAX_SKIPPED_PLANS, math.ceil(ratio) - 1))
 
     def due(self, row: RowPlanning) -> bool:
         """True when the row looks up its proposal this pass (counts a skip otherwise). A
@@ -338,28 +341,48 @@ class DraftLengthPolicy:
         return donor_cost, lambda n: True  # nothing measured here: the donor's own costs
 
     def choose(
-        self, rows: int, available: list[int], rates: list[float], floor: int, draft_model: bool
+        self,
+        rows: int,
+        available: list[int],
+        rates: list[float],
+        floor: int,
+        draft_model: bool,
+        plain_rows: int = 0,
     ) -> int:
         """The cap n on drafts per row for the coming pass.
 
         available[r]: drafts row r could propose (L_r); rates[r]: its acceptance estimate;
         floor: the smallest allowed cap (rows that must keep their drafts, e.g. seeded
-        sampling); draft_model: whether a draft model runs in this pass.
+        sampling); draft_model: whether a draft model runs in this pass; plain_rows: the
+        pass's other rows, which propose nothing (one token each; left out of the lists so
+        that a pass's planning costs what its proposing rows do).
         """
-        cap, rate = self._best(rows, available, rates, floor, draft_model)
+        cap, rate = self._best(rows, available, rates, floor, draft_model, plain_rows)
         bucket = batch_bucket(rows)
         self.choices[(bucket, cap)] += 1
         self._promised = (bucket, cap, rate) if cap > 0 and rate > 0 else None
         return cap
 
     def best_cap(
-        self, rows: int, available: list[int], rates: list[float], floor: int, draft_model: bool
+        self,
+        rows: int,
+        available: list[int],
+        rates: list[float],
+        floor: int,
+        draft_model: bool,
+        plain_rows: int = 0,
     ) -> int:
         """What choose() would answer, without counting it as a choice."""
-        return self._best(rows, available, rates, floor, draft_model)[0]
+        return self._best(rows, available, rates, floor, draft_model, plain_rows)[0]
 
     def _best(
-        self, rows: int, available: list[int], rates: list[float], floor: int, draft_model: bool
+        self,
+        rows: int,
+        available: list[int],
+        rates: list[float],
+        floor: int,
+        draft_model: bool,
+        plain_rows: int = 0,
     ) -> tuple[int, float]:
         """The best cap (by calibrated prediction) and the model's own prediction of its
         tokens per second, before calibration (0.0: no prediction, when nothing is measured
@@ -382,7 +405,7 @@ class DraftLengthPolicy:
                 gain[d] += p
         calibration = self.calibration.get(bucket)
         factor = calibration.factor if calibration is not None else 1.0
-        tokens = float(len(available))
+        tokens = float(len(available) + plain_rows)
         best, best_rate, best_model_rate = most, -1.0, 0.0
         for cap in range(most + 1):
             tokens += gain[cap]  # gain[0] = 0

@@ -35,55 +35,59 @@ class DraftPlanner:
         return any(seq.method is Method.DRAFT_MODEL and seq.num_drafts > 0 for seq in rows)
 
     def plan(self, batch: DecodeBatch) -> None:
-        """Sets every row's d_s for the coming pass."""
+        """Sets every row's d_s for the coming pass.
+
+        Its time is on the pass's critical path (the device waits for it), so after one loop
+        over the rows everything goes over the rows that may draft only: at 32 rows or more
+        most of them skip their lookups (the backoff) or have nothing to propose."""
         rows = batch.rows
         policy = self.policy
         if not batch.can_draft:
             self._plan_plain(batch)
             return
-        limits = []  # per row: at most this many drafts, 0 where the row does not plan
-        for seq in rows:
-            remaining = seq.max_tokens - seq.completion_tokens  # a pass emits up to d_s + 1 tokens
-            room = self.max_context - len(seq.tokens)
-            limits.append(max(0, min(seq.k, remaining - 1, room - 1)))
-        backoff = policy.planning if policy is not None else None
-        if backoff is not None:
-            backoff.start_pass(
-                batch.hi,
-                sum(1 for limit, b in zip(limits, batch.backs_off) if limit and b),
-                policy.plain_cost(batch.hi),
-            )
-            for i, (seq, backs_off) in enumerate(zip(rows, batch.backs_off)):
-                if limits[i] and backs_off and not backoff.due(policy.row(seq.slot).planning):
-                    limits[i] = 0  # its lookups keep drafting nothing: not this pass
+        max_context = self.max_context
+        # (row, its drafter, at most this many drafts, whether the backoff may skip its
+        # lookup, whether the policy may shorten its drafts): the rows that may draft
+        candidates: list[tuple[Sequence, Drafter, int, bool, bool]] = []
+        for seq, drafter, backs_off, adapts in zip(rows, batch.drafters, batch.backs_off, batch.adapts):
+            seq.num_drafts = 0
+            # a pass emits up to d_s + 1 tokens, within the row's max_tokens and the context
+            limit = min(seq.k, seq.max_tokens - seq.completion_tokens - 1, max_context - len(seq.tokens) - 1)
+            if limit > 0:
+                candidates.append((seq, drafter, limit, backs_off, adapts))
+        if policy is not None:
+            backoff = policy.planning
+            backoff.start_pass(batch.hi, sum(c[3] for c in candidates), policy.plain_cost(batch.hi))
+            # a row whose lookups keep drafting nothing skips some passes'
+            candidates = [c for c in candidates if not c[3] or backoff.due(policy.row(c[0].slot).planning)]
+        # What the rows that look up cost, from here to the end: the bound, the lookups and
+        # the policy's choice over their proposals (the backoff's measure of a lookup).
+        started = time.perf_counter()
         # Rows whose drafts are fixed (seeded sampling) always plan; the others only when
         # drafting could pay at all.
-        if not any(limits) or (
-            policy is not None and all(batch.adapts) and self._drafting_cannot_pay(batch, limits)
+        if not candidates or (
+            policy is not None and all(batch.adapts) and self._drafting_cannot_pay(batch, candidates)
         ):
-            self._plan_plain(batch)
+            if policy is not None:
+                policy.choose(batch.hi, [], [], 0, False)  # a plain pass (cap 0)
             return
         looked_up: list[Sequence] = []  # rows whose lookup the backoff may skip, planning now
-        started = time.perf_counter()
-        for seq, drafter, limit, backs_off in zip(rows, batch.drafters, limits, batch.backs_off):
-            seq.num_drafts = drafter.plan(seq, limit) if limit else 0  # no drafts allowed: no plan
-            if limit and backs_off:
+        proposing: list[tuple[Sequence, Drafter, bool]] = []  # (row, drafter, adapts): d_s > 0
+        for seq, drafter, limit, backs_off, adapts in candidates:
+            seq.num_drafts = drafts = drafter.plan(seq, limit)
+            if backs_off:
                 looked_up.append(seq)
+            if drafts:
+                proposing.append((seq, drafter, adapts))
         if policy is None:
             return
-        backoff.measured(batch.hi, time.perf_counter() - started, len(looked_up))
-        if any(seq.num_drafts for seq in rows):
-            rates = [
-                policy.row(seq.slot).acceptance.rate_with(policy.pooled.rate(drafter.proposal_kind(seq)))
-                if seq.num_drafts
-                else 0.0
-                for seq, drafter in zip(rows, batch.drafters)
-            ]
-            self._shorten_drafts(batch, rates)
+        if proposing:
+            self._shorten_drafts(batch, proposing)
         else:
             policy.choose(batch.hi, [], [], 0, False)  # nothing proposed (the usual pass on open chat)
         for seq in looked_up:
             backoff.planned(policy.row(seq.slot).planning, seq.num_drafts > 0)
+        backoff.measured(batch.hi, time.perf_counter() - started, len(looked_up))
 
     def _plan_plain(self, batch: DecodeBatch) -> None:
         """No row drafts in the coming pass (counted as the policy's choice of cap 0)."""
@@ -92,26 +96,32 @@ class DraftPlanner:
         if self.policy is not None:
             self.policy.choose(batch.hi, [], [], 0, False)
 
-    def _shorten_drafts(self, batch: DecodeBatch, rates: list[float]) -> None:
-        """Caps d_s by the policy."""
-        rows = batch.rows
-        fixed = [seq.num_drafts for seq, adapts in zip(rows, batch.adapts) if not adapts]
-        cap = self.policy.choose(
+    def _shorten_drafts(self, batch: DecodeBatch, proposing: list[tuple[Sequence, Drafter, bool]]) -> None:
+        """Caps d_s of the proposing rows by the policy; the pass's other rows emit one token each."""
+        policy = self.policy
+        rates = [
+            policy.row(seq.slot).acceptance.rate_with(policy.pooled.rate(drafter.proposal_kind(seq)))
+            for seq, drafter, _ in proposing
+        ]
+        cap = policy.choose(
             batch.hi,
-            [seq.num_drafts for seq in rows],
+            [seq.num_drafts for seq, _, _ in proposing],
             rates,
-            max(fixed, default=0),
-            self.drafts_with_model(rows),
+            max((seq.num_drafts for seq, _, adapts in proposing if not adapts), default=0),
+            any(seq.method is Method.DRAFT_MODEL for seq, _, _ in proposing),
+            plain_rows=len(batch.rows) - len(proposing),
         )
-        for seq, adapts in zip(rows, batch.adapts):
+        for seq, _, adapts in proposing:
             if adapts:
                 seq.num_drafts = min(seq.num_drafts, cap)
 
-    def _drafting_cannot_pay(self, batch: DecodeBatch, limits: list[int]) -> bool:
-        """True when plain decoding beats drafting even if every row proposed its whole limit
-        at the best rate its drafter's proposals could have: then no drafter need plan.
-        Only for batches whose drafts the policy may shorten (no fixed rows)."""
-        rows, policy = batch.rows, self.policy
+    def _drafting_cannot_pay(
+        self, batch: DecodeBatch, candidates: list[tuple[Sequence, Drafter, int, bool, bool]]
+    ) -> bool:
+        """True when plain decoding beats drafting even if every candidate row proposed its
+        whole limit at the best rate its drafter's proposals could have: then no drafter
+        need plan. Only for batches whose drafts the policy may shorten (no fixed rows)."""
+        policy = self.policy
         # An upper bound on what planning could show: each row's own evidence with the best
         # prior any of its drafter's kinds of proposal has.
         best_prior = {
@@ -119,11 +129,16 @@ class DraftPlanner:
             for drafter in self.drafters.values()
         }
         bounds = [
-            policy.row(seq.slot).acceptance.rate_with(best_prior[drafter]) if limit else 0.0
-            for seq, drafter, limit in zip(rows, batch.drafters, limits)
+            policy.row(seq.slot).acceptance.rate_with(best_prior[drafter]) for seq, drafter, *_ in candidates
         ]
-        draft_model = any(seq.method is Method.DRAFT_MODEL and limit for seq, limit in zip(rows, limits))
-        return policy.best_cap(batch.hi, limits, bounds, 0, draft_model) == 0
+        draft_model = any(seq.method is Method.DRAFT_MODEL for seq, *_ in candidates)
+        limits = [limit for _, _, limit, _, _ in candidates]
+        return (
+            policy.best_cap(
+                batch.hi, limits, bounds, 0, draft_model, plain_rows=len(batch.rows) - len(candidates)
+            )
+            == 0
+        )
 
     def record(self, seq: Sequence, drafter: Drafter, accepted: int) -> None:
         """The pooled acceptance of the row's kind of proposal learns the pass's verdict
