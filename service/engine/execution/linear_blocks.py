@@ -156,8 +156,8 @@ class BlockTable(Mapping[Shape, Entry]):
 DEFAULT_TABLE = BlockTable(
     {
         # Llama-3.1-8B's fused qkv, o, fused gate/up and down (H100, 2026-12-07; o and down
-        # with split inner dimensions from a second sweep the same day).
-        (6144, 4096): (None, TileBlocks(bm=64, bn=128, bk=128, warps=8, stages=3)),
+        # with split inner dimensions from a second sweep the same day, qkv's from a third).
+        (6144, 4096): (None, TileBlocks(bm=64, bn=128, bk=128, warps=8, stages=3, split=2)),
         (4096, 4096): (None, TileBlocks(bm=64, bn=64, bk=64, warps=4, stages=4, split=2)),
         (28672, 4096): (None, TileBlocks(bm=64, bn=256, bk=64, warps=8, stages=3)),
         (4096, 14336): (None, TileBlocks(bm=16, bn=256, bk=64, warps=4, stages=3, split=8)),
