@@ -498,27 +498,45 @@ def test_a_drafter_failing_while_the_device_runs_fails_only_its_request(
     assert outs["ok"].final.finish_reason is FinishReason.LENGTH and outs["ok"].tokens == alone.tokens
 
 
-def test_an_ngram_prompt_is_indexed_while_the_device_prefills_it(make_engine, target, monkeypatch) -> None:
-    """The n-gram index takes in the prompt while the device runs the prefill pass, so no
-    lookup (on the host, between two passes, with the device idle) indexes more than the
-    tokens the last decode pass added: at most k + 1. Before, the first lookup indexed the
-    whole prompt there."""
-    from service.engine.speculation.drafters import NgramIndex
+@pytest.mark.parametrize("prefill_budget", [2048, 16])
+def test_an_ngram_prompt_is_indexed_while_the_device_prefills_it(
+    make_engine, target, monkeypatch, prefill_budget
+) -> None:
+    """The n-gram index takes in the prompt while the device runs the prefill passes, chunk by
+    chunk (up to what is cached), so no lookup (on the host, between two passes, with the device
+    idle) indexes more than the tokens the last decode pass added: at most k + 1. Before, the
+    first lookup indexed the whole prompt there."""
+    from service.engine.speculation.drafters import NgramDrafter, NgramIndex
 
     k = 4
     prompt = _ids(target.tokenizer, "one two three four five six seven eight nine ten " * 4)
-    assert len(prompt) > 4 * (k + 1)
+    assert len(prompt) > 4 * (k + 1) and len(prompt) > 2 * 16
     unindexed: list[int] = []
-    original = NgramIndex.lookup
+    during_prefill: list[tuple[int, int]] = []  # (indexed, cached) after each prefill pass's work
+    lookup, while_device_runs = NgramIndex.lookup, NgramDrafter.while_device_runs
 
-    def recording(self, tokens, limit):
+    def recording_lookup(self, tokens, limit):
         unindexed.append(len(tokens) - self._indexed)
-        return original(self, tokens, limit)
+        return lookup(self, tokens, limit)
 
-    monkeypatch.setattr(NgramIndex, "lookup", recording)
-    engine = make_engine(target, adaptive_draft_length=False, default_num_draft_tokens=k)
+    def recording_work(self, seq):
+        while_device_runs(self, seq)
+        if not seq.decoding:
+            during_prefill.append((self.rows[seq.slot].index._indexed, seq.target_len))
+
+    monkeypatch.setattr(NgramIndex, "lookup", recording_lookup)
+    monkeypatch.setattr(NgramDrafter, "while_device_runs", recording_work)
+    engine = make_engine(
+        target,
+        adaptive_draft_length=False,
+        default_num_draft_tokens=k,
+        max_prefill_tokens_per_pass=prefill_budget,
+    )
     out = run(engine, [GenerationRequest("p", prompt, max_tokens=12, method=Method.NGRAM)])["p"]
     assert out.final.finish_reason is FinishReason.LENGTH
+    assert all(indexed == cached for indexed, cached in during_prefill)
+    assert len(during_prefill) == -(-len(prompt) // prefill_budget)  # one per prefill pass
+    assert during_prefill[-1][0] == len(prompt)
     assert unindexed and unindexed[0] == 1  # the first lookup: only the first generated token is new
     assert max(unindexed) <= k + 1
 

@@ -133,9 +133,11 @@ class NgramIndex:
         self._indexed = 0  # tokens[:_indexed] are indexed
         self.matched = 0  # the match length n of the last lookup's proposal (0: none)
 
-    def extend(self, tokens: list[int]) -> None:
-        """Indexes the tokens not indexed yet (lookup() does it first too)."""
-        for end in range(self._indexed + 1, len(tokens) + 1):  # the n-grams ending just before `end`
+    def extend(self, tokens: list[int], upto: int | None = None) -> None:
+        """Indexes the tokens not indexed yet, up to tokens[:upto] (all by default; lookup()
+        does it first too)."""
+        upto = len(tokens) if upto is None else min(upto, len(tokens))
+        for end in range(self._indexed + 1, upto + 1):  # the n-grams ending just before `end`
             key = 0
             for n in range(1, min(self.max_n, end) + 1):
                 start = end - n
@@ -146,7 +148,7 @@ class NgramIndex:
                 self._earlier[n].append(earlier)  # at index `start`: starts are indexed in order
                 self._first[n].append(self._first[n][earlier] if earlier >= 0 else start)
                 self._latest[n][key] = start
-        self._indexed = len(tokens)
+        self._indexed = max(self._indexed, upto)
 
     def lookup(self, tokens: list[int], limit: int) -> list[int]:
         self.matched = 0
@@ -211,10 +213,11 @@ class NgramDrafter(Drafter):
         return self.rows[seq.slot].proposal[: seq.num_drafts]
 
     def while_device_runs(self, seq: Sequence) -> None:
-        # The prompt (while the device prefills it), then what each pass added, lookups or
+        # The prompt chunk by chunk while the device prefills it (up to what is cached, so the
+        # host's work follows the device's), then what each decode pass added, lookups or
         # not (the policy skips them when drafting cannot pay): otherwise a lookup indexes
         # it all, on the host between two passes, with the GPU idle.
-        self.rows[seq.slot].index.extend(seq.tokens)
+        self.rows[seq.slot].index.extend(seq.tokens, None if seq.decoding else seq.target_len)
 
 
 @dataclass
