@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,6 +19,8 @@ from service.engine.speculation.draft_length_policy import (
     PooledAcceptance,
     RowPlanning,
 )
+from service.engine.speculation.drafters import Drafter
+from service.engine.speculation.planning import DraftPlanner
 from tests.engine.helpers import run
 
 
@@ -70,6 +73,79 @@ def test_the_chosen_cap_has_the_most_expected_tokens_per_second(seed: int) -> No
         32, [d for d, _ in proposing], [a for _, a in proposing], floor, False, plain_rows
     )
     assert only_proposing == policy._best(32, available, rates, floor, False)
+
+
+class _FixedProposals(Drafter):
+    """Proposes `proposals[slot]` drafts (capped by the limit) and counts its lookups."""
+
+    method = Method.NGRAM
+    drafts_on_host = True
+
+    def __init__(self, proposals: dict[int, int]) -> None:
+        self.proposals = proposals
+        self.lookups = 0
+
+    def plan(self, seq, limit: int) -> int:
+        self.lookups += 1
+        return min(limit, self.proposals.get(seq.slot, 0))
+
+    def proposal_kinds(self):
+        return ("kind",)
+
+    def proposal_kind(self, seq):
+        return "kind"
+
+
+def _planned_batch(ks: list[int], drafter: Drafter) -> SimpleNamespace:
+    """A pass's batch as DraftPlanner.plan reads it: greedy rows that may adapt and do not back off."""
+    rows = [
+        SimpleNamespace(
+            slot=i,
+            k=k,
+            max_tokens=100,
+            completion_tokens=0,
+            tokens=[1] * 10,
+            num_drafts=0,
+            method=Method.NGRAM,
+        )
+        for i, k in enumerate(ks)
+    ]
+    n = len(rows)
+    return SimpleNamespace(
+        rows=rows, drafters=[drafter] * n, hi=n, can_draft=True, adapts=[True] * n, backs_off=[False] * n
+    )
+
+
+# A verify pass of 32 rows costs a third more than a plain one: one row's 4 likely drafts do not
+# pay for it (32 + 1.3 tokens in 10.5 ms against 32 in 8), 32 rows' would.
+_COSTS_32 = {0: 8e-3, 1: 9e-3, 2: 9.5e-3, 3: 10e-3, 4: 10.5e-3}
+
+
+def test_the_planner_counts_the_rows_that_propose_nothing() -> None:
+    """plan() hands the policy only the proposing rows: the others still count, one token each.
+    Every row may draft (so the bound lets them look up), one proposes: its drafts do not pay
+    for the verify pass of 32 rows (the rule over all 32 rows: cap 0)."""
+    policy = DraftLengthPolicy()
+    _measured(policy, 32, _COSTS_32)
+    drafter = _FixedProposals({0: 4})
+    batch = _planned_batch([4] * 32, drafter)
+    DraftPlanner({Method.NGRAM: drafter}, max_context=1000, policy=policy).plan(batch)
+    assert drafter.lookups == 32
+    rate = policy.row(0).acceptance.rate_with(policy.pooled.rate("kind"))
+    assert best_cap_by_brute_force(policy, 32, [4] + [0] * 31, [rate] + [0.0] * 31, 0) == 0
+    assert [seq.num_drafts for seq in batch.rows] == [0] * 32
+
+
+def test_the_bound_counts_the_rows_that_cannot_draft() -> None:
+    """One row of 32 may draft (the others have k = 0): even at the best prior its drafts cannot
+    pay for a verify pass of 32 rows, so no drafter looks anything up."""
+    policy = DraftLengthPolicy()
+    _measured(policy, 32, _COSTS_32)
+    drafter = _FixedProposals({0: 4})
+    batch = _planned_batch([4] + [0] * 31, drafter)
+    DraftPlanner({Method.NGRAM: drafter}, max_context=1000, policy=policy).plan(batch)
+    assert drafter.lookups == 0
+    assert [seq.num_drafts for seq in batch.rows] == [0] * 32
 
 
 def test_the_floor_leaves_the_gains_below_it_counted() -> None:

@@ -60,9 +60,6 @@ class DraftPlanner:
             backoff.start_pass(batch.hi, sum(c[3] for c in candidates), policy.plain_cost(batch.hi))
             # a row whose lookups keep drafting nothing skips some passes'
             candidates = [c for c in candidates if not c[3] or backoff.due(policy.row(c[0].slot).planning)]
-        # What the rows that look up cost, from here to the end: the bound, the lookups and
-        # the policy's choice over their proposals (the backoff's measure of a lookup).
-        started = time.perf_counter()
         # Rows whose drafts are fixed (seeded sampling) always plan; the others only when
         # drafting could pay at all.
         if not candidates or (
@@ -72,6 +69,7 @@ class DraftPlanner:
                 policy.choose(batch.hi, [], [], 0, False)  # a plain pass (cap 0)
             return
         looked_up: list[Sequence] = []  # rows whose lookup the backoff may skip, planning now
+        started = time.perf_counter()  # the lookups' time: the backoff's measure
         proposing: list[tuple[Sequence, Drafter, bool]] = []  # (row, drafter, adapts): d_s > 0
         for seq, drafter, limit, backs_off, adapts in candidates:
             seq.num_drafts = drafts = drafter.plan(seq, limit)
@@ -81,13 +79,13 @@ class DraftPlanner:
                 proposing.append((seq, drafter, adapts))
         if policy is None:
             return
+        backoff.measured(batch.hi, time.perf_counter() - started, len(looked_up))
         if proposing:
             self._shorten_drafts(batch, proposing)
         else:
             policy.choose(batch.hi, [], [], 0, False)  # nothing proposed (the usual pass on open chat)
         for seq in looked_up:
             backoff.planned(policy.row(seq.slot).planning, seq.num_drafts > 0)
-        backoff.measured(batch.hi, time.perf_counter() - started, len(looked_up))
 
     def _plan_plain(self, batch: DecodeBatch) -> None:
         """No row drafts in the coming pass (counted as the policy's choice of cap 0)."""
