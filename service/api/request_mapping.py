@@ -108,13 +108,8 @@ def to_engine_request(
 def check_prompt_size(request: generation_pb2.GenerateRequest, limits: RequestLimits) -> None:
     """The text to tokenize (text, or every message's role and content) within the character
     and UTF-8 byte limits; raises InvalidRequestError naming the field."""
-    form = request.WhichOneof("input")
-    if form == "text":
-        field, pieces = "text", [request.text]
-    elif form == "messages":
-        field = "messages"
-        pieces = [part for m in request.messages.messages for part in (m.role, m.content)]
-    else:
+    field, pieces = _prompt_text(request)
+    if not pieces:
         return
     chars = sum(map(len, pieces))
     if chars > limits.max_prompt_chars:
@@ -126,6 +121,21 @@ def check_prompt_size(request: generation_pb2.GenerateRequest, limits: RequestLi
         raise InvalidRequestError(
             field, f"{size} bytes of UTF-8 is more than the limit of {limits.max_prompt_bytes}"
         )
+
+
+def prompt_chars(request: generation_pb2.GenerateRequest) -> int:
+    """The characters the request asks the server to tokenize (0 for token ids)."""
+    return sum(map(len, _prompt_text(request)[1]))
+
+
+def _prompt_text(request: generation_pb2.GenerateRequest) -> tuple[str, list[str]]:
+    """The prompt's field and its pieces of text to tokenize (none for token ids or no input)."""
+    form = request.WhichOneof("input")
+    if form == "text":
+        return "text", [request.text]
+    if form == "messages":
+        return "messages", [part for m in request.messages.messages for part in (m.role, m.content)]
+    return form or "input", []
 
 
 def _prompt_token_ids(request: generation_pb2.GenerateRequest, tokenizer: Any) -> list[int]:

@@ -312,6 +312,43 @@ class _SlowTokenizer:
         return getattr(self._tokenizer, name)
 
 
+class _ThreadRecordingTokenizer:
+    """The service's tokenizer, noting the thread of every call."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer, self.threads = tokenizer, []
+
+    def __call__(self, *args, **kwargs):
+        self.threads.append(threading.current_thread().name)
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+
+def test_short_prompts_are_tokenized_on_the_loop_and_long_ones_in_the_pool(run_service, make_stub) -> None:
+    from service import server
+    from service.api.servicer import INLINE_TOKENIZE_CHARS
+
+    recording = []
+
+    def build(config):
+        engine, tokenizer = server.build_engine(config)
+        recording.append(_ThreadRecordingTokenizer(tokenizer))
+        return engine, recording[0]
+
+    service = run_service(build_engine=build)
+    stub = make_stub(service.address)
+    for text in (PROMPT, "x" * INLINE_TOKENIZE_CHARS, "x" * (INLINE_TOKENIZE_CHARS + 1)):
+        try:
+            collect(stub, request(text=text, max_tokens=1, method=NONE))
+        except grpc.RpcError as exc:  # longer than the tiny model's context: refused once tokenized
+            assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT, exc
+    loop_thread = service._thread.name
+    assert recording[0].threads == [loop_thread, loop_thread, recording[0].threads[2]]
+    assert recording[0].threads[2].startswith("tokenize")
+
+
 def test_timings_start_when_the_server_receives_the_request(run_service, make_stub) -> None:
     """Tokenization (in a small thread pool) is part of the wait the client sees, so the queue
     time, the time to first token and the duration all start before it
