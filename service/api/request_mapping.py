@@ -123,9 +123,31 @@ def check_prompt_size(request: generation_pb2.GenerateRequest, limits: RequestLi
         )
 
 
-def prompt_chars(request: generation_pb2.GenerateRequest) -> int:
-    """The characters the request asks the server to tokenize (0 for token ids)."""
-    return sum(map(len, _prompt_text(request)[1]))
+# A request this small is mapped on the server's event loop (service/api/servicer.py): its
+# tokenizing costs about what a hop to the tokenization pool and back does. Every bound is
+# read without walking a large request: its encoded size first, then at most a few messages.
+INLINE_MAX_BYTES = 4096
+INLINE_MAX_CHARS = 1024  # text, or the messages' roles and contents together
+INLINE_MAX_MESSAGES = 8  # each adds its chat template's own text
+INLINE_MAX_TOKEN_IDS = 1024
+
+
+def maps_inline(request: generation_pb2.GenerateRequest) -> bool:
+    """Whether the request is small enough to map and tokenize on the event loop."""
+    if request.ByteSize() > INLINE_MAX_BYTES:
+        return False
+    form = request.WhichOneof("input")
+    if form == "text":
+        return len(request.text) <= INLINE_MAX_CHARS
+    if form == "messages":
+        messages = request.messages.messages
+        return (
+            len(messages) <= INLINE_MAX_MESSAGES
+            and sum(len(m.role) + len(m.content) for m in messages) <= INLINE_MAX_CHARS
+        )
+    if form == "token_ids":
+        return len(request.token_ids.ids) <= INLINE_MAX_TOKEN_IDS
+    return True  # no input: refused at once
 
 
 def _prompt_text(request: generation_pb2.GenerateRequest) -> tuple[str, list[str]]:

@@ -2,10 +2,11 @@
 
 The engine runs on its own thread (in this process, or in the engine process, whose events a
 reader thread here delivers); its callbacks hop onto the event loop with
-call_soon_threadsafe, so nothing here blocks the loop on model work. Long prompts are
-tokenized in a small thread pool, short ones (INLINE_TOKENIZE_CHARS) on the loop, where they
-cost less than the hop to the pool and back. A client that cancels or passes its deadline cancels its handler
-task, whose `finally` cancels the engine request (the slot is freed within one pass).
+call_soon_threadsafe, so nothing here blocks the loop on model work. Prompts are tokenized
+in a small thread pool, except small requests (request_mapping.maps_inline), which cost about
+what the hop to the pool and back does and are mapped on the loop. A client that cancels or
+passes its deadline cancels its handler task, whose `finally` cancels the engine request (the
+slot is freed within one pass).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from service import __version__
 from service.api.request_mapping import (
     RequestLimits,
     check_request_id,
-    prompt_chars,
+    maps_inline,
     to_chunk,
     to_engine_request,
 )
@@ -45,10 +46,6 @@ from service.engine.api import (
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
 log = structlog.get_logger(__name__)
-
-# Prompts of up to this many characters (text, or the messages' roles and contents) are
-# tokenized on the event loop rather than the pool (docs/architecture.md, "Tokenization").
-INLINE_TOKENIZE_CHARS = 2048
 
 
 class ServingState(enum.Enum):
@@ -115,14 +112,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         on_final: OnFinal,
         tokenize_workers: int = 2,
         tracing: bool = False,
-        inline_tokenize_chars: int = INLINE_TOKENIZE_CHARS,
+        map_inline: Callable[[generation_pb2.GenerateRequest], bool] = maps_inline,
     ) -> None:
         """on_final(result, trace) runs on the thread delivering events (the engine's, or the
         engine process's reader) for every finished request;
         trace is the request's captured trace context, None unless `tracing` is on;
-        prompts of up to `inline_tokenize_chars` characters (token ids: 0) are tokenized on
-        the event loop, longer ones on a pool of `tokenize_workers` threads."""
-        self._inline_tokenize_chars = inline_tokenize_chars
+        requests for which `map_inline` is true are mapped and tokenized on the event loop,
+        the others on a pool of `tokenize_workers` threads."""
+        self._map_inline = map_inline
         self._limits = limits
         self._on_final = on_final
         self._tracing = tracing
@@ -168,8 +165,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             )
         loop = asyncio.get_running_loop()
         try:
-            if prompt_chars(request) <= self._inline_tokenize_chars:
-                # Short prompts on the loop: a hop to the pool and back costs more than they do.
+            if self._map_inline(request):
+                # A small request on the loop: the hop to the pool and back costs about as much.
                 engine_request: GenerationRequest = to_engine_request(
                     request, request_id, self.tokenizer, self._limits, received_at
                 )

@@ -326,9 +326,9 @@ class _ThreadRecordingTokenizer:
         return getattr(self._tokenizer, name)
 
 
-def test_short_prompts_are_tokenized_on_the_loop_and_long_ones_in_the_pool(run_service, make_stub) -> None:
+def test_small_requests_are_tokenized_on_the_loop_and_the_others_in_the_pool(run_service, make_stub) -> None:
     from service import server
-    from service.api.servicer import INLINE_TOKENIZE_CHARS
+    from service.api.request_mapping import INLINE_MAX_CHARS, INLINE_MAX_MESSAGES
 
     recording = []
 
@@ -339,21 +339,36 @@ def test_short_prompts_are_tokenized_on_the_loop_and_long_ones_in_the_pool(run_s
 
     service = run_service(build_engine=build)
     stub = make_stub(service.address)
-    for text in (PROMPT, "x" * INLINE_TOKENIZE_CHARS, "x" * (INLINE_TOKENIZE_CHARS + 1)):
-        try:
-            collect(stub, request(text=text, max_tokens=1, method=NONE))
-        except grpc.RpcError as exc:  # longer than the tiny model's context: refused once tokenized
-            assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT, exc
+
+    def chat(messages: int) -> generation_pb2.GenerateRequest:
+        req = generation_pb2.GenerateRequest(max_tokens=1)
+        for _ in range(messages):
+            req.messages.messages.add(role="user", content="hi")
+        return req
+
+    requests = [
+        request(text=PROMPT, max_tokens=1),  # inline
+        request(text="x" * INLINE_MAX_CHARS, max_tokens=1),  # inline: at the bound
+        request(text="x" * (INLINE_MAX_CHARS + 1), max_tokens=1),  # the pool
+        chat(INLINE_MAX_MESSAGES),  # inline
+        chat(INLINE_MAX_MESSAGES + 1),  # the pool: each message adds its template's text
+    ]
+    for req in requests:
+        _, final, _ = collect(stub, req)
+        assert final.completion_tokens == 1
+    threads = recording[0].threads
     loop_thread = service._thread.name
-    assert recording[0].threads == [loop_thread, loop_thread, recording[0].threads[2]]
-    assert recording[0].threads[2].startswith("tokenize")
+    assert [name == loop_thread for name in threads] == [True, True, False, True, False], threads
+    assert all(name.startswith("tokenize") for name in (threads[2], threads[4]))
 
 
-def test_timings_start_when_the_server_receives_the_request(run_service, make_stub) -> None:
-    """Tokenization (in a small thread pool) is part of the wait the client sees, so the queue
-    time, the time to first token and the duration all start before it
-    (docs/metrics-contract.md, "Timings")."""
+@pytest.mark.parametrize("pool", [False, True], ids=["on the loop", "in the pool"])
+def test_timings_start_when_the_server_receives_the_request(run_service, make_stub, pool) -> None:
+    """Tokenization (on the event loop for a small request, else in a small thread pool) is
+    part of the wait the client sees, so the queue time, the time to first token and the
+    duration all start before it (docs/metrics-contract.md, "Timings")."""
     from service import server
+    from service.api.request_mapping import INLINE_MAX_CHARS
 
     delay_s = 0.5
 
@@ -363,7 +378,8 @@ def test_timings_start_when_the_server_receives_the_request(run_service, make_st
 
     service = run_service(build_engine=build)
     started = time.monotonic()
-    _, final, _ = collect(make_stub(service.address), request(max_tokens=4, method=NONE))
+    text = "x" * (INLINE_MAX_CHARS + 1) if pool else PROMPT
+    _, final, _ = collect(make_stub(service.address), request(text=text, max_tokens=4, method=NONE))
     elapsed = time.monotonic() - started
     m = final.metrics
     assert m.queue_time_seconds >= delay_s, m
