@@ -9,9 +9,15 @@ import grpc
 import pytest
 
 from service.api.request_mapping import (
+    INLINE_MAX_CHARS,
+    INLINE_MAX_MESSAGES,
+    INLINE_MAX_TOKEN_IDS,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
     RequestLimits,
     can_sanitize_control_tokens,
     chat_token_ids,
+    maps_inline,
     to_engine_request,
 )
 from service.engine.api import InvalidRequestError
@@ -77,6 +83,38 @@ def test_a_prompt_at_the_limits_is_tokenized() -> None:
         generation_pb2.GenerateRequest(text="x" * 1000), "r", tokenizer, LIMITS
     )
     assert len(engine_request.prompt_token_ids) > 0
+
+
+def _chat(messages: int, content: str = "hi") -> generation_pb2.GenerateRequest:
+    req = generation_pb2.GenerateRequest()
+    for _ in range(messages):
+        req.messages.messages.add(role="user", content=content)
+    return req
+
+
+def _with_ids(count: int) -> generation_pb2.GenerateRequest:
+    req = generation_pb2.GenerateRequest()
+    req.token_ids.ids.extend([5] * count)
+    return req
+
+
+@pytest.mark.parametrize(
+    "request_, inline",
+    [
+        (generation_pb2.GenerateRequest(text="x" * INLINE_MAX_CHARS), True),
+        (generation_pb2.GenerateRequest(text="x" * (INLINE_MAX_CHARS + 1)), False),
+        (_chat(INLINE_MAX_MESSAGES), True),
+        (_chat(INLINE_MAX_MESSAGES + 1), False),  # each message adds its template's text
+        (_chat(2, "x" * (INLINE_MAX_CHARS // 2)), False),  # roles count too
+        (_with_ids(INLINE_MAX_TOKEN_IDS), True),
+        (_with_ids(INLINE_MAX_TOKEN_IDS + 1), False),
+        (generation_pb2.GenerateRequest(text="hi", stop=["s"] * (MAX_STOP_STRINGS + 1)), False),
+        (generation_pb2.GenerateRequest(text="hi", stop=["s" * (MAX_STOP_STRING_CHARS + 1)]), False),
+        (generation_pb2.GenerateRequest(), True),  # no input: refused at once
+    ],
+)
+def test_which_requests_are_mapped_on_the_event_loop(request_, inline) -> None:
+    assert maps_inline(request_) is inline
 
 
 def test_oversized_prompts_get_invalid_argument_from_the_server(run_service, make_stub) -> None:
