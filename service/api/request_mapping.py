@@ -137,17 +137,11 @@ def maps_inline(request: generation_pb2.GenerateRequest) -> bool:
     if len(stops) > MAX_STOP_STRINGS or any(len(stop) > MAX_STOP_STRING_CHARS for stop in stops):
         return False  # refused, in the pool
     form = request.WhichOneof("input")
-    if form == "text":
-        return len(request.text) <= INLINE_MAX_CHARS
-    if form == "messages":
-        messages = request.messages.messages
-        return (
-            len(messages) <= INLINE_MAX_MESSAGES
-            and sum(len(m.role) + len(m.content) for m in messages) <= INLINE_MAX_CHARS
-        )
     if form == "token_ids":
         return len(request.token_ids.ids) <= INLINE_MAX_TOKEN_IDS
-    return True  # no input: refused at once
+    if form == "messages" and len(request.messages.messages) > INLINE_MAX_MESSAGES:
+        return False
+    return sum(map(len, _prompt_text(request)[1])) <= INLINE_MAX_CHARS  # no input: 0, refused at once
 
 
 def _prompt_text(request: generation_pb2.GenerateRequest) -> tuple[str, list[str]]:

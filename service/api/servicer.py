@@ -112,14 +112,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         on_final: OnFinal,
         tokenize_workers: int = 2,
         tracing: bool = False,
-        map_inline: Callable[[generation_pb2.GenerateRequest], bool] = maps_inline,
     ) -> None:
         """on_final(result, trace) runs on the thread delivering events (the engine's, or the
         engine process's reader) for every finished request;
         trace is the request's captured trace context, None unless `tracing` is on;
-        requests for which `map_inline` is true are mapped and tokenized on the event loop,
-        the others on a pool of `tokenize_workers` threads."""
-        self._map_inline = map_inline
+        small requests (maps_inline) are mapped and tokenized on the event loop, the others
+        on a pool of `tokenize_workers` threads."""
         self._limits = limits
         self._on_final = on_final
         self._tracing = tracing
@@ -165,7 +163,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             )
         loop = asyncio.get_running_loop()
         try:
-            if self._map_inline(request):
+            if maps_inline(request):
                 # A small request on the loop: the hop to the pool and back costs about as much.
                 engine_request: GenerationRequest = to_engine_request(
                     request, request_id, self.tokenizer, self._limits, received_at
