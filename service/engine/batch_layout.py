@@ -30,6 +30,7 @@ class DecodeBatch:
     # Per row: its lookups are host work the planning backoff may skip (it adapts, and its
     # drafter plans on the host).
     backs_off: list[bool]
+    backoff_rows: int  # how many rows back off (the planning backoff's measure of a pass's lookups)
     # Rows (k > 0) of drafters whose drafts exist only on the device, by drafter.
     device_groups: list[tuple[Drafter, list[Sequence]]]
 
@@ -69,6 +70,7 @@ class BatchLayout:
             if group and not drafter.drafts_on_host:
                 device_groups.append((drafter, group))
         adapts = [DraftPlanner.adapts(seq) for seq in rows]
+        backs_off = [a and self.drafters[seq.method].drafts_on_host for seq, a in zip(rows, adapts)]
         return DecodeBatch(
             rows=rows,
             drafters=[self.drafters[seq.method] for seq in rows],
@@ -78,7 +80,8 @@ class BatchLayout:
             greedy_context=greedy_context,
             can_draft=any(seq.k > 0 for seq in rows),
             adapts=adapts,
-            backs_off=[a and self.drafters[seq.method].drafts_on_host for seq, a in zip(rows, adapts)],
+            backs_off=backs_off,
+            backoff_rows=sum(backs_off),
             device_groups=device_groups,
         )
 

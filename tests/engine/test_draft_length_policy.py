@@ -112,7 +112,13 @@ def _planned_batch(ks: list[int], drafter: Drafter) -> SimpleNamespace:
     ]
     n = len(rows)
     return SimpleNamespace(
-        rows=rows, drafters=[drafter] * n, hi=n, can_draft=True, adapts=[True] * n, backs_off=[False] * n
+        rows=rows,
+        drafters=[drafter] * n,
+        hi=n,
+        can_draft=True,
+        adapts=[True] * n,
+        backs_off=[False] * n,
+        backoff_rows=0,
     )
 
 

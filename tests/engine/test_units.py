@@ -114,6 +114,8 @@ def test_ngram_index_answers_as_the_reference_while_the_sequence_grows(
         tokens.extend(rng.choice(alphabet) for _ in range(rng.randint(1, 4)))
         if rng.random() < 0.3:
             index.extend(tokens)  # as the drafter does while the device runs a pass
+        elif rng.random() < 0.3:
+            index.extend(tokens, len(tokens) - rng.randint(1, 3))  # part of it (while prefilling)
 
 
 def test_ngram_index_growth_allocates_nothing_the_cycle_collector_tracks() -> None:

@@ -375,6 +375,22 @@ class DraftLengthPolicy:
         """What choose() would answer, without counting it as a choice."""
         return self._best(rows, available, rates, floor, draft_model, plain_rows)[0]
 
+    def best_cap_alike(
+        self, rows: int, count: int, drafts: int, rate: float, draft_model: bool, plain_rows: int = 0
+    ) -> int:
+        """best_cap() for `count` rows that could each propose `drafts` at `rate` (and
+        `plain_rows` that propose nothing), at a cost that does not grow with the rows. Rows
+        that propose at most `drafts` at rates of at most `rate` expect no more tokens at any
+        cap, the same at cap 0: where this answers 0, so does best_cap() for them."""
+        if drafts <= 0:
+            return drafts
+        gain = [0.0] * (drafts + 1)
+        p = 1.0
+        for d in range(1, drafts + 1):
+            p *= rate
+            gain[d] = count * p
+        return self._best_of_gains(rows, gain, count + plain_rows, 0, draft_model)[0]
+
     def _best(
         self,
         rows: int,
@@ -388,12 +404,9 @@ class DraftLengthPolicy:
         tokens per second, before calibration (0.0: no prediction, when nothing is measured
         yet, the chosen cap's cost is borrowed (_cap_costs) or no cap above the floor is
         possible)."""
-        bucket = batch_bucket(rows)
         most = max(available, default=0)
         if most <= floor:
             return most, 0.0
-        # A cap of 0 runs no draft model, larger caps may.
-        cost, borrowed = self._cap_costs(bucket, draft_model)
         # sum_r E(a_r, min(L_r, cap)) = R + sum_{d <= cap} gain[d], gain[d] = sum of a_r^d over
         # the rows with L_r >= d (draft d counts when it and every draft before it pass):
         # one multiplication per proposable draft instead of one power per row and cap.
@@ -403,9 +416,20 @@ class DraftLengthPolicy:
             for d in range(1, drafts + 1):
                 p *= rate
                 gain[d] += p
+        return self._best_of_gains(rows, gain, len(available) + plain_rows, floor, draft_model)
+
+    def _best_of_gains(
+        self, rows: int, gain: list[float], row_count: int, floor: int, draft_model: bool
+    ) -> tuple[int, float]:
+        """_best() from the gains by draft (gain[d], d = 1..most: what the d-th drafts add
+        to the tokens the pass's `row_count` rows expect; most > floor)."""
+        bucket = batch_bucket(rows)
+        most = len(gain) - 1
+        # A cap of 0 runs no draft model, larger caps may.
+        cost, borrowed = self._cap_costs(bucket, draft_model)
         calibration = self.calibration.get(bucket)
         factor = calibration.factor if calibration is not None else 1.0
-        tokens = float(len(available) + plain_rows)
+        tokens = float(row_count)
         best, best_rate, best_model_rate = most, -1.0, 0.0
         for cap in range(most + 1):
             tokens += gain[cap]  # gain[0] = 0

@@ -134,8 +134,10 @@ class NgramIndex:
         self.matched = 0  # the match length n of the last lookup's proposal (0: none)
 
     def extend(self, tokens: list[int], upto: int | None = None) -> None:
-        """Indexes the tokens not indexed yet, up to tokens[:upto] (all by default; lookup()
-        does it first too)."""
+        """Indexes the tokens not indexed yet, up to tokens[:upto] (all by default). lookup()
+        first indexes all but the last token itself: the n-grams that end with the last token
+        are the suffixes it matches, and need not be in the index for that, so the drafter
+        indexes them while the device runs the next pass."""
         upto = len(tokens) if upto is None else min(upto, len(tokens))
         for end in range(self._indexed + 1, upto + 1):  # the n-grams ending just before `end`
             key = 0
@@ -155,19 +157,25 @@ class NgramIndex:
         length = len(tokens)
         if limit <= 0 or length < 2:
             return []  # the index catches up with the tokens at the next real lookup
-        self.extend(tokens)
+        if self._indexed < length - 1:
+            self.extend(tokens, length - 1)
         keys = [0] * (self.max_n + 1)  # keys[n]: the last n tokens
         for n in range(1, min(self.max_n, length - 1) + 1):
             keys[n] = keys[n - 1] | tokens[length - n] << (32 * (n - 1))
         for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):  # longest n first
-            suffix = self._latest[n][keys[n]]  # the suffix itself: indexed, no continuation
-            # The latest occurrence followed by `limit` tokens: walking back from the suffix
-            # passes only occurrences that start in the last `limit` positions.
-            start = suffix
+            # The suffix itself where its last token is indexed, else the occurrence before
+            # it (every other occurrence ends before the last token: indexed); -1: none.
+            latest = self._latest[n].get(keys[n], -1)
+            # The latest occurrence followed by `limit` tokens: walking back from there
+            # passes only occurrences that start in the last `limit` positions (the suffix
+            # among them).
+            start = latest
             while start >= 0 and start > length - n - limit:
                 start = self._earlier[n][start]  # -1: the chain has ended
             if start < 0:  # none that long: the earliest occurrence, if something follows it
-                start = self._first[n][suffix]
+                if latest < 0:
+                    continue
+                start = self._first[n][latest]
                 if start > length - 1 - n:
                     continue
             self.matched = n

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from service.engine.api import Method
 from service.engine.sequence import Sequence
-from service.engine.speculation.draft_length_policy import DraftLengthPolicy
+from service.engine.speculation.draft_length_policy import DraftLengthPolicy, RowPolicy
 from service.engine.speculation.drafters import Drafter
 
 if TYPE_CHECKING:
@@ -22,6 +22,8 @@ class DraftPlanner:
         self.drafters = drafters
         self.max_context = max_context
         self.policy = policy
+        self._rows_of: DecodeBatch | None = None  # the batch whose row states _row_states holds
+        self._row_states: list[RowPolicy] = []
 
     @staticmethod
     def adapts(seq: Sequence) -> bool:
@@ -37,55 +39,68 @@ class DraftPlanner:
     def plan(self, batch: DecodeBatch) -> None:
         """Sets every row's d_s for the coming pass.
 
-        Its time is on the pass's critical path (the device waits for it), so after one loop
-        over the rows everything goes over the rows that may draft only: at 32 rows or more
-        most of them skip their lookups (the backoff) or have nothing to propose."""
+        Its time is on the pass's critical path (the device waits for it): one loop over the
+        rows finds those that may draft and what each could at best show, then everything
+        goes over those rows only. At 32 rows or more most of them skip their lookups (the
+        backoff) or have nothing to propose, and where drafting cannot pay a cheap bound
+        says so before the exact one (docs/engine.md, "Planning")."""
         rows = batch.rows
         policy = self.policy
         if not batch.can_draft:
             self._plan_plain(batch)
             return
-        max_context = self.max_context
-        # (row, its drafter, at most this many drafts, whether the backoff may skip its
-        # lookup, whether the policy may shorten its drafts): the rows that may draft
-        candidates: list[tuple[Sequence, Drafter, int, bool, bool]] = []
-        for seq, drafter, backs_off, adapts in zip(rows, batch.drafters, batch.backs_off, batch.adapts):
+        draft_limit = self._draft_limit
+        if policy is None:  # fixed draft lengths: every row proposes what it can
+            for seq, drafter in zip(rows, batch.drafters):
+                limit = draft_limit(seq)
+                seq.num_drafts = drafter.plan(seq, limit) if limit > 0 else 0
+            return
+        backoff = policy.planning
+        backoff.start_pass(batch.hi, batch.backoff_rows, policy.plain_cost(batch.hi))
+        best_prior = self._best_priors()
+        # The rows that plan, in step: (row, its drafter, at most this many drafts, its
+        # policy state, whether the backoff may skip its lookup, whether the policy may
+        # shorten its drafts), and the best acceptance its drafts could have.
+        candidates: list[tuple[Sequence, Drafter, int, RowPolicy, bool, bool]] = []
+        bounds: list[float] = []
+        for seq, drafter, row, backs_off, adapts in zip(
+            rows, batch.drafters, self._row_policies(batch), batch.backs_off, batch.adapts
+        ):
             seq.num_drafts = 0
-            # a pass emits up to d_s + 1 tokens, within the row's max_tokens and the context
-            limit = min(seq.k, seq.max_tokens - seq.completion_tokens - 1, max_context - len(seq.tokens) - 1)
+            if backs_off and not backoff.due(row.planning):
+                continue  # a row whose lookups keep drafting nothing skips some passes'
+            limit = draft_limit(seq)
             if limit > 0:
-                candidates.append((seq, drafter, limit, backs_off, adapts))
-        if policy is not None:
-            backoff = policy.planning
-            backoff.start_pass(batch.hi, sum(c[3] for c in candidates), policy.plain_cost(batch.hi))
-            # a row whose lookups keep drafting nothing skips some passes'
-            candidates = [c for c in candidates if not c[3] or backoff.due(policy.row(c[0].slot).planning)]
+                candidates.append((seq, drafter, limit, row, backs_off, adapts))
+                bounds.append(row.acceptance.rate_with(best_prior[drafter]))
         # Rows whose drafts are fixed (seeded sampling) always plan; the others only when
         # drafting could pay at all.
-        if not candidates or (
-            policy is not None and all(batch.adapts) and self._drafting_cannot_pay(batch, candidates)
-        ):
-            if policy is not None:
-                policy.choose(batch.hi, [], [], 0, False)  # a plain pass (cap 0)
+        if not candidates or (all(batch.adapts) and self._drafting_cannot_pay(batch, candidates, bounds)):
+            policy.choose(batch.hi, [], [], 0, False)  # a plain pass (cap 0)
             return
-        looked_up: list[Sequence] = []  # rows whose lookup the backoff may skip, planning now
+        # rows whose lookup the backoff may skip, planning now, with their policy state
+        looked_up: list[tuple[Sequence, RowPolicy]] = []
         started = time.perf_counter()  # the lookups' time: the backoff's measure
-        proposing: list[tuple[Sequence, Drafter, bool]] = []  # (row, drafter, adapts): d_s > 0
-        for seq, drafter, limit, backs_off, adapts in candidates:
+        # (row, drafter, its state, adapts): the rows that propose (d_s > 0)
+        proposing: list[tuple[Sequence, Drafter, RowPolicy, bool]] = []
+        for seq, drafter, limit, row, backs_off, adapts in candidates:
             seq.num_drafts = drafts = drafter.plan(seq, limit)
             if backs_off:
-                looked_up.append(seq)
+                looked_up.append((seq, row))
             if drafts:
-                proposing.append((seq, drafter, adapts))
-        if policy is None:
-            return
+                proposing.append((seq, drafter, row, adapts))
         backoff.measured(batch.hi, time.perf_counter() - started, len(looked_up))
         if proposing:
             self._shorten_drafts(batch, proposing)
         else:
             policy.choose(batch.hi, [], [], 0, False)  # nothing proposed (the usual pass on open chat)
-        for seq in looked_up:
-            backoff.planned(policy.row(seq.slot).planning, seq.num_drafts > 0)
+        for seq, row in looked_up:  # whether it drafts in the pass: what the policy left of its proposal
+            backoff.planned(row.planning, seq.num_drafts > 0)
+
+    def _draft_limit(self, seq: Sequence) -> int:
+        """The most drafts the row may propose: a pass emits up to d_s + 1 tokens, within
+        the row's k, its max_tokens and the context."""
+        return min(seq.k, seq.max_tokens - seq.completion_tokens - 1, self.max_context - len(seq.tokens) - 1)
 
     def _plan_plain(self, batch: DecodeBatch) -> None:
         """No row drafts in the coming pass (counted as the policy's choice of cap 0)."""
@@ -94,49 +109,66 @@ class DraftPlanner:
         if self.policy is not None:
             self.policy.choose(batch.hi, [], [], 0, False)
 
-    def _shorten_drafts(self, batch: DecodeBatch, proposing: list[tuple[Sequence, Drafter, bool]]) -> None:
+    def _shorten_drafts(
+        self, batch: DecodeBatch, proposing: list[tuple[Sequence, Drafter, RowPolicy, bool]]
+    ) -> None:
         """Caps d_s of the proposing rows by the policy; the pass's other rows emit one token each."""
         policy = self.policy
         rates = [
-            policy.row(seq.slot).acceptance.rate_with(policy.pooled.rate(drafter.proposal_kind(seq)))
-            for seq, drafter, _ in proposing
+            row.acceptance.rate_with(policy.pooled.rate(drafter.proposal_kind(seq)))
+            for seq, drafter, row, _ in proposing
         ]
         cap = policy.choose(
             batch.hi,
-            [seq.num_drafts for seq, _, _ in proposing],
+            [seq.num_drafts for seq, *_ in proposing],
             rates,
-            max((seq.num_drafts for seq, _, adapts in proposing if not adapts), default=0),
-            any(seq.method is Method.DRAFT_MODEL for seq, _, _ in proposing),
+            max((seq.num_drafts for seq, _, _, adapts in proposing if not adapts), default=0),
+            any(seq.method is Method.DRAFT_MODEL for seq, *_ in proposing),
             plain_rows=len(batch.rows) - len(proposing),
         )
-        for seq, _, adapts in proposing:
+        for seq, _, _, adapts in proposing:
             if adapts:
                 seq.num_drafts = min(seq.num_drafts, cap)
 
     def _drafting_cannot_pay(
-        self, batch: DecodeBatch, candidates: list[tuple[Sequence, Drafter, int, bool, bool]]
+        self,
+        batch: DecodeBatch,
+        candidates: list[tuple[Sequence, Drafter, int, RowPolicy, bool, bool]],
+        bounds: list[float],
     ) -> bool:
         """True when plain decoding beats drafting even if every candidate row proposed its
-        whole limit at the best rate its drafter's proposals could have: then no drafter
-        need plan. Only for batches whose drafts the policy may shorten (no fixed rows)."""
+        whole limit at the best rate its drafter's proposals could have (`bounds`): then no
+        drafter need plan. Only for batches whose drafts the policy may shorten (no fixed
+        rows). First with every candidate at the most drafts and the best bound of any (a
+        bound of the bound, whose cost does not grow with the rows): where even that cannot
+        pay, neither can the rows; only otherwise row by row."""
         policy = self.policy
-        # An upper bound on what planning could show: each row's own evidence with the best
-        # prior any of its drafter's kinds of proposal has.
-        best_prior = {
-            drafter: max(map(policy.pooled.rate, drafter.proposal_kinds()), default=0.0)
+        limits = [limit for _, _, limit, *_ in candidates]
+        draft_model = any(seq.method is Method.DRAFT_MODEL for seq, *_ in candidates)
+        plain_rows = len(batch.rows) - len(candidates)
+        alike = policy.best_cap_alike(
+            batch.hi, len(candidates), max(limits), max(bounds), draft_model, plain_rows
+        )
+        if alike == 0:
+            return True
+        return policy.best_cap(batch.hi, limits, bounds, 0, draft_model, plain_rows=plain_rows) == 0
+
+    def _best_priors(self) -> dict[Drafter, float]:
+        """Per drafter, the best pooled acceptance any of its kinds of proposal has: with a
+        row's own evidence, an upper bound on what planning could show."""
+        rate = self.policy.pooled.rate
+        return {
+            drafter: max(map(rate, drafter.proposal_kinds()), default=0.0)
             for drafter in self.drafters.values()
         }
-        bounds = [
-            policy.row(seq.slot).acceptance.rate_with(best_prior[drafter]) for seq, drafter, *_ in candidates
-        ]
-        draft_model = any(seq.method is Method.DRAFT_MODEL for seq, *_ in candidates)
-        limits = [limit for _, _, limit, _, _ in candidates]
-        return (
-            policy.best_cap(
-                batch.hi, limits, bounds, 0, draft_model, plain_rows=len(batch.rows) - len(candidates)
-            )
-            == 0
-        )
+
+    def _row_policies(self, batch: DecodeBatch) -> list[RowPolicy]:
+        """[rows]: the policy's state of each row of `batch`, looked up once per batch (the
+        layout keeps a batch until a row joins or leaves; release() forgets it)."""
+        if self._rows_of is not batch:
+            self._row_states = [self.policy.row(seq.slot) for seq in batch.rows]
+            self._rows_of = batch
+        return self._row_states
 
     def record(self, seq: Sequence, drafter: Drafter, accepted: int) -> None:
         """The pooled acceptance of the row's kind of proposal learns the pass's verdict
@@ -153,3 +185,4 @@ class DraftPlanner:
         """The row left its slot: the policy forgets it."""
         if self.policy is not None:
             self.policy.forget(seq.slot)
+            self._rows_of = None
