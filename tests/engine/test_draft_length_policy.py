@@ -75,6 +75,25 @@ def test_the_chosen_cap_has_the_most_expected_tokens_per_second(seed: int) -> No
     assert only_proposing == policy._best(32, available, rates, floor, False)
 
 
+@pytest.mark.parametrize("seed", range(200))
+def test_the_bound_of_alike_rows_never_says_plain_where_the_rows_could_pay(seed: int) -> None:
+    """best_cap_alike (every row at the most drafts and the best rate of any) answers 0 only
+    where best_cap over the rows themselves does; the planner then skips the row-by-row bound."""
+    rng = random.Random(seed)
+    policy = DraftLengthPolicy()
+    _measured(
+        policy, 32, {n: (1.9 + rng.uniform(0.0, 0.4) * n + (0.3 if n else 0.0)) * 1e-3 for n in range(9)}
+    )
+    count = rng.randint(1, 32)
+    available = [rng.randint(1, 8) for _ in range(count)]
+    rates = [rng.uniform(0.0, rng.choice([0.2, 0.5, 1.0])) for _ in range(count)]
+    alike = policy.best_cap_alike(32, count, max(available), max(rates), False, 32 - count)
+    exact = policy.best_cap(32, available, rates, 0, False, plain_rows=32 - count)
+    assert alike >= 0 and (alike > 0 or exact == 0)
+    # The rows made alike: the bound is best_cap itself.
+    assert alike == policy.best_cap(32, [max(available)] * count, [max(rates)] * count, 0, False, 32 - count)
+
+
 class _FixedProposals(Drafter):
     """Proposes `proposals[slot]` drafts (capped by the limit) and counts its lookups."""
 
