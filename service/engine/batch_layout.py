@@ -27,8 +27,8 @@ class DecodeBatch:
     greedy_context: PassContext | None  # the all-greedy pass context (no uniforms to draw)
     can_draft: bool  # some row has k > 0
     adapts: list[bool]  # per row: the policy may shorten its drafts (DraftPlanner.adapts)
-    # Per row: its lookups are host work the planning backoff may skip (it adapts, and its
-    # drafter plans on the host).
+    # Per row: its lookups are host work the planning backoff may skip (it drafts, adapts, and
+    # its drafter plans on the host).
     backs_off: list[bool]
     backoff_rows: int  # how many rows back off (the planning backoff's measure of a pass's lookups)
     # Rows (k > 0) of drafters whose drafts exist only on the device, by drafter.
@@ -70,7 +70,9 @@ class BatchLayout:
             if group and not drafter.drafts_on_host:
                 device_groups.append((drafter, group))
         adapts = [DraftPlanner.adapts(seq) for seq in rows]
-        backs_off = [a and self.drafters[seq.method].drafts_on_host for seq, a in zip(rows, adapts)]
+        backs_off = [
+            a and seq.k > 0 and self.drafters[seq.method].drafts_on_host for seq, a in zip(rows, adapts)
+        ]
         return DecodeBatch(
             rows=rows,
             drafters=[self.drafters[seq.method] for seq in rows],

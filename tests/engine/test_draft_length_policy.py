@@ -609,3 +609,40 @@ def test_the_engine_skips_lookups_that_keep_finding_nothing_worth_drafting(
     # Lookups as dear as a pass, declined each time: planned passes 0, 2, 5, 10, 19, 35 (gaps of
     # 1, 2, 4, 8, then MAX_SKIPPED_PLANS), against all 39 without the backoff.
     assert 5 <= len(plans) <= 7, plans
+
+
+def test_the_backoff_weighs_only_the_rows_that_look_up(make_engine, target, tokenizer, monkeypatch) -> None:
+    """Rows that never draft (plain, k = 0) have no lookups for the backoff to skip: a pass's
+    count of lookups, which sets how many passes a declining row may skip, leaves them out, and
+    the policy keeps no acceptance history for them."""
+    engine = make_engine(target, max_batch_size=4, adaptive_draft_length=True)
+    counted = []
+    original = PlanningBackoff.start_pass
+    monkeypatch.setattr(
+        PlanningBackoff,
+        "start_pass",
+        lambda self, rows, lookups, plain_pass: (
+            counted.append((rows, lookups)) or original(self, rows, lookups, plain_pass)
+        ),
+    )
+    histories = []
+    original_update = AcceptanceEstimate.update
+    monkeypatch.setattr(
+        AcceptanceEstimate,
+        "update",
+        lambda self, proposed, accepted: (
+            histories.append(id(self)) or original_update(self, proposed, accepted)
+        ),
+    )
+    ids = tuple(tokenizer.encode("the fox the fox the fox"))
+    methods = [Method.NONE, Method.NONE, Method.NGRAM, Method.NGRAM]
+    requests = [
+        GenerationRequest(
+            f"g{i}", ids, max_tokens=12, method=m, num_draft_tokens=0 if m is Method.NONE else 4
+        )
+        for i, m in enumerate(methods)
+    ]
+    run(engine, requests)
+    assert any(rows == 4 for rows, _ in counted), counted  # the four rows decoded together
+    assert counted and all(lookups <= 2 for _, lookups in counted), counted
+    assert 0 < len(set(histories)) <= 2  # the n-gram rows' histories only

@@ -177,8 +177,9 @@ class DraftPlanner:
             self.policy.pooled.record(drafter.proposal_kind(seq), seq.num_drafts, accepted)
 
     def absorb(self, seq: Sequence, accepted: int) -> None:
-        """The row's own acceptance history learns the pass's verdict."""
-        if self.policy is not None:
+        """The row's own acceptance history learns the pass's verdict (a row that never
+        drafts, k = 0, has none: it is never planned)."""
+        if self.policy is not None and seq.k:
             self.policy.row(seq.slot).acceptance.update(seq.num_drafts, accepted)
 
     def release(self, seq: Sequence) -> None:
