@@ -94,6 +94,22 @@ def test_the_bound_of_alike_rows_never_says_plain_where_the_rows_could_pay(seed:
     assert alike == policy.best_cap(32, [max(available)] * count, [max(rates)] * count, 0, False, 32 - count)
 
 
+def test_the_bound_of_alike_rows_follows_best_cap_where_costs_are_borrowed_or_unknown() -> None:
+    policy = DraftLengthPolicy()
+    # Nothing measured at 32 rows: run as asked (the most drafts), never "plain" unseen.
+    assert (
+        policy.best_cap_alike(32, 4, 6, 0.05, False, 28)
+        == 6
+        == policy.best_cap(32, [6] * 4, [0.05] * 4, 0, False, 28)
+    )
+    # Only a plain pass measured at 32 rows: drafting costs borrowed from 16 rows, as best_cap does.
+    _measured(policy, 16, {0: 7e-3, 1: 7.5e-3, 4: 9e-3})
+    _measured(policy, 32, {0: 8e-3})
+    for rate, expected in ((0.02, 0), (0.9, 4)):
+        assert policy.best_cap_alike(32, 32, 4, rate, False) == expected
+        assert policy.best_cap(32, [4] * 32, [rate] * 32, 0, False) == expected
+
+
 class _FixedProposals(Drafter):
     """Proposes `proposals[slot]` drafts (capped by the limit) and counts its lookups."""
 

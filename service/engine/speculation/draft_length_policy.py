@@ -145,7 +145,8 @@ class PlanningBackoff:
     limit: int = 0  # this pass's bound on a row's skipped passes
 
     def start_pass(self, rows: int, lookups: int, plain_pass: float | None) -> None:
-        """A pass over `rows` rows (its batch size), `lookups` of which would plan;
+        """A pass over `rows` rows (its batch size), `lookups` of which may look up their
+        proposals (DecodeBatch.backoff_rows: those that draft and whose drafter plans on the host);
         plain_pass: the measured cost of a plain pass at this batch size (None: not measured
         yet, no backoff)."""
         per_row = self.seconds.get(batch_bucket(rows))
@@ -381,9 +382,10 @@ class DraftLengthPolicy:
         """best_cap() for `count` rows that could each propose `drafts` at `rate` (and
         `plain_rows` that propose nothing), at a cost that does not grow with the rows. Rows
         that propose at most `drafts` at rates of at most `rate` expect no more tokens at any
-        cap, the same at cap 0: where this answers 0, so does best_cap() for them."""
+        cap, the same at cap 0: where this answers 0, so does best_cap() for them, but for a
+        cap whose rate ties cap 0's to the last bit (count * p and a sum of p round apart)."""
         if drafts <= 0:
-            return drafts
+            return 0
         gain = [0.0] * (drafts + 1)
         p = 1.0
         for d in range(1, drafts + 1):

@@ -4,7 +4,7 @@ what its drafter could propose, the context left, and the draft-length policy.""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from service.engine.api import Method
 from service.engine.sequence import Sequence
@@ -15,6 +15,26 @@ if TYPE_CHECKING:
     from service.engine.batch_layout import DecodeBatch
 
 
+class _Candidate(NamedTuple):
+    """A row that may draft in the coming pass."""
+
+    seq: Sequence
+    drafter: Drafter
+    limit: int  # the most drafts it may propose (> 0)
+    row: RowPolicy  # the policy's state of the row
+    backs_off: bool  # the backoff may skip its lookup
+    adapts: bool  # the policy may shorten its drafts
+
+
+class _Proposing(NamedTuple):
+    """A row whose lookup proposed drafts (d_s > 0) for the coming pass."""
+
+    seq: Sequence
+    drafter: Drafter
+    row: RowPolicy
+    adapts: bool
+
+
 class DraftPlanner:
     def __init__(
         self, drafters: dict[Method, Drafter], max_context: int, policy: DraftLengthPolicy | None = None
@@ -22,8 +42,8 @@ class DraftPlanner:
         self.drafters = drafters
         self.max_context = max_context
         self.policy = policy
-        self._rows_of: DecodeBatch | None = None  # the batch whose row states _row_states holds
-        self._row_states: list[RowPolicy] = []
+        # (a batch, the policy's state of each of its rows): looked up once per batch
+        self._row_policies_of: tuple[DecodeBatch, list[RowPolicy]] | None = None
 
     @staticmethod
     def adapts(seq: Sequence) -> bool:
@@ -58,43 +78,40 @@ class DraftPlanner:
         backoff = policy.planning
         backoff.start_pass(batch.hi, batch.backoff_rows, policy.plain_cost(batch.hi))
         best_prior = self._best_priors()
-        # The rows that plan, in step: (row, its drafter, at most this many drafts, its
-        # policy state, whether the backoff may skip its lookup, whether the policy may
-        # shorten its drafts), and the best acceptance its drafts could have.
-        candidates: list[tuple[Sequence, Drafter, int, RowPolicy, bool, bool]] = []
-        bounds: list[float] = []
+        candidates: list[_Candidate] = []
+        bounds: list[float] = []  # [candidates]: the best acceptance its drafts could have
         for seq, drafter, row, backs_off, adapts in zip(
             rows, batch.drafters, self._row_policies(batch), batch.backs_off, batch.adapts
         ):
             seq.num_drafts = 0
             if backs_off and not backoff.due(row.planning):
-                continue  # a row whose lookups keep drafting nothing skips some passes'
+                continue  # first: most rows skip their lookup at 32 rows or more
             limit = draft_limit(seq)
             if limit > 0:
-                candidates.append((seq, drafter, limit, row, backs_off, adapts))
+                candidates.append(_Candidate(seq, drafter, limit, row, backs_off, adapts))
                 bounds.append(row.acceptance.rate_with(best_prior[drafter]))
         # Rows whose drafts are fixed (seeded sampling) always plan; the others only when
         # drafting could pay at all.
         if not candidates or (all(batch.adapts) and self._drafting_cannot_pay(batch, candidates, bounds)):
             policy.choose(batch.hi, [], [], 0, False)  # a plain pass (cap 0)
             return
-        # rows whose lookup the backoff may skip, planning now, with their policy state
+        # The backoff learns, once the policy has capped the drafts, whether each of these
+        # rows drafts in the pass: a proposal the policy cuts to 0 counts as drafting nothing.
         looked_up: list[tuple[Sequence, RowPolicy]] = []
         started = time.perf_counter()  # the lookups' time: the backoff's measure
-        # (row, drafter, its state, adapts): the rows that propose (d_s > 0)
-        proposing: list[tuple[Sequence, Drafter, RowPolicy, bool]] = []
+        proposing: list[_Proposing] = []
         for seq, drafter, limit, row, backs_off, adapts in candidates:
             seq.num_drafts = drafts = drafter.plan(seq, limit)
             if backs_off:
                 looked_up.append((seq, row))
             if drafts:
-                proposing.append((seq, drafter, row, adapts))
+                proposing.append(_Proposing(seq, drafter, row, adapts))
         backoff.measured(batch.hi, time.perf_counter() - started, len(looked_up))
         if proposing:
             self._shorten_drafts(batch, proposing)
         else:
             policy.choose(batch.hi, [], [], 0, False)  # nothing proposed (the usual pass on open chat)
-        for seq, row in looked_up:  # whether it drafts in the pass: what the policy left of its proposal
+        for seq, row in looked_up:
             backoff.planned(row.planning, seq.num_drafts > 0)
 
     def _draft_limit(self, seq: Sequence) -> int:
@@ -109,31 +126,28 @@ class DraftPlanner:
         if self.policy is not None:
             self.policy.choose(batch.hi, [], [], 0, False)
 
-    def _shorten_drafts(
-        self, batch: DecodeBatch, proposing: list[tuple[Sequence, Drafter, RowPolicy, bool]]
-    ) -> None:
+    def _shorten_drafts(self, batch: DecodeBatch, proposing: list[_Proposing]) -> None:
         """Caps d_s of the proposing rows by the policy; the pass's other rows emit one token each."""
         policy = self.policy
         rates = [
-            row.acceptance.rate_with(policy.pooled.rate(drafter.proposal_kind(seq)))
-            for seq, drafter, row, _ in proposing
+            p.row.acceptance.rate_with(policy.pooled.rate(p.drafter.proposal_kind(p.seq))) for p in proposing
         ]
         cap = policy.choose(
             batch.hi,
-            [seq.num_drafts for seq, *_ in proposing],
+            [p.seq.num_drafts for p in proposing],
             rates,
-            max((seq.num_drafts for seq, _, _, adapts in proposing if not adapts), default=0),
-            any(seq.method is Method.DRAFT_MODEL for seq, *_ in proposing),
+            max((p.seq.num_drafts for p in proposing if not p.adapts), default=0),
+            any(p.seq.method is Method.DRAFT_MODEL for p in proposing),
             plain_rows=len(batch.rows) - len(proposing),
         )
-        for seq, _, _, adapts in proposing:
-            if adapts:
-                seq.num_drafts = min(seq.num_drafts, cap)
+        for p in proposing:
+            if p.adapts:
+                p.seq.num_drafts = min(p.seq.num_drafts, cap)
 
     def _drafting_cannot_pay(
         self,
         batch: DecodeBatch,
-        candidates: list[tuple[Sequence, Drafter, int, RowPolicy, bool, bool]],
+        candidates: list[_Candidate],
         bounds: list[float],
     ) -> bool:
         """True when plain decoding beats drafting even if every candidate row proposed its
@@ -143,8 +157,8 @@ class DraftPlanner:
         bound of the bound, whose cost does not grow with the rows): where even that cannot
         pay, neither can the rows; only otherwise row by row."""
         policy = self.policy
-        limits = [limit for _, _, limit, *_ in candidates]
-        draft_model = any(seq.method is Method.DRAFT_MODEL for seq, *_ in candidates)
+        limits = [c.limit for c in candidates]
+        draft_model = any(c.seq.method is Method.DRAFT_MODEL for c in candidates)
         plain_rows = len(batch.rows) - len(candidates)
         alike = policy.best_cap_alike(
             batch.hi, len(candidates), max(limits), max(bounds), draft_model, plain_rows
@@ -165,10 +179,10 @@ class DraftPlanner:
     def _row_policies(self, batch: DecodeBatch) -> list[RowPolicy]:
         """[rows]: the policy's state of each row of `batch`, looked up once per batch (the
         layout keeps a batch until a row joins or leaves; release() forgets it)."""
-        if self._rows_of is not batch:
-            self._row_states = [self.policy.row(seq.slot) for seq in batch.rows]
-            self._rows_of = batch
-        return self._row_states
+        cached = self._row_policies_of
+        if cached is None or cached[0] is not batch:
+            cached = self._row_policies_of = (batch, [self.policy.row(seq.slot) for seq in batch.rows])
+        return cached[1]
 
     def record(self, seq: Sequence, drafter: Drafter, accepted: int) -> None:
         """The pooled acceptance of the row's kind of proposal learns the pass's verdict
@@ -186,4 +200,4 @@ class DraftPlanner:
         """The row left its slot: the policy forgets it."""
         if self.policy is not None:
             self.policy.forget(seq.slot)
-            self._rows_of = None
+            self._row_policies_of = None
