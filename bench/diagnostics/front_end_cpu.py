@@ -1,0 +1,244 @@
+"""CPU time of the service's two processes per request and per streamed token: what one gRPC
+front end can carry before it, not the engine, sets the pace.
+
+    python -m bench.diagnostics.front_end_cpu                      # tiny random model, CPU
+    python -m bench.diagnostics.front_end_cpu --model DIR --device cuda --dtype bfloat16
+
+Starts `specdec-server` (bench/common/server_process.py; the engine core in its own process,
+the default) and finds the engine core among its children (the process multiprocessing's
+spawn started). Each point sends bursts of --concurrency requests through the load
+generator's runner (service/client/loadgen/runner.py), first with max_tokens 1, then with
+--max-tokens, and reads the CPU time of each process (every thread's, /proc/PID/task/*/schedstat,
+nanoseconds) around each run. With the same requests in both runs,
+
+    cpu(run) = a * requests + b * streamed tokens
+
+gives a, the cost of a request apart from its tokens (the call, tokenizing, the hop to the
+core, the final message), and b, the cost of each further token (an event from the core, a
+chunk on the stream), for each process. A front end that needs `a * requests/s + b *
+tokens/s` of more than about one core (its event loop holds the GIL) is the bottleneck.
+
+--floor measures the same for a bare grpc.aio server instead (`FloorServicer`: no
+tokenizer, no engine; each Generate streams max_tokens chunks of one token, 1 ms apart, then
+its final message): what the gRPC library alone costs per call and per streamed message.
+
+The client (this process) runs on the same machine and competes for its cores: on a machine
+with few of them the figures include that contention. --pairs repeats the two runs,
+alternated. Prints one JSON document (--out writes it too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import json
+import multiprocessing
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from bench.common.arguments import write_result
+from bench.common.server_process import ServerProcess
+from service.client.loadgen.prompts import load_prompts
+from service.client.loadgen.requests import build_request
+from service.client.loadgen.runner import Pacing, run_load
+from specdec.v1 import generation_pb2, generation_pb2_grpc
+from testkit.processes import free_port
+
+
+class FloorServicer(generation_pb2_grpc.GenerationServiceServicer):
+    """Generate without a model: max_tokens chunks of one token, 1 ms apart, and the final."""
+
+    async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
+        for i in range(request.max_tokens or 1):
+            await asyncio.sleep(0.001)
+            chunk = generation_pb2.GenerateChunk(text=" word", token_ids=[1000 + i])
+            yield generation_pb2.GenerateResponse(request_id=request.request_id, chunk=chunk)
+        final = generation_pb2.GenerateFinal(finish_reason=1, completion_tokens=request.max_tokens or 1)
+        yield generation_pb2.GenerateResponse(request_id=request.request_id, final=final)
+
+
+def _serve_floor(address: str, ready) -> None:  # a child process
+    async def serve() -> None:
+        server = grpc.aio.server()
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(FloorServicer(), server)
+        server.add_insecure_port(address)
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every live thread of `pid` (threads that ended are not counted: the
+    service's threads live as long as it does)."""
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(path) as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # the thread ended between the listing and the read
+    return total / 1e9
+
+
+def engine_core_pid(server_pid: int) -> int:
+    """The server's child started by multiprocessing's spawn (the engine core)."""
+    for child in _children(server_pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    return child
+        except OSError:
+            continue
+    raise RuntimeError(
+        f"no engine core process among the children of {server_pid}: is --engine-process thread set?"
+    )
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        with open(path) as f:
+            children += [int(c) for c in f.read().split()]
+    return children
+
+
+async def _burst_runs(address: str, args: argparse.Namespace, max_tokens: int) -> tuple[int, int, float]:
+    """--rounds bursts of --concurrency requests at `max_tokens`: (requests, streamed tokens, seconds)."""
+    prompts = load_prompts(args.prompts)
+    settings = argparse.Namespace(
+        max_tokens=max_tokens, temperature=None, top_p=None, top_k=None, seed=None, k=None
+    )
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+
+        def make(index: int):
+            return build_request(settings, prompts[index % len(prompts)], args.method, f"fe-{index}", index)
+
+        started = time.perf_counter()
+        _, records = await run_load(stub, make, Pacing("burst", args.concurrency, rounds=args.rounds), 300.0)
+        seconds = time.perf_counter() - started
+    failed = [r for r in records if not r.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed, the first: {failed[0].status} {failed[0].error}")
+    return len(records), sum(r.completion_tokens for r in records), seconds
+
+
+def measure(address: str, pids: dict[str, int], args: argparse.Namespace, max_tokens: int) -> dict:
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    requests, tokens, seconds = asyncio.run(_burst_runs(address, args, max_tokens))
+    cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    return {
+        "max_tokens": max_tokens,
+        "requests": requests,
+        "tokens": tokens,
+        "seconds": seconds,
+        "cpu_s": cpu,
+    }
+
+
+def split_costs(short: dict, long: dict) -> dict[str, dict[str, float]]:
+    """Per process: us per request (a) and per token after the first (b), from two runs with
+    the same requests (cpu = a * requests + b * tokens)."""
+    if short["requests"] != long["requests"] or long["tokens"] <= short["tokens"]:
+        raise ValueError("the two runs need the same requests and more tokens in the second")
+    out = {}
+    for name in short["cpu_s"]:
+        b = (long["cpu_s"][name] - short["cpu_s"][name]) / (long["tokens"] - short["tokens"])
+        a = (short["cpu_s"][name] - b * short["tokens"]) / short["requests"]
+        out[name] = {"us_per_request": a * 1e6, "us_per_token": b * 1e6}
+    return out
+
+
+def _pairs(address: str, pids: dict[str, int], args: argparse.Namespace) -> list[dict]:
+    measure(address, pids, args, args.max_tokens)  # warm-up: every graph and cache
+    runs = []
+    for _ in range(args.pairs):
+        short = measure(address, pids, args, 1)
+        long = measure(address, pids, args, args.max_tokens)
+        runs.append({"short": short, "long": long, "costs": split_costs(short, long)})
+    return runs
+
+
+def floor_runs(args: argparse.Namespace) -> list[dict]:
+    address = f"127.0.0.1:{free_port()}"
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    process = context.Process(target=_serve_floor, args=(address, ready), daemon=True)
+    process.start()
+    try:
+        if not ready.wait(60):
+            raise RuntimeError("the floor server did not start")
+        return _pairs(address, {"front_end": process.pid}, args)
+    finally:
+        process.kill()
+        process.join(10)
+
+
+def service_runs(args: argparse.Namespace) -> tuple[list[dict], dict[str, int], str]:
+    workdir = Path(tempfile.mkdtemp(prefix="specdec-fe-cpu-"))
+    model = args.model
+    if model is None:
+        from bench.random_model import smollm2_tokenizer, write_random_model
+
+        model = str(workdir / "tiny")
+        write_random_model(Path(model), "tiny", smollm2_tokenizer(), device="cpu")
+    server_args = [
+        "--model", model, "--device", args.device, "--dtype", args.dtype,
+        "--max-batch-size", str(args.concurrency), "--log-level", "WARNING", *args.server_arg,
+    ]  # fmt: skip
+    with ServerProcess(server_args, workdir / "server.log").start(timeout_s=600) as server:
+        pids = {"front_end": server.process.pid, "engine_core": engine_core_pid(server.process.pid)}
+        return _pairs(server.address, pids, args), pids, model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model",
+        help="model directory [default: bench.random_model's tiny shape with SmolLM2's tokenizer,"
+        " written to a temporary folder]",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prompts", default="builtin:grounded")
+    parser.add_argument("--method", default="none", help="none, ngram, draft_model or default")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=8, help="bursts per run")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--pairs", type=int, default=2, help="(1 token, --max-tokens) run pairs, alternated")
+    parser.add_argument("--server-arg", action="append", default=[], help="one more argument for the server")
+    parser.add_argument("--floor", action="store_true", help="a bare grpc.aio server instead (FloorServicer)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.floor:
+        runs, pids, model = floor_runs(args), {"front_end": None}, None
+    else:
+        runs, pids, model = service_runs(args)
+    summary = {
+        name: {
+            key: statistics.median(run["costs"][name][key] for run in runs)
+            for key in ("us_per_request", "us_per_token")
+        }
+        for name in pids
+    }
+    result = {
+        "settings": {**vars(args), "out": str(args.out) if args.out else None, "model": model},
+        "cpus": os.cpu_count(),
+        "runs": runs,
+        "median": summary,
+    }
+    print(json.dumps(result, indent=1))
+    if args.out:
+        write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
