@@ -13,14 +13,18 @@ nanoseconds) around each run. With the same requests in both runs,
 
     cpu(run) = a * requests + b * streamed tokens
 
-gives a, the cost of a request apart from its tokens (the call, tokenizing, the hop to the
-core, the final message), and b, the cost of each further token (an event from the core, a
-chunk on the stream), for each process. A front end that needs `a * requests/s + b *
-tokens/s` of more than about one core (its event loop holds the GIL) is the bottleneck.
+gives b, the cost of each streamed token (an event from the core, a chunk on the stream:
+at this concurrency a pass sends one message to the front end for all rows, and a stream
+whose handler falls behind merges chunks), and a, the rest of a request's cost (the call,
+tokenizing, the hop to the core, the final message), for each process. CPU that grows with
+wall time rather than work (the engine core's spin while it waits for the GPU) lands in both.
+A front end that needs `a * requests/s + b * tokens/s` of more than about one core (most of
+its work is on its event loop, which holds the GIL) sets the pace.
 
---floor measures the same for a bare grpc.aio server instead (`FloorServicer`: no
-tokenizer, no engine; each Generate streams max_tokens chunks of one token, 1 ms apart, then
-its final message): what the gRPC library alone costs per call and per streamed message.
+--floor measures the same for a bare grpc.aio server instead
+(bench/diagnostics/grpc_floor_server.py: no tokenizer, no engine; each Generate streams
+max_tokens one-token chunks, each after a 1 ms asyncio sleep, then its final message): the
+gRPC library's cost per call and per streamed message, plus that sleep's timer wake-up.
 
 The client (this process) runs on the same machine and competes for its cores: on a machine
 with few of them the figures include that contention. --pairs repeats the two runs,
@@ -44,47 +48,28 @@ import grpc
 
 from bench.common.arguments import write_result
 from bench.common.server_process import ServerProcess
+from bench.diagnostics.grpc_floor_server import serve_floor
 from service.client.loadgen.prompts import load_prompts
 from service.client.loadgen.requests import build_request
 from service.client.loadgen.runner import Pacing, run_load
-from specdec.v1 import generation_pb2, generation_pb2_grpc
+from specdec.v1 import generation_pb2_grpc
 from testkit.processes import free_port
 
 
-class FloorServicer(generation_pb2_grpc.GenerationServiceServicer):
-    """Generate without a model: max_tokens chunks of one token, 1 ms apart, and the final."""
-
-    async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
-        for i in range(request.max_tokens or 1):
-            await asyncio.sleep(0.001)
-            chunk = generation_pb2.GenerateChunk(text=" word", token_ids=[1000 + i])
-            yield generation_pb2.GenerateResponse(request_id=request.request_id, chunk=chunk)
-        final = generation_pb2.GenerateFinal(finish_reason=1, completion_tokens=request.max_tokens or 1)
-        yield generation_pb2.GenerateResponse(request_id=request.request_id, final=final)
-
-
-def _serve_floor(address: str, ready) -> None:  # a child process
-    async def serve() -> None:
-        server = grpc.aio.server()
-        generation_pb2_grpc.add_GenerationServiceServicer_to_server(FloorServicer(), server)
-        server.add_insecure_port(address)
-        await server.start()
-        ready.set()
-        await server.wait_for_termination()
-
-    asyncio.run(serve())
-
-
 def cpu_seconds(pid: int) -> float:
-    """CPU time of every live thread of `pid` (threads that ended are not counted: the
-    service's threads live as long as it does)."""
-    total = 0
+    """CPU time of every live thread of `pid`: the first field of /proc/PID/task/TID/schedstat,
+    nanoseconds on a CPU (threads that ended are not counted: the service's threads live as
+    long as it does). Raises ProcessLookupError when no thread could be read."""
+    total, read = 0, 0
     for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
         try:
             with open(path) as f:
                 total += int(f.read().split()[0])
+            read += 1
         except (OSError, ValueError, IndexError):
             pass  # the thread ended between the listing and the read
+    if not read:
+        raise ProcessLookupError(f"no thread of process {pid} could be read (has it exited?)")
     return total / 1e9
 
 
@@ -110,7 +95,7 @@ def _children(pid: int) -> list[int]:
     return children
 
 
-async def _burst_runs(address: str, args: argparse.Namespace, max_tokens: int) -> tuple[int, int, float]:
+async def _send_bursts(address: str, args: argparse.Namespace, max_tokens: int) -> tuple[int, int, float]:
     """--rounds bursts of --concurrency requests at `max_tokens`: (requests, streamed tokens, seconds)."""
     prompts = load_prompts(args.prompts)
     settings = argparse.Namespace(
@@ -133,7 +118,7 @@ async def _burst_runs(address: str, args: argparse.Namespace, max_tokens: int) -
 
 def measure(address: str, pids: dict[str, int], args: argparse.Namespace, max_tokens: int) -> dict:
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    requests, tokens, seconds = asyncio.run(_burst_runs(address, args, max_tokens))
+    requests, tokens, seconds = asyncio.run(_send_bursts(address, args, max_tokens))
     cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     return {
         "max_tokens": max_tokens,
@@ -145,10 +130,12 @@ def measure(address: str, pids: dict[str, int], args: argparse.Namespace, max_to
 
 
 def split_costs(short: dict, long: dict) -> dict[str, dict[str, float]]:
-    """Per process: us per request (a) and per token after the first (b), from two runs with
-    the same requests (cpu = a * requests + b * tokens)."""
-    if short["requests"] != long["requests"] or long["tokens"] <= short["tokens"]:
-        raise ValueError("the two runs need the same requests and more tokens in the second")
+    """Per process: us per request (a) and per token (b), from two runs of the same requests
+    (cpu = a * requests + b * tokens)."""
+    if short["requests"] != long["requests"]:
+        raise ValueError("the two runs need the same requests")
+    if long["tokens"] <= short["tokens"]:
+        raise ValueError("the second run needs more tokens than the first")
     out = {}
     for name in short["cpu_s"]:
         b = (long["cpu_s"][name] - short["cpu_s"][name]) / (long["tokens"] - short["tokens"])
@@ -167,11 +154,24 @@ def _pairs(address: str, pids: dict[str, int], args: argparse.Namespace) -> list
     return runs
 
 
+def summarize(runs: list[dict]) -> dict[str, dict]:
+    """The median and the range over the pairs of each process's a and b, each taken on its
+    own (a and b of one pair move in opposite directions: a = cpu / requests - b when every
+    request of the short run streams one token)."""
+    processes = runs[0]["costs"]
+    keys = ("us_per_request", "us_per_token")
+    values = {p: {k: [run["costs"][p][k] for run in runs] for k in keys} for p in processes}
+    return {
+        "median": {p: {k: statistics.median(v) for k, v in kv.items()} for p, kv in values.items()},
+        "range": {p: {k: [min(v), max(v)] for k, v in kv.items()} for p, kv in values.items()},
+    }
+
+
 def floor_runs(args: argparse.Namespace) -> list[dict]:
     address = f"127.0.0.1:{free_port()}"
     context = multiprocessing.get_context("spawn")
     ready = context.Event()
-    process = context.Process(target=_serve_floor, args=(address, ready), daemon=True)
+    process = context.Process(target=serve_floor, args=(address, ready), daemon=True)
     process.start()
     try:
         if not ready.wait(60):
@@ -182,7 +182,7 @@ def floor_runs(args: argparse.Namespace) -> list[dict]:
         process.join(10)
 
 
-def service_runs(args: argparse.Namespace) -> tuple[list[dict], dict[str, int], str]:
+def service_runs(args: argparse.Namespace) -> tuple[list[dict], str]:
     workdir = Path(tempfile.mkdtemp(prefix="specdec-fe-cpu-"))
     model = args.model
     if model is None:
@@ -196,7 +196,7 @@ def service_runs(args: argparse.Namespace) -> tuple[list[dict], dict[str, int], 
     ]  # fmt: skip
     with ServerProcess(server_args, workdir / "server.log").start(timeout_s=600) as server:
         pids = {"front_end": server.process.pid, "engine_core": engine_core_pid(server.process.pid)}
-        return _pairs(server.address, pids, args), pids, model
+        return _pairs(server.address, pids, args), model
 
 
 def main() -> None:
@@ -215,25 +215,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=2, help="(1 token, --max-tokens) run pairs, alternated")
     parser.add_argument("--server-arg", action="append", default=[], help="one more argument for the server")
-    parser.add_argument("--floor", action="store_true", help="a bare grpc.aio server instead (FloorServicer)")
+    parser.add_argument("--floor", action="store_true", help="measure a bare grpc.aio server")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    if args.floor:
-        runs, pids, model = floor_runs(args), {"front_end": None}, None
-    else:
-        runs, pids, model = service_runs(args)
-    summary = {
-        name: {
-            key: statistics.median(run["costs"][name][key] for run in runs)
-            for key in ("us_per_request", "us_per_token")
-        }
-        for name in pids
-    }
+    runs, model = (floor_runs(args), None) if args.floor else service_runs(args)
     result = {
         "settings": {**vars(args), "out": str(args.out) if args.out else None, "model": model},
         "cpus": os.cpu_count(),
         "runs": runs,
-        "median": summary,
+        **summarize(runs),
     }
     print(json.dumps(result, indent=1))
     if args.out:

@@ -11,9 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from bench.diagnostics.front_end_cpu import split_costs
+from bench.diagnostics.front_end_cpu import cpu_seconds, split_costs
+from testkit.processes import REPO
 
-REPO = Path(__file__).resolve().parents[2]
+# A child that, once told to, spends 0.3 s of CPU time in its own thread, then sleeps.
+BURNER = """
+import sys, time
+print("ready", flush=True)
+sys.stdin.readline()
+start = time.process_time()
+while time.process_time() - start < 0.3:
+    pass
+print("done", flush=True)
+time.sleep(60)
+"""
 
 
 def run(requests: int, tokens: int, a_us: float, b_us: float) -> dict:
@@ -28,10 +39,30 @@ def test_split_costs_recovers_the_per_request_and_per_token_costs():
 
 
 def test_split_costs_needs_the_same_requests_and_more_tokens():
-    with pytest.raises(ValueError, match="same requests"):
+    with pytest.raises(ValueError, match="the same requests"):
         split_costs(run(96, 96, 1.0, 1.0), run(64, 96 * 64, 1.0, 1.0))
-    with pytest.raises(ValueError, match="more tokens"):
+    with pytest.raises(ValueError, match="needs more tokens"):
         split_costs(run(96, 96, 1.0, 1.0), run(96, 96, 1.0, 1.0))
+
+
+def test_cpu_seconds_counts_the_processes_time_on_a_cpu():
+    child = subprocess.Popen(
+        [sys.executable, "-c", BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        before = cpu_seconds(child.pid)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "done"
+        burnt = cpu_seconds(child.pid) - before
+    finally:
+        child.kill()
+        child.wait()
+    # 0.3 s by the child's own clock, plus the few syscalls around it; not its wait for a CPU.
+    assert 0.29 <= burnt < 0.4
+    with pytest.raises(ProcessLookupError):
+        cpu_seconds(child.pid)
 
 
 def run_tool(tmp: Path, *extra: str) -> dict:

@@ -9,7 +9,11 @@ thread_cpu_s` lines) and prints the two breakdowns of bench/RESULTS.md's section
   dl -> dw (host work while the device runs: delivery), dw -> ds (waiting for the device),
   ds -> de (absorbing the verdicts), de -> next step; wall and CPU time of the engine thread;
 - every request, server side, from the front end's receipt (`fe_recv`) to its first chunk
-  handed to gRPC (`fe_yield`), or in-process from admission (`eng_admit`) to the first token.
+  handed to gRPC (`fe_yield`), or in-process from admission (`eng_admit`) to the first token
+  (one request at a time: at batch 1);
+- with the engine process: each event message from the core's send (`core_flushed`) to the
+  front end's reader (`fe_events`) and on to the loop's drain (`fe_drain`), and for requests
+  that arrive together (receipts less than 20 ms apart) the span of their receipts.
 
 The second call's dumps (call2/) hold finer points as well, listed between the coarse ones
 when every pass (or request) has them: in a decode pass p_planned, p_prepared, p_built,
@@ -21,6 +25,7 @@ a_detok, a_drafter, and in its prefill pf_alloc, pf_fwd (the forward called), q_
 
 from __future__ import annotations
 
+import bisect
 import glob
 import os
 import statistics
@@ -75,6 +80,44 @@ def request_breakdown(events: list[tuple[str, float, float]], points: list[str])
     return out[2:]  # the first requests warm up
 
 
+def quantiles(values: list[float]) -> str:
+    values = sorted(values)
+
+    def at(q: float) -> float:
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    return f"p50 {at(0.5):.3f}  p90 {at(0.9):.3f}  p99 {at(0.99):.3f}  max {values[-1]:.3f}"
+
+
+def message_lags(merged: list[tuple[str, float, float]]) -> bool:
+    """Core send -> front-end reader (each reader wake-up against the last send before it),
+    reader -> the loop's next drain, and the receipt span of each group of requests; True when
+    requests came in groups (bursts)."""
+    sent = [t for name, t, _ in merged if name == "core_flushed"]
+    read = [t for name, t, _ in merged if name == "fe_events"]
+    lags = [(t - sent[i]) * 1e3 for t in read if (i := bisect.bisect_right(sent, t) - 1) >= 0]
+    print(f"core -> front end, ms: {quantiles(lags)}")
+    drains, pending = [], None
+    for name, t, _ in merged:
+        if name == "fe_events" and pending is None:
+            pending = t
+        elif name == "fe_drain" and pending is not None:
+            drains.append((t - pending) * 1e3)
+            pending = None
+    print(f"front end reader -> the loop's drain, ms: {quantiles(drains)}")
+    receipts = [t for name, t, _ in merged if name == "fe_recv"]
+    groups = [[receipts[0]]] if receipts else []
+    for before, after in zip(receipts, receipts[1:]):
+        if after - before > 0.02:
+            groups.append([after])
+        else:
+            groups[-1].append(after)
+    bursts = [group for group in groups if len(group) > 8]
+    for group in bursts:
+        print(f"{len(group)} requests received over {(group[-1] - group[0]) * 1e3:.1f} ms")
+    return bool(bursts)
+
+
 def main(folder: str) -> None:
     dumps = {path: load(path) for path in sorted(glob.glob(os.path.join(folder, "tp_*.txt")))}
     merged = sorted((e for events in dumps.values() for e in events), key=lambda e: e[1])
@@ -90,6 +133,8 @@ def main(folder: str) -> None:
             cpu = statistics.median(p[b][1] - p[a][1] for p in passes) * 1e6
             print(f"  {a:>11} -> {b:<11} {wall:8.1f} {cpu:8.1f}")
     mode = "process" if "core_flush" in names else "thread" if "fe_recv" in names else "inprocess"
+    if mode == "process" and message_lags(merged):
+        return  # requests overlap: no per-request breakdown
     points = REQUEST_POINTS[mode].split()
     if mode == "inprocess" and "q_replayed" in names:
         points = FINE_ADMISSION.split()
