@@ -63,7 +63,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 _T0 = time.perf_counter()  # before the heavy imports: the logged times include them
@@ -78,7 +77,7 @@ from bench.common.server_process import ServerProcess  # noqa: E402
 from bench.common.time_budget import Budget  # noqa: E402
 from service.api.request_mapping import RequestLimits, to_engine_request  # noqa: E402
 from service.client.loadgen.prompts import Prompt, load_prompts  # noqa: E402
-from service.client.loadgen.requests import build_request  # noqa: E402
+from service.client.loadgen.requests import build_request, greedy_settings  # noqa: E402
 from service.client.loadgen.runner import Pacing, run_load  # noqa: E402
 from service.client.loadgen.stats import join_runs, summarize  # noqa: E402
 from service.config import ServiceConfig  # noqa: E402
@@ -244,11 +243,6 @@ def server_args(args: argparse.Namespace, target: Path, draft: Path | None) -> l
     return out
 
 
-def request_settings(max_tokens: int) -> SimpleNamespace:
-    """What specdec-bench's build_request reads: greedy, the server's k."""
-    return SimpleNamespace(max_tokens=max_tokens, temperature=None, top_p=None, top_k=None, seed=None, k=None)
-
-
 # ---------------------------------------------------------------------------- a row
 
 
@@ -310,7 +304,7 @@ def measure_inprocess(args, size, config_args, plan, prompt_sets, roofline, add_
 
     def factory(spec: str, method: str, prefix: str, max_tokens: int) -> Callable[[int], Any]:
         prompts = prompt_sets[spec]
-        settings = request_settings(max_tokens)
+        settings = greedy_settings(max_tokens)
 
         def make(index: int):
             key = (spec, index % len(prompts), method, max_tokens)
@@ -398,7 +392,7 @@ async def _grpc_blocks(args, size, path, address, plan, prompt_sets, roofline, a
             prompts = prompt_sets[spec]
 
             def factory(prefix: str, max_tokens: int, method: str = method, prompts=prompts, first: int = 0):
-                settings = request_settings(max_tokens)
+                settings = greedy_settings(max_tokens)
                 return lambda i: build_request(
                     settings, prompts[(first + i) % len(prompts)], method, f"{prefix}-{first + i}", first + i
                 )

@@ -50,7 +50,7 @@ from bench.common.arguments import write_result
 from bench.common.server_process import ServerProcess
 from bench.diagnostics.grpc_floor_server import serve_floor
 from service.client.loadgen.prompts import load_prompts
-from service.client.loadgen.requests import build_request
+from service.client.loadgen.requests import build_request, greedy_settings
 from service.client.loadgen.runner import Pacing, run_load
 from specdec.v1 import generation_pb2_grpc
 from testkit.processes import free_port
@@ -98,9 +98,7 @@ def _children(pid: int) -> list[int]:
 async def _send_bursts(address: str, args: argparse.Namespace, max_tokens: int) -> tuple[int, int, float]:
     """--rounds bursts of --concurrency requests at `max_tokens`: (requests, streamed tokens, seconds)."""
     prompts = load_prompts(args.prompts)
-    settings = argparse.Namespace(
-        max_tokens=max_tokens, temperature=None, top_p=None, top_k=None, seed=None, k=None
-    )
+    settings = greedy_settings(max_tokens)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
 

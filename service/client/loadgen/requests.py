@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from types import SimpleNamespace
 
 import grpc
 
@@ -43,6 +44,12 @@ def build_request(
     if args.k is not None:
         request.speculation.num_draft_tokens = args.k
     return request
+
+
+def greedy_settings(max_tokens: int) -> SimpleNamespace:
+    """The settings build_request reads, for a greedy request of `max_tokens` with the
+    server's k (what the benchmarks send)."""
+    return SimpleNamespace(max_tokens=max_tokens, temperature=None, top_p=None, top_k=None, seed=None, k=None)
 
 
 async def server_info(
