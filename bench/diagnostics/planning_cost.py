@@ -36,6 +36,7 @@ from service.engine.api import Method
 from service.engine.speculation.draft_length_policy import DraftLengthPolicy
 from service.engine.speculation.drafters import NgramDrafter
 from service.engine.speculation.planning import DraftPlanner
+from testkit.planned_batch import planned_batch
 
 # Pass seconds by drafts per row at 32 rows (H100, the 8B shape, gpu_pass_cost: 32 x 1, 2, 5, 9).
 PASS_COSTS_32 = {0: 8.54e-3, 1: 9.79e-3, 4: 19.42e-3, 8: 31.23e-3}
@@ -64,20 +65,6 @@ def _row(slot: int, prompt: list[int], new_tokens: int) -> SimpleNamespace:
         num_drafts=0,
         method=Method.NGRAM,
         decoding=True,
-    )
-
-
-def _batch(rows: list[SimpleNamespace], drafter: NgramDrafter) -> SimpleNamespace:
-    """A DecodeBatch as plan() reads it: greedy rows that adapt and back off."""
-    n = len(rows)
-    return SimpleNamespace(
-        rows=rows,
-        drafters=[drafter] * n,
-        hi=n,
-        can_draft=True,
-        adapts=[True] * n,
-        backs_off=[True] * n,
-        backoff_rows=n,
     )
 
 
@@ -110,7 +97,7 @@ def run(
         return seq
 
     live = [admit(slot) for slot in range(rows)]
-    batch = _batch(live, drafter)
+    batch = planned_batch(live, drafter, backs_off=True)
     times, lookups = [], 0
     original_plan = drafter.plan
 
@@ -143,7 +130,7 @@ def run(
                 live[i] = admit(seq.slot)
                 replaced = True
         if replaced:
-            batch = _batch(live, drafter)
+            batch = planned_batch(live, drafter, backs_off=True)
     steady = times[passes // 10 :]  # the first passes measure costs and fill the backoff
     return {
         "rows": rows,

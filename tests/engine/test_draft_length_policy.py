@@ -21,6 +21,7 @@ from service.engine.speculation.draft_length_policy import (
 )
 from service.engine.speculation.drafters import Drafter
 from service.engine.speculation.planning import DraftPlanner
+from testkit.planned_batch import planned_batch
 from tests.engine.helpers import run
 
 
@@ -145,16 +146,7 @@ def _planned_batch(ks: list[int], drafter: Drafter) -> SimpleNamespace:
         )
         for i, k in enumerate(ks)
     ]
-    n = len(rows)
-    return SimpleNamespace(
-        rows=rows,
-        drafters=[drafter] * n,
-        hi=n,
-        can_draft=True,
-        adapts=[True] * n,
-        backs_off=[False] * n,
-        backoff_rows=0,
-    )
+    return planned_batch(rows, drafter, backs_off=False)
 
 
 # A verify pass of 32 rows costs a third more than a plain one: one row's 4 likely drafts do not
