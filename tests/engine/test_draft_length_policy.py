@@ -132,6 +132,18 @@ class _FixedProposals(Drafter):
         return "kind"
 
 
+def _spy(monkeypatch, owner: type, name: str, record) -> None:
+    """Replaces the method owner.name with one that first calls record with the same
+    arguments (self included), then the method itself."""
+    original = getattr(owner, name)
+
+    def spied(*args, **kwargs):
+        record(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spied)
+
+
 def _planned_batch(ks: list[int], drafter: Drafter) -> SimpleNamespace:
     """A pass's batch as DraftPlanner.plan reads it: greedy rows that may adapt and do not back off."""
     rows = [
@@ -402,10 +414,7 @@ def test_planning_is_skipped_when_drafting_cannot_pay(make_engine, target, token
     _measured(engine.draft_length_policy, 1, {n: (1e-3 if n == 0 else 3e-3) for n in range(9)})
     _keep_costs_as_told(engine.draft_length_policy, monkeypatch)
     plans = []
-    original = NgramDrafter.plan
-    monkeypatch.setattr(
-        NgramDrafter, "plan", lambda self, seq, limit: plans.append(limit) or original(self, seq, limit)
-    )
+    _spy(monkeypatch, NgramDrafter, "plan", lambda self, seq, limit: plans.append(limit))
     ids = tuple(tokenizer.encode("the fox the fox the fox the fox the fox"))
     out = run(engine, [GenerationRequest("g", ids, max_tokens=12, method=Method.NGRAM, num_draft_tokens=4)])[
         "g"
@@ -457,13 +466,11 @@ def test_the_engine_pools_every_proposed_draft_by_match_length(
     # the planning backoff (tested on its own below) would skip most of these short requests.
     monkeypatch.setattr(draft_length_policy, "MAX_SKIPPED_PLANS", 0)
     recorded = []
-    original = PooledAcceptance.record
-    monkeypatch.setattr(
+    _spy(
+        monkeypatch,
         PooledAcceptance,
         "record",
-        lambda self, kind, proposed, accepted: (
-            recorded.append((kind, proposed, accepted)) or original(self, kind, proposed, accepted)
-        ),
+        lambda self, kind, proposed, accepted: recorded.append((kind, proposed, accepted)),
     )
     engine = make_engine(target, max_batch_size=2, adaptive_draft_length=True)
     ids = tuple(tokenizer.encode("the fox the fox the fox the fox the fox"))
@@ -625,22 +632,15 @@ def test_the_backoff_weighs_only_the_rows_that_look_up(make_engine, target, toke
     the policy keeps no acceptance history for them."""
     engine = make_engine(target, max_batch_size=4, adaptive_draft_length=True)
     counted = []
-    original = PlanningBackoff.start_pass
-    monkeypatch.setattr(
+    _spy(
+        monkeypatch,
         PlanningBackoff,
         "start_pass",
-        lambda self, rows, lookups, plain_pass: (
-            counted.append((rows, lookups)) or original(self, rows, lookups, plain_pass)
-        ),
+        lambda self, rows, lookups, plain_pass: counted.append((rows, lookups)),
     )
     histories = []
-    original_update = AcceptanceEstimate.update
-    monkeypatch.setattr(
-        AcceptanceEstimate,
-        "update",
-        lambda self, proposed, accepted: (
-            histories.append(id(self)) or original_update(self, proposed, accepted)
-        ),
+    _spy(
+        monkeypatch, AcceptanceEstimate, "update", lambda self, proposed, accepted: histories.append(id(self))
     )
     ids = tuple(tokenizer.encode("the fox the fox the fox"))
     methods = [Method.NONE, Method.NONE, Method.NGRAM, Method.NGRAM]
