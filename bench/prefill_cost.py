@@ -32,7 +32,6 @@ from bench.common.cuda_timing import time_ms
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
 from service.engine.execution.model_forward import ModelForward
 from service.engine.execution.prefill_graphs import GraphedPrefill
-from service.engine.execution.staging import PinnedUploads
 
 
 def _ceilings() -> dict[str, float]:
@@ -54,9 +53,7 @@ class Prefill:
         self.cache = StaticKVCache(max_batch, max_len, torch.device("cuda"), lean.embed.dtype)
         self.cache.allocate(lean.num_layers, lean.num_kv_heads, lean.head_dim)
         # The last cache position is the graphs' scratch: buckets up to it.
-        self.graphs = GraphedPrefill(
-            lean, self.cache, PinnedUploads(torch.device("cuda")), 512, scratch_pos=max_len - 1
-        )
+        self.graphs = GraphedPrefill(lean, self.cache, 512, scratch_pos=max_len - 1)
 
     def graphed(self, ids: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
         return self.graphs(0, ids, lengths[0])

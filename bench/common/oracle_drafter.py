@@ -36,8 +36,8 @@ verdicts are independent Bernoulli(alpha) trials and the accepted length of a pa
 drafts is truncated-geometric: P(a = j) = alpha^j (1 - alpha) for j < d, alpha^d for j = d.
 
 One synchronisation per pass (docs/engine.md): the replacement is built on the host from
-known data and queued to the device in one pinned copy (the runner's PinnedUploads), like
-the draft model's own inputs; nothing is read back from the device.
+known data and queued to the device in one pinned copy (`to_device`), like the draft model's
+own inputs; nothing is read back from the device.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ import random
 import zlib
 from dataclasses import dataclass
 
+import torch
+
+from service.engine.execution.device import to_device
 from service.engine.execution.runner import ModelRunner
 from service.engine.sequence import Sequence
 from service.engine.speculation.drafters import DraftModelDrafter, DraftOutput, PassContext
@@ -163,7 +166,7 @@ class OracleDrafter(DraftModelDrafter):
     def propose(self, ctx: PassContext, rows: list[Sequence], n: int) -> DraftOutput:
         if not all(seq.sampling.greedy for seq in rows):  # start() refused them; never reached
             raise ValueError("the oracle drafter serves greedy requests only")
-        super().propose(ctx, rows, n)  # the draft model's passes: the price
+        real = super().propose(ctx, rows, n)  # the draft model's passes: the price
         alpha = self._alpha
         ids = [[0] * n for _ in range(ctx.hi)]  # [hi, n]
         for seq in rows:
@@ -177,4 +180,4 @@ class OracleDrafter(DraftModelDrafter):
                 j = at + i
                 if j < len(known):  # plan() proposes no further
                     drafts[i] = known[j] if row.uniforms[j] < alpha else row.wrong[j]
-        return DraftOutput(self.runner.uploads.upload(ids), None)
+        return DraftOutput(to_device(ids, torch.long, real.tokens.device), None)

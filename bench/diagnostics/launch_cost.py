@@ -12,9 +12,10 @@ sizes and widths (ModelRunner.forward with device-resident ids, as a decode pass
 them) and for one-row prefills of the given prompt lengths (the captured prefill graphs).
 
 With --uploads it also times the two ways host values reach the device in this tree, on
-the same lists: execution.device.to_device (a fresh pinned block per call) and
-execution.staging.PinnedUploads (persistent pinned slots), each call's time from the call
-to its return (the copy is queued, not waited for). Prints one JSON document.
+the same lists: execution.device.to_device (a fresh pinned block from torch's caching host
+allocator per call) and execution.staging.UploadStaging (one persistent pinned buffer, as a
+decode pass uploads its inputs), each call's time from the call to its return (the copy is
+queued, not waited for). Prints one JSON document.
 """
 
 from __future__ import annotations
@@ -87,10 +88,16 @@ def prefill_launches(runner: ModelRunner, lengths: list[int], iters: int) -> lis
 
 def upload_costs(sizes: list[int], iters: int) -> list:
     from service.engine.execution.device import to_device
-    from service.engine.execution.staging import PinnedUploads
+    from service.engine.execution.staging import UploadStaging
 
     device = torch.device("cuda")
-    uploads = PinnedUploads(device)
+    staging = UploadStaging(device, max(sizes))
+
+    def staged(values: list[int]) -> torch.Tensor:
+        out = staging.upload(values)
+        staging.synchronized()  # host_us synchronises before every call
+        return out
+
     rows = []
     for size in sizes:
         values = list(range(size))
@@ -98,7 +105,7 @@ def upload_costs(sizes: list[int], iters: int) -> list:
             {
                 "values": size,
                 "to_device": host_us(lambda: to_device(values, torch.long, device), iters),  # noqa: B023
-                "pinned_uploads": host_us(lambda: uploads.upload(values), iters),  # noqa: B023
+                "upload_staging": host_us(lambda: staged(values), iters),  # noqa: B023
             }
         )
     return rows

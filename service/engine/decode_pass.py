@@ -17,6 +17,7 @@ import torch
 from service.engine.api import FinishReason, Method
 from service.engine.batch_layout import BatchLayout, DecodeBatch
 from service.engine.execution.runner import ModelRunner
+from service.engine.execution.staging import UploadStaging
 from service.engine.output import OutputProcessor
 from service.engine.row_guard import RowGuard
 from service.engine.sequence import Sequence
@@ -50,6 +51,7 @@ class DecodePass:
         layout: BatchLayout,
         planner: DraftPlanner,
         guard: RowGuard,
+        staging: UploadStaging,
         measure_buckets: Callable[[], bool],
     ) -> None:
         self.target = target
@@ -59,6 +61,7 @@ class DecodePass:
         self.planner = planner
         self.guard = guard
         self.device = target.device
+        self._staging = staging
         self._measure_buckets = measure_buckets  # whether a pass observer wants PassTimes.kv_bucket
         self.times = PassTimes()
         self._runners = [target] + [d.runner for d in drafters.values() if isinstance(d, DraftModelDrafter)]
@@ -78,6 +81,7 @@ class DecodePass:
         except Exception as exc:  # noqa: BLE001 - a batched failure fails the batch, not the engine
             log.exception("decode_pass_failed", batch=len(rows))
             self._failed_in_pass.clear()
+            self._release_staging()
             self.output.deliver_held()  # rows that ended in the flush: the pass gave no verdict
             for seq in rows:
                 self.output.finish(
@@ -147,6 +151,15 @@ class DecodePass:
         return sum(runner.captures for runner in self._runners) + sum(
             drafter.catch_ups for drafter in self.drafters.values()
         )
+
+    def _release_staging(self) -> None:
+        """After a failed pass: wait for the stream, so the pinned upload buffer is free again."""
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            self._staging.synchronized()
+        except Exception:  # noqa: BLE001 - a broken device: later uploads take the safe path
+            log.exception("staging_release_failed")
 
     def _prepare_drafters(self, batch: DecodeBatch) -> bool:
         """Each proposing drafter's preparation (a draft model's backlog): batched where it
@@ -233,7 +246,7 @@ class DecodePass:
                 for seq in group:
                     mask[seq.slot] = 1
                 values += mask
-        staged = self.target.uploads.upload(values)
+        staged = self._staging.upload(values)
         input_ids = (staged if len(values) == hi * width else staged[: hi * width]).view(
             hi, width
         )  # [hi, n + 1]
@@ -258,6 +271,7 @@ class DecodePass:
 
         if not sampled:
             verdicts = verify_greedy_on_host(rows, logits, input_ids, host_drafts, while_device_runs)
+            self._staging.synchronized()
             times.verified_at = time.perf_counter()
             times.verify_s = times.verified_at - t1
             return verdicts
@@ -273,6 +287,7 @@ class DecodePass:
         verdict = torch.cat([accepted[:, None], tokens], dim=1)  # [hi, 1 + n + 1]
         while_device_runs()
         host = verdict.tolist()
+        self._staging.synchronized()
         verdicts = []
         for seq in rows:
             a, *row_tokens = host[seq.slot]

@@ -8,6 +8,7 @@ import structlog
 import torch
 
 from service.engine.api import FinishReason
+from service.engine.execution.device import to_device
 from service.engine.execution.runner import ModelRunner
 from service.engine.output import OutputProcessor
 from service.engine.prefill import allocate, forward_groups
@@ -65,7 +66,7 @@ class PrefillPass:
                 lengths[slot - lo] = chunk
             try:
                 logits = self.target.forward(
-                    lo, hi, self.target.uploads.upload(ids), starts, last_only=True, lengths=lengths
+                    lo, hi, to_device(ids, torch.long, self.device), starts, last_only=True, lengths=lengths
                 )  # [hi - lo, 1, V]
             except Exception as exc:  # noqa: BLE001 - a failed forward fails its rows, not the engine
                 log.exception("prefill_pass_failed", rows=len(group))

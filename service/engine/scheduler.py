@@ -19,6 +19,7 @@ from service.engine.batch_layout import BatchLayout
 from service.engine.decode_pass import DecodePass
 from service.engine.detokenizer import IncrementalDetokenizer, TokenTexts
 from service.engine.execution.runner import ModelRunner
+from service.engine.execution.staging import UploadStaging
 from service.engine.output import OutputProcessor
 from service.engine.pass_record import PassObserver, PassRecord, notify
 from service.engine.prefill_pass import PrefillPass
@@ -57,8 +58,10 @@ class Scheduler:
         self._prefill = PrefillPass(target, output, self._guard, prefill_budget, self._while_prefill_runs)
         self._layout = BatchLayout(drafters, max_k, self.device)
         self._planner = DraftPlanner(drafters, max_context, policy)
+        # ids [B, K + 1], then d_s [B], then one row mask [B] per device drafter
+        staging = UploadStaging(self.device, max_batch * (max_k + 2 + len(drafters)))
         self._decode = DecodePass(
-            target, drafters, output, self._layout, self._planner, self._guard, self._observed
+            target, drafters, output, self._layout, self._planner, self._guard, staging, self._observed
         )
 
     @property

@@ -240,13 +240,11 @@ def test_draft_catch_up_batches_similar_backlogs_and_leaves_outliers_to_prepare(
 
     import torch
 
-    from service.engine.execution.staging import PinnedUploads
     from service.engine.speculation.drafters import DraftModelDrafter, DraftRow
 
     calls = []
     runner = SimpleNamespace(
         device=torch.device("cpu"),
-        uploads=PinnedUploads(torch.device("cpu")),
         forward=lambda lo, hi, ids, starts, last_only=False: calls.append(
             (lo, hi, tuple(ids.shape), list(starts), ids.tolist())
         ),

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from service.engine.execution.device import to_device
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
 from service.engine.execution.model_forward import ModelForward
-from service.engine.execution.staging import PinnedUploads
 
 MIN_KV_BUCKET = 64
 
@@ -35,7 +35,6 @@ class GraphedDecoder:
         self,
         lean: ModelForward,
         cache: StaticKVCache,
-        uploads: PinnedUploads,
         max_batch: int,
         max_width: int,
         max_len: int,
@@ -43,7 +42,6 @@ class GraphedDecoder:
     ) -> None:
         self.lean = lean
         self.cache = cache
-        self.uploads = uploads
         self.max_batch = max_batch
         self.max_width = max_width
         self.max_len = max_len
@@ -121,7 +119,7 @@ class GraphedDecoder:
         graph = self.graphs[key]
         # Rows outside [lo, hi) pad the bucket: they start in the scratch region.
         row_starts = [self.scratch_start] * lo + list(starts) + [self.scratch_start] * (batch - hi)
-        self.uploads.copy_into(self.starts[:batch], row_starts)
+        self.starts[:batch].copy_(to_device(row_starts, torch.long, self.starts.device))
         self.ids[lo:hi, :width].copy_(input_ids)
         graph.replay()
         return self.out[lo:hi, :width]

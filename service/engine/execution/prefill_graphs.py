@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 from service.engine.execution import dense_prefill as dense
+from service.engine.execution.device import to_device
 from service.engine.execution.kv_cache import StaticKVCache
 from service.engine.execution.model_forward import ModelForward
-from service.engine.execution.staging import PinnedUploads
 
 # Padded prompt lengths: 16-token steps up to 64, 32 up to 256, 64 up to 512. Padding
 # costs compute, not weight reads (at worst 65 -> 96 and 257 -> 320 tokens).
@@ -32,21 +32,13 @@ TOKEN_BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512
 class GraphedPrefill:
     """The captured one-row prefill graphs of one model runner, over its KV cache."""
 
-    def __init__(
-        self,
-        lean: ModelForward,
-        cache: StaticKVCache,
-        uploads: PinnedUploads,
-        max_tokens: int,
-        scratch_pos: int,
-    ) -> None:
+    def __init__(self, lean: ModelForward, cache: StaticKVCache, max_tokens: int, scratch_pos: int) -> None:
         """max_tokens: the most tokens a graph serves (rounded down to a bucket, at most the
         cache's usable length `scratch_pos`, the position the padding writes)."""
         if not lean.dense_prefill:
             raise ValueError("captured prefill graphs need the dense prefill")
         self.lean = lean
         self.cache = cache
-        self.uploads = uploads
         self.scratch_pos = scratch_pos
         self.buckets = tuple(b for b in TOKEN_BUCKETS if b <= min(max_tokens, scratch_pos))
         device = cache.device
@@ -105,7 +97,7 @@ class GraphedPrefill:
         own: the next replay does not overwrite it)."""
         width = self.bucket(length)
         self.ids[:length].copy_(input_ids[0, :length])
-        self.uploads.copy_into(self.row, [slot, length])
+        self.row.copy_(to_device([slot, length], torch.long, self.row.device))
         graph = self.graphs.get(width)
         if graph is None:
             graph = self.graphs[width] = self._capture(width)

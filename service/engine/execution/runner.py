@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 
 from service.engine.execution.cuda_graphs import GraphedDecoder
+from service.engine.execution.device import to_device
 from service.engine.execution.kv_cache import StaticKVCache, causal_mask
 from service.engine.execution.linear_blocks import DEFAULT_TABLE, BlockTable, gemv_row_limit
 from service.engine.execution.model_forward import ModelForward, supports
 from service.engine.execution.prefill_graphs import GraphedPrefill
-from service.engine.execution.staging import PinnedUploads
 from service.models.loading import LoadedModel
 
 
@@ -72,7 +72,6 @@ class ModelRunner:
         self.max_position = loaded.max_context_tokens
         self.cache = StaticKVCache(max_batch, max_len + max_width, self.device, loaded.dtype)
         self.vocab_size = loaded.vocab_size
-        self.uploads = PinnedUploads(self.device)  # this model's integer inputs, host -> device
         self.lean: ModelForward | None = None
         self.graphs: GraphedDecoder | None = None
         self.prefill_graphs: GraphedPrefill | None = None
@@ -96,11 +95,11 @@ class ModelRunner:
                 torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
             if use_graphs and self.device.type == "cuda":
                 self.graphs = GraphedDecoder(
-                    self.lean, self.cache, self.uploads, max_batch, max_width, max_len, self.scratch_start
+                    self.lean, self.cache, max_batch, max_width, max_len, self.scratch_start
                 )
                 if prefill_graph_tokens and self.lean.dense_prefill:
                     self.prefill_graphs = GraphedPrefill(
-                        self.lean, self.cache, self.uploads, prefill_graph_tokens, self.scratch_start
+                        self.lean, self.cache, prefill_graph_tokens, self.scratch_start
                     )
 
     @property
@@ -147,10 +146,10 @@ class ModelRunner:
             return self.lean.prefill(input_ids, starts, lengths, keys, values)
         last_at = None  # [B] per row, the token whose logits last_only returns; None: the last
         if last_only and lengths is not None and min(lengths) < width:
-            last_at = self.uploads.upload([n - 1 for n in lengths])
+            last_at = to_device([n - 1 for n in lengths], torch.long, self.device)
         if self.graphs is not None and not last_only and self.graphs.fits(hi, width):
             return self.graphs(lo, hi, input_ids, starts)
-        starts_t = self.uploads.upload(starts)  # [B], no sync
+        starts_t = to_device(starts, torch.long, self.device)  # [B], no sync
         positions = starts_t[:, None] + torch.arange(width, device=self.device)  # [B, T]
         kv_len = min(max(starts) + width, self.max_len)
         write_pos = positions.clamp(max=self.cache.max_len - 1)

@@ -1,82 +1,46 @@
-"""Integer inputs reach the device through persistent pinned memory, without a synchronisation.
-
-A non_blocking copy out of pinned memory is only queued on the stream, so the pinned bytes
-must not be rewritten before it has run. `execution.device.to_device` gets that right by
-taking a fresh pinned block per upload from torch's caching host allocator (plus a CPU
-tensor before it and a device tensor after it); on the hot paths (a decode pass's inputs,
-the captured graphs' row starts, a prefill's prompt ids) that bookkeeping cost more host
-time than the copy. Here a few pinned slots are reused in turn, each guarded by a CUDA
-event recorded after the copy out of it: a slot whose copy may not have run yet is never
-written; the upload takes the fresh-block path instead and waits for nothing.
-"""
+"""A decode pass's integer inputs reach the device in one copy, without a synchronisation."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 
 from service.engine.execution.device import to_device
 
-DEFAULT_SLOT_VALUES = 8192  # int64 values a slot holds (64 KiB); longer uploads take a fresh block
-DEFAULT_SLOTS = 8
 
+class UploadStaging:
+    """A persistent pinned host buffer and a persistent device buffer (CUDA only).
 
-class PinnedUploads:
-    """Host -> device copies of int64 values (flat lists, or lists of equal-length rows)
-    out of a ring of pinned slots, for one device. Off CUDA it builds plain tensors."""
+    A non_blocking copy out of pinned memory is only queued on the stream, so the pinned
+    buffer must not be rewritten before it has run: the caller calls synchronized() after
+    the pass's one device -> host copy on the same stream (or after synchronising the stream
+    when a pass fails). Meanwhile any other upload takes a fresh pinned block
+    (execution.device.to_device). The device buffer is reused in stream order.
+    """
 
-    def __init__(
-        self, device: torch.device, slot_values: int = DEFAULT_SLOT_VALUES, slots: int = DEFAULT_SLOTS
-    ) -> None:
+    def __init__(self, device: torch.device, size: int) -> None:
         self.device = device
-        self.slot_values = slot_values
-        self.fresh_blocks = 0  # uploads that took a fresh pinned block (slot busy or too small)
-        self._next = 0
+        self.size = size
+        self._pending = False  # a copy out of the pinned buffer may not have run yet
         if device.type == "cuda":
-            self._host = torch.empty((slots, slot_values), dtype=torch.long, pin_memory=True)
-            self._views = list(self._host.numpy())  # per slot: numpy writes a Python list in one call
-            # Recorded after each copy out of the slot; an event never recorded counts as done.
-            self._copied = [torch.cuda.Event() for _ in range(slots)]
+            self._host = torch.empty(size, dtype=torch.long, pin_memory=True)
+            self._host_view = self._host.numpy()  # writes a Python list in one call
+            self._dev = torch.empty(size, dtype=torch.long, device=device)
+            # (host slice, device slice) per length: the same few lengths recur pass after pass.
+            self._slices: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def upload(self, values: Sequence) -> torch.Tensor:
-        """`values` as a new int64 tensor on the device, shaped like them ([N] or [R, C])."""
-        shape = _shape(values)
-        if self.device.type != "cuda":
-            return torch.tensor(values, dtype=torch.long).reshape(shape)
-        out = torch.empty(shape, dtype=torch.long, device=self.device)
-        return self._copy(out, values, shape)
+    def upload(self, values: list[int]) -> torch.Tensor:
+        """`values` as a [len(values)] long tensor on the device; valid until the next upload."""
+        n = len(values)
+        if self.device.type != "cuda" or n > self.size or self._pending:
+            return to_device(values, torch.long, self.device)
+        slices = self._slices.get(n)
+        if slices is None:
+            slices = self._slices[n] = (self._host[:n], self._dev[:n])
+        self._host_view[:n] = values
+        slices[1].copy_(slices[0], non_blocking=True)
+        self._pending = True
+        return slices[1]
 
-    def copy_into(self, dst: torch.Tensor, values: Sequence) -> torch.Tensor:
-        """Queues the copy of `values` into `dst` (contiguous int64 on the device, as many
-        elements, shaped like them); returns dst."""
-        shape = _shape(values)
-        if self.device.type != "cuda":
-            return dst.copy_(torch.tensor(values, dtype=torch.long).reshape(shape))
-        return self._copy(dst, values, shape)
-
-    def _copy(self, dst: torch.Tensor, values: Sequence, shape: tuple[int, ...]) -> torch.Tensor:
-        n = 1
-        for size in shape:
-            n *= size
-        if n == 0:
-            return dst
-        slot = self._next
-        if n > self.slot_values or not self._copied[slot].query():
-            self.fresh_blocks += 1
-            return dst.copy_(to_device(values, torch.long, self.device).reshape(shape))
-        self._next = (slot + 1) % len(self._copied)
-        view = self._views[slot][:n]
-        if len(shape) == 1:
-            view[:] = values
-        else:
-            view.reshape(shape)[...] = values
-        dst.view(-1).copy_(self._host[slot, :n], non_blocking=True)
-        self._copied[slot].record()  # on the current stream, behind the copy
-        return dst
-
-
-def _shape(values: Sequence) -> tuple[int, ...]:
-    if values and isinstance(values[0], (list, tuple)):
-        return (len(values), len(values[0]))
-    return (len(values),)
+    def synchronized(self) -> None:
+        """The stream has been synchronised since the last upload: its copy has run."""
+        self._pending = False

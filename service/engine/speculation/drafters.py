@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from service.engine.api import Method
+from service.engine.execution.device import to_device
 from service.engine.execution.runner import ModelRunner
 from service.engine.prefill import allocate
 from service.engine.sequence import Sequence
@@ -287,7 +288,7 @@ class DraftModelDrafter(Drafter):
         behind = seq.tokens[row.cached : -1]
         if len(behind) > 1 and self._budget_left > 0:  # one or two unseen tokens are a normal pass's business
             behind = behind[: self._budget_left]
-            ids = self.runner.uploads.upload([behind])  # [1, L]
+            ids = to_device([behind], torch.long, self.runner.device)  # [1, L]
             self.runner.forward(seq.slot, seq.slot + 1, ids, [row.cached], last_only=True)
             row.cached += len(behind)
             self._budget_left -= len(behind)
@@ -344,7 +345,7 @@ class DraftModelDrafter(Drafter):
         for seq in late:
             cached = self.rows[seq.slot].cached
             ids[seq.slot - lo][: backlog[seq.slot]] = seq.tokens[cached : cached + backlog[seq.slot]]
-        self.runner.forward(lo, hi, self.runner.uploads.upload(ids), starts, last_only=True)
+        self.runner.forward(lo, hi, to_device(ids, torch.long, self.runner.device), starts, last_only=True)
         for seq in late:
             self.rows[seq.slot].cached += backlog[seq.slot]
             self._budget_left -= backlog[seq.slot]
@@ -367,8 +368,8 @@ class DraftModelDrafter(Drafter):
             ids[r][: len(unseen[seq.slot])] = unseen[seq.slot]
             starts[r], last[r] = self.rows[seq.slot].cached, len(unseen[seq.slot]) - 1
         device = self.runner.device
-        logits = self.runner.forward(lo, hi, self.runner.uploads.upload(ids), starts)  # [B, W, V]
-        logits = logits[torch.arange(hi - lo, device=device), self.runner.uploads.upload(last)]  # [B, V]
+        logits = self.runner.forward(lo, hi, to_device(ids, torch.long, device), starts)  # [B, W, V]
+        logits = logits[torch.arange(hi - lo, device=device), to_device(last, torch.long, device)]  # [B, V]
         sampling = ctx.sampling.slice(lo, hi)
         tokens, probs = [], []
         for i in range(n):
