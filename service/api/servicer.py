@@ -129,6 +129,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.tokenizer: Any = None
         self.server_info = generation_pb2.GetServerInfoResponse(version=__version__)
         self._inbox: LoopInbox | None = None  # of the loop serving the calls
+        self._streaming = 0  # submitted calls whose stream has not ended (on the loop)
 
     def attach(self, engine: Any, tokenizer: Any, server_info: generation_pb2.GetServerInfoResponse) -> None:
         self.engine, self.tokenizer, self.server_info = engine, tokenizer, server_info
@@ -163,8 +164,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             )
         loop = asyncio.get_running_loop()
         try:
-            if maps_inline(request):
-                # A small request on the loop: the hop to the pool and back costs about as much.
+            if self._streaming == 0 and maps_inline(request):
+                # A small request while no other is streaming: on the loop, where it costs what
+                # the hop to the pool and back would. Otherwise the pool maps it, so that the
+                # loop goes on streaming the others' tokens and reading new calls, and several
+                # prompts are tokenized at once (the tokenizer releases the GIL).
                 engine_request: GenerationRequest = to_engine_request(
                     request, request_id, self.tokenizer, self._limits, received_at
                 )
@@ -196,6 +200,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc} (request_id={request_id})")
 
         finished = False
+        self._streaming += 1
         try:
             while True:
                 chunk, event = take_ready(await bridge.queue.get(), bridge.queue)
@@ -232,5 +237,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 )
                 return
         finally:
+            self._streaming -= 1
             if not finished:  # client cancelled, deadline passed, or the stream broke
                 handle.cancel()

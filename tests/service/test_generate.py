@@ -362,6 +362,65 @@ def test_small_requests_are_tokenized_on_the_loop_and_the_others_in_the_pool(run
     assert all(name.startswith("tokenize") for name in (threads[2], threads[4]))
 
 
+class _FinalHoldingEngine:
+    """The service's engine, holding back the final event of request "held" until release()."""
+
+    def __init__(self, engine) -> None:
+        self._engine, self._held = engine, []
+        self.first_chunk = threading.Event()
+
+    def submit(self, req, on_event):
+        if req.request_id != "held":
+            return self._engine.submit(req, on_event)
+        from service.engine.api import FinalResult
+
+        def hold(event):
+            if isinstance(event, FinalResult):
+                self._held.append((on_event, event))
+            else:
+                on_event(event)
+                self.first_chunk.set()
+
+        return self._engine.submit(req, hold)
+
+    def release(self) -> None:
+        for on_event, event in self._held:
+            on_event(event)
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+
+def test_a_small_request_is_tokenized_in_the_pool_while_another_streams(run_service, make_stub) -> None:
+    """While a call is streaming, a small request is mapped in the pool, not on the loop that
+    streams the other's tokens; once none streams, on the loop again."""
+    from service import server
+
+    built = []
+
+    def build(config):
+        engine, tokenizer = server.build_engine(config)
+        built.append((_FinalHoldingEngine(engine), _ThreadRecordingTokenizer(tokenizer)))
+        return built[0]
+
+    service = run_service(build_engine=build)
+    stub = make_stub(service.address)
+    engine, recording = built[0]
+    held = stub.Generate(request(max_tokens=2, request_id="held"), timeout=120)
+    assert next(held).HasField("chunk")
+    assert engine.first_chunk.wait(60)
+    _, final, _ = collect(stub, request(max_tokens=1))  # while "held" streams: the pool
+    assert final.completion_tokens == 1
+    engine.release()
+    rest = list(held)
+    assert rest[-1].HasField("final") and rest[-1].final.completion_tokens == 2
+    collect(stub, request(max_tokens=1))  # none streams: the loop
+    loop_thread = service._thread.name
+    threads = recording.threads
+    assert [name == loop_thread for name in threads] == [True, False, True], threads
+    assert threads[1].startswith("tokenize")
+
+
 @pytest.mark.parametrize("pool", [False, True], ids=["on the loop", "in the pool"])
 def test_timings_start_when_the_server_receives_the_request(run_service, make_stub, pool) -> None:
     """Tokenization (on the event loop for a small request, else in a small thread pool) is
