@@ -9,7 +9,10 @@ work the device waits for when a pass starts from an idle device (a batch-1 deco
 after its verdicts reached the host; a request's prefill): the inputs' uploads, the
 bucket lookup, the replay's launch. Measured for decode/verify passes at the given batch
 sizes and widths (ModelRunner.forward with device-resident ids, as a decode pass gives
-them) and for one-row prefills of the given prompt lengths (the captured prefill graphs).
+them) and for one-row prefills of the given prompt lengths (the captured prefill graphs,
+whose call also queues the copy of the logits out of the graph's buffer). The output says
+whether the runner had its decode and prefill graphs (without them the passes run eagerly,
+and the figures are not launches of captured graphs).
 
 With --uploads it also times the two ways host values reach the device in this tree, on
 the same lists: execution.device.to_device (a fresh pinned block from torch's caching host
@@ -95,7 +98,9 @@ def upload_costs(sizes: list[int], iters: int) -> list:
 
     def staged(values: list[int]) -> torch.Tensor:
         out = staging.upload(values)
-        staging.synchronized()  # host_us synchronises before every call
+        # host_us synchronises before every timed call; in its warm-ups the values never
+        # change, so rewriting the buffer while a copy out of it is queued writes the same.
+        staging.synchronized()
         return out
 
     rows = []
@@ -130,6 +135,8 @@ def main() -> None:
     ap.add_argument("--label", default="", help="names the tree measured, in the output")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.iters < 1:
+        ap.error("--iters must be at least 1")
     if not torch.cuda.is_available():
         raise SystemExit("launch_cost needs CUDA")
     batches, widths = _ints(args.batches), _ints(args.widths)
@@ -151,6 +158,8 @@ def main() -> None:
             "label": args.label,
             "model": args.model,
             "iters": args.iters,
+            "decode_graphs": runner.graphs is not None,
+            "prefill_graphs": runner.prefill_graphs is not None,
             "decode": decode_launches(runner, batches, widths, args.context, args.iters),
             "prefill": prefill_launches(runner, _ints(args.prefill_lengths), args.iters),
         }

@@ -3,8 +3,9 @@
 The engine runs on its own thread (in this process, or in the engine process, whose events a
 reader thread here delivers); its callbacks hop onto the event loop with
 call_soon_threadsafe, so nothing here blocks the loop on model work. Prompts are tokenized
-in a small thread pool, except small requests (request_mapping.maps_inline), which cost about
-what the hop to the pool and back does and are mapped on the loop. A client that cancels or
+in a small thread pool, except a small request (request_mapping.maps_inline) that arrives
+while no other call is streaming: it costs about what the hop to the pool and back does and
+is mapped on the loop. A client that cancels or
 passes its deadline cancels its handler task, whose `finally` cancels the engine request (the
 slot is freed within one pass).
 """
@@ -116,8 +117,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         """on_final(result, trace) runs on the thread delivering events (the engine's, or the
         engine process's reader) for every finished request;
         trace is the request's captured trace context, None unless `tracing` is on;
-        small requests (maps_inline) are mapped and tokenized on the event loop, the others
-        on a pool of `tokenize_workers` threads."""
+        a small request (maps_inline) while no other call streams is mapped and tokenized on
+        the event loop, the others on a pool of `tokenize_workers` threads."""
         self._limits = limits
         self._on_final = on_final
         self._tracing = tracing

@@ -37,3 +37,4 @@ def test_runs_on_a_tiny_model(tmp_path: Path) -> None:
     for row in result["decode"] + result["prefill"]:
         assert 0 < row["p10_us"] <= row["p50_us"] <= row["p90_us"]
     assert [r["values"] for r in result["uploads"]] == [1, 64]
+    assert result["decode_graphs"] is True

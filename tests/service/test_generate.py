@@ -423,7 +423,7 @@ def test_a_small_request_is_tokenized_in_the_pool_while_another_streams(run_serv
 
 @pytest.mark.parametrize("pool", [False, True], ids=["on the loop", "in the pool"])
 def test_timings_start_when_the_server_receives_the_request(run_service, make_stub, pool) -> None:
-    """Tokenization (on the event loop for a small request, else in a small thread pool) is
+    """Tokenization (on the event loop for a small request while none streams, else in a pool) is
     part of the wait the client sees, so the queue time, the time to first token and the
     duration all start before it (docs/metrics-contract.md, "Timings")."""
     from service import server
