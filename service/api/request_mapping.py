@@ -125,8 +125,8 @@ def check_prompt_size(request: generation_pb2.GenerateRequest, limits: RequestLi
 
 # A request this small, arriving while no other call streams, is mapped on the server's event
 # loop (service/api/servicer.py): its tokenizing costs about what a hop to the tokenization
-# pool and back does. The bounds are
-# read without walking a large request or serializing it (ByteSize does: 90 ms for 60 MiB).
+# pool and back does. The bounds are read without walking a large request or serializing it
+# (ByteSize does: 90 ms for 60 MiB).
 INLINE_MAX_CHARS = 1024  # text, or the messages' roles and contents together
 INLINE_MAX_MESSAGES = 8  # each adds its chat template's own text
 INLINE_MAX_TOKEN_IDS = 1024

@@ -5,9 +5,8 @@ reader thread here delivers); its callbacks hop onto the event loop with
 call_soon_threadsafe, so nothing here blocks the loop on model work. Prompts are tokenized
 in a small thread pool, except a small request (request_mapping.maps_inline) that arrives
 while no other call is streaming: it costs about what the hop to the pool and back does and
-is mapped on the loop. A client that cancels or
-passes its deadline cancels its handler task, whose `finally` cancels the engine request (the
-slot is freed within one pass).
+is mapped on the loop. A client that cancels or passes its deadline cancels its handler task,
+whose `finally` cancels the engine request (the slot is freed within one pass).
 """
 
 from __future__ import annotations
