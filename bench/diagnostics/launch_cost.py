@@ -29,9 +29,11 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
+from bench.common.arguments import positive_ints, write_result
 from service.engine.execution.runner import ModelRunner
 from service.models.loading import load_model
 
@@ -116,21 +118,25 @@ def upload_costs(sizes: list[int], iters: int) -> list:
     return rows
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+def _sizes_or_none(text: str) -> list[int]:
+    """--uploads: positive_ints, or '' for none."""
+    return positive_ints(text) if text else []
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a model directory (or any load_model spec)")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--widths", default="1,9")
-    ap.add_argument("--prefill-lengths", default="16,100,200")
+    ap.add_argument("--batches", type=positive_ints, default=[1, 8, 32])
+    ap.add_argument("--widths", type=positive_ints, default=[1, 9])
+    ap.add_argument("--prefill-lengths", type=positive_ints, default=[16, 100, 200])
     ap.add_argument("--context", type=int, default=300, help="cached tokens per row in the decode passes")
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument(
-        "--uploads", default="1,32,288", help="list sizes for the upload comparison ('' skips it)"
+        "--uploads",
+        type=_sizes_or_none,
+        default=[1, 32, 288],
+        help="list sizes for the upload comparison ('' skips it)",
     )
     ap.add_argument("--label", default="", help="names the tree measured, in the output")
     ap.add_argument("--out", default=None)
@@ -139,7 +145,7 @@ def main() -> None:
         ap.error("--iters must be at least 1")
     if not torch.cuda.is_available():
         raise SystemExit("launch_cost needs CUDA")
-    batches, widths = _ints(args.batches), _ints(args.widths)
+    batches, widths = args.batches, args.widths
     loaded = load_model(args.model, dtype=getattr(torch, args.dtype), device="cuda")
     runner = ModelRunner(
         loaded,
@@ -161,15 +167,13 @@ def main() -> None:
             "decode_graphs": runner.graphs is not None,
             "prefill_graphs": runner.prefill_graphs is not None,
             "decode": decode_launches(runner, batches, widths, args.context, args.iters),
-            "prefill": prefill_launches(runner, _ints(args.prefill_lengths), args.iters),
+            "prefill": prefill_launches(runner, args.prefill_lengths, args.iters),
         }
         if args.uploads:
-            result["uploads"] = upload_costs(_ints(args.uploads), args.iters)
-    text = json.dumps(result, indent=1)
-    print(text)
+            result["uploads"] = upload_costs(args.uploads, args.iters)
+    print(json.dumps(result, indent=1))
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        write_result(Path(args.out), result)
 
 
 if __name__ == "__main__":
