@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -82,6 +83,7 @@ from service.client.loadgen.runner import Pacing, run_load  # noqa: E402
 from service.client.loadgen.stats import join_runs, summarize  # noqa: E402
 from service.config import ServiceConfig  # noqa: E402
 from specdec.v1 import generation_pb2_grpc  # noqa: E402
+from specdec_common.settings import positive_int  # noqa: E402
 
 # size -> (target shape, draft shape or None); directories are --models-dir/<shape>.
 SIZES = {
@@ -364,8 +366,9 @@ def measure_grpc(
     args, size, config_args, plan, prompt_sets, roofline, add_row, budget, info, engine_process="process"
 ) -> None:
     path = grpc_path(engine_process)
+    front_ends = ["--front-ends", str(args.front_ends)] if engine_process == "process" else []
     server = ServerProcess(
-        [*config_args, "--engine-process", engine_process],
+        [*config_args, "--engine-process", engine_process, *front_ends],
         args.out.with_name(f"{args.out.stem}.{size}.{path}.server.log"),
     )
     info["server_command"] = server.command
@@ -381,8 +384,17 @@ def measure_grpc(
 
 
 async def _grpc_blocks(args, size, path, address, plan, prompt_sets, roofline, add_row, budget) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+    async with contextlib.AsyncExitStack() as channels:
+        stubs = [
+            generation_pb2_grpc.GenerationServiceStub(
+                await channels.enter_async_context(
+                    grpc.aio.insecure_channel(
+                        address, options=[("grpc.use_local_subchannel_pool", int(args.connections > 1))]
+                    )
+                )
+            )
+            for _ in range(args.connections)
+        ]
         warmed = set()
         turns = TurnCollector()
         for spec, method, mode, pacing, turn in plan:
@@ -400,13 +412,13 @@ async def _grpc_blocks(args, size, path, address, plan, prompt_sets, roofline, a
             if (spec, method) not in warmed and args.warmup:
                 warmed.add((spec, method))
                 await run_load(
-                    stub,
+                    stubs,
                     factory(f"warm-{method}", WARMUP_MAX_TOKENS),
                     Pacing("burst", args.warmup),
                     args.timeout_s,
                 )
             run = await run_load(
-                stub,
+                stubs,
                 factory(f"{mode}-{method}", args.new_tokens, first=first_index(pacing, turn)),
                 pacing,
                 args.timeout_s,
@@ -555,6 +567,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="the server's --prefill-graph-tokens (both paths) [default: the server's]: prompts "
         "up to this long, prefilled alone, replay a captured graph; 0: every prefill eager",
+    )
+    parser.add_argument(
+        "--front-ends",
+        type=positive_int,
+        default=1,
+        help="the server's --front-ends with the engine in its own process [default 1]",
+    )
+    parser.add_argument(
+        "--connections",
+        type=positive_int,
+        default=1,
+        help="gRPC connections of the client, request c of a burst (or client c) through c mod N [default 1]",
     )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")

@@ -14,7 +14,8 @@ from specdec_common.logging_setup import configure_logging
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = ServiceConfig.from_args(argv)
-    configure_logging(config.log_level)
+    # With several front ends every line says which wrote it (front_end.main: front_end_N).
+    configure_logging(config.log_level, fields={"process": "front_end_0"} if config.front_ends > 1 else None)
     try:
         asyncio.run(_serve(config))
     except Exception as exc:  # start-up failures: one clear line, non-zero exit

@@ -262,6 +262,15 @@ OPTIONS: tuple[Option, ...] = (
         "where the engine runs: process (a child process owns the models and the device; this "
         "one owns gRPC, tokenization and reporting) or thread (in this process, sharing its GIL)",
     ),
+    Option(
+        "front_ends",
+        "SPECDEC_FRONT_ENDS",
+        positive_int,
+        1,
+        "gRPC front-end processes on the listen port (SO_REUSEPORT: the kernel spreads client "
+        "connections between them), each with its own pipe to the engine process; more than 1 "
+        "needs --engine-process process and a host:port address",
+    ),
     Option("log_level", "SPECDEC_LOG_LEVEL", str, "INFO", "log level"),
 )
 
@@ -303,6 +312,7 @@ class ServiceConfig:
     tls_client_ca_file: str
     auth_tokens_file: str
     engine_process: str
+    front_ends: int
     log_level: str
 
     @property
@@ -346,6 +356,11 @@ class ServiceConfig:
             )
         if values["method"] == "draft_model" and not values["draft_model"]:
             parser.error("--method draft_model needs --draft-model")
+        if values["front_ends"] > 1:
+            if values["engine_process"] != "process":
+                parser.error("--front-ends above 1 needs --engine-process process (one engine for all)")
+            if values["listen"].startswith("unix:"):
+                parser.error("--front-ends above 1 needs a host:port --listen address (SO_REUSEPORT)")
         if values["tracing"] and not values["telemetry_target"]:
             parser.error("--tracing needs --telemetry-target: the sidecar emits the spans")
         config = cls(**values)

@@ -188,7 +188,9 @@ class Service:
             interceptors=self.security.interceptors,
             options=[
                 ("grpc.max_receive_message_length", GRPC_MAX_RECEIVE_BYTES),
-                ("grpc.so_reuseport", 0),
+                # One front end: a port another server holds is an error, not a share. Several
+                # (--front-ends): they share it, and the kernel spreads connections among them.
+                ("grpc.so_reuseport", int(config.front_ends > 1)),
             ],
         )
         add_servicer(self.servicer, self.server, GENERATION_SERVICE_DESCRIPTOR)
@@ -205,6 +207,10 @@ class Service:
         self.port = self.security.add_port(self.server, config.listen)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {config.listen}")
+        if config.front_ends > 1:  # the other front ends listen on the port this one bound
+            self.config = config = dataclasses.replace(
+                config, listen=f"{config.listen.rsplit(':', 1)[0]}:{self.port}"
+            )
         self.reporter = make_reporter(
             config, telemetry_credentials
         )  # after the port: nothing to stop if binding failed
@@ -249,6 +255,14 @@ class Service:
 
     def request_stop(self) -> None:
         self._stopping.set()
+
+    def reload_tokens(self) -> None:
+        """SIGHUP: this front end re-reads the tokens file, and passes the signal on to the
+        front ends it started."""
+        self.security.reload_tokens()
+        forward = getattr(self.engine, "signal_front_ends", None)
+        if forward is not None:
+            forward(signal.SIGHUP)
 
     def _engine_exited(self, exit_code: int | None) -> None:  # on the loop
         """The engine's process exited unasked (its requests already got EngineLost): stop
@@ -355,7 +369,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
     # SIGHUP re-reads the tokens file; without one it is logged and ignored (never fatal).
-    loop.add_signal_handler(signal.SIGHUP, service.security.reload_tokens)
+    loop.add_signal_handler(signal.SIGHUP, service.reload_tokens)
     starting = asyncio.ensure_future(service.start())
     stopping = asyncio.ensure_future(service.wait_for_stop())
     done, _ = await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -106,7 +106,9 @@ async def _send_bursts(address: str, args: argparse.Namespace, max_tokens: int) 
             return build_request(settings, prompts[index % len(prompts)], args.method, f"fe-{index}", index)
 
         started = time.perf_counter()
-        _, records = await run_load(stub, make, Pacing("burst", args.concurrency, rounds=args.rounds), 300.0)
+        _, records = await run_load(
+            [stub], make, Pacing("burst", args.concurrency, rounds=args.rounds), 300.0
+        )
         seconds = time.perf_counter() - started
     failed = [r for r in records if not r.ok]
     if failed:

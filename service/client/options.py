@@ -45,9 +45,12 @@ def security_of(args: argparse.Namespace) -> ClientSecurity:
     )
 
 
-def open_channel(target: str, security: ClientSecurity) -> grpc.aio.Channel:
-    """A TLS channel when a CA is set, else plaintext; raises SecuritySetupError for a bad file."""
+def open_channel(target: str, security: ClientSecurity, own_connection: bool = False) -> grpc.aio.Channel:
+    """A TLS channel when a CA is set, else plaintext; raises SecuritySetupError for a bad file.
+    `own_connection`: a connection of its own, not shared with the process's other channels
+    to the same target (gRPC shares one by default)."""
     credentials = security.channel_credentials()
+    options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else None
     if credentials is None:
-        return grpc.aio.insecure_channel(target)
-    return grpc.aio.secure_channel(target, credentials)
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)

@@ -9,6 +9,12 @@ leaves with its last event, which passes here too. A reader thread receives the 
 messages (one per delivery point of the engine) and calls each request's callback, as the
 engine thread does in process. When the core exits without being asked to, every request in flight gets
 `EngineLost`, new ones get EngineStoppedError, and the exit observers are called.
+
+With `--front-ends N` the first front end (the server's own process) starts the core with one
+pipe per front end and the N - 1 other front ends (`front_end.main`), each on the same port; they
+attach to the core through their pipes (`EngineProcess.attach`), and every front end counts its
+requests in one shared `InFlightCount`, so that the limit holds for all together. The first
+front end's `stop` signals the others to drain before it stops the core.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import atexit
 import itertools
 import multiprocessing
+import os
+import signal
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -33,7 +41,8 @@ from service.engine.api import (
     QueueFullError,
 )
 from service.engine.validation import resolve
-from service.engine_process import core
+from service.engine_process import core, front_end
+from service.engine_process.in_flight import InFlightCount
 from service.engine_process.protocol import (
     Cancel,
     Events,
@@ -62,7 +71,18 @@ class EngineStartError(RuntimeError):
 class EngineProcess:
     """An engine in a child process. Start with `EngineProcess.start(config)`."""
 
-    def __init__(self, process: Any, conn: Connection, ready: Ready) -> None:
+    def __init__(
+        self,
+        process: Any,
+        conn: Connection,
+        ready: Ready,
+        in_flight_count: InFlightCount | None = None,
+        front_ends: list[Any] | None = None,
+    ) -> None:
+        """`process`: the core's multiprocessing.Process, or what stands in for it in a front
+        end that did not start it; `in_flight_count`: shared with the other front ends (a
+        count of its own when there are none); `front_ends`: the other front ends' processes,
+        in the one that started them."""
         self.info = ready.info
         self.config = ready.config
         self.tokenizer = ready.tokenizer
@@ -73,6 +93,8 @@ class EngineProcess:
         self._lock = threading.Lock()  # _state, _in_flight, _exit_code
         self._state = _RUNNING
         self._in_flight: dict[int, tuple[str, EventCallback]] = {}  # key -> (request id, callback)
+        self._in_flight_count = in_flight_count or InFlightCount()  # every front end's requests
+        self._front_ends = front_ends or []
         self._keys = itertools.count()
         self._stopped_cleanly = False
         self._exit_code: int | None = None  # the core's, once it exited
@@ -88,18 +110,33 @@ class EngineProcess:
         # spawn, never fork: CUDA must not be initialised in a forked child, and this process
         # has gRPC threads.
         context = multiprocessing.get_context("spawn")
-        conn, child_conn = context.Pipe(duplex=True)
+        pipes = [context.Pipe(duplex=True) for _ in range(config.front_ends)]  # (front's, core's)
+        in_flight_count = InFlightCount(context)
         process = context.Process(
-            target=core.main, args=(child_conn, config), name="specdec-engine-core"
+            target=core.main, args=([end for _, end in pipes], config), name="specdec-engine-core"
         )  # not a daemon: torch may start processes of its own in it (compile workers)
         process.start()
-        child_conn.close()  # only the child holds its end: its exit is the end of the pipe here
+        for _, end in pipes:
+            end.close()  # only the child holds its ends: its exit is the end of the pipes here
         # The core ignores SIGTERM (a signal to the whole group must not cut the drain short),
         # so this process kills it if it exits with the core still running: a stop while the
         # models load, a failure that skipped stop(). A kill of this process closes the pipe,
         # which ends the core too.
         atexit.register(_kill_if_running, process)
         log.info("engine_process_started", pid=process.pid)
+        others = []
+        for index, (conn, _) in enumerate(pipes[1:], start=1):
+            other = context.Process(
+                target=front_end.main,
+                args=(config, conn, in_flight_count, index),
+                name=f"specdec-front-end-{index}",
+            )  # as the core, not a daemon: stop() lets it finish its drain, atexit kills it
+            other.start()
+            conn.close()  # that front end's: its exit is the end of its pipe for the core
+            atexit.register(_kill_if_running, other)
+            log.info("front_end_started", index=index, pid=other.pid)
+            others.append(other)
+        conn = pipes[0][0]
         try:
             first = conn.recv()
         except (EOFError, OSError):
@@ -115,7 +152,23 @@ class EngineProcess:
         if not isinstance(first, Ready):
             process.kill()
             raise EngineStartError(f"the engine process sent {type(first).__name__} before Ready")
-        return cls(process, conn, first)
+        return cls(process, conn, first, in_flight_count, others)
+
+    @classmethod
+    def attach(cls, conn: Connection, in_flight_count: InFlightCount) -> EngineProcess:
+        """In a front end other than the first: waits for the core, which the first started,
+        to be ready; raises EngineStartError with the core's error if it fails to start."""
+        try:
+            first = conn.recv()
+        except (EOFError, OSError):
+            conn.close()
+            raise EngineStartError("the engine process exited while loading the models") from None
+        if isinstance(first, StartFailed):
+            conn.close()
+            raise EngineStartError(first.message)
+        if not isinstance(first, Ready):
+            raise EngineStartError(f"the engine process sent {type(first).__name__} before Ready")
+        return cls(_CoreOfAnotherFrontEnd(first.pid), conn, first, in_flight_count)
 
     # ---- the engine interface (service/engine/api.py) ---------------------------------
 
@@ -126,7 +179,7 @@ class EngineProcess:
         with self._lock:
             if self._state != _RUNNING:
                 raise EngineStoppedError(self._stopped_message())
-            if len(self._in_flight) >= self.config.max_in_flight:
+            if not self._in_flight_count.try_take(self.config.max_in_flight):
                 raise QueueFullError(f"the admission queue is full ({self.config.max_queue_size} waiting)")
             key = next(self._keys)
             self._in_flight[key] = (request.request_id, on_event)
@@ -135,9 +188,8 @@ class EngineProcess:
 
     def queue_depth(self) -> int:
         """Requests in flight beyond one batch: those waiting for a slot, as far as this side
-        knows (a request's slot is free here once its last event has arrived)."""
-        with self._lock:
-            return max(0, len(self._in_flight) - self.config.max_batch_size)
+        knows, for every front end (a request's slot is free once its last event has arrived)."""
+        return max(0, self._in_flight_count.count - self.config.max_batch_size)
 
     def add_exit_observer(self, observer: Callable[[int | None], None]) -> None:
         """Calls `observer(exit_code)` once if the core exits without having stopped cleanly (a
@@ -160,6 +212,7 @@ class EngineProcess:
             if stopping:
                 self._state = _STOPPING
         if stopping:
+            self.signal_front_ends(signal.SIGTERM)  # they refuse new calls and drain theirs
             self._send(Stop(drain_timeout_s))
         timeout = None if drain_timeout_s is None else drain_timeout_s + STOP_MARGIN_S
         if not self._exited.wait(timeout):
@@ -167,6 +220,25 @@ class EngineProcess:
             self._process.kill()
             self._exited.wait(30)
         self._process.join(10)
+        for other in self._front_ends:  # the core has stopped: their drains end too
+            other.join(STOP_MARGIN_S)
+            if other.exitcode is None:
+                log.error("front_end_stop_timed_out", pid=other.pid, timeout_s=STOP_MARGIN_S)
+                other.kill()
+                other.join(10)
+            elif other.exitcode != 0:
+                log.error("front_end_exited", pid=other.pid, exit_code=other.exitcode)
+
+    def signal_front_ends(self, signum: int) -> None:
+        """Sends `signum` to the other front ends this one started (SIGTERM: drain; SIGHUP:
+        re-read the tokens file), so that a signal to this process alone (a container's
+        PID 1) reaches them all."""
+        for other in self._front_ends:
+            if other.exitcode is None:
+                try:
+                    os.kill(other.pid, signum)
+                except ProcessLookupError:
+                    pass
 
     # ---- internals -------------------------------------------------------------------
 
@@ -186,7 +258,7 @@ class EngineProcess:
 
     def _stopped_message(self) -> str:
         if self._state == _EXITED and not self._stopped_cleanly:
-            return f"the engine process exited with code {self._exit_code}; the server is shutting down"
+            return f"{_exited_text(self._exit_code)}; the server is shutting down"
         return "the engine is shutting down and takes no new requests"
 
     def _read(self) -> None:
@@ -214,6 +286,8 @@ class EngineProcess:
                     if isinstance(event, FinalResult):
                         with self._lock:
                             entry = in_flight.pop(key, None)
+                        if entry is not None:
+                            self._in_flight_count.give_back()
                     else:
                         entry = in_flight.get(key)
                     if entry is not None:
@@ -222,6 +296,7 @@ class EngineProcess:
                 with self._lock:
                     entry = in_flight.pop(message.key, None)
                 if entry is not None:
+                    self._in_flight_count.give_back()
                     _deliver(entry[1], EngineLost(entry[0], f"the engine refused it: {message.message}"))
             elif isinstance(message, Stopped):
                 self._stopped_cleanly = True
@@ -235,14 +310,13 @@ class EngineProcess:
             self._exit_code = code
             lost, self._in_flight = self._in_flight, {}
             observers = list(self._exit_observers)
+        self._in_flight_count.give_back(len(lost))
         with self._send_lock:  # no submit or cancel is writing to it
             self._conn.close()
         crashed = not self._stopped_cleanly
         if crashed:
             log.error("engine_process_exited", exit_code=code, pid=self.pid, in_flight=len(lost))
-        reason = f"the engine process exited with code {code}" + (
-            "" if crashed else " after its stop, before this request ended"
-        )
+        reason = _exited_text(code) + ("" if crashed else " after its stop, before this request ended")
         for request_id, callback in lost.values():
             _deliver(callback, EngineLost(request_id, reason))
         self._exited.set()
@@ -267,6 +341,31 @@ class _Handle:
         if not self._cancelled:
             self._cancelled = True
             self._owner.cancel_key(self._key)
+
+
+class _CoreOfAnotherFrontEnd:
+    """What EngineProcess uses of the core's Process, in a front end that did not start it:
+    its exit code is the first front end's to read (None here)."""
+
+    exitcode = None
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+
+def _exited_text(code: int | None) -> str:
+    if code is None:  # seen from a front end that did not start the core
+        return "the engine process exited"
+    return f"the engine process exited with code {code}"
 
 
 def _kill_if_running(process: Any) -> None:

@@ -1,15 +1,18 @@
 """The engine core: the child process that owns the models and the device and does nothing
 but run the engine (docs/architecture.md, "Two processes of the service").
 
-Its main thread loads the models, starts and warms up the engine, sends `Ready`, then waits
-for the end. A reader thread applies what the front end sends (Submit, Cancel, Stop). The
-engine thread delivers events into an outbox, which it sends as one `Events` message at each
-of the engine's delivery points (Engine.add_delivery_observer): the last pass's tokens before
-a turn that admits, a prefill pass's first tokens, a decode pass's chunks while the device
-runs, the rest at the end of the turn. A message that cannot be applied or sent ends the
-core (the front end then ends every request in flight) rather than leaving requests waiting. The
-front end's end of the pipe closing (it exited or was killed) ends this process at once:
-nothing is left holding the device.
+It has one pipe to each front end (`--front-ends`, usually one). Its main thread loads the
+models, starts and warms up the engine, sends `Ready` on every pipe, then waits for the end. A
+reader thread per pipe applies what its front end sends (Submit, Cancel, Stop); a request's
+events go back on the pipe it came from. The engine thread delivers events into the pipes'
+outboxes, which it sends, one `Events` message per pipe that has any, at each of the engine's
+delivery points (Engine.add_delivery_observer): the last pass's tokens before a turn that
+admits, a prefill pass's first tokens, a decode pass's chunks while the device runs, the rest
+at the end of the turn. The first Stop, from any front end, drains the engine; `Stopped` then
+goes to every front end. A message that cannot be applied or sent ends the core (every front
+end then ends its requests in flight) rather than leaving requests waiting. A front end's end
+of a pipe closing (it exited or was killed) ends this process at once: nothing is left holding
+the device, and the other front ends see the core go.
 """
 
 from __future__ import annotations
@@ -82,97 +85,115 @@ class Outbox:
 
 
 class EngineCore:
-    """The engine behind the pipe: applies the front end's messages, forwards the events."""
+    """The engine behind the pipes: applies each front end's messages, forwards the events of
+    its requests to it. A request is named by (pipe, key): each front end numbers its own."""
 
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-        self.outbox = Outbox(conn)
+    def __init__(self, conns: list[Connection]) -> None:
+        self._conns = conns
+        self.outboxes = [Outbox(conn) for conn in conns]
         self.engine: Any = None  # set before Ready is sent; nothing is submitted before that
-        self._handles: dict[int, Any] = {}  # key -> RequestHandle of a request not yet finished
+        # (pipe, key) -> RequestHandle of a request not yet finished
+        self._handles: dict[tuple[int, int], Any] = {}
         self._handles_lock = threading.Lock()
-        self._finished: set[int] = set()  # keys whose FinalResult came before submit returned
+        self._finished: set[tuple[int, int]] = set()  # FinalResult came before submit returned
+        self._stop_started = False  # under _handles_lock
         self._stopped = False
         self.done = threading.Event()  # set once Stopped was sent
 
     def serve(self, engine: Any) -> None:
         self.engine = engine
-        engine.add_delivery_observer(self.outbox.flush)
+        engine.add_delivery_observer(self._flush)
 
-    def read(self) -> None:
-        """The reader thread: applies the front end's messages until Stop or the pipe's end. A
-        message it cannot apply ends the core (a reader gone would leave the core ignoring
-        the front end, and holding the device after it exits)."""
+    def send_all(self, message: Any) -> None:
+        """`message` to every front end, after the events added before it."""
+        for outbox in self.outboxes:
+            outbox.send(message)
+
+    def _flush(self) -> None:
+        for outbox in self.outboxes:
+            outbox.flush()
+
+    def read(self, pipe: int) -> None:
+        """A reader thread: applies one front end's messages until the pipe's end. A message
+        it cannot apply ends the core (a reader gone would leave the core ignoring the front
+        end, and holding the device after it exits)."""
+        conn = self._conns[pipe]
         while True:
             try:
-                message = self._conn.recv()
+                message = conn.recv()
             except (EOFError, OSError):
-                self._front_end_gone()
+                self._front_end_gone(pipe)
                 return
             try:
-                self._apply(message)
+                self._apply(pipe, message)
             except Exception:  # noqa: BLE001
-                log.exception("engine_core_reader_failed", message=type(message).__name__)
+                log.exception("engine_core_reader_failed", message=type(message).__name__, pipe=pipe)
                 _exit_now(1)
 
-    def _apply(self, message: Any) -> None:
+    def _apply(self, pipe: int, message: Any) -> None:
         if isinstance(message, Submit):
-            self._submit(message)
+            self._submit(pipe, message)
         elif isinstance(message, Cancel):
             with self._handles_lock:
-                handle = self._handles.get(message.key)
+                handle = self._handles.get((pipe, message.key))
             if handle is not None:
                 handle.cancel()
         elif isinstance(message, Stop):
-            # On its own thread: the reader goes on applying cancellations while running
-            # requests drain.
-            threading.Thread(
-                target=self._stop, args=(message.drain_timeout_s,), name="engine-core-stop", daemon=True
-            ).start()
+            with self._handles_lock:  # the first Stop drains; the others find it under way
+                first, self._stop_started = not self._stop_started, True
+            if first:
+                # On its own thread: the readers go on applying cancellations while running
+                # requests drain.
+                threading.Thread(
+                    target=self._stop, args=(message.drain_timeout_s,), name="engine-core-stop", daemon=True
+                ).start()
 
-    def _submit(self, message: Submit) -> None:
-        key = message.key
+    def _submit(self, pipe: int, message: Submit) -> None:
+        name = (pipe, message.key)
+        outbox = self.outboxes[pipe]
 
         def on_event(event: Event) -> None:  # the engine thread
             if isinstance(event, FinalResult):
                 with self._handles_lock:
-                    if self._handles.pop(key, None) is None:
-                        self._finished.add(key)
-            self.outbox.add(key, event)
+                    if self._handles.pop(name, None) is None:
+                        self._finished.add(name)
+            outbox.add(message.key, event)
 
         try:
             handle = self.engine.submit(message.request, on_event)
         except Exception as exc:  # noqa: BLE001 - refused, whatever the reason: the front end ends it
             if not isinstance(exc, EngineError):
                 log.exception("engine_core_submit_failed", request_id=message.request.request_id)
-            self.outbox.send(Rejected(key, type(exc).__name__, str(exc)))
+            outbox.send(Rejected(message.key, type(exc).__name__, str(exc)))
             return
         with self._handles_lock:
-            if key in self._finished:
-                self._finished.discard(key)
+            if name in self._finished:
+                self._finished.discard(name)
             else:
-                self._handles[key] = handle
+                self._handles[name] = handle
 
     def _stop(self, drain_timeout_s: float | None) -> None:
         try:
             self.engine.stop(drain_timeout_s)
-        except Exception:  # noqa: BLE001 - the core ends either way; the front end ends what is left
+        except Exception:  # noqa: BLE001 - the core ends either way; the front ends end what is left
             log.exception("engine_core_stop_failed")
         finally:
-            self._stopped = True  # from here the pipe's end is the front end done with us
-            self.outbox.send(Stopped())  # after the events of the requests the stop cancelled
+            self._stopped = True  # from here a pipe's end is a front end done with us
+            self.send_all(Stopped())  # after the events of the requests the stop cancelled
             self.done.set()
 
-    def _front_end_gone(self) -> None:
+    def _front_end_gone(self, pipe: int) -> None:
         if self._stopped:
             return
-        # Nobody is left to deliver to, and the device must be free for a restarted server.
-        log.warning("engine_core_front_end_gone")
+        # Its requests have nobody to deliver to, and the device must be free for a restarted
+        # server: the other front ends see the core go and stop too.
+        log.warning("engine_core_front_end_gone", pipe=pipe)
         _exit_now(1)
 
 
-def main(conn: Connection, config: Any) -> None:
-    """The child's entry point (a multiprocessing "spawn" target): `config` is the server's
-    ServiceConfig."""
+def main(conns: list[Connection], config: Any) -> None:
+    """The child's entry point (a multiprocessing "spawn" target): one pipe per front end;
+    `config` is the server's ServiceConfig."""
     # A signal to the whole process group or cgroup (Ctrl-C in a terminal, systemd's default
     # KillMode) must not end the engine before the front end's drain: the front end decides
     # when the engine stops (Stop), and kills it if it exits without that (client.py).
@@ -180,20 +201,23 @@ def main(conn: Connection, config: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(config.log_level, fields={"process": "engine_core"})  # every thread's lines
     _thread_lock_for_progress_bars()
-    core = EngineCore(conn)
-    # Started before the models load, so that the front end going away ends a load too.
-    threading.Thread(target=core.read, name="engine-core-reader", daemon=True).start()
+    core = EngineCore(conns)
+    # Started before the models load, so that a front end going away ends a load too.
+    for pipe in range(len(conns)):
+        threading.Thread(
+            target=core.read, args=(pipe,), name=f"engine-core-reader-{pipe}", daemon=True
+        ).start()
     from service.server import load_engine
 
     try:
         engine, tokenizer = load_engine(config)
     except BaseException as exc:  # noqa: BLE001 - reported to the front end, which fails its start
         log.error("engine_start_failed", error=str(exc), exc_info=True)
-        core.outbox.send(StartFailed(type(exc).__name__, str(exc)))
+        core.send_all(StartFailed(type(exc).__name__, str(exc)))
         _exit_now(1)
     core.serve(engine)
-    core.outbox.send(Ready(engine.info, engine.config, tokenizer, os.getpid()))
-    log.info("engine_core_ready", pid=os.getpid())
+    core.send_all(Ready(engine.info, engine.config, tokenizer, os.getpid()))
+    log.info("engine_core_ready", pid=os.getpid(), front_ends=len(conns))
     core.done.wait()
     _exit_now(0)
 

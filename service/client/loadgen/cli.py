@@ -28,6 +28,12 @@ benchmark prompts, sent as one user chat message each), or a JSONL file, one obj
   {"messages": [{"role": "user", "content": "Hello"}]}
 Request i uses prompt i modulo the set's size; a prompt's max_tokens overrides --max-tokens.
 
+connections (--connections N): the requests go through N connections of their own (one
+HTTP/2 connection carries every call by default); client c's (the c-th request of a burst, a
+sustained client, the c-th arrival) through connection c mod N. A server with several
+front-end processes (specdec-server --front-ends) spreads connections, not calls, between
+them, so N clients are N connections.
+
 output: a table on stderr as the runs finish; the JSON report on stdout, or in --out
 (rewritten after each run). Per
 run: requests (sent, succeeded, failed, errors_by_code), window, throughput (tokens_per_s
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -151,6 +158,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="burst: send this many bursts of N, each once the last one ended, as one run (a "
         "single burst's figures vary from one to the next); request i takes prompt i modulo "
         "the set's size throughout, so a later round may start at another prompt [default 1]",
+    )
+    parser.add_argument(
+        "--connections",
+        type=_positive(int),
+        default=1,
+        help="connections to the server, client c's requests through connection c mod N "
+        "[default 1: every call on one]",
     )
     parser.add_argument(
         "--rate",
@@ -323,15 +337,23 @@ async def amain(args: argparse.Namespace, prompts: list[Prompt]) -> dict[str, An
                 "duration_s",
                 "arrival_seed",
                 "burst_rounds",
+                "connections",
             )
         },
         "runs": [],
     }
     security = security_of(args)
     metadata = security.call_metadata()
-    async with open_channel(args.target, security) as channel:
-        stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        info = await server_info(stub, args.connect_timeout_s, metadata)
+    async with contextlib.AsyncExitStack() as channels:
+        stubs = [
+            generation_pb2_grpc.GenerationServiceStub(
+                await channels.enter_async_context(
+                    open_channel(args.target, security, own_connection=args.connections > 1)
+                )
+            )
+            for _ in range(args.connections)
+        ]
+        info = await server_info(stubs[0], args.connect_timeout_s, metadata)
         result["server_info"] = json_format.MessageToDict(info, preserving_proto_field_name=True)
         for method, pacing in plan(args):
             level = f"{pacing.level:g}"
@@ -345,7 +367,7 @@ async def amain(args: argparse.Namespace, prompts: list[Prompt]) -> dict[str, An
             if args.warmup:
                 warm = Pacing("burst", args.warmup)
                 await run_load(
-                    stub,
+                    stubs,
                     lambda i, method=method, prefix=prefix: build_request(
                         args,
                         prompts[i % len(prompts)],
@@ -357,7 +379,7 @@ async def amain(args: argparse.Namespace, prompts: list[Prompt]) -> dict[str, An
                     args.timeout_s,
                     metadata,
                 )
-            run_start, records = await run_load(stub, make, pacing, args.timeout_s, metadata)
+            run_start, records = await run_load(stubs, make, pacing, args.timeout_s, metadata)
             run = {"method": method, **summarize(pacing.mode, pacing.level, records, run_start)}
             if args.per_request:
                 run["per_request"] = per_request(records, run_start)

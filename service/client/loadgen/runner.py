@@ -6,6 +6,10 @@
 - rate (open loop): arrivals at `level` requests/s with exponential gaps (a Poisson
   process), each sent at its time whatever is still in flight, until a count or duration.
 
+Requests go through one or more connections (`stubs`, one per channel): the requests of
+client c (a burst's c-th request of each round, a sustained client's every request, the rate
+mode's c-th arrival) through stubs[c % len(stubs)].
+
 A failed request (any gRPC status, or a stream that ended without its final message) is
 recorded with its status code and the run goes on.
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -70,28 +74,33 @@ async def send_one(
 
 
 async def run_load(
-    stub: generation_pb2_grpc.GenerationServiceStub,
+    stubs: Sequence[generation_pb2_grpc.GenerationServiceStub],
     make_request: RequestFactory,
     pacing: Pacing,
     timeout_s: float,
     metadata: Metadata = (),
 ) -> tuple[float, list[RequestRecord]]:
-    """Sends the run's requests; returns (the run's start time, the records in sending order)."""
+    """Sends the run's requests, client c's through stubs[c % len(stubs)]; returns (the run's
+    start time, the records in sending order)."""
+    if not stubs:
+        raise ValueError("run_load needs at least one stub")
     records: list[RequestRecord] = []
 
-    def start(client: int) -> tuple[generation_pb2.GenerateRequest, RequestRecord]:
+    def start(
+        client: int,
+    ) -> tuple[generation_pb2_grpc.GenerationServiceStub, generation_pb2.GenerateRequest, RequestRecord]:
         index = len(records)
         request = make_request(index)
         record = RequestRecord(index=index, client=client, start=time.perf_counter())
         records.append(record)
-        return request, record
+        return stubs[client % len(stubs)], request, record
 
     run_start = time.perf_counter()
     if pacing.mode == "burst":
         for _ in range(pacing.rounds):
-            pairs = [start(client) for client in range(int(pacing.level))]
+            started = [start(client) for client in range(int(pacing.level))]
             await asyncio.gather(
-                *(send_one(stub, request, record, timeout_s, metadata) for request, record in pairs)
+                *(send_one(stub, request, record, timeout_s, metadata) for stub, request, record in started)
             )
     elif pacing.mode == "sustained":
         deadline = None if pacing.duration_s is None else run_start + pacing.duration_s
@@ -101,7 +110,7 @@ async def run_load(
             while (pacing.requests is None or sent < pacing.requests) and (
                 deadline is None or time.perf_counter() < deadline
             ):
-                await send_one(stub, *start(client), timeout_s, metadata)
+                await send_one(*start(client), timeout_s, metadata)
                 sent += 1
 
         await asyncio.gather(*(client_loop(client) for client in range(int(pacing.level))))
@@ -114,8 +123,7 @@ async def run_load(
             if pacing.duration_s is not None and due > run_start + pacing.duration_s:
                 break
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            request, record = start(len(tasks))
-            tasks.append(asyncio.ensure_future(send_one(stub, request, record, timeout_s, metadata)))
+            tasks.append(asyncio.ensure_future(send_one(*start(len(tasks)), timeout_s, metadata)))
         await asyncio.gather(*tasks)
     else:
         raise ValueError(f"unknown mode {pacing.mode!r}")

@@ -1,0 +1,269 @@
+"""Several gRPC front ends on one port (`--front-ends`): `specdec-server` as a child process,
+the tiny model on the CPU, clients on connections of their own (the kernel spreads
+connections, not calls, between the front ends). Every front end serves, reports its own
+records, counts against one in-flight limit, drains on a SIGTERM to the first alone, and a
+crash of any one stops the service non-zero, never a hang."""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service.config import ServiceConfig
+from service.engine_process.in_flight import InFlightCount
+from specdec.v1 import generation_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
+from testkit.processes import env_with_this_checkout, free_port, wait_for
+from tests.service.test_engine_process import SERVING, alive, health_status, log_events
+from tests.service.test_generate import NONE, request
+
+REPO = Path(__file__).resolve().parents[2]
+CONNECTIONS = 24  # every one on the same front end: 2 * 2**-24 with two front ends
+
+
+class SourceRecordingSidecar(telemetry_pb2_grpc.TelemetryServiceServicer):
+    """Acknowledges every record, keeping (source id, request id) of each."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def Report(self, request_iterator, context):  # noqa: N802 (gRPC method name)
+        for batch in request_iterator:
+            with self._lock:
+                self.records.extend((batch.source_id, r.metrics.request_id) for r in batch.records)
+            yield telemetry_pb2.ReportResponse(
+                acknowledged_through_sequence=max(r.sequence for r in batch.records),
+                accepted=len(batch.records),
+            )
+
+
+@pytest.fixture
+def sidecar() -> Iterator[SourceRecordingSidecar]:
+    recording = SourceRecordingSidecar()
+    yield recording
+    recording.server.stop(0)
+
+
+def start_server(tiny_model_dir: Path, log_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = open(log_path, "wb")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--model",
+            str(tiny_model_dir),
+            *args,
+        ],
+        cwd=REPO,
+        env=env_with_this_checkout(
+            {
+                "SPECDEC_TELEMETRY_TARGET": "",
+                "SPECDEC_DEVICE": "cpu",
+                "SPECDEC_DTYPE": "float32",
+                "SPECDEC_LOG_FORMAT": "json",
+                "SPECDEC_FRONT_ENDS": "2",
+            }
+        ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    return server, f"127.0.0.1:{port}"
+
+
+def own_channel(address: str) -> grpc.Channel:
+    """A channel on a connection of its own (gRPC shares one per target by default)."""
+    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def started_pids(log_path: Path, event: str) -> list[int]:
+    return [e["pid"] for e in log_events(log_path) if e.get("event") == event]
+
+
+def finished_by_front_end(log_path: Path) -> collections.Counter:
+    return collections.Counter(
+        e.get("process") for e in log_events(log_path) if e.get("event") == "request_finished"
+    )
+
+
+def test_two_front_ends_serve_report_and_drain_on_a_sigterm_to_the_first(
+    tiny_model_dir, tmp_path, sidecar
+) -> None:
+    log_path = tmp_path / "server.log"
+    server, address = start_server(
+        tiny_model_dir, log_path, "--telemetry-target", f"127.0.0.1:{sidecar.port}", "--grace-period-s", "30"
+    )
+    try:
+        wait_for(lambda: health_status(address) == SERVING, 120, what="SERVING")
+        wait_for(
+            lambda: len(started_pids(log_path, "front_end_started")) == 1, 30, what="the second front end"
+        )
+        [core] = started_pids(log_path, "engine_process_started")
+        [second] = started_pids(log_path, "front_end_started")
+        channels = [own_channel(address) for _ in range(CONNECTIONS)]
+        try:
+            outputs = []
+            for index, channel in enumerate(channels):
+                stub = generation_pb2_grpc.GenerationServiceStub(channel)
+                responses = list(
+                    stub.Generate(request(max_tokens=6, method=NONE, request_id=f"r{index}"), timeout=60)
+                )
+                final = responses[-1].final
+                assert final.completion_tokens == 6
+                outputs.append([t for r in responses if r.HasField("chunk") for t in r.chunk.token_ids])
+            # One engine behind both: greedy output of the same prompt is the same wherever it came in.
+            assert all(tokens == outputs[0] for tokens in outputs)
+            # A call in flight on the second front end's side of the drain, or the first's: it
+            # finishes, its record reaches the sidecar.
+            held = generation_pb2_grpc.GenerationServiceStub(channels[-1]).Generate(
+                request(max_tokens=200, method=NONE, request_id="drained"), timeout=60
+            )
+            next(held)
+            server.send_signal(signal.SIGTERM)  # the first front end alone, as `docker stop` does
+            assert list(held)[-1].final.completion_tokens == 200
+        finally:
+            for channel in channels:
+                channel.close()
+        assert server.wait(60) == 0
+        wait_for(lambda: not alive(second) and not alive(core), 30, what="the other processes to exit")
+    finally:
+        if server.poll() is None:
+            server.kill()
+    by_front_end = finished_by_front_end(log_path)
+    assert set(by_front_end) == {"front_end_0", "front_end_1"}, by_front_end
+    assert sum(by_front_end.values()) == CONNECTIONS + 1
+    stopped = [e.get("process") for e in log_events(log_path) if e.get("event") == "stopped"]
+    assert sorted(stopped) == ["front_end_0", "front_end_1"]
+    # Each front end reports its own requests under a source of its own, nothing lost or doubled.
+    sources = collections.Counter(source for source, _ in sidecar.records)
+    assert len(sources) == 2, sources
+    assert sorted(request_id for _, request_id in sidecar.records) == sorted(
+        [f"r{i}" for i in range(CONNECTIONS)] + ["drained"]
+    )
+
+
+def test_the_in_flight_limit_holds_for_every_front_end_together(tiny_model_dir, tmp_path) -> None:
+    """One batch slot and one queue place: of calls held on 8 connections (spread between the
+    two front ends by the kernel), exactly two are admitted; a limit per front end would admit
+    up to four."""
+    log_path = tmp_path / "server.log"
+    server, address = start_server(tiny_model_dir, log_path, "--max-batch-size", "1", "--max-queue-size", "1")
+    channels = []
+    try:
+        wait_for(lambda: health_status(address) == SERVING, 120, what="SERVING")
+        channels = [own_channel(address) for _ in range(8)]
+        calls = [
+            generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+                request(max_tokens=4000, method=NONE, request_id=f"held{i}"), timeout=120
+            )
+            for i, channel in enumerate(channels)
+        ]
+        admitted, refused = [], []
+        for call in calls:
+            try:
+                next(call)
+                admitted.append(call)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
+                refused.append(call)
+        assert (len(admitted), len(refused)) == (2, 6)
+        for call in admitted:
+            call.cancel()
+        # The places come back: a new call is admitted once the cancelled ones have left.
+        stub = generation_pb2_grpc.GenerationServiceStub(channels[0])
+
+        def admitted_again() -> bool:
+            try:
+                return list(stub.Generate(request(max_tokens=2, method=NONE), timeout=60))[-1].HasField(
+                    "final"
+                )
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
+                return False
+
+        wait_for(admitted_again, 30, what="a place in flight to come back")
+    finally:
+        for channel in channels:
+            channel.close()
+        server.send_signal(signal.SIGTERM)
+        if server.wait(60) is None:
+            server.kill()
+
+
+def test_a_killed_front_end_stops_the_service_non_zero(tiny_model_dir, tmp_path) -> None:
+    log_path = tmp_path / "server.log"
+    server, address = start_server(tiny_model_dir, log_path)
+    try:
+        wait_for(lambda: health_status(address) == SERVING, 120, what="SERVING")
+        [core] = started_pids(log_path, "engine_process_started")
+        [second] = started_pids(log_path, "front_end_started")
+        wait_for(
+            lambda: (
+                "front_end_1"
+                in {e.get("process") for e in log_events(log_path) if e.get("event") == "serving"}
+            ),
+            30,
+            what="the second front end serving",
+        )
+        os.kill(second, signal.SIGKILL)
+        assert server.wait(30) != 0  # the core went with its pipe, and the first front end with it
+        wait_for(lambda: not alive(core), 10, what="the engine process to exit")
+    finally:
+        if server.poll() is None:
+            server.kill()
+    events = log_events(log_path)
+    assert any(e.get("event") == "engine_core_front_end_gone" for e in events)
+    assert any(
+        e.get("event") == "engine_process_exited" and e.get("process") == "front_end_0" for e in events
+    )
+
+
+def _take_all(count: InFlightCount, limit: int, taken) -> None:  # a spawned child
+    while count.try_take(limit):
+        taken.value += 1
+
+
+def test_the_in_flight_count_is_one_count_across_processes() -> None:
+    context = multiprocessing.get_context("spawn")
+    count = InFlightCount(context)
+    assert count.try_take(3)
+    taken = context.Value("i", 0)
+    child = context.Process(target=_take_all, args=(count, 3, taken))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0 and taken.value == 2  # the child took what was left of 3
+    assert count.count == 3 and not count.try_take(3)
+    count.give_back(3)
+    assert count.count == 0 and count.try_take(1)
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["--engine-process", "thread"], "--front-ends above 1 needs --engine-process process"),
+        (["--listen", "unix:/tmp/specdec.sock"], "--front-ends above 1 needs a host:port --listen address"),
+    ],
+)
+def test_several_front_ends_need_the_engine_process_and_a_port(args, problem, capsys) -> None:
+    with pytest.raises(SystemExit):
+        ServiceConfig.from_args(["--front-ends", "2", *args], environ={})
+    assert problem in capsys.readouterr().err
