@@ -74,17 +74,27 @@ def cpu_seconds(pid: int) -> float:
 
 
 def engine_core_pid(server_pid: int) -> int:
-    """The server's child started by multiprocessing's spawn (the engine core)."""
+    """The server's one child started by multiprocessing's spawn (the engine core). With
+    --front-ends above 1 the other front ends are spawned too, and which is the core cannot
+    be told from outside: refused (this tool measures one front end)."""
+    spawned = []
     for child in _children(server_pid):
         try:
             with open(f"/proc/{child}/cmdline", "rb") as f:
                 if b"spawn_main" in f.read():
-                    return child
+                    spawned.append(child)
         except OSError:
             continue
-    raise RuntimeError(
-        f"no engine core process among the children of {server_pid}: is --engine-process thread set?"
-    )
+    if len(spawned) > 1:
+        raise RuntimeError(
+            f"{len(spawned)} spawned children of {server_pid}: is --front-ends above 1? "
+            "This tool measures one front end and the engine core"
+        )
+    if not spawned:
+        raise RuntimeError(
+            f"no engine core process among the children of {server_pid}: is --engine-process thread set?"
+        )
+    return spawned[0]
 
 
 def _children(pid: int) -> list[int]:
