@@ -162,12 +162,17 @@ class Service:
     """The running service: gRPC server, health, engine and metrics reporter."""
 
     def __init__(
-        self, config: ServiceConfig, build_engine: Callable[[ServiceConfig], tuple[Any, Any]] = build_engine
+        self,
+        config: ServiceConfig,
+        build_engine: Callable[[ServiceConfig], tuple[Any, Any]] = build_engine,
+        on_serving: Callable[[], None] | None = None,
     ) -> None:
         """`build_engine(config) -> (engine, tokenizer)` loads on a worker thread (tests pass
-        one that loads slowly or fails)."""
+        one that loads slowly or fails); `on_serving()` is called once health is SERVING (a
+        front end other than the first tells the first: service/engine_process/front_end.py)."""
         self.config = config
         self._build_engine = build_engine
+        self._on_serving = on_serving
         self.failure: str | None = None  # why the service stopped on its own (the engine exited)
         self._health_update: asyncio.Future | None = None  # NOT_SERVING after the engine exited
         # Every certificate and token file is read before anything binds or starts.
@@ -243,15 +248,20 @@ class Service:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         # After SERVING, so that an exit cannot be followed by SERVING; an engine that exited
         # meanwhile calls the observer at once.
+        loop = asyncio.get_running_loop()
         watch_exit = getattr(self.engine, "add_exit_observer", None)  # an engine in its own process
         if watch_exit is not None:
-            loop = asyncio.get_running_loop()
             watch_exit(lambda code: loop.call_soon_threadsafe(self._engine_exited, code))
+        watch_stop = getattr(self.engine, "add_stop_observer", None)  # ... shared by front ends
+        if watch_stop is not None:
+            watch_stop(lambda: loop.call_soon_threadsafe(self._engine_stopped_elsewhere))
         log.info(
             "serving",
             address=self.config.listen,
             **{k: v for k, v in _info_fields(self.servicer.server_info).items() if k != "version"},
         )
+        if self._on_serving is not None:
+            self._on_serving()
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -268,6 +278,15 @@ class Service:
         """The engine's process exited unasked (its requests already got EngineLost): stop
         serving, and stop the service, which then exits non-zero."""
         self.failure = f"the engine process exited with code {exit_code}"
+        self.servicer.state = ServingState.DRAINING
+        self._health_update = asyncio.ensure_future(
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        self.request_stop()
+
+    def _engine_stopped_elsewhere(self) -> None:  # on the loop
+        """Another front end's SIGTERM drained the engine (--front-ends): this one stops
+        too, as if it had been signalled (exit 0)."""
         self.servicer.state = ServingState.DRAINING
         self._health_update = asyncio.ensure_future(
             self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -360,11 +379,13 @@ def _info_fields(info: generation_pb2.GetServerInfoResponse) -> dict[str, Any]:
 
 
 async def serve(
-    config: ServiceConfig, build_engine: Callable[[ServiceConfig], tuple[Any, Any]] = build_engine
+    config: ServiceConfig,
+    build_engine: Callable[[ServiceConfig], tuple[Any, Any]] = build_engine,
+    on_serving: Callable[[], None] | None = None,
 ) -> None:
     """Serves until SIGTERM/SIGINT (returns after the drain) or until the engine's process
     exits unasked (raises EngineExitedError after the drain, so the process exits non-zero)."""
-    service = Service(config, build_engine)
+    service = Service(config, build_engine, on_serving)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -60,6 +61,8 @@ log = structlog.get_logger(__name__)
 # How long past the drain timeout a stopping core may take (its last pass, sending the
 # events, exiting) before it is killed.
 STOP_MARGIN_S = 30.0
+# How long after the core is ready the other front ends (--front-ends) may take to serve.
+FRONT_END_START_S = 120.0
 
 _RUNNING, _STOPPING, _EXITED = "running", "stopping", "exited"
 
@@ -99,6 +102,8 @@ class EngineProcess:
         self._stopped_cleanly = False
         self._exit_code: int | None = None  # the core's, once it exited
         self._exit_observers: list[Callable[[int | None], None]] = []
+        self._stop_observers: list[Callable[[], None]] = []
+        self._stopped_elsewhere = False  # the core stopped cleanly at another front end's Stop
         self._exited = threading.Event()
         self._reader = threading.Thread(target=self._read, name="engine-process-reader", daemon=True)
         self._reader.start()
@@ -124,11 +129,12 @@ class EngineProcess:
         # which ends the core too.
         atexit.register(_kill_if_running, process)
         log.info("engine_process_started", pid=process.pid)
-        others = []
+        others, serving = [], []
         for index, (conn, _) in enumerate(pipes[1:], start=1):
+            serving.append(context.Event())
             other = context.Process(
                 target=front_end.main,
-                args=(config, conn, in_flight_count, index),
+                args=(config, conn, in_flight_count, index, serving[-1]),
                 name=f"specdec-front-end-{index}",
             )  # as the core, not a daemon: stop() lets it finish its drain, atexit kills it
             other.start()
@@ -152,6 +158,11 @@ class EngineProcess:
         if not isinstance(first, Ready):
             process.kill()
             raise EngineStartError(f"the engine process sent {type(first).__name__} before Ready")
+        try:
+            _wait_until_serving(others, serving)
+        except EngineStartError:
+            process.kill()  # the front ends still running see the core go, and exit
+            raise
         return cls(process, conn, first, in_flight_count, others)
 
     @classmethod
@@ -201,6 +212,16 @@ class EngineProcess:
             exited, code = self._exited.is_set() and not self._stopped_cleanly, self._exit_code
         if exited:
             observer(code)
+
+    def add_stop_observer(self, observer: Callable[[], None]) -> None:
+        """Calls `observer()` once if the core stops cleanly without this front end having
+        asked (another front end's SIGTERM drained it: `--front-ends`), on the reader thread,
+        after the last events; at once if that already happened."""
+        with self._lock:
+            self._stop_observers.append(observer)
+            stopped = self._exited.is_set() and self._stopped_elsewhere
+        if stopped:
+            observer()
 
     def stop(self, drain_timeout_s: float | None = None) -> None:
         """Engine.stop in the core (queued requests cancelled at once, running ones given
@@ -306,10 +327,13 @@ class EngineProcess:
         self._process.join(10)
         code = self._process.exitcode
         with self._lock:
+            asked = self._state == _STOPPING
             self._state = _EXITED
             self._exit_code = code
             lost, self._in_flight = self._in_flight, {}
             observers = list(self._exit_observers)
+            stop_observers = list(self._stop_observers)
+            self._stopped_elsewhere = self._stopped_cleanly and not asked
         self._in_flight_count.give_back(len(lost))
         with self._send_lock:  # no submit or cancel is writing to it
             self._conn.close()
@@ -326,6 +350,13 @@ class EngineProcess:
                     observer(code)
                 except Exception:  # noqa: BLE001
                     log.exception("engine_exit_observer_failed")
+        elif self._stopped_elsewhere:
+            log.info("engine_stopped_by_another_front_end", pid=self.pid)
+            for stop_observer in stop_observers:
+                try:
+                    stop_observer()
+                except Exception:  # noqa: BLE001
+                    log.exception("engine_stop_observer_failed")
 
 
 class _Handle:
@@ -360,6 +391,20 @@ class _CoreOfAnotherFrontEnd:
 
     def join(self, timeout: float | None = None) -> None:
         pass
+
+
+def _wait_until_serving(front_ends: list[Any], serving: list[Any]) -> None:
+    """Waits until every other front end is SERVING, so that this one (and with it, for a
+    probe, the port) turns SERVING after them: a call must not reach a front end still
+    loading once the service says it serves. Raises EngineStartError if one exits first or
+    takes FRONT_END_START_S."""
+    deadline = time.monotonic() + FRONT_END_START_S
+    for index, (other, event) in enumerate(zip(front_ends, serving, strict=True), start=1):
+        while not event.wait(0.05):
+            if other.exitcode is not None:
+                raise EngineStartError(f"front end {index} exited with code {other.exitcode} while starting")
+            if time.monotonic() > deadline:
+                raise EngineStartError(f"front end {index} was not serving after {FRONT_END_START_S:.0f} s")
 
 
 def _exited_text(code: int | None) -> str:

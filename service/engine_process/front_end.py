@@ -19,9 +19,10 @@ import structlog
 from specdec_common.logging_setup import configure_logging
 
 
-def main(config: Any, conn: Connection, in_flight_count: Any, index: int) -> None:
+def main(config: Any, conn: Connection, in_flight_count: Any, index: int, serving: Any) -> None:
     """`config`: the first front end's ServiceConfig, listening on the port it bound;
-    `in_flight_count`: the InFlightCount every front end shares."""
+    `in_flight_count`: the InFlightCount every front end shares; `serving`: a multiprocessing
+    Event set once this front end is SERVING (the first waits for it before it is)."""
     configure_logging(config.log_level, fields={"process": f"front_end_{index}"})
     from service.engine_process.client import EngineProcess
     from service.server import serve
@@ -31,7 +32,7 @@ def main(config: Any, conn: Connection, in_flight_count: Any, index: int) -> Non
         return engine, engine.tokenizer
 
     try:
-        asyncio.run(serve(config, build_engine=attach))
+        asyncio.run(serve(config, build_engine=attach, on_serving=serving.set))
     except Exception as exc:  # as specdec-server: one line, non-zero exit
         structlog.get_logger("service").error("service_failed", error=str(exc), exc_info=True)
         raise SystemExit(1) from None  # the process's exit code (multiprocessing's bootstrap)

@@ -99,6 +99,19 @@ def started_pids(log_path: Path, event: str) -> list[int]:
     return [e["pid"] for e in log_events(log_path) if e.get("event") == event]
 
 
+def wait_until_every_front_end_serves(log_path: Path, address: str) -> None:
+    """A health check reaches one front end (whichever the kernel picks); each logs "serving"."""
+    wait_for(lambda: health_status(address) == SERVING, 120, what="SERVING")
+    wait_for(
+        lambda: (
+            {e.get("process") for e in log_events(log_path) if e.get("event") == "serving"}
+            == {"front_end_0", "front_end_1"}
+        ),
+        30,
+        what="both front ends serving",
+    )
+
+
 def finished_by_front_end(log_path: Path) -> collections.Counter:
     return collections.Counter(
         e.get("process") for e in log_events(log_path) if e.get("event") == "request_finished"
@@ -113,7 +126,7 @@ def test_two_front_ends_serve_report_and_drain_on_a_sigterm_to_the_first(
         tiny_model_dir, log_path, "--telemetry-target", f"127.0.0.1:{sidecar.port}", "--grace-period-s", "30"
     )
     try:
-        wait_for(lambda: health_status(address) == SERVING, 120, what="SERVING")
+        wait_until_every_front_end_serves(log_path, address)
         wait_for(
             lambda: len(started_pids(log_path, "front_end_started")) == 1, 30, what="the second front end"
         )
@@ -169,7 +182,7 @@ def test_the_in_flight_limit_holds_for_every_front_end_together(tiny_model_dir, 
     server, address = start_server(tiny_model_dir, log_path, "--max-batch-size", "1", "--max-queue-size", "1")
     channels = []
     try:
-        wait_for(lambda: health_status(address) == SERVING, 120, what="SERVING")
+        wait_until_every_front_end_serves(log_path, address)
         channels = [own_channel(address) for _ in range(8)]
         calls = [
             generation_pb2_grpc.GenerationServiceStub(channel).Generate(
@@ -213,17 +226,9 @@ def test_a_killed_front_end_stops_the_service_non_zero(tiny_model_dir, tmp_path)
     log_path = tmp_path / "server.log"
     server, address = start_server(tiny_model_dir, log_path)
     try:
-        wait_for(lambda: health_status(address) == SERVING, 120, what="SERVING")
+        wait_until_every_front_end_serves(log_path, address)
         [core] = started_pids(log_path, "engine_process_started")
         [second] = started_pids(log_path, "front_end_started")
-        wait_for(
-            lambda: (
-                "front_end_1"
-                in {e.get("process") for e in log_events(log_path) if e.get("event") == "serving"}
-            ),
-            30,
-            what="the second front end serving",
-        )
         os.kill(second, signal.SIGKILL)
         assert server.wait(30) != 0  # the core went with its pipe, and the first front end with it
         wait_for(lambda: not alive(core), 10, what="the engine process to exit")
@@ -235,6 +240,32 @@ def test_a_killed_front_end_stops_the_service_non_zero(tiny_model_dir, tmp_path)
     assert any(
         e.get("event") == "engine_process_exited" and e.get("process") == "front_end_0" for e in events
     )
+
+
+def test_a_sigterm_to_another_front_end_stops_the_whole_service(tiny_model_dir, tmp_path) -> None:
+    """Its drain stops the one engine, so the first front end stops too (exit 0), not serving
+    on with every call refused."""
+    log_path = tmp_path / "server.log"
+    server, address = start_server(tiny_model_dir, log_path)
+    try:
+        wait_until_every_front_end_serves(log_path, address)
+        [core] = started_pids(log_path, "engine_process_started")
+        [second] = started_pids(log_path, "front_end_started")
+        os.kill(second, signal.SIGTERM)
+        assert server.wait(60) == 0
+        wait_for(lambda: not alive(second) and not alive(core), 30, what="the other processes to exit")
+    finally:
+        if server.poll() is None:
+            server.kill()
+    events = log_events(log_path)
+    assert any(
+        e.get("event") == "engine_stopped_by_another_front_end" and e.get("process") == "front_end_0"
+        for e in events
+    )
+    assert sorted(e.get("process") for e in events if e.get("event") == "stopped") == [
+        "front_end_0",
+        "front_end_1",
+    ]
 
 
 def _take_all(count: InFlightCount, limit: int, taken) -> None:  # a spawned child
