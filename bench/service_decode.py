@@ -78,7 +78,7 @@ from bench.common.server_process import ServerProcess  # noqa: E402
 from bench.common.time_budget import Budget  # noqa: E402
 from service.api.request_mapping import RequestLimits, to_engine_request  # noqa: E402
 from service.client.loadgen.prompts import Prompt, load_prompts  # noqa: E402
-from service.client.loadgen.requests import build_request, greedy_settings  # noqa: E402
+from service.client.loadgen.requests import build_request, greedy_settings, server_info  # noqa: E402
 from service.client.loadgen.runner import Pacing, run_load  # noqa: E402
 from service.client.loadgen.stats import join_runs, summarize  # noqa: E402
 from service.config import ServiceConfig  # noqa: E402
@@ -395,6 +395,8 @@ async def _grpc_blocks(args, size, path, address, plan, prompt_sets, roofline, a
             )
             for _ in range(args.connections)
         ]
+        # Every connection up, and the front end it reached serving, before anything is timed.
+        await asyncio.gather(*(server_info(stub, args.server_start_timeout_s) for stub in stubs))
         warmed = set()
         turns = TurnCollector()
         for spec, method, mode, pacing, turn in plan:

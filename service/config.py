@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import uuid
 from collections.abc import Sequence
@@ -45,6 +46,7 @@ def gemv_rows_setting(value: str) -> int | str:
 
 
 ENGINE_PROCESS_MODES = ("process", "thread")
+HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]*\]|[^:\[\]/]*):[0-9]{1,5}")  # [v6]:port or host:port
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -359,8 +361,11 @@ class ServiceConfig:
         if values["front_ends"] > 1:
             if values["engine_process"] != "process":
                 parser.error("--front-ends above 1 needs --engine-process process (one engine for all)")
-            if values["listen"].startswith("unix:"):
-                parser.error("--front-ends above 1 needs a host:port --listen address (SO_REUSEPORT)")
+            if not HOST_PORT.fullmatch(values["listen"]):
+                parser.error(
+                    f"--front-ends above 1 needs a host:port --listen address (SO_REUSEPORT), "
+                    f"not {values['listen']!r}"
+                )
         if values["tracing"] and not values["telemetry_target"]:
             parser.error("--tracing needs --telemetry-target: the sidecar emits the spans")
         config = cls(**values)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -133,6 +134,30 @@ def server_info(engine: Any, config: ServiceConfig) -> generation_pb2.GetServerI
     )
 
 
+def check_port_free(listen: str) -> None:
+    """Raises RuntimeError if `listen`'s fixed port is in use: with SO_REUSEPORT on
+    (--front-ends) gRPC would share it with whatever listens there (gRPC servers turn it on by
+    default) instead of failing. A socket without it cannot bind a port another listens on.
+    (A server binding it between this check and the front ends' own binds is not caught.)"""
+    host, port = listen.rsplit(":", 1)
+    if int(port) == 0:
+        return
+    host = host.strip("[]")
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC's own: a port whose old connections wait in TIME_WAIT is free, one that
+            # another socket listens on is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise RuntimeError(
+                    f"cannot listen on {listen}: the port is in use ({exc.strerror})"
+                ) from None
+
+
 def reporter_credentials(config: ServiceConfig) -> grpc.ChannelCredentials | None:
     """Reads and checks the reporter's TLS and token files, so that a bad one is a start-up
     error naming its setting (the reporter re-reads the token file on every reconnect)."""
@@ -166,10 +191,12 @@ class Service:
         config: ServiceConfig,
         build_engine: Callable[[ServiceConfig], tuple[Any, Any]] = build_engine,
         on_serving: Callable[[], None] | None = None,
+        joins_port: bool = False,
     ) -> None:
         """`build_engine(config) -> (engine, tokenizer)` loads on a worker thread (tests pass
-        one that loads slowly or fails); `on_serving()` is called once health is SERVING (a
-        front end other than the first tells the first: service/engine_process/front_end.py)."""
+        one that loads slowly or fails); `on_serving()` is called once health is SERVING;
+        `joins_port`: a front end other than the first (service/engine_process/front_end.py),
+        on the port the first bound."""
         self.config = config
         self._build_engine = build_engine
         self._on_serving = on_serving
@@ -209,10 +236,12 @@ class Service:
             self.server,
             pool=reflection_pool(generation_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR),
         )
+        if config.front_ends > 1 and not joins_port:
+            check_port_free(config.listen)  # SO_REUSEPORT would share it, not refuse it
         self.port = self.security.add_port(self.server, config.listen)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {config.listen}")
-        if config.front_ends > 1:  # the other front ends listen on the port this one bound
+        if config.front_ends > 1 and not joins_port:  # the others listen on the port this one bound
             self.config = config = dataclasses.replace(
                 config, listen=f"{config.listen.rsplit(':', 1)[0]}:{self.port}"
             )
@@ -277,7 +306,9 @@ class Service:
     def _engine_exited(self, exit_code: int | None) -> None:  # on the loop
         """The engine's process exited unasked (its requests already got EngineLost): stop
         serving, and stop the service, which then exits non-zero."""
-        self.failure = f"the engine process exited with code {exit_code}"
+        self.failure = "the engine process exited" + (
+            f" with code {exit_code}" if exit_code is not None else ""
+        )
         self.servicer.state = ServingState.DRAINING
         self._health_update = asyncio.ensure_future(
             self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -306,6 +337,9 @@ class Service:
         if self.engine is not None:
             # Finishes in-flight requests (their streams complete), cancels the rest at `grace`.
             await loop.run_in_executor(None, self.engine.stop, grace)
+            failed = getattr(self.engine, "front_end_failures", None)  # --front-ends: the others
+            if failed and self.failure is None:
+                self.failure = "; ".join(failed)
         await self.server.stop(grace=1.0)
         if self.reporter is not None:
             flushed = await loop.run_in_executor(None, self.reporter.flush, 10.0)
@@ -382,10 +416,12 @@ async def serve(
     config: ServiceConfig,
     build_engine: Callable[[ServiceConfig], tuple[Any, Any]] = build_engine,
     on_serving: Callable[[], None] | None = None,
+    joins_port: bool = False,
 ) -> None:
     """Serves until SIGTERM/SIGINT (returns after the drain) or until the engine's process
-    exits unasked (raises EngineExitedError after the drain, so the process exits non-zero)."""
-    service = Service(config, build_engine, on_serving)
+    exits unasked (raises EngineExitedError after the drain, so the process exits non-zero).
+    `on_serving` and `joins_port`: as Service's."""
+    service = Service(config, build_engine, on_serving, joins_port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)

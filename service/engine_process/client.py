@@ -14,7 +14,8 @@ With `--front-ends N` the first front end (the server's own process) starts the 
 pipe per front end and the N - 1 other front ends (`front_end.main`), each on the same port; they
 attach to the core through their pipes (`EngineProcess.attach`), and every front end counts its
 requests in one shared `InFlightCount`, so that the limit holds for all together. The first
-front end's `stop` signals the others to drain before it stops the core.
+Stop the core gets, from any front end, makes it send `Stopping` to every front end, which then
+drains too; the first front end waits for the others to exit.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from service.engine.api import (
 )
 from service.engine.validation import resolve
 from service.engine_process import core, front_end
-from service.engine_process.in_flight import InFlightCount
+from service.engine_process.in_flight import InFlightCount, InFlightCountUnavailable
 from service.engine_process.protocol import (
     Cancel,
     Events,
@@ -52,6 +53,7 @@ from service.engine_process.protocol import (
     StartFailed,
     Stop,
     Stopped,
+    Stopping,
     Submit,
     decode_event,
 )
@@ -103,7 +105,8 @@ class EngineProcess:
         self._exit_code: int | None = None  # the core's, once it exited
         self._exit_observers: list[Callable[[int | None], None]] = []
         self._stop_observers: list[Callable[[], None]] = []
-        self._stopped_elsewhere = False  # the core stopped cleanly at another front end's Stop
+        self._stopped_elsewhere = False  # the core is stopping at another front end's Stop
+        self.front_end_failures: list[str] = []  # the other front ends that ended badly (stop)
         self._exited = threading.Event()
         self._reader = threading.Thread(target=self._read, name="engine-process-reader", daemon=True)
         self._reader.start()
@@ -116,7 +119,7 @@ class EngineProcess:
         # has gRPC threads.
         context = multiprocessing.get_context("spawn")
         pipes = [context.Pipe(duplex=True) for _ in range(config.front_ends)]  # (front's, core's)
-        in_flight_count = InFlightCount(context)
+        in_flight_count = InFlightCount(context if config.front_ends > 1 else None)
         process = context.Process(
             target=core.main, args=([end for _, end in pipes], config), name="specdec-engine-core"
         )  # not a daemon: torch may start processes of its own in it (compile workers)
@@ -130,15 +133,15 @@ class EngineProcess:
         atexit.register(_kill_if_running, process)
         log.info("engine_process_started", pid=process.pid)
         others, serving = [], []
-        for index, (conn, _) in enumerate(pipes[1:], start=1):
+        for index, (front_end_conn, _) in enumerate(pipes[1:], start=1):
             serving.append(context.Event())
             other = context.Process(
                 target=front_end.main,
-                args=(config, conn, in_flight_count, index, serving[-1]),
+                args=(config, front_end_conn, in_flight_count, index, serving[-1]),
                 name=f"specdec-front-end-{index}",
             )  # as the core, not a daemon: stop() lets it finish its drain, atexit kills it
             other.start()
-            conn.close()  # that front end's: its exit is the end of its pipe for the core
+            front_end_conn.close()  # that front end's: its exit is the end of its pipe for the core
             atexit.register(_kill_if_running, other)
             log.info("front_end_started", index=index, pid=other.pid)
             others.append(other)
@@ -148,6 +151,13 @@ class EngineProcess:
         except (EOFError, OSError):
             process.join(10)
             conn.close()
+            # The core also exits when another front end goes away before it is ready.
+            gone = [(i, o.exitcode) for i, o in enumerate(others, start=1) if o.exitcode is not None]
+            if gone:
+                index, code = gone[0]
+                raise EngineStartError(
+                    f"front end {index} exited with code {code} while starting (the engine process followed)"
+                ) from None
             raise EngineStartError(
                 f"the engine process exited with code {process.exitcode} while loading the models"
             ) from None
@@ -159,7 +169,7 @@ class EngineProcess:
             process.kill()
             raise EngineStartError(f"the engine process sent {type(first).__name__} before Ready")
         try:
-            _wait_until_serving(others, serving)
+            _wait_until_serving(process, others, serving)
         except EngineStartError:
             process.kill()  # the front ends still running see the core go, and exit
             raise
@@ -190,11 +200,23 @@ class EngineProcess:
         with self._lock:
             if self._state != _RUNNING:
                 raise EngineStoppedError(self._stopped_message())
-            if not self._in_flight_count.try_take(self.config.max_in_flight):
+            try:
+                taken = self._in_flight_count.try_take(self.config.max_in_flight)
+            except InFlightCountUnavailable as exc:
+                log.error("in_flight_count_unavailable", error=str(exc))
+                raise EngineStoppedError(f"{exc}; the server is shutting down") from None
+            if not taken:
                 raise QueueFullError(f"the admission queue is full ({self.config.max_queue_size} waiting)")
             key = next(self._keys)
             self._in_flight[key] = (request.request_id, on_event)
-        self._send(Submit(key, request))
+        try:
+            self._send(Submit(key, request))
+        except Exception:  # not sent (it does not pickle): no place or entry may stay behind
+            with self._lock:
+                entry = self._in_flight.pop(key, None)
+            if entry is not None:
+                self._give_back()
+            raise
         return _Handle(request.request_id, key, self)
 
     def queue_depth(self) -> int:
@@ -232,8 +254,7 @@ class EngineProcess:
             stopping = self._state == _RUNNING
             if stopping:
                 self._state = _STOPPING
-        if stopping:
-            self.signal_front_ends(signal.SIGTERM)  # they refuse new calls and drain theirs
+        if stopping:  # the core tells the other front ends (Stopping): they drain theirs
             self._send(Stop(drain_timeout_s))
         timeout = None if drain_timeout_s is None else drain_timeout_s + STOP_MARGIN_S
         if not self._exited.wait(timeout):
@@ -241,19 +262,21 @@ class EngineProcess:
             self._process.kill()
             self._exited.wait(30)
         self._process.join(10)
-        for other in self._front_ends:  # the core has stopped: their drains end too
-            other.join(STOP_MARGIN_S)
+        deadline = time.monotonic() + STOP_MARGIN_S  # the core has stopped: their drains end too
+        for index, other in enumerate(self._front_ends, start=1):
+            other.join(max(0.0, deadline - time.monotonic()))
             if other.exitcode is None:
                 log.error("front_end_stop_timed_out", pid=other.pid, timeout_s=STOP_MARGIN_S)
                 other.kill()
                 other.join(10)
+                self.front_end_failures.append(f"front end {index} did not stop and was killed")
             elif other.exitcode != 0:
                 log.error("front_end_exited", pid=other.pid, exit_code=other.exitcode)
+                self.front_end_failures.append(f"front end {index} exited with code {other.exitcode}")
 
     def signal_front_ends(self, signum: int) -> None:
-        """Sends `signum` to the other front ends this one started (SIGTERM: drain; SIGHUP:
-        re-read the tokens file), so that a signal to this process alone (a container's
-        PID 1) reaches them all."""
+        """Sends `signum` to the other front ends this one started (SIGHUP: re-read the tokens
+        file), so that a signal to this process alone (a container's PID 1) reaches them all."""
         for other in self._front_ends:
             if other.exitcode is None:
                 try:
@@ -308,7 +331,7 @@ class EngineProcess:
                         with self._lock:
                             entry = in_flight.pop(key, None)
                         if entry is not None:
-                            self._in_flight_count.give_back()
+                            self._give_back()
                     else:
                         entry = in_flight.get(key)
                     if entry is not None:
@@ -317,10 +340,29 @@ class EngineProcess:
                 with self._lock:
                     entry = in_flight.pop(message.key, None)
                 if entry is not None:
-                    self._in_flight_count.give_back()
+                    self._give_back()
                     _deliver(entry[1], EngineLost(entry[0], f"the engine refused it: {message.message}"))
+            elif isinstance(message, Stopping):
+                with self._lock:
+                    elsewhere = self._state == _RUNNING and not self._stopped_elsewhere
+                    self._stopped_elsewhere = self._stopped_elsewhere or elsewhere
+                    stop_observers = list(self._stop_observers)
+                if elsewhere:
+                    self._notify_stopped_elsewhere(stop_observers)
             elif isinstance(message, Stopped):
                 self._stopped_cleanly = True
+
+    def _give_back(self) -> None:
+        if not self._in_flight_count.give_back():
+            log.error("in_flight_count_unavailable", error="a place could not be given back")
+
+    def _notify_stopped_elsewhere(self, stop_observers: list[Callable[[], None]]) -> None:
+        log.info("engine_stopped_by_another_front_end", pid=self.pid)
+        for stop_observer in stop_observers:
+            try:
+                stop_observer()
+            except Exception:  # noqa: BLE001
+                log.exception("engine_stop_observer_failed")
 
     def _ended(self) -> None:
         """The pipe's end: the core exited (or is about to)."""
@@ -333,8 +375,11 @@ class EngineProcess:
             lost, self._in_flight = self._in_flight, {}
             observers = list(self._exit_observers)
             stop_observers = list(self._stop_observers)
-            self._stopped_elsewhere = self._stopped_cleanly and not asked
-        self._in_flight_count.give_back(len(lost))
+            # A clean stop nobody here asked for, not announced by Stopping (a core older than
+            # this front end would never say it): the same as Stopping.
+            elsewhere = self._stopped_cleanly and not asked and not self._stopped_elsewhere
+            self._stopped_elsewhere = self._stopped_elsewhere or elsewhere
+        # The lost requests' places are not given back: the core is gone and the service stops.
         with self._send_lock:  # no submit or cancel is writing to it
             self._conn.close()
         crashed = not self._stopped_cleanly
@@ -350,13 +395,8 @@ class EngineProcess:
                     observer(code)
                 except Exception:  # noqa: BLE001
                     log.exception("engine_exit_observer_failed")
-        elif self._stopped_elsewhere:
-            log.info("engine_stopped_by_another_front_end", pid=self.pid)
-            for stop_observer in stop_observers:
-                try:
-                    stop_observer()
-                except Exception:  # noqa: BLE001
-                    log.exception("engine_stop_observer_failed")
+        elif elsewhere:
+            self._notify_stopped_elsewhere(stop_observers)
 
 
 class _Handle:
@@ -393,14 +433,18 @@ class _CoreOfAnotherFrontEnd:
         pass
 
 
-def _wait_until_serving(front_ends: list[Any], serving: list[Any]) -> None:
+def _wait_until_serving(core_process: Any, front_ends: list[Any], serving: list[Any]) -> None:
     """Waits until every other front end is SERVING, so that this one (and with it, for a
     probe, the port) turns SERVING after them: a call must not reach a front end still
-    loading once the service says it serves. Raises EngineStartError if one exits first or
-    takes FRONT_END_START_S."""
+    loading once the service says it serves. Raises EngineStartError if the core or one of
+    them exits first, or one takes FRONT_END_START_S."""
     deadline = time.monotonic() + FRONT_END_START_S
     for index, (other, event) in enumerate(zip(front_ends, serving, strict=True), start=1):
         while not event.wait(0.05):
+            if core_process.exitcode is not None:
+                raise EngineStartError(
+                    f"the engine process exited with code {core_process.exitcode} while front ends started"
+                )
             if other.exitcode is not None:
                 raise EngineStartError(f"front end {index} exited with code {other.exitcode} while starting")
             if time.monotonic() > deadline:

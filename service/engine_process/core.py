@@ -35,6 +35,7 @@ from service.engine_process.protocol import (
     StartFailed,
     Stop,
     Stopped,
+    Stopping,
     Submit,
     encode_event,
 )
@@ -58,6 +59,8 @@ class Outbox:
 
     def flush(self) -> None:
         """Sends every pending event as one message (none when there are none)."""
+        if not self._pending:  # nothing to send: no wait for a send in progress (a Ready)
+            return
         with self._lock:
             self._flush_locked()
 
@@ -142,6 +145,7 @@ class EngineCore:
             with self._handles_lock:  # the first Stop drains; the others find it under way
                 first, self._stop_started = not self._stop_started, True
             if first:
+                self.send_all(Stopping())  # every front end drains, whichever asked
                 # On its own thread: the readers go on applying cancellations while running
                 # requests drain.
                 threading.Thread(
@@ -199,6 +203,7 @@ def main(conns: list[Connection], config: Any) -> None:
     # when the engine stops (Stop), and kills it if it exits without that (client.py).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the front ends' (tokens file), to a whole group
     configure_logging(config.log_level, fields={"process": "engine_core"})  # every thread's lines
     _thread_lock_for_progress_bars()
     core = EngineCore(conns)

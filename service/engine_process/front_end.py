@@ -32,7 +32,7 @@ def main(config: Any, conn: Connection, in_flight_count: Any, index: int, servin
         return engine, engine.tokenizer
 
     try:
-        asyncio.run(serve(config, build_engine=attach, on_serving=serving.set))
+        asyncio.run(serve(config, build_engine=attach, on_serving=serving.set, joins_port=True))
     except Exception as exc:  # as specdec-server: one line, non-zero exit
         structlog.get_logger("service").error("service_failed", error=str(exc), exc_info=True)
         raise SystemExit(1) from None  # the process's exit code (multiprocessing's bootstrap)

@@ -94,9 +94,15 @@ class Rejected:
 
 
 @dataclass(frozen=True)
+class Stopping:
+    """The core got its first Stop (from any front end) and drains: a front end that did not
+    ask stops taking calls and drains its own (--front-ends)."""
+
+
+@dataclass(frozen=True)
 class Stopped:
     """The engine has stopped; every event was sent before this. The core exits next."""
 
 
 ToCore = Submit | Cancel | Stop
-ToFront = Ready | StartFailed | Events | Rejected | Stopped
+ToFront = Ready | StartFailed | Events | Rejected | Stopping | Stopped

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 
 from service.config import ServiceConfig
 from service.engine_process.in_flight import InFlightCount
-from specdec.v1 import generation_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
+from specdec.v1 import generation_pb2, generation_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
 from testkit.processes import env_with_this_checkout, free_port, wait_for
 from tests.service.test_engine_process import SERVING, alive, health_status, log_events
 from tests.service.test_generate import NONE, request
@@ -145,14 +146,18 @@ def test_two_front_ends_serve_report_and_drain_on_a_sigterm_to_the_first(
                 outputs.append([t for r in responses if r.HasField("chunk") for t in r.chunk.token_ids])
             # One engine behind both: greedy output of the same prompt is the same wherever it came in.
             assert all(tokens == outputs[0] for tokens in outputs)
-            # A call in flight on the second front end's side of the drain, or the first's: it
-            # finishes, its record reaches the sidecar.
-            held = generation_pb2_grpc.GenerationServiceStub(channels[-1]).Generate(
-                request(max_tokens=200, method=NONE, request_id="drained"), timeout=60
-            )
-            next(held)
+            # Calls in flight on four connections (on both front ends but with odds 1 in 8):
+            # each finishes, its record reaches the sidecar.
+            held = [
+                generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+                    request(max_tokens=200, method=NONE, request_id=f"drained{i}"), timeout=60
+                )
+                for i, channel in enumerate(channels[:4])
+            ]
+            for call in held:
+                next(call)
             server.send_signal(signal.SIGTERM)  # the first front end alone, as `docker stop` does
-            assert list(held)[-1].final.completion_tokens == 200
+            assert [list(call)[-1].final.completion_tokens for call in held] == [200] * 4
         finally:
             for channel in channels:
                 channel.close()
@@ -163,45 +168,46 @@ def test_two_front_ends_serve_report_and_drain_on_a_sigterm_to_the_first(
             server.kill()
     by_front_end = finished_by_front_end(log_path)
     assert set(by_front_end) == {"front_end_0", "front_end_1"}, by_front_end
-    assert sum(by_front_end.values()) == CONNECTIONS + 1
+    assert sum(by_front_end.values()) == CONNECTIONS + 4
     stopped = [e.get("process") for e in log_events(log_path) if e.get("event") == "stopped"]
     assert sorted(stopped) == ["front_end_0", "front_end_1"]
     # Each front end reports its own requests under a source of its own, nothing lost or doubled.
     sources = collections.Counter(source for source, _ in sidecar.records)
     assert len(sources) == 2, sources
     assert sorted(request_id for _, request_id in sidecar.records) == sorted(
-        [f"r{i}" for i in range(CONNECTIONS)] + ["drained"]
+        [f"r{i}" for i in range(CONNECTIONS)] + [f"drained{i}" for i in range(4)]
     )
+    # Every process ended well: the service's exit code says so for all (a front end that
+    # exits non-zero in the drain makes it non-zero).
+    assert not [e for e in log_events(log_path) if e.get("event") in ("front_end_exited", "service_failed")]
 
 
 def test_the_in_flight_limit_holds_for_every_front_end_together(tiny_model_dir, tmp_path) -> None:
-    """One batch slot and one queue place: of calls held on 8 connections (spread between the
-    two front ends by the kernel), exactly two are admitted; a limit per front end would admit
-    up to four."""
+    """One batch slot and one queue place: of long calls sent at once on 16 connections
+    (spread between the two front ends by the kernel), exactly two are admitted and 14
+    refused; a limit per front end would admit up to four (all 16 on one front end: 2**-15)."""
     log_path = tmp_path / "server.log"
     server, address = start_server(tiny_model_dir, log_path, "--max-batch-size", "1", "--max-queue-size", "1")
     channels = []
     try:
         wait_until_every_front_end_serves(log_path, address)
-        channels = [own_channel(address) for _ in range(8)]
+        channels = [own_channel(address) for _ in range(16)]
         calls = [
             generation_pb2_grpc.GenerationServiceStub(channel).Generate(
                 request(max_tokens=4000, method=NONE, request_id=f"held{i}"), timeout=120
             )
             for i, channel in enumerate(channels)
         ]
-        admitted, refused = [], []
+        # A refusal ends its call at once; an admitted call runs (or waits for the slot) for
+        # seconds. Wait for 14 to end, then check that no more do meanwhile.
+        wait_for(lambda: sum(call.done() for call in calls) >= 14, 60, what="14 refusals")
+        time.sleep(0.5)
+        ended = [call for call in calls if call.done()]
+        assert len(ended) == 14, len(ended)
+        assert {call.code() for call in ended} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
         for call in calls:
-            try:
-                next(call)
-                admitted.append(call)
-            except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
-                refused.append(call)
-        assert (len(admitted), len(refused)) == (2, 6)
-        for call in admitted:
             call.cancel()
-        # The places come back: a new call is admitted once the cancelled ones have left.
+        # The places come back once the cancelled calls have left.
         stub = generation_pb2_grpc.GenerationServiceStub(channels[0])
 
         def admitted_again() -> bool:
@@ -217,9 +223,70 @@ def test_the_in_flight_limit_holds_for_every_front_end_together(tiny_model_dir, 
     finally:
         for channel in channels:
             channel.close()
-        server.send_signal(signal.SIGTERM)
-        if server.wait(60) is None:
-            server.kill()
+        stop(server)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """SIGTERM, and the exit code 0; a server that does not exit is killed (and fails)."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        assert server.wait(60) == 0
+    except subprocess.TimeoutExpired:
+        server.kill()
+        raise
+
+
+def test_sighup_to_the_first_front_end_reloads_every_front_ends_tokens(tiny_model_dir, tmp_path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("first-token-0123456789abcdef\n")
+    log_path = tmp_path / "server.log"
+    server, address = start_server(tiny_model_dir, log_path, "--auth-tokens-file", str(tokens))
+    channels = []
+    try:
+        wait_until_every_front_end_serves(log_path, address)
+        tokens.write_text("second-token-0123456789abcdef\n")
+        server.send_signal(signal.SIGHUP)
+        channels = [own_channel(address) for _ in range(CONNECTIONS)]
+        stubs = [generation_pb2_grpc.GenerationServiceStub(channel) for channel in channels]
+
+        def answered(token: str) -> list[bool]:
+            out = []
+            for stub in stubs:
+                try:
+                    stub.GetServerInfo(
+                        generation_pb2.GetServerInfoRequest(),
+                        metadata=(("authorization", f"Bearer {token}"),),
+                        timeout=10,
+                    )
+                    out.append(True)
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc.details()
+                    out.append(False)
+            return out
+
+        # On all 24 connections, whichever front end each reached: the new token only.
+        wait_for(lambda: all(answered("second-token-0123456789abcdef")), 30, what="the new token everywhere")
+        assert not any(answered("first-token-0123456789abcdef"))
+    finally:
+        for channel in channels:
+            channel.close()
+        stop(server)
+
+
+def test_a_second_front_end_refuses_a_port_another_server_listens_on(tmp_path) -> None:
+    """gRPC servers turn SO_REUSEPORT on by default; the front ends' would join one."""
+    from service.server import check_port_free
+
+    port = free_port()
+    check_port_free(f"127.0.0.1:{port}")
+    other = grpc.server(futures.ThreadPoolExecutor(max_workers=1))  # default options
+    other.add_insecure_port(f"127.0.0.1:{port}")
+    other.start()
+    try:
+        with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{port}: the port is in use"):
+            check_port_free(f"127.0.0.1:{port}")
+    finally:
+        other.stop(0)
 
 
 def test_a_killed_front_end_stops_the_service_non_zero(tiny_model_dir, tmp_path) -> None:

@@ -10,6 +10,7 @@ import json
 import threading
 
 import grpc
+import pytest
 
 from service.client.loadgen.cli import main as bench_main
 from specdec.v1 import generation_pb2, generation_pb2_grpc
@@ -67,28 +68,36 @@ def run_bench(port: int, tmp_path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
-def peers_by_client(servicer: PeerRecordingServicer, result: dict, clients: int) -> dict[int, set[str]]:
-    """Client c of a burst of `clients` sends requests c, c + clients, ... (ids end in the index)."""
+def peers_by_client(servicer: PeerRecordingServicer, result: dict) -> dict[int, set[str]]:
+    """The peers each client's requests came from (the report's --per-request client of each
+    request index; request ids end in the index)."""
     peers: dict[int, set[str]] = collections.defaultdict(set)
-    for request_id, peer in servicer.peers.items():
-        peers[int(request_id.rsplit("-", 1)[1]) % clients].add(peer)
+    for run in result["runs"]:
+        client_of = {r["index"]: r["client"] for r in run["per_request"]}
+        prefix = f"-{run['mode']}-"
+        for request_id, peer in servicer.peers.items():
+            if prefix in request_id and "-warmup-" not in request_id:
+                peers[client_of[int(request_id.rsplit("-", 1)[1])]].add(peer)
     return peers
 
 
-def test_each_connection_is_its_own_and_client_c_uses_connection_c_mod_n(tmp_path) -> None:
+@pytest.mark.parametrize("mode", ["burst", "sustained"])
+def test_each_connection_is_its_own_and_client_c_uses_connection_c_mod_n(tmp_path, mode) -> None:
+    """Four clients over three connections (not a multiple: request i and client c differ
+    modulo 3 from the second round on)."""
     with StandInServer() as server:
         result = run_bench(
-            server.port, tmp_path, "--modes", "burst", "--concurrency", "6", "--burst-rounds", "2",
-            "--connections", "3", "--methods", "none",
+            server.port, tmp_path, "--modes", mode, "--concurrency", "4", "--burst-rounds", "2",
+            "--requests-per-client", "2", "--connections", "3", "--methods", "none", "--per-request",
         )  # fmt: skip
         assert result["settings"]["connections"] == 3
-        assert result["runs"][0]["requests"]["succeeded"] == 12
-        peers = peers_by_client(server.servicer, result, 6)
-    # Each client kept one connection over both rounds; clients c and c + 3 shared theirs;
-    # the three connections are three (three client ports).
+        assert result["runs"][0]["requests"]["succeeded"] == 8
+        peers = peers_by_client(server.servicer, result)
+    # Each client kept one connection; clients 0 and 3 shared theirs; three distinct ones.
+    assert sorted(peers) == [0, 1, 2, 3]
     assert all(len(p) == 1 for p in peers.values()), peers
     connection = {c: next(iter(p)) for c, p in peers.items()}
-    assert all(connection[c] == connection[c + 3] for c in range(3))
+    assert connection[0] == connection[3]
     assert len({connection[c] for c in range(3)}) == 3
 
 

@@ -353,7 +353,9 @@ async def amain(args: argparse.Namespace, prompts: list[Prompt]) -> dict[str, An
             )
             for _ in range(args.connections)
         ]
-        info = await server_info(stubs[0], args.connect_timeout_s, metadata)
+        # On every connection, so that each is up (and its server serving) before the timed runs.
+        infos = await asyncio.gather(*(server_info(stub, args.connect_timeout_s, metadata) for stub in stubs))
+        info = infos[0]
         result["server_info"] = json_format.MessageToDict(info, preserving_proto_field_name=True)
         for method, pacing in plan(args):
             level = f"{pacing.level:g}"
