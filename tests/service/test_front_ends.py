@@ -335,6 +335,22 @@ def test_a_sigterm_to_another_front_end_stops_the_whole_service(tiny_model_dir, 
     ]
 
 
+def test_a_model_that_fails_to_load_fails_the_start_and_leaves_no_process(tmp_path) -> None:
+    missing = tmp_path / "no-such-model"
+    log_path = tmp_path / "server.log"
+    server, _ = start_server(missing, log_path)
+    try:
+        assert server.wait(120) == 1
+    finally:
+        if server.poll() is None:
+            server.kill()
+    events = log_events(log_path)
+    [failed] = [e for e in events if e.get("event") == "service_failed" and e.get("process") == "front_end_0"]
+    assert str(missing) in failed["error"] and "front end" not in failed["error"], failed["error"]
+    for pid in started_pids(log_path, "engine_process_started") + started_pids(log_path, "front_end_started"):
+        wait_for(lambda pid=pid: not alive(pid), 30, what=f"process {pid} to exit")
+
+
 def _take_all(count: InFlightCount, limit: int, taken) -> None:  # a spawned child
     while count.try_take(limit):
         taken.value += 1
