@@ -316,8 +316,8 @@ class Service:
         self.request_stop()
 
     def _engine_stopped_elsewhere(self) -> None:  # on the loop
-        """Another front end's SIGTERM drained the engine (--front-ends): this one stops
-        too, as if it had been signalled (exit 0)."""
+        """Another front end's stop is draining the engine (the core's Stopping,
+        --front-ends): this one stops too, as if it had been signalled (exit 0)."""
         self.servicer.state = ServingState.DRAINING
         self._health_update = asyncio.ensure_future(
             self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
