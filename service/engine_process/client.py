@@ -236,12 +236,12 @@ class EngineProcess:
             observer(code)
 
     def add_stop_observer(self, observer: Callable[[], None]) -> None:
-        """Calls `observer()` once if the core stops cleanly without this front end having
-        asked (another front end's SIGTERM drained it: `--front-ends`), on the reader thread,
-        after the last events; at once if that already happened."""
+        """Calls `observer()` once if the core starts to stop without this front end having
+        asked (another front end's Stop: `--front-ends`), on the reader thread; at once if
+        that already happened."""
         with self._lock:
             self._stop_observers.append(observer)
-            stopped = self._exited.is_set() and self._stopped_elsewhere
+            stopped = self._stopped_elsewhere
         if stopped:
             observer()
 

@@ -11,7 +11,8 @@ import threading
 from service.engine.api import EngineInfo, EngineLost, Event, GenerationRequest, Method
 from service.engine.config import EngineConfig
 from service.engine_process.client import EngineProcess
-from service.engine_process.protocol import Events, Ready
+from service.engine_process.protocol import Events, Ready, Stop, Stopped, Stopping
+from testkit.processes import wait_for
 
 
 class StandInProcess:
@@ -87,3 +88,36 @@ def test_the_pipes_end_ends_every_request_in_flight() -> None:
     core.close()
     assert ended.wait(10)
     assert "exited with code -9" in events[-1].reason
+
+
+def test_a_stop_another_front_end_asked_for_is_observed_once_whenever_the_observer_came() -> None:
+    """The core's Stopping (another front end's Stop, --front-ends) reaches a stop observer
+    added before it arrived and one added after, each once; none for a stop this one asked."""
+    engine, core, _ = engine_process()
+    early: list[str] = []
+    engine.add_stop_observer(lambda: early.append("early"))
+    core.send(Stopping())
+    core.send(Stopping())  # a second one changes nothing
+    exited = threading.Event()
+    engine.add_exit_observer(lambda code: exited.set())
+    wait_for(lambda: early, 10, what="the stop observer")
+    assert early == ["early"]
+    late: list[str] = []
+    engine.add_stop_observer(lambda: late.append("late"))
+    assert late == ["late"]
+    core.send(Stopped())
+    core.close()
+    engine.stop(1.0)  # returns once the reader has seen the pipe's end
+    assert early == ["early"] and late == ["late"] and not exited.is_set()  # clean: no exit observer
+
+    asked, core2, _ = engine_process()
+    observed: list[str] = []
+    asked.add_stop_observer(lambda: observed.append("x"))
+    stopping = threading.Thread(target=asked.stop, args=(5.0,))
+    stopping.start()
+    assert isinstance(core2.recv(), Stop)
+    core2.send(Stopping())
+    core2.send(Stopped())
+    core2.close()
+    stopping.join(10)
+    assert observed == []
