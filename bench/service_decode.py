@@ -68,7 +68,6 @@ from typing import Any
 
 _T0 = time.perf_counter()  # before the heavy imports: the logged times include them
 
-import grpc  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common.arguments import add_gemv_max_rows, positive_ints, subset_of, write_result  # noqa: E402
@@ -81,9 +80,10 @@ from service.client.loadgen.prompts import Prompt, load_prompts  # noqa: E402
 from service.client.loadgen.requests import build_request, greedy_settings, server_info  # noqa: E402
 from service.client.loadgen.runner import Pacing, run_load  # noqa: E402
 from service.client.loadgen.stats import join_runs, summarize  # noqa: E402
+from service.client.options import open_stubs  # noqa: E402
 from service.config import ServiceConfig  # noqa: E402
-from specdec.v1 import generation_pb2_grpc  # noqa: E402
 from specdec_common.settings import positive_int  # noqa: E402
+from specdec_security import ClientSecurity  # noqa: E402
 
 # size -> (target shape, draft shape or None); directories are --models-dir/<shape>.
 SIZES = {
@@ -385,16 +385,7 @@ def measure_grpc(
 
 async def _grpc_blocks(args, size, path, address, plan, prompt_sets, roofline, add_row, budget) -> None:
     async with contextlib.AsyncExitStack() as channels:
-        stubs = [
-            generation_pb2_grpc.GenerationServiceStub(
-                await channels.enter_async_context(
-                    grpc.aio.insecure_channel(
-                        address, options=[("grpc.use_local_subchannel_pool", int(args.connections > 1))]
-                    )
-                )
-            )
-            for _ in range(args.connections)
-        ]
+        stubs = await open_stubs(channels, address, ClientSecurity(), args.connections)
         # Every connection up, and the front end it reached serving, before anything is timed.
         await asyncio.gather(*(server_info(stub, args.server_start_timeout_s) for stub in stubs))
         warmed = set()

@@ -5,10 +5,12 @@ SPECDEC_CLIENT_* variables. Imports only grpc and the generated stubs (no torch)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 import grpc
 
+from specdec.v1 import generation_pb2_grpc
 from specdec_common.proto_names import METHOD_BY_NAME
 from specdec_security import ClientSecurity
 
@@ -54,3 +56,16 @@ def open_channel(target: str, security: ClientSecurity, own_connection: bool = F
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=options)
     return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+async def open_stubs(
+    channels: contextlib.AsyncExitStack, target: str, security: ClientSecurity, connections: int
+) -> list[generation_pb2_grpc.GenerationServiceStub]:
+    """`connections` GenerationService stubs, each on a channel entered into `channels`; more
+    than one: each channel on a connection of its own (open_channel's own_connection)."""
+    return [
+        generation_pb2_grpc.GenerationServiceStub(
+            await channels.enter_async_context(open_channel(target, security, own_connection=connections > 1))
+        )
+        for _ in range(connections)
+    ]

@@ -67,8 +67,8 @@ from service.client.loadgen.prompts import Prompt, PromptSetError, load_prompts
 from service.client.loadgen.requests import METHODS, build_request, server_info
 from service.client.loadgen.runner import Pacing, run_load
 from service.client.loadgen.stats import RequestRecord, summarize
-from service.client.options import add_security_arguments, open_channel, security_of
-from specdec.v1 import generation_pb2, generation_pb2_grpc
+from service.client.options import add_security_arguments, open_stubs, security_of
+from specdec.v1 import generation_pb2
 from specdec_common.metrics_format import metrics_to_dict
 from specdec_common.request_limits import MAX_REQUEST_ID_CHARS
 from specdec_security import SecuritySetupError
@@ -345,14 +345,7 @@ async def amain(args: argparse.Namespace, prompts: list[Prompt]) -> dict[str, An
     security = security_of(args)
     metadata = security.call_metadata()
     async with contextlib.AsyncExitStack() as channels:
-        stubs = [
-            generation_pb2_grpc.GenerationServiceStub(
-                await channels.enter_async_context(
-                    open_channel(args.target, security, own_connection=args.connections > 1)
-                )
-            )
-            for _ in range(args.connections)
-        ]
+        stubs = await open_stubs(channels, args.target, security, args.connections)
         # On every connection, so that each is up (and its server serving) before the timed runs.
         infos = await asyncio.gather(*(server_info(stub, args.connect_timeout_s, metadata) for stub in stubs))
         info = infos[0]
