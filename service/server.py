@@ -36,6 +36,7 @@ from service.api.servicer import GenerationServicer, ServingState
 from service.config import ServiceConfig
 from service.engine.api import FinalResult, Method
 from service.engine.config import EngineConfig
+from service.engine_process.protocol import exited_text
 from specdec.v1 import generation_pb2
 from specdec_common import proto_names
 from specdec_security import SecuredServer
@@ -306,9 +307,7 @@ class Service:
     def _engine_exited(self, exit_code: int | None) -> None:  # on the loop
         """The engine's process exited unasked (its requests already got EngineLost): stop
         serving, and stop the service, which then exits non-zero."""
-        self.failure = "the engine process exited" + (
-            f" with code {exit_code}" if exit_code is not None else ""
-        )
+        self.failure = exited_text(exit_code)
         self.servicer.state = ServingState.DRAINING
         self._health_update = asyncio.ensure_future(
             self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

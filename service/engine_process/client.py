@@ -56,6 +56,7 @@ from service.engine_process.protocol import (
     Stopping,
     Submit,
     decode_event,
+    exited_text,
 )
 
 log = structlog.get_logger(__name__)
@@ -302,7 +303,7 @@ class EngineProcess:
 
     def _stopped_message(self) -> str:
         if self._state == _EXITED and not self._stopped_cleanly:
-            return f"{_exited_text(self._exit_code)}; the server is shutting down"
+            return f"{exited_text(self._exit_code)}; the server is shutting down"
         return "the engine is shutting down and takes no new requests"
 
     def _read(self) -> None:
@@ -385,7 +386,7 @@ class EngineProcess:
         crashed = not self._stopped_cleanly
         if crashed:
             log.error("engine_process_exited", exit_code=code, pid=self.pid, in_flight=len(lost))
-        reason = _exited_text(code) + ("" if crashed else " after its stop, before this request ended")
+        reason = exited_text(code) + ("" if crashed else " after its stop, before this request ended")
         for request_id, callback in lost.values():
             _deliver(callback, EngineLost(request_id, reason))
         self._exited.set()
@@ -449,12 +450,6 @@ def _wait_until_serving(core_process: Any, front_ends: list[Any], serving: list[
                 raise EngineStartError(f"front end {index} exited with code {other.exitcode} while starting")
             if time.monotonic() > deadline:
                 raise EngineStartError(f"front end {index} was not serving after {FRONT_END_START_S:.0f} s")
-
-
-def _exited_text(code: int | None) -> str:
-    if code is None:  # seen from a front end that did not start the core
-        return "the engine process exited"
-    return f"the engine process exited with code {code}"
 
 
 def _kill_if_running(process: Any) -> None:

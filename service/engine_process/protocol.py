@@ -106,3 +106,11 @@ class Stopped:
 
 ToCore = Submit | Cancel | Stop
 ToFront = Ready | StartFailed | Events | Rejected | Stopping | Stopped
+
+
+def exited_text(code: int | None) -> str:
+    """How the front end names the core's exit; the code is None in a front end that did not
+    start the core (--front-ends), which cannot read it."""
+    if code is None:
+        return "the engine process exited"
+    return f"the engine process exited with code {code}"
