@@ -166,10 +166,12 @@ def test_the_linear_blocks_setting_reaches_the_engine_in_both_modes(tiny_model_d
 
 
 class RecordingSidecar(telemetry_pb2_grpc.TelemetryServiceServicer):
-    """A sidecar that acknowledges every record and keeps its metrics."""
+    """A sidecar that acknowledges every record and keeps its metrics, and the source of each
+    request id."""
 
     def __init__(self) -> None:
         self.records: list = []
+        self.source_of: dict[str, str] = {}
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(self, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -178,6 +180,7 @@ class RecordingSidecar(telemetry_pb2_grpc.TelemetryServiceServicer):
     def Report(self, request_iterator, context):  # noqa: N802 (gRPC method name)
         for batch in request_iterator:
             self.records.extend(record.metrics for record in batch.records)
+            self.source_of.update((record.metrics.request_id, batch.source_id) for record in batch.records)
             yield telemetry_pb2.ReportResponse(
                 acknowledged_through_sequence=max(r.sequence for r in batch.records),
                 accepted=len(batch.records),
@@ -232,11 +235,24 @@ def test_not_serving_while_loading_then_drain_reports_the_last_record(tiny_model
 # ---- crashes: `specdec-server` as a child process, the engine in its own ----------------------
 
 
-def start_server(tiny_model_dir: Path, log_path: Path, **popen: object) -> tuple[subprocess.Popen, str]:
+def start_server(
+    tiny_model_dir: Path, log_path: Path, *args: str, **popen: object
+) -> tuple[subprocess.Popen, str]:
+    """`specdec-server` on the tiny model, the CPU and a free port, JSON lines into `log_path`;
+    `args`: more flags."""
     port = free_port()
     log = open(log_path, "wb")
     server = subprocess.Popen(
-        [sys.executable, "-m", "service", "--listen", f"127.0.0.1:{port}", "--model", str(tiny_model_dir)],
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--model",
+            str(tiny_model_dir),
+            *args,
+        ],
         cwd=REPO,
         env=env_with_this_checkout(
             {

@@ -11,8 +11,6 @@ import multiprocessing
 import os
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -23,72 +21,40 @@ import pytest
 
 from service.config import ServiceConfig
 from service.engine_process.in_flight import InFlightCount
-from specdec.v1 import generation_pb2, generation_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc
-from testkit.processes import env_with_this_checkout, free_port, wait_for
-from tests.service.test_engine_process import SERVING, alive, health_status, log_events
+from specdec.v1 import generation_pb2, generation_pb2_grpc
+from testkit.processes import free_port, wait_for
+from tests.service.test_engine_process import SERVING, RecordingSidecar, alive, health_status, log_events
+from tests.service.test_engine_process import start_server as start_one_front_end_server
 from tests.service.test_generate import NONE, request
 
-REPO = Path(__file__).resolve().parents[2]
 CONNECTIONS = 24  # every one on the same front end: 2 * 2**-24 with two front ends
 
 
-class SourceRecordingSidecar(telemetry_pb2_grpc.TelemetryServiceServicer):
-    """Acknowledges every record, keeping (source id, request id) of each."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[str, str]] = []
-        self._lock = threading.Lock()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(self, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-    def Report(self, request_iterator, context):  # noqa: N802 (gRPC method name)
-        for batch in request_iterator:
-            with self._lock:
-                self.records.extend((batch.source_id, r.metrics.request_id) for r in batch.records)
-            yield telemetry_pb2.ReportResponse(
-                acknowledged_through_sequence=max(r.sequence for r in batch.records),
-                accepted=len(batch.records),
-            )
-
-
 @pytest.fixture
-def sidecar() -> Iterator[SourceRecordingSidecar]:
-    recording = SourceRecordingSidecar()
+def sidecar() -> Iterator[RecordingSidecar]:
+    recording = RecordingSidecar()
     yield recording
     recording.server.stop(0)
 
 
 def start_server(tiny_model_dir: Path, log_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log = open(log_path, "wb")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--model",
-            str(tiny_model_dir),
-            *args,
-        ],
-        cwd=REPO,
-        env=env_with_this_checkout(
-            {
-                "SPECDEC_TELEMETRY_TARGET": "",
-                "SPECDEC_DEVICE": "cpu",
-                "SPECDEC_DTYPE": "float32",
-                "SPECDEC_LOG_FORMAT": "json",
-                "SPECDEC_FRONT_ENDS": "2",
-            }
-        ),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
-    return server, f"127.0.0.1:{port}"
+    return start_one_front_end_server(tiny_model_dir, log_path, "--front-ends", "2", *args)
+
+
+def serving_two_front_ends(
+    tiny_model_dir: Path, log_path: Path, *args: str
+) -> tuple[subprocess.Popen, str, int, int]:
+    """A server with two front ends, once both serve: (server, address, core pid, second
+    front end's pid). The server is killed if it does not get there."""
+    server, address = start_server(tiny_model_dir, log_path, *args)
+    try:
+        wait_until_every_front_end_serves(log_path, address)
+        [core] = started_pids(log_path, "engine_process_started")
+        [second] = started_pids(log_path, "front_end_started")
+    except BaseException:
+        server.kill()
+        raise
+    return server, address, core, second
 
 
 def own_channel(address: str) -> grpc.Channel:
@@ -123,16 +89,10 @@ def test_two_front_ends_serve_report_and_drain_on_a_sigterm_to_the_first(
     tiny_model_dir, tmp_path, sidecar
 ) -> None:
     log_path = tmp_path / "server.log"
-    server, address = start_server(
+    server, address, core, second = serving_two_front_ends(
         tiny_model_dir, log_path, "--telemetry-target", f"127.0.0.1:{sidecar.port}", "--grace-period-s", "30"
     )
     try:
-        wait_until_every_front_end_serves(log_path, address)
-        wait_for(
-            lambda: len(started_pids(log_path, "front_end_started")) == 1, 30, what="the second front end"
-        )
-        [core] = started_pids(log_path, "engine_process_started")
-        [second] = started_pids(log_path, "front_end_started")
         channels = [own_channel(address) for _ in range(CONNECTIONS)]
         try:
             outputs = []
@@ -172,9 +132,9 @@ def test_two_front_ends_serve_report_and_drain_on_a_sigterm_to_the_first(
     stopped = [e.get("process") for e in log_events(log_path) if e.get("event") == "stopped"]
     assert sorted(stopped) == ["front_end_0", "front_end_1"]
     # Each front end reports its own requests under a source of its own, nothing lost or doubled.
-    sources = collections.Counter(source for source, _ in sidecar.records)
+    sources = collections.Counter(sidecar.source_of.values())
     assert len(sources) == 2, sources
-    assert sorted(request_id for _, request_id in sidecar.records) == sorted(
+    assert sorted(record.request_id for record in sidecar.records) == sorted(
         [f"r{i}" for i in range(CONNECTIONS)] + [f"drained{i}" for i in range(4)]
     )
     # Every process ended well: the service's exit code says so for all (a front end that
@@ -187,10 +147,11 @@ def test_the_in_flight_limit_holds_for_every_front_end_together(tiny_model_dir, 
     (spread between the two front ends by the kernel), exactly two are admitted and 14
     refused; a limit per front end would admit up to four (all 16 on one front end: 2**-15)."""
     log_path = tmp_path / "server.log"
-    server, address = start_server(tiny_model_dir, log_path, "--max-batch-size", "1", "--max-queue-size", "1")
+    server, address, _, _ = serving_two_front_ends(
+        tiny_model_dir, log_path, "--max-batch-size", "1", "--max-queue-size", "1"
+    )
     channels = []
     try:
-        wait_until_every_front_end_serves(log_path, address)
         channels = [own_channel(address) for _ in range(16)]
         calls = [
             generation_pb2_grpc.GenerationServiceStub(channel).Generate(
@@ -240,10 +201,11 @@ def test_sighup_to_the_first_front_end_reloads_every_front_ends_tokens(tiny_mode
     tokens = tmp_path / "tokens"
     tokens.write_text("first-token-0123456789abcdef\n")
     log_path = tmp_path / "server.log"
-    server, address = start_server(tiny_model_dir, log_path, "--auth-tokens-file", str(tokens))
+    server, address, _, _ = serving_two_front_ends(
+        tiny_model_dir, log_path, "--auth-tokens-file", str(tokens)
+    )
     channels = []
     try:
-        wait_until_every_front_end_serves(log_path, address)
         tokens.write_text("second-token-0123456789abcdef\n")
         server.send_signal(signal.SIGHUP)
         channels = [own_channel(address) for _ in range(CONNECTIONS)]
@@ -291,11 +253,8 @@ def test_a_second_front_end_refuses_a_port_another_server_listens_on(tmp_path) -
 
 def test_a_killed_front_end_stops_the_service_non_zero(tiny_model_dir, tmp_path) -> None:
     log_path = tmp_path / "server.log"
-    server, address = start_server(tiny_model_dir, log_path)
+    server, _, core, second = serving_two_front_ends(tiny_model_dir, log_path)
     try:
-        wait_until_every_front_end_serves(log_path, address)
-        [core] = started_pids(log_path, "engine_process_started")
-        [second] = started_pids(log_path, "front_end_started")
         os.kill(second, signal.SIGKILL)
         assert server.wait(30) != 0  # the core went with its pipe, and the first front end with it
         wait_for(lambda: not alive(core), 10, what="the engine process to exit")
@@ -313,11 +272,8 @@ def test_a_sigterm_to_another_front_end_stops_the_whole_service(tiny_model_dir, 
     """Its drain stops the one engine, so the first front end stops too (exit 0), not serving
     on with every call refused."""
     log_path = tmp_path / "server.log"
-    server, address = start_server(tiny_model_dir, log_path)
+    server, _, core, second = serving_two_front_ends(tiny_model_dir, log_path)
     try:
-        wait_until_every_front_end_serves(log_path, address)
-        [core] = started_pids(log_path, "engine_process_started")
-        [second] = started_pids(log_path, "front_end_started")
         os.kill(second, signal.SIGTERM)
         assert server.wait(60) == 0
         wait_for(lambda: not alive(second) and not alive(core), 30, what="the other processes to exit")
